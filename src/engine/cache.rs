@@ -1,0 +1,103 @@
+//! Precompiled artifacts on disk, so a restart loads a tool in milliseconds
+//! instead of compiling it again.
+//!
+//! An artifact is keyed by the wasm's sha256 and by the engine's compatibility
+//! hash (wasmtime version, target, and every setting that changes generated code:
+//! fuel, epochs, pooling...). An artifact made by another configuration is never
+//! loaded; it just misses.
+//!
+//! Trust: deserializing an artifact runs its machine code, so the cache
+//! directory must be writable only by the sandbox itself. It lives under the
+//! data directory, outside every user's `/data`, and files are written to a
+//! temporary name and renamed, so a crash never leaves half an artifact under a
+//! real key.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use wasmtime::component::Component;
+use wasmtime::{Engine, Module};
+
+/// Where the artifacts of one engine configuration live.
+pub(crate) struct ArtifactCache {
+    dir: PathBuf,
+    engine_key: String,
+}
+
+/// A compiled tool and whether it came from the cache.
+pub(crate) struct Compiled<T> {
+    pub code: T,
+    pub from_cache: bool,
+}
+
+impl ArtifactCache {
+    pub(crate) fn new(dir: PathBuf, engine: &Engine) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()) })
+    }
+
+    fn path(&self, sha256: &str, kind: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}-{}.{kind}.cwasm", self.engine_key))
+    }
+
+    /// The component for `wasm` (whose sha256 is `sha256`), from the cache or compiled.
+    pub(crate) fn component(
+        &self,
+        engine: &Engine,
+        sha256: &str,
+        wasm: &[u8],
+    ) -> Result<Compiled<Component>, CacheMiss> {
+        let path = self.path(sha256, "component");
+        if path.exists() {
+            // SAFETY: only this cache writes files under these names (complete
+            // artifacts, renamed into place), and the directory is the sandbox's
+            // own; the key includes the engine's compatibility hash.
+            #[allow(unsafe_code)]
+            match unsafe { Component::deserialize_file(engine, &path) } {
+                Ok(code) => return Ok(Compiled { code, from_cache: true }),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "unusable artifact, recompiling"),
+            }
+        }
+        let code = Component::new(engine, wasm).map_err(CacheMiss::Compile)?;
+        let bytes = code.serialize().map_err(CacheMiss::Compile)?;
+        write_atomically(&path, &bytes).map_err(|source| CacheMiss::Write { path, source })?;
+        Ok(Compiled { code, from_cache: false })
+    }
+
+    /// The core module for `wasm`, from the cache or compiled.
+    pub(crate) fn module(&self, engine: &Engine, sha256: &str, wasm: &[u8]) -> Result<Compiled<Module>, CacheMiss> {
+        let path = self.path(sha256, "module");
+        if path.exists() {
+            // SAFETY: as for components above.
+            #[allow(unsafe_code)]
+            match unsafe { Module::deserialize_file(engine, &path) } {
+                Ok(code) => return Ok(Compiled { code, from_cache: true }),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "unusable artifact, recompiling"),
+            }
+        }
+        let code = Module::new(engine, wasm).map_err(CacheMiss::Compile)?;
+        let bytes = code.serialize().map_err(CacheMiss::Compile)?;
+        write_atomically(&path, &bytes).map_err(|source| CacheMiss::Write { path, source })?;
+        Ok(Compiled { code, from_cache: false })
+    }
+}
+
+/// Why no artifact could be had.
+#[derive(Debug)]
+pub(crate) enum CacheMiss {
+    /// The wasm did not validate or compile: the tool's fault.
+    Compile(wasmtime::Error),
+    /// The artifact could not be stored: the host's fault.
+    Write { path: PathBuf, source: io::Error },
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", uuid::Uuid::now_v7().simple()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}

@@ -1,0 +1,247 @@
+//! The WASM runtime: the only code that configures wasmtime.
+//!
+//! One [`Engine`] per process: Cranelift, the component model, a pooling
+//! allocator sized for components, fuel and epoch interruption, async support,
+//! one epoch ticker, and an on-disk cache of precompiled artifacts. A [`Tool`]
+//! is loaded once (compiled or read from the cache, linked, pre-instantiated);
+//! every call gets a fresh store and instance with its own fuel, deadline,
+//! memory limiter, capped output and WASI view ([`Invocation`]).
+
+mod cache;
+mod call;
+mod cpu_time;
+mod deadline;
+mod limiter;
+mod output;
+mod tool;
+mod wasi;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+pub use call::{CallError, Invocation, Outcome};
+pub use tool::{LoadError, Tool, ToolInfo, ToolKind};
+pub use wasi::{DATA_DIR, TMP_DIR};
+
+use cache::{ArtifactCache, CacheMiss};
+use deadline::EpochTicker;
+use tool::{Binary, Entry};
+use wasi::{ComponentHost, ModuleHost};
+
+/// How the process's engine is built.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The largest memory total one instance may reach: the biggest tier's
+    /// memory. Sizes the pooling allocator's memory slots.
+    pub max_memory_bytes: u64,
+    /// Instances that may be live at once: the number of calls in flight.
+    pub max_instances: u32,
+    /// Epoch tick: the granularity of wall-clock deadlines and of yielding.
+    pub epoch_tick: Duration,
+    /// Where precompiled artifacts are kept.
+    pub cache_dir: PathBuf,
+}
+
+impl EngineConfig {
+    pub fn new(cache_dir: PathBuf, max_memory_bytes: u64) -> Self {
+        Self { max_memory_bytes, max_instances: 1000, epoch_tick: Duration::from_millis(5), cache_dir }
+    }
+}
+
+/// Why the engine could not be built. Always the host's problem.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("max_memory_bytes {0} is above the 4 GiB a 32-bit linear memory can address")]
+    MemoryTooLarge(u64),
+    #[error("configuring wasmtime: {0:#}")]
+    Configure(wasmtime::Error),
+    #[error("opening the artifact cache {path}: {source}")]
+    Cache { path: PathBuf, source: std::io::Error },
+    #[error("starting the epoch ticker: {0}")]
+    Ticker(std::io::Error),
+}
+
+/// The process's WASM engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    wasmtime: wasmtime::Engine,
+    component_linker: wasmtime::component::Linker<ComponentHost>,
+    module_linker: wasmtime::Linker<ModuleHost>,
+    cache: ArtifactCache,
+    /// Caps the `describe` call made at load time.
+    describe_limits: crate::policy::Limits,
+    epoch_tick: Duration,
+    _ticker: EpochTicker,
+}
+
+impl Engine {
+    /// Builds the engine.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError`] when wasmtime rejects the configuration, the cache
+    /// directory cannot be created, or the ticker thread cannot start.
+    pub fn new(config: &EngineConfig) -> Result<Self, EngineError> {
+        if config.max_memory_bytes > 4 << 30 {
+            return Err(EngineError::MemoryTooLarge(config.max_memory_bytes));
+        }
+        let n = config.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::new();
+        // A Rust wasip2 component takes 3 core instances, 1 memory and 2 tables
+        // (FIELD-NOTES); interpreters take more, so leave headroom.
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(4))
+            .total_memories(n.saturating_mul(2))
+            .total_tables(n.saturating_mul(3))
+            .total_stacks(n)
+            .max_core_instances_per_component(50)
+            .max_memories_per_component(16)
+            .max_tables_per_component(64)
+            .table_elements(100_000)
+            .max_memory_size(config.max_memory_bytes as usize);
+
+        let mut wt = wasmtime::Config::new();
+        wt.wasm_component_model(true)
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let wasmtime = wasmtime::Engine::new(&wt).map_err(EngineError::Configure)?;
+
+        let component_linker = wasi::component_linker(&wasmtime).map_err(EngineError::Configure)?;
+        let module_linker = wasi::module_linker(&wasmtime).map_err(EngineError::Configure)?;
+        let cache = ArtifactCache::new(config.cache_dir.clone(), &wasmtime)
+            .map_err(|source| EngineError::Cache { path: config.cache_dir.clone(), source })?;
+        let ticker = EpochTicker::start(wasmtime.clone(), config.epoch_tick).map_err(EngineError::Ticker)?;
+        let describe_limits = crate::policy::Limits {
+            tier: "describe".into(),
+            wall_time: Duration::from_secs(5),
+            fuel: 1_000_000_000,
+            memory_bytes: config.max_memory_bytes.min(64 << 20),
+            table_elements: 100_000,
+            output_bytes: 1 << 20,
+            input_bytes: 0,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                wasmtime,
+                component_linker,
+                module_linker,
+                cache,
+                describe_limits,
+                epoch_tick: config.epoch_tick,
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    /// Loads a tool from its bytes (a component, a core module, or WAT text).
+    ///
+    /// Compiles it, or loads its precompiled artifact; links it against WASI
+    /// without sockets; and, for SDK tools, calls `describe` once (under small
+    /// fixed limits) to learn its name and input schema. `fallback_name` names
+    /// tools that do not describe themselves.
+    ///
+    /// # Errors
+    ///
+    /// A [`LoadError`] saying what is wrong with the tool, or
+    /// [`LoadError::Host`] when the sandbox itself failed.
+    pub async fn load(&self, bytes: &[u8], max_bytes: usize, fallback_name: &str) -> Result<Tool, LoadError> {
+        if bytes.len() > max_bytes {
+            return Err(LoadError::TooLarge { size: bytes.len(), max: max_bytes });
+        }
+        let (wasm, binary) = tool::to_binary(bytes)?;
+        let sha256 = tool::sha256_hex(&wasm);
+        let this = self.clone();
+        let wasm = wasm.into_owned();
+        let digest = sha256.clone();
+        // Compiling is CPU-bound work for seconds: keep it off the async workers.
+        let (entry, kind, from_cache) = tokio::task::spawn_blocking(move || this.link(&wasm, binary, &digest))
+            .await
+            .map_err(|e| LoadError::Host(format!("compile task: {e}")))??;
+        let mut tool = Tool {
+            info: ToolInfo {
+                name: fallback_name.to_owned(),
+                version: None,
+                description: None,
+                input_schema: None,
+                kind,
+                sha256,
+            },
+            entry,
+            from_cache,
+        };
+        if kind == ToolKind::Sdk {
+            self.describe_into(&mut tool).await?;
+        }
+        Ok(tool)
+    }
+
+    fn link(&self, wasm: &[u8], binary: Binary, sha256: &str) -> Result<(Entry, ToolKind, bool), LoadError> {
+        let inner = &self.inner;
+        let miss = |e: CacheMiss| match e {
+            CacheMiss::Compile(e) => LoadError::Invalid(format!("{e:#}")),
+            CacheMiss::Write { path, source } => {
+                LoadError::Host(format!("writing artifact {}: {source}", path.display()))
+            }
+        };
+        match binary {
+            Binary::Component => {
+                let compiled = inner.cache.component(&inner.wasmtime, sha256, wasm).map_err(miss)?;
+                let component = compiled.code;
+                let mut linker = inner.component_linker.clone();
+                // Imports the sandbox does not provide (sockets, http, ...) link
+                // but trap when called.
+                linker.define_unknown_imports_as_traps(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+                let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+                let describe = component.get_export_index(None, "describe");
+                let call = component.get_export_index(None, "call");
+                if let (Some(_), Some(call)) = (describe, call) {
+                    return Ok((Entry::Sdk { pre, call }, ToolKind::Sdk, compiled.from_cache));
+                }
+                let command = CommandPre::new(pre).map_err(|_| LoadError::NoEntryPoint)?;
+                Ok((Entry::Command(command), ToolKind::WasiCommand, compiled.from_cache))
+            }
+            Binary::CoreModule => {
+                let compiled = inner.cache.module(&inner.wasmtime, sha256, wasm).map_err(miss)?;
+                let module = compiled.code;
+                if module.get_export("_start").is_none() {
+                    return Err(LoadError::NoEntryPoint);
+                }
+                let mut linker = inner.module_linker.clone();
+                linker.define_unknown_imports_as_traps(&module).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+                let pre = linker.instantiate_pre(&module).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+                Ok((Entry::Module(pre), ToolKind::WasiP1Module, compiled.from_cache))
+            }
+        }
+    }
+
+    /// Calls an SDK tool's `describe` and fills its info from the answer.
+    async fn describe_into(&self, tool: &mut Tool) -> Result<(), LoadError> {
+        let text = call::describe(self, tool).await?;
+        #[derive(serde::Deserialize)]
+        struct Described {
+            name: String,
+            version: Option<String>,
+            description: Option<String>,
+            input_schema: Option<serde_json::Value>,
+        }
+        let d: Described = serde_json::from_str(&text)
+            .map_err(|e| LoadError::Describe(format!("answer is not the documented JSON object: {e}")))?;
+        if d.name.trim().is_empty() {
+            return Err(LoadError::Describe("the tool's name is empty".into()));
+        }
+        tool.info.name = d.name;
+        tool.info.version = d.version;
+        tool.info.description = d.description;
+        tool.info.input_schema = d.input_schema;
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! What a guest sees: the WASI context of one call, and the linkers that
+//! provide WASI to components (p2) and to core modules (p1).
+//!
+//! The component linker carries clocks, random, cli, filesystem and io: no
+//! `wasi:sockets`, no `wasi:http`. A tool that imports them still instantiates
+//! (its unknown imports are defined as traps when it is loaded), but any call to
+//! them stops the guest. The context turns sockets off as a second wall.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use wasmtime::component::{Linker as ComponentLinker, ResourceTable};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings as p2;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_io::IoView;
+
+use super::limiter::CallLimiter;
+use super::output::CappedPipe;
+
+/// The guest path of the user's directory.
+pub const DATA_DIR: &str = "/data";
+/// The guest path of the per-call scratch directory.
+pub const TMP_DIR: &str = "/tmp";
+
+/// Everything the host keeps for one call, whatever the tool's kind.
+pub(crate) struct CallState {
+    pub limiter: CallLimiter,
+    pub deadline: Instant,
+}
+
+/// Store data of a component call (SDK tools and WASI commands).
+pub(crate) struct ComponentHost {
+    pub call: CallState,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+/// Store data of a core-module call (WASI preview 1 commands).
+pub(crate) struct ModuleHost {
+    pub call: CallState,
+    pub wasi: WasiP1Ctx,
+}
+
+impl WasiView for ComponentHost {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl IoView for ComponentHost {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+}
+
+/// The view one call gives its guest.
+pub(crate) struct GuestView<'a> {
+    pub argv0: &'a str,
+    pub args: &'a [String],
+    pub env: &'a BTreeMap<String, String>,
+    pub stdin: &'a [u8],
+    pub stdout: CappedPipe,
+    pub stderr: CappedPipe,
+    /// Host directory shown as `/data`; none for `describe`.
+    pub data_dir: Option<&'a Path>,
+    /// Host directory shown as `/tmp`; none for `describe`.
+    pub scratch_dir: Option<&'a Path>,
+}
+
+impl GuestView<'_> {
+    fn builder(&self) -> wasmtime::Result<WasiCtxBuilder> {
+        let mut b = WasiCtxBuilder::new();
+        b.stdin(MemoryInputPipe::new(self.stdin.to_vec()))
+            .stdout(self.stdout.clone())
+            .stderr(self.stderr.clone())
+            .arg(self.argv0)
+            .args(self.args)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for (key, value) in self.env {
+            b.env(key, value);
+        }
+        // cap-std resolution: `..`, absolute paths and symlinks cannot leave a preopen.
+        if let Some(dir) = self.data_dir {
+            b.preopened_dir(dir, DATA_DIR, FsPerms::ReadWrite)?;
+        }
+        if let Some(dir) = self.scratch_dir {
+            b.preopened_dir(dir, TMP_DIR, FsPerms::ReadWrite)?;
+        }
+        Ok(b)
+    }
+
+    pub(crate) fn component_host(&self, call: CallState) -> wasmtime::Result<ComponentHost> {
+        Ok(ComponentHost { call, wasi: self.builder()?.build(), table: ResourceTable::new() })
+    }
+
+    pub(crate) fn module_host(&self, call: CallState) -> wasmtime::Result<ModuleHost> {
+        Ok(ModuleHost { call, wasi: self.builder()?.build_p1() })
+    }
+}
+
+/// The WASI p2 linker for components: every interface but sockets.
+pub(crate) fn component_linker(engine: &wasmtime::Engine) -> wasmtime::Result<ComponentLinker<ComponentHost>> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
+    use wasmtime_wasi::random::WasiRandom;
+
+    let mut linker = ComponentLinker::new(engine);
+    let l = &mut linker;
+    wasmtime_wasi_io::add_to_linker_async(l)?;
+    p2::clocks::wall_clock::add_to_linker::<_, WasiClocks>(l, ComponentHost::clocks)?;
+    p2::clocks::monotonic_clock::add_to_linker::<_, WasiClocks>(l, ComponentHost::clocks)?;
+    p2::filesystem::types::add_to_linker::<_, WasiFilesystem>(l, ComponentHost::filesystem)?;
+    p2::filesystem::preopens::add_to_linker::<_, WasiFilesystem>(l, ComponentHost::filesystem)?;
+    p2::random::random::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
+    p2::random::insecure::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
+    p2::random::insecure_seed::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
+    p2::cli::exit::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::environment::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::stdin::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::stdout::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::stderr::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::terminal_input::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::terminal_output::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::terminal_stdin::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::terminal_stdout::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    p2::cli::terminal_stderr::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    Ok(linker)
+}
+
+/// The WASI p1 linker for core modules. Preview 1 has no way to open a socket
+/// (only to use preopened ones, and none is preopened).
+pub(crate) fn module_linker(engine: &wasmtime::Engine) -> wasmtime::Result<wasmtime::Linker<ModuleHost>> {
+    let mut linker = wasmtime::Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut ModuleHost| &mut h.wasi)?;
+    Ok(linker)
+}

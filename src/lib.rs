@@ -1,0 +1,25 @@
+//! imagentx-sandbox runs AI agents' tool calls safely and fast.
+//!
+//! ```text
+//! CLI (cli.rs) ──> runner (Sandbox::run) ──> policy (tier → Limits)
+//!                        │                 └─> data_dir (users/<id> = /data, scratch = /tmp)
+//!                        └─> engine (wasmtime: load → fresh store + instance per call)
+//!                                  └─> ExecutionReport (report.rs)
+//! ```
+//!
+//! - [`policy`]: tiers and limits as plain data; the optional TOML config.
+//! - [`engine`]: the only code that configures wasmtime.
+//! - [`runner`]: one call for one user, always answered with a report.
+//! - [`data_dir`]: where users' files, scratch directories and artifacts live.
+//! - [`report`]: the `ExecutionReport` contract.
+//! - [`cli`]: the `imagentx-sandbox` command line.
+//!
+//! The HTTP service (issue 3) and the native jailer (issue 4) come next; see
+//! DESIGN.md for the whole shape.
+
+pub mod cli;
+pub mod data_dir;
+pub mod engine;
+pub mod policy;
+pub mod report;
+pub mod runner;

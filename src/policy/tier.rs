@@ -1,0 +1,44 @@
+//! Resource tiers (DESIGN.md, "Tiers").
+
+use std::collections::BTreeMap;
+
+/// What one tier of users may use per call.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    /// Memory cap: all linear memories of a WASM instance together, or the
+    /// cgroup memory limit of a native run.
+    pub memory_bytes: u64,
+    /// Share of one core: 0.25 is a quarter. WASM turns it into fuel.
+    pub cpu: f64,
+    /// Process cap of a native run.
+    pub pids: u32,
+    pub nofile_soft: u64,
+    pub nofile_hard: u64,
+    /// Size of the per-call `/tmp` of a native run.
+    pub tmp_bytes: u64,
+    /// Calls one user of this tier may have in flight.
+    pub concurrent_calls: u32,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl Tier {
+    /// DESIGN.md's three tiers.
+    pub fn defaults() -> BTreeMap<String, Tier> {
+        let tier = |memory_bytes, cpu, pids, concurrent_calls| Tier {
+            memory_bytes,
+            cpu,
+            pids,
+            nofile_soft: 1024,
+            nofile_hard: 2048,
+            tmp_bytes: 100 * MIB,
+            concurrent_calls,
+        };
+        BTreeMap::from([
+            ("free".to_owned(), tier(256 * MIB, 0.25, 25, 2)),
+            ("standard".to_owned(), tier(512 * MIB, 0.5, 50, 5)),
+            ("premium".to_owned(), tier(1024 * MIB, 1.0, 100, 20)),
+        ])
+    }
+}

@@ -1,0 +1,157 @@
+//! Runs one tool call for one user: resolve the policy, prepare the user's
+//! directory and a scratch directory, call the engine, and answer an
+//! [`ExecutionReport`] whatever happened.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::data_dir::DataDir;
+use crate::engine::{Engine, Invocation, LoadError, Outcome, Tool};
+use crate::policy::{Policy, UserId};
+use crate::report::{ExecutionReport, Runtime, Status, Truncated, Usage, new_execution_id, rfc3339};
+
+/// One call as requested: who, under which tier, with what.
+#[derive(Debug, Clone)]
+pub struct ToolCall {
+    pub user: UserId,
+    pub tier: String,
+    /// The input document as sent. Empty means JSON `null`.
+    pub input: Vec<u8>,
+    pub args: Vec<String>,
+    /// The wall-clock budget asked for; the policy's default when `None`.
+    pub timeout: Option<Duration>,
+}
+
+/// The policy, the engine and the data directory: everything a call needs.
+pub struct Sandbox {
+    pub policy: Policy,
+    pub engine: Engine,
+    pub data_dir: DataDir,
+}
+
+impl Sandbox {
+    /// Loads a tool from its bytes, under the policy's module size cap.
+    ///
+    /// # Errors
+    ///
+    /// See [`Engine::load`].
+    pub async fn load(&self, bytes: &[u8], fallback_name: &str) -> Result<Tool, LoadError> {
+        self.engine.load(bytes, self.policy.module_bytes, fallback_name).await
+    }
+
+    /// Runs `call` with `tool`, or reports why the tool could not be loaded.
+    pub async fn run(&self, tool: Result<&Tool, (&str, &LoadError)>, call: &ToolCall) -> ExecutionReport {
+        let started_at = SystemTime::now();
+        let clock = Instant::now();
+        let id = new_execution_id();
+        let (name, sha256) = match tool {
+            Ok(t) => (t.name().to_owned(), Some(t.sha256().to_owned())),
+            Err((name, _)) => (name.to_owned(), None),
+        };
+        let outcome = match tool {
+            Ok(tool) => self.execute(tool, call, &id).await,
+            Err((_, e)) => {
+                let status = if e.is_host_failure() { Status::InternalError } else { Status::InvalidTool };
+                Err((status, e.to_string()))
+            }
+        };
+        let outcome = outcome.unwrap_or_else(|(status, message)| failed(status, message));
+        let report = ExecutionReport {
+            id,
+            tool: name,
+            tool_sha256: sha256,
+            user: call.user.to_string(),
+            tier: call.tier.clone(),
+            runtime: Runtime::Wasm,
+            status: outcome.status,
+            exit_code: outcome.exit_code,
+            signal: None,
+            output: outcome.output,
+            error: outcome.error,
+            stdout: outcome.stdout,
+            stderr: outcome.stderr,
+            truncated: outcome.truncated,
+            usage: Usage {
+                wall_ms: clock.elapsed().as_secs_f64() * 1e3,
+                cpu_ms: outcome.cpu_time.map(|d| d.as_secs_f64() * 1e3),
+                fuel_consumed: outcome.fuel_consumed,
+                peak_memory_bytes: outcome.peak_memory_bytes,
+                // A WASM tool is one instance and cannot start processes.
+                peak_processes: Some(1),
+                // Not measured yet: WASI writes are not counted by the engine.
+                bytes_written: None,
+            },
+            started_at: rfc3339(started_at),
+            finished_at: rfc3339(SystemTime::now()),
+        };
+        tracing::info!(
+            execution = %report.id,
+            tool = %report.tool,
+            user = %report.user,
+            tier = %report.tier,
+            status = %report.status,
+            wall_ms = report.usage.wall_ms,
+            fuel = report.usage.fuel_consumed,
+            "tool call finished"
+        );
+        report
+    }
+
+    async fn execute(&self, tool: &Tool, call: &ToolCall, id: &str) -> Result<Outcome, (Status, String)> {
+        let invalid = |message: String| (Status::InvalidInput, message);
+        let limits = self.policy.resolve(&call.tier, call.timeout).map_err(|e| invalid(e.to_string()))?;
+        if call.input.len() > limits.input_bytes {
+            return Err(invalid(format!(
+                "input is {} bytes, over the {}-byte limit",
+                call.input.len(),
+                limits.input_bytes
+            )));
+        }
+        let input = std::str::from_utf8(&call.input).map_err(|e| invalid(format!("input is not UTF-8: {e}")))?;
+        let input = if input.trim().is_empty() { "null" } else { input };
+        serde_json::from_str::<serde::de::IgnoredAny>(input)
+            .map_err(|e| invalid(format!("input is not valid JSON: {e}")))?;
+
+        let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
+        let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
+        let scratch = self.data_dir.scratch(id).map_err(|e| internal(&e))?;
+        let env: &BTreeMap<String, String> = &self.policy.env;
+        let invocation = Invocation {
+            input,
+            args: &call.args,
+            env,
+            data_dir: &data_dir,
+            scratch_dir: scratch.path(),
+            limits: &limits,
+        };
+        let outcome = self.engine.call(tool, invocation).await.map_err(|e| {
+            tracing::error!(error = %e, tool = tool.name(), "call could not run");
+            internal(&e)
+        })?;
+        if matches!(outcome.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit) {
+            tracing::warn!(
+                limit = outcome.status.as_str(),
+                tool = tool.name(),
+                user = %call.user,
+                tier = %call.tier,
+                "tool call stopped"
+            );
+        }
+        Ok(outcome)
+    }
+}
+
+fn failed(status: Status, message: String) -> Outcome {
+    Outcome {
+        status,
+        exit_code: None,
+        output: None,
+        error: Some(message),
+        stdout: String::new(),
+        stderr: String::new(),
+        truncated: Truncated::default(),
+        fuel_consumed: None,
+        peak_memory_bytes: None,
+        cpu_time: None,
+    }
+}

@@ -1,0 +1,129 @@
+//! `imagentx-sandbox run` and `describe` as DESIGN.md's command-line contract
+//! says: the real binary, real guests, a report on stdout, exit codes 0/1/2.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn sandbox_cmd(args: &[&str], data_dir: &std::path::Path, stdin: &str) -> Output {
+    // `--data-dir` right after the subcommand: everything after `--` is the tool's.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
+        .arg(args[0])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(&args[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn report(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not a report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn run_prints_a_report_and_exits_zero_on_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = common::guest("word-stats");
+    let out = sandbox_cmd(&["run", tool.to_str().unwrap()], dir.path(), r#"{"text": "one two two"}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = report(&out);
+    for key in [
+        "id",
+        "tool",
+        "tool_sha256",
+        "user",
+        "tier",
+        "runtime",
+        "status",
+        "exit_code",
+        "signal",
+        "output",
+        "error",
+        "stdout",
+        "stderr",
+        "truncated",
+        "usage",
+        "started_at",
+        "finished_at",
+    ] {
+        assert!(r.get(key).is_some(), "report lacks {key}: {r}");
+    }
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["user"], "local");
+    assert_eq!(r["tier"], "standard");
+    assert_eq!(r["runtime"], "wasm");
+    assert_eq!(r["output"]["words"], 3);
+    assert!(dir.path().join("users/local").is_dir());
+}
+
+#[test]
+fn run_exits_one_for_any_other_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = common::guest("probe");
+    let out = sandbox_cmd(
+        &["run", "--user", "alice", "--tier", "free", "--timeout-ms", "300", tool.to_str().unwrap()],
+        dir.path(),
+        r#"{"op": "sleep", "ms": 100000}"#,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let r = report(&out);
+    assert_eq!(r["status"], "timeout");
+    assert_eq!(r["user"], "alice");
+
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not a module").unwrap();
+    let out = sandbox_cmd(&["run", junk.to_str().unwrap()], dir.path(), "{}");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(report(&out)["status"], "invalid_tool");
+}
+
+#[test]
+fn run_passes_arguments_after_the_double_dash() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = common::guest("probe");
+    let out = sandbox_cmd(&["run", tool.to_str().unwrap(), "--", "-x", "y"], dir.path(), r#"{"op":"echo"}"#);
+    assert_eq!(report(&out)["output"]["args"], serde_json::json!(["probe", "-x", "y"]));
+}
+
+#[test]
+fn usage_errors_exit_two_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = common::guest("probe");
+    let tool = tool.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["run", "--tier", "gold", tool], "unknown tier `gold`"),
+        (vec!["run", "--user", "../bob", tool], "invalid user id"),
+        (vec!["run", "--timeout-ms", "0", tool], "timeout of 0 ms"),
+        (vec!["run", "/no/such/tool.wasm"], "reading /no/such/tool.wasm"),
+        (vec!["run", "--native", "--", "/bin/true"], "native jailer is not built yet"),
+        (vec!["frobnicate"], "unrecognized subcommand"),
+    ] {
+        let out = sandbox_cmd(&args, dir.path(), "");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn describe_prints_the_tools_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = common::guest("notes");
+    let out = sandbox_cmd(&["describe", tool.to_str().unwrap()], dir.path(), "");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["name"], "notes");
+    assert_eq!(info["kind"], "sdk");
+    assert_eq!(info["sha256"].as_str().unwrap().len(), 64);
+    assert!(info["input_schema"]["oneOf"].as_array().unwrap().len() >= 4, "{info}");
+}

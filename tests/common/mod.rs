@@ -1,0 +1,105 @@
+//! Shared by the integration tests: builds the guest workspaces once per test
+//! binary (real `cargo build --target wasm32-wasip2`, never committed `.wasm`),
+//! and makes sandboxes on one shared engine with a fresh data directory each.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use imagentx_sandbox::data_dir::DataDir;
+use imagentx_sandbox::engine::{Engine, EngineConfig, Tool};
+use imagentx_sandbox::policy::{Policy, UserId};
+use imagentx_sandbox::report::ExecutionReport;
+use imagentx_sandbox::runner::{Sandbox, ToolCall};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where guests are built: inside the host's target dir, but a separate cargo
+/// target so the nested build never waits on the outer one's lock.
+fn guest_target_dir() -> PathBuf {
+    repo().join("target").join("guests")
+}
+
+fn build_workspace(manifest: &Path) {
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2", "--manifest-path"])
+        .arg(manifest)
+        .env("CARGO_TARGET_DIR", guest_target_dir())
+        .output()
+        .expect("running cargo to build the guests");
+    assert!(
+        out.status.success(),
+        "building {} for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
+        manifest.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The path of a guest built from `tests/guests` or `examples`, by crate name.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        build_workspace(&repo().join("tests/guests/Cargo.toml"));
+        build_workspace(&repo().join("examples/Cargo.toml"));
+    });
+    let path = guest_target_dir().join("wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.exists(), "guest {} was not built", path.display());
+    path
+}
+
+pub fn guest_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(guest(name)).expect("reading a built guest")
+}
+
+/// One engine per test binary: building the pool and ticker once.
+pub fn engine() -> Engine {
+    static ENGINE: OnceLock<(Engine, tempfile::TempDir)> = OnceLock::new();
+    let (engine, _) = ENGINE.get_or_init(|| {
+        let cache = tempfile::tempdir().expect("cache dir");
+        let mut config = EngineConfig::new(cache.path().to_owned(), 1 << 30);
+        config.max_instances = 64;
+        (Engine::new(&config).expect("engine"), cache)
+    });
+    engine.clone()
+}
+
+/// A sandbox with its own data directory (kept alive by the returned guard).
+pub fn sandbox_with(policy: Policy) -> (Sandbox, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("data dir");
+    let data_dir = DataDir::open(dir.path()).expect("data dir layout");
+    (Sandbox { policy, engine: engine(), data_dir }, dir)
+}
+
+pub fn sandbox() -> (Sandbox, tempfile::TempDir) {
+    sandbox_with(Policy::default())
+}
+
+pub fn call(user: &str, tier: &str, input: serde_json::Value) -> ToolCall {
+    ToolCall {
+        user: UserId::new(user).expect("test user id"),
+        tier: tier.to_owned(),
+        input: input.to_string().into_bytes(),
+        args: Vec::new(),
+        timeout: None,
+    }
+}
+
+pub fn with_timeout(mut call: ToolCall, ms: u64) -> ToolCall {
+    call.timeout = Some(Duration::from_millis(ms));
+    call
+}
+
+pub async fn load(sandbox: &Sandbox, name: &str) -> Tool {
+    sandbox.load(&guest_bytes(name), name).await.unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+/// Runs `call` and checks that the sandbox is still healthy afterwards: the
+/// same engine runs a trivial call to success.
+pub async fn run(sandbox: &Sandbox, tool: &Tool, call: &ToolCall) -> ExecutionReport {
+    sandbox.run(Ok(tool), call).await
+}
