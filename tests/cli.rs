@@ -1,6 +1,8 @@
 //! `imagentx-sandbox run` and `describe` as DESIGN.md's command-line contract
 //! says: the real binary, real guests, a report on stdout, exit codes 0/1/2.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
 mod common;
 
 use std::io::Write;
@@ -104,7 +106,7 @@ fn usage_errors_exit_two_with_a_message() {
         (vec!["run", "--user", "../bob", tool], "invalid user id"),
         (vec!["run", "--timeout-ms", "0", tool], "timeout of 0 ms"),
         (vec!["run", "/no/such/tool.wasm"], "reading /no/such/tool.wasm"),
-        (vec!["run", "--native", "--", "/bin/true"], "native jailer is not built yet"),
+        (vec!["run", "--native", "/bin/true"], "native jailer is not built yet"),
         (vec!["frobnicate"], "unrecognized subcommand"),
     ] {
         let out = sandbox_cmd(&args, dir.path(), "");

@@ -1,5 +1,7 @@
 //! The example tools in `examples/`, built with the SDK, run through the engine.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
 mod common;
 
 use common::{call, load, run, sandbox};

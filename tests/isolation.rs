@@ -2,6 +2,8 @@
 //! planted symlinks, the host environment, the network. Each attack must fail
 //! inside the tool, and the host must be untouched afterwards.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
 mod common;
 
 use common::{call, load, run, sandbox};

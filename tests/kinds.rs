@@ -1,6 +1,8 @@
 //! The three kinds of WASM tool: SDK components, WASI command components, and
 //! WASI preview 1 core modules. Plus tools that are not tools at all.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
 mod common;
 
 use common::{call, guest_bytes, load, run, sandbox};
@@ -75,9 +77,11 @@ async fn command_tool_reads_stdin_and_its_json_stdout_is_the_output() {
 async fn command_tool_exit_codes_are_reported() {
     let (sb, _dir) = sandbox();
     let tool = load(&sb, "probe").await;
+    // WASI 0.2's `exit` carries only success or failure: any non-zero code
+    // reaches the host as 1. (Preview 1 modules pass their exact code, below.)
     let report = run(&sb, &tool, &call("alice", "free", json!({"op": "exit", "code": 7}))).await;
     assert_eq!(report.status, Status::ToolError);
-    assert_eq!(report.exit_code, Some(7));
+    assert_eq!(report.exit_code, Some(1));
     let report = run(&sb, &tool, &call("alice", "free", json!({"op": "exit", "code": 0}))).await;
     assert_eq!(report.status, Status::Ok);
     assert_eq!(report.exit_code, Some(0));
@@ -128,6 +132,7 @@ async fn p1_module_that_spins_is_stopped_and_one_that_exits_nonzero_is_a_tool_er
     let exit = sb
         .load(
             br#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                (memory (export "memory") 1)
                 (func (export "_start") (call $exit (i32.const 4))))"#,
             "exit4",
         )
@@ -176,6 +181,11 @@ async fn a_module_without_an_entry_point_is_an_invalid_tool() {
     assert!(matches!(e, LoadError::NoEntryPoint), "{e}");
     let e = load_err(b"(component)").await;
     assert!(matches!(e, LoadError::NoEntryPoint), "{e}");
+    let e = load_err(
+        br#"(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i32))) (func (export "_start")))"#,
+    )
+    .await;
+    assert!(e.to_string().contains("must export its linear memory"), "{e}");
 }
 
 #[tokio::test]
@@ -207,10 +217,17 @@ async fn a_restarted_engine_loads_the_precompiled_artifact_instead_of_compiling(
     assert!(tool.loaded_from_cache());
     assert_eq!(tool.name(), "sdk-probe");
 
-    // A corrupted artifact is not trusted blindly: it is recompiled.
+    // An artifact damaged in place, while a tool loaded from it is live, neither
+    // crashes the process nor is trusted: it is recompiled.
     for entry in std::fs::read_dir(cache.path()).unwrap() {
         std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
     }
-    let tool = restarted.load(&wasm, usize::MAX, "x").await.unwrap();
-    assert!(!tool.loaded_from_cache());
+    let reloaded = restarted.load(&wasm, usize::MAX, "x").await.unwrap();
+    assert!(!reloaded.loaded_from_cache());
+    let (sb, _dir) = sandbox();
+    let sb = imagentx_sandbox::runner::Sandbox { engine: restarted, ..sb };
+    for t in [&tool, &reloaded] {
+        let report = run(&sb, t, &call("alice", "free", json!({"op": "echo", "text": "still here"}))).await;
+        assert_eq!(report.status, Status::Ok, "{report:?}");
+    }
 }

@@ -1,6 +1,8 @@
 //! Every limit, twice: a tool that stays under it succeeds; a hostile tool that
 //! breaks it is stopped with the right status, and the sandbox keeps serving.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
 mod common;
 
 use common::{call, load, run, sandbox, sandbox_with, with_timeout};
@@ -25,7 +27,7 @@ async fn allocation_under_the_tier_memory_succeeds() {
     assert_eq!(report.status, Status::Ok, "{report:?}");
     assert_eq!(report.output.unwrap()["allocated"], 150 * MIB);
     let peak = report.usage.peak_memory_bytes.unwrap();
-    assert!(peak >= 150 * MIB && peak <= 256 * MIB, "peak {peak}");
+    assert!((150 * MIB..=256 * MIB).contains(&peak), "peak {peak}");
 }
 
 #[tokio::test]
@@ -194,6 +196,16 @@ async fn deep_recursion_is_a_crash_with_stack_overflow() {
     let report = run(&sb, &tool, &call("alice", "premium", json!({"op": "recurse"}))).await;
     assert_eq!(report.status, Status::Crashed, "{report:?}");
     assert_eq!(report.error.as_deref(), Some("stack overflow"));
+
+    // A Rust guest keeps big frames on a shadow stack in its linear memory;
+    // overflowing that one is an out-of-bounds access, and a crash all the same.
+    let report = run(&sb, &tool, &call("alice", "premium", json!({"op": "recurse_big_frames"}))).await;
+    assert_eq!(report.status, Status::Crashed, "{report:?}");
+    assert!(report.error.as_deref().unwrap().contains("out of bounds memory access"), "{report:?}");
+
+    let wat = sb.load(br#"(module (func $f (call $f)) (func (export "_start") (call $f)))"#, "rec").await.unwrap();
+    let report = run(&sb, &wat, &call("alice", "free", json!(null))).await;
+    assert_eq!((report.status, report.error.as_deref()), (Status::Crashed, Some("stack overflow")));
     still_serving(&sb).await;
 }
 

@@ -51,12 +51,11 @@ impl ArtifactCache {
         wasm: &[u8],
     ) -> Result<Compiled<Component>, CacheMiss> {
         let path = self.path(sha256, "component");
-        if path.exists() {
-            // SAFETY: only this cache writes files under these names (complete
-            // artifacts, renamed into place), and the directory is the sandbox's
-            // own; the key includes the engine's compatibility hash.
+        if let Some(bytes) = read_artifact(&path) {
+            // SAFETY: see `read_artifact`: the bytes are an artifact this cache
+            // wrote for an engine with the same compatibility hash.
             #[allow(unsafe_code)]
-            match unsafe { Component::deserialize_file(engine, &path) } {
+            match unsafe { Component::deserialize(engine, &bytes) } {
                 Ok(code) => return Ok(Compiled { code, from_cache: true }),
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "unusable artifact, recompiling"),
             }
@@ -70,10 +69,10 @@ impl ArtifactCache {
     /// The core module for `wasm`, from the cache or compiled.
     pub(crate) fn module(&self, engine: &Engine, sha256: &str, wasm: &[u8]) -> Result<Compiled<Module>, CacheMiss> {
         let path = self.path(sha256, "module");
-        if path.exists() {
+        if let Some(bytes) = read_artifact(&path) {
             // SAFETY: as for components above.
             #[allow(unsafe_code)]
-            match unsafe { Module::deserialize_file(engine, &path) } {
+            match unsafe { Module::deserialize(engine, &bytes) } {
                 Ok(code) => return Ok(Compiled { code, from_cache: true }),
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "unusable artifact, recompiling"),
             }
@@ -92,6 +91,26 @@ pub(crate) enum CacheMiss {
     Compile(wasmtime::Error),
     /// The artifact could not be stored: the host's fault.
     Write { path: PathBuf, source: io::Error },
+}
+
+/// Reads an artifact whole. Artifacts are read, not mapped: wasmtime's
+/// `deserialize_file` maps the file, and a mapped file truncated underneath the
+/// process (a disk error, a stray writer) kills it with SIGBUS. Reading costs one
+/// copy and keeps the server alive; a damaged artifact then just fails
+/// wasmtime's header checks and is recompiled.
+///
+/// Only files this cache wrote (complete, renamed into place, in the sandbox's
+/// own directory) are ever under these names, which is what makes the
+/// `deserialize` calls above sound.
+fn read_artifact(path: &Path) -> Option<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "artifact unreadable, recompiling");
+            None
+        }
+    }
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {

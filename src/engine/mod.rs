@@ -105,6 +105,8 @@ impl Engine {
             .max_core_instances_per_component(50)
             .max_memories_per_component(16)
             .max_tables_per_component(64)
+            .max_memories_per_module(16)
+            .max_tables_per_module(16)
             .table_elements(100_000)
             .max_memory_size(config.max_memory_bytes as usize);
 
@@ -197,9 +199,8 @@ impl Engine {
                 let compiled = inner.cache.component(&inner.wasmtime, sha256, wasm).map_err(miss)?;
                 let component = compiled.code;
                 let mut linker = inner.component_linker.clone();
-                // Imports the sandbox does not provide (sockets, http, ...) link
-                // but trap when called.
-                linker.define_unknown_imports_as_traps(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+                wasi::stub_unprovided_imports(&mut linker, &component, &inner.wasmtime)
+                    .map_err(|e| LoadError::Link(format!("{e:#}")))?;
                 let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
                 let describe = component.get_export_index(None, "describe");
                 let call = component.get_export_index(None, "call");
@@ -214,6 +215,12 @@ impl Engine {
                 let module = compiled.code;
                 if module.get_export("_start").is_none() {
                     return Err(LoadError::NoEntryPoint);
+                }
+                let uses_wasi = module.imports().any(|i| i.module() == "wasi_snapshot_preview1");
+                if uses_wasi && module.get_export("memory").is_none() {
+                    return Err(LoadError::Link(
+                        "a WASI preview 1 module must export its linear memory as `memory`".into(),
+                    ));
                 }
                 let mut linker = inner.module_linker.clone();
                 linker.define_unknown_imports_as_traps(&module).map_err(|e| LoadError::Link(format!("{e:#}")))?;

@@ -3,14 +3,15 @@
 //!
 //! The component linker carries clocks, random, cli, filesystem and io: no
 //! `wasi:sockets`, no `wasi:http`. A tool that imports them still instantiates
-//! (its unknown imports are defined as traps when it is loaded), but any call to
-//! them stops the guest. The context turns sockets off as a second wall.
+//! ([`stub_unprovided_imports`] links them to stubs when it is loaded), but any
+//! call to them stops the guest. The context turns sockets off as a second wall.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use wasmtime::component::{Linker as ComponentLinker, ResourceTable};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker as ComponentLinker, LinkerInstance, ResourceTable, ResourceType};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings as p2;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -139,4 +140,70 @@ pub(crate) fn module_linker(engine: &wasmtime::Engine) -> wasmtime::Result<wasmt
     let mut linker = wasmtime::Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut ModuleHost| &mut h.wasi)?;
     Ok(linker)
+}
+
+/// Interface packages the component linker provides (at WASI 0.2.x; guests
+/// importing an older 0.2 version are matched by semver).
+const PROVIDED_PACKAGES: &[&str] = &["wasi:io/", "wasi:clocks/", "wasi:filesystem/", "wasi:random/", "wasi:cli/"];
+
+/// Links every import of `component` from a package the sandbox does not
+/// provide (`wasi:sockets`, `wasi:http`, anything else) to a stub that stops the
+/// guest when called, so that tools built with those imports (e.g. by a
+/// language's standard library) still run as long as they do not use them.
+///
+/// wasmtime's `define_unknown_imports_as_traps` is not used: it looks names up
+/// exactly, so a guest's `wasi:cli/stdout@0.2.6` would be stubbed over our
+/// `@0.2.12` definition that semver matching would have used.
+pub(crate) fn stub_unprovided_imports(
+    linker: &mut ComponentLinker<ComponentHost>,
+    component: &Component,
+    engine: &wasmtime::Engine,
+) -> wasmtime::Result<()> {
+    for (name, item) in component.component_type().imports(engine) {
+        if !PROVIDED_PACKAGES.iter().any(|p| name.starts_with(p)) {
+            stub(&mut linker.root(), name, &item.ty, name, engine)?;
+        }
+    }
+    Ok(())
+}
+
+fn stub(
+    linker: &mut LinkerInstance<'_, ComponentHost>,
+    name: &str,
+    item: &ComponentItem,
+    qualified: &str,
+    engine: &wasmtime::Engine,
+) -> wasmtime::Result<()> {
+    match item {
+        ComponentItem::ComponentFunc(_) => {
+            let message = format!("`{qualified}` is not available in the sandbox (no network, no host services)");
+            linker.func_new(name, move |_, _, _, _| Err(wasmtime::format_err!("{message}")))
+        }
+        ComponentItem::ComponentInstance(instance) => {
+            let mut inner = linker.instance(name)?;
+            for (export, item) in instance.exports(engine) {
+                stub(&mut inner, export, &item.ty, &format!("{qualified}#{export}"), engine)?;
+            }
+            Ok(())
+        }
+        ComponentItem::Resource(_) => linker.resource(name, resource_type(name), |_, _| Ok(())),
+        _ => Ok(()),
+    }
+}
+
+/// The host type behind a resource of a stubbed interface. Interfaces such as
+/// `wasi:sockets/udp` re-export `wasi:io` resources (`pollable`, streams,
+/// `error`); those must be the very types our `wasi:io` uses or linking fails.
+/// The interface's own resources (sockets, networks) get an inert host type:
+/// no function can ever make one.
+fn resource_type(name: &str) -> ResourceType {
+    use wasmtime_wasi_io::poll::DynPollable;
+    use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
+    match name {
+        "pollable" => ResourceType::host::<DynPollable>(),
+        "input-stream" => ResourceType::host::<DynInputStream>(),
+        "output-stream" => ResourceType::host::<DynOutputStream>(),
+        "error" | "io-error" => ResourceType::host::<wasmtime::Error>(),
+        _ => ResourceType::host::<()>(),
+    }
 }

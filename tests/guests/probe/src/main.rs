@@ -35,7 +35,10 @@ fn main() {
             }
             json!({ "hash": h })
         }
+        // Small frames: the wasm stack overflows.
         "recurse" => json!({ "depth": recurse(black_box(1)) }),
+        // Big frames: the shadow stack in linear memory overflows first.
+        "recurse_big_frames" => json!({ "depth": recurse_big_frames(black_box(1)) }),
         "panic" => panic!("the probe panicked on purpose"),
         "exit" => std::process::exit(num_arg("code") as i32),
         "flood" => {
@@ -90,6 +93,11 @@ fn main() {
 
 #[inline(never)]
 fn recurse(n: u64) -> u64 {
+    if black_box(n) == 0 { 0 } else { black_box(recurse(n + 1)) ^ n }
+}
+
+#[inline(never)]
+fn recurse_big_frames(n: u64) -> u64 {
     let pad = black_box([n; 64]);
-    if black_box(n) == 0 { pad[3] } else { recurse(n + 1) + pad[7] }
+    if black_box(n) == 0 { pad[3] } else { recurse_big_frames(n + 1) + pad[7] }
 }
