@@ -106,41 +106,54 @@ impl Engine {
         let backstop = backstop(limits.wall_time, self.inner.epoch_tick);
         let engine = &self.inner.wasmtime;
 
+        let component_store = || view.component_host(state()).map(|h| Store::new(engine, h));
         let (ended, fuel_left, limiter) = match &tool.entry {
             Entry::Sdk { pre, call } => {
-                let mut store = Store::new(engine, view.component_host(state()).map_err(CallError::Context)?);
-                arm(&mut store, limits.fuel, |h| &mut h.call).map_err(CallError::Store)?;
-                let run = async {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    let func = instance.get_typed_func::<(&str,), (Result<String, String>,)>(&mut store, call)?;
-                    let (returned,) = func.call_async(&mut store, (inv.input,)).await?;
-                    wasmtime::Result::<Finish>::Ok(Finish::Returned(returned))
-                };
-                let ended = tokio::time::timeout(backstop, CpuTimed::new(run)).await;
-                (ended, store.get_fuel().ok(), store.into_data().call.limiter)
+                let store = component_store().map_err(CallError::Context)?;
+                drive(
+                    store,
+                    limits.fuel,
+                    backstop,
+                    |h| &mut h.call,
+                    async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        let func = instance.get_typed_func::<(&str,), (Result<String, String>,)>(&mut *store, call)?;
+                        let (returned,) = func.call_async(&mut *store, (inv.input,)).await?;
+                        Ok(Finish::Returned(returned))
+                    },
+                )
+                .await?
             }
             Entry::Command(pre) => {
-                let mut store = Store::new(engine, view.component_host(state()).map_err(CallError::Context)?);
-                arm(&mut store, limits.fuel, |h| &mut h.call).map_err(CallError::Store)?;
-                let run = async {
-                    let command = pre.instantiate_async(&mut store).await?;
-                    let ran = command.wasi_cli_run().call_run(&mut store).await?;
-                    wasmtime::Result::<Finish>::Ok(Finish::Exited(if ran.is_ok() { 0 } else { 1 }))
-                };
-                let ended = tokio::time::timeout(backstop, CpuTimed::new(run)).await;
-                (ended, store.get_fuel().ok(), store.into_data().call.limiter)
+                let store = component_store().map_err(CallError::Context)?;
+                drive(
+                    store,
+                    limits.fuel,
+                    backstop,
+                    |h| &mut h.call,
+                    async |store| {
+                        let command = pre.instantiate_async(&mut *store).await?;
+                        let ran = command.wasi_cli_run().call_run(&mut *store).await?;
+                        Ok(Finish::Exited(if ran.is_ok() { 0 } else { 1 }))
+                    },
+                )
+                .await?
             }
             Entry::Module(pre) => {
-                let mut store = Store::new(engine, view.module_host(state()).map_err(CallError::Context)?);
-                arm(&mut store, limits.fuel, |h| &mut h.call).map_err(CallError::Store)?;
-                let run = async {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-                    start.call_async(&mut store, ()).await?;
-                    wasmtime::Result::<Finish>::Ok(Finish::Exited(0))
-                };
-                let ended = tokio::time::timeout(backstop, CpuTimed::new(run)).await;
-                (ended, store.get_fuel().ok(), store.into_data().call.limiter)
+                let host = view.module_host(state()).map_err(CallError::Context)?;
+                drive(
+                    Store::new(engine, host),
+                    limits.fuel,
+                    backstop,
+                    |h| &mut h.call,
+                    async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        let start = instance.get_typed_func::<(), ()>(&mut *store, "_start")?;
+                        start.call_async(&mut *store, ()).await?;
+                        Ok(Finish::Exited(0))
+                    },
+                )
+                .await?
             }
         };
 
@@ -203,6 +216,26 @@ impl Engine {
         }
         Ok(outcome)
     }
+}
+
+/// How a driven call ended: the outer timeout fired, or the guest's code
+/// finished or was stopped (with the CPU time its polls took).
+type Ended = Result<(wasmtime::Result<Finish>, Option<Duration>), tokio::time::error::Elapsed>;
+
+/// Arms `store`, runs `run` on it under the outer timeout, and collects what the
+/// store knows afterwards: fuel left and the limiter's record.
+async fn drive<T: 'static>(
+    mut store: Store<T>,
+    fuel: u64,
+    backstop: Duration,
+    state: fn(&mut T) -> &mut CallState,
+    run: impl AsyncFnOnce(&mut Store<T>) -> wasmtime::Result<Finish>,
+) -> Result<(Ended, Option<u64>, CallLimiter), CallError> {
+    arm(&mut store, fuel, state).map_err(CallError::Store)?;
+    let ended = tokio::time::timeout(backstop, CpuTimed::new(run(&mut store))).await;
+    let fuel_left = store.get_fuel().ok();
+    let limiter = state(store.data_mut()).limiter.clone();
+    Ok((ended, fuel_left, limiter))
 }
 
 /// Gives a fresh store its fuel, its memory limiter and its deadline check.

@@ -17,7 +17,7 @@ pub(crate) enum Refusal {
 }
 
 /// Running totals and caps for one store.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct CallLimiter {
     memory_limit_bytes: u64,
     table_limit_elements: u64,
