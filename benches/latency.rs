@@ -1,6 +1,8 @@
 //! Latency percentiles of the WASM runtime, with peers measured in the same run.
 //!
-//! `cargo bench --bench latency` (add `-- --quick` for a short run). Prints a
+//! `cargo bench --bench latency` (add `-- --quick` for a short run, `-- --only TEXT`
+//! to run only the in-process rows whose name contains TEXT, e.g. under a
+//! profiler). Prints a
 //! Markdown table; BENCHMARKS.md holds a run of it. Every call is a fresh store
 //! and instance with fuel, epochs and the memory limiter on.
 
@@ -92,7 +94,10 @@ fn wasmtime_cli() -> Option<std::path::PathBuf> {
 
 #[tokio::main]
 async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| name.contains(o.as_str()));
     let n = if quick { 1_000 } else { 10_000 };
     let cache = tempfile::tempdir().unwrap();
     let config = EngineConfig::new(cache.path().to_owned(), 1 << 30);
@@ -118,8 +123,14 @@ async fn main() {
     println!("machine: {} cores, {}", std::thread::available_parallelism().unwrap(), os_line());
     println!("\n| case | n | p50 µs | p90 µs | p99 µs | max µs | calls/s (1 at a time) | ok |");
     println!("|---|---|---|---|---|---|---|---|");
-    time_calls("SDK tool call, engine", n, async || call_ok(&sdk, r#"{"op":"echo","text":"hi"}"#).await).await.print();
-    time_calls("command tool call, engine", n, async || call_ok(&cmd, r#"{"op":"echo"}"#).await).await.print();
+    if wanted("SDK tool call, engine") {
+        time_calls("SDK tool call, engine", n, async || call_ok(&sdk, r#"{"op":"echo","text":"hi"}"#).await)
+            .await
+            .print();
+    }
+    if wanted("command tool call, engine") {
+        time_calls("command tool call, engine", n, async || call_ok(&cmd, r#"{"op":"echo"}"#).await).await.print();
+    }
 
     // The whole runner: policy, input check, user dir, scratch mkdir/rmdir, report.
     let data = tempfile::tempdir().unwrap();
@@ -132,9 +143,16 @@ async fn main() {
         args: vec![],
         timeout: None,
     };
-    time_calls("SDK tool call, runner + report", n, async || sandbox.run(Ok(&sdk), &call).await.status == Status::Ok)
+    if wanted("SDK tool call, runner + report") {
+        time_calls("SDK tool call, runner + report", n, async || {
+            sandbox.run(Ok(&sdk), &call).await.status == Status::Ok
+        })
         .await
         .print();
+    }
+    if only.is_some() {
+        return;
+    }
 
     // A restart: a new engine, the tool loaded from its precompiled artifact
     // (read, deserialize, link, `describe`), then its first call.

@@ -49,7 +49,7 @@ impl Sandbox {
             Err((name, _)) => (name.to_owned(), None),
         };
         let outcome = match tool {
-            Ok(tool) => self.execute(tool, call, &id).await,
+            Ok(tool) => self.execute(tool, call).await,
             Err((_, e)) => {
                 let status = if e.is_host_failure() { Status::InternalError } else { Status::InvalidTool };
                 Err((status, e.to_string()))
@@ -97,7 +97,7 @@ impl Sandbox {
         report
     }
 
-    async fn execute(&self, tool: &Tool, call: &ToolCall, id: &str) -> Result<Outcome, (Status, String)> {
+    async fn execute(&self, tool: &Tool, call: &ToolCall) -> Result<Outcome, (Status, String)> {
         let invalid = |message: String| (Status::InvalidInput, message);
         let limits = self.policy.resolve(&call.tier, call.timeout).map_err(|e| invalid(e.to_string()))?;
         if call.input.len() > limits.input_bytes {
@@ -114,7 +114,7 @@ impl Sandbox {
 
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
         let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
-        let scratch = self.data_dir.scratch(id).map_err(|e| internal(&e))?;
+        let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
         let env: &BTreeMap<String, String> = &self.policy.env;
         let invocation = Invocation {
             input,
@@ -128,6 +128,11 @@ impl Sandbox {
             tracing::error!(error = %e, tool = tool.name(), "call could not run");
             internal(&e)
         })?;
+        // After a timeout a cancelled host call may still be writing into the
+        // scratch directory: remove it (on drop) rather than hand it to the next call.
+        if outcome.status != Status::Timeout {
+            scratch.recycle();
+        }
         if matches!(outcome.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit) {
             tracing::warn!(
                 limit = outcome.status.as_str(),

@@ -83,14 +83,25 @@ async fn a_user_cannot_see_another_users_files() {
 }
 
 #[tokio::test]
-async fn tmp_is_private_to_one_call_and_removed_afterwards() {
+async fn tmp_is_private_to_one_call_and_emptied_afterwards() {
     let (sb, dir) = sandbox();
     let out = probe(&sb, "alice", json!({"op": "write", "path": "/tmp/left-over", "content": "x"})).await;
     assert_eq!(out["ok"], true, "{out}");
-    let out = probe(&sb, "alice", json!({"op": "list", "path": "/tmp"})).await;
+    // The next call, another user's, gets the recycled directory: empty.
+    let out = probe(&sb, "bob", json!({"op": "list", "path": "/tmp"})).await;
     assert_eq!(out["entries"], json!([]), "a previous call's /tmp leaked: {out}");
-    let scratch: Vec<_> = std::fs::read_dir(dir.path().join("scratch")).unwrap().collect();
-    assert!(scratch.is_empty(), "scratch directories left behind: {scratch:?}");
+    let scratch: Vec<_> = std::fs::read_dir(dir.path().join("scratch")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(scratch.len(), 1, "one spare directory is kept: {scratch:?}");
+    assert_eq!(std::fs::read_dir(&scratch[0]).unwrap().count(), 0, "the spare directory is not empty");
+}
+
+#[tokio::test]
+async fn a_timed_out_calls_tmp_is_removed_not_reused() {
+    let (sb, dir) = sandbox();
+    let tool = load(&sb, "probe").await;
+    let call = common::with_timeout(call("alice", "free", json!({"op": "sleep", "ms": 60_000})), 200);
+    assert_eq!(run(&sb, &tool, &call).await.status, Status::Timeout);
+    assert_eq!(std::fs::read_dir(dir.path().join("scratch")).unwrap().count(), 0);
 }
 
 #[tokio::test]

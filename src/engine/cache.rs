@@ -43,44 +43,70 @@ impl ArtifactCache {
         self.dir.join(format!("{sha256}-{}.{kind}.cwasm", self.engine_key))
     }
 
-    /// The component for `wasm` (whose sha256 is `sha256`), from the cache or compiled.
-    pub(crate) fn component(
+    /// The compiled code for `wasm` (whose sha256 is `sha256`), from the cache
+    /// or compiled and then stored.
+    pub(crate) fn get<T: Artifact>(
         &self,
         engine: &Engine,
         sha256: &str,
         wasm: &[u8],
-    ) -> Result<Compiled<Component>, CacheMiss> {
-        let path = self.path(sha256, "component");
+    ) -> Result<Compiled<T>, CacheMiss> {
+        let path = self.path(sha256, T::KIND);
         if let Some(bytes) = read_artifact(&path) {
-            // SAFETY: see `read_artifact`: the bytes are an artifact this cache
-            // wrote for an engine with the same compatibility hash.
-            #[allow(unsafe_code)]
-            match unsafe { Component::deserialize(engine, &bytes) } {
+            match T::deserialize(engine, &bytes) {
                 Ok(code) => return Ok(Compiled { code, from_cache: true }),
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "unusable artifact, recompiling"),
             }
         }
-        let code = Component::new(engine, wasm).map_err(CacheMiss::Compile)?;
+        let code = T::compile(engine, wasm).map_err(CacheMiss::Compile)?;
         let bytes = code.serialize().map_err(CacheMiss::Compile)?;
         write_atomically(&path, &bytes).map_err(|source| CacheMiss::Write { path, source })?;
         Ok(Compiled { code, from_cache: false })
     }
+}
 
-    /// The core module for `wasm`, from the cache or compiled.
-    pub(crate) fn module(&self, engine: &Engine, sha256: &str, wasm: &[u8]) -> Result<Compiled<Module>, CacheMiss> {
-        let path = self.path(sha256, "module");
-        if let Some(bytes) = read_artifact(&path) {
-            // SAFETY: as for components above.
-            #[allow(unsafe_code)]
-            match unsafe { Module::deserialize(engine, &bytes) } {
-                Ok(code) => return Ok(Compiled { code, from_cache: true }),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "unusable artifact, recompiling"),
-            }
+/// What the cache stores: wasmtime's components and core modules.
+pub(crate) trait Artifact: Sized {
+    const KIND: &'static str;
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self>;
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>>;
+    /// Loads an artifact read by [`read_artifact`].
+    fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Self>;
+}
+
+impl Artifact for Component {
+    const KIND: &'static str = "component";
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {
+        Component::new(engine, wasm)
+    }
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Component::serialize(self)
+    }
+    fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Self> {
+        // SAFETY: `artifact` was read from this cache, which holds only complete
+        // artifacts it wrote itself for an engine with the same compatibility
+        // hash (see `read_artifact`).
+        #[allow(unsafe_code)]
+        unsafe {
+            Component::deserialize(engine, artifact)
         }
-        let code = Module::new(engine, wasm).map_err(CacheMiss::Compile)?;
-        let bytes = code.serialize().map_err(CacheMiss::Compile)?;
-        write_atomically(&path, &bytes).map_err(|source| CacheMiss::Write { path, source })?;
-        Ok(Compiled { code, from_cache: false })
+    }
+}
+
+impl Artifact for Module {
+    const KIND: &'static str = "module";
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {
+        Module::new(engine, wasm)
+    }
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Module::serialize(self)
+    }
+    fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Self> {
+        // SAFETY: as for components above.
+        #[allow(unsafe_code)]
+        unsafe {
+            Module::deserialize(engine, artifact)
+        }
     }
 }
 

@@ -44,11 +44,20 @@ pub struct EngineConfig {
     pub epoch_tick: Duration,
     /// Where precompiled artifacts are kept.
     pub cache_dir: PathBuf,
+    /// Bytes of each pooled memory kept resident between calls and reset
+    /// in place. More makes calls faster and idle slots bigger.
+    pub keep_resident_bytes: usize,
 }
 
 impl EngineConfig {
     pub fn new(cache_dir: PathBuf, max_memory_bytes: u64) -> Self {
-        Self { max_memory_bytes, max_instances: 1000, epoch_tick: Duration::from_millis(5), cache_dir }
+        Self {
+            max_memory_bytes,
+            max_instances: 1000,
+            epoch_tick: Duration::from_millis(5),
+            cache_dir,
+            keep_resident_bytes: 2 << 20,
+        }
     }
 }
 
@@ -108,7 +117,14 @@ impl Engine {
             .max_memories_per_module(16)
             .max_tables_per_module(16)
             .table_elements(100_000)
-            .max_memory_size(config.max_memory_bytes as usize);
+            .max_memory_size(config.max_memory_bytes as usize)
+            // Reset a slot by zeroing only the pages the last call dirtied
+            // (PAGEMAP_SCAN, Linux 6.7+; plain memset of the low addresses
+            // elsewhere) and keep them resident, instead of madvise + page
+            // faults on every call. The memory is zeroed either way.
+            .linear_memory_keep_resident(config.keep_resident_bytes)
+            .table_keep_resident(config.keep_resident_bytes / 8)
+            .pagemap_scan(wasmtime::Enabled::Auto);
 
         let mut wt = wasmtime::Config::new();
         wt.wasm_component_model(true)
@@ -196,7 +212,8 @@ impl Engine {
         };
         match binary {
             Binary::Component => {
-                let compiled = inner.cache.component(&inner.wasmtime, sha256, wasm).map_err(miss)?;
+                let compiled =
+                    inner.cache.get::<wasmtime::component::Component>(&inner.wasmtime, sha256, wasm).map_err(miss)?;
                 let component = compiled.code;
                 let mut linker = inner.component_linker.clone();
                 wasi::stub_unprovided_imports(&mut linker, &component, &inner.wasmtime)
@@ -211,7 +228,7 @@ impl Engine {
                 Ok((Entry::Command(command), ToolKind::WasiCommand, compiled.from_cache))
             }
             Binary::CoreModule => {
-                let compiled = inner.cache.module(&inner.wasmtime, sha256, wasm).map_err(miss)?;
+                let compiled = inner.cache.get::<wasmtime::Module>(&inner.wasmtime, sha256, wasm).map_err(miss)?;
                 let module = compiled.code;
                 if module.get_export("_start").is_none() {
                     return Err(LoadError::NoEntryPoint);
