@@ -72,8 +72,8 @@ impl Sandbox {
             stderr: outcome.stderr,
             truncated: outcome.truncated,
             usage: Usage {
-                wall_ms: clock.elapsed().as_secs_f64() * 1e3,
-                cpu_ms: outcome.cpu_time.map(|d| d.as_secs_f64() * 1e3),
+                wall_ms: millis(clock.elapsed()),
+                cpu_ms: outcome.cpu_time.map(millis),
                 fuel_consumed: outcome.fuel_consumed,
                 peak_memory_bytes: outcome.peak_memory_bytes,
                 // A WASM tool is one instance and cannot start processes.
@@ -144,6 +144,11 @@ impl Sandbox {
         }
         Ok(outcome)
     }
+}
+
+/// Milliseconds, to the microsecond: finer digits would be noise.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 fn failed(status: Status, message: String) -> Outcome {

@@ -7,7 +7,7 @@
 //! derives `serde::Serialize`. [`export_tool!`] turns the function into the
 //! `imagentx:tool` component world (`describe` and `call`, see `wit/tool.wit`):
 //!
-//! ```ignore
+//! ```no_run
 //! use schemars::JsonSchema;
 //! use serde::{Deserialize, Serialize};
 //!
