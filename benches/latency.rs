@@ -237,8 +237,9 @@ async fn main() {
             time_calls("wasmtime run --allow-precompiled (peer)", runs, async || run_process(&wasmtime, &args, input))
                 .await
                 .print();
-            let args = ["run", probe.to_str().unwrap()];
-            time_calls("wasmtime run, compiling each time (peer)", runs.min(20), async || {
+            // `-C cache=n`: the CLI's own compile cache is on by default.
+            let args = ["run", "-C", "cache=n", probe.to_str().unwrap()];
+            time_calls("wasmtime run -C cache=n, compiling each time (peer)", runs.min(20), async || {
                 run_process(&wasmtime, &args, input)
             })
             .await
