@@ -129,3 +129,37 @@ fn describe_prints_the_tools_schema() {
     assert_eq!(info["sha256"].as_str().unwrap().len(), 64);
     assert!(info["input_schema"]["oneOf"].as_array().unwrap().len() >= 4, "{info}");
 }
+
+#[test]
+fn a_config_file_changes_the_limits_a_real_tool_gets() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = common::guest("probe");
+    let input = r#"{"op": "alloc", "bytes": 100000000}"#;
+    let out = sandbox_cmd(&["run", "--tier", "free", tool.to_str().unwrap()], dir.path(), input);
+    assert_eq!(report(&out)["status"], "ok");
+
+    let config = dir.path().join("sandbox.toml");
+    std::fs::write(&config, "[tiers.free]\nmemory_bytes = 67108864\n[env]\nGREETING = \"hi\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    let out = sandbox_cmd(&["run", "--config", config, "--tier", "free", tool.to_str().unwrap()], dir.path(), input);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(report(&out)["status"], "memory_limit");
+    let out = sandbox_cmd(&["run", "--config", config, tool.to_str().unwrap()], dir.path(), r#"{"op": "env"}"#);
+    assert_eq!(report(&out)["output"]["vars"], serde_json::json!([["GREETING", "hi"]]));
+
+    std::fs::write(dir.path().join("bad.toml"), "[tiers.free]\nmemroy_bytes = 1\n").unwrap();
+    let bad = dir.path().join("bad.toml");
+    let out = sandbox_cmd(&["run", "--config", bad.to_str().unwrap(), tool.to_str().unwrap()], dir.path(), "{}");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("memroy_bytes"));
+}
+
+#[test]
+fn describe_of_a_broken_tool_exits_one_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm\x01\0\0\0\x01\xff").unwrap();
+    let out = sandbox_cmd(&["describe", junk.to_str().unwrap()], dir.path(), "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not validate or compile"), "{out:?}");
+}

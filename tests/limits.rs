@@ -116,6 +116,10 @@ async fn infinite_loop_stops_at_the_deadline_when_it_comes_first() {
     let report = run(&sb, &tool, &with_timeout(call("alice", "premium", json!({"op": "spin"})), 300)).await;
     assert_eq!(report.status, Status::Timeout, "{report:?}");
     assert!(report.usage.wall_ms >= 300.0, "stopped before its deadline: {report:?}");
+    // Stopped at an epoch tick, wasmtime has not flushed the running function's
+    // fuel counter: the figure is unknown, so it is null, not a stale number.
+    assert_eq!(report.usage.fuel_consumed, None, "{report:?}");
+    assert!(report.usage.cpu_ms.unwrap() > 0.0);
     still_serving(&sb).await;
 }
 
@@ -233,4 +237,52 @@ async fn unknown_tier_and_bad_timeouts_are_refused_before_running() {
     assert!(report.error.unwrap().contains("unknown tier `gold`"));
     let report = run(&sb, &tool, &with_timeout(call("alice", "free", json!({"op": "echo"})), 61_000)).await;
     assert_eq!(report.status, Status::InvalidInput);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_guest_yields_so_other_calls_on_its_thread_still_run() {
+    // Only the wall clock stops the spin; both calls share this one thread.
+    let policy = Policy { fuel_per_cpu_second: u64::MAX / 1000, ..Policy::default() };
+    let (sb, _dir) = sandbox_with(policy);
+    let tool = load(&sb, "probe").await;
+    let spin_call = with_timeout(call("alice", "premium", json!({"op": "spin"})), 3_000);
+    let echo_call = call("bob", "free", json!({"op": "echo"}));
+    let spin = run(&sb, &tool, &spin_call);
+    tokio::pin!(spin);
+    tokio::select! {
+        report = &mut spin => panic!("the spinning call ended before the echo could run: {report:?}"),
+        report = run(&sb, &tool, &echo_call) => assert_eq!(report.status, Status::Ok, "{report:?}"),
+    }
+    assert_eq!(spin.await.status, Status::Timeout);
+}
+
+/// The tightest loop there is: each iteration burns only the branch's fuel
+/// (~0.7e9 fuel per CPU-second here, against ~9e9 for straight-line code), but
+/// it burns it, and stops at the fuel budget.
+#[tokio::test]
+async fn an_empty_loop_burns_fuel_and_stops_at_the_fuel_budget() {
+    let policy = Policy { fuel_per_cpu_second: 20_000_000, ..Policy::default() };
+    let (sb, _dir) = sandbox_with(policy);
+    let spin = sb.load(br#"(module (func (export "_start") (loop (br 0))))"#, "empty-loop").await.unwrap();
+    let report = run(&sb, &spin, &call("alice", "standard", json!(null))).await;
+    assert_eq!(report.status, Status::CpuLimit, "{report:?}");
+    assert_eq!(report.usage.fuel_consumed, Some(100_000_000));
+}
+
+#[tokio::test]
+async fn a_guest_with_fuel_to_spare_stops_at_its_cpu_time_share() {
+    // Fuel cannot run out; 5% of a core over 5 s is 250 ms of CPU.
+    let mut policy = Policy { fuel_per_cpu_second: u64::MAX / 1000, ..Policy::default() };
+    policy.tiers.get_mut("free").unwrap().cpu = 0.05;
+    let (sb, _dir) = sandbox_with(policy);
+    let tool = load(&sb, "probe").await;
+    let report = run(&sb, &tool, &with_timeout(call("alice", "free", json!({"op": "spin"})), 5_000)).await;
+    assert_eq!(report.status, Status::CpuLimit, "{report:?}");
+    assert_eq!(report.error.as_deref(), Some("CPU-time budget of 250 ms used up"));
+    assert!(report.usage.cpu_ms.unwrap() >= 250.0, "{report:?}");
+    // Work that fits the share succeeds under the same policy.
+    let report =
+        run(&sb, &tool, &with_timeout(call("alice", "free", json!({"op": "work", "rounds": 1000})), 5_000)).await;
+    assert_eq!(report.status, Status::Ok, "{report:?}");
+    still_serving(&sb).await;
 }

@@ -13,8 +13,8 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 
 use super::Engine;
-use super::cpu_time::CpuTimed;
-use super::deadline::DeadlineExceeded;
+use super::cpu_time::{CpuSpent, CpuTimed};
+use super::deadline::{CpuTimeExceeded, DeadlineExceeded};
 use super::limiter::{CallLimiter, Refusal};
 use super::output::CappedPipe;
 use super::tool::{Entry, LoadError, Tool};
@@ -99,15 +99,18 @@ impl Engine {
             data_dir: Some(inv.data_dir),
             scratch_dir: Some(inv.scratch_dir),
         };
+        let cpu_spent = CpuSpent::default();
         let state = || CallState {
             limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements),
             deadline: Instant::now() + limits.wall_time,
+            cpu_budget: limits.cpu_time,
+            cpu_spent: cpu_spent.clone(),
         };
         let backstop = backstop(limits.wall_time, self.inner.epoch_tick);
         let engine = &self.inner.wasmtime;
 
         let component_store = || view.component_host(state()).map(|h| Store::new(engine, h));
-        let (ended, fuel_left, limiter) = match &tool.entry {
+        let (ended, fuel_consumed, limiter) = match &tool.entry {
             Entry::Sdk { pre, call } => {
                 let store = component_store().map_err(CallError::Context)?;
                 drive(
@@ -166,7 +169,7 @@ impl Engine {
             stdout: String::new(),
             stderr: String::from_utf8_lossy(&stderr.bytes).into_owned(),
             truncated: Truncated { stdout: stdout.truncated, stderr: stderr.truncated, output: false },
-            fuel_consumed: fuel_left.map(|left| limits.fuel.saturating_sub(left)),
+            fuel_consumed,
             peak_memory_bytes: Some(limiter.peak_memory_bytes()),
             cpu_time: None,
         };
@@ -193,6 +196,12 @@ impl Engine {
                         let (status, message) = stopped(&error, limiter.refusal(), limits);
                         outcome.status = status;
                         outcome.error = Some(message);
+                        // Stopped from the epoch callback, the running function has
+                        // not written its fuel counter back to the store: the figure
+                        // would be stale, so it is not reported.
+                        if error.is::<DeadlineExceeded>() || error.is::<CpuTimeExceeded>() {
+                            outcome.fuel_consumed = None;
+                        }
                     }
                 }
             }
@@ -223,7 +232,7 @@ impl Engine {
 type Ended = Result<(wasmtime::Result<Finish>, Option<Duration>), tokio::time::error::Elapsed>;
 
 /// Arms `store`, runs `run` on it under the outer timeout, and collects what the
-/// store knows afterwards: fuel left and the limiter's record.
+/// store knows afterwards: fuel consumed and the limiter's record.
 async fn drive<T: 'static>(
     mut store: Store<T>,
     fuel: u64,
@@ -232,10 +241,13 @@ async fn drive<T: 'static>(
     run: impl AsyncFnOnce(&mut Store<T>) -> wasmtime::Result<Finish>,
 ) -> Result<(Ended, Option<u64>, CallLimiter), CallError> {
     arm(&mut store, fuel, state).map_err(CallError::Store)?;
-    let ended = tokio::time::timeout(backstop, CpuTimed::new(run(&mut store))).await;
-    let fuel_left = store.get_fuel().ok();
+    // Read back rather than trust `fuel`: wasmtime caps a store's fuel.
+    let fuel_start = store.get_fuel().map_err(CallError::Store)?;
+    let cpu_spent = state(store.data_mut()).cpu_spent.clone();
+    let ended = tokio::time::timeout(backstop, CpuTimed::new(run(&mut store), cpu_spent)).await;
+    let fuel_consumed = store.get_fuel().ok().map(|left| fuel_start.saturating_sub(left));
     let limiter = state(store.data_mut()).limiter.clone();
-    Ok((ended, fuel_left, limiter))
+    Ok((ended, fuel_consumed, limiter))
 }
 
 /// Gives a fresh store its fuel, its memory limiter and its deadline check.
@@ -244,8 +256,11 @@ fn arm<T: 'static>(store: &mut Store<T>, fuel: u64, state: fn(&mut T) -> &mut Ca
     store.set_fuel(fuel)?;
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |mut ctx| {
-        if Instant::now() >= state(ctx.data_mut()).deadline {
+        let call = state(ctx.data_mut());
+        if Instant::now() >= call.deadline {
             Err(DeadlineExceeded.into())
+        } else if call.cpu_spent.get() > call.cpu_budget {
+            Err(CpuTimeExceeded.into())
         } else {
             // Let other calls run on this worker, then check again next tick.
             Ok(UpdateDeadline::Yield(1))
@@ -305,6 +320,9 @@ fn stopped(error: &wasmtime::Error, refusal: Option<Refusal>, limits: &Limits) -
     if error.downcast_ref::<DeadlineExceeded>().is_some() {
         return (Status::Timeout, format!("wall-clock budget of {} ms passed", limits.wall_time.as_millis()));
     }
+    if error.downcast_ref::<CpuTimeExceeded>().is_some() {
+        return (Status::CpuLimit, format!("CPU-time budget of {} ms used up", limits.cpu_time.as_millis()));
+    }
     let trap = error.downcast_ref::<Trap>().copied();
     if trap == Some(Trap::OutOfFuel) {
         return (Status::CpuLimit, format!("CPU budget of {} fuel used up", limits.fuel));
@@ -359,6 +377,8 @@ pub(super) async fn describe(engine: &Engine, tool: &Tool) -> Result<String, Loa
         .component_host(CallState {
             limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements),
             deadline: Instant::now() + limits.wall_time,
+            cpu_budget: limits.cpu_time,
+            cpu_spent: CpuSpent::default(),
         })
         .map_err(|e| LoadError::Host(format!("{e:#}")))?;
     let mut store = Store::new(&engine.inner.wasmtime, host);

@@ -7,21 +7,38 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::time::{ClockId, clock_gettime};
 
+/// CPU time spent on one call so far, in nanoseconds: written by [`CpuTimed`]
+/// after each poll, read by the epoch callback to enforce the CPU budget.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CpuSpent(Arc<AtomicU64>);
+
+impl CpuSpent {
+    pub(crate) fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+
+    fn add(&self, d: Duration) {
+        self.0.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
 /// A future that measures the CPU time spent polling `inner`.
 pub(crate) struct CpuTimed<F> {
     inner: Pin<Box<F>>,
-    spent: Duration,
+    spent: CpuSpent,
     measurable: bool,
 }
 
 impl<F: Future> CpuTimed<F> {
-    pub(crate) fn new(inner: F) -> Self {
-        Self { inner: Box::pin(inner), spent: Duration::ZERO, measurable: true }
+    pub(crate) fn new(inner: F, spent: CpuSpent) -> Self {
+        Self { inner: Box::pin(inner), spent, measurable: true }
     }
 }
 
@@ -38,9 +55,9 @@ impl<F: Future> Future for CpuTimed<F> {
         let before = thread_cpu_now();
         let polled = self.inner.as_mut().poll(cx);
         match (before, thread_cpu_now()) {
-            (Some(b), Some(a)) => self.spent += a.saturating_sub(b),
+            (Some(b), Some(a)) => self.spent.add(a.saturating_sub(b)),
             _ => self.measurable = false,
         }
-        polled.map(|out| (out, self.measurable.then_some(self.spent)))
+        polled.map(|out| (out, self.measurable.then(|| self.spent.get())))
     }
 }

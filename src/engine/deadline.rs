@@ -1,9 +1,9 @@
-//! The wall-clock deadline of a call, checked at every epoch tick.
+//! The wall-clock and CPU-time deadlines of a call, checked at every epoch tick.
 //!
 //! One ticker thread per engine advances the epoch. At each tick a running guest
 //! enters the store's epoch callback, which either yields to the async runtime
-//! (so one busy guest cannot hold a worker thread) or, past the deadline, stops
-//! the guest with [`DeadlineExceeded`]. A guest blocked inside a host call never
+//! (so one busy guest cannot hold a worker thread) or, past a deadline, stops
+//! the guest with [`DeadlineExceeded`] or [`CpuTimeExceeded`]. A guest blocked inside a host call never
 //! reaches a tick; the outer `tokio::time::timeout` in `call.rs` covers that.
 
 use std::sync::Arc;
@@ -15,6 +15,11 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("wall-clock deadline passed")]
 pub(crate) struct DeadlineExceeded;
+
+/// The error a guest is stopped with when its CPU-time budget has run out.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("CPU-time budget used up")]
+pub(crate) struct CpuTimeExceeded;
 
 /// Advances an engine's epoch every `tick` until dropped.
 pub(crate) struct EpochTicker {

@@ -142,6 +142,7 @@ impl Engine {
             tier: "describe".into(),
             wall_time: Duration::from_secs(5),
             fuel: 1_000_000_000,
+            cpu_time: Duration::from_secs(5),
             memory_bytes: config.max_memory_bytes.min(64 << 20),
             table_elements: 100_000,
             output_bytes: 1 << 20,

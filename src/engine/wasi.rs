@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker as ComponentLinker, LinkerInstance, ResourceTable, ResourceType};
@@ -18,6 +18,7 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_io::IoView;
 
+use super::cpu_time::CpuSpent;
 use super::limiter::CallLimiter;
 use super::output::CappedPipe;
 
@@ -30,6 +31,8 @@ pub const TMP_DIR: &str = "/tmp";
 pub(crate) struct CallState {
     pub limiter: CallLimiter,
     pub deadline: Instant,
+    pub cpu_budget: Duration,
+    pub cpu_spent: CpuSpent,
 }
 
 /// Store data of a component call (SDK tools and WASI commands).

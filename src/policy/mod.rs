@@ -30,8 +30,12 @@ pub struct Limits {
     pub tier: String,
     /// Wall-clock budget of the whole call.
     pub wall_time: Duration,
-    /// Fuel budget: `fuel_per_cpu_second × cpu share × wall_time`.
+    /// Fuel budget: `fuel_per_cpu_second × cpu share × wall_time`. Deterministic:
+    /// the same input burns the same fuel.
     pub fuel: u64,
+    /// CPU-time budget: `cpu share × wall_time`, measured on the thread clock.
+    /// Exact where fuel is not: fuel burnt per second depends on the code.
+    pub cpu_time: Duration,
     /// Cap on all linear memories of the instance together.
     pub memory_bytes: u64,
     /// Cap on all table elements of the instance together.
@@ -117,6 +121,7 @@ impl Policy {
             tier: tier_name.to_owned(),
             wall_time,
             fuel: fuel_budget(self.fuel_per_cpu_second, tier.cpu, wall_time),
+            cpu_time: wall_time.mul_f64(tier.cpu),
             memory_bytes: tier.memory_bytes,
             table_elements: self.table_elements,
             output_bytes: self.output_bytes,
@@ -142,6 +147,7 @@ mod tests {
         assert_eq!(limits.wall_time, Duration::from_secs(10));
         assert_eq!(limits.memory_bytes, 512 << 20);
         assert_eq!(limits.fuel, DEFAULT_FUEL_PER_CPU_SECOND * 5);
+        assert_eq!(limits.cpu_time, Duration::from_secs(5));
     }
 
     #[test]
