@@ -99,12 +99,11 @@ impl Engine {
             data_dir: Some(inv.data_dir),
             scratch_dir: Some(inv.scratch_dir),
         };
-        let cpu_spent = CpuSpent::default();
         let state = || CallState {
             limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements),
             deadline: Instant::now() + limits.wall_time,
             cpu_budget: limits.cpu_time,
-            cpu_spent: cpu_spent.clone(),
+            cpu_spent: CpuSpent::default(),
         };
         let backstop = backstop(limits.wall_time, self.inner.epoch_tick);
         let engine = &self.inner.wasmtime;
@@ -241,7 +240,7 @@ async fn drive<T: 'static>(
     run: impl AsyncFnOnce(&mut Store<T>) -> wasmtime::Result<Finish>,
 ) -> Result<(Ended, Option<u64>, CallLimiter), CallError> {
     arm(&mut store, fuel, state).map_err(CallError::Store)?;
-    // Read back rather than trust `fuel`: wasmtime caps a store's fuel.
+    // Consumption is measured against what the store reports holding.
     let fuel_start = store.get_fuel().map_err(CallError::Store)?;
     let cpu_spent = state(store.data_mut()).cpu_spent.clone();
     let ended = tokio::time::timeout(backstop, CpuTimed::new(run(&mut store), cpu_spent)).await;
