@@ -13,7 +13,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 
 use super::Engine;
-use super::cpu_time::{CpuSpent, CpuTimed};
+use super::cpu_time::CpuTimed;
 use super::deadline::{CpuTimeExceeded, DeadlineExceeded};
 use super::limiter::{CallLimiter, Refusal};
 use super::output::CappedPipe;
@@ -99,12 +99,7 @@ impl Engine {
             data_dir: Some(inv.data_dir),
             scratch_dir: Some(inv.scratch_dir),
         };
-        let state = || CallState {
-            limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements),
-            deadline: Instant::now() + limits.wall_time,
-            cpu_budget: limits.cpu_time,
-            cpu_spent: CpuSpent::default(),
-        };
+        let state = || CallState::new(limits);
         let backstop = backstop(limits.wall_time, self.inner.epoch_tick);
         let engine = &self.inner.wasmtime;
 
@@ -228,17 +223,17 @@ impl Engine {
 
 /// How a driven call ended: the outer timeout fired, or the guest's code
 /// finished or was stopped (with the CPU time its polls took).
-type Ended = Result<(wasmtime::Result<Finish>, Option<Duration>), tokio::time::error::Elapsed>;
+type Ended<R> = Result<(wasmtime::Result<R>, Option<Duration>), tokio::time::error::Elapsed>;
 
 /// Arms `store`, runs `run` on it under the outer timeout, and collects what the
 /// store knows afterwards: fuel consumed and the limiter's record.
-async fn drive<T: 'static>(
+async fn drive<T: 'static, R>(
     mut store: Store<T>,
     fuel: u64,
     backstop: Duration,
     state: fn(&mut T) -> &mut CallState,
-    run: impl AsyncFnOnce(&mut Store<T>) -> wasmtime::Result<Finish>,
-) -> Result<(Ended, Option<u64>, CallLimiter), CallError> {
+    run: impl AsyncFnOnce(&mut Store<T>) -> wasmtime::Result<R>,
+) -> Result<(Ended<R>, Option<u64>, CallLimiter), CallError> {
     arm(&mut store, fuel, state).map_err(CallError::Store)?;
     // Consumption is measured against what the store reports holding.
     let fuel_start = store.get_fuel().map_err(CallError::Store)?;
@@ -372,25 +367,26 @@ pub(super) async fn describe(engine: &Engine, tool: &Tool) -> Result<String, Loa
         data_dir: None,
         scratch_dir: None,
     };
-    let host = view
-        .component_host(CallState {
-            limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements),
-            deadline: Instant::now() + limits.wall_time,
-            cpu_budget: limits.cpu_time,
-            cpu_spent: CpuSpent::default(),
-        })
-        .map_err(|e| LoadError::Host(format!("{e:#}")))?;
-    let mut store = Store::new(&engine.inner.wasmtime, host);
-    arm(&mut store, limits.fuel, |h| &mut h.call).map_err(|e| LoadError::Host(format!("{e:#}")))?;
-    let run = async {
-        let instance = pre.instantiate_async(&mut store).await?;
-        let func = instance.get_typed_func::<(), (String,)>(&mut store, "describe")?;
-        let (text,) = func.call_async(&mut store, ()).await?;
-        wasmtime::Result::<String>::Ok(text)
-    };
-    match tokio::time::timeout(backstop(limits.wall_time, engine.inner.epoch_tick), run).await {
-        Ok(Ok(text)) => Ok(text),
-        Ok(Err(e)) => {
+    let host = view.component_host(CallState::new(limits)).map_err(|e| LoadError::Host(format!("{e:#}")))?;
+    let store = Store::new(&engine.inner.wasmtime, host);
+    let backstop = backstop(limits.wall_time, engine.inner.epoch_tick);
+    let (ended, _, _) = drive(
+        store,
+        limits.fuel,
+        backstop,
+        |h| &mut h.call,
+        async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let func = instance.get_typed_func::<(), (String,)>(&mut *store, "describe")?;
+            let (text,) = func.call_async(&mut *store, ()).await?;
+            Ok(text)
+        },
+    )
+    .await
+    .map_err(|e| LoadError::Host(e.to_string()))?;
+    match ended {
+        Ok((Ok(text), _)) => Ok(text),
+        Ok((Err(e), _)) => {
             let stderr = String::from_utf8_lossy(&stderr.take().bytes).into_owned();
             Err(LoadError::Describe(format!(
                 "{e:#}{}",

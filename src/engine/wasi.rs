@@ -21,6 +21,7 @@ use wasmtime_wasi_io::IoView;
 use super::cpu_time::CpuSpent;
 use super::limiter::CallLimiter;
 use super::output::CappedPipe;
+use crate::policy::Limits;
 
 /// The guest path of the user's directory.
 pub const DATA_DIR: &str = "/data";
@@ -33,6 +34,18 @@ pub(crate) struct CallState {
     pub deadline: Instant,
     pub cpu_budget: Duration,
     pub cpu_spent: CpuSpent,
+}
+
+impl CallState {
+    /// A fresh state for one call under `limits`; its wall-clock deadline starts now.
+    pub(crate) fn new(limits: &Limits) -> Self {
+        Self {
+            limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements),
+            deadline: Instant::now() + limits.wall_time,
+            cpu_budget: limits.cpu_time,
+            cpu_spent: CpuSpent::default(),
+        }
+    }
 }
 
 /// Store data of a component call (SDK tools and WASI commands).
