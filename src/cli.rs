@@ -10,15 +10,20 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::api::ServerSettings;
 use crate::data_dir::DataDir;
 use crate::engine::{Engine, EngineConfig};
 use crate::policy::{Policy, PolicyFile, UserId};
 use crate::report::Status;
 use crate::runner::{Sandbox, ToolCall};
+use crate::store::Store;
 
 #[derive(Debug, Parser)]
 #[command(name = "imagentx-sandbox", version, about = "Runs AI agents' tool calls in a sandbox")]
 pub struct Cli {
+    /// Log format on stderr: `text` or `json` (one object per line).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -29,6 +34,85 @@ pub enum Command {
     Run(RunArgs),
     /// Print what a tool says about itself: name, version, description, input schema.
     Describe(DescribeArgs),
+    /// Serve the HTTP tool-execution API.
+    Serve(ServeArgs),
+    /// Manage users and their API keys.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Check the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file: `[server]` settings, tiers, limits, env.
+    #[arg(long, env = "IMAGENTX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long, env = "IMAGENTX_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Where the database, modules, artifacts and users' files live (default ./sandbox-data).
+    #[arg(long, env = "IMAGENTX_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Where a command finds the service's state.
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    #[arg(long, env = "IMAGENTX_DATA_DIR", default_value = "./sandbox-data")]
+    pub data_dir: PathBuf,
+    /// The config file the server uses (to know its tiers).
+    #[arg(long, env = "IMAGENTX_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user and print their first API key (shown only this once).
+    Add {
+        name: String,
+        #[arg(long, default_value = "standard")]
+        tier: String,
+        /// May register and retire tools and read the audit trail.
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List users.
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Move a user to another tier.
+    SetTier {
+        name: String,
+        tier: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Revoke every API key of a user.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Make another API key for a user.
+    Key {
+        name: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the audit trail's hash chain; exit 1 if it is broken.
+    Verify {
+        #[command(flatten)]
+        state: StateArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +172,9 @@ pub fn main(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Describe(args) => describe(args).await,
+            Command::Serve(args) => serve(args).await,
+            Command::User(command) => user(command).await,
+            Command::Audit(AuditCommand::Verify { state }) => audit_verify(&state),
         }
     });
     match result {
@@ -156,4 +243,97 @@ async fn describe(args: DescribeArgs) -> Result<ExitCode, UsageError> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, UsageError> {
+    let mut settings = ServerSettings::default();
+    let policy = match &args.config {
+        None => Policy::default(),
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?;
+            let mut file = PolicyFile::parse(&text)?;
+            settings = toml::Value::Table(file.take_server())
+                .try_into()
+                .map_err(|e| UsageError(format!("{}: [server]: {e}", path.display())))?;
+            file.apply(Policy::default())?
+        }
+    };
+    if let Some(listen) = args.listen {
+        settings.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        settings.data_dir = dir;
+    }
+    match crate::api::serve(policy, settings).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!(error = %e, "the server could not run");
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn open_store(state: &StateArgs) -> Result<(Store, Policy), UsageError> {
+    let policy = load_policy(state.config.as_deref())?;
+    std::fs::create_dir_all(&state.data_dir)
+        .map_err(|e| UsageError(format!("creating {}: {e}", state.data_dir.display())))?;
+    let store = Store::open(&state.data_dir.join("sandbox.db"))?;
+    Ok((store, policy))
+}
+
+/// Who the audit trail says made a change from the command line.
+const CLI_ACTOR: &str = "cli";
+
+async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
+    match command {
+        UserCommand::Add { name, tier, admin, state } => {
+            let (store, policy) = open_store(&state)?;
+            policy.tier(&tier)?;
+            let key = store.add_user(UserId::new(&name)?, tier.clone(), admin, CLI_ACTOR.into()).await?;
+            eprintln!(
+                "added user `{}` (tier {tier}{}); their API key, shown only now:",
+                key.user,
+                if admin { ", admin" } else { "" }
+            );
+            println!("{}", key.key);
+        }
+        UserCommand::List { state } => {
+            let (store, _) = open_store(&state)?;
+            println!("{:<24} {:<10} {:<6} {:<5} created", "user", "tier", "admin", "keys");
+            for u in store.list_users()? {
+                println!("{:<24} {:<10} {:<6} {:<5} {}", u.id, u.tier, u.admin, u.active_keys, u.created_at);
+            }
+        }
+        UserCommand::SetTier { name, tier, state } => {
+            let (store, policy) = open_store(&state)?;
+            policy.tier(&tier)?;
+            store.set_tier(UserId::new(&name)?, tier.clone(), CLI_ACTOR.into()).await?;
+            eprintln!("user `{name}` is now in tier {tier}");
+        }
+        UserCommand::Revoke { name, state } => {
+            let (store, _) = open_store(&state)?;
+            let n = store.revoke_keys(UserId::new(&name)?, CLI_ACTOR.into()).await?;
+            eprintln!("revoked {n} key(s) of user `{name}`");
+        }
+        UserCommand::Key { name, state } => {
+            let (store, _) = open_store(&state)?;
+            let key = store.issue_key(UserId::new(&name)?, CLI_ACTOR.into()).await?;
+            eprintln!("new API key for user `{}`, shown only now:", key.user);
+            println!("{}", key.key);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
+    let path = state.data_dir.join("sandbox.db");
+    if !path.exists() {
+        return Err(UsageError(format!("no database at {}", path.display())));
+    }
+    let (store, _) = open_store(state)?;
+    let verification = store.read(crate::audit::verify)?;
+    println!("{}", serde_json::to_string_pretty(&verification)?);
+    Ok(if verification.first_broken.is_none() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -86,6 +86,14 @@ impl DataDir {
         }
     }
 
+    /// Removes every scratch directory: left by an earlier process that was
+    /// killed mid-call. Only for a server starting on its own data directory.
+    /// Answers how many were removed.
+    pub fn sweep_scratch(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.root.join("scratch")) else { return 0 };
+        entries.filter_map(Result::ok).filter(|e| std::fs::remove_dir_all(e.path()).is_ok()).count()
+    }
+
     /// An empty scratch directory for one call: a spare one, or a new one.
     /// Dropping it removes it; [`Scratch::recycle`] keeps it for another call.
     ///

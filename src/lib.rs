@@ -17,9 +17,13 @@
 //! The HTTP service (issue 3) and the native jailer (issue 4) come next; see
 //! DESIGN.md for the whole shape.
 
+pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod data_dir;
 pub mod engine;
 pub mod policy;
 pub mod report;
 pub mod runner;
+pub mod store;
+pub mod userfs;

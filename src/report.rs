@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// How a call ended. Exactly one per report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Ok,
@@ -50,7 +50,7 @@ impl std::fmt::Display for Status {
 }
 
 /// Which runtime ran the call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Runtime {
     Wasm,
@@ -58,7 +58,7 @@ pub enum Runtime {
 }
 
 /// Which outputs went over their cap and lost bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Truncated {
     pub stdout: bool,
     pub stderr: bool,
@@ -67,7 +67,7 @@ pub struct Truncated {
 
 /// Resources the call used. A figure the runtime cannot measure is `None`
 /// (JSON `null`), never an estimate.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Usage {
     pub wall_ms: f64,
     pub cpu_ms: Option<f64>,
@@ -78,7 +78,7 @@ pub struct Usage {
 }
 
 /// The answer to one tool call.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ExecutionReport {
     pub id: String,
     pub tool: String,

@@ -56,6 +56,11 @@ impl Tool {
         self.info.kind
     }
 
+    /// Gives the tool the name it is registered under (reports carry it).
+    pub fn rename(&mut self, name: &str) {
+        name.clone_into(&mut self.info.name);
+    }
+
     /// Whether the compiled code came from the on-disk artifact cache.
     pub fn loaded_from_cache(&self) -> bool {
         self.from_cache

@@ -17,6 +17,11 @@
 //! nofile_hard = 2048
 //! tmp_bytes = 104857600
 //! concurrent_calls = 50
+//! requests_per_second = 500       # optional (default 100)
+//! data_quota_bytes = 10737418240  # optional (default 1 GiB)
+//!
+//! [server]              # settings of `serve` (see api::ServerSettings)
+//! listen = "127.0.0.1:8080"
 //!
 //! [env]                 # the environment every tool sees
 //! LANG = "C.UTF-8"
@@ -50,6 +55,9 @@ pub struct PolicyFile {
     tiers: BTreeMap<String, toml::Table>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// The `[server]` table: read by `serve`, not part of the policy.
+    #[serde(default)]
+    server: toml::Table,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +80,11 @@ impl PolicyFile {
     /// [`ConfigError::Parse`] with the line and the key that is wrong.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         Ok(toml::from_str(text)?)
+    }
+
+    /// Takes the `[server]` table out (settings of `serve`, checked there).
+    pub fn take_server(&mut self) -> toml::Table {
+        std::mem::take(&mut self.server)
     }
 
     /// The built-in policy with this file's overrides applied.
@@ -123,8 +136,8 @@ fn check_tier(name: &str, tier: &Tier) -> Result<(), ConfigError> {
     if !(tier.cpu.is_finite() && tier.cpu > 0.0) {
         return bad("cpu must be a positive number of cores");
     }
-    if tier.memory_bytes == 0 || tier.pids == 0 || tier.concurrent_calls == 0 {
-        return bad("memory_bytes, pids and concurrent_calls must be positive");
+    if tier.memory_bytes == 0 || tier.pids == 0 || tier.concurrent_calls == 0 || tier.requests_per_second == 0 {
+        return bad("memory_bytes, pids, concurrent_calls and requests_per_second must be positive");
     }
     if tier.nofile_soft > tier.nofile_hard {
         return bad("nofile_soft must not exceed nofile_hard");

@@ -19,6 +19,20 @@ pub struct Tier {
     pub tmp_bytes: u64,
     /// Calls one user of this tier may have in flight.
     pub concurrent_calls: u32,
+    /// Sustained API requests per second per user (the burst allowed is twice this).
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: u32,
+    /// Cap on the bytes in a user's data directory (`/data`).
+    #[serde(default = "default_data_quota_bytes")]
+    pub data_quota_bytes: u64,
+}
+
+fn default_requests_per_second() -> u32 {
+    100
+}
+
+fn default_data_quota_bytes() -> u64 {
+    1024 * MIB
 }
 
 const MIB: u64 = 1 << 20;
@@ -26,7 +40,7 @@ const MIB: u64 = 1 << 20;
 impl Tier {
     /// DESIGN.md's three tiers.
     pub fn defaults() -> BTreeMap<String, Tier> {
-        let tier = |memory_bytes, cpu, pids, concurrent_calls| Tier {
+        let tier = |memory_bytes, cpu, pids, concurrent_calls, requests_per_second, data_quota_bytes| Tier {
             memory_bytes,
             cpu,
             pids,
@@ -34,11 +48,13 @@ impl Tier {
             nofile_hard: 2048,
             tmp_bytes: 100 * MIB,
             concurrent_calls,
+            requests_per_second,
+            data_quota_bytes,
         };
         BTreeMap::from([
-            ("free".to_owned(), tier(256 * MIB, 0.25, 25, 2)),
-            ("standard".to_owned(), tier(512 * MIB, 0.5, 50, 5)),
-            ("premium".to_owned(), tier(1024 * MIB, 1.0, 100, 20)),
+            ("free".to_owned(), tier(256 * MIB, 0.25, 25, 2, 20, 100 * MIB)),
+            ("standard".to_owned(), tier(512 * MIB, 0.5, 50, 5, 100, 1024 * MIB)),
+            ("premium".to_owned(), tier(1024 * MIB, 1.0, 100, 20, 1000, 10 * 1024 * MIB)),
         ])
     }
 }

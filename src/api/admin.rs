@@ -1,0 +1,157 @@
+//! Health, metrics, the caller's own account, and the audit trail.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::auth::{Admin, Authed};
+use super::{ApiError, AppState};
+use crate::audit::{self, Kind, Record};
+use crate::userfs::UserFs;
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Health {
+    pub status: &'static str,
+}
+
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
+    if state.draining.load(Ordering::Acquire) {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "the server is shutting down"));
+    }
+    state
+        .store
+        .read(|conn| Ok(conn.query_row("SELECT count(*) FROM tools", [], |r| r.get::<_, i64>(0))?))
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string()))?;
+    Ok(Json(Health { status: "ready" }))
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap());
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
+}
+
+/// The caller's account as the server sees it.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Me {
+    pub user: String,
+    pub tier: String,
+    pub admin: bool,
+    pub memory_bytes: Option<u64>,
+    pub cpu: Option<f64>,
+    pub concurrent_calls: Option<u32>,
+    pub requests_per_second: Option<u32>,
+    pub data_quota_bytes: Option<u64>,
+    pub data_used_bytes: u64,
+}
+
+pub async fn me(State(state): State<Arc<AppState>>, Authed(caller): Authed) -> Result<Json<Me>, ApiError> {
+    let dir =
+        state.sandbox.data_dir.user_dir(&caller.user).map_err(|e| ApiError::internal("the data directory", &e))?;
+    let used = tokio::task::spawn_blocking(move || UserFs::open(&dir)?.usage())
+        .await
+        .map_err(|e| ApiError::internal("measuring usage", &e))??;
+    let tier = state.sandbox.policy.tiers.get(&caller.tier);
+    Ok(Json(Me {
+        user: caller.user.to_string(),
+        tier: caller.tier.clone(),
+        admin: caller.admin,
+        memory_bytes: tier.map(|t| t.memory_bytes),
+        cpu: tier.map(|t| t.cpu),
+        concurrent_calls: tier.map(|t| t.concurrent_calls),
+        requests_per_second: tier.map(|t| t.requests_per_second),
+        data_quota_bytes: tier.map(|t| t.data_quota_bytes),
+        data_used_bytes: used,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    user: Option<String>,
+    tool: Option<String>,
+    kind: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    before: Option<i64>,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct AuditPage {
+    pub records: Vec<Record>,
+    /// Pass as `?before=` for older records; `null` on the last page.
+    pub next_before: Option<i64>,
+}
+
+fn check_time(t: &Option<String>) -> Result<(), ApiError> {
+    match t {
+        Some(t) if humantime::parse_rfc3339_weak(t).is_err() => {
+            Err(ApiError::bad_request("bad_query", format!("`{t}` is not an RFC 3339 time")))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn query_audit(state: &AppState, q: audit::Query) -> Result<Json<AuditPage>, ApiError> {
+    let limit = q.limit;
+    let records = state.store.read(|conn| audit::query(conn, &q))?;
+    let next_before = if records.len() == limit as usize { records.last().map(|r| r.seq) } else { None };
+    Ok(Json(AuditPage { records, next_before }))
+}
+
+pub async fn audit(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let kind = match &q.kind {
+        None => None,
+        Some(k) => Some(Kind::parse(k).ok_or_else(|| {
+            let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+            ApiError::bad_request("bad_query", format!("unknown kind `{k}` (known: {})", known.join(", ")))
+        })?),
+    };
+    check_time(&q.since)?;
+    check_time(&q.until)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("bad_query", "limit must be between 1 and 1000"));
+    }
+    let q = audit::Query { user: q.user, tool: q.tool, kind, since: q.since, until: q.until, before: q.before, limit };
+    query_audit(&state, q).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertQuery {
+    limit: Option<u32>,
+}
+
+pub async fn alerts(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    query: Result<Query<AlertQuery>, QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    query_audit(&state, audit::Query { kind: Some(Kind::Alert), limit, ..audit::Query::default() }).await
+}
+
+pub async fn no_route() -> ApiError {
+    ApiError::not_found("no_route", "no such route; see GET /openapi.json")
+}
+
+pub async fn no_method() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+}

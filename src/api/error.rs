@@ -1,0 +1,95 @@
+//! The one error type of the HTTP API. Every failure answers
+//! `{"error": {"code", "message"}}` with a status that says whose fault it is:
+//! 4xx for the client's mistakes, 5xx only for the server's own.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::store::StoreError;
+use crate::userfs::FsError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Seconds, for 429 answers.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn too_many(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        Self { retry_after: Some(retry_after.max(1)), ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message) }
+    }
+
+    /// The server's own failure: logged in full, answered in general terms.
+    pub fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "{what}");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", format!("{what} failed; see the server log"))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => Self::not_found("not_found", m),
+            StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            e => Self::internal("database", &e),
+        }
+    }
+}
+
+impl From<FsError> for ApiError {
+    fn from(e: FsError) -> Self {
+        match e {
+            FsError::BadPath(_) | FsError::Symlink => Self::bad_request("bad_path", e.to_string()),
+            FsError::NotFound => Self::not_found("not_found", "no such file or directory"),
+            FsError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            FsError::QuotaExceeded(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", m),
+            FsError::Io(m) => Self::internal("file system", &m),
+        }
+    }
+}
+
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(e: axum::extract::rejection::BytesRejection) -> Self {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
+        Self::new(status, code, e.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Parses a JSON request body into `T`, answering 400 with serde's message.
+///
+/// # Errors
+///
+/// [`ApiError`] 400 `bad_json`.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request("bad_json", format!("request body: {e}")))
+}

@@ -1,0 +1,106 @@
+//! `GET|PUT|DELETE /v1/files/{path}`: the caller's own data directory, the
+//! one their tools see as `/data`. All file-system work is in [`crate::userfs`].
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use super::auth::Authed;
+use super::{ApiError, AppState};
+use crate::audit::{AuditEvent, Kind};
+use crate::store::Caller;
+use crate::userfs::{DirEntry, Node, UserFs, read_all};
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Listing {
+    pub path: String,
+    pub entries: Vec<DirEntry>,
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Written {
+    pub path: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Deleted {
+    pub path: String,
+}
+
+/// Runs `f` on the caller's directory on a blocking thread.
+async fn with_fs<T: Send + 'static>(
+    state: &AppState,
+    caller: &Caller,
+    f: impl FnOnce(&UserFs) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let dir =
+        state.sandbox.data_dir.user_dir(&caller.user).map_err(|e| ApiError::internal("the data directory", &e))?;
+    tokio::task::spawn_blocking(move || f(&UserFs::open(&dir)?))
+        .await
+        .map_err(|e| ApiError::internal("the file operation", &e))?
+}
+
+pub async fn list_root(state: State<Arc<AppState>>, caller: Authed) -> Result<Response, ApiError> {
+    get(state, caller, Path(String::new())).await
+}
+
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Authed(caller): Authed,
+    Path(path): Path<String>,
+) -> Result<Response, ApiError> {
+    let shown = path.clone();
+    with_fs(&state, &caller, move |fs| match fs.get(&path)? {
+        Node::Dir(entries) => Ok(Json(Listing { path: shown, entries }).into_response()),
+        Node::File { file, size } => {
+            let bytes = read_all(file, size).map_err(|e| ApiError::internal("reading the file", &e))?;
+            let content_type = HeaderValue::from_static("application/octet-stream");
+            Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+        }
+    })
+    .await
+}
+
+pub async fn put(
+    State(state): State<Arc<AppState>>,
+    Authed(caller): Authed,
+    Path(path): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Written>, ApiError> {
+    let body = body?;
+    let quota = state.sandbox.policy.tiers.get(&caller.tier).map(|t| t.data_quota_bytes).unwrap_or(0);
+    let target = path.clone();
+    let written = with_fs(&state, &caller, move |fs| Ok(fs.put(&target, &body, quota)?)).await;
+    let user = caller.user.as_str();
+    let (outcome, detail) = match &written {
+        Ok(bytes) => ("ok", serde_json::json!({"path": path, "bytes": bytes})),
+        Err(e) => ("denied", serde_json::json!({"path": path, "reason": e.message})),
+    };
+    let event = AuditEvent::new(Kind::FileWritten, outcome).actor(user).user(user).detail(detail);
+    state.store.audit(vec![event]).await?;
+    Ok(Json(Written { path, bytes: written? }))
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Authed(caller): Authed,
+    Path(path): Path<String>,
+) -> Result<Json<Deleted>, ApiError> {
+    let target = path.clone();
+    let deleted = with_fs(&state, &caller, move |fs| Ok(fs.delete(&target)?)).await;
+    let user = caller.user.as_str();
+    let (outcome, detail) = match &deleted {
+        Ok(()) => ("ok", serde_json::json!({"path": path})),
+        Err(e) => ("denied", serde_json::json!({"path": path, "reason": e.message})),
+    };
+    let event = AuditEvent::new(Kind::FileDeleted, outcome).actor(user).user(user).detail(detail);
+    state.store.audit(vec![event]).await?;
+    deleted?;
+    Ok(Json(Deleted { path }))
+}

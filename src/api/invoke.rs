@@ -1,0 +1,285 @@
+//! `POST /v1/tools/{name}/invoke` and the caller's executions.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::admission::Denial;
+use super::auth::{Authed, record};
+use super::error::parse_json;
+use super::{ApiError, AppState};
+use crate::audit::{AuditEvent, Kind};
+use crate::policy::Tier;
+use crate::report::{ExecutionReport, Status};
+use crate::runner::ToolCall;
+use crate::store::{Caller, ExecutionPage};
+
+/// The body of an invoke request; every field optional.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeRequest {
+    /// The tool's input document (default `null`).
+    #[serde(default)]
+    pub input: serde_json::Value,
+    /// Arguments (`argv[1..]`) for command-style tools.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Wall-clock budget in milliseconds (default and maximum from the policy).
+    pub timeout_ms: Option<u64>,
+    /// A registered version (default: the newest).
+    pub version: Option<u32>,
+}
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Answers a 429 for `denial`, counting and recording it.
+pub(super) async fn denied(state: &AppState, caller: &Caller, tool: Option<&str>, denial: Denial) -> ApiError {
+    state.metrics.rejection(denial.reason);
+    let mut event = AuditEvent::new(Kind::Denied, "too_many_requests")
+        .actor(caller.user.as_str())
+        .user(caller.user.as_str())
+        .detail(serde_json::json!({"reason": denial.reason, "tier": caller.tier}));
+    if let Some(tool) = tool {
+        event = event.tool(tool);
+    }
+    record(state, event).await;
+    ApiError::too_many(denial.reason, denial.message, denial.retry_after)
+}
+
+fn tier<'a>(state: &'a AppState, caller: &Caller) -> Result<&'a Tier, ApiError> {
+    state.sandbox.policy.tier(&caller.tier).map_err(|e| {
+        ApiError::new(StatusCode::FORBIDDEN, "unknown_tier", format!("your account's tier is not configured: {e}"))
+    })
+}
+
+pub async fn invoke(
+    State(state): State<Arc<AppState>>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = body?;
+    let request: InvokeRequest =
+        if body.iter().all(u8::is_ascii_whitespace) { InvokeRequest::default() } else { parse_json(&body)? };
+    let tier = tier(&state, &caller)?;
+    let timeout = request.timeout_ms.map(Duration::from_millis);
+    state
+        .sandbox
+        .policy
+        .resolve(&caller.tier, timeout)
+        .map_err(|e| ApiError::bad_request("bad_timeout", e.to_string()))?;
+    let Some(registered) = state.registry.get(&name, request.version) else {
+        return Err(match request.version {
+            Some(v) if state.registry.get(&name, None).is_some() => {
+                ApiError::not_found("unknown_version", format!("tool `{name}` has no active version {v}"))
+            }
+            _ => ApiError::not_found("unknown_tool", format!("no tool `{name}`")),
+        });
+    };
+
+    let idempotency = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(v) => {
+            let key = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY).ok_or_else(|| {
+                ApiError::bad_request(
+                    "bad_idempotency_key",
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                )
+            })?;
+            let mut h = Sha256::new();
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(&body);
+            Some((key.to_owned(), hex::encode(h.finalize())))
+        }
+    };
+    let _key_guard = match &idempotency {
+        None => None,
+        Some((key, request_hash)) => {
+            if let Some(hit) = state.store.idempotent(caller.user.as_str(), key)? {
+                if hit.request_hash.as_deref() != Some(request_hash) {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used for a different request",
+                    ));
+                }
+                let mut response = stored_report(hit.report);
+                response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+            Some(KeyGuard::take(&state, caller.user.as_str(), key)?)
+        }
+    };
+
+    let permit = match state.admission.admit(caller.user.as_str(), tier.concurrent_calls) {
+        Ok(permit) => permit,
+        Err(denial) => return Err(denied(&state, &caller, Some(&name), denial).await),
+    };
+    let input = serde_json::to_vec(&request.input).map_err(|e| ApiError::internal("encoding the input", &e))?;
+    let call = ToolCall { user: caller.user.clone(), tier: caller.tier.clone(), input, args: request.args, timeout };
+    // The call runs in its own task: a client that hangs up does not cancel
+    // it half-way, and its execution is still recorded.
+    let task_state = state.clone();
+    let task = tokio::spawn(async move {
+        let _permit = permit;
+        let report = task_state.sandbox.run(Ok(&registered.tool), &call).await;
+        let events = audit_events(&task_state, &caller, &report, registered.row.version, &call);
+        let stored =
+            task_state.store.record_execution(&report, Some(registered.row.version), idempotency, events).await;
+        task_state.metrics.call(&report, arrived.elapsed().as_secs_f64());
+        stored.map(|()| report)
+    });
+    let report = task.await.map_err(|e| ApiError::internal("the call's task", &e))??;
+    Ok(Json(report).into_response())
+}
+
+/// Marks an idempotency key as running; a second request with it while the
+/// first runs gets 409 rather than a second run.
+struct KeyGuard {
+    state: Arc<AppState>,
+    key: (String, String),
+}
+
+impl KeyGuard {
+    fn take(state: &Arc<AppState>, user: &str, key: &str) -> Result<Self, ApiError> {
+        let key = (user.to_owned(), key.to_owned());
+        let mut running = state.running_keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !running.insert(key.clone()) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_use",
+                "a call with this Idempotency-Key is still running; retry when it has finished",
+            ));
+        }
+        Ok(Self { state: state.clone(), key })
+    }
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        self.state.running_keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.key);
+    }
+}
+
+/// The execution record, a limit-breach record when a limit stopped the call,
+/// and alert records for the specification's thresholds.
+fn audit_events(
+    state: &AppState,
+    caller: &Caller,
+    report: &ExecutionReport,
+    version: u32,
+    call: &ToolCall,
+) -> Vec<AuditEvent> {
+    let user = caller.user.as_str();
+    let mut detail = serde_json::json!({
+        "execution": report.id,
+        "version": version,
+        "sha256": report.tool_sha256,
+        "tier": report.tier,
+        "usage": report.usage,
+        "started_at": report.started_at,
+        "finished_at": report.finished_at,
+    });
+    if state.settings.audit_payloads {
+        detail["input"] = serde_json::from_slice(&call.input).unwrap_or(serde_json::Value::Null);
+        detail["output"] = report.output.clone().unwrap_or(serde_json::Value::Null);
+    }
+    let base = |kind, outcome: &str| AuditEvent::new(kind, outcome).actor(user).user(user).tool(report.tool.clone());
+    let mut events = vec![base(Kind::Execution, report.status.as_str()).detail(detail)];
+    if matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit) {
+        events.push(base(Kind::LimitBreach, report.status.as_str()).detail(serde_json::json!({
+            "execution": report.id,
+            "limit": report.status,
+            "error": report.error,
+        })));
+    }
+    for (rule, value, threshold) in alerts(state, report, call) {
+        state.metrics.alert(rule);
+        tracing::warn!(rule, value, threshold, user, tool = %report.tool, execution = %report.id, "alert");
+        events.push(base(Kind::Alert, rule).detail(serde_json::json!({
+            "rule": rule,
+            "execution": report.id,
+            "value": value,
+            "threshold": threshold,
+        })));
+    }
+    events
+}
+
+/// The specification's alert rules that `report` trips: (rule, value, threshold).
+fn alerts(state: &AppState, report: &ExecutionReport, call: &ToolCall) -> Vec<(&'static str, f64, f64)> {
+    let mut fired = Vec::new();
+    let Ok(limits) = state.sandbox.policy.resolve(&call.tier, call.timeout) else { return fired };
+    if let Some(peak) = report.usage.peak_memory_bytes {
+        let threshold = 0.8 * limits.memory_bytes as f64;
+        if peak as f64 > threshold {
+            fired.push(("memory_over_80_percent", peak as f64, threshold));
+        }
+    }
+    if let Some(cpu_ms) = report.usage.cpu_ms {
+        let threshold = 0.9 * limits.cpu_time.as_secs_f64() * 1e3;
+        if cpu_ms > threshold {
+            fired.push(("cpu_over_90_percent", cpu_ms, threshold));
+        }
+    }
+    if let Some(processes) = report.usage.peak_processes
+        && processes > 40
+    {
+        fired.push(("processes_over_40", f64::from(processes), 40.0));
+    }
+    if let Some(written) = report.usage.bytes_written
+        && written > 1 << 30
+    {
+        fired.push(("writes_over_1_gib", written as f64, (1u64 << 30) as f64));
+    }
+    fired
+}
+
+fn stored_report(json: String) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Authed(caller): Authed,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ExecutionPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request("bad_query", "limit must be between 1 and 500"));
+    }
+    Ok(Json(state.store.executions(caller.user.as_str(), limit, q.before)?))
+}
+
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    Authed(caller): Authed,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    // Another user's execution is answered exactly like one that does not exist.
+    let owner = if caller.admin { None } else { Some(caller.user.as_str()) };
+    match state.store.execution(&id, owner)? {
+        Some(json) => Ok(stored_report(json)),
+        None => Err(ApiError::not_found("unknown_execution", format!("no execution `{id}`"))),
+    }
+}

@@ -1,0 +1,162 @@
+//! Counters and histograms for `GET /metrics`, in the Prometheus text format.
+//! Kept by hand: a handful of families, a lock each, no registry crate.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use crate::report::ExecutionReport;
+
+/// A histogram with fixed upper bounds.
+struct Histogram {
+    bounds: &'static [f64],
+    state: Mutex<(Vec<u64>, f64, u64)>,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, state: Mutex::new((vec![0; bounds.len()], 0.0, 0)) }
+    }
+
+    fn observe(&self, v: f64) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            s.0[i] += 1;
+        }
+        s.1 += v;
+        s.2 += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in self.bounds.iter().zip(&s.0) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", s.2, s.1, s.2);
+    }
+}
+
+/// Counters keyed by label values.
+struct Family<const N: usize> {
+    labels: [&'static str; N],
+    values: Mutex<BTreeMap<[String; N], u64>>,
+}
+
+impl<const N: usize> Family<N> {
+    fn new(labels: [&'static str; N]) -> Self {
+        Self { labels, values: Mutex::default() }
+    }
+
+    fn inc(&self, values: [&str; N]) {
+        let key = values.map(escape);
+        *self.values.lock().unwrap_or_else(PoisonError::into_inner).entry(key).or_default() += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (values, n) in self.values.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            let labels: Vec<String> = self.labels.iter().zip(values).map(|(l, v)| format!("{l}=\"{v}\"")).collect();
+            let _ = writeln!(out, "{name}{{{}}} {n}", labels.join(","));
+        }
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+const LATENCY: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const FUEL: &[f64] = &[1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11];
+const MEMORY: &[f64] = &[65536.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 268435456.0, 536870912.0, 1073741824.0];
+
+pub struct Metrics {
+    calls: Family<3>,
+    rejections: Family<1>,
+    alerts: Family<1>,
+    auth_failures: AtomicU64,
+    request_seconds: Histogram,
+    wall_seconds: Histogram,
+    fuel: Histogram,
+    memory: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            calls: Family::new(["tool", "tier", "status"]),
+            rejections: Family::new(["reason"]),
+            alerts: Family::new(["rule"]),
+            auth_failures: AtomicU64::new(0),
+            request_seconds: Histogram::new(LATENCY),
+            wall_seconds: Histogram::new(LATENCY),
+            fuel: Histogram::new(FUEL),
+            memory: Histogram::new(MEMORY),
+        }
+    }
+}
+
+impl Metrics {
+    /// One finished call: its report, and how long the whole request took.
+    pub fn call(&self, report: &ExecutionReport, request_seconds: f64) {
+        self.calls.inc([&report.tool, &report.tier, report.status.as_str()]);
+        self.request_seconds.observe(request_seconds);
+        self.wall_seconds.observe(report.usage.wall_ms / 1e3);
+        if let Some(fuel) = report.usage.fuel_consumed {
+            self.fuel.observe(fuel as f64);
+        }
+        if let Some(memory) = report.usage.peak_memory_bytes {
+            self.memory.observe(memory as f64);
+        }
+    }
+
+    pub fn rejection(&self, reason: &str) {
+        self.rejections.inc([reason]);
+    }
+
+    pub fn alert(&self, rule: &str) {
+        self.alerts.inc([rule]);
+    }
+
+    pub fn auth_failure(&self) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The text exposition, with the gauges read now.
+    pub fn render(&self, active_calls: u32, pool_capacity: u32) -> String {
+        let mut out = String::with_capacity(8192);
+        self.calls.render(&mut out, "imagentx_calls_total", "Tool calls finished, by tool, tier and status.");
+        self.request_seconds.render(
+            &mut out,
+            "imagentx_request_duration_seconds",
+            "Invoke requests, from arrival to answer (recording included).",
+        );
+        self.wall_seconds.render(&mut out, "imagentx_call_wall_seconds", "Wall time of tool calls in the sandbox.");
+        self.fuel.render(&mut out, "imagentx_call_fuel", "Fuel consumed by WASM tool calls.");
+        self.memory.render(&mut out, "imagentx_call_peak_memory_bytes", "Peak linear memory of WASM tool calls.");
+        self.rejections.render(&mut out, "imagentx_admission_rejections_total", "Requests turned away with 429.");
+        self.alerts.render(&mut out, "imagentx_alerts_total", "Alert rules fired, by rule.");
+        let _ = writeln!(
+            out,
+            "# HELP imagentx_auth_failures_total Requests with no key or a bad key.\n\
+             # TYPE imagentx_auth_failures_total counter\nimagentx_auth_failures_total {}",
+            self.auth_failures.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP imagentx_active_calls Tool calls running now.\n# TYPE imagentx_active_calls gauge\n\
+             imagentx_active_calls {active_calls}\n\
+             # HELP imagentx_pool_capacity Calls the instance pool admits at once.\n\
+             # TYPE imagentx_pool_capacity gauge\nimagentx_pool_capacity {pool_capacity}\n\
+             # HELP imagentx_pool_occupancy Share of the instance pool in use.\n\
+             # TYPE imagentx_pool_occupancy gauge\nimagentx_pool_occupancy {}",
+            f64::from(active_calls) / f64::from(pool_capacity.max(1))
+        );
+        out
+    }
+}

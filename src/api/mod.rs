@@ -1,0 +1,462 @@
+//! The HTTP tool-execution service (`imagentx-sandbox serve`).
+//!
+//! ```text
+//! request ─> auth (Bearer key → Caller, rate bucket) ─> handler ─> admission (caps)
+//!        ─> runner (Sandbox::run) ─> store (execution + audit, group commit) ─> report
+//! ```
+//!
+//! Every route is declared once, in [`routes`]: the router and the OpenAPI
+//! document are both built from that table, so neither can miss a route.
+
+mod admin;
+mod admission;
+mod auth;
+mod error;
+mod files;
+mod invoke;
+mod metrics;
+mod openapi;
+mod registry;
+mod tools;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{MethodRouter, delete, get, post, put};
+use serde::Deserialize;
+
+pub use admission::{Admission, Denial};
+pub use error::ApiError;
+pub use metrics::Metrics;
+pub use openapi::document as openapi_document;
+pub use registry::{Registered, Registry};
+
+use crate::data_dir::DataDir;
+use crate::engine::{Engine, EngineConfig};
+use crate::policy::Policy;
+use crate::runner::Sandbox;
+use crate::store::Store;
+
+/// Settings of `serve`: the config file's `[server]` table, then the
+/// command line and environment over it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Instances the engine's pool holds; also the global cap on calls in flight.
+    pub max_instances: u32,
+    /// Largest file accepted by `PUT /v1/files/...`.
+    pub max_file_bytes: usize,
+    /// How long a shutdown waits for calls in flight.
+    pub shutdown_grace_ms: u64,
+    /// Write tools' inputs and outputs into the audit trail too (off: they stay
+    /// only in the caller's execution records).
+    pub audit_payloads: bool,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./sandbox-data"),
+            max_instances: 1000,
+            max_file_bytes: 64 << 20,
+            shutdown_grace_ms: 30_000,
+            audit_payloads: false,
+        }
+    }
+}
+
+/// Everything a request may need.
+pub struct AppState {
+    pub sandbox: Sandbox,
+    pub store: Store,
+    pub registry: Registry,
+    pub admission: Arc<Admission>,
+    pub metrics: Metrics,
+    pub settings: ServerSettings,
+    pub blobs: PathBuf,
+    /// Idempotency keys of calls still running, as `(user, key)`.
+    pub(crate) running_keys: Mutex<HashSet<(String, String)>>,
+    pub(crate) draining: AtomicBool,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory: {0}")]
+    DataDir(#[from] crate::data_dir::DataDirError),
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AppState {
+    /// Opens the data directory, the database and the engine, and loads every
+    /// registered tool (from cached artifacts when they are there).
+    ///
+    /// # Errors
+    ///
+    /// [`StartError`] naming what could not be opened.
+    pub async fn open(policy: Policy, settings: ServerSettings) -> Result<Arc<Self>, StartError> {
+        let data_dir = DataDir::open(&settings.data_dir)?;
+        let swept = data_dir.sweep_scratch();
+        if swept > 0 {
+            tracing::info!(directories = swept, "removed scratch directories left by an earlier run");
+        }
+        let blobs = settings.data_dir.join("blobs");
+        std::fs::create_dir_all(&blobs)?;
+        let store = Store::open(&settings.data_dir.join("sandbox.db"))?;
+        let max_memory = policy.tiers.values().map(|t| t.memory_bytes).max().unwrap_or(1 << 30);
+        let mut config = EngineConfig::new(data_dir.cache_dir(), max_memory);
+        config.max_instances = settings.max_instances;
+        let engine = Engine::new(&config)?;
+        let state = Arc::new(Self {
+            sandbox: Sandbox { policy, engine, data_dir },
+            store,
+            registry: Registry::default(),
+            admission: Admission::new(settings.max_instances),
+            metrics: Metrics::default(),
+            blobs,
+            settings,
+            running_keys: Mutex::default(),
+            draining: AtomicBool::new(false),
+        });
+        let loaded = state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
+        tracing::info!(tools = loaded, "registered tools loaded");
+        Ok(state)
+    }
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    User,
+    Admin,
+}
+
+/// A request or response body, for the OpenAPI document.
+#[derive(Clone, Copy)]
+pub enum Body {
+    None,
+    Json(fn(&mut schemars::SchemaGenerator) -> schemars::Schema),
+    Raw(&'static str),
+}
+
+/// One route: what the router serves and what the OpenAPI document says.
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub access: Access,
+    /// Query parameters: name and description.
+    pub query: &'static [(&'static str, &'static str)],
+    pub request: Body,
+    pub response: Body,
+    pub handler: MethodRouter<Arc<AppState>>,
+}
+
+fn json<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    g.subschema_for::<T>()
+}
+
+/// Every route of the service.
+pub fn routes(module_bytes: usize, input_bytes: usize, file_bytes: usize) -> Vec<Route> {
+    use Access::{Admin, Public, User};
+    let r = |method, path, summary, access, request, response, handler| Route {
+        method,
+        path,
+        summary,
+        access,
+        query: &[],
+        request,
+        response,
+        handler,
+    };
+    let q = |route: Route, query| Route { query, ..route };
+    vec![
+        r(
+            "get",
+            "/healthz",
+            "Liveness: the process answers.",
+            Public,
+            Body::None,
+            Body::Json(json::<admin::Health>),
+            get(admin::healthz),
+        ),
+        r(
+            "get",
+            "/readyz",
+            "Readiness: the database answers and the server is not draining.",
+            Public,
+            Body::None,
+            Body::Json(json::<admin::Health>),
+            get(admin::readyz),
+        ),
+        r("get", "/metrics", "Prometheus metrics.", Public, Body::None, Body::Raw("text/plain"), get(admin::metrics)),
+        r(
+            "get",
+            "/openapi.json",
+            "This document.",
+            Public,
+            Body::None,
+            Body::Raw("application/json"),
+            get(openapi::serve),
+        ),
+        r(
+            "get",
+            "/v1/me",
+            "The caller: user, tier, limits, data usage.",
+            User,
+            Body::None,
+            Body::Json(json::<admin::Me>),
+            get(admin::me),
+        ),
+        q(
+            r(
+                "post",
+                "/v1/tools",
+                "Register a WASM tool (the module as the body); a name registered again gets a new version.",
+                Admin,
+                Body::Raw("application/wasm"),
+                Body::Json(json::<crate::store::ToolRow>),
+                post(tools::register).layer(DefaultBodyLimit::max(module_bytes)),
+            ),
+            &[
+                ("name", "Tool name (default: from the SDK's describe)."),
+                ("description", "Description (default: from the SDK's describe)."),
+                ("input_schema", "JSON Schema of the input, as JSON (default: from the SDK's describe)."),
+            ],
+        ),
+        q(
+            r(
+                "get",
+                "/v1/tools",
+                "List tools with their input schemas.",
+                User,
+                Body::None,
+                Body::Json(json::<tools::ToolList>),
+                get(tools::list),
+            ),
+            &[("format", "`openai`: the function-calling `tools` array LLM APIs take.")],
+        ),
+        r(
+            "get",
+            "/v1/tools/{name}",
+            "A tool's active versions.",
+            User,
+            Body::None,
+            Body::Json(json::<tools::ToolVersions>),
+            get(tools::show),
+        ),
+        q(
+            r(
+                "delete",
+                "/v1/tools/{name}",
+                "Retire a tool (all versions, or one); past executions keep their records.",
+                Admin,
+                Body::None,
+                Body::Json(json::<tools::Retired>),
+                delete(tools::retire),
+            ),
+            &[("version", "Retire only this version.")],
+        ),
+        r(
+            "post",
+            "/v1/tools/{name}/invoke",
+            "Run a tool as the caller, under the caller's tier. Header `Idempotency-Key` makes a retry answer the first result.",
+            User,
+            Body::Json(json::<invoke::InvokeRequest>),
+            Body::Json(json::<crate::report::ExecutionReport>),
+            post(invoke::invoke).layer(DefaultBodyLimit::max(input_bytes.saturating_add(64 << 10))),
+        ),
+        q(
+            r(
+                "get",
+                "/v1/executions",
+                "The caller's executions, newest first.",
+                User,
+                Body::None,
+                Body::Json(json::<crate::store::ExecutionPage>),
+                get(invoke::list),
+            ),
+            &[("limit", "Page size, 1 to 500 (default 50)."), ("before", "`next_before` of the previous page.")],
+        ),
+        r(
+            "get",
+            "/v1/executions/{id}",
+            "One of the caller's executions.",
+            User,
+            Body::None,
+            Body::Json(json::<crate::report::ExecutionReport>),
+            get(invoke::show),
+        ),
+        r(
+            "get",
+            "/v1/files",
+            "List the caller's data directory (their tools' /data).",
+            User,
+            Body::None,
+            Body::Json(json::<files::Listing>),
+            get(files::list_root),
+        ),
+        r(
+            "get",
+            "/v1/files/{*path}",
+            "A file of the caller's data directory, or a directory's listing.",
+            User,
+            Body::None,
+            Body::Raw("application/octet-stream"),
+            get(files::get),
+        ),
+        r(
+            "put",
+            "/v1/files/{*path}",
+            "Write a file atomically (parents created), within the tier's data quota.",
+            User,
+            Body::Raw("application/octet-stream"),
+            Body::Json(json::<files::Written>),
+            put(files::put).layer(DefaultBodyLimit::max(file_bytes)),
+        ),
+        r(
+            "delete",
+            "/v1/files/{*path}",
+            "Delete a file, a symlink or an empty directory.",
+            User,
+            Body::None,
+            Body::Json(json::<files::Deleted>),
+            delete(files::delete),
+        ),
+        q(
+            r(
+                "get",
+                "/v1/audit",
+                "The audit trail, newest first.",
+                Admin,
+                Body::None,
+                Body::Json(json::<admin::AuditPage>),
+                get(admin::audit),
+            ),
+            &[
+                ("user", "Only records about this user."),
+                ("tool", "Only records about this tool."),
+                ("kind", "Only records of this kind."),
+                ("since", "RFC 3339: records at or after."),
+                ("until", "RFC 3339: records at or before."),
+                ("before", "Only records numbered below (paging)."),
+                ("limit", "Page size, 1 to 1000 (default 100)."),
+            ],
+        ),
+        q(
+            r(
+                "get",
+                "/v1/alerts",
+                "Recent alerts (audit records of kind `alert`).",
+                Admin,
+                Body::None,
+                Body::Json(json::<admin::AuditPage>),
+                get(admin::alerts),
+            ),
+            &[("limit", "At most this many (default 100).")],
+        ),
+    ]
+}
+
+/// The service's router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let policy = &state.sandbox.policy;
+    let mut app = Router::new();
+    for route in routes(policy.module_bytes, policy.input_bytes, state.settings.max_file_bytes) {
+        app = app.route(route.path, route.handler);
+    }
+    app.fallback(admin::no_route)
+        .method_not_allowed_fallback(admin::no_method)
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
+/// Serves until SIGINT or SIGTERM, then lets calls in flight finish for up
+/// to the grace period.
+///
+/// # Errors
+///
+/// The listener could not be bound, or the service failed to start.
+pub async fn serve(policy: Policy, settings: ServerSettings) -> Result<(), StartError> {
+    let state = AppState::open(policy, settings).await?;
+    let listener = tokio::net::TcpListener::bind(state.settings.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, data_dir = %state.settings.data_dir.display(), "serving");
+    run(listener, state, shutdown_signal()).await
+}
+
+/// Serves on `listener` until `shutdown` completes (tests pass their own).
+///
+/// # Errors
+///
+/// The server's I/O failure.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let draining_state = state.clone();
+    let graceful = async move {
+        shutdown.await;
+        draining_state.draining.store(true, Ordering::Release);
+        tracing::info!(
+            calls_in_flight = draining_state.admission.in_flight(),
+            "shutting down; finishing calls in flight"
+        );
+        let _ = stop_tx.send(true);
+    };
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(graceful);
+    let grace = Duration::from_millis(state.settings.shutdown_grace_ms);
+    let mut stop_rx = stop_rx;
+    let deadline = async move {
+        let _ = stop_rx.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        () = deadline => tracing::warn!(
+            calls_in_flight = state.admission.in_flight(),
+            "shutdown grace period over; stopping with calls still running"
+        ),
+    }
+    // Calls whose clients left still finish and are recorded, within the grace.
+    let waited = tokio::time::timeout(grace, async {
+        while state.admission.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        tracing::warn!(calls_in_flight = state.admission.in_flight(), "stopping with calls still running");
+    }
+    state.store.close();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

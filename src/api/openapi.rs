@@ -1,0 +1,87 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 document, built from the same route
+//! table as the router ([`super::routes`]) and from the types' own schemas.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Map, Value, json};
+
+use super::{Access, AppState, Body, Route};
+
+fn content(body: Body, generator: &mut schemars::SchemaGenerator) -> Option<Value> {
+    match body {
+        Body::None => None,
+        Body::Json(schema) => Some(json!({"application/json": {"schema": schema(generator)}})),
+        Body::Raw(media) => Some(json!({ media: {"schema": {"type": "string", "format": "binary"}} })),
+    }
+}
+
+/// The document for `routes`.
+pub fn document(routes: &[Route]) -> Value {
+    let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
+    let mut paths = Map::new();
+    for route in routes {
+        // axum's `{*path}` wildcard is a plain parameter in OpenAPI.
+        let path = route.path.replace("{*", "{");
+        let mut parameters: Vec<Value> = path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        parameters.extend(route.query.iter().map(|(name, description)| {
+            json!({"name": name, "in": "query", "required": false, "description": description, "schema": {"type": "string"}})
+        }));
+        let mut op = json!({
+            "summary": route.summary,
+            "operationId": format!("{}_{}", route.method, route.path.trim_matches('/').replace(['/', '{', '}', '*', '.'], "_")),
+            "parameters": parameters,
+            "responses": {
+                "200": match content(route.response, &mut generator) {
+                    Some(c) => json!({"description": "Success", "content": c}),
+                    None => json!({"description": "Success"}),
+                },
+                "4XX": {"description": "The client's mistake", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        });
+        if let Some(c) = content(route.request, &mut generator) {
+            op["requestBody"] = json!({"required": false, "content": c});
+        }
+        match route.access {
+            Access::Public => op["security"] = json!([]),
+            Access::User => {}
+            Access::Admin => op["description"] = json!("Admins only (403 for other users)."),
+        }
+        let entry = paths.entry(path).or_insert_with(|| json!({}));
+        entry[route.method] = op;
+    }
+    let mut schemas = generator.take_definitions(true);
+    schemas.insert(
+        "Error".into(),
+        json!({
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"}}}}
+        }),
+    );
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "imagentx-sandbox",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Runs AI agents' tool calls in a sandbox. Errors are {\"error\": {\"code\", \"message\"}}.",
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+    })
+}
+
+pub async fn serve(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let policy = &state.sandbox.policy;
+    Json(document(&super::routes(policy.module_bytes, policy.input_bytes, state.settings.max_file_bytes)))
+}

@@ -1,0 +1,125 @@
+//! The registered tools held loaded in memory, and their modules on disk in
+//! a content-addressed blob directory (`blobs/<sha256>.wasm`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::engine::Tool;
+use crate::runner::Sandbox;
+use crate::store::{Store, ToolRow};
+
+/// One registered version, compiled and ready.
+pub struct Registered {
+    pub row: ToolRow,
+    pub tool: Tool,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    tools: RwLock<HashMap<String, BTreeMap<u32, Arc<Registered>>>>,
+}
+
+impl Registry {
+    /// `name` at `version`, or its newest version.
+    pub fn get(&self, name: &str, version: Option<u32>) -> Option<Arc<Registered>> {
+        let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
+        let versions = tools.get(name)?;
+        match version {
+            Some(v) => versions.get(&v).cloned(),
+            None => versions.last_key_value().map(|(_, t)| t.clone()),
+        }
+    }
+
+    /// Every active version of `name`, oldest first.
+    pub fn versions(&self, name: &str) -> Vec<Arc<Registered>> {
+        let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
+        tools.get(name).map(|v| v.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The newest version of every tool, by name.
+    pub fn newest(&self) -> Vec<Arc<Registered>> {
+        let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<_> = tools.values().filter_map(|v| v.last_key_value().map(|(_, t)| t.clone())).collect();
+        all.sort_by(|a, b| a.row.name.cmp(&b.row.name));
+        all
+    }
+
+    pub fn insert(&self, registered: Registered) {
+        let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
+        let row = &registered.row;
+        tools.entry(row.name.clone()).or_default().insert(row.version, Arc::new(registered));
+    }
+
+    pub fn retire(&self, name: &str, versions: &[u32]) {
+        let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = tools.get_mut(name) {
+            for version in versions {
+                v.remove(version);
+            }
+            if v.is_empty() {
+                tools.remove(name);
+            }
+        }
+    }
+
+    /// Loads every active tool of the database from its blob, from the
+    /// artifact cache when it can (no recompiling after a restart). A tool
+    /// that cannot be loaded is logged and left out, not fatal.
+    pub async fn load_all(
+        &self,
+        store: &Store,
+        sandbox: &Sandbox,
+        blobs: &Path,
+    ) -> Result<usize, crate::store::StoreError> {
+        let rows = store.active_tools()?;
+        let mut loaded = 0;
+        for row in rows {
+            let path = blob_path(blobs, &row.sha256);
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(tool = %row.name, version = row.version, path = %path.display(), error = %e, "tool module missing");
+                    continue;
+                }
+            };
+            match sandbox.load(&bytes, &row.name).await {
+                Ok(mut tool) if tool.sha256() == row.sha256 => {
+                    tool.rename(&row.name);
+                    self.insert(Registered { row, tool });
+                    loaded += 1;
+                }
+                Ok(_) => tracing::error!(tool = %row.name, "tool module does not match its sha256; not loaded"),
+                Err(e) => tracing::error!(tool = %row.name, error = %e, "tool could not be loaded"),
+            }
+        }
+        Ok(loaded)
+    }
+}
+
+pub fn blob_path(blobs: &Path, sha256: &str) -> PathBuf {
+    blobs.join(format!("{sha256}.wasm"))
+}
+
+/// Stores a module under its hash: temporary file, fsync, rename. Already
+/// there (same content, same name) is fine.
+///
+/// # Errors
+///
+/// The write's failure.
+pub fn write_blob(blobs: &Path, sha256: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let path = blob_path(blobs, sha256);
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = blobs.join(format!(".{sha256}.{}.tmp", uuid::Uuid::now_v7().simple()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(dir) = std::fs::File::open(blobs) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}

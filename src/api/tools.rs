@@ -1,0 +1,202 @@
+//! The tool registry's routes.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::auth::{Admin, Authed, record};
+use super::registry::{Registered, write_blob};
+use super::{ApiError, AppState};
+use crate::audit::{AuditEvent, Kind};
+use crate::engine::ToolKind;
+use crate::store::ToolRow;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterQuery {
+    name: Option<String>,
+    description: Option<String>,
+    input_schema: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct ToolList {
+    /// The newest active version of each tool.
+    pub tools: Vec<ToolRow>,
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct ToolVersions {
+    pub name: String,
+    /// Active versions, oldest first; invoking the name takes the last.
+    pub versions: Vec<ToolRow>,
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Retired {
+    pub name: String,
+    pub versions: Vec<u32>,
+}
+
+/// Tool names as LLM function-calling APIs accept them.
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "bad_tool_name",
+            format!("tool name `{name}` must be 1 to 64 characters of A-Z, a-z, 0-9, `-`, `_`"),
+        ))
+    }
+}
+
+fn kind_name(kind: ToolKind) -> &'static str {
+    match kind {
+        ToolKind::Sdk => "sdk",
+        ToolKind::WasiCommand => "wasi_command",
+        ToolKind::WasiP1Module => "wasi_p1_module",
+    }
+}
+
+pub async fn register(
+    State(state): State<Arc<AppState>>,
+    Admin(caller): Admin,
+    query: Result<Query<RegisterQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let bytes = body?;
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request("empty_body", "send the tool's .wasm module as the request body"));
+    }
+    if let Some(name) = &q.name {
+        check_name(name)?;
+    }
+    let input_schema = match &q.input_schema {
+        None => None,
+        Some(text) => Some(
+            serde_json::from_str::<serde_json::Value>(text)
+                .map_err(|e| ApiError::bad_request("bad_input_schema", format!("input_schema is not JSON: {e}")))?,
+        ),
+    };
+    let fallback = q.name.clone().unwrap_or_else(|| "tool".into());
+    let mut tool = match state.sandbox.load(&bytes, &fallback).await {
+        Ok(tool) => tool,
+        Err(e) if e.is_host_failure() => return Err(ApiError::internal("loading the tool", &e)),
+        Err(e) => {
+            let event = AuditEvent::new(Kind::ToolRegistered, "rejected")
+                .actor(caller.user.as_str())
+                .tool(fallback)
+                .detail(serde_json::json!({"reason": e.to_string(), "bytes": bytes.len()}));
+            record(&state, event).await;
+            return Err(ApiError::bad_request("invalid_tool", e.to_string()));
+        }
+    };
+    let name = q.name.unwrap_or_else(|| tool.name().to_owned());
+    check_name(&name)?;
+    tool.rename(&name);
+    let info = tool.info();
+    let row = ToolRow {
+        name,
+        version: 0,
+        label: info.version.clone(),
+        sha256: info.sha256.clone(),
+        kind: kind_name(info.kind).to_owned(),
+        description: q.description.or_else(|| info.description.clone()),
+        input_schema: input_schema.or_else(|| info.input_schema.clone()),
+        registered_by: caller.user.to_string(),
+        registered_at: String::new(),
+        retired_at: None,
+    };
+    let blobs = state.blobs.clone();
+    let sha = row.sha256.clone();
+    tokio::task::spawn_blocking(move || write_blob(&blobs, &sha, &bytes))
+        .await
+        .map_err(|e| ApiError::internal("storing the module", &e))?
+        .map_err(|e| ApiError::internal("storing the module", &e))?;
+    let row = state.store.register_tool(row).await?;
+    tracing::info!(tool = %row.name, version = row.version, sha256 = %row.sha256, by = %row.registered_by, "tool registered");
+    state.registry.insert(Registered { row: row.clone(), tool });
+    Ok((StatusCode::CREATED, Json(row)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    format: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Authed(_): Authed,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let tools: Vec<ToolRow> = state.registry.newest().iter().map(|t| t.row.clone()).collect();
+    match q.format.as_deref() {
+        None | Some("native") => Ok(Json(ToolList { tools }).into_response()),
+        Some("openai") => {
+            let functions: Vec<serde_json::Value> = tools
+                .into_iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "type": "function",
+                        "function": {
+                            "name": t.name,
+                            "description": t.description.unwrap_or_default(),
+                            "parameters": t.input_schema.unwrap_or_else(|| serde_json::json!({"type": "object"})),
+                        }
+                    })
+                })
+                .collect();
+            Ok(Json(functions).into_response())
+        }
+        Some(other) => {
+            Err(ApiError::bad_request("bad_query", format!("unknown format `{other}` (known: native, openai)")))
+        }
+    }
+}
+
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    Authed(_): Authed,
+    Path(name): Path<String>,
+) -> Result<Json<ToolVersions>, ApiError> {
+    let versions: Vec<ToolRow> = state.registry.versions(&name).iter().map(|t| t.row.clone()).collect();
+    if versions.is_empty() {
+        return Err(ApiError::not_found("unknown_tool", format!("no tool `{name}`")));
+    }
+    Ok(Json(ToolVersions { name, versions }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetireQuery {
+    version: Option<u32>,
+}
+
+pub async fn retire(
+    State(state): State<Arc<AppState>>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+    query: Result<Query<RetireQuery>, QueryRejection>,
+) -> Result<Json<Retired>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let versions =
+        state.store.retire_tool(name.clone(), q.version, caller.user.to_string()).await.map_err(|e| match e {
+            crate::store::StoreError::NotFound(m) => ApiError::not_found("unknown_tool", m),
+            e => e.into(),
+        })?;
+    state.registry.retire(&name, &versions);
+    tracing::info!(tool = %name, ?versions, by = %caller.user, "tool retired");
+    Ok(Json(Retired { name, versions }))
+}

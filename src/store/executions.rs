@@ -1,0 +1,147 @@
+//! Executions: every call's report, kept whole, readable by its owner.
+
+use rusqlite::params;
+
+use super::{Store, StoreError, optional};
+use crate::audit::AuditEvent;
+use crate::report::ExecutionReport;
+
+/// One execution in a listing (the report itself is read by id).
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct ExecutionRow {
+    pub id: String,
+    pub tool: String,
+    pub tool_version: Option<u32>,
+    pub status: String,
+    pub started_at: String,
+}
+
+/// A page of a user's executions, newest first.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct ExecutionPage {
+    pub executions: Vec<ExecutionRow>,
+    /// Pass as `?before=` for the next (older) page; `null` on the last page.
+    pub next_before: Option<i64>,
+}
+
+/// A stored execution found by its idempotency key.
+#[derive(Debug, Clone)]
+pub struct IdempotentHit {
+    pub request_hash: Option<String>,
+    pub report: String,
+}
+
+impl Store {
+    /// Stores a finished execution and its audit records in one commit.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Conflict`] when the idempotency key was taken meanwhile.
+    pub async fn record_execution(
+        &self,
+        report: &ExecutionReport,
+        tool_version: Option<u32>,
+        idempotency: Option<(String, String)>,
+        events: Vec<AuditEvent>,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(report)?;
+        let (id, user, tool, status, started) = (
+            report.id.clone(),
+            report.user.clone(),
+            report.tool.clone(),
+            report.status.as_str(),
+            report.started_at.clone(),
+        );
+        self.write(move |w| {
+            let (key, request_hash) = idempotency.unzip();
+            let inserted = w
+                .conn()
+                .prepare_cached(
+                    "INSERT INTO executions (id, user_id, tool, tool_version, status, started_at, report,
+                                             idempotency_key, request_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![id, user, tool, tool_version, status, started, json, key, request_hash]);
+            match inserted {
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    return Err(StoreError::Conflict("idempotency key already used".into()));
+                }
+                other => other?,
+            };
+            for event in &events {
+                w.audit(event)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Writes audit records on their own (denials, file changes, alerts).
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+        self.write(move |w| events.iter().try_for_each(|e| w.audit(e))).await
+    }
+
+    /// The report of execution `id` if it belongs to `user` (any user's when
+    /// `user` is `None`), as stored JSON.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn execution(&self, id: &str, user: Option<&str>) -> Result<Option<String>, StoreError> {
+        self.read(|conn| {
+            optional(
+                conn.prepare_cached("SELECT report FROM executions WHERE id = ?1 AND (?2 IS NULL OR user_id = ?2)")?
+                    .query_row(params![id, user], |r| r.get(0)),
+            )
+        })
+    }
+
+    /// The execution `user` stored under idempotency key `key`.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn idempotent(&self, user: &str, key: &str) -> Result<Option<IdempotentHit>, StoreError> {
+        self.read(|conn| {
+            optional(
+                conn.prepare_cached(
+                    "SELECT request_hash, report FROM executions WHERE user_id = ?1 AND idempotency_key = ?2",
+                )?
+                .query_row(params![user, key], |r| Ok(IdempotentHit { request_hash: r.get(0)?, report: r.get(1)? })),
+            )
+        })
+    }
+
+    /// `user`'s executions, newest first, `limit` at most, older than `before`.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn executions(&self, user: &str, limit: u32, before: Option<i64>) -> Result<ExecutionPage, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, id, tool, tool_version, status, started_at FROM executions
+                 WHERE user_id = ?1 AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT ?3",
+            )?;
+            let mut last_seq = None;
+            let mut executions = Vec::new();
+            let mut rows = stmt.query(params![user, before, limit])?;
+            while let Some(r) = rows.next()? {
+                last_seq = Some(r.get::<_, i64>(0)?);
+                executions.push(ExecutionRow {
+                    id: r.get(1)?,
+                    tool: r.get(2)?,
+                    tool_version: r.get(3)?,
+                    status: r.get(4)?,
+                    started_at: r.get(5)?,
+                });
+            }
+            let next_before = if executions.len() == limit as usize { last_seq } else { None };
+            Ok(ExecutionPage { executions, next_before })
+        })
+    }
+}

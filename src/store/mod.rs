@@ -1,0 +1,251 @@
+//! The service's persistent state in one SQLite file (WAL): users and API
+//! keys, the tool registry, executions and the audit trail.
+//!
+//! Writes go through one writer thread that commits them in batches (group
+//! commit): every caller waits for its own write to be committed, but a
+//! thousand concurrent writers share a handful of commits. Each write runs in
+//! its own savepoint, so one failing write does not take its batch-mates down.
+//! Reads use a small pool of read-only connections; WAL lets them run beside
+//! the writer.
+
+mod executions;
+mod tools;
+mod users;
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError};
+use std::time::SystemTime;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use crate::audit::{self, AuditEvent};
+use crate::report::rfc3339;
+
+pub use executions::{ExecutionPage, ExecutionRow, IdempotentHit};
+pub use tools::ToolRow;
+pub use users::{Caller, NewKey, UserRow};
+
+/// Writes committed together at most; more wait for the next commit.
+const MAX_BATCH: usize = 512;
+/// Read connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the database writer has stopped")]
+    WriterGone,
+}
+
+type Reply = oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>;
+type Work = Box<dyn FnOnce(&mut Writer<'_>) -> Result<Box<dyn Any + Send>, StoreError> + Send>;
+
+struct Job {
+    work: Work,
+    reply: Reply,
+}
+
+/// A write in progress, inside its own savepoint of the batch's transaction.
+pub struct Writer<'c> {
+    conn: &'c Connection,
+    now: String,
+    audit_head: audit::Head,
+}
+
+impl Writer<'_> {
+    pub fn conn(&self) -> &Connection {
+        self.conn
+    }
+
+    /// The batch's timestamp (RFC 3339).
+    pub fn now(&self) -> &str {
+        &self.now
+    }
+
+    /// Appends `event` to the audit trail, chained to the record before it.
+    ///
+    /// # Errors
+    ///
+    /// A database error; the whole write is then rolled back.
+    pub fn audit(&mut self, event: &AuditEvent) -> Result<(), StoreError> {
+        self.audit_head = audit::append(self.conn, &self.audit_head, &self.now, event)?;
+        Ok(())
+    }
+}
+
+/// The database. Cheap to share behind an `Arc`.
+pub struct Store {
+    path: PathBuf,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and starts its writer.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be opened or its schema created.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "wal")?;
+        // WAL + NORMAL: a commit survives a crash of the process (kill -9) and is
+        // atomic; only a power cut can lose the last commits, never corrupt.
+        conn.pragma_update(None, "synchronous", "normal")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(include_str!("schema.sql"))?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let writer = std::thread::Builder::new()
+            .name("imagentx-db-writer".into())
+            .spawn(move || write_loop(conn, &rx))
+            .map_err(|e| StoreError::Conflict(format!("starting the database writer: {e}")))?;
+        Ok(Self {
+            path: path.to_owned(),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` in the writer thread and waits until it is committed.
+    ///
+    /// # Errors
+    ///
+    /// What `work` returned, or the commit's failure.
+    pub async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let work: Work = Box::new(move |w| work(w).map(|t| Box::new(t) as Box<dyn Any + Send>));
+        self.submit(Job { work, reply })?;
+        let any = answer.await.map_err(|_| StoreError::WriterGone)??;
+        any.downcast::<T>().map(|t| *t).map_err(|_| StoreError::WriterGone)
+    }
+
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        jobs.as_ref().ok_or(StoreError::WriterGone)?.send(job).map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Runs `f` on a read-only connection. Reads are short (indexed lookups or
+    /// one page of a listing); callers on the async runtime may call it inline.
+    ///
+    /// # Errors
+    ///
+    /// What `f` returned, or the connection's failure to open.
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let idle = self.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(std::time::Duration::from_secs(10))?;
+                conn
+            }
+        };
+        let result = f(&conn);
+        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if readers.len() < MAX_IDLE_READERS {
+            readers.push(conn);
+        }
+        result
+    }
+
+    /// Stops the writer after it has committed everything already submitted.
+    pub fn close(&self) {
+        drop(self.jobs.lock().unwrap_or_else(PoisonError::into_inner).take());
+        if let Some(writer) = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, batch);
+    }
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Job>) {
+    let mut replies = Vec::with_capacity(batch.len());
+    let committed = (|| -> Result<(), StoreError> {
+        // IMMEDIATE: take the write lock now, so the audit head read below is
+        // the head this batch appends to, even with a CLI writing beside us.
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = rfc3339(SystemTime::now());
+        let mut head = audit::head(&tx)?;
+        for job in batch {
+            let mut sp = tx.savepoint()?;
+            let mut writer = Writer { conn: &sp, now: now.clone(), audit_head: head.clone() };
+            let result = (job.work)(&mut writer);
+            let next_head = writer.audit_head;
+            match result {
+                Ok(value) => {
+                    sp.commit()?;
+                    head = next_head;
+                    replies.push((job.reply, Ok(value)));
+                }
+                Err(e) => {
+                    sp.rollback()?;
+                    drop(sp);
+                    replies.push((job.reply, Err(e)));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    })();
+    match committed {
+        Ok(()) => {
+            for (reply, result) in replies {
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "database commit failed");
+            let message = e.to_string();
+            for (reply, _) in replies {
+                let _ = reply.send(Err(StoreError::Conflict(format!("commit failed: {message}"))));
+            }
+        }
+    }
+}
+
+/// `query_row` that answers `None` for no row.
+pub(crate) fn optional<T>(r: rusqlite::Result<T>) -> Result<Option<T>, StoreError> {
+    Ok(r.optional()?)
+}

@@ -1,0 +1,70 @@
+-- The service's database. Executions and audit records are append-only;
+-- triggers refuse updates and deletes of audit records.
+CREATE TABLE IF NOT EXISTS users (
+    id          TEXT PRIMARY KEY,
+    tier        TEXT NOT NULL,
+    admin       INTEGER NOT NULL DEFAULT 0,
+    created_at  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    -- sha256 of the key; the key itself is never stored.
+    hash        TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL REFERENCES users(id),
+    -- The key's first characters, to tell keys apart in listings.
+    prefix      TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT
+);
+
+CREATE TABLE IF NOT EXISTS tools (
+    name          TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    -- The version string the tool gives itself (SDK `describe`), if any.
+    label         TEXT,
+    sha256        TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    description   TEXT,
+    input_schema  TEXT,
+    registered_by TEXT NOT NULL,
+    registered_at TEXT NOT NULL,
+    retired_at    TEXT,
+    PRIMARY KEY (name, version)
+);
+
+CREATE TABLE IF NOT EXISTS executions (
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
+    user_id         TEXT NOT NULL,
+    tool            TEXT NOT NULL,
+    tool_version    INTEGER,
+    status          TEXT NOT NULL,
+    started_at      TEXT NOT NULL,
+    report          TEXT NOT NULL,
+    idempotency_key TEXT,
+    -- sha256 of what was asked (tool, version, body): a reused key with a
+    -- different request is refused rather than answered with the wrong report.
+    request_hash    TEXT
+);
+CREATE INDEX IF NOT EXISTS executions_by_user ON executions (user_id, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS executions_by_idempotency_key
+    ON executions (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS audit (
+    seq        INTEGER PRIMARY KEY,
+    at         TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    actor      TEXT,
+    user_id    TEXT,
+    tool       TEXT,
+    outcome    TEXT NOT NULL,
+    detail     TEXT NOT NULL,
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_user ON audit (user_id, seq);
+CREATE INDEX IF NOT EXISTS audit_by_kind ON audit (kind, seq);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;

@@ -1,0 +1,358 @@
+//! A user's data directory as the files API sees it: the directory their
+//! tools see as `/data`, which those tools may have filled with symlinks,
+//! FIFOs and deep trees on purpose.
+//!
+//! Every path is resolved from a descriptor of the user's directory with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`: no `..`, no absolute
+//! path and no symlink (planted anywhere along the path) leads outside it or
+//! is followed at all. Nothing is opened by a path string from the host's
+//! root. Writes go to a temporary file beside the target and are renamed
+//! over it, so a reader sees the old file or the new one, never half.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use nix::dir::{Dir, Type};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2, renameat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+
+/// Longest path accepted, in bytes.
+pub const MAX_PATH_BYTES: usize = 1024;
+/// Deepest directory nesting walked when measuring usage.
+const MAX_DEPTH: usize = 64;
+const UPLOAD_PREFIX: &str = ".imagentx-upload-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("bad path: {0}")]
+    BadPath(String),
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("the path passes through a symbolic link, which is never followed")]
+    Symlink,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("file system: {0}")]
+    Io(String),
+}
+
+fn io_error(what: &str, e: Errno) -> FsError {
+    match e {
+        Errno::ENOENT => FsError::NotFound,
+        Errno::ELOOP => FsError::Symlink,
+        Errno::ENOTDIR => FsError::Conflict("a parent in the path is not a directory".into()),
+        Errno::EXDEV => FsError::BadPath("the path leaves the data directory".into()),
+        Errno::EISDIR => FsError::Conflict("the path is a directory".into()),
+        Errno::ENOTEMPTY => FsError::Conflict("the directory is not empty".into()),
+        e => FsError::Io(format!("{what}: {e}")),
+    }
+}
+
+/// The components of a client's relative path, refused if any could
+/// escape or confuse: `..`, `.`, empty parts (`a//b`), NUL, absolute paths.
+///
+/// # Errors
+///
+/// [`FsError::BadPath`] naming what is wrong.
+pub fn components(path: &str) -> Result<Vec<&str>, FsError> {
+    let bad = |m: &str| Err(FsError::BadPath(m.into()));
+    if path.len() > MAX_PATH_BYTES {
+        return bad("longer than 1024 bytes");
+    }
+    if path.contains('\0') {
+        return bad("contains NUL");
+    }
+    if path.starts_with('/') {
+        return bad("absolute paths are not allowed");
+    }
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    for part in &parts {
+        match *part {
+            "" => return bad("empty path component"),
+            "." | ".." => return bad("`.` and `..` are not allowed"),
+            p if p.len() > 255 => return bad("a component is longer than 255 bytes"),
+            p if p.starts_with(UPLOAD_PREFIX) => return bad("names starting with .imagentx-upload- are reserved"),
+            _ => {}
+        }
+    }
+    Ok(parts)
+}
+
+fn beneath() -> ResolveFlag {
+    ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS
+}
+
+fn open_beneath(dir: impl AsFd, path: &str, flags: OFlag) -> Result<OwnedFd, Errno> {
+    let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW).resolve(beneath());
+    openat2(dir, path, how)
+}
+
+fn open_dir(dir: impl AsFd, path: &str) -> Result<OwnedFd, Errno> {
+    open_beneath(dir, path, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+}
+
+/// What is at a path.
+#[derive(Debug)]
+pub enum Node {
+    File { file: File, size: u64 },
+    Dir(Vec<DirEntry>),
+}
+
+/// One entry of a directory listing. Symlinks are listed, never followed.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct DirEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub size: u64,
+}
+
+fn kind_of(stat: &FileStat) -> &'static str {
+    match SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFREG => "file",
+        SFlag::S_IFDIR => "dir",
+        SFlag::S_IFLNK => "symlink",
+        _ => "other",
+    }
+}
+
+/// One user's data directory, held open.
+pub struct UserFs {
+    root: OwnedFd,
+}
+
+impl UserFs {
+    /// Opens the directory `root` (itself not a symlink).
+    ///
+    /// # Errors
+    ///
+    /// [`FsError::Io`] when it cannot be opened.
+    pub fn open(root: &Path) -> Result<Self, FsError> {
+        let how = OpenHow::new().flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC);
+        let root = openat2(nix::fcntl::AT_FDCWD, root, how).map_err(|e| io_error("opening the data directory", e))?;
+        Ok(Self { root })
+    }
+
+    /// A regular file's content, or a directory's listing. `path` empty is the root.
+    ///
+    /// # Errors
+    ///
+    /// [`FsError`]: not found, through a symlink, or not a file or directory.
+    pub fn get(&self, path: &str) -> Result<Node, FsError> {
+        let parts = components(path)?;
+        let rel = if parts.is_empty() { ".".to_owned() } else { parts.join("/") };
+        // O_NONBLOCK: a FIFO a tool planted must not hang the server.
+        let fd =
+            open_beneath(&self.root, &rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK).map_err(|e| io_error("opening", e))?;
+        let stat = fstat(&fd).map_err(|e| io_error("inspecting", e))?;
+        match kind_of(&stat) {
+            "file" => Ok(Node::File { file: File::from(fd), size: stat.st_size as u64 }),
+            "dir" => Ok(Node::Dir(list(fd)?)),
+            _ => Err(FsError::Conflict("not a regular file or directory".into())),
+        }
+    }
+
+    /// Writes `bytes` to `path` atomically, creating parent directories, if the
+    /// user's usage stays within `quota` bytes. Answers the bytes written.
+    ///
+    /// # Errors
+    ///
+    /// [`FsError::QuotaExceeded`], or a path error.
+    pub fn put(&self, path: &str, bytes: &[u8], quota: u64) -> Result<u64, FsError> {
+        let parts = components(path)?;
+        let Some((name, parents)) = parts.split_last() else {
+            return Err(FsError::BadPath("a file path is needed".into()));
+        };
+        let parent = self.make_parents(parents)?;
+        let old = match fstatat(&parent, *name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(stat) if kind_of(&stat) == "dir" => return Err(FsError::Conflict("the path is a directory".into())),
+            Ok(stat) if kind_of(&stat) == "file" => stat.st_size as u64,
+            Ok(_) | Err(Errno::ENOENT) => 0,
+            Err(e) => return Err(io_error("inspecting", e)),
+        };
+        let used = self.usage()?;
+        let after = (used - old.min(used)).saturating_add(bytes.len() as u64);
+        if after > quota {
+            return Err(FsError::QuotaExceeded(format!(
+                "writing {} bytes would bring the data directory to {after} bytes, over its quota of {quota}",
+                bytes.len()
+            )));
+        }
+        let tmp = format!("{UPLOAD_PREFIX}{}", uuid::Uuid::now_v7().simple());
+        let fd = open_beneath(&parent, &tmp, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)
+            .map_err(|e| io_error("creating", e))?;
+        let mut file = File::from(fd);
+        let written = file.write_all(bytes).and_then(|()| file.sync_data());
+        drop(file);
+        let renamed = written
+            .map_err(|e| FsError::Io(format!("writing: {e}")))
+            .and_then(|()| renameat(&parent, tmp.as_str(), &parent, *name).map_err(|e| io_error("renaming", e)));
+        if let Err(e) = renamed {
+            let _ = unlinkat(&parent, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(e);
+        }
+        Ok(bytes.len() as u64)
+    }
+
+    /// Removes a file, a symlink (not what it points at) or an empty directory.
+    ///
+    /// # Errors
+    ///
+    /// [`FsError::NotFound`], [`FsError::Conflict`] for a non-empty directory.
+    pub fn delete(&self, path: &str) -> Result<(), FsError> {
+        let parts = components(path)?;
+        let Some((name, parents)) = parts.split_last() else {
+            return Err(FsError::BadPath("the data directory itself cannot be deleted".into()));
+        };
+        let parent =
+            if parents.is_empty() { open_dir(&self.root, ".") } else { open_dir(&self.root, &parents.join("/")) }
+                .map_err(|e| io_error("opening", e))?;
+        let stat = fstatat(&parent, *name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| io_error("inspecting", e))?;
+        let flag = if kind_of(&stat) == "dir" { UnlinkatFlags::RemoveDir } else { UnlinkatFlags::NoRemoveDir };
+        unlinkat(&parent, *name, flag).map_err(|e| io_error("removing", e))
+    }
+
+    /// Bytes in regular files under the directory (symlinks not followed).
+    ///
+    /// # Errors
+    ///
+    /// [`FsError::Io`] when the tree cannot be read.
+    pub fn usage(&self) -> Result<u64, FsError> {
+        let fd = open_dir(&self.root, ".").map_err(|e| io_error("opening", e))?;
+        tree_size(fd, 0)
+    }
+
+    fn make_parents(&self, parents: &[&str]) -> Result<OwnedFd, FsError> {
+        let mut dir = open_dir(&self.root, ".").map_err(|e| io_error("opening", e))?;
+        for part in parents {
+            match mkdirat(&dir, *part, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(io_error("creating a directory", e)),
+            }
+            dir = open_dir(&dir, part).map_err(|e| io_error("opening a directory", e))?;
+        }
+        Ok(dir)
+    }
+}
+
+fn list(fd: OwnedFd) -> Result<Vec<DirEntry>, FsError> {
+    let stat_fd = fd.try_clone().map_err(|e| FsError::Io(format!("listing: {e}")))?;
+    let mut dir = Dir::from_fd(fd).map_err(|e| io_error("listing", e))?;
+    let mut entries = Vec::new();
+    for entry in dir.iter() {
+        let entry = entry.map_err(|e| io_error("listing", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "." || name == ".." || name.starts_with(UPLOAD_PREFIX) {
+            continue;
+        }
+        let Ok(stat) = fstatat(&stat_fd, entry.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW) else { continue };
+        let kind = kind_of(&stat);
+        let size = if kind == "file" { stat.st_size as u64 } else { 0 };
+        entries.push(DirEntry { name, kind, size });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+fn tree_size(fd: OwnedFd, depth: usize) -> Result<u64, FsError> {
+    if depth > MAX_DEPTH {
+        return Err(FsError::Conflict(format!("directories nested deeper than {MAX_DEPTH}")));
+    }
+    let stat_fd = fd.try_clone().map_err(|e| FsError::Io(format!("measuring: {e}")))?;
+    let mut dir = Dir::from_fd(fd).map_err(|e| io_error("measuring", e))?;
+    let mut total = 0u64;
+    for entry in dir.iter() {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        match entry.file_type() {
+            Some(Type::Directory) => {
+                if let Ok(child) = openat2(
+                    &stat_fd,
+                    name,
+                    OpenHow::new()
+                        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                        .resolve(beneath()),
+                ) {
+                    total = total.saturating_add(tree_size(child, depth + 1)?);
+                }
+            }
+            Some(Type::Symlink) => {}
+            _ => {
+                if let Ok(stat) = fstatat(&stat_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    && kind_of(&stat) == "file"
+                {
+                    total = total.saturating_add(stat.st_size as u64);
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Reads a whole file (for small files the API returns in one body).
+///
+/// # Errors
+///
+/// The read's failure.
+pub fn read_all(mut file: File, size: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(64 << 20));
+    file.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_paths_are_refused_before_any_lookup() {
+        for bad in ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a\0b", ".imagentx-upload-x"] {
+            assert!(matches!(components(bad), Err(FsError::BadPath(_))), "{bad:?}");
+        }
+        assert_eq!(components("a/b.txt").unwrap(), ["a", "b.txt"]);
+        assert!(components("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn symlinks_are_never_followed_and_writes_respect_the_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "s3cret").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("file-link")).unwrap();
+        let fs = UserFs::open(dir.path()).unwrap();
+        assert!(matches!(fs.get("link/secret"), Err(FsError::Symlink)));
+        assert!(matches!(fs.get("file-link"), Err(FsError::Symlink)));
+        assert!(matches!(fs.put("link/new", b"x", 1 << 20), Err(FsError::Symlink)));
+        assert!(!outside.path().join("new").exists());
+        // Writing over a symlink replaces the link, not its target.
+        fs.put("file-link", b"mine", 1 << 20).unwrap();
+        assert_eq!(std::fs::read_to_string(outside.path().join("secret")).unwrap(), "s3cret");
+        fs.put("a/b/c.txt", b"hello", 1 << 20).unwrap();
+        assert_eq!(fs.usage().unwrap(), 9);
+        assert!(matches!(fs.put("big", &[0u8; 100], 50), Err(FsError::QuotaExceeded(_))));
+        // Replacing a file counts only the difference.
+        fs.put("a/b/c.txt", &[1u8; 40], 50).unwrap();
+        match fs.get("a").unwrap() {
+            Node::Dir(entries) => assert_eq!(entries[0].name, "b"),
+            Node::File { .. } => panic!("a is a directory"),
+        }
+        fs.delete("link").unwrap();
+        assert!(outside.path().join("secret").exists());
+        assert!(matches!(fs.delete("a"), Err(FsError::Conflict(_))));
+    }
+}
