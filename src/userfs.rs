@@ -237,7 +237,14 @@ impl UserFs {
         let mut dir = open_dir(&self.root, ".").map_err(|e| io_error("opening", e))?;
         for part in parents {
             match mkdirat(&dir, *part, Mode::from_bits_truncate(0o755)) {
-                Ok(()) | Err(Errno::EEXIST) => {}
+                Ok(()) => {}
+                Err(Errno::EEXIST) => {
+                    let stat =
+                        fstatat(&dir, *part, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| io_error("inspecting", e))?;
+                    if kind_of(&stat) == "symlink" {
+                        return Err(FsError::Symlink);
+                    }
+                }
                 Err(e) => return Err(io_error("creating a directory", e)),
             }
             dir = open_dir(&dir, part).map_err(|e| io_error("opening a directory", e))?;

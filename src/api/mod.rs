@@ -132,8 +132,7 @@ impl AppState {
             running_keys: Mutex::default(),
             draining: AtomicBool::new(false),
         });
-        let loaded = state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
-        tracing::info!(tools = loaded, "registered tools loaded");
+        state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
         Ok(state)
     }
 }

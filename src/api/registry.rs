@@ -72,9 +72,10 @@ impl Registry {
         store: &Store,
         sandbox: &Sandbox,
         blobs: &Path,
-    ) -> Result<usize, crate::store::StoreError> {
+    ) -> Result<(), crate::store::StoreError> {
         let rows = store.active_tools()?;
-        let mut loaded = 0;
+        let started = std::time::Instant::now();
+        let (mut loaded, mut from_cache, total) = (0, 0, rows.len());
         for row in rows {
             let path = blob_path(blobs, &row.sha256);
             let bytes = match std::fs::read(&path) {
@@ -87,6 +88,7 @@ impl Registry {
             match sandbox.load(&bytes, &row.name).await {
                 Ok(mut tool) if tool.sha256() == row.sha256 => {
                     tool.rename(&row.name);
+                    from_cache += usize::from(tool.loaded_from_cache());
                     self.insert(Registered { row, tool });
                     loaded += 1;
                 }
@@ -94,7 +96,14 @@ impl Registry {
                 Err(e) => tracing::error!(tool = %row.name, error = %e, "tool could not be loaded"),
             }
         }
-        Ok(loaded)
+        tracing::info!(
+            tools = loaded,
+            from_cache,
+            failed = total - loaded,
+            ms = started.elapsed().as_millis() as u64,
+            "registered tools loaded"
+        );
+        Ok(())
     }
 }
 

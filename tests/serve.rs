@@ -1,0 +1,212 @@
+//! `imagentx-sandbox serve`, `user` and `audit verify` as processes: keys made
+//! by the command line, `kill -9` in the middle of a burst, a restart that
+//! keeps everything and loads tools without recompiling, and a tampered audit
+//! trail found out.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+mod server;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use server::http;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
+}
+
+fn cli(args: &[&str], dir: &Path) -> Output {
+    bin().args(args).arg("--data-dir").arg(dir).output().unwrap()
+}
+
+fn add_user(dir: &Path, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["user", "add", name];
+    args.extend_from_slice(extra);
+    let out = cli(&args, dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("ixs_") && key.len() == 68, "{key}");
+    key
+}
+
+fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// Starts `serve`; answers the child and its log lines (read on a thread).
+fn start(dir: &Path, addr: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = bin()
+        .args(["--log-format", "json", "serve", "--listen", addr, "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, rx)
+}
+
+fn log_line(logs: &std::sync::mpsc::Receiver<String>, message: &str) -> serde_json::Value {
+    loop {
+        let line = logs.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no log line `{message}`"));
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("log is not JSON ({e}): {line}"));
+        if v["fields"]["message"] == message {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_burst_then_restart_keeps_everything_and_loads_tools_without_recompiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = add_user(dir.path(), "root", &["--admin", "--tier", "premium"]);
+    let alice = add_user(dir.path(), "alice", &["--tier", "premium"]);
+    // A name that could be a path is refused with a usage error.
+    let bad = cli(&["user", "add", "../evil"], dir.path());
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("error:"));
+    assert_eq!(cli(&["user", "add", "alice"], dir.path()).status.code(), Some(2), "alice exists");
+    let bad_tier = cli(&["user", "add", "carol", "--tier", "gold"], dir.path());
+    assert!(String::from_utf8_lossy(&bad_tier.stderr).contains("unknown tier `gold`"));
+
+    let addr = free_port();
+    let (mut server, logs) = start(dir.path(), &addr);
+    log_line(&logs, "serving");
+    let word_stats = common::guest_bytes("word-stats");
+    let r = http(&addr, Method::POST, "/v1/tools", &root, word_stats).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = http(&addr, Method::POST, "/v1/tools?name=probe", &root, common::guest_bytes("probe")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let first = http(&addr, Method::POST, "/v1/tools/word-stats/invoke", &alice, r#"{"input":{"text":"kept"}}"#).await;
+    let first = first.json();
+    assert_eq!(first["status"], "ok");
+    let put = http(&addr, Method::PUT, "/v1/files/notes/today.txt", &alice, "remember").await;
+    assert_eq!(put.status, StatusCode::OK);
+
+    // A burst of calls (some of them slow) and kill -9 in the middle of it.
+    let burst: Vec<_> = (0..20)
+        .map(|i| {
+            let (addr, alice) = (addr.clone(), alice.clone());
+            let body = if i % 2 == 0 {
+                json!({"input": {"op": "sleep", "ms": 300}})
+            } else {
+                json!({"input": {"op": "echo"}})
+            };
+            // A call cut off by the kill panics in its task; the task's error is ignored.
+            tokio::spawn(
+                async move { http(&addr, Method::POST, "/v1/tools/probe/invoke", &alice, body.to_string()).await },
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    for call in burst {
+        let _ = call.await; // answered or cut off: either is fine
+    }
+    std::fs::create_dir(dir.path().join("scratch/left-by-the-crash")).unwrap();
+    std::fs::write(dir.path().join("scratch/left-by-the-crash/junk"), "x").unwrap();
+
+    let (mut server, logs) = start(dir.path(), &addr);
+    let loaded = log_line(&logs, "registered tools loaded");
+    assert_eq!(loaded["fields"]["tools"], 2, "{loaded}");
+    assert_eq!(loaded["fields"]["from_cache"], 2, "no recompiling after a restart: {loaded}");
+    assert!(!dir.path().join("scratch/left-by-the-crash").exists(), "stale scratch is swept at start");
+
+    let tools = http(&addr, Method::GET, "/v1/tools", &alice, "").await.json();
+    assert_eq!(tools["tools"].as_array().unwrap().len(), 2);
+    let id = first["id"].as_str().unwrap();
+    let again = http(&addr, Method::GET, &format!("/v1/executions/{id}"), &alice, "").await;
+    assert_eq!(again.json(), first);
+    let file = http(&addr, Method::GET, "/v1/files/notes/today.txt", &alice, "").await;
+    assert_eq!(&file.body[..], b"remember");
+    let r = http(&addr, Method::POST, "/v1/tools/word-stats/invoke", &alice, r#"{"input":{"text":"again"}}"#).await;
+    assert_eq!(r.json()["status"], "ok");
+    // Every execution stored is whole, and the audit chain survived the kill.
+    let page = http(&addr, Method::GET, "/v1/executions?limit=500", &alice, "").await.json();
+    for e in page["executions"].as_array().unwrap() {
+        let one = http(&addr, Method::GET, &format!("/v1/executions/{}", e["id"].as_str().unwrap()), &alice, "").await;
+        assert_eq!(one.json()["id"], e["id"]);
+    }
+    let verify = cli(&["audit", "verify"], dir.path());
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+
+    // Revoking from the command line takes effect on the running server.
+    assert!(cli(&["user", "revoke", "alice"], dir.path()).status.success());
+    assert_eq!(http(&addr, Method::GET, "/v1/tools", &alice, "").await.status, StatusCode::UNAUTHORIZED);
+    let listed = String::from_utf8(cli(&["user", "list"], dir.path()).stdout).unwrap();
+    assert!(listed.lines().any(|l| l.starts_with("alice") && l.contains("premium")), "{listed}");
+
+    // SIGTERM: a clean stop, exit 0.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    log_line(&logs, "stopped");
+    assert!(server.wait().unwrap().success());
+}
+
+#[test]
+fn audit_verify_finds_a_changed_or_removed_record() {
+    let dir = tempfile::tempdir().unwrap();
+    add_user(dir.path(), "root", &["--admin"]);
+    add_user(dir.path(), "alice", &[]);
+    assert!(cli(&["user", "set-tier", "alice", "premium"], dir.path()).status.success());
+    assert!(cli(&["user", "key", "alice"], dir.path()).status.success());
+    let verify = cli(&["audit", "verify"], dir.path());
+    assert!(verify.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["records"], 6);
+
+    let db = dir.path().join("sandbox.db");
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        // The triggers refuse edits outright…
+        let refused = conn.execute("UPDATE audit SET outcome = 'denied' WHERE seq = 3", []);
+        assert!(refused.unwrap_err().to_string().contains("append-only"));
+        assert!(conn.execute("DELETE FROM audit WHERE seq = 3", []).is_err());
+        conn.execute_batch(&format!("VACUUM INTO '{}'", copy.join("sandbox.db").display())).unwrap();
+        // …so an attacker with the file drops them first.
+        conn.execute_batch(
+            "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;
+             UPDATE audit SET detail = '{\"from\":\"standard\",\"to\":\"free\"}' WHERE seq = 5;",
+        )
+        .unwrap();
+    }
+    let verify = cli(&["audit", "verify"], dir.path());
+    assert_eq!(verify.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["first_broken"], 5, "{v}");
+
+    {
+        let conn = rusqlite::Connection::open(copy.join("sandbox.db")).unwrap();
+        conn.execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq = 3;").unwrap();
+    }
+    let verify = cli(&["audit", "verify"], &copy);
+    assert_eq!(verify.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(v["first_broken"], 4, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("missing"));
+}
