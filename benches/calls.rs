@@ -24,6 +24,7 @@ fn calls(c: &mut Criterion) {
         args: &[],
         env: &env,
         data_dir: dirs.path(),
+        data_writable: true,
         scratch_dir: dirs.path(),
         limits: &limits,
     };

@@ -111,6 +111,7 @@ async fn main() {
         args: &[],
         env: &env,
         data_dir: dirs.path(),
+        data_writable: true,
         scratch_dir: dirs.path(),
         limits: &limits,
     };

@@ -7,6 +7,7 @@
 //!   cache/            precompiled artifacts (the sandbox's own; never shown to tools)
 //! ```
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,7 +31,23 @@ pub struct DataDir {
     /// removing a directory per call cost ~250 µs on ext4 with discard
     /// (BENCHMARKS.md); checking that one is empty costs a few.
     spare_scratch: Arc<Mutex<Vec<PathBuf>>>,
+    /// Bytes in each user's directory as last measured (see [`DataDir::usage`]).
+    usage: Arc<Mutex<HashMap<String, Usage>>>,
 }
+
+/// A user's measured usage and the state of its re-measurement.
+#[derive(Debug, Default)]
+struct Usage {
+    /// `None` until measured, or when the last measurement failed.
+    bytes: Option<u64>,
+    /// A background re-measurement is running.
+    measuring: bool,
+    /// Something may have written since that re-measurement started.
+    stale: bool,
+}
+
+/// Shortest time between two measurements of one user's directory.
+const RE_MEASURE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Spare scratch directories kept at most; beyond that they are removed.
 const MAX_SPARE_SCRATCH: usize = 256;
@@ -47,7 +64,7 @@ impl DataDir {
             let path = root.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| DataDirError { what: "creating", path, source })?;
         }
-        Ok(Self { root, spare_scratch: Arc::default() })
+        Ok(Self { root, spare_scratch: Arc::default(), usage: Arc::default() })
     }
 
     pub fn root(&self) -> &Path {
@@ -84,6 +101,66 @@ impl DataDir {
             }
             Err(source) => Err(DataDirError { what: "creating", path, source }),
         }
+    }
+
+    /// Bytes in the user's directory (regular files; symlinks not followed),
+    /// as last measured; measured now (on a blocking thread) the first time.
+    /// `None` when it cannot be measured (then treat the quota as used up).
+    pub async fn usage(&self, user: &UserId) -> Option<u64> {
+        let cached = self.usage.lock().unwrap_or_else(PoisonError::into_inner).get(user.as_str()).and_then(|u| u.bytes);
+        if cached.is_some() {
+            return cached;
+        }
+        let this = self.clone();
+        let user = user.clone();
+        tokio::task::spawn_blocking(move || this.measure(&user)).await.ok().flatten()
+    }
+
+    /// Marks the user's usage as changed: it is re-measured in the background
+    /// (one measurement per user at a time; a change during one runs another).
+    pub fn usage_changed(&self, user: &UserId) {
+        {
+            let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = usage.entry(user.as_str().to_owned()).or_default();
+            if entry.measuring {
+                entry.stale = true;
+                return;
+            }
+            entry.measuring = true;
+            entry.stale = false;
+        }
+        let this = self.clone();
+        let user = user.clone();
+        tokio::task::spawn_blocking(move || {
+            loop {
+                this.measure(&user);
+                let mut usage = this.usage.lock().unwrap_or_else(PoisonError::into_inner);
+                let entry = usage.entry(user.as_str().to_owned()).or_default();
+                if !entry.stale {
+                    entry.measuring = false;
+                    return;
+                }
+                entry.stale = false;
+                drop(usage);
+                // A busy user's calls keep marking it stale: walk at most
+                // every RE_MEASURE_INTERVAL rather than back to back.
+                std::thread::sleep(RE_MEASURE_INTERVAL);
+            }
+        });
+    }
+
+    /// Walks the user's directory now and records the result.
+    fn measure(&self, user: &UserId) -> Option<u64> {
+        let bytes = self.user_dir(user).ok().and_then(|dir| match crate::userfs::UserFs::open(&dir).and_then(|fs| fs.usage()) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                tracing::warn!(user = %user, error = %e, "cannot measure the data directory; treating its quota as used up");
+                None
+            }
+        });
+        self.usage.lock().unwrap_or_else(PoisonError::into_inner).entry(user.as_str().to_owned()).or_default().bytes =
+            bytes;
+        bytes
     }
 
     /// Removes every scratch directory: left by an earlier process that was

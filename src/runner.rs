@@ -84,7 +84,7 @@ impl Sandbox {
             started_at: rfc3339(started_at),
             finished_at: rfc3339(SystemTime::now()),
         };
-        tracing::info!(
+        tracing::debug!(
             execution = %report.id,
             tool = %report.tool,
             user = %report.user,
@@ -116,18 +116,36 @@ impl Sandbox {
         let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
         let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
         let env: &BTreeMap<String, String> = &self.policy.env;
+        // Over its quota, the user's directory is read-only for the call.
+        let used = self.data_dir.usage(&call.user).await;
+        let data_writable = used.is_some_and(|used| used < limits.data_quota_bytes);
         let invocation = Invocation {
             input,
             args: &call.args,
             env,
             data_dir: &data_dir,
+            data_writable,
             scratch_dir: scratch.path(),
             limits: &limits,
         };
-        let outcome = self.engine.call(tool, invocation).await.map_err(|e| {
+        let mut outcome = self.engine.call(tool, invocation).await.map_err(|e| {
             tracing::error!(error = %e, tool = tool.name(), "call could not run");
             internal(&e)
         })?;
+        if data_writable {
+            self.data_dir.usage_changed(&call.user);
+        } else {
+            let used = used.map_or_else(|| "an unmeasurable amount".to_owned(), |b| format!("{b} bytes"));
+            let note = format!(
+                "/data was read-only for this call: the user's data directory holds {used}, \
+                 its quota is {} bytes",
+                limits.data_quota_bytes
+            );
+            outcome.error = Some(match outcome.error.take() {
+                Some(error) => format!("{error} ({note})"),
+                None => note,
+            });
+        }
         // After a timeout a cancelled host call may still be writing into the
         // scratch directory: remove it (on drop) rather than hand it to the next call.
         if outcome.status != Status::Timeout {

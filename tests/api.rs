@@ -489,3 +489,40 @@ async fn shutdown_lets_calls_in_flight_finish_and_records_them() {
     let page = state.store.executions("alice", 10, None).unwrap();
     assert_eq!(page.executions.len(), 1, "and it was recorded");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tool_of_a_user_over_the_data_quota_cannot_write_and_the_report_says_so() {
+    let mut policy = Policy::default();
+    policy.tiers.get_mut("free").unwrap().data_quota_bytes = 1000;
+    let s = TestServer::start_with(policy, |_| {}).await;
+    let alice = s.add_user("alice", "free", false).await;
+    s.register("probe", "probe").await;
+    let write = |path: &str, len: usize| json!({"input": {"op": "write", "path": path, "content": "x".repeat(len)}});
+
+    // Under the quota: the tool writes (and may overshoot by what one call writes).
+    let r = s.report("probe", &alice, write("/data/first.txt", 1200)).await;
+    assert_eq!((r["status"].as_str(), r["output"]["ok"].as_bool()), (Some("ok"), Some(true)), "{r}");
+    assert_eq!(r["error"], Value::Null);
+    tokio::time::sleep(Duration::from_millis(300)).await; // the background re-measurement
+
+    // Over it: /data is read-only inside the tool; reading still works.
+    let r = s.report("probe", &alice, write("/data/second.txt", 10)).await;
+    assert_eq!(r["output"]["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("/data was read-only for this call"), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("1200 bytes"), "{r}");
+    assert!(!s.dir.path().join("users/alice/second.txt").exists());
+    let r = s.report("probe", &alice, json!({"input": {"op": "read", "path": "/data/first.txt"}})).await;
+    assert_eq!(r["output"]["content"].as_str().unwrap().len(), 1200);
+    // /tmp is not /data: still writable.
+    let r = s.report("probe", &alice, write("/tmp/scratch.txt", 10)).await;
+    assert_eq!(r["output"]["ok"], true);
+    // The files API refuses too, and freeing space gives writing back.
+    let put = s.request(Method::PUT, "/v1/files/more.txt", Some(&alice), "y").await;
+    assert_eq!(put.error_code(), "quota_exceeded");
+    let deleted = s.request(Method::DELETE, "/v1/files/first.txt", Some(&alice), Bytes::new()).await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.report("probe", &alice, write("/data/second.txt", 10)).await;
+    assert_eq!((r["output"]["ok"].as_bool(), &r["error"]), (Some(true), &Value::Null), "{r}");
+    s.stop().await;
+}

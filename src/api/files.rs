@@ -77,6 +77,7 @@ pub async fn put(
     let quota = state.sandbox.policy.tiers.get(&caller.tier).map(|t| t.data_quota_bytes).unwrap_or(0);
     let target = path.clone();
     let written = with_fs(&state, &caller, move |fs| Ok(fs.put(&target, &body, quota)?)).await;
+    state.sandbox.data_dir.usage_changed(&caller.user);
     let user = caller.user.as_str();
     let (outcome, detail) = match &written {
         Ok(bytes) => ("ok", serde_json::json!({"path": path, "bytes": bytes})),
@@ -94,6 +95,7 @@ pub async fn delete(
 ) -> Result<Json<Deleted>, ApiError> {
     let target = path.clone();
     let deleted = with_fs(&state, &caller, move |fs| Ok(fs.delete(&target)?)).await;
+    state.sandbox.data_dir.usage_changed(&caller.user);
     let user = caller.user.as_str();
     let (outcome, detail) = match &deleted {
         Ok(()) => ("ok", serde_json::json!({"path": path})),

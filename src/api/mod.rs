@@ -392,6 +392,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 ///
 /// The listener could not be bound, or the service failed to start.
 pub async fn serve(policy: Policy, settings: ServerSettings) -> Result<(), StartError> {
+    raise_open_file_limit();
     let state = AppState::open(policy, settings).await?;
     let listener = tokio::net::TcpListener::bind(state.settings.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %state.settings.data_dir.display(), "serving");
@@ -446,6 +447,19 @@ pub async fn run(
     state.store.close();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Every client connection is a descriptor: lift the soft limit to the hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, soft, "could not raise the open-file limit"),
+        },
+        Ok((soft, _)) if soft < 4096 => tracing::warn!(limit = soft, "open-file limit is low for many clients"),
+        _ => {}
+    }
 }
 
 async fn shutdown_signal() {

@@ -31,6 +31,8 @@ pub struct Invocation<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// Host directory shown as `/data`.
     pub data_dir: &'a Path,
+    /// Whether `/data` may be written (false once the user's quota is used up).
+    pub data_writable: bool,
     /// Host directory shown as `/tmp`.
     pub scratch_dir: &'a Path,
     pub limits: &'a Limits,
@@ -96,7 +98,7 @@ impl Engine {
             stdin: if matches!(tool.entry, Entry::Sdk { .. }) { b"" } else { inv.input.as_bytes() },
             stdout: stdout.clone(),
             stderr: stderr.clone(),
-            data_dir: Some(inv.data_dir),
+            data_dir: Some((inv.data_dir, inv.data_writable)),
             scratch_dir: Some(inv.scratch_dir),
         };
         let state = || CallState::new(limits);

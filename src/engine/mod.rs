@@ -147,6 +147,7 @@ impl Engine {
             table_elements: 100_000,
             output_bytes: 1 << 20,
             input_bytes: 0,
+            data_quota_bytes: 0,
         };
         Ok(Self {
             inner: Arc::new(Inner {

@@ -82,7 +82,8 @@ pub(crate) struct GuestView<'a> {
     pub stdout: CappedPipe,
     pub stderr: CappedPipe,
     /// Host directory shown as `/data`; none for `describe`.
-    pub data_dir: Option<&'a Path>,
+    /// And whether the tool may write to it.
+    pub data_dir: Option<(&'a Path, bool)>,
     /// Host directory shown as `/tmp`; none for `describe`.
     pub scratch_dir: Option<&'a Path>,
 }
@@ -102,8 +103,8 @@ impl GuestView<'_> {
             b.env(key, value);
         }
         // cap-std resolution: `..`, absolute paths and symlinks cannot leave a preopen.
-        if let Some(dir) = self.data_dir {
-            b.preopened_dir(dir, DATA_DIR, FsPerms::ReadWrite)?;
+        if let Some((dir, writable)) = self.data_dir {
+            b.preopened_dir(dir, DATA_DIR, if writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly })?;
         }
         if let Some(dir) = self.scratch_dir {
             b.preopened_dir(dir, TMP_DIR, FsPerms::ReadWrite)?;

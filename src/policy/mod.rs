@@ -44,6 +44,8 @@ pub struct Limits {
     pub output_bytes: usize,
     /// Cap on the input document.
     pub input_bytes: usize,
+    /// Cap on the bytes in the user's data directory.
+    pub data_quota_bytes: u64,
 }
 
 /// Why a call's policy could not be resolved. These are the caller's mistakes.
@@ -126,6 +128,7 @@ impl Policy {
             table_elements: self.table_elements,
             output_bytes: self.output_bytes,
             input_bytes: self.input_bytes,
+            data_quota_bytes: tier.data_quota_bytes,
         })
     }
 }
