@@ -125,9 +125,8 @@ pub struct Head {
 
 /// The head of the chain as stored.
 pub(crate) fn head(conn: &Connection) -> Result<Head, StoreError> {
-    let row = optional(conn.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
-        Ok(Head { seq: r.get(0)?, hash: r.get(1)? })
-    }))?;
+    let mut stmt = conn.prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?;
+    let row = optional(stmt.query_row([], |r| Ok(Head { seq: r.get(0)?, hash: r.get(1)? })))?;
     Ok(row.unwrap_or(Head { seq: 0, hash: GENESIS.to_owned() }))
 }
 

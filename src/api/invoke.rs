@@ -136,13 +136,18 @@ pub async fn invoke(
         let _permit = permit;
         let report = task_state.sandbox.run(Ok(&registered.tool), &call).await;
         let events = audit_events(&task_state, &caller, &report, registered.row.version, &call);
-        let stored =
-            task_state.store.record_execution(&report, Some(registered.row.version), idempotency, events).await;
+        let json: Bytes =
+            serde_json::to_vec(&report).map_err(|e| ApiError::internal("encoding the report", &e))?.into();
+        let stored = task_state
+            .store
+            .record_execution(&report, json.clone(), Some(registered.row.version), idempotency, events)
+            .await;
         task_state.metrics.call(&report, arrived.elapsed().as_secs_f64());
-        stored.map(|()| report)
+        stored?;
+        Ok::<_, ApiError>(json)
     });
-    let report = task.await.map_err(|e| ApiError::internal("the call's task", &e))??;
-    Ok(Json(report).into_response())
+    let json = task.await.map_err(|e| ApiError::internal("the call's task", &e))??;
+    Ok(stored_report(json))
 }
 
 /// Marks an idempotency key as running; a second request with it while the
@@ -247,7 +252,8 @@ fn alerts(state: &AppState, report: &ExecutionReport, call: &ToolCall) -> Vec<(&
     fired
 }
 
-fn stored_report(json: String) -> Response {
+fn stored_report(json: impl Into<Bytes>) -> Response {
+    let json: Bytes = json.into();
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
 }
 

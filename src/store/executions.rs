@@ -37,14 +37,15 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreError::Conflict`] when the idempotency key was taken meanwhile.
+    /// `json` is the report as answered, serialized once for both.
     pub async fn record_execution(
         &self,
         report: &ExecutionReport,
+        json: bytes::Bytes,
         tool_version: Option<u32>,
         idempotency: Option<(String, String)>,
         events: Vec<AuditEvent>,
     ) -> Result<(), StoreError> {
-        let json = serde_json::to_string(report)?;
         let (id, user, tool, status, started) = (
             report.id.clone(),
             report.user.clone(),
@@ -61,7 +62,17 @@ impl Store {
                                              idempotency_key, request_hash)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?
-                .execute(params![id, user, tool, tool_version, status, started, json, key, request_hash]);
+                .execute(params![
+                    id,
+                    user,
+                    tool,
+                    tool_version,
+                    status,
+                    started,
+                    rusqlite::types::ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(&json)),
+                    key,
+                    request_hash
+                ]);
             match inserted {
                 Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
                     return Err(StoreError::Conflict("idempotency key already used".into()));

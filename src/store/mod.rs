@@ -205,23 +205,25 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) {
     let committed = (|| -> Result<(), StoreError> {
         // IMMEDIATE: take the write lock now, so the audit head read below is
         // the head this batch appends to, even with a CLI writing beside us.
-        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = rfc3339(SystemTime::now());
         let mut head = audit::head(&tx)?;
         for job in batch {
-            let mut sp = tx.savepoint()?;
-            let mut writer = Writer { conn: &sp, now: now.clone(), audit_head: head.clone() };
+            // Savepoints by hand, through cached statements: rusqlite's
+            // `Savepoint` parses its SQL anew for every write.
+            tx.prepare_cached("SAVEPOINT job")?.execute([])?;
+            let mut writer = Writer { conn: &tx, now: now.clone(), audit_head: head.clone() };
             let result = (job.work)(&mut writer);
             let next_head = writer.audit_head;
             match result {
                 Ok(value) => {
-                    sp.commit()?;
+                    tx.prepare_cached("RELEASE job")?.execute([])?;
                     head = next_head;
                     replies.push((job.reply, Ok(value)));
                 }
                 Err(e) => {
-                    sp.rollback()?;
-                    drop(sp);
+                    tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
+                    tx.prepare_cached("RELEASE job")?.execute([])?;
                     replies.push((job.reply, Err(e)));
                 }
             }
