@@ -188,6 +188,7 @@ impl Drop for Store {
 }
 
 fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>) {
+    let (mut writes, mut commits) = (0u64, 0u64);
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -196,8 +197,11 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        writes += batch.len() as u64;
+        commits += 1;
         run_batch(&mut conn, batch);
     }
+    tracing::info!(writes, commits, "database writer stopped");
 }
 
 fn run_batch(conn: &mut Connection, batch: Vec<Job>) {
