@@ -1,7 +1,8 @@
 //! imagentx-sandbox runs AI agents' tool calls safely and fast.
 //!
 //! ```text
-//! CLI (cli.rs) ──> runner (Sandbox::run) ──> policy (tier → Limits)
+//! HTTP (api/) ──┐
+//! CLI (cli.rs) ─┴─> runner (Sandbox::run) ──> policy (tier → Limits)
 //!                        │                 └─> data_dir (users/<id> = /data, scratch = /tmp)
 //!                        └─> engine (wasmtime: load → fresh store + instance per call)
 //!                                  └─> ExecutionReport (report.rs)
@@ -13,9 +14,11 @@
 //! - [`data_dir`]: where users' files, scratch directories and artifacts live.
 //! - [`report`]: the `ExecutionReport` contract.
 //! - [`cli`]: the `imagentx-sandbox` command line.
+//! - [`api`]: the HTTP service (`serve`): routes, auth, admission, OpenAPI.
+//! - [`store`], [`audit`]: the SQLite database and the hash-chained audit trail.
+//! - [`userfs`]: a user's directory as the files API touches it.
 //!
-//! The HTTP service (issue 3) and the native jailer (issue 4) come next; see
-//! DESIGN.md for the whole shape.
+//! The native jailer (issue 4) comes next; see DESIGN.md for the whole shape.
 
 pub mod api;
 pub mod audit;

@@ -296,7 +296,7 @@ async fn a_burst_over_the_caps_gets_429_with_retry_after_never_a_hang_or_a_5xx()
     let s = TestServer::start_with(policy, |settings| settings.max_instances = 6).await;
     let alice = s.add_user("alice", "free", false).await; // 2 calls at once
     s.register("probe", "probe").await;
-    let slow = json!({"input": {"op": "sleep", "ms": 400}});
+    let slow = json!({"input": {"op": "sleep", "ms": 1000}});
 
     let burst = (0..8).map(|_| s.invoke("probe", &alice, slow.clone()));
     let answers = futures::future::join_all(burst).await;
@@ -375,7 +375,7 @@ async fn an_idempotency_key_makes_a_retry_answer_the_first_result() {
     assert_ne!(bobs.json()["id"], first.json()["id"]);
 
     // A retry while the first is still running is told so, not run twice.
-    let slow = json!({"input": {"op": "sleep", "ms": 500}}).to_string();
+    let slow = json!({"input": {"op": "sleep", "ms": 800}}).to_string();
     let (a, b) = tokio::join!(call("slow-1", slow.clone()), async {
         tokio::time::sleep(Duration::from_millis(150)).await;
         call("slow-1", slow.clone()).await

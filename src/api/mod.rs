@@ -133,6 +133,13 @@ impl AppState {
             draining: AtomicBool::new(false),
         });
         state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
+        if state.store.list_users()?.is_empty() {
+            tracing::warn!(
+                data_dir = %state.settings.data_dir.display(),
+                "no users yet: add an admin with `imagentx-sandbox user add NAME --admin --data-dir DIR` \
+                 (it prints the API key)"
+            );
+        }
         Ok(state)
     }
 }
