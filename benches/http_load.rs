@@ -177,6 +177,58 @@ async fn load(
     (total, started.elapsed())
 }
 
+/// An open loop: `clients` connections, together sending `rate` calls per
+/// second on a fixed schedule whether or not earlier calls have returned.
+/// Latency counts from each call's scheduled time, so a server that falls
+/// behind is charged for the queue (no coordinated omission).
+async fn open_loop(
+    addr: &str,
+    key: &str,
+    tool: &str,
+    body: &Bytes,
+    clients: usize,
+    rate: f64,
+    duration: Duration,
+) -> Tally {
+    let addr: Arc<str> = addr.into();
+    let key: Arc<str> = key.into();
+    let path: Arc<str> = format!("/v1/tools/{tool}/invoke").into();
+    let interval = Duration::from_secs_f64(clients as f64 / rate);
+    let t0 = tokio::time::Instant::now() + Duration::from_millis(50);
+    let end = t0 + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (addr, key, path, body) = (addr.clone(), key.clone(), path.clone(), body.clone());
+            tokio::spawn(async move {
+                let client = client();
+                let mut tally = Tally::default();
+                let mut scheduled = t0 + interval.mul_f64(c as f64 / clients as f64);
+                while scheduled < end {
+                    tokio::time::sleep_until(scheduled).await;
+                    let (status, answer) = send(&client, &addr, Method::POST, &path, &key, body.clone()).await;
+                    tally.latencies.push(scheduled.elapsed());
+                    match status {
+                        StatusCode::OK if answer.windows(13).any(|w| w == br#""status":"ok""#) => tally.ok += 1,
+                        StatusCode::TOO_MANY_REQUESTS => tally.too_many += 1,
+                        _ => tally.errors += 1,
+                    }
+                    scheduled += interval;
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for task in tasks {
+        let t = task.await.unwrap();
+        total.latencies.extend(t.latencies);
+        total.ok += t.ok;
+        total.too_many += t.too_many;
+        total.errors += t.errors;
+    }
+    total
+}
+
 fn wrk(addr: &str, key: &str, tool: &str, body: &str, dir: &Path, secs: u64) -> Option<String> {
     Command::new("wrk").arg("--version").output().ok()?;
     let script = dir.join("post.lua");
@@ -246,6 +298,29 @@ async fn main() {
             );
             answered_ok += t.ok;
         }
+    }
+
+    // Below saturation: the latency a caller sees when the server keeps up.
+    println!("\nOpen loop, 100 clients, trivial tool, calls sent on a fixed schedule:\n");
+    println!("| target calls/s | calls | p50 ms | p90 ms | p99 ms | max ms | ok | 429 | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let body = Bytes::from(trivial.clone());
+    for rate in [500.0, 1000.0, 2000.0, 3000.0] {
+        let mut t = open_loop(&server.addr, &key, "trivial", &body, 100, rate, Duration::from_secs(secs)).await;
+        t.latencies.sort();
+        let n = t.latencies.len();
+        let at = |q: f64| t.latencies[((n as f64 * q) as usize).min(n - 1)].as_secs_f64() * 1e3;
+        println!(
+            "| {rate:.0} | {n} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} |",
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            at(1.0),
+            t.ok,
+            t.too_many,
+            t.errors
+        );
+        answered_ok += t.ok;
     }
     println!("\nserver peak RSS (VmHWM): {:.0} MiB", rss_mib(pid, "VmHWM:"));
 

@@ -233,6 +233,7 @@ async fn a_clients_mistakes_get_a_4xx_with_a_message_and_lose_nothing() {
     assert_eq!(s.get("/v1/audit?kind=everything", &s.admin).await.error_code(), "bad_query");
     assert_eq!(s.get("/v1/audit?since=yesterday", &s.admin).await.error_code(), "bad_query");
     assert_eq!(s.get("/v1/nothing-here", &alice).await.error_code(), "no_route");
+    assert_eq!(s.get("/v1/executions/%FF", &alice).await.error_code(), "bad_path");
     assert_eq!(s.request(Method::PATCH, "/v1/tools", Some(&alice), "").await.error_code(), "method_not_allowed");
 
     // Nothing was lost or half-made by any of it.
@@ -431,7 +432,7 @@ async fn the_openapi_document_parses_and_covers_every_route() {
     let s = TestServer::start().await;
     let doc = s.get("/openapi.json", "").await.json();
     assert_eq!(doc["openapi"], "3.1.0");
-    let routes = imagentx_sandbox::api::routes(1, 1, 1);
+    let routes = imagentx_sandbox::api::routes();
     for route in &routes {
         let path = route.path.replace("{*", "{");
         let op = &doc["paths"][&path][route.method];
@@ -524,5 +525,23 @@ async fn a_tool_of_a_user_over_the_data_quota_cannot_write_and_the_report_says_s
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = s.report("probe", &alice, write("/data/second.txt", 10)).await;
     assert_eq!((r["output"]["ok"].as_bool(), &r["error"]), (Some(true), &Value::Null), "{r}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start_with(Policy::default(), |settings| settings.header_read_timeout_ms = 300).await;
+    let mut slow = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let cut = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await;
+    let read = cut.expect("the server did not cut the slow client off");
+    // Closed (0 bytes, or a reset), or told off with a 408 and then closed.
+    match read {
+        Ok(0) | Err(_) => {}
+        Ok(n) => assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"), "{:?}", &buf[..n]),
+    }
+    s.assert_healthy().await;
     s.stop().await;
 }

@@ -21,6 +21,53 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    fn full(burst: f64) -> Self {
+        Self { tokens: burst, at: Instant::now() }
+    }
+
+    /// Refills at `rate` per second up to `burst`, then takes one token if
+    /// there is one; otherwise answers the seconds until there will be.
+    fn take(&mut self, rate: f64, burst: f64) -> Result<(), f64> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - self.tokens) / rate)
+        }
+    }
+}
+
+/// Keeps refused requests from flooding the audit trail: per key (the kind of
+/// record and who caused it), `RECORDS_PER_SECOND` records, bursts of twice
+/// that; the rest are counted and the next record says how many were skipped.
+#[derive(Default)]
+pub struct AuditThrottle {
+    keys: Mutex<HashMap<String, (Bucket, u64)>>,
+}
+
+const RECORDS_PER_SECOND: f64 = 20.0;
+
+impl AuditThrottle {
+    /// `Some(skipped)` when a record may be written now (`skipped` records of
+    /// this key were left out before it); `None` when this one is skipped.
+    pub fn admit(&self, key: &str) -> Option<u64> {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let (bucket, skipped) =
+            keys.entry(key.to_owned()).or_insert_with(|| (Bucket::full(2.0 * RECORDS_PER_SECOND), 0));
+        match bucket.take(RECORDS_PER_SECOND, 2.0 * RECORDS_PER_SECOND) {
+            Ok(()) => Some(std::mem::take(skipped)),
+            Err(_) => {
+                *skipped += 1;
+                None
+            }
+        }
+    }
+}
+
 pub struct Admission {
     global_cap: u32,
     in_flight: AtomicU32,
@@ -80,17 +127,9 @@ impl Admission {
     pub fn rate(&self, user: &str, rate: u32) -> Result<(), Denial> {
         let rate = f64::from(rate.max(1));
         let burst = 2.0 * rate;
-        let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        let bucket = buckets.entry(user.to_owned()).or_insert(Bucket { tokens: burst, at: now });
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Ok(());
-        }
-        let wait = (1.0 - bucket.tokens) / rate;
-        Err(Denial {
+        let bucket = buckets.entry(user.to_owned()).or_insert_with(|| Bucket::full(burst));
+        bucket.take(rate, burst).map_err(|wait| Denial {
             reason: "rate",
             message: format!("over the tier's rate of {rate} requests per second"),
             retry_after: wait.ceil() as u64,
@@ -142,6 +181,19 @@ mod tests {
         drop(p1);
         assert_eq!(a.in_flight(), 2);
         assert!(a.admit("alice", 2).is_ok());
+    }
+
+    #[test]
+    fn refusals_are_recorded_at_a_bounded_rate_and_the_skipped_ones_counted() {
+        let t = AuditThrottle::default();
+        for _ in 0..40 {
+            assert_eq!(t.admit("auth_failure/anonymous"), Some(0));
+        }
+        assert_eq!(t.admit("auth_failure/anonymous"), None);
+        assert_eq!(t.admit("auth_failure/anonymous"), None);
+        assert_eq!(t.admit("denied/alice"), Some(0), "keys are separate");
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert_eq!(t.admit("auth_failure/anonymous"), Some(2));
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             let event = AuditEvent::new(Kind::Denied, "forbidden")
                 .actor(caller.user.as_str())
                 .detail(serde_json::json!({"method": parts.method.as_str(), "path": parts.uri.path()}));
-            record(state, event).await;
+            record_refusal(state, event).await;
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this route is for admins"));
         }
         Ok(Admin(caller))
@@ -64,7 +64,7 @@ async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result<Caller, Ap
                 "path": parts.uri.path(),
                 "reason": message,
             }));
-            record(state, event).await;
+            record_refusal(state, event).await;
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message));
         }
     };
@@ -73,6 +73,25 @@ async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result<Caller, Ap
         return Err(super::invoke::denied(state, &caller, None, denial).await);
     }
     Ok(caller)
+}
+
+/// Writes the audit record of a refused request, unless that caller's refusals
+/// are being recorded faster than [`super::admission::AuditThrottle`] allows
+/// (an unauthenticated flood must not fill the disk); the next record written
+/// says how many were skipped.
+pub(super) async fn record_refusal(state: &AppState, mut event: AuditEvent) {
+    let key = format!("{}/{}", event.kind.as_str(), event.actor.as_deref().unwrap_or("anonymous"));
+    match state.audit_throttle.admit(&key) {
+        None => {}
+        Some(skipped) => {
+            if skipped > 0
+                && let Some(detail) = event.detail.as_object_mut()
+            {
+                detail.insert("skipped_before".into(), skipped.into());
+            }
+            record(state, event).await;
+        }
+    }
 }
 
 /// Writes an audit record, logging (not failing the request) if it cannot.

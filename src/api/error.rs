@@ -93,3 +93,83 @@ impl IntoResponse for ApiError {
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request("bad_json", format!("request body: {e}")))
 }
+
+/// `axum::extract::Path` whose rejection (bad percent-encoding, a segment that
+/// is not valid UTF-8) is our 400, not axum's plain-text one.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(t)| ApiPath(t))
+            .map_err(|e| ApiError::bad_request("bad_path", e.body_text()))
+    }
+}
+
+/// How long a client may take to send a request body.
+const BODY_TIME: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Reads a request body of at most `limit` bytes.
+///
+/// A longer body is still read to its end (up to four times the limit, and
+/// not when its `Content-Length` already says it is longer) and thrown away
+/// before answering 413: a server that answers and closes while the client is
+/// still sending makes the kernel reset the connection, and the client never
+/// sees the answer.
+///
+/// # Errors
+///
+/// 413 `body_too_large`, 408 `body_timeout` after two minutes, 400 `bad_body`.
+pub async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let drain_cap = limit.saturating_mul(4).max(1 << 20);
+    let too_large = || {
+        ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is over the {limit}-byte limit"),
+        )
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > drain_cap as u64) {
+        return Err(too_large());
+    }
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut total = 0usize;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::bad_request("bad_body", format!("reading the body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                total = total.saturating_add(data.len());
+                if total <= limit {
+                    buf.extend_from_slice(&data);
+                } else if total > drain_cap {
+                    break;
+                }
+            }
+        }
+        Ok::<(), ApiError>(())
+    };
+    tokio::time::timeout(BODY_TIME, read).await.map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the body took over two minutes to arrive",
+        )
+    })??;
+    if total > limit {
+        return Err(too_large());
+    }
+    Ok(buf.freeze())
+}

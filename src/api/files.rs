@@ -4,13 +4,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::Authed;
+use super::error::{ApiPath, read_body};
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
 use crate::store::Caller;
@@ -47,13 +46,13 @@ async fn with_fs<T: Send + 'static>(
 }
 
 pub async fn list_root(state: State<Arc<AppState>>, caller: Authed) -> Result<Response, ApiError> {
-    get(state, caller, Path(String::new())).await
+    get(state, caller, ApiPath(String::new())).await
 }
 
 pub async fn get(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
-    Path(path): Path<String>,
+    ApiPath(path): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let shown = path.clone();
     with_fs(&state, &caller, move |fs| match fs.get(&path)? {
@@ -70,10 +69,11 @@ pub async fn get(
 pub async fn put(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
-    Path(path): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    ApiPath(path): ApiPath<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<Json<Written>, ApiError> {
-    let body = body?;
+    let body = read_body(&headers, body, state.settings.max_file_bytes).await?;
     let quota = state.sandbox.policy.tiers.get(&caller.tier).map(|t| t.data_quota_bytes).unwrap_or(0);
     let target = path.clone();
     let written = with_fs(&state, &caller, move |fs| Ok(fs.put(&target, &body, quota)?)).await;
@@ -91,7 +91,7 @@ pub async fn put(
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
-    Path(path): Path<String>,
+    ApiPath(path): ApiPath<String>,
 ) -> Result<Json<Deleted>, ApiError> {
     let target = path.clone();
     let deleted = with_fs(&state, &caller, move |fs| Ok(fs.delete(&target)?)).await;

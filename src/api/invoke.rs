@@ -5,16 +5,15 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::admission::Denial;
-use super::auth::{Authed, record};
-use super::error::parse_json;
+use super::auth::{Authed, record_refusal};
+use super::error::{ApiPath, parse_json, read_body};
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
 use crate::policy::Tier;
@@ -38,6 +37,8 @@ pub struct InvokeRequest {
     pub version: Option<u32>,
 }
 
+/// Room in an invoke body for the fields around the input.
+pub const INVOKE_ENVELOPE_BYTES: usize = 64 << 10;
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
@@ -51,7 +52,7 @@ pub(super) async fn denied(state: &AppState, caller: &Caller, tool: Option<&str>
     if let Some(tool) = tool {
         event = event.tool(tool);
     }
-    record(state, event).await;
+    record_refusal(state, event).await;
     ApiError::too_many(denial.reason, denial.message, denial.retry_after)
 }
 
@@ -64,12 +65,13 @@ fn tier<'a>(state: &'a AppState, caller: &Caller) -> Result<&'a Tier, ApiError> 
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let body = body?;
+    let body =
+        read_body(&headers, body, state.sandbox.policy.input_bytes.saturating_add(INVOKE_ENVELOPE_BYTES)).await?;
     let request: InvokeRequest =
         if body.iter().all(u8::is_ascii_whitespace) { InvokeRequest::default() } else { parse_json(&body)? };
     let tier = tier(&state, &caller)?;
@@ -280,7 +282,7 @@ pub async fn list(
 pub async fn show(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     // Another user's execution is answered exactly like one that does not exist.
     let owner = if caller.admin { None } else { Some(caller.user.as_str()) };

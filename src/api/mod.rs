@@ -31,7 +31,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{MethodRouter, delete, get, post, put};
 use serde::Deserialize;
 
-pub use admission::{Admission, Denial};
+pub use admission::{Admission, AuditThrottle, Denial};
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use openapi::document as openapi_document;
@@ -56,6 +56,9 @@ pub struct ServerSettings {
     pub max_file_bytes: usize,
     /// How long a shutdown waits for calls in flight.
     pub shutdown_grace_ms: u64,
+    /// A client must send a request's headers within this long, or its
+    /// connection is closed (slowloris).
+    pub header_read_timeout_ms: u64,
     /// Write tools' inputs and outputs into the audit trail too (off: they stay
     /// only in the caller's execution records).
     pub audit_payloads: bool,
@@ -69,6 +72,7 @@ impl Default for ServerSettings {
             max_instances: 1000,
             max_file_bytes: 64 << 20,
             shutdown_grace_ms: 30_000,
+            header_read_timeout_ms: 10_000,
             audit_payloads: false,
         }
     }
@@ -86,6 +90,7 @@ pub struct AppState {
     /// Idempotency keys of calls still running, as `(user, key)`.
     pub(crate) running_keys: Mutex<HashSet<(String, String)>>,
     pub(crate) draining: AtomicBool,
+    pub(crate) audit_throttle: AuditThrottle,
 }
 
 /// Why the service could not start.
@@ -131,6 +136,7 @@ impl AppState {
             settings,
             running_keys: Mutex::default(),
             draining: AtomicBool::new(false),
+            audit_throttle: AuditThrottle::default(),
         });
         state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
         if state.store.list_users()?.is_empty() {
@@ -178,7 +184,7 @@ fn json<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars:
 }
 
 /// Every route of the service.
-pub fn routes(module_bytes: usize, input_bytes: usize, file_bytes: usize) -> Vec<Route> {
+pub fn routes() -> Vec<Route> {
     use Access::{Admin, Public, User};
     let r = |method, path, summary, access, request, response, handler| Route {
         method,
@@ -237,7 +243,7 @@ pub fn routes(module_bytes: usize, input_bytes: usize, file_bytes: usize) -> Vec
                 Admin,
                 Body::Raw("application/wasm"),
                 Body::Json(json::<crate::store::ToolRow>),
-                post(tools::register).layer(DefaultBodyLimit::max(module_bytes)),
+                post(tools::register),
             ),
             &[
                 ("name", "Tool name (default: from the SDK's describe)."),
@@ -285,7 +291,7 @@ pub fn routes(module_bytes: usize, input_bytes: usize, file_bytes: usize) -> Vec
             User,
             Body::Json(json::<invoke::InvokeRequest>),
             Body::Json(json::<crate::report::ExecutionReport>),
-            post(invoke::invoke).layer(DefaultBodyLimit::max(input_bytes.saturating_add(64 << 10))),
+            post(invoke::invoke),
         ),
         q(
             r(
@@ -333,7 +339,7 @@ pub fn routes(module_bytes: usize, input_bytes: usize, file_bytes: usize) -> Vec
             User,
             Body::Raw("application/octet-stream"),
             Body::Json(json::<files::Written>),
-            put(files::put).layer(DefaultBodyLimit::max(file_bytes)),
+            put(files::put),
         ),
         r(
             "delete",
@@ -381,9 +387,8 @@ pub fn routes(module_bytes: usize, input_bytes: usize, file_bytes: usize) -> Vec
 
 /// The service's router.
 pub fn router(state: Arc<AppState>) -> Router {
-    let policy = &state.sandbox.policy;
     let mut app = Router::new();
-    for route in routes(policy.module_bytes, policy.input_bytes, state.settings.max_file_bytes) {
+    for route in routes() {
         app = app.route(route.path, route.handler);
     }
     app.fallback(admin::no_route)
@@ -406,43 +411,63 @@ pub async fn serve(policy: Policy, settings: ServerSettings) -> Result<(), Start
     run(listener, state, shutdown_signal()).await
 }
 
-/// Serves on `listener` until `shutdown` completes (tests pass their own).
+/// Serves on `listener` until `shutdown` completes (tests pass their own),
+/// then stops accepting, lets requests in flight finish (and calls whose
+/// clients left be recorded) for up to the grace period, and closes the
+/// database.
+///
+/// Connections are served by hyper directly rather than `axum::serve`, for
+/// a header-read timeout: otherwise a client that never finishes its headers
+/// holds its connection forever.
 ///
 /// # Errors
 ///
-/// The server's I/O failure.
+/// None yet: accept errors (e.g. out of descriptors) are logged and retried.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let draining_state = state.clone();
-    let graceful = async move {
-        shutdown.await;
-        draining_state.draining.store(true, Ordering::Release);
-        tracing::info!(
-            calls_in_flight = draining_state.admission.in_flight(),
-            "shutting down; finishing calls in flight"
-        );
-        let _ = stop_tx.send(true);
-    };
-    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(graceful);
-    let grace = Duration::from_millis(state.settings.shutdown_grace_ms);
-    let mut stop_rx = stop_rx;
-    let deadline = async move {
-        let _ = stop_rx.wait_for(|stopped| *stopped).await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = server => result?,
-        () = deadline => tracing::warn!(
-            calls_in_flight = state.admission.in_flight(),
-            "shutdown grace period over; stopping with calls still running"
-        ),
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(state.settings.header_read_timeout_ms));
+    let app = router(state.clone());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    state.draining.store(true, Ordering::Release);
+    tracing::info!(calls_in_flight = state.admission.in_flight(), "shutting down; finishing calls in flight");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(state.settings.shutdown_grace_ms);
+    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
+        tracing::warn!("shutdown grace period over; closing connections with requests still running");
     }
     // Calls whose clients left still finish and are recorded, within the grace.
-    let waited = tokio::time::timeout(grace, async {
+    let waited = tokio::time::timeout_at(deadline, async {
         while state.admission.in_flight() > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -1,13 +1,10 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document, built from the same route
 //! table as the router ([`super::routes`]) and from the types' own schemas.
 
-use std::sync::Arc;
-
 use axum::Json;
-use axum::extract::State;
 use serde_json::{Map, Value, json};
 
-use super::{Access, AppState, Body, Route};
+use super::{Access, Body, Route};
 
 fn content(body: Body, generator: &mut schemars::SchemaGenerator) -> Option<Value> {
     match body {
@@ -81,7 +78,6 @@ pub fn document(routes: &[Route]) -> Value {
     })
 }
 
-pub async fn serve(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let policy = &state.sandbox.policy;
-    Json(document(&super::routes(policy.module_bytes, policy.input_bytes, state.settings.max_file_bytes)))
+pub async fn serve() -> Json<Value> {
+    Json(document(&super::routes()))
 }

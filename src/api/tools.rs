@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::auth::{Admin, Authed, record};
+use super::error::{ApiPath, read_body};
 use super::registry::{Registered, write_blob};
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
@@ -71,10 +71,11 @@ pub async fn register(
     State(state): State<Arc<AppState>>,
     Admin(caller): Admin,
     query: Result<Query<RegisterQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let bytes = body?;
+    let bytes = read_body(&headers, body, state.sandbox.policy.module_bytes).await?;
     if bytes.is_empty() {
         return Err(ApiError::bad_request("empty_body", "send the tool's .wasm module as the request body"));
     }
@@ -169,7 +170,7 @@ pub async fn list(
 pub async fn show(
     State(state): State<Arc<AppState>>,
     Authed(_): Authed,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ToolVersions>, ApiError> {
     let versions: Vec<ToolRow> = state.registry.versions(&name).iter().map(|t| t.row.clone()).collect();
     if versions.is_empty() {
@@ -187,7 +188,7 @@ pub struct RetireQuery {
 pub async fn retire(
     State(state): State<Arc<AppState>>,
     Admin(caller): Admin,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     query: Result<Query<RetireQuery>, QueryRejection>,
 ) -> Result<Json<Retired>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
