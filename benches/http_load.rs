@@ -133,6 +133,36 @@ struct Tally {
     errors: u64,
 }
 
+impl Tally {
+    /// One answer: `ok` only for a 200 whose report says `ok`; the first few
+    /// errors of a client are printed, so that a row's errors can be told apart.
+    fn count(&mut self, latency: Duration, status: StatusCode, answer: &[u8]) {
+        self.latencies.push(latency);
+        match status {
+            StatusCode::OK if answer.windows(13).any(|w| w == br#""status":"ok""#) => self.ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => self.too_many += 1,
+            _ => {
+                self.errors += 1;
+                if self.errors <= 3 {
+                    eprintln!("error: {status}: {}", String::from_utf8_lossy(&answer[..answer.len().min(600)]));
+                }
+            }
+        }
+    }
+
+    async fn merge(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+        let mut total = Tally::default();
+        for task in tasks {
+            let t = task.await.unwrap();
+            total.latencies.extend(t.latencies);
+            total.ok += t.ok;
+            total.too_many += t.too_many;
+            total.errors += t.errors;
+        }
+        total
+    }
+}
+
 async fn load(
     addr: &str,
     key: &str,
@@ -155,33 +185,13 @@ async fn load(
                 while Instant::now() < until {
                     let t = Instant::now();
                     let (status, answer) = send(&client, &addr, Method::POST, &path, &key, body.clone()).await;
-                    tally.latencies.push(t.elapsed());
-                    match status {
-                        StatusCode::OK if answer.windows(13).any(|w| w == br#""status":"ok""#) => tally.ok += 1,
-                        StatusCode::TOO_MANY_REQUESTS => tally.too_many += 1,
-                        _ => {
-                            tally.errors += 1;
-                            if tally.errors <= 3 {
-                                eprintln!(
-                                    "error: {status}: {}",
-                                    String::from_utf8_lossy(&answer[..answer.len().min(600)])
-                                );
-                            }
-                        }
-                    }
+                    tally.count(t.elapsed(), status, &answer);
                 }
                 tally
             })
         })
         .collect();
-    let mut total = Tally::default();
-    for task in tasks {
-        let t = task.await.unwrap();
-        total.latencies.extend(t.latencies);
-        total.ok += t.ok;
-        total.too_many += t.too_many;
-        total.errors += t.errors;
-    }
+    let total = Tally::merge(tasks).await;
     (total, started.elapsed())
 }
 
@@ -219,28 +229,15 @@ async fn open_loop(
                     tokio::time::sleep_until(scheduled).await;
                     let start = if behind { scheduled } else { tokio::time::Instant::now() };
                     let (status, answer) = send(&client, &addr, Method::POST, &path, &key, body.clone()).await;
-                    tally.latencies.push(start.elapsed());
+                    tally.count(start.elapsed(), status, &answer);
                     behind = tokio::time::Instant::now() > scheduled + interval;
-                    match status {
-                        StatusCode::OK if answer.windows(13).any(|w| w == br#""status":"ok""#) => tally.ok += 1,
-                        StatusCode::TOO_MANY_REQUESTS => tally.too_many += 1,
-                        _ => tally.errors += 1,
-                    }
                     scheduled += interval;
                 }
                 tally
             })
         })
         .collect();
-    let mut total = Tally::default();
-    for task in tasks {
-        let t = task.await.unwrap();
-        total.latencies.extend(t.latencies);
-        total.ok += t.ok;
-        total.too_many += t.too_many;
-        total.errors += t.errors;
-    }
-    total
+    Tally::merge(tasks).await
 }
 
 fn wrk(addr: &str, key: &str, tool: &str, body: &str, dir: &Path, secs: u64) -> Option<String> {
