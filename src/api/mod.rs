@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{MethodRouter, delete, get, post, put};
 use serde::Deserialize;
 
@@ -391,10 +390,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     for route in routes() {
         app = app.route(route.path, route.handler);
     }
-    app.fallback(admin::no_route)
-        .method_not_allowed_fallback(admin::no_method)
-        .layer(DefaultBodyLimit::max(1 << 20))
-        .with_state(state)
+    app.fallback(admin::no_route).method_not_allowed_fallback(admin::no_method).with_state(state)
 }
 
 /// Serves until SIGINT or SIGTERM, then lets calls in flight finish for up
