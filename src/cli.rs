@@ -3,7 +3,9 @@
 //! `run` prints one `ExecutionReport` as JSON and exits 0 when its status is
 //! `ok`, 1 for any other status, 2 for a usage error.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,8 +16,9 @@ use crate::api::ServerSettings;
 use crate::data_dir::DataDir;
 use crate::engine::{Engine, EngineConfig};
 use crate::policy::{Policy, PolicyFile, UserId};
+use crate::jail::{Jail, JailConfig};
 use crate::report::Status;
-use crate::runner::{Sandbox, ToolCall};
+use crate::runner::{NativeTool, Sandbox, ToolCall};
 use crate::store::Store;
 
 #[derive(Debug, Parser)]
@@ -135,9 +138,10 @@ pub struct RunArgs {
     /// Run a native program in the Linux jailer instead of a WASM tool.
     #[arg(long)]
     pub native: bool,
-    /// The tool (.wasm component or module, or .wat text).
-    pub tool: PathBuf,
-    /// Arguments passed to the tool.
+    /// The tool (.wasm component or module, or .wat text); none with --native.
+    #[arg(required_unless_present = "native")]
+    pub tool: Option<PathBuf>,
+    /// Arguments passed to the tool; with --native, the program and its arguments.
     #[arg(last = true)]
     pub args: Vec<String>,
 }
@@ -186,6 +190,21 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
+/// The policy and the jail's settings from a config file (defaults without one).
+fn load_config(config: Option<&Path>) -> Result<(Policy, JailConfig), UsageError> {
+    let Some(path) = config else { return Ok((Policy::default(), JailConfig::default())) };
+    let text = std::fs::read_to_string(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?;
+    let mut file = PolicyFile::parse(&text)?;
+    let jail = jail_config(&mut file, path)?;
+    Ok((file.apply(Policy::default())?, jail))
+}
+
+fn jail_config(file: &mut PolicyFile, path: &Path) -> Result<JailConfig, UsageError> {
+    toml::Value::Table(file.take_jail())
+        .try_into()
+        .map_err(|e| UsageError(format!("{}: [jail]: {e}", path.display())))
+}
+
 fn load_policy(config: Option<&Path>) -> Result<Policy, UsageError> {
     let Some(path) = config else { return Ok(Policy::default()) };
     let text = std::fs::read_to_string(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?;
@@ -207,24 +226,46 @@ fn tool_name(path: &Path) -> String {
 }
 
 async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
-    if args.native {
-        return Err(UsageError("--native: the native jailer is not built yet (issue 4)".into()));
-    }
-    let policy = load_policy(args.config.as_deref())?;
+    let (policy, jail_config) = load_config(args.config.as_deref())?;
     let user = UserId::new(&args.user)?;
     let timeout = args.timeout_ms.map(Duration::from_millis);
     policy.resolve(&args.tier, timeout)?;
-    let bytes = std::fs::read(&args.tool).map_err(|e| UsageError(format!("reading {}: {e}", args.tool.display())))?;
+    let tool = match (&args.tool, args.native) {
+        (Some(path), false) => Some(path),
+        (None, true) if !args.args.is_empty() => None,
+        (None, _) => return Err(UsageError("--native needs a program: run --native -- PROGRAM [ARGS...]".into())),
+        (Some(path), true) => {
+            return Err(UsageError(format!(
+                "--native runs the program after `--`, not {}: run --native -- PROGRAM [ARGS...]",
+                path.display()
+            )));
+        }
+    };
+    let bytes = match tool {
+        Some(path) => Some(std::fs::read(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?),
+        None => None,
+    };
     let mut input = Vec::new();
     if !std::io::stdin().is_terminal() {
         std::io::stdin().take(policy.input_bytes as u64 + 1).read_to_end(&mut input)?;
     }
     let sandbox = sandbox(policy, &args.data_dir)?;
-    let name = tool_name(&args.tool);
-    let call = ToolCall { user, tier: args.tier, input, args: args.args, timeout };
-    let report = match sandbox.load(&bytes, &name).await {
-        Ok(tool) => sandbox.run(Ok(&tool), &call).await,
-        Err(e) => sandbox.run(Err((&name, &e)), &call).await,
+    let report = match (tool, bytes) {
+        (Some(path), Some(bytes)) => {
+            let name = tool_name(path);
+            let call = ToolCall { user, tier: args.tier, input, args: args.args, timeout };
+            match sandbox.load(&bytes, &name).await {
+                Ok(tool) => sandbox.run(Ok(&tool), &call).await,
+                Err(e) => sandbox.run(Err((&name, &e)), &call).await,
+            }
+        }
+        _ => {
+            let jail = Arc::new(Jail::new(jail_config).map_err(|e| UsageError(format!("the native jail: {e}")))?);
+            let name = args.args.first().map(|p| tool_name(Path::new(p))).unwrap_or_default();
+            let tool = NativeTool { name, argv: args.args, env: BTreeMap::new(), layout: None };
+            let call = ToolCall { user, tier: args.tier, input, args: Vec::new(), timeout };
+            sandbox.run_native(&jail, &tool, &call).await
+        }
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(if report.status == Status::Ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -247,6 +288,7 @@ async fn describe(args: DescribeArgs) -> Result<ExitCode, UsageError> {
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, UsageError> {
     let mut settings = ServerSettings::default();
+    let mut jail = JailConfig::default();
     let policy = match &args.config {
         None => Policy::default(),
         Some(path) => {
@@ -256,6 +298,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, UsageError> {
             settings = toml::Value::Table(file.take_server())
                 .try_into()
                 .map_err(|e| UsageError(format!("{}: [server]: {e}", path.display())))?;
+            jail = jail_config(&mut file, path)?;
             file.apply(Policy::default())?
         }
     };

@@ -25,6 +25,7 @@ pub mod audit;
 pub mod cli;
 pub mod data_dir;
 pub mod engine;
+pub mod jail;
 pub mod policy;
 pub mod report;
 pub mod runner;

@@ -5,9 +5,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
+use std::sync::Arc;
+
 use crate::data_dir::DataDir;
 use crate::engine::{Engine, Invocation, LoadError, Outcome, Tool};
-use crate::policy::{Policy, UserId};
+use crate::jail::{self, Jail, Layout, NativeOutcome, NativeRun};
+use crate::policy::{Limits, Policy, UserId};
 use crate::report::{ExecutionReport, Runtime, Status, Truncated, Usage, new_execution_id, rfc3339};
 
 /// One call as requested: who, under which tier, with what.
@@ -20,6 +23,18 @@ pub struct ToolCall {
     pub args: Vec<String>,
     /// The wall-clock budget asked for; the policy's default when `None`.
     pub timeout: Option<Duration>,
+}
+
+/// A native tool: a program with its arguments, run in the jail.
+#[derive(Debug, Clone)]
+pub struct NativeTool {
+    pub name: String,
+    /// The program and its fixed arguments; a call's `args` follow.
+    pub argv: Vec<String>,
+    /// Variables set for the tool, over the jail's and the policy's.
+    pub env: BTreeMap<String, String>,
+    /// Its own root (a rootfs directory), instead of the host's system.
+    pub layout: Option<Arc<Layout>>,
 }
 
 /// The policy, the engine and the data directory: everything a call needs.
@@ -97,7 +112,8 @@ impl Sandbox {
         report
     }
 
-    async fn execute(&self, tool: &Tool, call: &ToolCall) -> Result<Outcome, (Status, String)> {
+    /// The call's limits and its input document, or why the call is refused.
+    fn admit<'c>(&self, call: &'c ToolCall) -> Result<(Limits, &'c str), (Status, String)> {
         let invalid = |message: String| (Status::InvalidInput, message);
         let limits = self.policy.resolve(&call.tier, call.timeout).map_err(|e| invalid(e.to_string()))?;
         if call.input.len() > limits.input_bytes {
@@ -111,14 +127,142 @@ impl Sandbox {
         let input = if input.trim().is_empty() { "null" } else { input };
         serde_json::from_str::<serde::de::IgnoredAny>(input)
             .map_err(|e| invalid(format!("input is not valid JSON: {e}")))?;
+        Ok((limits, input))
+    }
+
+    /// Whether the user's `/data` is writable for this call (under quota),
+    /// with the note for the report when it is not.
+    async fn data_access(&self, call: &ToolCall, limits: &Limits) -> (bool, Option<String>) {
+        let used = self.data_dir.usage(&call.user).await;
+        if used.is_some_and(|used| used < limits.data_quota_bytes) {
+            return (true, None);
+        }
+        let used = used.map_or_else(|| "an unmeasurable amount".to_owned(), |b| format!("{b} bytes"));
+        let note = format!(
+            "/data was read-only for this call: the user's data directory holds {used}, its quota is {} bytes",
+            limits.data_quota_bytes
+        );
+        (false, Some(note))
+    }
+
+    /// Runs `call` with the native `tool` in `jail`; always answers a report.
+    pub async fn run_native(&self, jail: &Arc<Jail>, tool: &NativeTool, call: &ToolCall) -> ExecutionReport {
+        let started_at = SystemTime::now();
+        let clock = Instant::now();
+        let id = new_execution_id();
+        let outcome = match self.execute_native(jail, tool, call).await {
+            Ok(outcome) => outcome,
+            Err((status, message)) => NativeOutcome {
+                status,
+                exit_code: None,
+                signal: None,
+                error: Some(message),
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                stdout_truncated: false,
+                stderr_truncated: false,
+                wall: clock.elapsed(),
+                cpu: None,
+                peak_memory_bytes: None,
+                peak_processes: None,
+            },
+        };
+        // As for a WASM command: stdout that is JSON is the output.
+        let stdout_text = String::from_utf8_lossy(&outcome.stdout).into_owned();
+        let (output, stdout) = match serde_json::from_str::<serde_json::Value>(&stdout_text) {
+            Ok(value) if outcome.status == Status::Ok && !outcome.stdout_truncated => (Some(value), String::new()),
+            _ => (None, stdout_text),
+        };
+        let report = ExecutionReport {
+            id,
+            tool: tool.name.clone(),
+            tool_sha256: None,
+            user: call.user.to_string(),
+            tier: call.tier.clone(),
+            runtime: Runtime::Native,
+            status: outcome.status,
+            exit_code: outcome.exit_code,
+            signal: outcome.signal,
+            output,
+            error: outcome.error,
+            stdout,
+            stderr: String::from_utf8_lossy(&outcome.stderr).into_owned(),
+            truncated: Truncated { stdout: outcome.stdout_truncated, stderr: outcome.stderr_truncated, output: false },
+            usage: Usage {
+                wall_ms: millis(clock.elapsed()),
+                cpu_ms: outcome.cpu.map(millis),
+                fuel_consumed: None,
+                peak_memory_bytes: outcome.peak_memory_bytes,
+                peak_processes: outcome.peak_processes.map(|p| u32::try_from(p).unwrap_or(u32::MAX)),
+                bytes_written: None,
+            },
+            started_at: rfc3339(started_at),
+            finished_at: rfc3339(SystemTime::now()),
+        };
+        if matches!(
+            report.status,
+            Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit
+        ) {
+            tracing::warn!(
+                limit = report.status.as_str(),
+                tool = %report.tool,
+                user = %report.user,
+                tier = %report.tier,
+                "native run stopped"
+            );
+        }
+        report
+    }
+
+    async fn execute_native(
+        &self,
+        jail: &Arc<Jail>,
+        tool: &NativeTool,
+        call: &ToolCall,
+    ) -> Result<NativeOutcome, (Status, String)> {
+        let (limits, input) = self.admit(call)?;
+        let input = if call.input.is_empty() { Vec::new() } else { input.as_bytes().to_vec() };
+        let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
+        let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
+        jail.prepare_data_dir(&data_dir).map_err(|e| internal(&format!("preparing {}: {e}", data_dir.display())))?;
+        let (data_writable, note) = self.data_access(call, &limits).await;
+        let env = jail::environment(&[&self.policy.env, &tool.env]);
+        let argv: Vec<String> = tool.argv.iter().chain(&call.args).cloned().collect();
+        let (jail, layout) = (Arc::clone(jail), tool.layout.clone());
+        let mut outcome = tokio::task::spawn_blocking(move || {
+            jail.run(&NativeRun {
+                argv: &argv,
+                env: &env,
+                input: &input,
+                data_dir: &data_dir,
+                data_writable,
+                limits: &limits,
+                layout: layout.as_deref(),
+            })
+        })
+        .await
+        .map_err(|e| internal(&format!("the jail's supervisor failed: {e}")))?;
+        if data_writable {
+            self.data_dir.usage_changed(&call.user);
+        }
+        if let Some(note) = note {
+            outcome.error = Some(match outcome.error.take() {
+                Some(error) => format!("{error} ({note})"),
+                None => note,
+            });
+        }
+        Ok(outcome)
+    }
+
+    async fn execute(&self, tool: &Tool, call: &ToolCall) -> Result<Outcome, (Status, String)> {
+        let (limits, input) = self.admit(call)?;
 
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
         let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
         let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
         let env: &BTreeMap<String, String> = &self.policy.env;
         // Over its quota, the user's directory is read-only for the call.
-        let used = self.data_dir.usage(&call.user).await;
-        let data_writable = used.is_some_and(|used| used < limits.data_quota_bytes);
+        let (data_writable, note) = self.data_access(call, &limits).await;
         let invocation = Invocation {
             input,
             args: &call.args,
@@ -134,13 +278,8 @@ impl Sandbox {
         })?;
         if data_writable {
             self.data_dir.usage_changed(&call.user);
-        } else {
-            let used = used.map_or_else(|| "an unmeasurable amount".to_owned(), |b| format!("{b} bytes"));
-            let note = format!(
-                "/data was read-only for this call: the user's data directory holds {used}, \
-                 its quota is {} bytes",
-                limits.data_quota_bytes
-            );
+        }
+        if let Some(note) = note {
             outcome.error = Some(match outcome.error.take() {
                 Some(error) => format!("{error} ({note})"),
                 None => note,

@@ -148,6 +148,11 @@ impl Engine {
             output_bytes: 1 << 20,
             input_bytes: 0,
             data_quota_bytes: 0,
+            cpu_share: 1.0,
+            pids: 1,
+            nofile_soft: 0,
+            nofile_hard: 0,
+            tmp_bytes: 0,
         };
         Ok(Self {
             inner: Arc::new(Inner {

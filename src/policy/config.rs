@@ -21,6 +21,7 @@
 //! data_quota_bytes = 10737418240  # optional (default 1 GiB)
 //!
 //! [server]              # settings of `serve` (see api::ServerSettings)
+//! [jail]                # the native jailer (see jail::JailConfig)
 //! listen = "127.0.0.1:8080"
 //!
 //! [env]                 # the environment every tool sees
@@ -58,6 +59,9 @@ pub struct PolicyFile {
     /// The `[server]` table: read by `serve`, not part of the policy.
     #[serde(default)]
     server: toml::Table,
+    /// The `[jail]` table: the native jailer's settings (see `jail::JailConfig`).
+    #[serde(default)]
+    jail: toml::Table,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +84,11 @@ impl PolicyFile {
     /// [`ConfigError::Parse`] with the line and the key that is wrong.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         Ok(toml::from_str(text)?)
+    }
+
+    /// Takes the `[jail]` table out (the native jailer's settings).
+    pub fn take_jail(&mut self) -> toml::Table {
+        std::mem::take(&mut self.jail)
     }
 
     /// Takes the `[server]` table out (settings of `serve`, checked there).

@@ -46,6 +46,15 @@ pub struct Limits {
     pub input_bytes: usize,
     /// Cap on the bytes in the user's data directory.
     pub data_quota_bytes: u64,
+    /// The tier's share of one core (a native run's cgroup CPU quota).
+    pub cpu_share: f64,
+    /// Processes a native run may have at once.
+    pub pids: u32,
+    /// Open-file limits of a native run.
+    pub nofile_soft: u64,
+    pub nofile_hard: u64,
+    /// Size of a native run's `/tmp`.
+    pub tmp_bytes: u64,
 }
 
 /// Why a call's policy could not be resolved. These are the caller's mistakes.
@@ -129,6 +138,11 @@ impl Policy {
             output_bytes: self.output_bytes,
             input_bytes: self.input_bytes,
             data_quota_bytes: tier.data_quota_bytes,
+            cpu_share: tier.cpu,
+            pids: tier.pids,
+            nofile_soft: tier.nofile_soft,
+            nofile_hard: tier.nofile_hard,
+            tmp_bytes: tier.tmp_bytes,
         })
     }
 }

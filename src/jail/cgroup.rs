@@ -1,0 +1,406 @@
+//! Cgroups: one per run, with the tier's memory, CPU and process limits, on
+//! cgroup v1 (controllers on their own hierarchies, as on hybrid hosts) or
+//! cgroup v2 (the unified hierarchy), detected at start.
+//!
+//! A small module of our own: the cgroup crates assume systemd or v2 only.
+//! Everything is plain file I/O on cgroupfs.
+
+use std::fs;
+use std::io::{self, ErrorKind};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The cgroup version to use: `auto` picks v1 when the memory, cpu and pids
+/// controllers are mounted on v1 hierarchies, else v2.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    #[default]
+    Auto,
+    V1,
+    V2,
+}
+
+/// Where runs' cgroups are created, found at start.
+#[derive(Debug, Clone)]
+pub enum Cgroups {
+    V1 { memory: PathBuf, cpu: PathBuf, cpuacct: PathBuf, pids: PathBuf, memsw: bool },
+    V2 { parent: PathBuf, swap: bool },
+}
+
+/// Why cgroups cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no usable cgroup hierarchy: {0}")]
+    Unavailable(String),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CgroupError {
+    let path = path.to_owned();
+    move |source| CgroupError::Io { what, path, source }
+}
+
+/// Mount points of cgroup hierarchies: v1 ones with their controllers, and
+/// the v2 one.
+#[derive(Debug, Default)]
+struct Mounts {
+    v1: Vec<(PathBuf, Vec<String>)>,
+    v2: Option<PathBuf>,
+}
+
+fn mounts() -> io::Result<Mounts> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut found = Mounts::default();
+    for line in text.lines() {
+        // "... mount_point options [optional fields] - fstype source super_options"
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some(mount_point) = left.split(' ').nth(4) else { continue };
+        let mut right = right.split(' ');
+        let (fstype, super_options) = (right.next(), right.nth(1).unwrap_or(""));
+        match fstype {
+            Some("cgroup") => {
+                let controllers = super_options.split(',').map(str::to_owned).collect();
+                found.v1.push((PathBuf::from(mount_point), controllers));
+            }
+            Some("cgroup2") => found.v2 = Some(PathBuf::from(mount_point)),
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
+/// This process's cgroup path in the hierarchy holding `controller` (v1), or
+/// in the unified hierarchy (`None`).
+fn own_path(controller: Option<&str>) -> io::Result<String> {
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+        let matches = match controller {
+            None => controllers.is_empty(),
+            Some(c) => controllers.split(',').any(|x| x == c),
+        };
+        if matches {
+            return Ok(path.to_owned());
+        }
+    }
+    Err(io::Error::new(ErrorKind::NotFound, format!("no {} line in /proc/self/cgroup", controller.unwrap_or("cgroup v2"))))
+}
+
+fn join(mount: &Path, own: &str, name: &str) -> PathBuf {
+    mount.join(own.trim_start_matches('/')).join(name)
+}
+
+impl Cgroups {
+    /// Finds the hierarchies and makes the parent cgroup `name` under this
+    /// process's own cgroup (so limits put on the service also hold its runs).
+    ///
+    /// # Errors
+    ///
+    /// When no hierarchy has the controllers, or the parent cannot be made
+    /// (not root, no delegation).
+    pub fn detect(mode: CgroupMode, name: &str) -> Result<Self, CgroupError> {
+        let mounts = mounts().map_err(io_error("reading", Path::new("/proc/self/mountinfo")))?;
+        let v1_of = |c: &str| mounts.v1.iter().find(|(_, cs)| cs.iter().any(|x| x == c)).map(|(p, _)| p.clone());
+        let v1 = (v1_of("memory"), v1_of("cpu"), v1_of("cpuacct"), v1_of("pids"));
+        let use_v1 = match mode {
+            CgroupMode::V1 => true,
+            CgroupMode::V2 => false,
+            CgroupMode::Auto => v1.0.is_some() && v1.1.is_some() && v1.3.is_some(),
+        };
+        if use_v1 {
+            let (Some(memory), Some(cpu), Some(pids)) = (v1.0, v1.1, v1.3) else {
+                return Err(CgroupError::Unavailable(
+                    "cgroup v1 needs the memory, cpu and pids controllers mounted".to_owned(),
+                ));
+            };
+            let cpuacct = v1.2.unwrap_or_else(|| cpu.clone());
+            let parent = |mount: &Path, controller: &str| -> Result<PathBuf, CgroupError> {
+                let own = own_path(Some(controller)).map_err(io_error("reading", Path::new("/proc/self/cgroup")))?;
+                let dir = join(mount, &own, name);
+                make_dir(&dir)?;
+                Ok(dir)
+            };
+            let memory = parent(&memory, "memory")?;
+            let memsw = memory.join("memory.memsw.limit_in_bytes").exists();
+            return Ok(Cgroups::V1 {
+                memory,
+                cpu: parent(&cpu, "cpu")?,
+                cpuacct: parent(&cpuacct, "cpuacct")?,
+                pids: parent(&pids, "pids")?,
+                memsw,
+            });
+        }
+        let Some(mount) = mounts.v2 else {
+            return Err(CgroupError::Unavailable("no cgroup2 hierarchy is mounted".to_owned()));
+        };
+        let own = own_path(None).map_err(io_error("reading", Path::new("/proc/self/cgroup")))?;
+        let own_dir = mount.join(own.trim_start_matches('/'));
+        enable_controllers(&own_dir, Some(&mount))?;
+        let parent = own_dir.join(name);
+        make_dir(&parent)?;
+        enable_controllers(&parent, None)?;
+        let swap = parent.join("memory.swap.max").exists() || own_dir.join("memory.swap.max").exists();
+        Ok(Cgroups::V2 { parent, swap })
+    }
+
+    pub fn version(&self) -> &'static str {
+        match self {
+            Cgroups::V1 { .. } => "v1",
+            Cgroups::V2 { .. } => "v2",
+        }
+    }
+
+    /// Makes the cgroup of one run, with its limits set.
+    ///
+    /// # Errors
+    ///
+    /// When a directory cannot be made or a limit cannot be written; whatever
+    /// was made is removed.
+    pub fn create(&self, id: &str, limits: &CgroupLimits) -> Result<RunCgroup, CgroupError> {
+        let quota = ((limits.cpu * CPU_PERIOD_US as f64).round() as u64).max(1000);
+        let mut run = RunCgroup { dirs: Vec::new(), v2: matches!(self, Cgroups::V2 { .. }) };
+        match self {
+            Cgroups::V1 { memory, cpu, cpuacct, pids, memsw } => {
+                let memory = run.make(memory.join(id))?;
+                write(&memory, "memory.limit_in_bytes", &limits.memory_bytes.to_string())?;
+                if *memsw {
+                    // No swap: memory + swap may not exceed the memory limit.
+                    write(&memory, "memory.memsw.limit_in_bytes", &limits.memory_bytes.to_string())?;
+                }
+                let cpu_dir = run.make(cpu.join(id))?;
+                write(&cpu_dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                write(&cpu_dir, "cpu.cfs_quota_us", &quota.to_string())?;
+                if cpuacct != cpu {
+                    run.make(cpuacct.join(id))?;
+                }
+                let pids = run.make(pids.join(id))?;
+                write(&pids, "pids.max", &limits.pids.to_string())?;
+            }
+            Cgroups::V2 { parent, swap } => {
+                let dir = run.make(parent.join(id))?;
+                write(&dir, "memory.max", &limits.memory_bytes.to_string())?;
+                if *swap {
+                    write(&dir, "memory.swap.max", "0")?;
+                }
+                write(&dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+                write(&dir, "pids.max", &limits.pids.to_string())?;
+            }
+        }
+        Ok(run)
+    }
+}
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The limits of one run's cgroup.
+#[derive(Debug, Clone, Copy)]
+pub struct CgroupLimits {
+    pub memory_bytes: u64,
+    /// Share of one core.
+    pub cpu: f64,
+    /// Processes, the jail's own init included.
+    pub pids: u32,
+}
+
+fn make_dir(dir: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(CgroupError::Io { what: "creating", path: dir.to_owned(), source: e }),
+    }
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    fs::write(&path, value).map_err(io_error("writing", &path))
+}
+
+fn read(dir: &Path, file: &str) -> Option<String> {
+    fs::read_to_string(dir.join(file)).ok()
+}
+
+fn read_u64(dir: &Path, file: &str) -> Option<u64> {
+    read(dir, file)?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat-keyed file (`memory.events`, `cpu.stat`).
+fn keyed(dir: &Path, file: &str, key: &str) -> Option<u64> {
+    read(dir, file)?.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        if k == key { v.trim().parse().ok() } else { None }
+    })
+}
+
+/// Lets `dir`'s children use the memory, cpu and pids controllers. A cgroup
+/// with processes of its own cannot (v2's "no internal processes" rule): then
+/// this process moves into a leaf `supervisor` first. `root` is the
+/// hierarchy's root, exempt from the rule.
+fn enable_controllers(dir: &Path, root: Option<&Path>) -> Result<(), CgroupError> {
+    let available = read(dir, "cgroup.controllers").unwrap_or_default();
+    let missing: Vec<&str> =
+        ["memory", "cpu", "pids"].into_iter().filter(|c| !available.split_whitespace().any(|a| a == *c)).collect();
+    if !missing.is_empty() {
+        return Err(CgroupError::Unavailable(format!(
+            "cgroup v2 at {} lacks the {} controller(s)",
+            dir.display(),
+            missing.join(", ")
+        )));
+    }
+    let path = dir.join("cgroup.subtree_control");
+    match fs::write(&path, "+memory +cpu +pids") {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) && root != Some(dir) => {
+            let leaf = dir.join("supervisor");
+            make_dir(&leaf)?;
+            write(&leaf, "cgroup.procs", "0")?;
+            fs::write(&path, "+memory +cpu +pids").map_err(io_error("writing", &path))
+        }
+        Err(e) => Err(CgroupError::Io { what: "writing", path, source: e }),
+    }
+}
+
+/// What a run's cgroup recorded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CgroupStats {
+    pub peak_memory_bytes: Option<u64>,
+    pub oom_kills: u64,
+    pub peak_processes: Option<u64>,
+    /// Forks refused at `pids.max`.
+    pub pids_refused: u64,
+    pub cpu: Option<Duration>,
+}
+
+/// One run's cgroup: a directory per v1 hierarchy, or one v2 directory.
+/// Dropping it kills what is left inside and removes it.
+#[derive(Debug)]
+pub struct RunCgroup {
+    dirs: Vec<PathBuf>,
+    v2: bool,
+}
+
+impl RunCgroup {
+    fn make(&mut self, dir: PathBuf) -> Result<PathBuf, CgroupError> {
+        make_dir(&dir)?;
+        self.dirs.push(dir.clone());
+        Ok(dir)
+    }
+
+    fn find(&self, file: &str) -> Option<&Path> {
+        self.dirs.iter().map(PathBuf::as_path).find(|d| d.join(file).exists())
+    }
+
+    /// Moves process `pid` into the cgroup (every hierarchy).
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses the move.
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+        let pid = pid.to_string();
+        for dir in &self.dirs {
+            write(dir, "cgroup.procs", &pid)?;
+        }
+        Ok(())
+    }
+
+    /// CPU time used so far by every process of the run.
+    pub fn cpu(&self) -> Option<Duration> {
+        if self.v2 {
+            let dir = self.dirs.first()?;
+            keyed(dir, "cpu.stat", "usage_usec").map(Duration::from_micros)
+        } else {
+            let dir = self.find("cpuacct.usage")?;
+            read_u64(dir, "cpuacct.usage").map(Duration::from_nanos)
+        }
+    }
+
+    pub fn stats(&self) -> CgroupStats {
+        let mut stats = CgroupStats { cpu: self.cpu(), ..CgroupStats::default() };
+        if self.v2 {
+            if let Some(dir) = self.dirs.first() {
+                stats.peak_memory_bytes = read_u64(dir, "memory.peak");
+                stats.oom_kills = keyed(dir, "memory.events", "oom_kill").unwrap_or(0);
+                stats.peak_processes = read_u64(dir, "pids.peak");
+                stats.pids_refused = keyed(dir, "pids.events", "max").unwrap_or(0);
+            }
+        } else {
+            if let Some(dir) = self.find("memory.max_usage_in_bytes") {
+                stats.peak_memory_bytes = read_u64(dir, "memory.max_usage_in_bytes");
+                stats.oom_kills = keyed(dir, "memory.oom_control", "oom_kill").unwrap_or(0);
+            }
+            if let Some(dir) = self.find("pids.max") {
+                stats.peak_processes = read_u64(dir, "pids.peak");
+                stats.pids_refused = keyed(dir, "pids.events", "max").unwrap_or(0);
+            }
+        }
+        stats
+    }
+
+    /// Processes still in the cgroup.
+    fn procs(&self) -> Vec<i32> {
+        self.dirs
+            .first()
+            .and_then(|d| read(d, "cgroup.procs"))
+            .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Kills every process left in the cgroup and waits (up to a second)
+    /// until it is empty. v2 has `cgroup.kill`; on v1 the processes are
+    /// killed one by one, again until none is left (the run's pid namespace
+    /// is already gone with its init, so nothing can fork meanwhile).
+    pub fn kill_all(&self) {
+        if self.v2
+            && let Some(dir) = self.dirs.first()
+        {
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+        }
+        let until = Instant::now() + Duration::from_secs(1);
+        loop {
+            let procs = self.procs();
+            if procs.is_empty() || Instant::now() > until {
+                return;
+            }
+            for pid in procs {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Removes the cgroup's directories (retrying while the last processes
+    /// finish exiting).
+    pub fn remove(&mut self) {
+        let until = Instant::now() + Duration::from_secs(2);
+        while let Some(dir) = self.dirs.last() {
+            match fs::remove_dir(dir) {
+                Ok(()) => {
+                    self.dirs.pop();
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    self.dirs.pop();
+                }
+                Err(e) if Instant::now() < until => {
+                    let _ = e;
+                    self.kill_all();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "could not remove a run's cgroup");
+                    self.dirs.pop();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RunCgroup {
+    fn drop(&mut self) {
+        if !self.dirs.is_empty() {
+            self.kill_all();
+            self.remove();
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! What runs after the clone, inside the new namespaces: the run's init
+//! (pid 1) and the tool (pid 2) it forks.
+//!
+//! Nothing here allocates, locks or panics: the process is a copy of a
+//! multithreaded server in which only one thread survived. Every failure is
+//! written to the error pipe as `(stage, detail, errno)` and ends the process.
+//!
+//! init: wait for the parent's go → close inherited descriptors → private
+//! mount propagation → build the root (`rootfs` steps) → fork the tool → reap
+//! every child until the tool exits, then report the tool's wait status and
+//! exit, which makes the kernel kill whatever else lives in the pid namespace.
+//!
+//! tool: stdio → `oom_score_adj` → `pivot_root` → session → rlimits →
+//! capabilities and credentials → `no_new_privs` → Landlock → seccomp → exec.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
+
+use super::rootfs::{self, Layout, Step};
+use super::seccomp::Filters;
+use super::sys::{self, Errno};
+
+/// Setup stages, as reported through the error pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(super) enum Stage {
+    CloseFds = 1,
+    Namespaces,
+    Mount,
+    RunMount,
+    Fork,
+    Stdio,
+    OomScore,
+    PivotRoot,
+    Hostname,
+    Session,
+    Rlimit,
+    Capabilities,
+    Credentials,
+    NoNewPrivs,
+    Landlock,
+    Seccomp,
+    Exec,
+}
+
+impl Stage {
+    pub(super) fn from_u32(n: u32) -> Option<Stage> {
+        use Stage::*;
+        [
+            CloseFds,
+            Namespaces,
+            Mount,
+            RunMount,
+            Fork,
+            Stdio,
+            OomScore,
+            PivotRoot,
+            Hostname,
+            Session,
+            Rlimit,
+            Capabilities,
+            Credentials,
+            NoNewPrivs,
+            Landlock,
+            Seccomp,
+            Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == n)
+    }
+
+    pub(super) fn describe(self) -> &'static str {
+        match self {
+            Stage::CloseFds => "closing inherited descriptors",
+            Stage::Namespaces => "entering the cgroup namespace",
+            Stage::Mount => "building the root",
+            Stage::RunMount => "mounting /tmp, /data or /proc",
+            Stage::Fork => "forking the tool",
+            Stage::Stdio => "connecting stdio",
+            Stage::OomScore => "setting oom_score_adj",
+            Stage::PivotRoot => "pivot_root",
+            Stage::Hostname => "setting the hostname",
+            Stage::Session => "setsid",
+            Stage::Rlimit => "setting rlimits",
+            Stage::Capabilities => "dropping capabilities",
+            Stage::Credentials => "switching to the sandbox uid/gid",
+            Stage::NoNewPrivs => "setting no_new_privs",
+            Stage::Landlock => "applying Landlock",
+            Stage::Seccomp => "installing the seccomp filter",
+            Stage::Exec => "executing the program",
+        }
+    }
+}
+
+/// Landlock rights this jail asks for (ABI-dependent), or none.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LandlockRights {
+    pub handled: u64,
+}
+
+const LL_EXECUTE: u64 = 1 << 0;
+const LL_WRITE_FILE: u64 = 1 << 1;
+const LL_READ_FILE: u64 = 1 << 2;
+const LL_READ_DIR: u64 = 1 << 3;
+const LL_TRUNCATE: u64 = 1 << 14;
+
+/// Everything the child needs, built by the parent before the clone.
+pub(super) struct Plan<'a> {
+    pub layout: &'a Layout,
+    pub run_steps: &'a [Step],
+    pub go_r: RawFd,
+    pub err_w: RawFd,
+    pub status_w: RawFd,
+    pub stdin_r: RawFd,
+    pub stdout_w: RawFd,
+    pub stderr_w: RawFd,
+    /// Descriptors init keeps (sorted): the above plus the bind sources.
+    pub keep: &'a [RawFd],
+    pub uid: u32,
+    pub gid: u32,
+    /// Whether `setgroups` is allowed (not in an unprivileged user namespace).
+    pub setgroups: bool,
+    pub rlimits: &'a [(libc::__rlimit_resource_t, u64, u64)],
+    pub filters: &'a Filters,
+    pub landlock: Option<LandlockRights>,
+    /// Candidate paths of the program (PATH search done ahead).
+    pub exec_paths: &'a [CString],
+    /// Null-terminated pointer arrays into strings the parent owns.
+    pub argv: &'a [*const libc::c_char],
+    pub envp: &'a [*const libc::c_char],
+}
+
+fn fail(err_w: RawFd, stage: Stage, detail: u32, errno: Errno) -> ! {
+    let mut msg = [0u8; 12];
+    msg[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    msg[4..8].copy_from_slice(&detail.to_ne_bytes());
+    msg[8..].copy_from_slice(&errno.to_ne_bytes());
+    let _ = sys::write_all(err_w, &msg);
+    sys::exit_now(126)
+}
+
+/// Closes every descriptor from 3 up except those in `keep` (sorted).
+fn close_all_but(keep: &[RawFd]) -> Result<(), Errno> {
+    let mut next: u32 = 3;
+    for &fd in keep {
+        let Ok(fd) = u32::try_from(fd) else { continue };
+        if fd >= next {
+            if fd > next {
+                sys::close_range(next, fd - 1, false)?;
+            }
+            next = fd + 1;
+        }
+    }
+    sys::close_range(next, u32::MAX, false)
+}
+
+/// The run's init. Never returns.
+pub(super) fn init(plan: &Plan<'_>) -> ! {
+    let err = plan.err_w;
+    // Die with the supervisor; then check it did not die already.
+    let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+    let mut go = [0u8; 1];
+    if !matches!(sys::read(plan.go_r, &mut go), Ok(1)) {
+        sys::exit_now(125);
+    }
+    if let Err(e) = close_all_but(plan.keep) {
+        fail(err, Stage::CloseFds, 0, e);
+    }
+    if let Err(e) = sys::unshare(libc::CLONE_NEWCGROUP) {
+        fail(err, Stage::Namespaces, 0, e);
+    }
+    if let Err(e) = sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None) {
+        fail(err, Stage::Mount, u32::MAX, e);
+    }
+    for (i, step) in plan.layout.steps.iter().enumerate() {
+        if let Err(e) = rootfs::apply(step) {
+            fail(err, Stage::Mount, i as u32, e);
+        }
+    }
+    for (i, step) in plan.run_steps.iter().enumerate() {
+        if let Err(e) = rootfs::apply(step) {
+            fail(err, Stage::RunMount, i as u32, e);
+        }
+    }
+    if let Err(e) = sys::sethostname(b"sandbox") {
+        fail(err, Stage::Hostname, 0, e);
+    }
+    // SAFETY: this process has a single thread; the child runs `tool`, which
+    // keeps to the same no-allocation rules and ends in exec or exit.
+    #[allow(unsafe_code)]
+    let forked = unsafe { sys::clone_process(0) };
+    let tool_pid = match forked {
+        Ok(0) => tool(plan),
+        Ok(pid) => pid,
+        Err(e) => fail(err, Stage::Fork, 0, e),
+    };
+    for fd in [plan.stdin_r, plan.stdout_w, plan.stderr_w, plan.go_r, err] {
+        sys::close(fd);
+    }
+    loop {
+        match sys::wait_any() {
+            Ok((pid, status)) if pid == tool_pid => {
+                let _ = sys::write_all(plan.status_w, &status.to_ne_bytes());
+                sys::exit_now(0);
+            }
+            Ok(_) => {}
+            Err(_) => sys::exit_now(0),
+        }
+    }
+}
+
+/// The tool: the last steps of confinement, then exec. Never returns.
+fn tool(plan: &Plan<'_>) -> ! {
+    let err = plan.err_w;
+    let step = |stage: Stage, result: Result<(), Errno>| {
+        if let Err(e) = result {
+            fail(err, stage, 0, e);
+        }
+    };
+    for (from, to) in [(plan.stdin_r, 0), (plan.stdout_w, 1), (plan.stderr_w, 2)] {
+        step(Stage::Stdio, sys::dup2(from, to));
+    }
+    // Everything but stdio and the error pipe (close-on-exec) goes now.
+    let err_u = err as u32;
+    step(Stage::CloseFds, sys::close_range(3, err_u.saturating_sub(1), false));
+    step(Stage::CloseFds, sys::close_range(err_u + 1, u32::MAX, false));
+    // The tool, not the init (a copy of the server's address space), is
+    // what the OOM killer should pick. Raising the score needs no privilege;
+    // the host's procfs is still reachable before pivot_root.
+    step(Stage::OomScore, sys::write_file(c"/proc/self/oom_score_adj", b"1000", 0o644));
+    // pivot_root moves init's root too, and the old root goes.
+    step(Stage::PivotRoot, rootfs::enter());
+    step(Stage::Stdio, sys::reset_signals());
+    step(Stage::Session, sys::setsid());
+    for &(resource, soft, hard) in plan.rlimits {
+        step(Stage::Rlimit, sys::setrlimit(resource, soft, hard));
+    }
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which the
+    // uid switch takes away.
+    for cap in 0..64 {
+        match sys::prctl(libc::PR_CAPBSET_DROP, cap) {
+            Ok(()) | Err(libc::EINVAL) => {}
+            Err(e) => fail(err, Stage::Capabilities, cap as u32, e),
+        }
+    }
+    step(Stage::Capabilities, sys::cap_ambient_clear());
+    if plan.setgroups {
+        step(Stage::Credentials, sys::setgroups_none());
+    }
+    step(Stage::Credentials, sys::setresgid(plan.gid));
+    step(Stage::Credentials, sys::setresuid(plan.uid));
+    step(Stage::Capabilities, sys::capset_none());
+    step(Stage::NoNewPrivs, sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1));
+    if let Some(rights) = plan.landlock {
+        step(Stage::Landlock, landlock(rights));
+    }
+    // /data as the working directory (read-only when over quota).
+    let _ = sys::chdir(c"/data");
+    step(Stage::Seccomp, sys::seccomp_install(&plan.filters.allow_list));
+    step(Stage::Seccomp, sys::seccomp_install(&plan.filters.clone3));
+    let mut last = libc::ENOENT;
+    for path in plan.exec_paths {
+        let e = sys::execve(path, plan.argv, plan.envp);
+        // Keep searching past a missing candidate, as execvp does.
+        if e != libc::ENOENT && e != libc::ENOTDIR {
+            last = e;
+            break;
+        }
+    }
+    fail(err, Stage::Exec, 0, last)
+}
+
+/// Read and execute everywhere (the mounts already make it read-only);
+/// everything but execute under the writable scratch places and `/data`;
+/// read and write on device files.
+fn landlock(rights: LandlockRights) -> Result<(), Errno> {
+    let ruleset = sys::landlock_create_ruleset(rights.handled)?;
+    let rules: [(&CStr, u64); 6] = [
+        (c"/", LL_EXECUTE | LL_READ_FILE | LL_READ_DIR),
+        (c"/data", rights.handled & !LL_EXECUTE),
+        (c"/tmp", rights.handled & !LL_EXECUTE),
+        (c"/var/tmp", rights.handled & !LL_EXECUTE),
+        (c"/dev/shm", rights.handled & !LL_EXECUTE),
+        (c"/dev", LL_READ_FILE | LL_WRITE_FILE | LL_READ_DIR | LL_TRUNCATE),
+    ];
+    for (path, access) in rules {
+        let fd = sys::open_path(path)?;
+        let added = sys::landlock_allow_beneath(ruleset, fd, access & rights.handled);
+        sys::close(fd);
+        added?;
+    }
+    let restricted = sys::landlock_restrict_self(ruleset);
+    sys::close(ruleset);
+    restricted
+}
+
+/// The Landlock rights to handle on this kernel, or `None` without Landlock.
+pub(super) fn landlock_rights() -> Option<LandlockRights> {
+    let abi = sys::landlock_abi().ok()?;
+    // ABI 1: 13 rights; 2 adds REFER (bit 13); 3 adds TRUNCATE (bit 14).
+    let mut handled = (1u64 << 13) - 1;
+    if abi >= 2 {
+        handled |= 1 << 13;
+    }
+    if abi >= 3 {
+        handled |= 1 << 14;
+    }
+    Some(LandlockRights { handled })
+}

@@ -1,0 +1,261 @@
+//! The native-tool fallback: a Linux namespace jailer.
+//!
+//! A native program gets the view a WASM tool gets — a read-only system, the
+//! user's `/data`, a private `/tmp`, no network — under the same tier limits,
+//! enforced by the kernel:
+//!
+//! - [`namespaces`]: user, pid, mount, net, uts, ipc and cgroup namespaces;
+//! - [`rootfs`]: `pivot_root` onto read-only binds, fresh `/proc` (hidden
+//!   pids), minimal `/dev` and `/etc`, tmpfs `/tmp` and `/var/tmp`, `/data`;
+//! - [`cgroup`]: one cgroup per run with memory, cpu and pids limits (v1 or
+//!   v2, detected at start);
+//! - [`seccomp`]: an allow-list filter; `child` applies it with the rlimits,
+//!   capability drop, `no_new_privs` and Landlock;
+//! - `supervise`: the parent side, deadlines and the report's figures.
+//!
+//! The raw system calls are in `sys`, each behind a `// SAFETY:` comment.
+//! This shares the host kernel: it is container-grade isolation, weaker
+//! than the WASM path, which stays the default.
+
+mod cgroup;
+mod child;
+mod namespaces;
+mod rootfs;
+mod seccomp;
+mod supervise;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use cgroup::{CgroupError, CgroupMode};
+pub use rootfs::{Layout, LayoutError};
+
+use crate::policy::Limits;
+use crate::report::Status;
+
+/// The uid and gid a tool runs as inside its user namespace ("nobody").
+pub const SANDBOX_ID: u32 = 65534;
+
+/// PATH inside the jail when the environment sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The `[jail]` table of the config file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailConfig {
+    /// Host directories bound read-only at the same place (missing ones are
+    /// skipped; symlinks, as on merged-/usr systems, are recreated).
+    pub system: Vec<PathBuf>,
+    /// Entries of the host's `/etc` bound read-only into the jail's minimal
+    /// `/etc` (which also gets generated `passwd`, `group`, `hosts`, `hostname`).
+    pub etc: Vec<String>,
+    /// `auto`, `v1` or `v2`.
+    pub cgroup: CgroupMode,
+    /// The parent cgroup of runs, made under the server's own cgroup.
+    pub cgroup_name: String,
+    /// When the server is root, the host uid and gid a tool runs as.
+    pub host_id: u32,
+    /// Landlock as a second wall where the kernel has it.
+    pub landlock: bool,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            system: ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"].map(PathBuf::from).to_vec(),
+            etc: [
+                "ld.so.cache",
+                "ld.so.conf",
+                "ld.so.conf.d",
+                "localtime",
+                "nsswitch.conf",
+                "alternatives",
+                "mime.types",
+                "ssl",
+                "ca-certificates",
+                "python3",
+                "python3.11",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            cgroup: CgroupMode::Auto,
+            cgroup_name: "imagentx-sandbox".to_owned(),
+            host_id: 65534,
+            landlock: true,
+        }
+    }
+}
+
+/// Why the jail cannot be used on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("user namespaces are not available: {0}")]
+    UserNamespaces(String),
+}
+
+/// One native run as asked.
+#[derive(Debug)]
+pub struct NativeRun<'a> {
+    /// The program and its arguments.
+    pub argv: &'a [String],
+    /// The whole environment (nothing of the host's is added).
+    pub env: &'a [(String, String)],
+    pub input: &'a [u8],
+    /// The user's directory, bound at `/data`.
+    pub data_dir: &'a Path,
+    pub data_writable: bool,
+    pub limits: &'a Limits,
+    /// A tool's own root instead of the host's system directories.
+    pub layout: Option<&'a Layout>,
+}
+
+/// How a native run ended, with what it used.
+#[derive(Debug, Clone)]
+pub struct NativeOutcome {
+    pub status: Status,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub error: Option<String>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub wall: Duration,
+    pub cpu: Option<Duration>,
+    pub peak_memory_bytes: Option<u64>,
+    pub peak_processes: Option<u64>,
+}
+
+impl NativeOutcome {
+    fn failed(status: Status, message: String, wall: Duration) -> Self {
+        Self {
+            status,
+            exit_code: None,
+            signal: None,
+            error: Some(message),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            wall,
+            cpu: None,
+            peak_memory_bytes: None,
+            peak_processes: None,
+        }
+    }
+}
+
+/// The jailer: what is found and built once at start (cgroup hierarchy,
+/// seccomp programs, the host root's layout), shared by every run.
+#[derive(Debug)]
+pub struct Jail {
+    config: JailConfig,
+    layout: Layout,
+    cgroups: cgroup::Cgroups,
+    filters: seccomp::Filters,
+    landlock: Option<child::LandlockRights>,
+    /// Whether this process is root (then the tool's ids map to
+    /// `config.host_id`; otherwise to this process's own ids).
+    privileged: bool,
+}
+
+impl Jail {
+    /// Detects cgroups, compiles the filters and prepares the host layout.
+    ///
+    /// # Errors
+    ///
+    /// When this host cannot run the jail (no cgroup access, no user
+    /// namespaces), with the reason.
+    pub fn new(config: JailConfig) -> Result<Self, JailError> {
+        namespaces::check_available().map_err(JailError::UserNamespaces)?;
+        let cgroups = cgroup::Cgroups::detect(config.cgroup, &config.cgroup_name)?;
+        let filters = seccomp::Filters::build()?;
+        let layout = Layout::host(&config.system, &config.etc)?;
+        let landlock = if config.landlock { child::landlock_rights() } else { None };
+        let privileged = nix::unistd::geteuid().is_root();
+        tracing::info!(
+            cgroup = cgroups.version(),
+            landlock = landlock.is_some(),
+            privileged,
+            "native jail ready"
+        );
+        Ok(Self { config, layout, cgroups, filters, landlock, privileged })
+    }
+
+    /// The cgroup version in use: `"v1"` or `"v2"`.
+    pub fn cgroup_version(&self) -> &'static str {
+        self.cgroups.version()
+    }
+
+    /// Whether Landlock is applied.
+    pub fn landlock(&self) -> bool {
+        self.landlock.is_some()
+    }
+
+    /// The host uid and gid that files a tool creates in `/data` belong to.
+    pub fn host_ids(&self) -> (u32, u32) {
+        if self.privileged {
+            (self.config.host_id, self.config.host_id)
+        } else {
+            (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw())
+        }
+    }
+
+    /// Prepares a user's directory for `/data`: the tool's uid must own it.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be opened (never through a symlink) or chowned.
+    pub fn prepare_data_dir(&self, dir: &Path) -> std::io::Result<()> {
+        if !self.privileged {
+            return Ok(());
+        }
+        let (uid, gid) = self.host_ids();
+        let fd = rootfs::open_data(dir)?;
+        nix::unistd::fchownat(
+            &fd,
+            "",
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_EMPTY_PATH,
+        )
+        .map_err(std::io::Error::from)
+    }
+
+    /// Runs one program in a fresh jail and waits for it. Blocking: call it
+    /// from a blocking thread.
+    pub fn run(&self, run: &NativeRun<'_>) -> NativeOutcome {
+        supervise::run(self, run)
+    }
+
+    fn clone_flags(&self) -> libc::c_int {
+        namespaces::CLONE_FLAGS
+    }
+
+    fn map_ids(&self, pid: libc::pid_t) -> std::io::Result<()> {
+        namespaces::map_ids(pid, self.privileged, self.config.host_id)
+    }
+}
+
+/// The environment of a native run: the jail's base variables, then the
+/// policy's, then the tool's own (later ones win).
+pub fn environment(extra: &[&BTreeMap<String, String>]) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = BTreeMap::from([
+        ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
+        ("HOME".to_owned(), "/tmp".to_owned()),
+        ("TMPDIR".to_owned(), "/tmp".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ]);
+    for map in extra {
+        env.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    env.into_iter().collect()
+}

@@ -1,0 +1,445 @@
+//! The parent side of a run: make the cgroup and pipes, clone into the new
+//! namespaces, map ids, move the child into its cgroup, let it go, feed its
+//! stdin, collect its capped output, enforce the wall-clock and CPU-time
+//! deadlines, reap it, and read what the cgroup recorded.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::cgroup::{CgroupLimits, CgroupStats};
+use super::child::{self, Plan, Stage};
+use super::rootfs;
+use super::sys;
+use super::{Jail, NativeOutcome, NativeRun};
+use crate::report::Status;
+
+/// Why a run stopped early, when the supervisor stopped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    Wall,
+    Cpu,
+}
+
+/// How often the CPU time of a running tool is read.
+const CPU_POLL: Duration = Duration::from_millis(10);
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
+fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+/// Output kept up to a cap; the rest counted and dropped.
+struct Capped {
+    bytes: Vec<u8>,
+    cap: usize,
+    dropped: u64,
+}
+
+impl Capped {
+    fn push(&mut self, chunk: &[u8]) {
+        let room = self.cap.saturating_sub(self.bytes.len());
+        let keep = chunk.len().min(room);
+        self.bytes.extend_from_slice(chunk.get(..keep).unwrap_or_default());
+        self.dropped += (chunk.len() - keep) as u64;
+    }
+}
+
+/// The wait status of the tool, or nothing when init died first.
+fn decode_status(bytes: &[u8]) -> Option<i32> {
+    Some(i32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("SIG{signal}"), |s| s.as_str().to_owned())
+}
+
+/// `argv[0]` resolved against the jail's PATH (inside the jail, by the child).
+fn exec_candidates(program: &str, path: &str) -> Vec<CString> {
+    let make = |s: String| CString::new(s).unwrap_or_default();
+    if program.contains('/') {
+        return vec![make(program.to_owned())];
+    }
+    path.split(':').filter(|d| d.starts_with('/')).map(|dir| make(format!("{}/{program}", dir.trim_end_matches('/')))).collect()
+}
+
+pub(super) fn run(jail: &Jail, req: &NativeRun<'_>) -> NativeOutcome {
+    let started = Instant::now();
+    match prepare_and_run(jail, req, started) {
+        Ok(outcome) => outcome,
+        Err(message) => NativeOutcome::failed(Status::InternalError, message, started.elapsed()),
+    }
+}
+
+fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result<NativeOutcome, String> {
+    let limits = req.limits;
+    let Some(program) = req.argv.first() else {
+        return Ok(NativeOutcome::failed(Status::InvalidTool, "no program to run".to_owned(), started.elapsed()));
+    };
+    if req.argv.iter().chain(req.env.iter().flat_map(|(k, v)| [k, v])).any(|s| s.contains('\0')) {
+        return Ok(NativeOutcome::failed(
+            Status::InvalidInput,
+            "arguments and environment may not contain NUL bytes".to_owned(),
+            started.elapsed(),
+        ));
+    }
+    let id = crate::report::new_execution_id();
+    // The init counts against pids.max too: one more than the tier's.
+    let cgroup_limits = CgroupLimits { memory_bytes: limits.memory_bytes, cpu: limits.cpu_share, pids: limits.pids + 1 };
+    let mut cgroup = jail.cgroups.create(&id, &cgroup_limits).map_err(|e| format!("creating the run's cgroup: {e}"))?;
+
+    let (stdin_r, stdin_w) = pipe().map_err(io("pipe"))?;
+    let (stdout_r, stdout_w) = pipe().map_err(io("pipe"))?;
+    let (stderr_r, stderr_w) = pipe().map_err(io("pipe"))?;
+    let (go_r, go_w) = pipe().map_err(io("pipe"))?;
+    let (err_r, err_w) = pipe().map_err(io("pipe"))?;
+    let (status_r, status_w) = pipe().map_err(io("pipe"))?;
+    let data = rootfs::open_data(req.data_dir).map_err(|e| format!("opening {}: {e}", req.data_dir.display()))?;
+    let layout = req.layout.unwrap_or(&jail.layout);
+    let run_steps = rootfs::run_steps(limits.tmp_bytes, req.data_dir, &data, req.data_writable);
+
+    let mut keep: Vec<RawFd> =
+        [&go_r, &err_w, &status_w, &stdin_r, &stdout_w, &stderr_w].iter().map(|fd| fd.as_raw_fd()).collect();
+    keep.sort_unstable();
+
+    let argv_c: Vec<CString> = req.argv.iter().map(|a| CString::new(a.as_bytes()).unwrap_or_default()).collect();
+    let env_c: Vec<CString> =
+        req.env.iter().map(|(k, v)| CString::new(format!("{k}={v}")).unwrap_or_default()).collect();
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let path = req.env.iter().find(|(k, _)| k == "PATH").map_or(super::DEFAULT_PATH, |(_, v)| v.as_str());
+    let exec_paths = exec_candidates(program, path);
+    let fsize = limits.tmp_bytes.max(limits.data_quota_bytes);
+    let rlimits = [
+        (libc::RLIMIT_NOFILE, limits.nofile_soft, limits.nofile_hard),
+        (libc::RLIMIT_NPROC, u64::from(limits.pids), u64::from(limits.pids)),
+        (libc::RLIMIT_FSIZE, fsize, fsize),
+        (libc::RLIMIT_CORE, 0, 0),
+    ];
+    let plan = Plan {
+        layout,
+        run_steps: &run_steps,
+        go_r: go_r.as_raw_fd(),
+        err_w: err_w.as_raw_fd(),
+        status_w: status_w.as_raw_fd(),
+        stdin_r: stdin_r.as_raw_fd(),
+        stdout_w: stdout_w.as_raw_fd(),
+        stderr_w: stderr_w.as_raw_fd(),
+        keep: &keep,
+        uid: super::SANDBOX_ID,
+        gid: super::SANDBOX_ID,
+        setgroups: jail.privileged,
+        rlimits: &rlimits,
+        filters: &jail.filters,
+        landlock: jail.landlock,
+        exec_paths: &exec_paths,
+        argv: &argv,
+        envp: &envp,
+    };
+
+    // SAFETY: the child runs only `child::init`, which allocates nothing,
+    // takes no lock and ends in exec or `_exit`; `plan` and everything it
+    // points at were built above and stay alive (copied) in the child.
+    #[allow(unsafe_code)]
+    let cloned = unsafe { sys::clone_process(jail.clone_flags()) };
+    let pid = match cloned {
+        Ok(0) => child::init(&plan),
+        Ok(pid) => pid,
+        Err(e) => return Err(format!("clone: {}", std::io::Error::from_raw_os_error(e))),
+    };
+    // From here on the child must be reaped whatever happens.
+    let mut child = Reaper { pid, reaped: false };
+    drop((stdin_r, stdout_w, stderr_w, go_r, err_w, status_w, data));
+
+    if let Err(e) = jail.map_ids(pid) {
+        return Err(format!("writing the user namespace's id maps: {e}"));
+    }
+    cgroup.add(pid).map_err(|e| format!("moving the run into its cgroup: {e}"))?;
+    let mut go_w = File::from(go_w);
+    go_w.write_all(b"g").map_err(io("starting the run"))?;
+    drop(go_w);
+
+    let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open: {}", std::io::Error::from_raw_os_error(e)))?;
+    // SAFETY: `pidfd` was just opened and is owned by no one else.
+    let pidfd = unsafe_owned(pidfd);
+    for fd in [&stdin_w, &stdout_r, &stderr_r] {
+        nonblocking(fd).map_err(io("fcntl"))?;
+    }
+    let cap = limits.output_bytes;
+    let mut stdout = Capped { bytes: Vec::new(), cap, dropped: 0 };
+    let mut stderr = Capped { bytes: Vec::new(), cap, dropped: 0 };
+    let stopped = pump(&child, &cgroup, limits, req.input, started, &pidfd, stdin_w, stdout_r, stderr_r, &mut stdout, &mut stderr);
+
+    let (init_status, rusage) = child.reap().map_err(|e| format!("wait4: {}", std::io::Error::from_raw_os_error(e)))?;
+    let wall = started.elapsed();
+    let mut tool_status = Vec::new();
+    let _ = File::from(status_r).read_to_end(&mut tool_status);
+    let mut setup_error = Vec::new();
+    let _ = File::from(err_r).read_to_end(&mut setup_error);
+    cgroup.kill_all();
+    let stats = cgroup.stats();
+    cgroup.remove();
+
+    let mut outcome = NativeOutcome {
+        status: Status::Ok,
+        exit_code: None,
+        signal: None,
+        error: None,
+        stdout: stdout.bytes,
+        stderr: stderr.bytes,
+        stdout_truncated: stdout.dropped > 0,
+        stderr_truncated: stderr.dropped > 0,
+        wall,
+        cpu: stats.cpu.or_else(|| Some(rusage_cpu(&rusage))),
+        peak_memory_bytes: stats.peak_memory_bytes,
+        // The jail's init is not the tool's.
+        peak_processes: stats.peak_processes.map(|p| p.saturating_sub(1)),
+    };
+    if let Some(report) = setup_failure(&setup_error, layout, &run_steps) {
+        let (status, message) = report;
+        outcome.status = status;
+        outcome.error = Some(message);
+        return Ok(outcome);
+    }
+    classify(&mut outcome, decode_status(&tool_status), init_status, stopped, &stats, limits);
+    Ok(outcome)
+}
+
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+fn rusage_cpu(usage: &libc::rusage) -> Duration {
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[allow(unsafe_code)]
+fn unsafe_owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: callers pass a descriptor they just opened and own.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Kills and reaps the child if the run ends early.
+struct Reaper {
+    pid: libc::pid_t,
+    reaped: bool,
+}
+
+impl Reaper {
+    fn reap(&mut self) -> sys::SysResult<(libc::c_int, libc::rusage)> {
+        let result = sys::wait_rusage(self.pid);
+        self.reaped = true;
+        result
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if !self.reaped {
+            sys::kill(self.pid, libc::SIGKILL);
+            let _ = sys::wait_rusage(self.pid);
+        }
+    }
+}
+
+/// Feeds stdin, drains stdout and stderr, and enforces the deadlines until
+/// the init exits. Answers why the supervisor stopped the run, if it did.
+#[allow(clippy::too_many_arguments)]
+fn pump(
+    child: &Reaper,
+    cgroup: &super::cgroup::RunCgroup,
+    limits: &crate::policy::Limits,
+    input: &[u8],
+    started: Instant,
+    pidfd: &OwnedFd,
+    stdin_w: OwnedFd,
+    stdout_r: OwnedFd,
+    stderr_r: OwnedFd,
+    stdout: &mut Capped,
+    stderr: &mut Capped,
+) -> Option<Stopped> {
+    let deadline = started + limits.wall_time;
+    let mut stdin = if input.is_empty() {
+        // No input: the tool reads end-of-file at once.
+        drop(stdin_w);
+        None
+    } else {
+        Some(File::from(stdin_w))
+    };
+    let mut written = 0;
+    let mut out = Some(File::from(stdout_r));
+    let mut err = Some(File::from(stderr_r));
+    let mut stopped = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut next_cpu_check = started + CPU_POLL;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if out.is_none() && err.is_none() && exited_at.is_some() {
+            return stopped;
+        }
+        // Once init is gone every writer is too, but a copy of a pipe end may
+        // linger for an instant in another run's fresh clone: wait briefly.
+        if let Some(at) = exited_at
+            && at.elapsed() > Duration::from_millis(200)
+        {
+            return stopped;
+        }
+        let now = Instant::now();
+        if stopped.is_none() && exited_at.is_none() {
+            if now >= deadline {
+                stopped = Some(Stopped::Wall);
+            } else if now >= next_cpu_check {
+                next_cpu_check = now + CPU_POLL;
+                if cgroup.cpu().is_some_and(|cpu| cpu > limits.cpu_time) {
+                    stopped = Some(Stopped::Cpu);
+                }
+            }
+            if stopped.is_some() {
+                sys::kill(child.pid, libc::SIGKILL);
+            }
+        }
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(4);
+        let mut push = |fd: RawFd, events: libc::c_short| {
+            fds.push(libc::pollfd { fd, events, revents: 0 });
+            fds.len() - 1
+        };
+        let pid_slot = if exited_at.is_none() { Some(push(pidfd.as_raw_fd(), libc::POLLIN)) } else { None };
+        let in_slot = stdin.as_ref().map(|f| push(f.as_raw_fd(), libc::POLLOUT));
+        let out_slot = out.as_ref().map(|f| push(f.as_raw_fd(), libc::POLLIN));
+        let err_slot = err.as_ref().map(|f| push(f.as_raw_fd(), libc::POLLIN));
+        let wake = if exited_at.is_some() {
+            Duration::from_millis(20)
+        } else {
+            deadline.min(next_cpu_check).saturating_duration_since(Instant::now())
+        };
+        let timeout = i32::try_from(wake.as_millis().max(1)).unwrap_or(i32::MAX);
+        if sys::poll(&mut fds, timeout).is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let ready = |slot: Option<usize>| slot.and_then(|i| fds.get(i)).is_some_and(|p| p.revents != 0);
+        if ready(pid_slot) {
+            exited_at = Some(Instant::now());
+        }
+        if ready(in_slot)
+            && let Some(file) = stdin.as_mut()
+        {
+            match file.write(input.get(written..).unwrap_or_default()) {
+                Ok(n) => {
+                    written += n;
+                    if written >= input.len() {
+                        stdin = None;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                // The tool closed its stdin: the rest of the input is not wanted.
+                Err(_) => stdin = None,
+            }
+        }
+        for (slot, file, sink) in [(out_slot, &mut out, &mut *stdout), (err_slot, &mut err, &mut *stderr)] {
+            if !ready(slot) {
+                continue;
+            }
+            if let Some(f) = file.as_mut() {
+                match f.read(&mut buf) {
+                    Ok(0) => *file = None,
+                    Ok(n) => sink.push(buf.get(..n).unwrap_or_default()),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => *file = None,
+                }
+            }
+        }
+    }
+}
+
+/// The setup error the child reported, as a status and a message.
+fn setup_failure(bytes: &[u8], layout: &rootfs::Layout, run_steps: &[rootfs::Step]) -> Option<(Status, String)> {
+    let word = |i: usize| -> Option<[u8; 4]> { bytes.get(i..i + 4)?.try_into().ok() };
+    let stage = Stage::from_u32(u32::from_ne_bytes(word(0)?))?;
+    let detail = u32::from_ne_bytes(word(4)?) as usize;
+    let errno = i32::from_ne_bytes(word(8)?);
+    let cause = std::io::Error::from_raw_os_error(errno);
+    let at = match stage {
+        Stage::Mount => layout.steps.get(detail).map(rootfs::describe),
+        Stage::RunMount => run_steps.get(detail).map(rootfs::describe),
+        _ => None,
+    };
+    let at = at.map(|p| format!(" at {}", p.to_string_lossy())).unwrap_or_default();
+    if stage == Stage::Exec && matches!(errno, libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR) {
+        return Some((Status::InvalidTool, format!("the program could not be executed in the jail: {cause}")));
+    }
+    Some((Status::InternalError, format!("jail setup failed {}{at}: {cause}", stage.describe())))
+}
+
+/// Decides the status from how the tool ended and what the cgroup saw.
+fn classify(
+    outcome: &mut NativeOutcome,
+    tool: Option<i32>,
+    init_status: i32,
+    stopped: Option<Stopped>,
+    stats: &CgroupStats,
+    limits: &crate::policy::Limits,
+) {
+    let memory = || format!("the tool ran out of memory: the tier allows {} bytes", limits.memory_bytes);
+    let pids = || format!("the tool hit the process limit: the tier allows {} processes", limits.pids);
+    if let Some(status) = tool {
+        if libc::WIFEXITED(status) {
+            let code = libc::WEXITSTATUS(status);
+            outcome.exit_code = Some(code);
+            if code == 0 {
+                return;
+            }
+        } else if libc::WIFSIGNALED(status) {
+            outcome.signal = Some(signal_name(libc::WTERMSIG(status)));
+        }
+    }
+    let (status, message) = if stats.oom_kills > 0 {
+        (Status::MemoryLimit, memory())
+    } else if stats.pids_refused > 0 && (stopped.is_some() || tool.is_some()) {
+        (Status::PidsLimit, pids())
+    } else if stopped == Some(Stopped::Cpu) {
+        (Status::CpuLimit, format!("CPU time budget of {} ms used up", limits.cpu_time.as_millis()))
+    } else if stopped == Some(Stopped::Wall) {
+        (Status::Timeout, format!("wall-clock budget of {} ms ran out", limits.wall_time.as_millis()))
+    } else if let Some(signal) = &outcome.signal {
+        (Status::Crashed, format!("the tool was killed by {signal}"))
+    } else if let Some(code) = outcome.exit_code {
+        (Status::ToolError, format!("tool exited with code {code}"))
+    } else {
+        // The init died without reporting: killed from outside the jail.
+        let how = if libc::WIFSIGNALED(init_status) {
+            signal_name(libc::WTERMSIG(init_status))
+        } else {
+            format!("exit {}", libc::WEXITSTATUS(init_status))
+        };
+        (Status::Crashed, format!("the jail's init ended before the tool ({how})"))
+    };
+    // A stopped run was killed by the supervisor, not by a signal of its own.
+    if stopped.is_some() && stats.oom_kills == 0 {
+        outcome.signal = None;
+    }
+    outcome.status = status;
+    outcome.error = Some(message);
+}
+
+/// The id maps of the run's user namespace (see `Jail::map_ids`).
+pub(super) fn write_maps(pid: libc::pid_t, uid_map: &str, gid_map: &str, deny_setgroups: bool) -> std::io::Result<()> {
+    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+    std::fs::write(proc.join("uid_map"), uid_map)?;
+    if deny_setgroups {
+        std::fs::write(proc.join("setgroups"), "deny")?;
+    }
+    std::fs::write(proc.join("gid_map"), gid_map)?;
+    Ok(())
+}
