@@ -150,7 +150,7 @@ impl Sandbox {
         let started_at = SystemTime::now();
         let clock = Instant::now();
         let id = new_execution_id();
-        let outcome = match self.execute_native(jail, tool, call).await {
+        let outcome = match self.execute_native(&id, jail, tool, call).await {
             Ok(outcome) => outcome,
             Err((status, message)) => NativeOutcome {
                 status,
@@ -216,6 +216,7 @@ impl Sandbox {
 
     async fn execute_native(
         &self,
+        id: &str,
         jail: &Arc<Jail>,
         tool: &NativeTool,
         call: &ToolCall,
@@ -228,9 +229,10 @@ impl Sandbox {
         let (data_writable, note) = self.data_access(call, &limits).await;
         let env = jail::environment(&[&self.policy.env, &tool.env]);
         let argv: Vec<String> = tool.argv.iter().chain(&call.args).cloned().collect();
-        let (jail, layout) = (Arc::clone(jail), tool.layout.clone());
+        let (jail, layout, id) = (Arc::clone(jail), tool.layout.clone(), id.to_owned());
         let mut outcome = tokio::task::spawn_blocking(move || {
             jail.run(&NativeRun {
+                id: &id,
                 argv: &argv,
                 env: &env,
                 input: &input,

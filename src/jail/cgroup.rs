@@ -146,6 +146,20 @@ impl Cgroups {
         Ok(Cgroups::V2 { parent, swap })
     }
 
+    /// The parent directories runs' cgroups are made in.
+    pub fn parents(&self) -> Vec<PathBuf> {
+        match self {
+            Cgroups::V1 { memory, cpu, cpuacct, pids, .. } => {
+                let mut all = vec![memory.clone(), cpu.clone(), pids.clone()];
+                if cpuacct != cpu {
+                    all.push(cpuacct.clone());
+                }
+                all
+            }
+            Cgroups::V2 { parent, .. } => vec![parent.clone()],
+        }
+    }
+
     pub fn version(&self) -> &'static str {
         match self {
             Cgroups::V1 { .. } => "v1",

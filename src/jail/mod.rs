@@ -104,6 +104,8 @@ pub enum JailError {
 /// One native run as asked.
 #[derive(Debug)]
 pub struct NativeRun<'a> {
+    /// The execution's id: its cgroup's name.
+    pub id: &'a str,
     /// The program and its arguments.
     pub argv: &'a [String],
     /// The whole environment (nothing of the host's is added).
@@ -188,6 +190,11 @@ impl Jail {
             "native jail ready"
         );
         Ok(Self { config, layout, cgroups, filters, landlock, privileged })
+    }
+
+    /// The directories run `id`'s cgroup has (or had) while it runs.
+    pub fn cgroup_paths(&self, id: &str) -> Vec<PathBuf> {
+        self.cgroups.parents().into_iter().map(|p| p.join(id)).collect()
     }
 
     /// The cgroup version in use: `"v1"` or `"v2"`.

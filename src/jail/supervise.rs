@@ -91,10 +91,11 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
             started.elapsed(),
         ));
     }
-    let id = crate::report::new_execution_id();
+    let id = req.id;
     // The init counts against pids.max too: one more than the tier's.
     let cgroup_limits = CgroupLimits { memory_bytes: limits.memory_bytes, cpu: limits.cpu_share, pids: limits.pids + 1 };
-    let mut cgroup = jail.cgroups.create(&id, &cgroup_limits).map_err(|e| format!("creating the run's cgroup: {e}"))?;
+    let mut cgroup = jail.cgroups.create(id, &cgroup_limits).map_err(|e| format!("creating the run's cgroup: {e}"))?;
+    let t_cgroup = started.elapsed();
 
     let (stdin_r, stdin_w) = pipe().map_err(io("pipe"))?;
     let (stdout_r, stdout_w) = pipe().map_err(io("pipe"))?;
@@ -122,7 +123,9 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     let fsize = limits.tmp_bytes.max(limits.data_quota_bytes);
     let rlimits = [
         (libc::RLIMIT_NOFILE, limits.nofile_soft, limits.nofile_hard),
-        (libc::RLIMIT_NPROC, u64::from(limits.pids), u64::from(limits.pids)),
+        // The second line behind pids.max, one higher so that the cgroup
+        // (which records the refusal) is what a fork bomb meets first.
+        (libc::RLIMIT_NPROC, u64::from(limits.pids) + 1, u64::from(limits.pids) + 1),
         (libc::RLIMIT_FSIZE, fsize, fsize),
         (libc::RLIMIT_CORE, 0, 0),
     ];
@@ -157,6 +160,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         Ok(pid) => pid,
         Err(e) => return Err(format!("clone: {}", std::io::Error::from_raw_os_error(e))),
     };
+    let t_clone = started.elapsed();
     // From here on the child must be reaped whatever happens.
     let mut child = Reaper { pid, reaped: false };
     drop((stdin_r, stdout_w, stderr_w, go_r, err_w, status_w, data));
@@ -169,6 +173,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     go_w.write_all(b"g").map_err(io("starting the run"))?;
     drop(go_w);
 
+    let t_go = started.elapsed();
     let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open: {}", std::io::Error::from_raw_os_error(e)))?;
     // SAFETY: `pidfd` was just opened and is owned by no one else.
     let pidfd = unsafe_owned(pidfd);
@@ -182,6 +187,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
 
     let (init_status, rusage) = child.reap().map_err(|e| format!("wait4: {}", std::io::Error::from_raw_os_error(e)))?;
     let wall = started.elapsed();
+    let t_reaped = wall;
     let mut tool_status = Vec::new();
     let _ = File::from(status_r).read_to_end(&mut tool_status);
     let mut setup_error = Vec::new();
@@ -189,6 +195,14 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     cgroup.kill_all();
     let stats = cgroup.stats();
     cgroup.remove();
+    tracing::debug!(
+        cgroup_us = t_cgroup.as_micros(),
+        clone_us = (t_clone - t_cgroup).as_micros(),
+        go_us = (t_go - t_clone).as_micros(),
+        run_us = (t_reaped - t_go).as_micros(),
+        cleanup_us = (started.elapsed() - t_reaped).as_micros(),
+        "native run timings"
+    );
 
     let mut outcome = NativeOutcome {
         status: Status::Ok,

@@ -219,9 +219,12 @@ pub(super) fn capset_none() -> SysResult {
     check(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) }).map(drop)
 }
 
+/// The raw system call, not glibc's `setgroups`: in a process that glibc
+/// believes multithreaded, the wrapper broadcasts the change to every thread
+/// under a lock that another thread of the parent may have held at the clone.
 pub(super) fn setgroups_none() -> SysResult {
     // SAFETY: an empty list.
-    check_int(unsafe { libc::setgroups(0, ptr::null()) }).map(drop)
+    check(unsafe { libc::syscall(libc::SYS_setgroups, 0, ptr::null::<libc::gid_t>()) }).map(drop)
 }
 
 pub(super) fn setresgid(gid: libc::gid_t) -> SysResult {

@@ -1,0 +1,470 @@
+//! The native jailer, attacked: real programs (the system's shell and Python,
+//! and C programs compiled here with `cc`) run in the jail, each checked for
+//! its exact status and for the host afterwards.
+//!
+//! These need root (namespaces, cgroups). Without it they skip loudly, unless
+//! `IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1` (set by `.ci/run`) makes that a failure.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use imagentx_sandbox::jail::{Jail, JailConfig};
+use imagentx_sandbox::policy::UserId;
+use imagentx_sandbox::report::{ExecutionReport, Status};
+use imagentx_sandbox::runner::{NativeTool, Sandbox, ToolCall};
+
+struct Setup {
+    jail: Arc<Jail>,
+    /// Compiled test programs, bound read-only into the jail at this path.
+    bin: PathBuf,
+}
+
+fn compile(bin: &Path, name: &str) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/native").join(format!("{name}.c"));
+    let out = Command::new("cc").args(["-O1", "-o"]).arg(bin.join(name)).arg(&source).output().expect("running cc");
+    assert!(out.status.success(), "cc {}: {}", source.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// The shared jail, or `None` (after a loud message) when this process may
+/// not make one.
+fn setup() -> Option<&'static Setup> {
+    static SETUP: OnceLock<Option<Setup>> = OnceLock::new();
+    SETUP
+        .get_or_init(|| {
+            if !nix::unistd::geteuid().is_root() {
+                let message = "the native jail tests need root (namespaces and cgroups)";
+                assert!(
+                    std::env::var_os("IMAGENTX_REQUIRE_PRIVILEGED_TESTS").is_none_or(|v| v != "1"),
+                    "{message}, and IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1 forbids skipping them"
+                );
+                eprintln!("\n!!!!!!!! SKIPPED: {message}; run as root to test the jail !!!!!!!!\n");
+                return None;
+            }
+            // Not under /tmp: the jail mounts its own /tmp over it.
+            let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jail-bin-{}", std::process::id()));
+            std::fs::create_dir_all(&bin).expect("bin dir");
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            for name in ["syscalls", "forkbomb", "spin", "daemon", "whoami"] {
+                compile(&bin, name);
+            }
+            // A setuid-root copy: the jail must make it worthless.
+            std::fs::copy(bin.join("whoami"), bin.join("whoami-setuid")).expect("copy");
+            std::fs::set_permissions(bin.join("whoami-setuid"), std::fs::Permissions::from_mode(0o4755))
+                .expect("setuid");
+            let mut config = JailConfig::default();
+            config.system.push(bin.clone());
+            let jail = Jail::new(config).expect("the jail should work on this host (root)");
+            Some(Setup { jail: Arc::new(jail), bin })
+        })
+        .as_ref()
+}
+
+/// Skips the test (after `setup`'s message) when the jail is unavailable.
+macro_rules! setup_or_skip {
+    () => {
+        match setup() {
+            Some(s) => s,
+            None => return,
+        }
+    };
+}
+
+struct Call<'a> {
+    argv: Vec<String>,
+    user: &'a str,
+    tier: &'a str,
+    input: &'a str,
+    timeout: Option<Duration>,
+}
+
+fn call(argv: &[&str]) -> Call<'static> {
+    Call {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        user: "alice",
+        tier: "standard",
+        input: "",
+        timeout: Some(Duration::from_secs(10)),
+    }
+}
+
+impl Call<'_> {
+    async fn run(&self, sb: &Sandbox, setup: &Setup) -> ExecutionReport {
+        let tool = NativeTool {
+            name: "test".into(),
+            argv: self.argv.clone(),
+            env: BTreeMap::new(),
+            layout: None,
+        };
+        let call = ToolCall {
+            user: UserId::new(self.user).unwrap(),
+            tier: self.tier.into(),
+            input: self.input.as_bytes().to_vec(),
+            args: Vec::new(),
+            timeout: self.timeout,
+        };
+        let report = sb.run_native(&setup.jail, &tool, &call).await;
+        // Whatever happened, the run's cgroup is gone afterwards.
+        for dir in setup.jail.cgroup_paths(&report.id) {
+            assert!(!dir.exists(), "cgroup {} left behind", dir.display());
+        }
+        report
+    }
+}
+
+fn sh(script: &str) -> Call<'static> {
+    call(&["/bin/sh", "-c", script])
+}
+
+fn bin(setup: &Setup, name: &str) -> String {
+    setup.bin.join(name).to_string_lossy().into_owned()
+}
+
+#[track_caller]
+fn assert_status(report: &ExecutionReport, status: Status) {
+    assert_eq!(report.status, status, "report: {}", serde_json::to_string_pretty(report).unwrap());
+}
+
+/// Host processes whose command line contains `marker`.
+fn host_processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmdline).contains(marker)
+        {
+            found.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_program_reads_its_input_and_answers_json_with_usage_from_the_cgroup() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let mut c = call(&["/usr/bin/python3", "-c", "import json,sys; d=json.load(sys.stdin); print(json.dumps({'sq': d['n']**2}))"]);
+    c.input = r#"{"n": 12}"#;
+    let report = c.run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.output, Some(serde_json::json!({"sq": 144})));
+    assert_eq!(report.exit_code, Some(0));
+    assert_eq!(serde_json::to_value(report.runtime).unwrap(), "native");
+    assert!(report.tool_sha256.is_none());
+    let usage = &report.usage;
+    assert!(usage.cpu_ms.is_some_and(|c| c > 0.0), "{usage:?}");
+    assert!(usage.peak_memory_bytes.is_some_and(|m| m > 1 << 20), "{usage:?}");
+    assert!(usage.peak_processes.is_some_and(|p| p >= 1), "{usage:?}");
+    assert!(usage.fuel_consumed.is_none());
+
+    // A non-zero exit is a tool error with its code; stdout stays text.
+    let report = sh("echo not json; echo oops >&2; exit 3").run(&sb, setup).await;
+    assert_status(&report, Status::ToolError);
+    assert_eq!(report.exit_code, Some(3));
+    assert_eq!(report.stdout, "not json\n");
+    assert_eq!(report.stderr, "oops\n");
+
+    // A program that is not there is an invalid tool, not a crash.
+    let report = call(&["/usr/bin/no-such-program"]).run(&sb, setup).await;
+    assert_status(&report, Status::InvalidTool);
+}
+
+#[tokio::test]
+async fn the_jail_is_nobody_on_host_sandbox_without_capabilities_or_host_environment() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let script = "id -u; id -g; hostname; grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status; \
+                  grep NoNewPrivs /proc/self/status; grep Seccomp: /proc/self/status; env | sort";
+    let report = sh(script).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    let lines: Vec<&str> = report.stdout.lines().collect();
+    assert_eq!(&lines[..3], ["65534", "65534", "sandbox"], "{}", report.stdout);
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(report.stdout.contains(&format!("{cap}:\t0000000000000000")), "{cap}: {}", report.stdout);
+    }
+    assert!(report.stdout.contains("NoNewPrivs:\t1"), "{}", report.stdout);
+    assert!(report.stdout.contains("Seccomp:\t2"), "{}", report.stdout);
+    // Only the jail's own variables (sh adds PWD, SHLVL and _).
+    let env: Vec<&str> = lines[3..].iter().filter(|l| l.contains('=') && !l.starts_with("Cap")).copied().collect();
+    let names: Vec<&str> = env.iter().map(|l| l.split('=').next().unwrap()).collect();
+    for name in &names {
+        assert!(["HOME", "LANG", "PATH", "TMPDIR", "PWD", "SHLVL", "_"].contains(name), "host variable leaked: {name}");
+    }
+    assert!(std::env::var_os("CARGO").is_some() && !names.contains(&"CARGO"));
+}
+
+#[tokio::test]
+async fn host_files_are_absent_and_the_system_is_read_only() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let script = "cat /etc/shadow; echo shadow=$?; ls /root; echo root=$?; ls /home; echo home=$?; \
+                  ls /sys; echo sys=$?; touch /usr/pwned; echo usr=$?; touch /etc/pwned; echo etc=$?; \
+                  touch /pwned; echo rootfs=$?; echo x > /dev/null; echo devnull=$?; \
+                  mkdir /proc/x; echo proc=$?";
+    let report = sh(script).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    for expected in
+        ["shadow=1", "root=2", "home=2", "sys=2", "usr=1", "etc=1", "rootfs=1", "devnull=0", "proc=1"]
+    {
+        assert!(report.stdout.contains(expected), "{expected} missing from:\n{}\n{}", report.stdout, report.stderr);
+    }
+    assert!(report.stderr.contains("Read-only file system"), "{}", report.stderr);
+    assert!(!Path::new("/usr/pwned").exists() && !Path::new("/etc/pwned").exists());
+}
+
+#[tokio::test]
+async fn files_written_to_tmp_or_data_do_not_execute() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let script = "cp /bin/true /tmp/t && chmod +x /tmp/t && /tmp/t; echo tmp=$?; \
+                  cp /bin/true /data/t && chmod +x /data/t && /data/t; echo data=$?; \
+                  cp /bin/true /var/tmp/t && chmod +x /var/tmp/t && /var/tmp/t; echo vartmp=$?; \
+                  cp /bin/true /dev/shm/t && chmod +x /dev/shm/t && /dev/shm/t; echo shm=$?";
+    let report = sh(script).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    for expected in ["tmp=126", "data=126", "vartmp=126", "shm=126"] {
+        assert!(report.stdout.contains(expected), "{expected}: {}\n{}", report.stdout, report.stderr);
+    }
+    assert!(report.stderr.contains("Permission denied"), "{}", report.stderr);
+}
+
+#[tokio::test]
+async fn dangerous_system_calls_are_denied() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let report = call(&[&bin(setup, "syscalls")]).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    let results: BTreeMap<&str, &str> = report.stdout.lines().filter_map(|l| l.split_once(' ')).collect();
+    let denied = [
+        "ptrace",
+        "process_vm_readv",
+        "mount",
+        "umount",
+        "unshare_user",
+        "unshare_net",
+        "setns",
+        "chroot",
+        "pivot_root",
+        "keyctl",
+        "add_key",
+        "bpf",
+        "io_uring_setup",
+        "perf_event_open",
+        "userfaultfd",
+        "open_tree",
+        "fsopen",
+        "kexec_load",
+        "init_module",
+        "open_by_handle_at",
+        "socket_vsock",
+        "socket_alg",
+        "socket_inet",
+        "socket_netlink",
+        "tiocsti",
+        "tiocsti_high",
+        "clone_newuser",
+        "memfd_exec",
+        "personality",
+        "x32_getpid",
+    ];
+    for name in denied {
+        assert_eq!(results.get(name), Some(&"EPERM"), "{name}: {}", report.stdout);
+    }
+    // clone3 is refused as unknown, so C libraries fall back to clone.
+    assert_eq!(results.get("clone3"), Some(&"ENOSYS"), "{}", report.stdout);
+    for allowed in ["socket_unix", "fork", "getpid"] {
+        assert_eq!(results.get(allowed), Some(&"ok"), "{allowed}: {}", report.stdout);
+    }
+}
+
+#[tokio::test]
+async fn the_network_is_unreachable_and_only_loopback_exists() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "import socket\n\
+         try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')\n\
+         except OSError as e:\n    print('refused', e.errno)\n\
+         print(open('/proc/net/dev').read())"
+    );
+    let report = call(&["/usr/bin/python3", "-c", &script]).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert!(report.stdout.starts_with("refused 1"), "{}", report.stdout);
+    // The network namespace has loopback and nothing else.
+    let interfaces: Vec<&str> =
+        report.stdout.lines().skip(3).filter_map(|l| l.trim().split(':').next()).filter(|n| !n.is_empty()).collect();
+    assert_eq!(interfaces, ["lo"], "{}", report.stdout);
+    // Nothing reached the host's listener.
+    assert!(listener.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock));
+}
+
+#[tokio::test]
+async fn proc_shows_only_the_jail_and_leaked_descriptors_are_closed() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    // A descriptor without close-on-exec, leaked into this (the server's) process.
+    let leaked = std::fs::File::open("/etc/hostname").unwrap();
+    let leaked_fd = nix::unistd::dup(&leaked).unwrap();
+    let report = sh("ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; ls /proc/self/fd | tr '\\n' ' '")
+        .run(&sb, setup)
+        .await;
+    drop(leaked_fd);
+    assert_status(&report, Status::Ok);
+    let mut lines = report.stdout.lines();
+    let pids: Vec<u32> = lines.next().unwrap().split_whitespace().map(|p| p.parse().unwrap()).collect();
+    // sh, ls, grep, tr: the jail's own few, never pid 1 (the jail's init, hidden)
+    // nor the host's.
+    assert!(!pids.is_empty() && pids.iter().all(|&p| (2..20).contains(&p)), "pids: {pids:?}");
+    let fds: Vec<u32> = lines.next().unwrap().split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(fds, [0, 1, 2, 3], "only stdio and ls's own directory: {fds:?}");
+}
+
+#[tokio::test]
+async fn a_fork_bomb_hits_the_pids_limit_and_a_few_processes_are_fine() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let mut bomb = call(&[&bin(setup, "forkbomb")]);
+    bomb.tier = "free";
+    bomb.timeout = Some(Duration::from_secs(2));
+    let report = bomb.run(&sb, setup).await;
+    assert_status(&report, Status::PidsLimit);
+    // Free tier: 25 processes.
+    assert!(report.usage.peak_processes.is_some_and(|p| p <= 25), "{:?}", report.usage);
+    // The host can still fork.
+    assert!(Command::new("/bin/true").status().unwrap().success());
+
+    let mut few = sh("for i in 1 2 3 4 5 6 7 8; do sleep 0.2 & done; wait; echo '{\"done\": true}'");
+    few.tier = "free";
+    let report = few.run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert!(report.usage.peak_processes.is_some_and(|p| p >= 9), "{:?}", report.usage);
+}
+
+#[tokio::test]
+async fn a_memory_bomb_is_killed_for_memory_and_a_modest_program_is_not() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let grab = |mib: u32| {
+        let mut c = call(&[
+            "/usr/bin/python3",
+            "-c",
+            &format!("b = [bytearray(1 << 20) for _ in range({mib})]; print('{{\"held\": %d}}' % len(b))"),
+        ]);
+        c.tier = "free";
+        c
+    };
+    let report = grab(1024).run(&sb, setup).await;
+    assert_status(&report, Status::MemoryLimit);
+    assert!(report.error.as_deref().unwrap().contains("268435456"), "{:?}", report.error);
+    let report = grab(64).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.output, Some(serde_json::json!({"held": 64})));
+    assert!(report.usage.peak_memory_bytes.is_some_and(|m| m > 64 << 20 && m < 256 << 20), "{:?}", report.usage);
+}
+
+#[tokio::test]
+async fn a_cpu_spin_is_stopped_and_short_work_finishes() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let mut spin = call(&[&bin(setup, "spin")]);
+    spin.tier = "premium";
+    spin.timeout = Some(Duration::from_millis(800));
+    let report = spin.run(&sb, setup).await;
+    assert!(matches!(report.status, Status::CpuLimit | Status::Timeout), "{report:?}");
+    assert!(report.usage.wall_ms < 3000.0, "{:?}", report.usage);
+    // The tier's share holds: at most a quarter of a core on free.
+    let mut spin = call(&[&bin(setup, "spin")]);
+    spin.tier = "free";
+    spin.timeout = Some(Duration::from_millis(1000));
+    let report = spin.run(&sb, setup).await;
+    assert!(matches!(report.status, Status::CpuLimit | Status::Timeout), "{report:?}");
+    let cpu = report.usage.cpu_ms.unwrap();
+    assert!(cpu < 450.0, "free tier used {cpu} ms of CPU in one second");
+
+    let report = call(&["/usr/bin/python3", "-c", "print(sum(range(100000)))"]).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.output, Some(serde_json::json!(4999950000u64)));
+}
+
+#[tokio::test]
+async fn a_double_forked_daemon_dies_with_the_run() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let marker = format!("imagentx-daemon-{}", std::process::id());
+    let report = call(&[&bin(setup, "daemon"), &marker]).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.output, Some(serde_json::json!({"daemonized": true})));
+    assert!(host_processes_with(&marker).is_empty(), "the daemon survived: {:?}", host_processes_with(&marker));
+
+    // Also when the run is stopped by its deadline while the daemon sleeps.
+    let mut c = sh(&format!("{} {marker}; sleep 30", bin(setup, "daemon")));
+    c.timeout = Some(Duration::from_millis(500));
+    let report = c.run(&sb, setup).await;
+    assert_status(&report, Status::Timeout);
+    assert!(host_processes_with(&marker).is_empty(), "the daemon survived: {:?}", host_processes_with(&marker));
+}
+
+#[tokio::test]
+async fn tmp_is_capped_and_output_over_the_cap_is_dropped() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let report = sh("dd if=/dev/zero of=/tmp/big bs=1M count=150 2>&1; echo dd=$?; du -m /tmp/big | cut -f1")
+        .run(&sb, setup)
+        .await;
+    assert_status(&report, Status::Ok);
+    assert!(report.stdout.contains("No space left on device"), "{}", report.stdout);
+    assert!(report.stdout.contains("dd=1"), "{}", report.stdout);
+    let kept: u64 = report.stdout.lines().last().unwrap().trim().parse().unwrap();
+    assert!((90..=100).contains(&kept), "{kept} MiB in /tmp");
+    // 50 MiB fit.
+    let report = sh("dd if=/dev/zero of=/tmp/ok bs=1M count=50 2>/dev/null && echo '{\"ok\": true}'").run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+
+    let report = sh("head -c 3000000 /dev/zero | tr '\\0' x").run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert!(report.truncated.stdout);
+    assert_eq!(report.stdout.len(), 1 << 20);
+}
+
+#[tokio::test]
+async fn a_setuid_binary_gives_no_privilege() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let report = call(&[&bin(setup, "whoami-setuid")]).run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.output, Some(serde_json::json!({"uid": 65534, "euid": 65534})));
+    // su is setuid root on the host: here it cannot switch.
+    let report = sh("su -c id root </dev/null; echo su=$?").run(&sb, setup).await;
+    assert!(!report.stdout.contains("uid=0"), "{}", report.stdout);
+}
+
+#[tokio::test]
+async fn users_see_only_their_own_data_and_it_persists() {
+    let setup = setup_or_skip!();
+    let (sb, dir) = common::sandbox();
+    let mut write = sh("echo secret > /data/note && echo '{\"written\": true}'");
+    write.user = "alice";
+    assert_status(&write.run(&sb, setup).await, Status::Ok);
+    let mut peek = sh("ls -A /data; find / -name note 2>/dev/null; echo end");
+    peek.user = "bob";
+    let report = peek.run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.stdout, "end\n", "bob saw: {}", report.stdout);
+    let mut read = sh("cat /data/note");
+    read.user = "alice";
+    let report = read.run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.stdout, "secret\n");
+    // On the host the file is in alice's directory, owned by the jail's id.
+    let note = dir.path().join("users/alice/note");
+    assert_eq!(std::fs::read_to_string(&note).unwrap(), "secret\n");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&note).unwrap().uid(), 65534);
+}
