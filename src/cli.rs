@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
-use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -15,8 +15,8 @@ use clap::{Parser, Subcommand};
 use crate::api::ServerSettings;
 use crate::data_dir::DataDir;
 use crate::engine::{Engine, EngineConfig};
-use crate::policy::{Policy, PolicyFile, UserId};
 use crate::jail::{Jail, JailConfig};
+use crate::policy::{Policy, PolicyFile, UserId};
 use crate::report::Status;
 use crate::runner::{NativeTool, Sandbox, ToolCall};
 use crate::store::Store;
@@ -200,9 +200,7 @@ fn load_config(config: Option<&Path>) -> Result<(Policy, JailConfig), UsageError
 }
 
 fn jail_config(file: &mut PolicyFile, path: &Path) -> Result<JailConfig, UsageError> {
-    toml::Value::Table(file.take_jail())
-        .try_into()
-        .map_err(|e| UsageError(format!("{}: [jail]: {e}", path.display())))
+    toml::Value::Table(file.take_jail()).try_into().map_err(|e| UsageError(format!("{}: [jail]: {e}", path.display())))
 }
 
 fn load_policy(config: Option<&Path>) -> Result<Policy, UsageError> {
@@ -264,7 +262,7 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
             let name = args.args.first().map(|p| tool_name(Path::new(p))).unwrap_or_default();
             let tool = NativeTool { name, argv: args.args, env: BTreeMap::new(), layout: None };
             let call = ToolCall { user, tier: args.tier, input, args: Vec::new(), timeout };
-            sandbox.run_native(&jail, &tool, &call).await
+            sandbox.run_native(Ok(&jail), &tool, &call).await
         }
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -308,6 +306,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, UsageError> {
     if let Some(dir) = args.data_dir {
         settings.data_dir = dir;
     }
+    settings.jail = jail;
     match crate::api::serve(policy, settings).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {

@@ -146,7 +146,13 @@ impl Sandbox {
     }
 
     /// Runs `call` with the native `tool` in `jail`; always answers a report.
-    pub async fn run_native(&self, jail: &Arc<Jail>, tool: &NativeTool, call: &ToolCall) -> ExecutionReport {
+    /// `jail` is the host's jail, or why there is none (then the report says so).
+    pub async fn run_native(
+        &self,
+        jail: Result<&Arc<Jail>, &str>,
+        tool: &NativeTool,
+        call: &ToolCall,
+    ) -> ExecutionReport {
         let started_at = SystemTime::now();
         let clock = Instant::now();
         let id = new_execution_id();
@@ -165,6 +171,7 @@ impl Sandbox {
                 cpu: None,
                 peak_memory_bytes: None,
                 peak_processes: None,
+                timings: Default::default(),
             },
         };
         // As for a WASM command: stdout that is JSON is the output.
@@ -199,10 +206,7 @@ impl Sandbox {
             started_at: rfc3339(started_at),
             finished_at: rfc3339(SystemTime::now()),
         };
-        if matches!(
-            report.status,
-            Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit
-        ) {
+        if matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit) {
             tracing::warn!(
                 limit = report.status.as_str(),
                 tool = %report.tool,
@@ -217,10 +221,12 @@ impl Sandbox {
     async fn execute_native(
         &self,
         id: &str,
-        jail: &Arc<Jail>,
+        jail: Result<&Arc<Jail>, &str>,
         tool: &NativeTool,
         call: &ToolCall,
     ) -> Result<NativeOutcome, (Status, String)> {
+        let jail =
+            jail.map_err(|why| (Status::InternalError, format!("native tools cannot run on this host: {why}")))?;
         let (limits, input) = self.admit(call)?;
         let input = if call.input.is_empty() { Vec::new() } else { input.as_bytes().to_vec() };
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());

@@ -95,12 +95,7 @@ fn call(argv: &[&str]) -> Call<'static> {
 
 impl Call<'_> {
     async fn run(&self, sb: &Sandbox, setup: &Setup) -> ExecutionReport {
-        let tool = NativeTool {
-            name: "test".into(),
-            argv: self.argv.clone(),
-            env: BTreeMap::new(),
-            layout: None,
-        };
+        let tool = NativeTool { name: "test".into(), argv: self.argv.clone(), env: BTreeMap::new(), layout: None };
         let call = ToolCall {
             user: UserId::new(self.user).unwrap(),
             tier: self.tier.into(),
@@ -108,7 +103,7 @@ impl Call<'_> {
             args: Vec::new(),
             timeout: self.timeout,
         };
-        let report = sb.run_native(&setup.jail, &tool, &call).await;
+        let report = sb.run_native(Ok(&setup.jail), &tool, &call).await;
         // Whatever happened, the run's cgroup is gone afterwards.
         for dir in setup.jail.cgroup_paths(&report.id) {
             assert!(!dir.exists(), "cgroup {} left behind", dir.display());
@@ -147,7 +142,11 @@ fn host_processes_with(marker: &str) -> Vec<String> {
 async fn a_program_reads_its_input_and_answers_json_with_usage_from_the_cgroup() {
     let setup = setup_or_skip!();
     let (sb, _dir) = common::sandbox();
-    let mut c = call(&["/usr/bin/python3", "-c", "import json,sys; d=json.load(sys.stdin); print(json.dumps({'sq': d['n']**2}))"]);
+    let mut c = call(&[
+        "/usr/bin/python3",
+        "-c",
+        "import json,sys; d=json.load(sys.stdin); print(json.dumps({'sq': d['n']**2}))",
+    ]);
     c.input = r#"{"n": 12}"#;
     let report = c.run(&sb, setup).await;
     assert_status(&report, Status::Ok);
@@ -207,9 +206,7 @@ async fn host_files_are_absent_and_the_system_is_read_only() {
                   mkdir /proc/x; echo proc=$?";
     let report = sh(script).run(&sb, setup).await;
     assert_status(&report, Status::Ok);
-    for expected in
-        ["shadow=1", "root=2", "home=2", "sys=2", "usr=1", "etc=1", "rootfs=1", "devnull=0", "proc=1"]
-    {
+    for expected in ["shadow=1", "root=2", "home=2", "sys=2", "usr=1", "etc=1", "rootfs=1", "devnull=0", "proc=1"] {
         assert!(report.stdout.contains(expected), "{expected} missing from:\n{}\n{}", report.stdout, report.stderr);
     }
     assert!(report.stderr.contains("Read-only file system"), "{}", report.stderr);
@@ -312,9 +309,8 @@ async fn proc_shows_only_the_jail_and_leaked_descriptors_are_closed() {
     // A descriptor without close-on-exec, leaked into this (the server's) process.
     let leaked = std::fs::File::open("/etc/hostname").unwrap();
     let leaked_fd = nix::unistd::dup(&leaked).unwrap();
-    let report = sh("ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; ls /proc/self/fd | tr '\\n' ' '")
-        .run(&sb, setup)
-        .await;
+    let report =
+        sh("ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; ls /proc/self/fd | tr '\\n' ' '").run(&sb, setup).await;
     drop(leaked_fd);
     assert_status(&report, Status::Ok);
     let mut lines = report.stdout.lines();
@@ -424,7 +420,8 @@ async fn tmp_is_capped_and_output_over_the_cap_is_dropped() {
     let kept: u64 = report.stdout.lines().last().unwrap().trim().parse().unwrap();
     assert!((90..=100).contains(&kept), "{kept} MiB in /tmp");
     // 50 MiB fit.
-    let report = sh("dd if=/dev/zero of=/tmp/ok bs=1M count=50 2>/dev/null && echo '{\"ok\": true}'").run(&sb, setup).await;
+    let report =
+        sh("dd if=/dev/zero of=/tmp/ok bs=1M count=50 2>/dev/null && echo '{\"ok\": true}'").run(&sb, setup).await;
     assert_status(&report, Status::Ok);
 
     let report = sh("head -c 3000000 /dev/zero | tr '\\0' x").run(&sb, setup).await;
@@ -467,4 +464,102 @@ async fn users_see_only_their_own_data_and_it_persists() {
     assert_eq!(std::fs::read_to_string(&note).unwrap(), "secret\n");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&note).unwrap().uid(), 65534);
+}
+
+mod server;
+
+fn native_spec(name: &str, argv: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "runtime": "native",
+        "name": name,
+        "description": "a native test tool",
+        "argv": argv,
+        "input_schema": {"type": "object"},
+    })
+}
+
+#[tokio::test]
+async fn admins_register_native_tools_and_users_invoke_them_over_http() {
+    use hyper::{Method, StatusCode};
+    let setup = setup_or_skip!();
+    let srv = server::TestServer::start_with(imagentx_sandbox::policy::Policy::default(), |s| {
+        s.jail.system.push(setup.bin.clone());
+    })
+    .await;
+    let json = [("content-type", "application/json")];
+    let register = async |key: &str, body: serde_json::Value| {
+        srv.request_with(Method::POST, "/v1/tools", Some(key), body.to_string(), &json).await
+    };
+    let square = "import json,sys; d=json.load(sys.stdin); print(json.dumps({'sq': d['n']**2}))";
+    let answer = register(&srv.admin, native_spec("square", &["/usr/bin/python3", "-c", square])).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(answer.json()["kind"], "native");
+    assert_eq!(answer.json()["version"], 1);
+
+    // Client mistakes: each a 400 with a reason, nothing registered.
+    let user = srv.add_user("carol", "free", false).await;
+    let mut wrong_runtime = native_spec("x", &["/bin/true"]);
+    wrong_runtime["runtime"] = "wasm".into();
+    let mut bad_env = native_spec("x", &["/bin/true"]);
+    bad_env["env_allow"] = serde_json::json!(["NOT-A-NAME"]);
+    let mut relative_rootfs = native_spec("x", &["/bin/true"]);
+    relative_rootfs["rootfs"] = "srv/root".into();
+    let mut missing_rootfs = native_spec("x", &["/bin/true"]);
+    missing_rootfs["rootfs"] = "/no/such/rootfs".into();
+    let mut unknown_field = native_spec("x", &["/bin/true"]);
+    unknown_field["privileged"] = true.into();
+    for (body, code) in [
+        (wrong_runtime, "invalid_tool"),
+        (native_spec("x", &[]), "invalid_tool"),
+        (bad_env, "invalid_tool"),
+        (relative_rootfs, "invalid_tool"),
+        (missing_rootfs, "invalid_tool"),
+        (native_spec("bad name", &["/bin/true"]), "bad_tool_name"),
+        (unknown_field, "bad_json"),
+    ] {
+        let answer = register(&srv.admin, body.clone()).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body}: {}", String::from_utf8_lossy(&answer.body));
+        assert_eq!(answer.error_code(), code, "{body}");
+    }
+    let answer = srv.request_with(Method::POST, "/v1/tools", Some(&srv.admin), "{not json", &json).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    let answer = register(&user, native_spec("mine", &["/bin/true"])).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    let listed = srv.get("/v1/tools", &user).await.json();
+    let names: Vec<&str> = listed["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["square"]);
+
+    let invoke = async |tool: &str, body: &str| {
+        srv.request(Method::POST, &format!("/v1/tools/{tool}/invoke"), Some(&user), body.to_owned()).await
+    };
+    let report = invoke("square", r#"{"input": {"n": 7}}"#).await.json();
+    assert_eq!(report["status"], "ok", "{report}");
+    assert_eq!(report["runtime"], "native");
+    assert_eq!(report["output"], serde_json::json!({"sq": 49}));
+    assert!(report["tool_sha256"].is_null());
+    let id = report["id"].as_str().unwrap();
+    assert_eq!(srv.get(&format!("/v1/executions/{id}"), &user).await.json()["status"], "ok");
+
+    // A hostile native tool is stopped with its status, and the server keeps serving.
+    let forkbomb = bin(setup, "forkbomb");
+    let answer = register(&srv.admin, native_spec("bomb", &[&forkbomb])).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    let report = invoke("bomb", r#"{"timeout_ms": 1500}"#).await.json();
+    assert_eq!(report["status"], "pids_limit", "{report}");
+    let report = invoke("square", r#"{"input": {"n": 3}}"#).await.json();
+    assert_eq!(report["output"], serde_json::json!({"sq": 9}));
+
+    // After a restart the native tools are loaded again from their stored specs.
+    let dir = srv.stop_keeping_data().await;
+    let mut settings = imagentx_sandbox::api::ServerSettings {
+        data_dir: dir.path().to_owned(),
+        max_instances: 8,
+        ..Default::default()
+    };
+    settings.jail.system.push(setup.bin.clone());
+    let srv = server::TestServer::start_in(dir, imagentx_sandbox::policy::Policy::default(), settings).await;
+    let user = srv.add_user("dave", "standard", false).await;
+    let answer =
+        srv.request(Method::POST, "/v1/tools/square/invoke", Some(&user), r#"{"input": {"n": 5}}"#.to_owned()).await;
+    assert_eq!(answer.json()["output"], serde_json::json!({"sq": 25}), "{}", String::from_utf8_lossy(&answer.body));
 }

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use super::admission::Denial;
 use super::auth::{Authed, record_refusal};
 use super::error::{ApiPath, parse_json, read_body};
+use super::registry::Runnable;
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
 use crate::policy::Tier;
@@ -125,6 +126,13 @@ pub async fn invoke(
         }
     };
 
+    if let (Runnable::Native(_), Err(why)) = (&registered.runnable, &state.jail) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "native_unavailable",
+            format!("tool `{name}` is a native program, and native tools cannot run on this server: {why}"),
+        ));
+    }
     let permit = match state.admission.admit(caller.user.as_str(), tier.concurrent_calls) {
         Ok(permit) => permit,
         Err(denial) => return Err(denied(&state, &caller, Some(&name), denial).await),
@@ -136,7 +144,13 @@ pub async fn invoke(
     let task_state = state.clone();
     let task = tokio::spawn(async move {
         let _permit = permit;
-        let report = task_state.sandbox.run(Ok(&registered.tool), &call).await;
+        let report = match &registered.runnable {
+            Runnable::Wasm(tool) => task_state.sandbox.run(Ok(tool), &call).await,
+            Runnable::Native(tool) => {
+                let jail = task_state.jail.as_ref().map_err(String::as_str);
+                task_state.sandbox.run_native(jail, tool, &call).await
+            }
+        };
         let events = audit_events(&task_state, &caller, &report, registered.row.version, &call);
         let json: Bytes =
             serde_json::to_vec(&report).map_err(|e| ApiError::internal("encoding the report", &e))?.into();

@@ -15,6 +15,7 @@ mod error;
 mod files;
 mod invoke;
 mod metrics;
+mod native;
 mod openapi;
 mod registry;
 mod tools;
@@ -38,6 +39,7 @@ pub use registry::{Registered, Registry};
 
 use crate::data_dir::DataDir;
 use crate::engine::{Engine, EngineConfig};
+use crate::jail::{Jail, JailConfig};
 use crate::policy::Policy;
 use crate::runner::Sandbox;
 use crate::store::Store;
@@ -61,6 +63,9 @@ pub struct ServerSettings {
     /// Write tools' inputs and outputs into the audit trail too (off: they stay
     /// only in the caller's execution records).
     pub audit_payloads: bool,
+    /// The native jailer's settings: the config file's `[jail]` table.
+    #[serde(skip)]
+    pub jail: JailConfig,
 }
 
 impl Default for ServerSettings {
@@ -73,6 +78,7 @@ impl Default for ServerSettings {
             shutdown_grace_ms: 30_000,
             header_read_timeout_ms: 10_000,
             audit_payloads: false,
+            jail: JailConfig::default(),
         }
     }
 }
@@ -86,6 +92,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub settings: ServerSettings,
     pub blobs: PathBuf,
+    /// The native jail, or why this host cannot run native tools.
+    pub jail: Result<Arc<Jail>, String>,
     /// Idempotency keys of calls still running, as `(user, key)`.
     pub(crate) running_keys: Mutex<HashSet<(String, String)>>,
     pub(crate) draining: AtomicBool,
@@ -125,6 +133,10 @@ impl AppState {
         let mut config = EngineConfig::new(data_dir.cache_dir(), max_memory);
         config.max_instances = settings.max_instances;
         let engine = Engine::new(&config)?;
+        let jail = Jail::new(settings.jail.clone()).map(Arc::new).map_err(|e| {
+            tracing::warn!(error = %e, "native tools are disabled: the jail cannot run on this host");
+            e.to_string()
+        });
         let state = Arc::new(Self {
             sandbox: Sandbox { policy, engine, data_dir },
             store,
@@ -132,6 +144,7 @@ impl AppState {
             admission: Admission::new(settings.max_instances),
             metrics: Metrics::default(),
             blobs,
+            jail,
             settings,
             running_keys: Mutex::default(),
             draining: AtomicBool::new(false),
@@ -238,7 +251,8 @@ pub fn routes() -> Vec<Route> {
             r(
                 "post",
                 "/v1/tools",
-                "Register a WASM tool (the module as the body); a name registered again gets a new version.",
+                "Register a WASM tool (the module as the body), or a native tool (a JSON `NativeSpec` with \
+                 `Content-Type: application/json`); a name registered again gets a new version.",
                 Admin,
                 Body::Raw("application/wasm"),
                 Body::Json(json::<crate::store::ToolRow>),

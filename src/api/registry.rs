@@ -7,14 +7,24 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::engine::Tool;
-use crate::runner::Sandbox;
+use crate::runner::{NativeTool, Sandbox};
 use crate::store::{Store, ToolRow};
 
-/// One registered version, compiled and ready.
+/// One registered version, ready to run.
 pub struct Registered {
     pub row: ToolRow,
-    pub tool: Tool,
+    pub runnable: Runnable,
 }
+
+/// What runs a registered tool: a compiled WASM tool, or a native program
+/// for the jail.
+pub enum Runnable {
+    Wasm(Tool),
+    Native(NativeTool),
+}
+
+/// The `kind` of native tools in the registry.
+pub const NATIVE_KIND: &str = "native";
 
 #[derive(Default)]
 pub struct Registry {
@@ -77,6 +87,16 @@ impl Registry {
         let started = std::time::Instant::now();
         let (mut loaded, mut from_cache, total) = (0, 0, rows.len());
         for row in rows {
+            if row.kind == NATIVE_KIND {
+                match super::native::load(blobs, &row) {
+                    Ok(tool) => {
+                        self.insert(Registered { row, runnable: Runnable::Native(tool) });
+                        loaded += 1;
+                    }
+                    Err(e) => tracing::error!(tool = %row.name, error = %e, "native tool could not be loaded"),
+                }
+                continue;
+            }
             let path = blob_path(blobs, &row.sha256);
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
@@ -89,7 +109,7 @@ impl Registry {
                 Ok(mut tool) if tool.sha256() == row.sha256 => {
                     tool.rename(&row.name);
                     from_cache += usize::from(tool.loaded_from_cache());
-                    self.insert(Registered { row, tool });
+                    self.insert(Registered { row, runnable: Runnable::Wasm(tool) });
                     loaded += 1;
                 }
                 Ok(_) => tracing::error!(tool = %row.name, "tool module does not match its sha256; not loaded"),
@@ -111,23 +131,32 @@ pub fn blob_path(blobs: &Path, sha256: &str) -> PathBuf {
     blobs.join(format!("{sha256}.wasm"))
 }
 
-/// Stores a module under its hash: temporary file, fsync, rename. Already
-/// there (same content, same name) is fine.
+/// Stores a module under its hash. Already there (same content, same name)
+/// is fine.
 ///
 /// # Errors
 ///
 /// The write's failure.
 pub fn write_blob(blobs: &Path, sha256: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let path = blob_path(blobs, sha256);
+    write_new(blobs, &blob_path(blobs, sha256), bytes)
+}
+
+/// Writes `bytes` to `path` in directory `dir` unless it exists: temporary
+/// file, fsync, rename, fsync of the directory.
+///
+/// # Errors
+///
+/// The write's failure.
+pub fn write_new(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if path.exists() {
         return Ok(());
     }
-    let tmp = blobs.join(format!(".{sha256}.{}.tmp", uuid::Uuid::now_v7().simple()));
+    let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::now_v7().simple()));
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    if let Ok(dir) = std::fs::File::open(blobs) {
+    std::fs::rename(&tmp, path)?;
+    if let Ok(dir) = std::fs::File::open(dir) {
         let _ = dir.sync_all();
     }
     Ok(())

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::auth::{Admin, Authed, record};
 use super::error::{ApiPath, read_body};
-use super::registry::{Registered, write_blob};
+use super::registry::{Registered, Runnable, write_blob};
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
 use crate::engine::ToolKind;
@@ -45,7 +45,7 @@ pub struct Retired {
 }
 
 /// Tool names as LLM function-calling APIs accept them.
-fn check_name(name: &str) -> Result<(), ApiError> {
+pub(super) fn check_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -75,6 +75,13 @@ pub async fn register(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    if json {
+        return super::native::register(&state, &caller, &headers, body).await;
+    }
     let bytes = read_body(&headers, body, state.sandbox.policy.module_bytes).await?;
     if bytes.is_empty() {
         return Err(ApiError::bad_request("empty_body", "send the tool's .wasm module as the request body"));
@@ -126,7 +133,7 @@ pub async fn register(
         .map_err(|e| ApiError::internal("storing the module", &e))?;
     let row = state.store.register_tool(row).await?;
     tracing::info!(tool = %row.name, version = row.version, sha256 = %row.sha256, by = %row.registered_by, "tool registered");
-    state.registry.insert(Registered { row: row.clone(), tool });
+    state.registry.insert(Registered { row: row.clone(), runnable: Runnable::Wasm(tool) });
     Ok((StatusCode::CREATED, Json(row)).into_response())
 }
 

@@ -86,7 +86,10 @@ fn own_path(controller: Option<&str>) -> io::Result<String> {
             return Ok(path.to_owned());
         }
     }
-    Err(io::Error::new(ErrorKind::NotFound, format!("no {} line in /proc/self/cgroup", controller.unwrap_or("cgroup v2"))))
+    Err(io::Error::new(
+        ErrorKind::NotFound,
+        format!("no {} line in /proc/self/cgroup", controller.unwrap_or("cgroup v2")),
+    ))
 }
 
 fn join(mount: &Path, own: &str, name: &str) -> PathBuf {

@@ -134,6 +134,23 @@ pub struct NativeOutcome {
     pub cpu: Option<Duration>,
     pub peak_memory_bytes: Option<u64>,
     pub peak_processes: Option<u64>,
+    /// Where the supervisor's time went (for benchmarks and debug logs).
+    pub timings: Timings,
+}
+
+/// Start-up and clean-up costs of one run, as the supervisor saw them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Making the cgroup and writing its limits.
+    pub cgroup: Duration,
+    /// Pipes, the plan and the clone into new namespaces.
+    pub clone: Duration,
+    /// Id maps and the move into the cgroup, until the child is let go.
+    pub attach: Duration,
+    /// From the go to the init's exit: mounts, exec, the program, teardown.
+    pub run: Duration,
+    /// Reading the cgroup's figures and removing it.
+    pub cleanup: Duration,
 }
 
 impl NativeOutcome {
@@ -151,6 +168,7 @@ impl NativeOutcome {
             cpu: None,
             peak_memory_bytes: None,
             peak_processes: None,
+            timings: Timings::default(),
         }
     }
 }
@@ -183,12 +201,7 @@ impl Jail {
         let layout = Layout::host(&config.system, &config.etc)?;
         let landlock = if config.landlock { child::landlock_rights() } else { None };
         let privileged = nix::unistd::geteuid().is_root();
-        tracing::info!(
-            cgroup = cgroups.version(),
-            landlock = landlock.is_some(),
-            privileged,
-            "native jail ready"
-        );
+        tracing::info!(cgroup = cgroups.version(), landlock = landlock.is_some(), privileged, "native jail ready");
         Ok(Self { config, layout, cgroups, filters, landlock, privileged })
     }
 

@@ -36,14 +36,33 @@ pub(super) enum Step {
     Mkdir(CString),
     /// An empty file to bind a file onto.
     Touch(CString),
-    Symlink { target: CString, at: CString },
+    Symlink {
+        target: CString,
+        at: CString,
+    },
     /// A recursive bind of a host path, then a remount with `flags`.
-    Bind { source: CString, at: CString, flags: libc::c_ulong },
-    Tmpfs { at: CString, flags: libc::c_ulong, options: CString },
-    Proc { at: CString },
-    Write { at: CString, content: Vec<u8> },
+    Bind {
+        source: CString,
+        at: CString,
+        flags: libc::c_ulong,
+    },
+    Tmpfs {
+        at: CString,
+        flags: libc::c_ulong,
+        options: CString,
+    },
+    Proc {
+        at: CString,
+    },
+    Write {
+        at: CString,
+        content: Vec<u8>,
+    },
     /// Remounts a tmpfs read-only once it is populated.
-    ReadOnly { at: CString, flags: libc::c_ulong },
+    ReadOnly {
+        at: CString,
+        flags: libc::c_ulong,
+    },
 }
 
 /// Which step failed, for the error the parent reports.
@@ -89,13 +108,7 @@ pub(super) fn enter() -> SysResult {
     sys::pivot_root(c".", c".")?;
     sys::umount_detach(c".")?;
     sys::chdir(c"/")?;
-    sys::mount(
-        None,
-        c"/",
-        None,
-        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-        None,
-    )
+    sys::mount(None, c"/", None, libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, None)
 }
 
 /// The read-only part of a root: built once, reused by every run.
@@ -223,9 +236,12 @@ impl Builder {
                 flags: libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
             });
         }
-        for (name, target) in
-            [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
-        {
+        for (name, target) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
             self.steps.push(Step::Symlink { target: cstring(target), at: staged(&format!("/dev/{name}")) });
         }
         self.tmpfs("/dev/shm", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "size=16m,nr_inodes=1024,mode=1777");
@@ -252,7 +268,8 @@ impl Builder {
                 self.bind(&source, &format!("/etc/{name}"), 0)?;
             }
         }
-        self.steps.push(Step::ReadOnly { at: staged("/etc"), flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC });
+        self.steps
+            .push(Step::ReadOnly { at: staged("/etc"), flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC });
         Ok(())
     }
 
@@ -316,16 +333,16 @@ pub(super) fn run_steps(tmp_bytes: u64, data_dir: &Path, data: &OwnedFd, data_wr
     }
     vec![
         Step::Mkdir(staged("/tmp")),
-        Step::Tmpfs { at: staged("/tmp"), flags: scratch, options: cstring(&format!("size={tmp_bytes},nr_inodes=16384,mode=1777")) },
+        Step::Tmpfs {
+            at: staged("/tmp"),
+            flags: scratch,
+            options: cstring(&format!("size={tmp_bytes},nr_inodes=16384,mode=1777")),
+        },
         Step::Mkdir(staged("/var")),
         Step::Mkdir(staged("/var/tmp")),
         Step::Tmpfs { at: staged("/var/tmp"), flags: scratch, options: cstring("size=50m,nr_inodes=4096,mode=1777") },
         Step::Mkdir(staged("/data")),
-        Step::Bind {
-            source: path_cstring(data_dir),
-            at: staged("/data"),
-            flags: data_flags | locked_flags(data),
-        },
+        Step::Bind { source: path_cstring(data_dir), at: staged("/data"), flags: data_flags | locked_flags(data) },
         Step::Mkdir(staged("/proc")),
         Step::Proc { at: staged("/proc") },
     ]

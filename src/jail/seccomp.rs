@@ -17,8 +17,7 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// The two programs, to install in this order.
@@ -349,9 +348,10 @@ impl Filters {
                 .map(|p| rule(vec![condition(0, SeccompCmpOp::Eq, p)?]))
                 .collect::<Result<_, _>>()?,
         );
-        let allow_list = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, ARCH)
-            .and_then(BpfProgram::try_from)
-            .map_err(|e| SeccompError(e.to_string()))?;
+        let allow_list =
+            SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, ARCH)
+                .and_then(BpfProgram::try_from)
+                .map_err(|e| SeccompError(e.to_string()))?;
         let clone3 = SeccompFilter::new(
             BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
             SeccompAction::Allow,

@@ -13,7 +13,7 @@ use super::cgroup::{CgroupLimits, CgroupStats};
 use super::child::{self, Plan, Stage};
 use super::rootfs;
 use super::sys;
-use super::{Jail, NativeOutcome, NativeRun};
+use super::{Jail, NativeOutcome, NativeRun, Timings};
 use crate::report::Status;
 
 /// Why a run stopped early, when the supervisor stopped it.
@@ -68,7 +68,10 @@ fn exec_candidates(program: &str, path: &str) -> Vec<CString> {
     if program.contains('/') {
         return vec![make(program.to_owned())];
     }
-    path.split(':').filter(|d| d.starts_with('/')).map(|dir| make(format!("{}/{program}", dir.trim_end_matches('/')))).collect()
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(|dir| make(format!("{}/{program}", dir.trim_end_matches('/'))))
+        .collect()
 }
 
 pub(super) fn run(jail: &Jail, req: &NativeRun<'_>) -> NativeOutcome {
@@ -93,7 +96,8 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     }
     let id = req.id;
     // The init counts against pids.max too: one more than the tier's.
-    let cgroup_limits = CgroupLimits { memory_bytes: limits.memory_bytes, cpu: limits.cpu_share, pids: limits.pids + 1 };
+    let cgroup_limits =
+        CgroupLimits { memory_bytes: limits.memory_bytes, cpu: limits.cpu_share, pids: limits.pids + 1 };
     let mut cgroup = jail.cgroups.create(id, &cgroup_limits).map_err(|e| format!("creating the run's cgroup: {e}"))?;
     let t_cgroup = started.elapsed();
 
@@ -183,7 +187,19 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     let cap = limits.output_bytes;
     let mut stdout = Capped { bytes: Vec::new(), cap, dropped: 0 };
     let mut stderr = Capped { bytes: Vec::new(), cap, dropped: 0 };
-    let stopped = pump(&child, &cgroup, limits, req.input, started, &pidfd, stdin_w, stdout_r, stderr_r, &mut stdout, &mut stderr);
+    let stopped = pump(
+        &child,
+        &cgroup,
+        limits,
+        req.input,
+        started,
+        &pidfd,
+        stdin_w,
+        stdout_r,
+        stderr_r,
+        &mut stdout,
+        &mut stderr,
+    );
 
     let (init_status, rusage) = child.reap().map_err(|e| format!("wait4: {}", std::io::Error::from_raw_os_error(e)))?;
     let wall = started.elapsed();
@@ -195,14 +211,14 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     cgroup.kill_all();
     let stats = cgroup.stats();
     cgroup.remove();
-    tracing::debug!(
-        cgroup_us = t_cgroup.as_micros(),
-        clone_us = (t_clone - t_cgroup).as_micros(),
-        go_us = (t_go - t_clone).as_micros(),
-        run_us = (t_reaped - t_go).as_micros(),
-        cleanup_us = (started.elapsed() - t_reaped).as_micros(),
-        "native run timings"
-    );
+    let timings = Timings {
+        cgroup: t_cgroup,
+        clone: t_clone - t_cgroup,
+        attach: t_go - t_clone,
+        run: t_reaped - t_go,
+        cleanup: started.elapsed() - t_reaped,
+    };
+    tracing::debug!(?timings, "native run timings");
 
     let mut outcome = NativeOutcome {
         status: Status::Ok,
@@ -218,6 +234,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         peak_memory_bytes: stats.peak_memory_bytes,
         // The jail's init is not the tool's.
         peak_processes: stats.peak_processes.map(|p| p.saturating_sub(1)),
+        timings,
     };
     if let Some(report) = setup_failure(&setup_error, layout, &run_steps) {
         let (status, message) = report;
@@ -389,7 +406,10 @@ fn setup_failure(bytes: &[u8], layout: &rootfs::Layout, run_steps: &[rootfs::Ste
         Stage::RunMount => run_steps.get(detail).map(rootfs::describe),
         _ => None,
     };
-    let at = at.map(|p| format!(" at {}", p.to_string_lossy())).unwrap_or_default();
+    let mut at = at.map(|p| format!(" at {}", p.to_string_lossy())).unwrap_or_default();
+    if stage == Stage::Mount {
+        at.push_str(&format!(" (root from {})", layout.origin));
+    }
     if stage == Stage::Exec && matches!(errno, libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR) {
         return Some((Status::InvalidTool, format!("the program could not be executed in the jail: {cause}")));
     }

@@ -81,7 +81,13 @@ impl TestServer {
             client,
             admin: String::new(),
         };
-        server.admin = server.add_user("root", "premium", true).await;
+        // A restarted server's database already has `root`.
+        let admin = if server.state.store.list_users().unwrap().iter().any(|u| u.id.as_str() == "root") {
+            "root-again"
+        } else {
+            "root"
+        };
+        server.admin = server.add_user(admin, "premium", true).await;
         server
     }
 
@@ -102,6 +108,14 @@ impl TestServer {
     pub async fn stop(mut self) {
         self.trigger_stop();
         self.task.take().unwrap().await.unwrap();
+    }
+
+    /// Stops the server and hands back its data directory (for a restart).
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        self.trigger_stop();
+        self.task.take().unwrap().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
     }
 
     pub async fn request(&self, method: Method, path: &str, key: Option<&str>, body: impl Into<Bytes>) -> Answer {
