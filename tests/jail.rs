@@ -5,6 +5,8 @@
 //! These need root (namespaces, cgroups). Without it they skip loudly, unless
 //! `IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1` (set by `.ci/run`) makes that a failure.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;
