@@ -358,8 +358,13 @@ async fn a_memory_bomb_is_killed_for_memory_and_a_modest_program_is_not() {
         c.tier = "free";
         c
     };
+    // This process (the server) holds far more memory than the jail may: the
+    // OOM killer must still pick the bomb, never the jail's init, which
+    // shares this process's memory and whose death would take it along.
+    let ballast = vec![7u8; 768 << 20];
     let report = grab(1024).run(&sb, setup).await;
     assert_status(&report, Status::MemoryLimit);
+    assert_eq!(std::hint::black_box(&ballast)[12345], 7);
     assert!(report.error.as_deref().unwrap().contains("268435456"), "{:?}", report.error);
     let report = grab(64).run(&sb, setup).await;
     assert_status(&report, Status::Ok);

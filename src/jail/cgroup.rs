@@ -178,6 +178,10 @@ impl Cgroups {
     /// was made is removed.
     pub fn create(&self, id: &str, limits: &CgroupLimits) -> Result<RunCgroup, CgroupError> {
         let quota = ((limits.cpu * CPU_PERIOD_US as f64).round() as u64).max(1000);
+        // A floor far above what the tool's last steps before exec allocate
+        // (see `child`): the tool shares the server's memory until then, and
+        // an OOM kill in that window would reach every sharer.
+        let limits = CgroupLimits { memory_bytes: limits.memory_bytes.max(MIN_MEMORY_BYTES), ..*limits };
         let mut run = RunCgroup { dirs: Vec::new(), v2: matches!(self, Cgroups::V2 { .. }) };
         match self {
             Cgroups::V1 { memory, cpu, cpuacct, pids, memsw } => {
@@ -212,13 +216,16 @@ impl Cgroups {
 
 const CPU_PERIOD_US: u64 = 100_000;
 
+/// The smallest memory limit a run's cgroup gets.
+pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
+
 /// The limits of one run's cgroup.
 #[derive(Debug, Clone, Copy)]
 pub struct CgroupLimits {
     pub memory_bytes: u64,
     /// Share of one core.
     pub cpu: f64,
-    /// Processes, the jail's own init included.
+    /// Processes (the jail's init is not in the cgroup).
     pub pids: u32,
 }
 
@@ -309,17 +316,20 @@ impl RunCgroup {
         self.dirs.iter().map(PathBuf::as_path).find(|d| d.join(file).exists())
     }
 
-    /// Moves process `pid` into the cgroup (every hierarchy).
+    /// The `cgroup.procs` file of every hierarchy, open for writing: a
+    /// process writing `0` into each joins the cgroup.
     ///
     /// # Errors
     ///
-    /// When the kernel refuses the move.
-    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
-        let pid = pid.to_string();
-        for dir in &self.dirs {
-            write(dir, "cgroup.procs", &pid)?;
-        }
-        Ok(())
+    /// When one cannot be opened.
+    pub fn procs_files(&self) -> Result<Vec<std::os::fd::OwnedFd>, CgroupError> {
+        self.dirs
+            .iter()
+            .map(|dir| {
+                let path = dir.join("cgroup.procs");
+                fs::OpenOptions::new().write(true).open(&path).map(Into::into).map_err(io_error("opening", &path))
+            })
+            .collect()
     }
 
     /// CPU time used so far by every process of the run.

@@ -1,23 +1,26 @@
 //! What runs after the clone, inside the new namespaces: the run's init
 //! (pid 1) and the tool (pid 2) it forks.
 //!
-//! Nothing here allocates, locks or panics: the process is a copy of a
-//! multithreaded server in which only one thread survived. Every failure is
-//! written to the error pipe as `(stage, detail, errno)` and ends the process.
+//! Both run on stacks of their own, in the server's memory (`CLONE_VM`)
+//! until the tool's exec: nothing here allocates, locks, panics or touches
+//! `errno` (see `sys`). Every failure is written to the error pipe as
+//! `(stage, detail, errno)` and ends the process.
 //!
-//! init: wait for the parent's go → close inherited descriptors → private
+//! init: default signal dispositions (the server's handlers must not run
+//! here) → wait for the parent's go → close inherited descriptors → private
 //! mount propagation → build the root (`rootfs` steps) → fork the tool → reap
 //! every child until the tool exits, then report the tool's wait status and
 //! exit, which makes the kernel kill whatever else lives in the pid namespace.
 //!
-//! tool: stdio → `oom_score_adj` → `pivot_root` → session → rlimits →
+//! tool: stdio → join the run's cgroup and a new cgroup namespace →
+//! close descriptors → `pivot_root` → session → rlimits →
 //! capabilities and credentials → `no_new_privs` → Landlock → seccomp → exec.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
 
 use super::rootfs::{self, Layout, Step};
-use super::seccomp::Filters;
+use super::seccomp::Filter;
 use super::sys::{self, Errno};
 
 /// Setup stages, as reported through the error pipe.
@@ -30,7 +33,7 @@ pub(super) enum Stage {
     RunMount,
     Fork,
     Stdio,
-    OomScore,
+    JoinCgroup,
     PivotRoot,
     Hostname,
     Session,
@@ -53,7 +56,7 @@ impl Stage {
             RunMount,
             Fork,
             Stdio,
-            OomScore,
+            JoinCgroup,
             PivotRoot,
             Hostname,
             Session,
@@ -77,7 +80,7 @@ impl Stage {
             Stage::RunMount => "mounting /tmp, /data or /proc",
             Stage::Fork => "forking the tool",
             Stage::Stdio => "connecting stdio",
-            Stage::OomScore => "setting oom_score_adj",
+            Stage::JoinCgroup => "joining the run's cgroup",
             Stage::PivotRoot => "pivot_root",
             Stage::Hostname => "setting the hostname",
             Stage::Session => "setsid",
@@ -114,20 +117,42 @@ pub(super) struct Plan<'a> {
     pub stdin_r: RawFd,
     pub stdout_w: RawFd,
     pub stderr_w: RawFd,
-    /// Descriptors init keeps (sorted): the above plus the bind sources.
+    /// The run cgroup's `cgroup.procs` files, open for writing: the tool
+    /// joins them itself, so that init (in the server's memory) is never in
+    /// the run's memory cgroup, where the OOM killer could pick it.
+    pub cgroup_procs: &'a [RawFd],
+    /// Descriptors init keeps (sorted): all of the above.
     pub keep: &'a [RawFd],
     pub uid: u32,
     pub gid: u32,
     /// Whether `setgroups` is allowed (not in an unprivileged user namespace).
     pub setgroups: bool,
     pub rlimits: &'a [(libc::__rlimit_resource_t, u64, u64)],
-    pub filters: &'a Filters,
+    pub filter: &'a Filter,
     pub landlock: Option<LandlockRights>,
     /// Candidate paths of the program (PATH search done ahead).
     pub exec_paths: &'a [CString],
     /// Null-terminated pointer arrays into strings the parent owns.
     pub argv: &'a [*const libc::c_char],
     pub envp: &'a [*const libc::c_char],
+    /// The tool's stack (it runs in init's memory until it execs).
+    pub tool_stack: &'a sys::Stack,
+}
+
+/// Where the clone starts init.
+#[allow(unsafe_code)]
+pub(super) extern "C" fn init_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the supervisor's `Plan`, which outlives this process
+    // (the supervisor reaps it before dropping the plan).
+    let plan = unsafe { &*(arg as *const Plan<'static>) };
+    init(plan)
+}
+
+#[allow(unsafe_code)]
+extern "C" fn tool_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: as for `init_entry`: the same plan, alive while init lives.
+    let plan = unsafe { &*(arg as *const Plan<'static>) };
+    tool(plan)
 }
 
 fn fail(err_w: RawFd, stage: Stage, detail: u32, errno: Errno) -> ! {
@@ -155,8 +180,11 @@ fn close_all_but(keep: &[RawFd]) -> Result<(), Errno> {
 }
 
 /// The run's init. Never returns.
-pub(super) fn init(plan: &Plan<'_>) -> ! {
+fn init(plan: &Plan<'_>) -> libc::c_int {
     let err = plan.err_w;
+    if sys::reset_signals().is_err() {
+        sys::exit_now(124);
+    }
     // Die with the supervisor; then check it did not die already.
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     let mut go = [0u8; 1];
@@ -165,9 +193,6 @@ pub(super) fn init(plan: &Plan<'_>) -> ! {
     }
     if let Err(e) = close_all_but(plan.keep) {
         fail(err, Stage::CloseFds, 0, e);
-    }
-    if let Err(e) = sys::unshare(libc::CLONE_NEWCGROUP) {
-        fail(err, Stage::Namespaces, 0, e);
     }
     if let Err(e) = sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None) {
         fail(err, Stage::Mount, u32::MAX, e);
@@ -185,14 +210,16 @@ pub(super) fn init(plan: &Plan<'_>) -> ! {
     if let Err(e) = sys::sethostname(b"sandbox") {
         fail(err, Stage::Hostname, 0, e);
     }
-    // SAFETY: this process has a single thread; the child runs `tool`, which
-    // keeps to the same no-allocation rules and ends in exec or exit.
+    // vfork-style: init waits until the tool has exec'd (or died), so the
+    // two never run at once in the memory they share.
+    let arg = plan as *const Plan<'_> as *mut libc::c_void;
+    // SAFETY: `tool_entry` keeps to this module's rules and ends in exec or
+    // exit; the plan and the tool's stack outlive it (see `init_entry`).
     #[allow(unsafe_code)]
-    let forked = unsafe { sys::clone_process(0) };
+    let forked = unsafe { sys::clone_with_stack(libc::CLONE_VM | libc::CLONE_VFORK, plan.tool_stack, tool_entry, arg) };
     let tool_pid = match forked {
-        Ok(0) => tool(plan),
         Ok(pid) => pid,
-        Err(e) => fail(err, Stage::Fork, 0, e),
+        Err(e) => fail(err, Stage::Fork, 0, e.raw_os_error().unwrap_or(libc::EIO)),
     };
     for fd in [plan.stdin_r, plan.stdout_w, plan.stderr_w, plan.go_r, err] {
         sys::close(fd);
@@ -210,7 +237,7 @@ pub(super) fn init(plan: &Plan<'_>) -> ! {
 }
 
 /// The tool: the last steps of confinement, then exec. Never returns.
-fn tool(plan: &Plan<'_>) -> ! {
+fn tool(plan: &Plan<'_>) -> libc::c_int {
     let err = plan.err_w;
     let step = |stage: Stage, result: Result<(), Errno>| {
         if let Err(e) = result {
@@ -220,17 +247,17 @@ fn tool(plan: &Plan<'_>) -> ! {
     for (from, to) in [(plan.stdin_r, 0), (plan.stdout_w, 1), (plan.stderr_w, 2)] {
         step(Stage::Stdio, sys::dup2(from, to));
     }
+    for &fd in plan.cgroup_procs {
+        step(Stage::JoinCgroup, sys::write_all(fd, b"0"));
+    }
+    // Its cgroup is the root of what it can see of cgroups.
+    step(Stage::Namespaces, sys::unshare(libc::CLONE_NEWCGROUP));
     // Everything but stdio and the error pipe (close-on-exec) goes now.
     let err_u = err as u32;
     step(Stage::CloseFds, sys::close_range(3, err_u.saturating_sub(1), false));
     step(Stage::CloseFds, sys::close_range(err_u + 1, u32::MAX, false));
-    // The tool, not the init (a copy of the server's address space), is
-    // what the OOM killer should pick. Raising the score needs no privilege;
-    // the host's procfs is still reachable before pivot_root.
-    step(Stage::OomScore, sys::write_file(c"/proc/self/oom_score_adj", b"1000", 0o644));
     // pivot_root moves init's root too, and the old root goes.
     step(Stage::PivotRoot, rootfs::enter());
-    step(Stage::Stdio, sys::reset_signals());
     step(Stage::Session, sys::setsid());
     for &(resource, soft, hard) in plan.rlimits {
         step(Stage::Rlimit, sys::setrlimit(resource, soft, hard));
@@ -247,6 +274,9 @@ fn tool(plan: &Plan<'_>) -> ! {
     if plan.setgroups {
         step(Stage::Credentials, sys::setgroups_none());
     }
+    // A change of uid also makes the shared memory non-dumpable (the kernel
+    // applies `suid_dumpable`): no host process running as the tool's uid can
+    // ptrace its way into the server's memory before the exec.
     step(Stage::Credentials, sys::setresgid(plan.gid));
     step(Stage::Credentials, sys::setresuid(plan.uid));
     step(Stage::Capabilities, sys::capset_none());
@@ -256,8 +286,7 @@ fn tool(plan: &Plan<'_>) -> ! {
     }
     // /data as the working directory (read-only when over quota).
     let _ = sys::chdir(c"/data");
-    step(Stage::Seccomp, sys::seccomp_install(&plan.filters.allow_list));
-    step(Stage::Seccomp, sys::seccomp_install(&plan.filters.clone3));
+    step(Stage::Seccomp, sys::seccomp_install(&plan.filter.program));
     let mut last = libc::ENOENT;
     for path in plan.exec_paths {
         let e = sys::execve(path, plan.argv, plan.envp);

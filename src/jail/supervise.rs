@@ -23,6 +23,9 @@ enum Stopped {
     Cpu,
 }
 
+/// Stack size of the jail's init and of the tool before its exec.
+const CHILD_STACK: usize = 256 * 1024;
+
 /// How often the CPU time of a running tool is read.
 const CPU_POLL: Duration = Duration::from_millis(10);
 
@@ -95,9 +98,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         ));
     }
     let id = req.id;
-    // The init counts against pids.max too: one more than the tier's.
-    let cgroup_limits =
-        CgroupLimits { memory_bytes: limits.memory_bytes, cpu: limits.cpu_share, pids: limits.pids + 1 };
+    let cgroup_limits = CgroupLimits { memory_bytes: limits.memory_bytes, cpu: limits.cpu_share, pids: limits.pids };
     let mut cgroup = jail.cgroups.create(id, &cgroup_limits).map_err(|e| format!("creating the run's cgroup: {e}"))?;
     let t_cgroup = started.elapsed();
 
@@ -111,8 +112,13 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     let layout = req.layout.unwrap_or(&jail.layout);
     let run_steps = rootfs::run_steps(limits.tmp_bytes, req.data_dir, &data, req.data_writable);
 
-    let mut keep: Vec<RawFd> =
-        [&go_r, &err_w, &status_w, &stdin_r, &stdout_w, &stderr_w].iter().map(|fd| fd.as_raw_fd()).collect();
+    let procs_files = cgroup.procs_files().map_err(|e| format!("the run's cgroup: {e}"))?;
+    let cgroup_procs: Vec<RawFd> = procs_files.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut keep: Vec<RawFd> = [&go_r, &err_w, &status_w, &stdin_r, &stdout_w, &stderr_w]
+        .iter()
+        .map(|fd| fd.as_raw_fd())
+        .chain(cgroup_procs.iter().copied())
+        .collect();
     keep.sort_unstable();
 
     let argv_c: Vec<CString> = req.argv.iter().map(|a| CString::new(a.as_bytes()).unwrap_or_default()).collect();
@@ -133,6 +139,9 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         (libc::RLIMIT_FSIZE, fsize, fsize),
         (libc::RLIMIT_CORE, 0, 0),
     ];
+    // The children run in this process's memory, on stacks of their own.
+    let init_stack = sys::Stack::new(CHILD_STACK).map_err(io("mapping a stack"))?;
+    let tool_stack = sys::Stack::new(CHILD_STACK).map_err(io("mapping a stack"))?;
     let plan = Plan {
         layout,
         run_steps: &run_steps,
@@ -142,37 +151,35 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         stdin_r: stdin_r.as_raw_fd(),
         stdout_w: stdout_w.as_raw_fd(),
         stderr_w: stderr_w.as_raw_fd(),
+        cgroup_procs: &cgroup_procs,
         keep: &keep,
         uid: super::SANDBOX_ID,
         gid: super::SANDBOX_ID,
         setgroups: jail.privileged,
         rlimits: &rlimits,
-        filters: &jail.filters,
+        filter: &jail.filter,
         landlock: jail.landlock,
         exec_paths: &exec_paths,
         argv: &argv,
         envp: &envp,
+        tool_stack: &tool_stack,
     };
 
-    // SAFETY: the child runs only `child::init`, which allocates nothing,
-    // takes no lock and ends in exec or `_exit`; `plan` and everything it
-    // points at were built above and stay alive (copied) in the child.
+    let arg = &plan as *const Plan<'_> as *mut libc::c_void;
+    // SAFETY: `init_entry` keeps to `sys`'s rules for children that share
+    // this memory; `plan`, what it points at and both stacks stay alive until
+    // the child is reaped (`Reaper` below is dropped first).
     #[allow(unsafe_code)]
-    let cloned = unsafe { sys::clone_process(jail.clone_flags()) };
-    let pid = match cloned {
-        Ok(0) => child::init(&plan),
-        Ok(pid) => pid,
-        Err(e) => return Err(format!("clone: {}", std::io::Error::from_raw_os_error(e))),
-    };
+    let cloned = unsafe { sys::clone_with_stack(jail.clone_flags(), &init_stack, child::init_entry, arg) };
+    let pid = cloned.map_err(io("clone"))?;
     let t_clone = started.elapsed();
     // From here on the child must be reaped whatever happens.
     let mut child = Reaper { pid, reaped: false };
-    drop((stdin_r, stdout_w, stderr_w, go_r, err_w, status_w, data));
+    drop((stdin_r, stdout_w, stderr_w, go_r, err_w, status_w, data, procs_files));
 
     if let Err(e) = jail.map_ids(pid) {
         return Err(format!("writing the user namespace's id maps: {e}"));
     }
-    cgroup.add(pid).map_err(|e| format!("moving the run into its cgroup: {e}"))?;
     let mut go_w = File::from(go_w);
     go_w.write_all(b"g").map_err(io("starting the run"))?;
     drop(go_w);
@@ -233,7 +240,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         cpu: stats.cpu.or_else(|| Some(rusage_cpu(&rusage))),
         peak_memory_bytes: stats.peak_memory_bytes,
         // The jail's init is not the tool's.
-        peak_processes: stats.peak_processes.map(|p| p.saturating_sub(1)),
+        peak_processes: stats.peak_processes,
         timings,
     };
     if let Some(report) = setup_failure(&setup_error, layout, &run_steps) {

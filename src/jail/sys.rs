@@ -1,9 +1,13 @@
 //! The narrow layer of raw system calls the jail makes.
 //!
-//! Everything here is safe to call in a child made by `clone` from a
-//! multithreaded process: each function is one or two system calls, takes
-//! only borrowed, already-built data (`&CStr`, slices) and allocates nothing,
-//! takes no lock and cannot panic. Errors are the raw `errno`.
+//! The jail's child processes share the server's memory (`CLONE_VM`: copying
+//! a large server's page tables for every run would cost tens of
+//! milliseconds), so the code they run must not touch anything the server's
+//! threads use: no allocation, no lock, no panic, and not even `errno`, which
+//! lives in the calling thread's TLS — the child has no TLS of its own and
+//! would share the supervising thread's. Hence the child-side calls here are
+//! made with inline `syscall` instructions that answer `-errno` directly.
+//! Each takes only borrowed, already-built data (`&CStr`, slices).
 
 #![allow(unsafe_code)]
 
@@ -15,69 +19,162 @@ use std::ptr;
 pub(super) type Errno = i32;
 pub(super) type SysResult<T = ()> = Result<T, Errno>;
 
-fn errno() -> Errno {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-}
-
-fn check(ret: libc::c_long) -> SysResult<libc::c_long> {
-    if ret < 0 { Err(errno()) } else { Ok(ret) }
-}
-
-fn check_int(ret: libc::c_int) -> SysResult<libc::c_int> {
-    if ret < 0 { Err(errno()) } else { Ok(ret) }
-}
-
-/// `clone` with fork semantics (no new stack: the child runs on a copy of
-/// the caller's) and the given namespace flags. Answers 0 in the child and
-/// the child's pid in the parent.
+/// A system call with up to six arguments, without the C library: the
+/// kernel's answer, `-errno` on failure.
 ///
 /// # Safety
 ///
-/// The child is a copy of a multithreaded process in which only the calling
-/// thread exists: it must not allocate, lock, or return into code that may,
-/// and must end in `execve` or `exit_now`.
-pub(super) unsafe fn clone_process(flags: libc::c_int) -> SysResult<libc::pid_t> {
-    // SAFETY: with a null stack `clone` behaves like `fork`; the pointer
-    // arguments (parent/child tid, tls) are unused because no flag asks for them.
-    // The caller upholds the child-side contract above.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (flags | libc::SIGCHLD) as libc::c_ulong,
-            ptr::null_mut::<libc::c_void>(),
-            ptr::null_mut::<libc::c_int>(),
-            ptr::null_mut::<libc::c_int>(),
-            0 as libc::c_ulong,
-        )
-    };
-    check(ret).map(|pid| pid as libc::pid_t)
+/// The arguments must be what system call `nr` expects (valid pointers for
+/// the lengths given).
+#[cfg(target_arch = "x86_64")]
+unsafe fn raw(nr: libc::c_long, a: [usize; 6]) -> isize {
+    let ret: isize;
+    // SAFETY: the x86-64 system call convention; rcx and r11 are clobbered by
+    // `syscall`; the caller vouches for the arguments.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a[0], in("rsi") a[1], in("rdx") a[2],
+            in("r10") a[3], in("r8") a[4], in("r9") a[5],
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
 }
 
-/// Ends the calling process at once, without running any of the parent's
-/// exit handlers (the only way out of a cloned child).
+/// See the x86-64 version.
+///
+/// # Safety
+///
+/// As there.
+#[cfg(target_arch = "aarch64")]
+unsafe fn raw(nr: libc::c_long, a: [usize; 6]) -> isize {
+    let ret: isize;
+    // SAFETY: the AArch64 system call convention (x8 = number, x0-x5 = arguments).
+    unsafe {
+        std::arch::asm!(
+            "svc 0",
+            in("x8") nr,
+            inlateout("x0") a[0] => ret,
+            in("x1") a[1], in("x2") a[2], in("x3") a[3], in("x4") a[4], in("x5") a[5],
+            options(nostack),
+        );
+    }
+    ret
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("the native jail supports x86-64 and AArch64");
+
+fn check(ret: isize) -> SysResult<usize> {
+    if ret < 0 { Err(-ret as Errno) } else { Ok(ret as usize) }
+}
+
+/// `raw` on plain integer or pointer arguments.
+macro_rules! syscall {
+    ($nr:expr $(, $arg:expr)* $(,)?) => {{
+        let mut args = [0usize; 6];
+        let given = [$($arg as usize),*];
+        args[..given.len()].copy_from_slice(&given);
+        // SAFETY: every call site passes the arguments its system call takes,
+        // pointers into data that outlives the call.
+        check(unsafe { raw($nr, args) })
+    }};
+}
+
+const AT_FDCWD: usize = libc::AT_FDCWD as isize as usize;
+
+/// A stack for a child that shares this process's memory, with a guard page
+/// below it. Unmapped on drop: keep it alive until the child is reaped.
+pub(super) struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone.
+unsafe impl Send for Stack {}
+
+impl Stack {
+    pub(super) fn new(len: usize) -> std::io::Result<Self> {
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stack = Self { base, len };
+        // SAFETY: the lowest page of the mapping just made becomes the guard.
+        if unsafe { libc::mprotect(base, 4096, libc::PROT_NONE) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The top (stacks grow down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        (self.base as usize + self.len) as *mut libc::c_void
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value owns.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Starts `entry(arg)` in a new process on `stack`, with `flags`
+/// (namespaces, `CLONE_VM` to share this process's memory, `CLONE_VFORK`).
+/// Answers the child's pid.
+///
+/// # Safety
+///
+/// `entry` must follow this module's rules (no allocation, lock, panic or
+/// `errno`) and end in `execve` or `exit_now`; `arg` must stay valid, and
+/// `stack` mapped, until the child has exited or exec'd.
+pub(super) unsafe fn clone_with_stack(
+    flags: libc::c_int,
+    stack: &Stack,
+    entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> std::io::Result<libc::pid_t> {
+    // SAFETY: glibc's `clone` switches the child to `stack` and calls `entry`;
+    // the caller upholds the child-side contract.
+    let pid = unsafe { libc::clone(entry, stack.top(), flags | libc::SIGCHLD, arg) };
+    if pid < 0 { Err(std::io::Error::last_os_error()) } else { Ok(pid) }
+}
+
+/// Ends the calling process at once, running nothing of the parent's.
 pub(super) fn exit_now(code: i32) -> ! {
-    // SAFETY: `_exit` never returns and touches no user-space state.
-    unsafe { libc::_exit(code) }
+    loop {
+        let _ = syscall!(libc::SYS_exit_group, code);
+    }
 }
 
 pub(super) fn read(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
     loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        match check(n as libc::c_long) {
+        match syscall!(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) {
             Err(libc::EINTR) => continue,
-            other => return other.map(|n| n as usize),
+            other => return other,
         }
     }
 }
 
 pub(super) fn write(fd: RawFd, buf: &[u8]) -> SysResult<usize> {
     loop {
-        // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        match check(n as libc::c_long) {
+        match syscall!(libc::SYS_write, fd, buf.as_ptr(), buf.len()) {
             Err(libc::EINTR) => continue,
-            other => return other.map(|n| n as usize),
+            other => return other,
         }
     }
 }
@@ -92,13 +189,12 @@ pub(super) fn write_all(fd: RawFd, mut buf: &[u8]) -> SysResult {
 }
 
 pub(super) fn close(fd: RawFd) {
-    // SAFETY: closing a descriptor this process owns; errors are irrelevant here.
-    unsafe { libc::close(fd) };
+    let _ = syscall!(libc::SYS_close, fd);
 }
 
+/// `dup3` (what `dup2` is on every architecture); `from` and `to` differ.
 pub(super) fn dup2(from: RawFd, to: RawFd) -> SysResult {
-    // SAFETY: plain descriptor duplication.
-    check_int(unsafe { libc::dup2(from, to) }).map(drop)
+    syscall!(libc::SYS_dup3, from, to, 0).map(drop)
 }
 
 /// Closes (or, with `cloexec`, marks close-on-exec) every descriptor in
@@ -108,8 +204,11 @@ pub(super) fn close_range(first: u32, last: u32, cloexec: bool) -> SysResult {
         return Ok(());
     }
     let flags = if cloexec { libc::CLOSE_RANGE_CLOEXEC } else { 0 };
-    // SAFETY: close_range takes plain integers.
-    check(unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) }).map(drop)
+    syscall!(libc::SYS_close_range, first, last, flags).map(drop)
+}
+
+fn opt(s: Option<&CStr>) -> *const libc::c_char {
+    s.map_or(ptr::null(), CStr::as_ptr)
 }
 
 pub(super) fn mount(
@@ -119,83 +218,62 @@ pub(super) fn mount(
     flags: libc::c_ulong,
     data: Option<&CStr>,
 ) -> SysResult {
-    let p = |s: Option<&CStr>| s.map_or(ptr::null(), CStr::as_ptr);
-    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
-    check_int(unsafe { libc::mount(p(source), target.as_ptr(), p(fstype), flags, p(data).cast()) }).map(drop)
+    syscall!(libc::SYS_mount, opt(source), target.as_ptr(), opt(fstype), flags, opt(data)).map(drop)
 }
 
 pub(super) fn umount_detach(target: &CStr) -> SysResult {
-    // SAFETY: `target` is a NUL-terminated string.
-    check_int(unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) }).map(drop)
+    syscall!(libc::SYS_umount2, target.as_ptr(), libc::MNT_DETACH).map(drop)
 }
 
 pub(super) fn mkdir(path: &CStr, mode: libc::mode_t) -> SysResult {
-    // SAFETY: `path` is a NUL-terminated string.
-    match check_int(unsafe { libc::mkdir(path.as_ptr(), mode) }) {
+    match syscall!(libc::SYS_mkdirat, AT_FDCWD, path.as_ptr(), mode) {
         Ok(_) | Err(libc::EEXIST) => Ok(()),
         Err(e) => Err(e),
     }
 }
 
 pub(super) fn symlink(target: &CStr, at: &CStr) -> SysResult {
-    // SAFETY: both are NUL-terminated strings.
-    check_int(unsafe { libc::symlink(target.as_ptr(), at.as_ptr()) }).map(drop)
+    syscall!(libc::SYS_symlinkat, target.as_ptr(), AT_FDCWD, at.as_ptr()).map(drop)
+}
+
+fn open(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> SysResult<RawFd> {
+    syscall!(libc::SYS_openat, AT_FDCWD, path.as_ptr(), flags | libc::O_CLOEXEC, mode).map(|fd| fd as RawFd)
 }
 
 /// Creates (or truncates) `path` with `mode` and writes `content` into it.
 pub(super) fn write_file(path: &CStr, content: &[u8], mode: libc::mode_t) -> SysResult {
-    // SAFETY: `path` is a NUL-terminated string; the flags ask for a new descriptor.
-    let fd = check_int(unsafe {
-        libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC, mode)
-    })?;
+    let fd = open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, mode)?;
     let written = write_all(fd, content);
     close(fd);
     written
 }
 
 pub(super) fn chdir(path: &CStr) -> SysResult {
-    // SAFETY: `path` is a NUL-terminated string.
-    check_int(unsafe { libc::chdir(path.as_ptr()) }).map(drop)
+    syscall!(libc::SYS_chdir, path.as_ptr()).map(drop)
 }
 
 pub(super) fn pivot_root(new_root: &CStr, put_old: &CStr) -> SysResult {
-    // SAFETY: both are NUL-terminated strings.
-    check(unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) }).map(drop)
+    syscall!(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()).map(drop)
 }
 
 pub(super) fn unshare(flags: libc::c_int) -> SysResult {
-    // SAFETY: unshare takes plain flags.
-    check_int(unsafe { libc::unshare(flags) }).map(drop)
+    syscall!(libc::SYS_unshare, flags).map(drop)
 }
 
 pub(super) fn sethostname(name: &[u8]) -> SysResult {
-    // SAFETY: `name` is valid for `name.len()` bytes.
-    check_int(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(drop)
+    syscall!(libc::SYS_sethostname, name.as_ptr(), name.len()).map(drop)
 }
 
 pub(super) fn setsid() -> SysResult {
-    // SAFETY: no arguments.
-    check_int(unsafe { libc::setsid() }).map(drop)
+    syscall!(libc::SYS_setsid).map(drop)
 }
 
 pub(super) fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> SysResult {
-    // SAFETY: the options used here take integers only.
-    check_int(unsafe { libc::prctl(option, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) })
-        .map(drop)
+    syscall!(libc::SYS_prctl, option, arg2, 0, 0, 0).map(drop)
 }
 
 pub(super) fn cap_ambient_clear() -> SysResult {
-    // SAFETY: integer arguments only.
-    check_int(unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    })
-    .map(drop)
+    syscall!(libc::SYS_prctl, libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0).map(drop)
 }
 
 /// Empties the effective, permitted and inheritable capability sets.
@@ -215,81 +293,66 @@ pub(super) fn capset_none() -> SysResult {
     const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
     let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
     let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
-    // SAFETY: version 3 takes a header and two data words, both valid here.
-    check(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) }).map(drop)
+    syscall!(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()).map(drop)
 }
 
-/// The raw system call, not glibc's `setgroups`: in a process that glibc
-/// believes multithreaded, the wrapper broadcasts the change to every thread
-/// under a lock that another thread of the parent may have held at the clone.
 pub(super) fn setgroups_none() -> SysResult {
-    // SAFETY: an empty list.
-    check(unsafe { libc::syscall(libc::SYS_setgroups, 0, ptr::null::<libc::gid_t>()) }).map(drop)
+    syscall!(libc::SYS_setgroups, 0, ptr::null::<libc::gid_t>()).map(drop)
 }
 
 pub(super) fn setresgid(gid: libc::gid_t) -> SysResult {
-    // SAFETY: integer arguments. The raw syscall changes this thread only, and
-    // this process has only one thread.
-    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) }).map(drop)
+    syscall!(libc::SYS_setresgid, gid, gid, gid).map(drop)
 }
 
 pub(super) fn setresuid(uid: libc::uid_t) -> SysResult {
-    // SAFETY: as for `setresgid`.
-    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }).map(drop)
+    syscall!(libc::SYS_setresuid, uid, uid, uid).map(drop)
 }
 
 pub(super) fn setrlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> SysResult {
     let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
-    // SAFETY: `limit` is a valid rlimit.
-    check_int(unsafe { libc::setrlimit(resource, &limit) }).map(drop)
+    syscall!(libc::SYS_prlimit64, 0, resource, &limit as *const libc::rlimit, ptr::null_mut::<libc::rlimit>()).map(drop)
 }
 
-/// Restores default dispositions for the signals a Rust runtime changes
-/// (SIGPIPE is ignored by std) and unblocks every signal.
+/// Every signal back to its default action (the server's handlers, tokio's
+/// among them, must not run in a jail), and none blocked.
 pub(super) fn reset_signals() -> SysResult {
-    // SAFETY: setting a default disposition; the old handler is not needed.
-    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) } == libc::SIG_ERR {
-        return Err(errno());
+    // The kernel's sigaction with a null handler is SIG_DFL on every layout.
+    let default = [0u64; 4];
+    for signal in 1..=64 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        match syscall!(libc::SYS_rt_sigaction, signal, default.as_ptr(), ptr::null_mut::<u64>(), 8) {
+            Ok(_) | Err(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
     }
-    // SAFETY: an all-zero sigset_t is a valid (empty) set once sigemptyset ran.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
-    // SAFETY: `set` is valid; the old mask is not wanted.
-    check_int(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut()) }).map(drop)
+    let none = 0u64;
+    syscall!(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &none as *const u64, ptr::null_mut::<u64>(), 8).map(drop)
 }
 
 /// Installs a seccomp filter (the caller has set `no_new_privs`).
-pub(super) fn seccomp_install(program: &[seccompiler::sock_filter]) -> SysResult {
-    // seccompiler's `sock_filter` is the kernel's `struct sock_filter` (repr C).
-    let prog = libc::sock_fprog {
-        len: program.len() as libc::c_ushort,
-        filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
-    };
-    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies it.
-    check(unsafe {
-        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0 as libc::c_ulong, &prog as *const _)
-    })
-    .map(drop)
+pub(super) fn seccomp_install(program: &[libc::sock_filter]) -> SysResult {
+    let prog = libc::sock_fprog { len: program.len() as libc::c_ushort, filter: program.as_ptr().cast_mut() };
+    syscall!(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog as *const libc::sock_fprog).map(drop)
 }
 
-/// `execve`; returns only on failure.
+/// `execve`; returns only on failure. `argv` and `envp` are null-terminated
+/// arrays of pointers to NUL-terminated strings owned by the caller.
 pub(super) fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> Errno {
-    // SAFETY: `argv` and `envp` are null-terminated arrays of pointers to
-    // NUL-terminated strings owned by the caller (see `Plan`).
-    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    errno()
+    match syscall!(libc::SYS_execve, path.as_ptr(), argv.as_ptr(), envp.as_ptr()) {
+        Err(e) => e,
+        Ok(_) => libc::EIO,
+    }
 }
 
 /// Waits for any child; answers its pid and raw wait status.
 pub(super) fn wait_any() -> SysResult<(libc::pid_t, libc::c_int)> {
-    let mut status = 0;
+    let mut status: libc::c_int = 0;
     loop {
-        // SAFETY: `status` is a valid out-pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
-        match check_int(pid) {
+        match syscall!(libc::SYS_wait4, -1isize, &mut status as *mut libc::c_int, libc::__WALL, 0) {
             Err(libc::EINTR) => continue,
-            other => return other.map(|pid| (pid, status)),
+            other => return other.map(|pid| (pid as libc::pid_t, status)),
         }
     }
 }
@@ -301,20 +364,14 @@ pub(super) fn landlock_create_ruleset(access: u64) -> SysResult<RawFd> {
         handled_access_fs: u64,
     }
     let attr = Attr { handled_access_fs: access };
-    // SAFETY: `attr` is valid for its size, which is passed.
-    check(unsafe {
-        libc::syscall(libc::SYS_landlock_create_ruleset, &attr as *const Attr, std::mem::size_of::<Attr>(), 0u32)
-    })
-    .map(|fd| fd as RawFd)
+    syscall!(libc::SYS_landlock_create_ruleset, &attr as *const Attr, std::mem::size_of::<Attr>(), 0)
+        .map(|fd| fd as RawFd)
 }
 
 /// Landlock: the ABI version the kernel speaks (an error when it has none).
-pub(super) fn landlock_abi() -> SysResult<i64> {
+pub(super) fn landlock_abi() -> SysResult<usize> {
     const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
-    // SAFETY: a null attribute with size 0 and the version flag only queries.
-    check(unsafe {
-        libc::syscall(libc::SYS_landlock_create_ruleset, ptr::null::<u8>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION)
-    })
+    syscall!(libc::SYS_landlock_create_ruleset, ptr::null::<u8>(), 0, LANDLOCK_CREATE_RULESET_VERSION)
 }
 
 /// Landlock: allows `access` beneath the directory open at `parent_fd`.
@@ -326,28 +383,36 @@ pub(super) fn landlock_allow_beneath(ruleset: RawFd, parent_fd: RawFd, access: u
     }
     const LANDLOCK_RULE_PATH_BENEATH: u32 = 1;
     let rule = PathBeneath { allowed_access: access, parent_fd };
-    // SAFETY: `rule` is a valid path-beneath attribute.
-    check(unsafe {
-        libc::syscall(libc::SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, &rule as *const _, 0u32)
-    })
-    .map(drop)
+    syscall!(libc::SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, &rule as *const PathBeneath, 0).map(drop)
 }
 
 pub(super) fn landlock_restrict_self(ruleset: RawFd) -> SysResult {
-    // SAFETY: integer arguments.
-    check(unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) }).map(drop)
+    syscall!(libc::SYS_landlock_restrict_self, ruleset, 0).map(drop)
 }
 
 /// Opens `path` as an `O_PATH` handle (for Landlock rules).
 pub(super) fn open_path(path: &CStr) -> SysResult<RawFd> {
-    // SAFETY: `path` is a NUL-terminated string.
-    check_int(unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) })
+    open(path, libc::O_PATH, 0)
+}
+
+// The supervisor's side: ordinary threads, where the C library is fine.
+
+fn errno() -> Errno {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn check_long(ret: libc::c_long) -> SysResult<libc::c_long> {
+    if ret < 0 { Err(errno()) } else { Ok(ret) }
+}
+
+fn check_int(ret: libc::c_int) -> SysResult<libc::c_int> {
+    if ret < 0 { Err(errno()) } else { Ok(ret) }
 }
 
 /// A pidfd for `pid`, to poll for its exit.
 pub(super) fn pidfd_open(pid: libc::pid_t) -> SysResult<RawFd> {
     // SAFETY: integer arguments.
-    check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) }).map(|fd| fd as RawFd)
+    check_long(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) }).map(|fd| fd as RawFd)
 }
 
 /// `poll` on `fds` for up to `timeout_ms`; answers how many are ready.
