@@ -106,7 +106,8 @@ fn usage_errors_exit_two_with_a_message() {
         (vec!["run", "--user", "../bob", tool], "invalid user id"),
         (vec!["run", "--timeout-ms", "0", tool], "timeout of 0 ms"),
         (vec!["run", "/no/such/tool.wasm"], "reading /no/such/tool.wasm"),
-        (vec!["run", "--native", "/bin/true"], "native jailer is not built yet"),
+        (vec!["run", "--native", "/bin/true"], "runs the program after `--`"),
+        (vec!["run", "--native"], "--native needs a program"),
         (vec!["frobnicate"], "unrecognized subcommand"),
     ] {
         let out = sandbox_cmd(&args, dir.path(), "");

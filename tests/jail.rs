@@ -570,3 +570,38 @@ async fn admins_register_native_tools_and_users_invoke_them_over_http() {
         srv.request(Method::POST, "/v1/tools/square/invoke", Some(&user), r#"{"input": {"n": 5}}"#.to_owned()).await;
     assert_eq!(answer.json()["output"], serde_json::json!({"sq": 25}), "{}", String::from_utf8_lossy(&answer.body));
 }
+
+#[test]
+fn the_command_line_runs_native_programs() {
+    let _setup = setup_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
+            .args(["run", "--native", "--data-dir"])
+            .arg(dir.path())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), report)
+    };
+    let (code, report) = run(&["--tier", "free", "--", "/bin/sh", "-c", "cat; echo"], r#"{"echo": [1, 2]}"#);
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["runtime"], "native");
+    assert_eq!(report["tier"], "free");
+    assert_eq!(report["output"], serde_json::json!({"echo": [1, 2]}));
+    let (code, report) = run(&["--", "/bin/sh", "-c", "exit 4"], "");
+    assert_eq!(code, Some(1));
+    assert_eq!(report["status"], "tool_error");
+    assert_eq!(report["exit_code"], 4);
+    let (code, report) = run(&["--timeout-ms", "300", "--", "/bin/sleep", "5"], "");
+    assert_eq!(code, Some(1));
+    assert_eq!(report["status"], "timeout");
+}

@@ -431,3 +431,40 @@ impl Drop for RunCgroup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The v2 file operations, on this host's cgroup2 hierarchy even when it
+    /// has no controllers (limits cannot be set there; membership, CPU time,
+    /// `cgroup.kill` and removal can). Skipped without root or cgroup2.
+    #[test]
+    fn a_v2_run_cgroup_tracks_kills_and_removes_its_processes() {
+        let Ok(Mounts { v2: Some(mount), .. }) = mounts() else {
+            eprintln!("SKIPPED: no cgroup2 hierarchy on this host");
+            return;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            let required = std::env::var_os("IMAGENTX_REQUIRE_PRIVILEGED_TESTS").is_some_and(|v| v == "1");
+            assert!(!required, "the cgroup v2 test needs root, and IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1");
+            eprintln!("SKIPPED: the cgroup v2 test needs root");
+            return;
+        }
+        let own = own_path(None).unwrap_or_default();
+        let dir = mount.join(own.trim_start_matches('/')).join(format!("imagentx-test-{}", std::process::id()));
+        make_dir(&dir).expect("a cgroup2 directory");
+        let mut run = RunCgroup { dirs: vec![dir.clone()], v2: true };
+        let mut child =
+            std::process::Command::new("/bin/sh").args(["-c", "while :; do :; done"]).spawn().expect("a busy child");
+        std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).expect("moving the child in");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(run.cpu().is_some_and(|c| c > Duration::from_millis(20)), "{:?}", run.cpu());
+        run.kill_all();
+        let status = child.wait().expect("reaping the child");
+        assert!(!status.success());
+        assert!(run.procs().is_empty());
+        run.remove();
+        assert!(!dir.exists());
+    }
+}
