@@ -154,14 +154,22 @@ fn main() {
         v.sort();
         ms(percentile(&v, 0.5))
     };
-    println!("| cgroup | clone | attach | run | cleanup |");
-    println!("|---|---|---|---|---|");
+    println!("| cgroup | clone | attach | mounts | join | confine | program + teardown | cleanup | join p90 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let join_p90 = {
+        let mut v: Vec<Duration> = true_runs.iter().map(|t| t.join).collect();
+        v.sort();
+        ms(percentile(&v, 0.9))
+    };
     println!(
-        "| {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        "| {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {join_p90:.2} |",
         median(|t| t.cgroup),
         median(|t| t.clone),
         median(|t| t.attach),
-        median(|t| t.run),
+        median(|t| t.mounts),
+        median(|t| t.join),
+        median(|t| t.confine),
+        median(|t| t.program),
         median(|t| t.cleanup)
     );
 

@@ -18,6 +18,7 @@
 
 use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::rootfs::{self, Layout, Step};
 use super::seccomp::Filter;
@@ -137,6 +138,31 @@ pub(super) struct Plan<'a> {
     pub envp: &'a [*const libc::c_char],
     /// The tool's stack (it runs in init's memory until it execs).
     pub tool_stack: &'a sys::Stack,
+    /// When each setup milestone was reached (monotonic ns), written by the
+    /// children into this shared memory for the supervisor's timings.
+    pub milestones: &'a Milestones,
+}
+
+/// Setup milestones, in order.
+#[derive(Debug, Default)]
+pub(super) struct Milestones([AtomicU64; 4]);
+
+impl Milestones {
+    pub(super) const GO: usize = 0;
+    pub(super) const MOUNTED: usize = 1;
+    pub(super) const JOINED: usize = 2;
+    pub(super) const EXEC: usize = 3;
+
+    fn reach(&self, milestone: usize) {
+        if let Some(at) = self.0.get(milestone) {
+            at.store(sys::now_ns(), Ordering::Relaxed);
+        }
+    }
+
+    /// When `milestone` was reached (0: never).
+    pub(super) fn at(&self, milestone: usize) -> u64 {
+        self.0.get(milestone).map_or(0, |at| at.load(Ordering::Relaxed))
+    }
 }
 
 /// Where the clone starts init.
@@ -191,6 +217,7 @@ fn init(plan: &Plan<'_>) -> libc::c_int {
     if !matches!(sys::read(plan.go_r, &mut go), Ok(1)) {
         sys::exit_now(125);
     }
+    plan.milestones.reach(Milestones::GO);
     if let Err(e) = close_all_but(plan.keep) {
         fail(err, Stage::CloseFds, 0, e);
     }
@@ -207,6 +234,7 @@ fn init(plan: &Plan<'_>) -> libc::c_int {
             fail(err, Stage::RunMount, i as u32, e);
         }
     }
+    plan.milestones.reach(Milestones::MOUNTED);
     if let Err(e) = sys::sethostname(b"sandbox") {
         fail(err, Stage::Hostname, 0, e);
     }
@@ -250,6 +278,7 @@ fn tool(plan: &Plan<'_>) -> libc::c_int {
     for &fd in plan.cgroup_procs {
         step(Stage::JoinCgroup, sys::write_all(fd, b"0"));
     }
+    plan.milestones.reach(Milestones::JOINED);
     // Its cgroup is the root of what it can see of cgroups.
     step(Stage::Namespaces, sys::unshare(libc::CLONE_NEWCGROUP));
     // Everything but stdio and the error pipe (close-on-exec) goes now.
@@ -287,6 +316,7 @@ fn tool(plan: &Plan<'_>) -> libc::c_int {
     // /data as the working directory (read-only when over quota).
     let _ = sys::chdir(c"/data");
     step(Stage::Seccomp, sys::seccomp_install(&plan.filter.program));
+    plan.milestones.reach(Milestones::EXEC);
     let mut last = libc::ENOENT;
     for path in plan.exec_paths {
         let e = sys::execve(path, plan.argv, plan.envp);

@@ -145,8 +145,18 @@ pub struct Timings {
     pub clone: Duration,
     /// Id maps and the move into the cgroup, until the child is let go.
     pub attach: Duration,
-    /// From the go to the init's exit: mounts, exec, the program, teardown.
+    /// From the go to the init's exit: all of the below.
     pub run: Duration,
+    /// Inside: closing descriptors and building the root (init).
+    pub mounts: Duration,
+    /// Inside: forking the tool and its joining the run's cgroup (a cgroup
+    /// move can wait for an RCU grace period).
+    pub join: Duration,
+    /// Inside: pivot_root, rlimits, credentials, Landlock, seccomp.
+    pub confine: Duration,
+    /// From the exec to the init's exit: the program, its exit, and the
+    /// namespaces' teardown.
+    pub program: Duration,
     /// Reading the cgroup's figures and removing it.
     pub cleanup: Duration,
 }

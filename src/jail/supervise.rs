@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::cgroup::{CgroupLimits, CgroupStats};
-use super::child::{self, Plan, Stage};
+use super::child::{self, Milestones, Plan, Stage};
 use super::rootfs;
 use super::sys;
 use super::{Jail, NativeOutcome, NativeRun, Timings};
@@ -142,6 +142,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     // The children run in this process's memory, on stacks of their own.
     let init_stack = sys::Stack::new(CHILD_STACK).map_err(io("mapping a stack"))?;
     let tool_stack = sys::Stack::new(CHILD_STACK).map_err(io("mapping a stack"))?;
+    let milestones = Milestones::default();
     let plan = Plan {
         layout,
         run_steps: &run_steps,
@@ -163,6 +164,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         argv: &argv,
         envp: &envp,
         tool_stack: &tool_stack,
+        milestones: &milestones,
     };
 
     let arg = &plan as *const Plan<'_> as *mut libc::c_void;
@@ -218,10 +220,20 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     cgroup.kill_all();
     let stats = cgroup.stats();
     cgroup.remove();
+    let reaped_ns = sys::now_ns();
+    let between = |from: usize, to: usize| {
+        let (a, b) = (milestones.at(from), milestones.at(to));
+        if a == 0 || b < a { Duration::ZERO } else { Duration::from_nanos(b - a) }
+    };
+    let exec_ns = milestones.at(Milestones::EXEC);
     let timings = Timings {
         cgroup: t_cgroup,
         clone: t_clone - t_cgroup,
         attach: t_go - t_clone,
+        mounts: between(Milestones::GO, Milestones::MOUNTED),
+        join: between(Milestones::MOUNTED, Milestones::JOINED),
+        confine: between(Milestones::JOINED, Milestones::EXEC),
+        program: if exec_ns == 0 { Duration::ZERO } else { Duration::from_nanos(reaped_ns.saturating_sub(exec_ns)) },
         run: t_reaped - t_go,
         cleanup: started.elapsed() - t_reaped,
     };

@@ -357,6 +357,13 @@ pub(super) fn wait_any() -> SysResult<(libc::pid_t, libc::c_int)> {
     }
 }
 
+/// The monotonic clock, in nanoseconds.
+pub(super) fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let _ = syscall!(libc::SYS_clock_gettime, libc::CLOCK_MONOTONIC, &mut ts as *mut libc::timespec);
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
 /// Landlock: creates a ruleset handling `access` for files, answers its fd.
 pub(super) fn landlock_create_ruleset(access: u64) -> SysResult<RawFd> {
     #[repr(C)]
