@@ -210,6 +210,12 @@ impl Jail {
         let landlock = if config.landlock { child::landlock_rights() } else { None };
         let privileged = nix::unistd::geteuid().is_root();
         tracing::info!(cgroup = cgroups.version(), landlock = landlock.is_some(), privileged, "native jail ready");
+        if !cgroup::Cgroups::favors_dynamic_moves() {
+            tracing::info!(
+                "cgroup moves may wait for an RCU grace period (milliseconds per native run); \
+                 mounting cgroup2 with -o favordynmods avoids it (see README)"
+            );
+        }
         Ok(Self { config, layout, cgroups, filter, landlock, privileged })
     }
 
