@@ -493,6 +493,7 @@ async fn admins_register_native_tools_and_users_invoke_them_over_http() {
         s.jail.system.push(setup.bin.clone());
     })
     .await;
+    assert_eq!(srv.get("/readyz", "").await.json()["native_tools"], "available");
     let json = [("content-type", "application/json")];
     let register = async |key: &str, body: serde_json::Value| {
         srv.request_with(Method::POST, "/v1/tools", Some(key), body.to_string(), &json).await

@@ -18,10 +18,13 @@ use crate::userfs::UserFs;
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct Health {
     pub status: &'static str,
+    /// `/readyz` only: `available`, or why native tools cannot run here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native_tools: Option<String>,
 }
 
 pub async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok" })
+    Json(Health { status: "ok", native_tools: None })
 }
 
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
@@ -32,7 +35,11 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
         .store
         .read(|conn| Ok(conn.query_row("SELECT count(*) FROM tools", [], |r| r.get::<_, i64>(0))?))
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string()))?;
-    Ok(Json(Health { status: "ready" }))
+    let native = match &state.jail {
+        Ok(_) => "available".to_owned(),
+        Err(why) => format!("unavailable: {why}"),
+    };
+    Ok(Json(Health { status: "ready", native_tools: Some(native) }))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
