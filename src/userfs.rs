@@ -93,7 +93,11 @@ fn beneath() -> ResolveFlag {
 }
 
 fn open_beneath(dir: impl AsFd, path: &str, flags: OFlag) -> Result<OwnedFd, Errno> {
-    let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW).resolve(beneath());
+    let mut how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW).resolve(beneath());
+    if flags.contains(OFlag::O_CREAT) {
+        // openat2 takes the mode as given (no default): without it a new file is 0000.
+        how = how.mode(Mode::from_bits_truncate(0o644));
+    }
     openat2(dir, path, how)
 }
 
@@ -130,6 +134,10 @@ fn kind_of(stat: &FileStat) -> &'static str {
 /// One user's data directory, held open.
 pub struct UserFs {
     root: OwnedFd,
+    /// Who the files and directories this creates should belong to (the
+    /// native jail's host ids, when the server is root), so that native tools
+    /// can write them too.
+    owner: Option<(u32, u32)>,
 }
 
 impl UserFs {
@@ -141,7 +149,20 @@ impl UserFs {
     pub fn open(root: &Path) -> Result<Self, FsError> {
         let how = OpenHow::new().flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC);
         let root = openat2(nix::fcntl::AT_FDCWD, root, how).map_err(|e| io_error("opening the data directory", e))?;
-        Ok(Self { root })
+        Ok(Self { root, owner: None })
+    }
+
+    /// Makes what this creates belong to `owner` (uid, gid), when given.
+    #[must_use]
+    pub fn owned_by(mut self, owner: Option<(u32, u32)>) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    fn chown(&self, fd: &OwnedFd) -> Result<(), FsError> {
+        let Some((uid, gid)) = self.owner else { return Ok(()) };
+        nix::unistd::fchown(fd, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| io_error("changing the owner", e))
     }
 
     /// A regular file's content, or a directory's listing. `path` empty is the root.
@@ -192,6 +213,10 @@ impl UserFs {
         let tmp = format!("{UPLOAD_PREFIX}{}", uuid::Uuid::now_v7().simple());
         let fd = open_beneath(&parent, &tmp, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)
             .map_err(|e| io_error("creating", e))?;
+        if let Err(e) = self.chown(&fd) {
+            let _ = unlinkat(&parent, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(e);
+        }
         let mut file = File::from(fd);
         let written = file.write_all(bytes).and_then(|()| file.sync_data());
         drop(file);
@@ -236,18 +261,22 @@ impl UserFs {
     fn make_parents(&self, parents: &[&str]) -> Result<OwnedFd, FsError> {
         let mut dir = open_dir(&self.root, ".").map_err(|e| io_error("opening", e))?;
         for part in parents {
-            match mkdirat(&dir, *part, Mode::from_bits_truncate(0o755)) {
-                Ok(()) => {}
+            let created = match mkdirat(&dir, *part, Mode::from_bits_truncate(0o755)) {
+                Ok(()) => true,
                 Err(Errno::EEXIST) => {
                     let stat =
                         fstatat(&dir, *part, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| io_error("inspecting", e))?;
                     if kind_of(&stat) == "symlink" {
                         return Err(FsError::Symlink);
                     }
+                    false
                 }
                 Err(e) => return Err(io_error("creating a directory", e)),
-            }
+            };
             dir = open_dir(&dir, part).map_err(|e| io_error("opening a directory", e))?;
+            if created {
+                self.chown(&dir)?;
+            }
         }
         Ok(dir)
     }

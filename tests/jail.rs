@@ -548,6 +548,20 @@ async fn admins_register_native_tools_and_users_invoke_them_over_http() {
     let id = report["id"].as_str().unwrap();
     assert_eq!(srv.get(&format!("/v1/executions/{id}"), &user).await.json()["status"], "ok");
 
+    // A file the user uploads through the files API is the native tool's to change.
+    let answer = srv.request(Method::PUT, "/v1/files/notes/in.txt", Some(&user), "line 1\n").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
+    let uploaded = std::fs::metadata(srv.dir.path().join("users/carol/notes/in.txt")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((uploaded.mode() & 0o777, uploaded.uid(), uploaded.gid()), (0o644, 65534, 65534));
+    let appender =
+        native_spec("append", &["/bin/sh", "-c", "echo line 2 >> /data/notes/in.txt && touch /data/notes/new"]);
+    assert_eq!(register(&srv.admin, appender).await.status, StatusCode::CREATED);
+    let report = invoke("append", "{}").await.json();
+    assert_eq!(report["status"], "ok", "{report}");
+    let content = srv.get("/v1/files/notes/in.txt", &user).await;
+    assert_eq!(String::from_utf8_lossy(&content.body), "line 1\nline 2\n");
+
     // A hostile native tool is stopped with its status, and the server keeps serving.
     let forkbomb = bin(setup, "forkbomb");
     let answer = register(&srv.admin, native_spec("bomb", &[&forkbomb])).await;

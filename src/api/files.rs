@@ -40,9 +40,20 @@ async fn with_fs<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let dir =
         state.sandbox.data_dir.user_dir(&caller.user).map_err(|e| ApiError::internal("the data directory", &e))?;
-    tokio::task::spawn_blocking(move || f(&UserFs::open(&dir)?))
-        .await
-        .map_err(|e| ApiError::internal("the file operation", &e))?
+    // Files made here belong to the native jail's uid, so native tools can write them.
+    let jail = state.jail.as_ref().ok().cloned();
+    tokio::task::spawn_blocking(move || {
+        let owner = match &jail {
+            Some(jail) => {
+                jail.prepare_data_dir(&dir).map_err(|e| ApiError::internal("preparing the data directory", &e))?;
+                jail.file_owner()
+            }
+            None => None,
+        };
+        f(&UserFs::open(&dir)?.owned_by(owner))
+    })
+    .await
+    .map_err(|e| ApiError::internal("the file operation", &e))?
 }
 
 pub async fn list_root(state: State<Arc<AppState>>, caller: Authed) -> Result<Response, ApiError> {

@@ -243,6 +243,13 @@ impl Jail {
         }
     }
 
+    /// Who files made for a user's `/data` by the server should belong to: the
+    /// tool's host ids when the server is root (a normal user's server and
+    /// its tools share one uid already).
+    pub fn file_owner(&self) -> Option<(u32, u32)> {
+        self.privileged.then(|| self.host_ids())
+    }
+
     /// Prepares a user's directory for `/data`: the tool's uid must own it.
     ///
     /// # Errors
