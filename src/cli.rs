@@ -258,11 +258,13 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
             }
         }
         _ => {
-            let jail = Arc::new(Jail::new(jail_config).map_err(|e| UsageError(format!("the native jail: {e}")))?);
+            // A host that cannot run the jail (not root, no cgroups) gets a
+            // report saying so, like any run that could not happen.
+            let jail = Jail::new(jail_config).map(Arc::new).map_err(|e| e.to_string());
             let name = args.args.first().map(|p| tool_name(Path::new(p))).unwrap_or_default();
             let tool = NativeTool { name, argv: args.args, env: BTreeMap::new(), layout: None };
             let call = ToolCall { user, tier: args.tier, input, args: Vec::new(), timeout };
-            sandbox.run_native(Ok(&jail), &tool, &call).await
+            sandbox.run_native(jail.as_ref().map_err(String::as_str), &tool, &call).await
         }
     };
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -4,7 +4,8 @@
 //! HTTP (api/) ──┐
 //! CLI (cli.rs) ─┴─> runner (Sandbox::run) ──> policy (tier → Limits)
 //!                        │                 └─> data_dir (users/<id> = /data, scratch = /tmp)
-//!                        └─> engine (wasmtime: load → fresh store + instance per call)
+//!                        ├─> engine (wasmtime: load → fresh store + instance per call)
+//!                        └─> jail (native: namespaces, cgroup, seccomp; Sandbox::run_native)
 //!                                  └─> ExecutionReport (report.rs)
 //! ```
 //!
@@ -18,7 +19,8 @@
 //! - [`store`], [`audit`]: the SQLite database and the hash-chained audit trail.
 //! - [`userfs`]: a user's directory as the files API touches it.
 //!
-//! The native jailer (issue 4) comes next; see DESIGN.md for the whole shape.
+//! - [`jail`]: the native-tool fallback, a Linux namespace jail with cgroup
+//!   limits, seccomp and Landlock (container-grade; the WASM path is the default).
 
 pub mod api;
 pub mod audit;

@@ -158,21 +158,7 @@ impl Sandbox {
         let id = new_execution_id();
         let outcome = match self.execute_native(&id, jail, tool, call).await {
             Ok(outcome) => outcome,
-            Err((status, message)) => NativeOutcome {
-                status,
-                exit_code: None,
-                signal: None,
-                error: Some(message),
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                stdout_truncated: false,
-                stderr_truncated: false,
-                wall: clock.elapsed(),
-                cpu: None,
-                peak_memory_bytes: None,
-                peak_processes: None,
-                timings: Default::default(),
-            },
+            Err((status, message)) => NativeOutcome::failed(status, message, clock.elapsed()),
         };
         // As for a WASM command: stdout that is JSON is the output.
         let stdout_text = String::from_utf8_lossy(&outcome.stdout).into_owned();
@@ -253,12 +239,7 @@ impl Sandbox {
         if data_writable {
             self.data_dir.usage_changed(&call.user);
         }
-        if let Some(note) = note {
-            outcome.error = Some(match outcome.error.take() {
-                Some(error) => format!("{error} ({note})"),
-                None => note,
-            });
-        }
+        add_note(&mut outcome.error, note);
         Ok(outcome)
     }
 
@@ -287,12 +268,7 @@ impl Sandbox {
         if data_writable {
             self.data_dir.usage_changed(&call.user);
         }
-        if let Some(note) = note {
-            outcome.error = Some(match outcome.error.take() {
-                Some(error) => format!("{error} ({note})"),
-                None => note,
-            });
-        }
+        add_note(&mut outcome.error, note);
         // After a timeout a cancelled host call may still be writing into the
         // scratch directory: remove it (on drop) rather than hand it to the next call.
         if outcome.status != Status::Timeout {
@@ -308,6 +284,16 @@ impl Sandbox {
             );
         }
         Ok(outcome)
+    }
+}
+
+/// Adds `note` to a report's error (in parentheses after one already there).
+fn add_note(error: &mut Option<String>, note: Option<String>) {
+    if let Some(note) = note {
+        *error = Some(match error.take() {
+            Some(error) => format!("{error} ({note})"),
+            None => note,
+        });
     }
 }
 

@@ -16,15 +16,24 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use imagentx_sandbox::jail::{Jail, JailConfig};
+use imagentx_sandbox::jail::{ExtraBind, Jail, JailConfig};
 use imagentx_sandbox::policy::UserId;
 use imagentx_sandbox::report::{ExecutionReport, Status};
 use imagentx_sandbox::runner::{NativeTool, Sandbox, ToolCall};
 
 struct Setup {
     jail: Arc<Jail>,
-    /// Compiled test programs, bound read-only into the jail at this path.
+    /// Compiled test programs, on the host.
     bin: PathBuf,
+}
+
+/// Where the test programs are inside the jail.
+const BIN_INSIDE: &str = "/opt/imagentx-tests";
+
+fn bind_test_programs(config: &mut JailConfig, bin: &Path) {
+    // Bound elsewhere than their host path: a clone of the repository may
+    // live under /tmp, which the jail replaces with its own.
+    config.binds.push(ExtraBind { source: bin.to_owned(), target: BIN_INSIDE.into() });
 }
 
 fn compile(bin: &Path, name: &str) {
@@ -48,7 +57,6 @@ fn setup() -> Option<&'static Setup> {
                 eprintln!("\n!!!!!!!! SKIPPED: {message}; run as root to test the jail !!!!!!!!\n");
                 return None;
             }
-            // Not under /tmp: the jail mounts its own /tmp over it.
             let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jail-bin-{}", std::process::id()));
             std::fs::create_dir_all(&bin).expect("bin dir");
             std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -60,7 +68,7 @@ fn setup() -> Option<&'static Setup> {
             std::fs::set_permissions(bin.join("whoami-setuid"), std::fs::Permissions::from_mode(0o4755))
                 .expect("setuid");
             let mut config = JailConfig::default();
-            config.system.push(bin.clone());
+            bind_test_programs(&mut config, &bin);
             let jail = Jail::new(config).expect("the jail should work on this host (root)");
             Some(Setup { jail: Arc::new(jail), bin })
         })
@@ -118,8 +126,8 @@ fn sh(script: &str) -> Call<'static> {
     call(&["/bin/sh", "-c", script])
 }
 
-fn bin(setup: &Setup, name: &str) -> String {
-    setup.bin.join(name).to_string_lossy().into_owned()
+fn bin(_setup: &Setup, name: &str) -> String {
+    format!("{BIN_INSIDE}/{name}")
 }
 
 #[track_caller]
@@ -490,7 +498,7 @@ async fn admins_register_native_tools_and_users_invoke_them_over_http() {
     use hyper::{Method, StatusCode};
     let setup = setup_or_skip!();
     let srv = server::TestServer::start_with(imagentx_sandbox::policy::Policy::default(), |s| {
-        s.jail.system.push(setup.bin.clone());
+        bind_test_programs(&mut s.jail, &setup.bin);
     })
     .await;
     assert_eq!(srv.get("/readyz", "").await.json()["native_tools"], "available");
@@ -578,7 +586,7 @@ async fn admins_register_native_tools_and_users_invoke_them_over_http() {
         max_instances: 8,
         ..Default::default()
     };
-    settings.jail.system.push(setup.bin.clone());
+    bind_test_programs(&mut settings.jail, &setup.bin);
     let srv = server::TestServer::start_in(dir, imagentx_sandbox::policy::Policy::default(), settings).await;
     let user = srv.add_user("dave", "standard", false).await;
     let answer =

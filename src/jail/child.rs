@@ -13,16 +13,18 @@
 //! exit, which makes the kernel kill whatever else lives in the pid namespace.
 //!
 //! tool: stdio → join the run's cgroup and a new cgroup namespace →
-//! close descriptors → `pivot_root` → session → rlimits →
-//! capabilities and credentials → `no_new_privs` → Landlock → seccomp → exec.
+//! close descriptors → `pivot_root` → session → rlimits (`rlimits`) →
+//! capabilities, credentials, `no_new_privs` (`caps`) → Landlock
+//! (`landlock`) → seccomp → exec.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::rootfs::{self, Layout, Step};
 use super::seccomp::Filter;
 use super::sys::{self, Errno};
+use super::{caps, landlock, rlimits};
 
 /// Setup stages, as reported through the error pipe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,31 +48,32 @@ pub(super) enum Stage {
     Seccomp,
     Exec,
 }
+// Every stage is in `Stage::ALL` (a stage missing there would be reported as
+// an unknown one): the test below checks the count.
 
 impl Stage {
+    const ALL: [Stage; 17] = [
+        Stage::CloseFds,
+        Stage::Namespaces,
+        Stage::Mount,
+        Stage::RunMount,
+        Stage::Fork,
+        Stage::Stdio,
+        Stage::JoinCgroup,
+        Stage::PivotRoot,
+        Stage::Hostname,
+        Stage::Session,
+        Stage::Rlimit,
+        Stage::Capabilities,
+        Stage::Credentials,
+        Stage::NoNewPrivs,
+        Stage::Landlock,
+        Stage::Seccomp,
+        Stage::Exec,
+    ];
+
     pub(super) fn from_u32(n: u32) -> Option<Stage> {
-        use Stage::*;
-        [
-            CloseFds,
-            Namespaces,
-            Mount,
-            RunMount,
-            Fork,
-            Stdio,
-            JoinCgroup,
-            PivotRoot,
-            Hostname,
-            Session,
-            Rlimit,
-            Capabilities,
-            Credentials,
-            NoNewPrivs,
-            Landlock,
-            Seccomp,
-            Exec,
-        ]
-        .into_iter()
-        .find(|s| *s as u32 == n)
+        Self::ALL.into_iter().find(|s| *s as u32 == n)
     }
 
     pub(super) fn describe(self) -> &'static str {
@@ -96,18 +99,6 @@ impl Stage {
     }
 }
 
-/// Landlock rights this jail asks for (ABI-dependent), or none.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct LandlockRights {
-    pub handled: u64,
-}
-
-const LL_EXECUTE: u64 = 1 << 0;
-const LL_WRITE_FILE: u64 = 1 << 1;
-const LL_READ_FILE: u64 = 1 << 2;
-const LL_READ_DIR: u64 = 1 << 3;
-const LL_TRUNCATE: u64 = 1 << 14;
-
 /// Everything the child needs, built by the parent before the clone.
 pub(super) struct Plan<'a> {
     pub layout: &'a Layout,
@@ -128,9 +119,9 @@ pub(super) struct Plan<'a> {
     pub gid: u32,
     /// Whether `setgroups` is allowed (not in an unprivileged user namespace).
     pub setgroups: bool,
-    pub rlimits: &'a [(libc::__rlimit_resource_t, u64, u64)],
+    pub rlimits: &'a rlimits::Table,
     pub filter: &'a Filter,
-    pub landlock: Option<LandlockRights>,
+    pub landlock: Option<landlock::Rights>,
     /// Candidate paths of the program (PATH search done ahead).
     pub exec_paths: &'a [CString],
     /// Null-terminated pointer arrays into strings the parent owns.
@@ -288,30 +279,12 @@ fn tool(plan: &Plan<'_>) -> libc::c_int {
     // pivot_root moves init's root too, and the old root goes.
     step(Stage::PivotRoot, rootfs::enter());
     step(Stage::Session, sys::setsid());
-    for &(resource, soft, hard) in plan.rlimits {
-        step(Stage::Rlimit, sys::setrlimit(resource, soft, hard));
+    step(Stage::Rlimit, rlimits::apply(plan.rlimits));
+    if let Err((stage, e)) = caps::drop_all(plan.setgroups, plan.uid, plan.gid) {
+        fail(err, stage, 0, e);
     }
-    // The bounding set first: dropping from it needs CAP_SETPCAP, which the
-    // uid switch takes away.
-    for cap in 0..64 {
-        match sys::prctl(libc::PR_CAPBSET_DROP, cap) {
-            Ok(()) | Err(libc::EINVAL) => {}
-            Err(e) => fail(err, Stage::Capabilities, cap as u32, e),
-        }
-    }
-    step(Stage::Capabilities, sys::cap_ambient_clear());
-    if plan.setgroups {
-        step(Stage::Credentials, sys::setgroups_none());
-    }
-    // A change of uid also makes the shared memory non-dumpable (the kernel
-    // applies `suid_dumpable`): no host process running as the tool's uid can
-    // ptrace its way into the server's memory before the exec.
-    step(Stage::Credentials, sys::setresgid(plan.gid));
-    step(Stage::Credentials, sys::setresuid(plan.uid));
-    step(Stage::Capabilities, sys::capset_none());
-    step(Stage::NoNewPrivs, sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1));
     if let Some(rights) = plan.landlock {
-        step(Stage::Landlock, landlock(rights));
+        step(Stage::Landlock, landlock::restrict(rights));
     }
     // /data as the working directory (read-only when over quota).
     let _ = sys::chdir(c"/data");
@@ -329,40 +302,17 @@ fn tool(plan: &Plan<'_>) -> libc::c_int {
     fail(err, Stage::Exec, 0, last)
 }
 
-/// Read and execute everywhere (the mounts already make it read-only);
-/// everything but execute under the writable scratch places and `/data`;
-/// read and write on device files.
-fn landlock(rights: LandlockRights) -> Result<(), Errno> {
-    let ruleset = sys::landlock_create_ruleset(rights.handled)?;
-    let rules: [(&CStr, u64); 6] = [
-        (c"/", LL_EXECUTE | LL_READ_FILE | LL_READ_DIR),
-        (c"/data", rights.handled & !LL_EXECUTE),
-        (c"/tmp", rights.handled & !LL_EXECUTE),
-        (c"/var/tmp", rights.handled & !LL_EXECUTE),
-        (c"/dev/shm", rights.handled & !LL_EXECUTE),
-        (c"/dev", LL_READ_FILE | LL_WRITE_FILE | LL_READ_DIR | LL_TRUNCATE),
-    ];
-    for (path, access) in rules {
-        let fd = sys::open_path(path)?;
-        let added = sys::landlock_allow_beneath(ruleset, fd, access & rights.handled);
-        sys::close(fd);
-        added?;
-    }
-    let restricted = sys::landlock_restrict_self(ruleset);
-    sys::close(ruleset);
-    restricted
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The Landlock rights to handle on this kernel, or `None` without Landlock.
-pub(super) fn landlock_rights() -> Option<LandlockRights> {
-    let abi = sys::landlock_abi().ok()?;
-    // ABI 1: 13 rights; 2 adds REFER (bit 13); 3 adds TRUNCATE (bit 14).
-    let mut handled = (1u64 << 13) - 1;
-    if abi >= 2 {
-        handled |= 1 << 13;
+    #[test]
+    fn every_stage_round_trips_through_the_error_pipe_code() {
+        for (i, stage) in Stage::ALL.into_iter().enumerate() {
+            assert_eq!(stage as u32, i as u32 + 1);
+            assert_eq!(Stage::from_u32(stage as u32), Some(stage));
+        }
+        assert_eq!(Stage::from_u32(Stage::Exec as u32 + 1), None);
+        assert_eq!(Stage::ALL.len(), Stage::Exec as usize);
     }
-    if abi >= 3 {
-        handled |= 1 << 14;
-    }
-    Some(LandlockRights { handled })
 }

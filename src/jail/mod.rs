@@ -9,17 +9,21 @@
 //!   pids), minimal `/dev` and `/etc`, tmpfs `/tmp` and `/var/tmp`, `/data`;
 //! - [`cgroup`]: one cgroup per run with memory, cpu and pids limits (v1 or
 //!   v2, detected at start);
-//! - [`seccomp`]: an allow-list filter; `child` applies it with the rlimits,
-//!   capability drop, `no_new_privs` and Landlock;
+//! - [`seccomp`]: an allow-list filter; `caps`: capabilities, ids and
+//!   `no_new_privs`; `rlimits`; `landlock`: a second wall on file access;
+//! - `child`: init and the tool after the clone, applying the above in order;
 //! - `supervise`: the parent side, deadlines and the report's figures.
 //!
 //! The raw system calls are in `sys`, each behind a `// SAFETY:` comment.
 //! This shares the host kernel: it is container-grade isolation, weaker
 //! than the WASM path, which stays the default.
 
+mod caps;
 mod cgroup;
 mod child;
+mod landlock;
 mod namespaces;
+mod rlimits;
 mod rootfs;
 mod seccomp;
 mod supervise;
@@ -59,6 +63,17 @@ pub struct JailConfig {
     pub host_id: u32,
     /// Landlock as a second wall where the kernel has it.
     pub landlock: bool,
+    /// More host paths bound read-only into every jail, each at its own path
+    /// inside (`[[jail.binds]] source = "/srv/tools" target = "/opt/tools"`).
+    pub binds: Vec<ExtraBind>,
+}
+
+/// A host path bound read-only into the jail.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraBind {
+    pub source: PathBuf,
+    pub target: PathBuf,
 }
 
 impl Default for JailConfig {
@@ -84,6 +99,7 @@ impl Default for JailConfig {
             cgroup_name: "imagentx-sandbox".to_owned(),
             host_id: 65534,
             landlock: true,
+            binds: Vec::new(),
         }
     }
 }
@@ -97,6 +113,8 @@ pub enum JailError {
     Layout(#[from] LayoutError),
     #[error("user namespaces are not available: {0}")]
     UserNamespaces(String),
+    #[error("[jail] settings: {0}")]
+    Config(String),
 }
 
 /// One native run as asked.
@@ -162,7 +180,8 @@ pub struct Timings {
 }
 
 impl NativeOutcome {
-    fn failed(status: Status, message: String, wall: Duration) -> Self {
+    /// A run that ended before the program could start.
+    pub fn failed(status: Status, message: String, wall: Duration) -> Self {
         Self {
             status,
             exit_code: None,
@@ -189,7 +208,7 @@ pub struct Jail {
     layout: Layout,
     cgroups: cgroup::Cgroups,
     filter: seccomp::Filter,
-    landlock: Option<child::LandlockRights>,
+    landlock: Option<landlock::Rights>,
     /// Whether this process is root (then the tool's ids map to
     /// `config.host_id`; otherwise to this process's own ids).
     privileged: bool,
@@ -206,8 +225,16 @@ impl Jail {
         namespaces::check_available().map_err(JailError::UserNamespaces)?;
         let cgroups = cgroup::Cgroups::detect(config.cgroup, &config.cgroup_name)?;
         let filter = seccomp::Filter::build();
-        let layout = Layout::host(&config.system, &config.etc)?;
-        let landlock = if config.landlock { child::landlock_rights() } else { None };
+        for path in config.system.iter().chain(config.binds.iter().map(|b| &b.target)) {
+            rootfs::check_inside(path).map_err(JailError::Config)?;
+        }
+        if let Some(bad) = config.etc.iter().find(|e| e.is_empty() || e.contains('/') || e.starts_with('.')) {
+            return Err(JailError::Config(format!("etc entry `{bad}` must be a name in /etc")));
+        }
+        let binds: Vec<(PathBuf, String)> =
+            config.binds.iter().map(|b| (b.source.clone(), b.target.to_string_lossy().into_owned())).collect();
+        let layout = Layout::host(&config.system, &config.etc, &binds)?;
+        let landlock = if config.landlock { landlock::available() } else { None };
         let privileged = nix::unistd::geteuid().is_root();
         tracing::info!(cgroup = cgroups.version(), landlock = landlock.is_some(), privileged, "native jail ready");
         if !cgroup::Cgroups::favors_dynamic_moves() {

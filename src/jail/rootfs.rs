@@ -280,21 +280,23 @@ impl Builder {
 
 impl Layout {
     /// A root of the host's system directories (`system`, absolute paths;
-    /// those missing on this host are skipped) and a minimal `/etc` with the
-    /// named host entries.
+    /// those missing on this host are skipped), extra read-only `binds`
+    /// (host path, path inside), and a minimal `/etc` with the named host
+    /// entries. Paths inside must be checked by the caller (`check_inside`).
     ///
     /// # Errors
     ///
     /// When a source exists but cannot be opened or inspected.
-    pub fn host(system: &[PathBuf], etc: &[String]) -> Result<Self, LayoutError> {
+    pub fn host(system: &[PathBuf], etc: &[String], binds: &[(PathBuf, String)]) -> Result<Self, LayoutError> {
         let mut b = Builder::new("the host".to_owned());
         for path in system {
-            let Some(inside) = path.to_str().filter(|p| p.starts_with('/') && !p.contains("/..")) else {
-                continue;
-            };
+            let Some(inside) = path.to_str() else { continue };
             if fs::symlink_metadata(path).is_ok() {
                 b.bind(path, inside, 0)?;
             }
+        }
+        for (source, inside) in binds {
+            b.bind(source, inside, 0)?;
         }
         b.etc(etc)?;
         b.dev()?;
@@ -322,6 +324,24 @@ impl Layout {
         b.dev()?;
         Ok(b.finish())
     }
+}
+
+/// Why `inside` cannot be a path of a bind in the jail, if it cannot: it
+/// must be absolute, without `..`, and not where the jail mounts its own
+/// file systems (it would be hidden, or hide them).
+pub(super) fn check_inside(inside: &Path) -> Result<(), String> {
+    use std::path::Component;
+    if !inside.is_absolute() || inside.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("{} must be an absolute path without `..`", inside.display()));
+    }
+    if inside == Path::new("/") || inside.to_str().is_none() {
+        return Err(format!("{} cannot be bound into the jail", inside.display()));
+    }
+    let taken = ["/tmp", "/var/tmp", "/data", "/proc", "/dev", "/etc", "/sys"];
+    if let Some(t) = taken.iter().find(|t| inside.starts_with(t) || Path::new(t).starts_with(inside)) {
+        return Err(format!("{} would overlap the jail's own {t}", inside.display()));
+    }
+    Ok(())
 }
 
 /// The per-run part: `/tmp`, `/var/tmp`, `/data` and `/proc`.
@@ -356,4 +376,21 @@ pub(super) fn open_data(dir: &Path) -> std::io::Result<OwnedFd> {
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
         .open(dir)?;
     Ok(file.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_may_not_land_on_the_jails_own_mounts() {
+        for ok in ["/usr", "/opt/tools", "/var/lib/x", "/srv"] {
+            assert_eq!(check_inside(Path::new(ok)), Ok(()), "{ok}");
+        }
+        for bad in
+            ["usr", "/opt/../tmp", "/", "/tmp", "/tmp/x", "/var", "/var/tmp/y", "/data", "/proc/1", "/dev", "/etc/x"]
+        {
+            assert!(check_inside(Path::new(bad)).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The parent side of a run: make the cgroup and pipes, clone into the new
-//! namespaces, map ids, move the child into its cgroup, let it go, feed its
-//! stdin, collect its capped output, enforce the wall-clock and CPU-time
-//! deadlines, reap it, and read what the cgroup recorded.
+//! namespaces, map ids, let the child go (the tool moves itself into the
+//! cgroup), feed its stdin, collect its capped output, enforce the wall-clock
+//! and CPU-time deadlines, reap it, and read what the cgroup recorded.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use super::cgroup::{CgroupLimits, CgroupStats};
 use super::child::{self, Milestones, Plan, Stage};
 use super::rootfs;
-use super::sys;
 use super::{Jail, NativeOutcome, NativeRun, Timings};
+use super::{rlimits, sys};
 use crate::report::Status;
 
 /// Why a run stopped early, when the supervisor stopped it.
@@ -130,15 +130,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     envp.push(std::ptr::null());
     let path = req.env.iter().find(|(k, _)| k == "PATH").map_or(super::DEFAULT_PATH, |(_, v)| v.as_str());
     let exec_paths = exec_candidates(program, path);
-    let fsize = limits.tmp_bytes.max(limits.data_quota_bytes);
-    let rlimits = [
-        (libc::RLIMIT_NOFILE, limits.nofile_soft, limits.nofile_hard),
-        // The second line behind pids.max, one higher so that the cgroup
-        // (which records the refusal) is what a fork bomb meets first.
-        (libc::RLIMIT_NPROC, u64::from(limits.pids) + 1, u64::from(limits.pids) + 1),
-        (libc::RLIMIT_FSIZE, fsize, fsize),
-        (libc::RLIMIT_CORE, 0, 0),
-    ];
+    let rlimits = rlimits::for_limits(limits);
     // The children run in this process's memory, on stacks of their own.
     let init_stack = sys::Stack::new(CHILD_STACK).map_err(io("mapping a stack"))?;
     let tool_stack = sys::Stack::new(CHILD_STACK).map_err(io("mapping a stack"))?;
@@ -211,6 +203,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     );
 
     let (init_status, rusage) = child.reap().map_err(|e| format!("wait4: {}", std::io::Error::from_raw_os_error(e)))?;
+    let reaped_ns = sys::now_ns();
     let wall = started.elapsed();
     let t_reaped = wall;
     let mut tool_status = Vec::new();
@@ -220,7 +213,6 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     cgroup.kill_all();
     let stats = cgroup.stats();
     cgroup.remove();
-    let reaped_ns = sys::now_ns();
     let between = |from: usize, to: usize| {
         let (a, b) = (milestones.at(from), milestones.at(to));
         if a == 0 || b < a { Duration::ZERO } else { Duration::from_nanos(b - a) }
@@ -251,7 +243,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         wall,
         cpu: stats.cpu.or_else(|| Some(rusage_cpu(&rusage))),
         peak_memory_bytes: stats.peak_memory_bytes,
-        // The jail's init is not the tool's.
+        // The jail's init is not in the cgroup: these are the program's.
         peak_processes: stats.peak_processes,
         timings,
     };

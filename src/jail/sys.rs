@@ -148,8 +148,12 @@ pub(super) unsafe fn clone_with_stack(
     entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
     arg: *mut libc::c_void,
 ) -> std::io::Result<libc::pid_t> {
-    // SAFETY: glibc's `clone` switches the child to `stack` and calls `entry`;
-    // the caller upholds the child-side contract.
+    // SAFETY: glibc's `clone` switches the child to `stack` and calls `entry`
+    // (posix_spawn uses it the same way); the caller upholds the child-side
+    // contract. Its one touch of thread-local state is `errno` on failure,
+    // read back at once below; from init that is the supervising thread's
+    // `errno`, whose value it then holds for an instant: harmless, as that
+    // thread reads `errno` only right after its own failed calls.
     let pid = unsafe { libc::clone(entry, stack.top(), flags | libc::SIGCHLD, arg) };
     if pid < 0 { Err(std::io::Error::last_os_error()) } else { Ok(pid) }
 }

@@ -1,0 +1,30 @@
+//! Resource limits from the tier, a second line behind the cgroup: open
+//! files (the tier's soft/hard), processes (one above `pids.max`, so that the
+//! cgroup, which records the refusal, is what a fork bomb meets first; the
+//! kernel counts them per user namespace, so per run), the largest file
+//! (the larger of `/tmp` and the data quota) and no core dumps.
+
+use super::sys::{self, Errno};
+use crate::policy::Limits;
+
+/// `(resource, soft, hard)` rows, built before the clone.
+pub(super) type Table = [(libc::__rlimit_resource_t, u64, u64); 4];
+
+pub(super) fn for_limits(limits: &Limits) -> Table {
+    let fsize = limits.tmp_bytes.max(limits.data_quota_bytes);
+    let nproc = u64::from(limits.pids) + 1;
+    [
+        (libc::RLIMIT_NOFILE, limits.nofile_soft, limits.nofile_hard),
+        (libc::RLIMIT_NPROC, nproc, nproc),
+        (libc::RLIMIT_FSIZE, fsize, fsize),
+        (libc::RLIMIT_CORE, 0, 0),
+    ]
+}
+
+/// Sets every row (in the tool, before its exec: raw system calls only).
+pub(super) fn apply(table: &Table) -> Result<(), Errno> {
+    for &(resource, soft, hard) in table {
+        sys::setrlimit(resource, soft, hard)?;
+    }
+    Ok(())
+}
