@@ -628,3 +628,41 @@ fn the_command_line_runs_native_programs() {
     assert_eq!(code, Some(1));
     assert_eq!(report["status"], "timeout");
 }
+
+#[tokio::test]
+async fn a_tool_with_its_own_rootfs_sees_that_and_not_the_host_system() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    // A tiny root: one statically linked program in bin/.
+    let rootfs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(rootfs.path().join("bin")).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/native/whoami.c");
+    let out = Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(rootfs.path().join("bin/whoami"))
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc -static: {}", String::from_utf8_lossy(&out.stderr));
+    let layout = imagentx_sandbox::jail::Layout::rootfs(rootfs.path()).unwrap();
+    let tool = NativeTool {
+        name: "mini".into(),
+        argv: vec!["/bin/whoami".into()],
+        env: BTreeMap::new(),
+        layout: Some(Arc::new(layout)),
+    };
+    let call = ToolCall {
+        user: UserId::new("alice").unwrap(),
+        tier: "standard".into(),
+        input: Vec::new(),
+        args: Vec::new(),
+        timeout: Some(Duration::from_secs(10)),
+    };
+    let report = sb.run_native(Ok(&setup.jail), &tool, &call).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.output, Some(serde_json::json!({"uid": 65534, "euid": 65534})));
+    // The host's programs are not in this root.
+    let tool = NativeTool { argv: vec!["/usr/bin/python3".into(), "-c".into(), "1".into()], ..tool };
+    let report = sb.run_native(Ok(&setup.jail), &tool, &call).await;
+    assert_status(&report, Status::InvalidTool);
+}

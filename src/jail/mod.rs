@@ -66,6 +66,10 @@ pub struct JailConfig {
     /// More host paths bound read-only into every jail, each at its own path
     /// inside (`[[jail.binds]] source = "/srv/tools" target = "/opt/tools"`).
     pub binds: Vec<ExtraBind>,
+    /// A directory whose entries make the root of every jail, instead of
+    /// `system`, `etc` and `binds` (a tool registered with its own rootfs
+    /// uses that one).
+    pub rootfs: Option<PathBuf>,
 }
 
 /// A host path bound read-only into the jail.
@@ -100,6 +104,7 @@ impl Default for JailConfig {
             host_id: 65534,
             landlock: true,
             binds: Vec::new(),
+            rootfs: None,
         }
     }
 }
@@ -233,7 +238,13 @@ impl Jail {
         }
         let binds: Vec<(PathBuf, String)> =
             config.binds.iter().map(|b| (b.source.clone(), b.target.to_string_lossy().into_owned())).collect();
-        let layout = Layout::host(&config.system, &config.etc, &binds)?;
+        let layout = match &config.rootfs {
+            Some(dir) if !dir.is_absolute() => {
+                return Err(JailError::Config(format!("rootfs {} must be an absolute path", dir.display())));
+            }
+            Some(dir) => Layout::rootfs(dir)?,
+            None => Layout::host(&config.system, &config.etc, &binds)?,
+        };
         let landlock = if config.landlock { landlock::available() } else { None };
         let privileged = nix::unistd::geteuid().is_root();
         tracing::info!(cgroup = cgroups.version(), landlock = landlock.is_some(), privileged, "native jail ready");

@@ -318,6 +318,12 @@ impl Layout {
             .filter(|name| !RESERVED.contains(&name.as_str()))
             .collect();
         names.sort();
+        // The jail mounts its own /var/tmp: a read-only var must have the mount point.
+        let var = rootfs.join("var");
+        if var.is_dir() && !var.join("tmp").is_dir() {
+            let source = std::io::Error::other("the jail mounts /var/tmp there, and var is read-only in the jail");
+            return Err(b.error("missing directory", &var.join("tmp"), source));
+        }
         for name in names {
             b.bind(&rootfs.join(&name), &format!("/{name}"), 0)?;
         }
