@@ -40,5 +40,16 @@ pub(super) fn map_ids(pid: libc::pid_t, privileged: bool, host_id: u32) -> std::
         let gid = nix::unistd::getegid().as_raw();
         (format!("{SANDBOX_ID} {uid} 1\n"), format!("{SANDBOX_ID} {gid} 1\n"), true)
     };
-    super::supervise::write_maps(pid, &uid_map, &gid_map, deny_setgroups)
+    write_maps(pid, &uid_map, &gid_map, deny_setgroups)
+}
+
+/// Writes `/proc/<pid>/{uid_map,setgroups,gid_map}`, in the order the kernel needs.
+fn write_maps(pid: libc::pid_t, uid_map: &str, gid_map: &str, deny_setgroups: bool) -> std::io::Result<()> {
+    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+    std::fs::write(proc.join("uid_map"), uid_map)?;
+    if deny_setgroups {
+        std::fs::write(proc.join("setgroups"), "deny")?;
+    }
+    std::fs::write(proc.join("gid_map"), gid_map)?;
+    Ok(())
 }

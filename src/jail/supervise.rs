@@ -477,14 +477,3 @@ fn classify(
     outcome.status = status;
     outcome.error = Some(message);
 }
-
-/// The id maps of the run's user namespace (see `Jail::map_ids`).
-pub(super) fn write_maps(pid: libc::pid_t, uid_map: &str, gid_map: &str, deny_setgroups: bool) -> std::io::Result<()> {
-    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
-    std::fs::write(proc.join("uid_map"), uid_map)?;
-    if deny_setgroups {
-        std::fs::write(proc.join("setgroups"), "deny")?;
-    }
-    std::fs::write(proc.join("gid_map"), gid_map)?;
-    Ok(())
-}
