@@ -45,6 +45,8 @@ pub enum Command {
     /// Check the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Measure the sandbox beside its peers and write a report (see BENCHMARKS.md).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -165,6 +167,11 @@ impl<E: std::fmt::Display> From<E> for UsageError {
 
 /// Runs the parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
+    // The harness makes its own runtimes (one suite needs a current-thread one).
+    let command = match cli.command {
+        Command::Bench(args) => return crate::bench::main(args),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -173,7 +180,8 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
+            Command::Bench(_) => Ok(ExitCode::SUCCESS),
             Command::Run(args) => run(args).await,
             Command::Describe(args) => describe(args).await,
             Command::Serve(args) => serve(args).await,

@@ -19,11 +19,13 @@
 //! - [`store`], [`audit`]: the SQLite database and the hash-chained audit trail.
 //! - [`userfs`]: a user's directory as the files API touches it.
 //!
+//! - [`bench`]: the benchmark harness behind `imagentx-sandbox bench`.
 //! - [`jail`]: the native-tool fallback, a Linux namespace jail with cgroup
 //!   limits, seccomp and Landlock (container-grade; the WASM path is the default).
 
 pub mod api;
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod data_dir;
 pub mod engine;

@@ -103,3 +103,14 @@ pub async fn load(sandbox: &Sandbox, name: &str) -> Tool {
 pub async fn run(sandbox: &Sandbox, tool: &Tool, call: &ToolCall) -> ExecutionReport {
     sandbox.run(Ok(tool), call).await
 }
+
+/// Says loudly that `what` is skipped without root, or fails when
+/// `IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1` (set by `.ci/run`) forbids skipping.
+pub fn skip_unprivileged(what: &str) {
+    let message = format!("{what} need root (namespaces and cgroups)");
+    assert!(
+        std::env::var_os("IMAGENTX_REQUIRE_PRIVILEGED_TESTS").is_none_or(|v| v != "1"),
+        "{message}, and IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1 forbids skipping them"
+    );
+    eprintln!("\n!!!!!!!! SKIPPED: {message}; run as root to test them !!!!!!!!\n");
+}

@@ -1,0 +1,189 @@
+//! The native jail (`Jail::run`, what the server calls), beside bubblewrap,
+//! nsjail when installed, and plain fork/exec as the floor: `/bin/true` and
+//! a Python one-liner, 1, 2, 8 and 32 runs in flight, all in one process and
+//! one run. Needs root (namespaces and cgroups); skipped with a line without.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::{Harness, Series, Suite, Who, process_series, threaded, which};
+use crate::jail::{Jail, JailConfig, NativeRun, Timings};
+use crate::policy::{Limits, Policy};
+use crate::report::Status;
+
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// The jail as the server holds it, with a user directory and a tier.
+pub struct Jailer {
+    pub jail: Arc<Jail>,
+    pub data: tempfile::TempDir,
+    pub policy: Policy,
+}
+
+impl Jailer {
+    /// The jail, or why this host cannot run it.
+    pub fn new() -> anyhow::Result<Self> {
+        anyhow::ensure!(nix::unistd::geteuid().is_root(), "needs root (namespaces, cgroups)");
+        let jail = Jail::new(JailConfig::default())?;
+        let data = tempfile::tempdir()?;
+        jail.prepare_data_dir(data.path())?;
+        Ok(Self { jail: Arc::new(jail), data, policy: Policy::default() })
+    }
+
+    pub fn limits(&self, tier: &str, timeout: Duration) -> anyhow::Result<Limits> {
+        Ok(self.policy.resolve(tier, Some(timeout))?)
+    }
+
+    /// One run to its end.
+    pub fn run(&self, argv: &[String], limits: &Limits) -> crate::jail::NativeOutcome {
+        let id = crate::report::new_execution_id();
+        self.jail.run(&NativeRun {
+            id: &id,
+            argv,
+            env: &crate::jail::environment(&[]),
+            input: b"",
+            data_dir: self.data.path(),
+            data_writable: true,
+            limits,
+            layout: None,
+        })
+    }
+}
+
+fn strings(argv: &[&str]) -> Vec<String> {
+    argv.iter().map(|s| s.to_string()).collect()
+}
+
+/// bubblewrap with every namespace it offers and a read-only /usr: the
+/// closest view to ours it gives without extra setup.
+fn bwrap(bwrap: &Path, program: &[String]) -> Vec<String> {
+    let mut argv = vec![super::path_str(bwrap)];
+    argv.extend(strings(&[
+        "--unshare-all",
+        "--die-with-parent",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--symlink",
+        "usr/sbin",
+        "/sbin",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+    ]));
+    argv.extend(program.iter().cloned());
+    argv
+}
+
+/// nsjail in one-shot mode with read-only system directories.
+fn nsjail(nsjail: &Path, program: &[String]) -> Vec<String> {
+    let mut argv = vec![super::path_str(nsjail)];
+    argv.extend(strings(&["-Mo", "--quiet", "-R", "/usr", "-R", "/bin", "-R", "/lib", "-R", "/lib64", "--"]));
+    argv.extend(program.iter().cloned());
+    argv
+}
+
+pub fn run(h: &mut Harness) -> anyhow::Result<()> {
+    let jailer = match Jailer::new() {
+        Ok(j) => j,
+        Err(e) => {
+            h.skip(format!("native jail suite: this host cannot run the jail: {e:#}"));
+            return Ok(());
+        }
+    };
+    let bwrap_bin = which(&["bwrap"]);
+    let nsjail_bin = which(&["nsjail"]);
+    if bwrap_bin.is_none() {
+        h.skip("bubblewrap peer: not installed (`apt-get install bubblewrap`; `scripts/bench` does)");
+    }
+    if nsjail_bin.is_none() {
+        h.skip("nsjail peer: not installed (Debian 12 has no nsjail package)");
+    }
+    let mut programs = vec![("/bin/true", strings(&["/bin/true"]))];
+    if Path::new(PYTHON).exists() {
+        programs.push(("python3 -c 'print(1)'", strings(&[PYTHON, "-c", "print(1)"])));
+    } else {
+        h.skip(format!("the Python rows: no {PYTHON}"));
+    }
+    let limits = jailer.limits("standard", Duration::from_secs(30))?;
+    let runs = h.size.pick(300, 40, 3);
+    let levels = h.size.pick(&[1, 2, 8, 32][..], &[1, 2, 8, 32], &[1, 2]);
+    let timings = Mutex::new(Vec::new());
+    for (name, program) in &programs {
+        for &threads in levels {
+            let ours = format!("imagentx jail: {name}");
+            let peak = AtomicU64::new(0);
+            let run = || {
+                let outcome = jailer.run(program, &limits);
+                peak.fetch_max(outcome.peak_memory_bytes.unwrap_or(0), Ordering::Relaxed);
+                if threads == 1 && *name == "/bin/true" {
+                    timings.lock().unwrap_or_else(|e| e.into_inner()).push(outcome.timings);
+                }
+                outcome.status == Status::Ok
+            };
+            for _ in 0..3 {
+                run();
+            }
+            let (samples, elapsed) = threaded(&ours, threads, runs, run);
+            let peak = Some(peak.into_inner()).filter(|p| *p > 0);
+            h.push(
+                Series { samples, elapsed, ..Series::new(Suite::Native, &ours, Who::Ours, threads) }
+                    .memory(peak, "largest run's cgroup"),
+            );
+            if let Some(bin) = &bwrap_bin {
+                let case = format!("bwrap --unshare-all: {name}");
+                process_series(h, Suite::Native, &case, Who::Peer, threads, runs, &bwrap(bin, program), b"");
+                h.ratio(Suite::Native, &ours, &case, threads);
+            }
+            if let Some(bin) = &nsjail_bin {
+                let case = format!("nsjail -Mo: {name}");
+                process_series(h, Suite::Native, &case, Who::Peer, threads, runs, &nsjail(bin, program), b"");
+                h.ratio(Suite::Native, &ours, &case, threads);
+            }
+            let floor = format!("fork/exec, no isolation: {name}");
+            process_series(h, Suite::Native, &floor, Who::Floor, threads, runs, program, b"");
+        }
+    }
+    breakdown(h, &timings.into_inner().unwrap_or_else(|e| e.into_inner()));
+    Ok(())
+}
+
+/// Where the jail's time goes: medians of the sequential `/bin/true` runs,
+/// from the supervisor's clock and the jail's own milestones.
+fn breakdown(h: &mut Harness, timings: &[Timings]) {
+    if timings.is_empty() {
+        return;
+    }
+    type Step = (&'static str, fn(&Timings) -> Duration);
+    let steps: [Step; 8] = [
+        ("cgroup: make the run's cgroups, write limits", |t| t.cgroup),
+        ("clone: pipes, plan, clone into new namespaces", |t| t.clone),
+        ("attach: id maps", |t| t.attach),
+        ("mounts: the root's mount steps", |t| t.mounts),
+        ("join: the tool moves into its cgroup", |t| t.join),
+        ("confine: pivot_root, rlimits, creds, Landlock, seccomp", |t| t.confine),
+        ("program + namespaces' teardown", |t| t.program),
+        ("cleanup: read the cgroup's figures, remove it", |t| t.cleanup),
+    ];
+    for (name, step) in steps {
+        let mut v: Vec<Duration> = timings.iter().map(step).collect();
+        v.sort();
+        let median = v[v.len() / 2];
+        h.figure(Suite::Native, format!("jail step, /bin/true median: {name}"), median.as_secs_f64() * 1e3, "ms", "");
+    }
+}

@@ -1,0 +1,264 @@
+//! The WASM runtime in-process (what the server does per call: a fresh
+//! store and instance with fuel, epochs and the memory limiter on), the
+//! costs around it (a restart, a cold compile, 1,000 calls in flight), and
+//! one-shot processes: our CLI beside the `wasmtime` CLI and fork/exec.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::{Harness, Sample, Series, Suite, Who, path_str, peak_rss, process_series, reset_peak, sequential};
+use crate::data_dir::DataDir;
+use crate::engine::{Engine, EngineConfig, Invocation, Tool};
+use crate::policy::{Limits, Policy, UserId};
+use crate::report::Status;
+use crate::runner::{Sandbox, ToolCall};
+
+pub const SDK_CALL: &str = "SDK tool call (engine: new store + instance + call)";
+pub const COMMAND_CALL: &str = "command tool call (engine)";
+pub const RUNNER_CALL: &str = "SDK tool call, whole runner (policy, dirs, report)";
+const ONESHOT_OURS: &str = "imagentx-sandbox run (artifact cached)";
+const ONESHOT_WASMTIME: &str = "wasmtime run --allow-precompiled";
+const ONESHOT_FLOOR: &str = "fork/exec /bin/true";
+
+/// The inputs of the in-process cases.
+pub const SDK_INPUT: &str = r#"{"op":"echo","text":"hi"}"#;
+pub const COMMAND_INPUT: &str = r#"{"op":"echo"}"#;
+
+/// What an in-process call needs, owned.
+pub struct Fixture {
+    pub engine: Engine,
+    pub config: EngineConfig,
+    pub limits: Limits,
+    pub env: BTreeMap<String, String>,
+    pub dirs: tempfile::TempDir,
+    pub sandbox: Sandbox,
+    pub call: ToolCall,
+}
+
+impl Fixture {
+    pub fn new(cache_dir: &Path, max_instances: u32) -> anyhow::Result<Self> {
+        let mut config = EngineConfig::new(cache_dir.to_owned(), 1 << 30);
+        config.max_instances = max_instances;
+        let engine = Engine::new(&config)?;
+        let policy = Policy::default();
+        let limits = policy.resolve("standard", None)?;
+        let dirs = tempfile::tempdir()?;
+        let data = DataDir::open(dirs.path().join("state"))?;
+        let sandbox = Sandbox { policy, engine: engine.clone(), data_dir: data };
+        let call = ToolCall {
+            user: UserId::new("bench")?,
+            tier: "standard".into(),
+            input: SDK_INPUT.as_bytes().to_vec(),
+            args: vec![],
+            timeout: None,
+        };
+        Ok(Self { engine, config, limits, env: BTreeMap::new(), dirs, sandbox, call })
+    }
+
+    pub fn invocation<'a>(&'a self, input: &'a str, limits: &'a Limits) -> Invocation<'a> {
+        Invocation {
+            input,
+            args: &[],
+            env: &self.env,
+            data_dir: self.dirs.path(),
+            data_writable: true,
+            scratch_dir: self.dirs.path(),
+            limits,
+        }
+    }
+
+    /// The policy's limits for a tier and budget.
+    pub fn policy_limits(&self, tier: &str, timeout: std::time::Duration) -> anyhow::Result<Limits> {
+        Ok(self.sandbox.policy.resolve(tier, Some(timeout))?)
+    }
+
+    /// One engine call; true when it answered `ok`.
+    pub async fn call(&self, tool: &Tool, input: &str) -> bool {
+        self.engine.call(tool, self.invocation(input, &self.limits)).await.is_ok_and(|o| o.status == Status::Ok)
+    }
+
+    /// One call through the whole runner.
+    pub async fn run(&self, tool: &Tool) -> bool {
+        self.sandbox.run(Ok(tool), &self.call).await.status == Status::Ok
+    }
+}
+
+pub fn run(h: &mut Harness, instructions: bool) -> anyhow::Result<()> {
+    let rt = super::runtime()?;
+    let pid = std::process::id();
+    let cache = h.scratch.path().join("wasm-cache");
+    let (_, sdk_wasm) = super::guest(h, "sdk_probe")?;
+    let (probe_path, cmd_wasm) = super::guest(h, "probe")?;
+    let fx = Fixture::new(&cache, 1000)?;
+    let (sdk, cmd) = rt.block_on(async {
+        anyhow::Ok((
+            fx.engine.load(&sdk_wasm, usize::MAX, "sdk").await?,
+            fx.engine.load(&cmd_wasm, usize::MAX, "cmd").await?,
+        ))
+    })?;
+    let n = h.size.pick(10_000, 2_000, 20);
+    let warmup = n.min(200);
+    for (case, tool, input) in [(SDK_CALL, &sdk, SDK_INPUT), (COMMAND_CALL, &cmd, COMMAND_INPUT)] {
+        reset_peak(pid);
+        let (samples, elapsed) = rt.block_on(sequential(case, warmup, n, async || fx.call(tool, input).await));
+        h.push(
+            Series { samples, elapsed, ..Series::new(Suite::Wasm, case, Who::Ours, 1) }
+                .memory(peak_rss(pid), "bench process"),
+        );
+    }
+    reset_peak(pid);
+    let (samples, elapsed) = rt.block_on(sequential(RUNNER_CALL, warmup, n, async || fx.run(&sdk).await));
+    h.push(
+        Series { samples, elapsed, ..Series::new(Suite::Wasm, RUNNER_CALL, Who::Ours, 1) }
+            .memory(peak_rss(pid), "bench process"),
+    );
+
+    // A restart: a new engine (pool, ticker), the tool loaded from its
+    // precompiled artifact (read, deserialize, link, `describe`), its first call.
+    let reps = h.size.pick(50, 10, 2);
+    let mut restart =
+        Series::new(Suite::Wasm, "restart: new engine + load precompiled SDK tool + first call", Who::Ours, 1);
+    let started = Instant::now();
+    rt.block_on(async {
+        for _ in 0..reps {
+            let t = Instant::now();
+            let ok = match Engine::new(&fx.config) {
+                Ok(fresh) => match fresh.load(&sdk_wasm, usize::MAX, "sdk").await {
+                    Ok(tool) => {
+                        let inv = fx.invocation(SDK_INPUT, &fx.limits);
+                        tool.loaded_from_cache() && fresh.call(&tool, inv).await.is_ok_and(|o| o.status == Status::Ok)
+                    }
+                    Err(_) => false,
+                },
+                Err(_) => false,
+            };
+            restart.samples.push(Sample { latency: t.elapsed(), ok });
+        }
+    });
+    restart.elapsed = started.elapsed();
+    h.push(restart);
+
+    // A tool never seen before: compiled, cached, described.
+    let mut compile = Series::new(Suite::Wasm, "cold compile of a new SDK tool (368 KB) + describe", Who::Ours, 1);
+    let started = Instant::now();
+    rt.block_on(async {
+        for _ in 0..h.size.pick(10, 3, 1) {
+            let Ok(empty) = tempfile::tempdir() else { continue };
+            let config = EngineConfig { cache_dir: empty.path().to_owned(), ..fx.config.clone() };
+            let t = Instant::now();
+            let ok = match Engine::new(&config) {
+                Ok(cold) => cold.load(&sdk_wasm, usize::MAX, "sdk").await.is_ok_and(|tool| !tool.loaded_from_cache()),
+                Err(_) => false,
+            };
+            compile.samples.push(Sample { latency: t.elapsed(), ok });
+        }
+    });
+    compile.elapsed = started.elapsed();
+    h.push(compile);
+
+    // The fuel rate: fuel one core burns per second of guest CPU, which
+    // turns a tier's CPU share into a fuel budget.
+    let rounds = h.size.pick(200_000_000u64, 50_000_000, 2_000_000);
+    let input = format!(r#"{{"op":"work","rounds":{rounds}}}"#);
+    let outcome = rt.block_on(fx.engine.call(&cmd, fx.invocation(&input, &fx.limits)))?;
+    if let (Some(fuel), Some(cpu)) = (outcome.fuel_consumed, outcome.cpu_time) {
+        let note = format!(
+            "{fuel} fuel in {:.0} ms of guest CPU; the policy's default is {:.1e}",
+            cpu.as_secs_f64() * 1e3,
+            crate::policy::DEFAULT_FUEL_PER_CPU_SECOND as f64
+        );
+        h.figure(
+            Suite::Wasm,
+            "fuel burnt per CPU-second (a tight integer loop)",
+            fuel as f64 / cpu.as_secs_f64(),
+            "fuel/s",
+            &note,
+        );
+    }
+
+    in_flight(h, &rt, &fx, cmd)?;
+    drop(sdk);
+
+    one_shot(h, &probe_path)?;
+    if instructions {
+        super::count::run(h, &cache)?;
+    }
+    Ok(())
+}
+
+/// 1,000 calls in flight at once, each sleeping 200 ms in a host call: each
+/// call's own latency, and the memory they hold together.
+fn in_flight(h: &mut Harness, rt: &tokio::runtime::Runtime, fx: &Fixture, cmd: Tool) -> anyhow::Result<()> {
+    let pid = std::process::id();
+    let calls = h.size.pick(1_000, 1_000, 20);
+    let cmd = Arc::new(cmd);
+    let engine = fx.engine.clone();
+    let limits = fx.limits.clone();
+    let dir: Arc<Path> = fx.dirs.path().into();
+    reset_peak(pid);
+    let started = Instant::now();
+    let samples = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..calls {
+            let (engine, cmd, limits, dir) = (engine.clone(), cmd.clone(), limits.clone(), dir.clone());
+            set.spawn(async move {
+                let env = BTreeMap::new();
+                let inv = Invocation {
+                    input: r#"{"op":"sleep","ms":200}"#,
+                    args: &[],
+                    env: &env,
+                    data_dir: &dir,
+                    data_writable: true,
+                    scratch_dir: &dir,
+                    limits: &limits,
+                };
+                let t = Instant::now();
+                let ok = engine.call(&cmd, inv).await.is_ok_and(|o| o.status == Status::Ok);
+                Sample { latency: t.elapsed(), ok }
+            });
+        }
+        set.join_all().await
+    });
+    let series = Series {
+        samples,
+        elapsed: started.elapsed(),
+        ..Series::new(Suite::Wasm, "calls in flight at once, each sleeping 200 ms in a host call", Who::Ours, calls)
+    };
+    h.push(series.memory(peak_rss(pid), "bench process"));
+    Ok(())
+}
+
+/// One process per call: our CLI, the wasmtime CLI on the same guest and
+/// input, and fork/exec of `/bin/true` as the floor.
+fn one_shot(h: &mut Harness, probe: &Path) -> anyhow::Result<()> {
+    let runs = h.size.pick(100, 20, 3);
+    let input = COMMAND_INPUT.as_bytes();
+    let ours = super::this_binary()?;
+    let data = h.scratch.path().join("oneshot-data");
+    let argv = vec![path_str(&ours), "run".into(), "--data-dir".into(), path_str(&data), path_str(probe)];
+    process_series(h, Suite::Wasm, ONESHOT_OURS, Who::Ours, 1, runs, &argv, input);
+    match super::which(&["/opt/wasmtime-cli/bin/wasmtime", "wasmtime"]) {
+        Some(wasmtime) => {
+            let cwasm = h.scratch.path().join("probe.cwasm");
+            let compiled = std::process::Command::new(&wasmtime)
+                .args(["compile", "-o"])
+                .arg(&cwasm)
+                .arg(probe)
+                .status()
+                .context("running wasmtime compile")?;
+            anyhow::ensure!(compiled.success(), "wasmtime compile failed");
+            let argv = vec![path_str(&wasmtime), "run".into(), "--allow-precompiled".into(), path_str(&cwasm)];
+            process_series(h, Suite::Wasm, ONESHOT_WASMTIME, Who::Peer, 1, runs, &argv, input);
+            h.ratio(Suite::Wasm, ONESHOT_OURS, ONESHOT_WASMTIME, 1);
+        }
+        None => h.skip(
+            "wasmtime CLI peer: not installed (`scripts/bench` installs wasmtime-cli 48.0.8 into /opt/wasmtime-cli)",
+        ),
+    }
+    process_series(h, Suite::Wasm, ONESHOT_FLOOR, Who::Floor, 1, runs, &["/bin/true".to_owned()], b"");
+    Ok(())
+}
