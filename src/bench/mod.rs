@@ -86,7 +86,7 @@ impl Suite {
 /// `imagentx-sandbox bench`'s options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// A one-minute smoke run instead of the full one (about 12 minutes).
+    /// A smoke run of under a minute instead of the full one (about 3 minutes).
     #[arg(long, conflicts_with = "tiny")]
     pub quick: bool,
     /// A few samples per case: proves the harness works, the figures mean nothing.
