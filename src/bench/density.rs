@@ -5,14 +5,14 @@
 //! (MemTotal − MemAvailable), which includes the kernel's side of a jail
 //! (namespaces, page tables, cgroups) that no process's RSS shows.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::native::{Jailer, PYTHON};
+use super::wasm::start_calls;
 use super::{Harness, Sample, Series, Suite, Who, machine_used, rss};
-use crate::engine::{Engine, EngineConfig, Invocation};
+use crate::engine::{Engine, EngineConfig};
 use crate::policy::Policy;
 use crate::report::Status;
 
@@ -55,31 +55,12 @@ fn wasm(h: &mut Harness) -> anyhow::Result<()> {
         let engine = Engine::new(&config)?;
         let tool = Arc::new(rt.block_on(engine.load(&probe, usize::MAX, "probe"))?);
         let limits = Policy::default().resolve("free", Some(Duration::from_secs(timeout)))?;
-        let dir: Arc<Path> = h.scratch.path().into();
         let before = rss(pid).unwrap_or(0);
         let started = Instant::now();
         let (samples, during) = rt.block_on(async {
-            let mut set = tokio::task::JoinSet::new();
-            for _ in 0..n {
-                let (engine, tool, limits, dir) = (engine.clone(), tool.clone(), limits.clone(), dir.clone());
-                set.spawn(async move {
-                    let env = BTreeMap::new();
-                    let inv = Invocation {
-                        input,
-                        args: &[],
-                        env: &env,
-                        data_dir: &dir,
-                        data_writable: true,
-                        scratch_dir: &dir,
-                        limits: &limits,
-                    };
-                    let t = Instant::now();
-                    let status = engine.call(&tool, inv).await.map(|o| o.status);
-                    // Idle calls end ok; running ones are stopped by their limits.
-                    let ok = matches!(status, Ok(Status::Ok | Status::Timeout | Status::CpuLimit));
-                    Sample { latency: t.elapsed(), ok }
-                });
-            }
+            // Idle calls end ok; running ones are stopped by their limits.
+            let expected = &[Status::Ok, Status::Timeout, Status::CpuLimit];
+            let set = start_calls(&engine, &tool, &limits, h.scratch.path(), input, n, expected);
             // Every call instantiated: a spinning one yields every epoch tick.
             tokio::time::sleep(Duration::from_millis(1500 + 10 * n as u64)).await;
             let during = rss(pid).unwrap_or(0);

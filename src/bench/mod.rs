@@ -174,6 +174,20 @@ pub struct Summary {
     pub memory_of: &'static str,
 }
 
+impl Summary {
+    /// p50, p90, p99, max, throughput and success rate, as the tables show them.
+    pub fn figures(&self) -> [String; 6] {
+        [
+            human_us(self.p50_us),
+            human_us(self.p90_us),
+            human_us(self.p99_us),
+            human_us(self.max_us),
+            human_rate(self.throughput_per_s),
+            format!("{:.1}%", self.success_rate * 100.0),
+        ]
+    }
+}
+
 impl Series {
     pub fn new(suite: Suite, case: impl Into<String>, who: Who, concurrency: usize) -> Self {
         Self {
@@ -253,19 +267,10 @@ impl Harness {
     /// Records a series and prints its row.
     pub fn push(&mut self, series: Series) {
         let s = series.summary();
-        println!(
-            "  {:<58} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8}",
-            truncate(&s.case, 58),
-            s.concurrency,
-            s.n,
-            human_us(s.p50_us),
-            human_us(s.p90_us),
-            human_us(s.p99_us),
-            human_us(s.max_us),
-            human_rate(s.throughput_per_s),
-            format!("{:.1}%", s.success_rate * 100.0),
-            s.peak_memory_mib.map_or("-".to_owned(), |m| format!("{m:.1}M")),
-        );
+        let [p50, p90, p99, max, rate, ok] = s.figures();
+        let mem = s.peak_memory_mib.map_or("-".to_owned(), |m| format!("{m:.1}M"));
+        let (case, conc, n) = (truncate(&s.case, 58), s.concurrency, s.n);
+        println!("  {case:<58} {conc:>5} {n:>6} {p50:>9} {p90:>9} {p99:>9} {max:>9} {rate:>9} {ok:>6} {mem:>8}");
         self.series.push(series);
     }
 

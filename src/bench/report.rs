@@ -206,21 +206,10 @@ fn markdown(h: &Harness, m: &Machine, took: Duration, plots: &[(String, Suite, C
             let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
             for s in series {
                 let s = s.summary();
-                let _ = writeln!(
-                    md,
-                    "| {} | {:?} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1}% | {} |",
-                    s.case,
-                    s.who,
-                    s.concurrency,
-                    s.n,
-                    human_us(s.p50_us),
-                    human_us(s.p90_us),
-                    human_us(s.p99_us),
-                    human_us(s.max_us),
-                    s.throughput_per_s,
-                    s.success_rate * 100.0,
-                    s.peak_memory_mib.map_or("-".to_owned(), |v| format!("{v:.1} MiB ({})", s.memory_of)),
-                );
+                let memory = s.peak_memory_mib.map_or("-".to_owned(), |v| format!("{v:.1} MiB ({})", s.memory_of));
+                let figures = s.figures().join(" | ");
+                let _ =
+                    writeln!(md, "| {} | {:?} | {} | {} | {figures} | {memory} |", s.case, s.who, s.concurrency, s.n);
             }
             md.push('\n');
         }
