@@ -156,6 +156,18 @@ pub struct DescribeArgs {
     pub data_dir: PathBuf,
 }
 
+/// Prints a line on stdout. A reader that went away (`| head`) is not an
+/// error worth a panic: the report is still recorded and the exit code
+/// still says how the call ended.
+fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{text}")
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: writing to stdout: {e}");
+    }
+}
+
 /// A mistake on the command line: exit code 2.
 struct UsageError(String);
 
@@ -275,7 +287,7 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
             sandbox.run_native(jail.as_ref().map_err(String::as_str), &tool, &call).await
         }
     };
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    say(serde_json::to_string_pretty(&report)?);
     Ok(if report.status == Status::Ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
@@ -284,7 +296,7 @@ async fn describe(args: DescribeArgs) -> Result<ExitCode, UsageError> {
     let sandbox = sandbox(Policy::default(), &args.data_dir)?;
     match sandbox.load(&bytes, &tool_name(&args.tool)).await {
         Ok(tool) => {
-            println!("{}", serde_json::to_string_pretty(tool.info())?);
+            say(serde_json::to_string_pretty(tool.info())?);
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -349,13 +361,13 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
                 key.user,
                 if admin { ", admin" } else { "" }
             );
-            println!("{}", key.key);
+            say(&key.key);
         }
         UserCommand::List { state } => {
             let (store, _) = open_store(&state)?;
-            println!("{:<24} {:<10} {:<6} {:<5} created", "user", "tier", "admin", "keys");
+            say(format!("{:<24} {:<10} {:<6} {:<5} created", "user", "tier", "admin", "keys"));
             for u in store.list_users()? {
-                println!("{:<24} {:<10} {:<6} {:<5} {}", u.id, u.tier, u.admin, u.active_keys, u.created_at);
+                say(format!("{:<24} {:<10} {:<6} {:<5} {}", u.id, u.tier, u.admin, u.active_keys, u.created_at));
             }
         }
         UserCommand::SetTier { name, tier, state } => {
@@ -373,7 +385,7 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
             let (store, _) = open_store(&state)?;
             let key = store.issue_key(UserId::new(&name)?, CLI_ACTOR.into()).await?;
             eprintln!("new API key for user `{}`, shown only now:", key.user);
-            println!("{}", key.key);
+            say(&key.key);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -386,6 +398,6 @@ fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
     }
     let (store, _) = open_store(state)?;
     let verification = store.read(crate::audit::verify)?;
-    println!("{}", serde_json::to_string_pretty(&verification)?);
+    say(serde_json::to_string_pretty(&verification)?);
     Ok(if verification.first_broken.is_none() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

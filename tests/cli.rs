@@ -164,3 +164,26 @@ fn describe_of_a_broken_tool_exits_one_with_the_reason() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not validate or compile"), "{out:?}");
 }
+
+#[test]
+fn a_reader_that_goes_away_is_no_panic() {
+    // `imagentx-sandbox run tool.wasm | head -1`-like: stdout closed before
+    // the report is written. The exit code still says how the call ended.
+    let dir = tempfile::tempdir().unwrap();
+    let tool = common::guest("word-stats");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
+        .args(["run", "--data-dir"])
+        .arg(dir.path())
+        .arg(&tool)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.stdin.take().unwrap().write_all(br#"{"text": "one two"}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
