@@ -98,6 +98,9 @@ pub struct BenchArgs {
     /// Where the built test guests are (`probe.wasm`, `sdk_probe.wasm`); `scripts/bench` builds them.
     #[arg(long, default_value = "target/guests/wasm32-wasip2/release")]
     pub guests: PathBuf,
+    /// Where the interpreter tools are (`python.wasm`); `scripts/build-interpreters` builds them.
+    #[arg(long, default_value = "target/interpreters")]
+    pub interpreters: PathBuf,
     /// Only these suites (comma-separated; default all).
     #[arg(long, value_delimiter = ',')]
     pub suites: Vec<Suite>,
@@ -253,6 +256,7 @@ pub struct Figure {
 pub struct Harness {
     pub size: Size,
     pub guests: PathBuf,
+    pub interpreters: PathBuf,
     pub series: Vec<Series>,
     pub figures: Vec<Figure>,
     /// Peers or suites not measured, each with the reason.
@@ -638,6 +642,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<usize> {
     let mut h = Harness {
         size,
         guests: args.guests.clone(),
+        interpreters: args.interpreters.clone(),
         series: Vec::new(),
         figures: Vec::new(),
         skipped: Vec::new(),

@@ -188,6 +188,7 @@ pub fn run(h: &mut Harness, instructions: bool) -> anyhow::Result<()> {
     in_flight(h, &rt, &fx, cmd)?;
     drop(sdk);
 
+    interpreters(h, &rt, &fx)?;
     one_shot(h, &probe_path)?;
     if instructions {
         super::count::run(h, &cache)?;
@@ -247,6 +248,44 @@ fn in_flight(h: &mut Harness, rt: &tokio::runtime::Runtime, fx: &Fixture, cmd: T
         ..Series::new(Suite::Wasm, "calls in flight at once, each sleeping 200 ms in a host call", Who::Ours, calls)
     };
     h.push(series.memory(peak_rss(pid), "bench process"));
+    Ok(())
+}
+
+/// Agents' code: the Python tool, a fresh interpreter per call, through the
+/// runner like any tool: a trivial snippet and a realistic one.
+fn interpreters(h: &mut Harness, rt: &tokio::runtime::Runtime, fx: &Fixture) -> anyhow::Result<()> {
+    let path = h.interpreters.join("python.wasm");
+    let Ok(bytes) = std::fs::read(&path) else {
+        h.skip(format!("the Python tool rows: no {} (`scripts/build-interpreters`)", path.display()));
+        return Ok(());
+    };
+    let t = Instant::now();
+    let tool = rt.block_on(fx.sandbox.load(&bytes, "python"))?;
+    let loaded = t.elapsed();
+    h.figure(
+        Suite::Wasm,
+        "Python tool: load (compile or read the 19 MB component's artifact)",
+        loaded.as_secs_f64() * 1e3,
+        "ms",
+        if tool.loaded_from_cache() { "from the artifact cache" } else { "compiled" },
+    );
+    let realistic = "import json, statistics\nrows = [{'v': i % 17} for i in range(1000)]\n\
+                     data = json.loads(json.dumps(rows))\nresult = statistics.mean(r['v'] for r in data)";
+    let n = h.size.pick(2_000, 300, 10);
+    for (case, code) in [
+        ("Python tool: print(1), fresh interpreter", "print(1)"),
+        ("Python tool: JSON + statistics over 1,000 rows", realistic),
+    ] {
+        let call = ToolCall { input: serde_json::json!({ "code": code }).to_string().into_bytes(), ..fx.call.clone() };
+        reset_peak(std::process::id());
+        let (samples, elapsed) = rt.block_on(sequential(case, n.min(50), n, async || {
+            fx.sandbox.run(Ok(&tool), &call).await.status == Status::Ok
+        }));
+        h.push(
+            Series { samples, elapsed, ..Series::new(Suite::Wasm, case, Who::Ours, 1) }
+                .memory(peak_rss(std::process::id()), "bench process"),
+        );
+    }
     Ok(())
 }
 
