@@ -49,12 +49,7 @@ fn setup() -> Option<&'static Setup> {
     SETUP
         .get_or_init(|| {
             if !nix::unistd::geteuid().is_root() {
-                let message = "the native jail tests need root (namespaces and cgroups)";
-                assert!(
-                    std::env::var_os("IMAGENTX_REQUIRE_PRIVILEGED_TESTS").is_none_or(|v| v != "1"),
-                    "{message}, and IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1 forbids skipping them"
-                );
-                eprintln!("\n!!!!!!!! SKIPPED: {message}; run as root to test the jail !!!!!!!!\n");
+                common::skip_unprivileged("the native jail tests");
                 return None;
             }
             let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jail-bin-{}", std::process::id()));

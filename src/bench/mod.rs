@@ -477,11 +477,13 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 /// Memory in use on the whole machine (MemTotal − MemAvailable), in bytes:
 /// what a sandbox costs including the kernel's side of it.
 pub fn machine_used() -> Option<u64> {
+    Some(meminfo_bytes("MemTotal:")?.saturating_sub(meminfo_bytes("MemAvailable:")?))
+}
+
+/// A `/proc/meminfo` field, in bytes.
+fn meminfo_bytes(field: &str) -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        info.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|k| k * 1024)
-    };
-    Some(field("MemTotal:")?.saturating_sub(field("MemAvailable:")?))
+    info.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|k| k * 1024)
 }
 
 /// Runs a program to its end, stdin fed, output discarded: whether it
@@ -571,13 +573,7 @@ pub struct Machine {
 impl Machine {
     fn read(size: Size) -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let total_kib: f64 = meminfo
-            .lines()
-            .find(|l| l.starts_with("MemTotal:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+        let total = meminfo_bytes("MemTotal:").unwrap_or(0);
         let commit = Command::new("git")
             .args(["rev-parse", "--short", "HEAD"])
             .output()
@@ -594,7 +590,7 @@ impl Machine {
                 .unwrap_or("")
                 .trim()
                 .to_owned(),
-            memory_gib: total_kib / (1u64 << 20) as f64,
+            memory_gib: total as f64 / (1u64 << 30) as f64,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
             started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             command: std::env::args().collect::<Vec<_>>().join(" "),

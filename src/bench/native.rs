@@ -39,9 +39,13 @@ impl Jailer {
 
     /// One run to its end.
     pub fn run(&self, argv: &[String], limits: &Limits) -> crate::jail::NativeOutcome {
-        let id = crate::report::new_execution_id();
+        self.run_as(&crate::report::new_execution_id(), argv, limits)
+    }
+
+    /// One run to its end, under the execution id `id` (its cgroup's name).
+    pub fn run_as(&self, id: &str, argv: &[String], limits: &Limits) -> crate::jail::NativeOutcome {
         self.jail.run(&NativeRun {
-            id: &id,
+            id,
             argv,
             env: &crate::jail::environment(&[]),
             input: b"",

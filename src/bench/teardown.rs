@@ -76,16 +76,7 @@ fn native(h: &mut Harness, n: usize) -> anyhow::Result<()> {
     for _ in 0..n {
         let id = crate::report::new_execution_id();
         let t = Instant::now();
-        let outcome = jailer.jail.run(&crate::jail::NativeRun {
-            id: &id,
-            argv: &argv,
-            env: &crate::jail::environment(&[]),
-            input: b"",
-            data_dir: jailer.data.path(),
-            data_writable: true,
-            limits: &limits,
-            layout: None,
-        });
+        let outcome = jailer.run_as(&id, &argv, &limits);
         let latency = t.elapsed().saturating_sub(budget);
         // Stopped by its deadline, and nothing left: no cgroup, so no process.
         let gone = jailer.jail.cgroup_paths(&id).iter().all(|p| !p.exists());
