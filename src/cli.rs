@@ -140,7 +140,8 @@ pub struct RunArgs {
     /// Run a native program in the Linux jailer instead of a WASM tool.
     #[arg(long)]
     pub native: bool,
-    /// The tool (.wasm component or module, or .wat text); none with --native.
+    /// The tool (.wasm component or module, or .wat text), or a built-in
+    /// tool's name (`python`, `javascript`); none with --native.
     #[arg(required_unless_present = "native")]
     pub tool: Option<PathBuf>,
     /// Arguments passed to the tool; with --native, the program and its arguments.
@@ -243,6 +244,29 @@ fn tool_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "tool".into())
 }
 
+/// `python` and `javascript`, when no such file exists, are the built-in
+/// tools' components (`scripts/build-interpreters`).
+fn builtin_or_path(path: &Path) -> Result<PathBuf, UsageError> {
+    let builtin =
+        path.to_str().and_then(|name| crate::interpreters::component(&crate::interpreters::default_dir(), name));
+    match builtin {
+        Some(built) if !path.exists() => {
+            if built.exists() {
+                Ok(built)
+            } else {
+                Err(UsageError(format!(
+                    "the built-in tool {} is not built ({} is missing): run scripts/build-interpreters, \
+                     or point {} at the directory holding it",
+                    path.display(),
+                    built.display(),
+                    crate::interpreters::DIR_VAR
+                )))
+            }
+        }
+        _ => Ok(path.to_owned()),
+    }
+}
+
 async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
     let (policy, jail_config) = load_config(args.config.as_deref())?;
     let user = UserId::new(&args.user)?;
@@ -259,7 +283,8 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
             )));
         }
     };
-    let bytes = match tool {
+    let tool = tool.map(|path| builtin_or_path(path)).transpose()?;
+    let bytes = match &tool {
         Some(path) => Some(std::fs::read(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?),
         None => None,
     };
@@ -270,7 +295,7 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
     let sandbox = sandbox(policy, &args.data_dir)?;
     let report = match (tool, bytes) {
         (Some(path), Some(bytes)) => {
-            let name = tool_name(path);
+            let name = tool_name(&path);
             let call = ToolCall { user, tier: args.tier, input, args: args.args, timeout };
             match sandbox.load(&bytes, &name).await {
                 Ok(tool) => sandbox.run(Ok(&tool), &call).await,

@@ -29,6 +29,7 @@ pub mod bench;
 pub mod cli;
 pub mod data_dir;
 pub mod engine;
+pub mod interpreters;
 pub mod jail;
 pub mod policy;
 pub mod report;

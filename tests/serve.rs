@@ -46,6 +46,8 @@ fn start(dir: &Path, addr: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
         .args(["--log-format", "json", "serve", "--listen", addr, "--data-dir"])
         .arg(dir)
         .env("RUST_LOG", "info")
+        // The built-in interpreters (compiled for seconds) are tests/interpreters.rs's.
+        .env("IMAGENTX_INTERPRETERS", dir.join("no-interpreters"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -12,8 +12,46 @@ import math, operator, os, pathlib, pprint, random, re, statistics, string  # no
 import textwrap, time, typing, unicodedata, urllib.parse, uuid, zlib  # noqa: E401,F401
 import socket, subprocess, urllib.request  # noqa: E401,F401  (present, and refused by the sandbox)
 
+# The packages of requirements.txt, every module of them (the build lists them).
+try:
+    import importlib
+    from _imagentx_baked import MODULES as _BAKED
+
+    for _module in _BAKED:
+        try:
+            importlib.import_module(_module)
+        except Exception:  # a module needing an optional dependency: left out
+            pass
+except ImportError:  # built without packages
+    pass
+
 import wit_world
 from componentize_py_types import Err
+
+# Printed output kept per call; the rest is counted and dropped, so that a
+# flood cannot crowd out `result` (the sandbox's default output cap is 1 MiB).
+STDOUT_CAP = 512 * 1024
+
+
+class CappedStdout(io.TextIOBase):
+    def __init__(self):
+        self.parts, self.kept, self.dropped = [], 0, 0
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        room = STDOUT_CAP - self.kept
+        if len(text) > room:
+            self.dropped += len(text) - max(room, 0)
+            text = text[:max(room, 0)]
+        self.parts.append(text)
+        self.kept += len(text)
+        return len(text)
+
+    def getvalue(self):
+        return "".join(self.parts)
+
 
 SCHEMA = {
     "type": "object",
@@ -41,13 +79,15 @@ class WitWorld(wit_world.WitWorld):
         except Exception as e:
             raise Err(json.dumps({"code": "invalid_input", "message": f"expected {{\"code\": ...}}: {e}"}))
         scope = {"__name__": "__main__", "args": request.get("args", {})}
-        out = io.StringIO()
+        out = CappedStdout()
         try:
             with contextlib.redirect_stdout(out):
                 exec(compile(code, "<code>", "exec"), scope)
         except BaseException:
             raise Err(json.dumps({"code": "tool_error", "message": traceback.format_exc(), "stdout": out.getvalue()}))
         answer = {"stdout": out.getvalue()}
+        if out.dropped:
+            answer["stdout_truncated"] = True
         if "result" in scope:
             try:
                 json.dumps(scope["result"])

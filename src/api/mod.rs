@@ -63,6 +63,15 @@ pub struct ServerSettings {
     /// Write tools' inputs and outputs into the audit trail too (off: they stay
     /// only in the caller's execution records).
     pub audit_payloads: bool,
+    /// Where compiled tools are cached (default: `cache/` in the data
+    /// directory). It runs as machine code: writable by the sandbox only.
+    pub artifact_cache_dir: Option<PathBuf>,
+    /// Register the built-in `python` and `javascript` tools at start.
+    pub builtin_tools: bool,
+    /// Where their built components are (`scripts/build-interpreters`);
+    /// default: `$IMAGENTX_INTERPRETERS`, else `interpreters/` beside the
+    /// executable's directory (`target/`).
+    pub interpreters_dir: PathBuf,
     /// The native jailer's settings: the config file's `[jail]` table.
     #[serde(skip)]
     pub jail: JailConfig,
@@ -78,6 +87,9 @@ impl Default for ServerSettings {
             shutdown_grace_ms: 30_000,
             header_read_timeout_ms: 10_000,
             audit_payloads: false,
+            artifact_cache_dir: None,
+            builtin_tools: true,
+            interpreters_dir: crate::interpreters::default_dir(),
             jail: JailConfig::default(),
         }
     }
@@ -130,7 +142,8 @@ impl AppState {
         std::fs::create_dir_all(&blobs)?;
         let store = Store::open(&settings.data_dir.join("sandbox.db"))?;
         let max_memory = policy.tiers.values().map(|t| t.memory_bytes).max().unwrap_or(1 << 30);
-        let mut config = EngineConfig::new(data_dir.cache_dir(), max_memory);
+        let cache_dir = settings.artifact_cache_dir.clone().unwrap_or_else(|| data_dir.cache_dir());
+        let mut config = EngineConfig::new(cache_dir, max_memory);
         config.max_instances = settings.max_instances;
         let engine = Engine::new(&config)?;
         let jail = Jail::new(settings.jail.clone()).map(Arc::new).map_err(|e| {
@@ -151,6 +164,10 @@ impl AppState {
             audit_throttle: AuditThrottle::default(),
         });
         state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
+        if state.settings.builtin_tools {
+            let dir = &state.settings.interpreters_dir;
+            state.registry.register_builtins(&state.store, &state.sandbox, &state.blobs, dir).await;
+        }
         if state.store.list_users()?.is_empty() {
             tracing::warn!(
                 data_dir = %state.settings.data_dir.display(),

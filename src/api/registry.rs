@@ -127,6 +127,80 @@ impl Registry {
     }
 }
 
+/// Who the registry records as having registered the built-in tools.
+pub const BUILTIN_REGISTRAR: &str = "builtin";
+
+impl Registry {
+    /// Registers the built-in interpreter tools found in `dir` (see
+    /// [`crate::interpreters`]): a component not registered yet, or changed
+    /// since (a rebuild), becomes the newest version of its name; one already
+    /// registered with the same content is left as it is (loaded by
+    /// [`Registry::load_all`] from the artifact cache). Missing components
+    /// are logged, not fatal: the server serves without them.
+    pub async fn register_builtins(&self, store: &Store, sandbox: &Sandbox, blobs: &Path, dir: &Path) {
+        for name in crate::interpreters::NAMES {
+            let Some(path) = crate::interpreters::component(dir, name) else { continue };
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::info!(tool = name, path = %path.display(), "built-in tool not built (scripts/build-interpreters); not registered");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(tool = name, path = %path.display(), error = %e, "built-in tool unreadable; not registered");
+                    continue;
+                }
+            };
+            let sha256 = crate::engine::sha256_hex(&bytes);
+            if self.get(name, None).is_some_and(|t| t.row.sha256 == sha256) {
+                tracing::info!(tool = name, "built-in tool registered");
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let mut tool = match sandbox.engine.load(&bytes, usize::MAX, name).await {
+                Ok(tool) => tool,
+                Err(e) => {
+                    tracing::error!(tool = name, path = %path.display(), error = %e, "built-in tool could not be loaded");
+                    continue;
+                }
+            };
+            tool.rename(name);
+            let info = tool.info();
+            let row = ToolRow {
+                name: name.to_owned(),
+                version: 0,
+                label: info.version.clone(),
+                sha256: info.sha256.clone(),
+                kind: super::tools::kind_name(info.kind).to_owned(),
+                description: info.description.clone(),
+                input_schema: info.input_schema.clone(),
+                registered_by: BUILTIN_REGISTRAR.to_owned(),
+                registered_at: String::new(),
+                retired_at: None,
+            };
+            let stored = write_blob(blobs, &row.sha256, &bytes).map_err(|e| e.to_string());
+            let registered = match stored {
+                Ok(()) => store.register_tool(row).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match registered {
+                Ok(row) => {
+                    tracing::info!(
+                        tool = name,
+                        version = row.version,
+                        sha256 = %row.sha256,
+                        compiled = !tool.loaded_from_cache(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "built-in tool registered (new build)"
+                    );
+                    self.insert(Registered { row, runnable: Runnable::Wasm(tool) });
+                }
+                Err(e) => tracing::error!(tool = name, error = %e, "built-in tool could not be stored; not registered"),
+            }
+        }
+    }
+}
+
 pub fn blob_path(blobs: &Path, sha256: &str) -> PathBuf {
     blobs.join(format!("{sha256}.wasm"))
 }

@@ -59,7 +59,7 @@ pub(super) fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-fn kind_name(kind: ToolKind) -> &'static str {
+pub(super) fn kind_name(kind: ToolKind) -> &'static str {
     match kind {
         ToolKind::Sdk => "sdk",
         ToolKind::WasiCommand => "wasi_command",

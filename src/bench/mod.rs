@@ -25,7 +25,7 @@ mod native;
 mod report;
 mod svg;
 mod teardown;
-mod wasm;
+pub mod wasm;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};

@@ -24,7 +24,7 @@ use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 pub use call::{CallError, Invocation, Outcome};
-pub use tool::{LoadError, Tool, ToolInfo, ToolKind};
+pub use tool::{LoadError, Tool, ToolInfo, ToolKind, sha256_hex};
 pub use wasi::{DATA_DIR, TMP_DIR};
 
 use cache::{ArtifactCache, CacheMiss};

@@ -132,7 +132,7 @@ pub(crate) fn to_binary(bytes: &[u8]) -> Result<(std::borrow::Cow<'_, [u8]>, Bin
 }
 
 /// The hex sha256 of a tool's binary: its identity in reports and caches.
-pub(crate) fn sha256_hex(wasm: &[u8]) -> String {
+pub fn sha256_hex(wasm: &[u8]) -> String {
     hex::encode(Sha256::digest(wasm))
 }
 

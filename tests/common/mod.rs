@@ -56,16 +56,23 @@ pub fn guest_bytes(name: &str) -> Vec<u8> {
     std::fs::read(guest(name)).expect("reading a built guest")
 }
 
+/// The artifact cache of the tests' engines, kept across test binaries and
+/// runs (the interpreters take seconds to compile). Keyed by content and
+/// engine configuration, so sharing it never loads a stale artifact.
+pub fn artifact_cache() -> PathBuf {
+    repo().join("target").join("test-artifacts")
+}
+
 /// One engine per test binary: building the pool and ticker once.
 pub fn engine() -> Engine {
-    static ENGINE: OnceLock<(Engine, tempfile::TempDir)> = OnceLock::new();
-    let (engine, _) = ENGINE.get_or_init(|| {
-        let cache = tempfile::tempdir().expect("cache dir");
-        let mut config = EngineConfig::new(cache.path().to_owned(), 1 << 30);
-        config.max_instances = 64;
-        (Engine::new(&config).expect("engine"), cache)
-    });
-    engine.clone()
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let mut config = EngineConfig::new(artifact_cache(), 1 << 30);
+            config.max_instances = 64;
+            Engine::new(&config).expect("engine")
+        })
+        .clone()
 }
 
 /// A sandbox with its own data directory (kept alive by the returned guard).
