@@ -46,7 +46,9 @@ impl Drop for Server {
     }
 }
 
-fn start(dir: &Path) -> anyhow::Result<(Server, String, String)> {
+/// Starts the server; with `interpreters`, it registers the built-in tools
+/// found there first (compiling them: tens of seconds the first time).
+fn start(dir: &Path, interpreters: Option<&Path>) -> anyhow::Result<(Server, String, String)> {
     let bin = super::this_binary()?;
     let config = dir.join("bench.toml");
     std::fs::write(&config, CONFIG)?;
@@ -63,14 +65,16 @@ fn start(dir: &Path) -> anyhow::Result<(Server, String, String)> {
         .arg(dir)
         .arg("--config")
         .arg(&config)
+        .env(crate::interpreters::DIR_VAR, interpreters.map_or_else(|| dir.join("no-interpreters"), Path::to_owned))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting the server")?;
     let server = Server { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let wait = if interpreters.is_some() { 300 } else { 30 };
+    let deadline = Instant::now() + Duration::from_secs(wait);
     while std::net::TcpStream::connect(&server.addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the server did not listen within 30 s");
+        anyhow::ensure!(Instant::now() < deadline, "the server did not listen within {wait} s");
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok((server, admin, key))
@@ -125,7 +129,10 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     let rt = super::runtime()?;
     let dir = h.scratch.path().join("http");
     std::fs::create_dir_all(&dir)?;
-    let (server, admin, key) = start(&dir)?;
+    // The interpreters over HTTP are measured in full runs only: registering
+    // them compiles 40 MB of components.
+    let interpreters = (!matches!(h.size, super::Size::Tiny)).then(|| h.interpreters.clone());
+    let (server, admin, key) = start(&dir, interpreters.as_deref())?;
     let pid = server.child.id();
     let addr: Arc<str> = server.addr.as_str().into();
     let key: Arc<str> = key.into();
@@ -203,11 +210,67 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         &format!("{answered} answered ok in the timed rows; {stored} recorded ok, warm-ups included"),
     );
 
+    if interpreters.is_some() {
+        rt.block_on(interpreter_rows(h, &addr, &key, pid))?;
+    }
+
     match super::which(&["wrk"]) {
         Some(_) => wrk(h, &server.addr, &key, &dir, seconds.max(1.0).ceil() as u64)?,
         None => h.skip("wrk cross-check: not installed (`apt-get install wrk`; `scripts/bench` does)"),
     }
 
+    Ok(())
+}
+
+/// The built-in interpreters over HTTP, one call at a time: on a kept-alive
+/// connection, and from nothing (a new connection per call).
+async fn interpreter_rows(h: &mut Harness, addr: &str, key: &str, pid: u32) -> anyhow::Result<()> {
+    let mut sender = connect(addr).await?;
+    let (_, tools) = send(&mut sender, Method::GET, "/v1/tools", key, Bytes::new()).await?;
+    let tools: serde_json::Value = serde_json::from_slice(&tools)?;
+    let registered = |name: &str| tools["tools"].as_array().is_some_and(|t| t.iter().any(|t| t["name"] == name));
+    let n = h.size.pick(300, 100, 3);
+    for (name, label, snippets) in super::wasm::SNIPPETS {
+        if !registered(name) {
+            h.skip(format!("the {label} tool over HTTP: the server did not register it (is it built?)"));
+            continue;
+        }
+        let path = format!("/v1/tools/{name}/invoke");
+        let body = |code: &str| Bytes::from(serde_json::json!({"input": {"code": code}}).to_string());
+        for (i, code) in snippets.iter().take(2).enumerate() {
+            let case = format!("{label} tool over HTTP: {}, keep-alive", ["trivial snippet", "JSON + statistics"][i]);
+            let request = body(code);
+            for _ in 0..10 {
+                send(&mut sender, Method::POST, &path, key, request.clone()).await?;
+            }
+            reset_peak(pid);
+            let started = Instant::now();
+            let mut samples = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                let answer = send(&mut sender, Method::POST, &path, key, request.clone()).await;
+                samples.push(Sample { latency: t.elapsed(), ok: answered_ok(&answer) });
+            }
+            let series =
+                Series { samples, elapsed: started.elapsed(), ..Series::new(Suite::Http, &case, Who::Ours, 1) };
+            h.push(series.memory(peak_rss(pid), "server process"));
+        }
+        let case = format!("{label} tool over HTTP: trivial snippet, create-to-first-result (new connection each)");
+        let request = body(snippets[0]);
+        let started = Instant::now();
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n.min(100) {
+            let t = Instant::now();
+            let answer = async {
+                let mut fresh = connect(addr).await?;
+                send(&mut fresh, Method::POST, &path, key, request.clone()).await
+            }
+            .await;
+            samples.push(Sample { latency: t.elapsed(), ok: answered_ok(&answer) });
+        }
+        let series = Series { samples, elapsed: started.elapsed(), ..Series::new(Suite::Http, &case, Who::Ours, 1) };
+        h.push(series.memory(peak_rss(pid), "server process"));
+    }
     Ok(())
 }
 

@@ -15,6 +15,8 @@ use crate::policy::{Limits, Policy};
 use crate::report::Status;
 
 pub const PYTHON: &str = "/usr/bin/python3";
+/// The host's Node.js, the JavaScript peer of the interpreter tool.
+pub const NODE: &str = "/usr/bin/node";
 
 /// The jail as the server holds it, with a user directory and a tier.
 pub struct Jailer {
@@ -118,18 +120,27 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     if nsjail_bin.is_none() {
         h.skip("nsjail peer: not installed (Debian 12 has no nsjail package)");
     }
-    let mut programs = vec![("/bin/true", strings(&["/bin/true"]))];
+    let runs = h.size.pick(300, 40, 3);
+    let levels = h.size.pick(&[1, 2, 8, 32][..], &[1, 2, 8, 32], &[1, 2]);
+    let mut programs = vec![("/bin/true", strings(&["/bin/true"]), runs, levels)];
     if Path::new(PYTHON).exists() {
-        programs.push(("python3 -c 'print(1)'", strings(&[PYTHON, "-c", "print(1)"])));
+        programs.push(("python3 -c 'print(1)'", strings(&[PYTHON, "-c", "print(1)"]), runs, levels));
     } else {
         h.skip(format!("the Python rows: no {PYTHON}"));
     }
+    // Node starts for tens of milliseconds: fewer runs, two levels.
+    if Path::new(NODE).exists() {
+        let few = h.size.pick(60, 20, 2);
+        let levels = h.size.pick(&[1, 8][..], &[1, 8], &[1]);
+        programs.push(("node -e 'console.log(1)'", strings(&[NODE, "-e", "console.log(1)"]), few, levels));
+    } else {
+        h.skip(format!("the Node rows: no {NODE}"));
+    }
     let limits = jailer.limits("standard", Duration::from_secs(30))?;
-    let runs = h.size.pick(300, 40, 3);
-    let levels = h.size.pick(&[1, 2, 8, 32][..], &[1, 2, 8, 32], &[1, 2]);
     let timings = Mutex::new(Vec::new());
-    for (name, program) in &programs {
-        for &threads in levels {
+    for (name, program, runs, levels) in &programs {
+        let runs = *runs;
+        for &threads in *levels {
             let ours = format!("imagentx jail: {name}");
             let peak = AtomicU64::new(0);
             let run = || {

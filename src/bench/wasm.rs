@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::{Harness, Sample, Series, Suite, Who, path_str, peak_rss, process_series, reset_peak, sequential};
+use super::{
+    Harness, Sample, Series, Suite, Who, path_str, peak_rss, process_series, reset_peak, run_process, sequential,
+};
 use crate::data_dir::DataDir;
 use crate::engine::{Engine, EngineConfig, Invocation, Tool};
 use crate::policy::{Limits, Policy, UserId};
@@ -251,41 +253,125 @@ fn in_flight(h: &mut Harness, rt: &tokio::runtime::Runtime, fx: &Fixture, cmd: T
     Ok(())
 }
 
-/// Agents' code: the Python tool, a fresh interpreter per call, through the
-/// runner like any tool: a trivial snippet and a realistic one.
-fn interpreters(h: &mut Harness, rt: &tokio::runtime::Runtime, fx: &Fixture) -> anyhow::Result<()> {
-    let path = h.interpreters.join("python.wasm");
-    let Ok(bytes) = std::fs::read(&path) else {
-        h.skip(format!("the Python tool rows: no {} (`scripts/build-interpreters`)", path.display()));
-        return Ok(());
-    };
-    let t = Instant::now();
-    let tool = rt.block_on(fx.sandbox.load(&bytes, "python"))?;
-    let loaded = t.elapsed();
-    h.figure(
-        Suite::Wasm,
-        "Python tool: load (compile or read the 19 MB component's artifact)",
-        loaded.as_secs_f64() * 1e3,
-        "ms",
-        if tool.loaded_from_cache() { "from the artifact cache" } else { "compiled" },
-    );
-    let realistic = "import json, statistics\nrows = [{'v': i % 17} for i in range(1000)]\n\
-                     data = json.loads(json.dumps(rows))\nresult = statistics.mean(r['v'] for r in data)";
-    let n = h.size.pick(2_000, 300, 10);
-    for (case, code) in [
-        ("Python tool: print(1), fresh interpreter", "print(1)"),
-        ("Python tool: JSON + statistics over 1,000 rows", realistic),
-    ] {
-        let call = ToolCall { input: serde_json::json!({ "code": code }).to_string().into_bytes(), ..fx.call.clone() };
-        reset_peak(std::process::id());
-        let (samples, elapsed) = rt.block_on(sequential(case, n.min(50), n, async || {
-            fx.sandbox.run(Ok(&tool), &call).await.status == Status::Ok
-        }));
-        h.push(
-            Series { samples, elapsed, ..Series::new(Suite::Wasm, case, Who::Ours, 1) }
-                .memory(peak_rss(std::process::id()), "bench process"),
-        );
+/// The snippets timed for each interpreter: trivial, realistic (JSON and
+/// statistics over 1,000 rows), heavier (a 1 MB CSV from `/data`, grouped).
+pub const SNIPPETS: [(&str, &str, [&str; 3]); 2] = [
+    (
+        "python",
+        "Python",
+        [
+            "print(1)",
+            "import json, statistics\nrows = [{'v': i % 17} for i in range(1000)]\n\
+             data = json.loads(json.dumps(rows))\nresult = statistics.mean(r['v'] for r in data)",
+            "import csv, collections\ntotals = collections.Counter()\n\
+             for r in csv.DictReader(open('/data/sales.csv')): totals[r['region']] += int(r['amount'])\n\
+             result = totals.most_common(3)",
+        ],
+    ),
+    (
+        "javascript",
+        "JavaScript",
+        [
+            "console.log(1)",
+            "const rows = Array.from({length: 1000}, (_, i) => ({v: i % 17}));\n\
+             const data = JSON.parse(JSON.stringify(rows));\nresult = data.reduce((a, r) => a + r.v, 0) / data.length",
+            "const totals = {};\n\
+             for (const line of require('fs').readFileSync('/data/sales.csv', 'utf8').split('\\n').slice(1)) {\n\
+               if (!line) continue; const [, region, amount] = line.split(','); totals[region] = (totals[region] ?? 0) + Number(amount);\n\
+             }\nresult = Object.entries(totals).sort((a, b) => b[1] - a[1]).slice(0, 3)",
+        ],
+    ),
+];
+
+/// The row names of one interpreter's snippets.
+pub fn snippet_cases(label: &str) -> [String; 3] {
+    [
+        format!("{label} tool: trivial snippet (print 1), fresh interpreter"),
+        format!("{label} tool: JSON + statistics over 1,000 rows"),
+        format!("{label} tool: group a 1 MB CSV from /data"),
+    ]
+}
+
+/// A CSV of about `bytes` (id, region, amount) for the heavier snippet.
+pub fn sales_csv(bytes: usize) -> String {
+    let mut csv = String::from("id,region,amount\n");
+    let mut n = 0u64;
+    while csv.len() < bytes {
+        csv.push_str(&format!("{n},region-{},{}\n", n % 13, (n * 7919) % 1000));
+        n += 1;
     }
+    csv
+}
+
+/// Agents' code: the interpreter tools, a fresh interpreter per call,
+/// through the runner like any tool; then one process per call for the same
+/// trivial snippet: our CLI, and the wasmtime CLI invoking the same component.
+fn interpreters(h: &mut Harness, rt: &tokio::runtime::Runtime, fx: &Fixture) -> anyhow::Result<()> {
+    let user_dir = fx.sandbox.data_dir.user_dir(&fx.call.user)?;
+    std::fs::write(user_dir.join("sales.csv"), sales_csv(1 << 20))?;
+    for (name, label, snippets) in SNIPPETS {
+        let path = h.interpreters.join(format!("{name}.wasm"));
+        let Ok(bytes) = std::fs::read(&path) else {
+            h.skip(format!("the {label} tool rows: no {} (`scripts/build-interpreters`)", path.display()));
+            continue;
+        };
+        let t = Instant::now();
+        let tool = rt.block_on(fx.sandbox.load(&bytes, name))?;
+        h.figure(
+            Suite::Wasm,
+            &format!("{label} tool: load ({} MB component)", bytes.len() >> 20),
+            t.elapsed().as_secs_f64() * 1e3,
+            "ms",
+            if tool.loaded_from_cache() { "from the artifact cache" } else { "compiled" },
+        );
+        let n = h.size.pick(1_000, 200, 5);
+        for (case, code) in snippet_cases(label).iter().zip(snippets) {
+            let input = serde_json::json!({ "code": code }).to_string().into_bytes();
+            let call = ToolCall { input, ..fx.call.clone() };
+            reset_peak(std::process::id());
+            let runs = if code.contains("sales.csv") { h.size.pick(40, 10, 2) } else { n };
+            let (samples, elapsed) = rt.block_on(sequential(case, runs.min(20), runs, async || {
+                fx.sandbox.run(Ok(&tool), &call).await.status == Status::Ok
+            }));
+            h.push(
+                Series { samples, elapsed, ..Series::new(Suite::Wasm, case, Who::Ours, 1) }
+                    .memory(peak_rss(std::process::id()), "bench process"),
+            );
+        }
+        interpreter_one_shot(h, &path, name, label, snippets[0])?;
+    }
+    Ok(())
+}
+
+/// `imagentx-sandbox run <component>` and `wasmtime run --invoke` of the same
+/// precompiled component, one process per call.
+fn interpreter_one_shot(h: &mut Harness, path: &Path, name: &str, label: &str, code: &str) -> anyhow::Result<()> {
+    let runs = h.size.pick(100, 20, 3);
+    let input = serde_json::json!({ "code": code }).to_string();
+    let data = h.scratch.path().join("oneshot-data");
+    let ours_case = format!("{label} tool, one process per call: imagentx-sandbox run");
+    let argv =
+        vec![path_str(&super::this_binary()?), "run".into(), "--data-dir".into(), path_str(&data), path_str(path)];
+    run_process(&argv, input.as_bytes()); // compiles into the data dir's cache
+    process_series(h, Suite::Wasm, &ours_case, Who::Ours, 1, runs, &argv, input.as_bytes());
+    let Some(wasmtime) = super::which(&["/opt/wasmtime-cli/bin/wasmtime", "wasmtime"]) else {
+        return Ok(()); // one_shot says why the wasmtime peer is skipped
+    };
+    let cwasm = h.scratch.path().join(format!("{name}.cwasm"));
+    let compiled = std::process::Command::new(&wasmtime).args(["compile", "-o"]).arg(&cwasm).arg(path).status()?;
+    anyhow::ensure!(compiled.success(), "wasmtime compile {} failed", path.display());
+    let invoke = format!("call({})", serde_json::to_string(&input)?);
+    let argv = vec![
+        path_str(&wasmtime),
+        "run".into(),
+        "--allow-precompiled".into(),
+        "--invoke".into(),
+        invoke,
+        path_str(&cwasm),
+    ];
+    let peer_case = format!("{label} tool, one process per call: wasmtime run --invoke");
+    process_series(h, Suite::Wasm, &peer_case, Who::Peer, 1, runs, &argv, b"");
+    h.ratio(Suite::Wasm, &ours_case, &peer_case, 1);
     Ok(())
 }
 

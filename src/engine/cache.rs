@@ -23,6 +23,8 @@ use wasmtime::{Engine, Module};
 pub(crate) struct ArtifactCache {
     dir: PathBuf,
     engine_key: String,
+    /// Map artifacts instead of reading them (see [`read_artifact`]).
+    map: bool,
 }
 
 /// A compiled tool and whether it came from the cache.
@@ -32,11 +34,11 @@ pub(crate) struct Compiled<T> {
 }
 
 impl ArtifactCache {
-    pub(crate) fn new(dir: PathBuf, engine: &Engine) -> io::Result<Self> {
+    pub(crate) fn new(dir: PathBuf, engine: &Engine, map: bool) -> io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()) })
+        Ok(Self { dir, engine_key: format!("{:016x}", hasher.finish()), map })
     }
 
     fn path(&self, sha256: &str, kind: &str) -> PathBuf {
@@ -52,7 +54,12 @@ impl ArtifactCache {
         wasm: &[u8],
     ) -> Result<Compiled<T>, CacheMiss> {
         let path = self.path(sha256, T::KIND);
-        if let Some(bytes) = read_artifact(&path) {
+        if self.map && path.is_file() {
+            match T::deserialize_file(engine, &path) {
+                Ok(code) => return Ok(Compiled { code, from_cache: true }),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "unusable artifact, recompiling"),
+            }
+        } else if let Some(bytes) = read_artifact(&path) {
             match T::deserialize(engine, &bytes) {
                 Ok(code) => return Ok(Compiled { code, from_cache: true }),
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "unusable artifact, recompiling"),
@@ -72,6 +79,8 @@ pub(crate) trait Artifact: Sized {
     fn serialize(&self) -> wasmtime::Result<Vec<u8>>;
     /// Loads an artifact read by [`read_artifact`].
     fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Self>;
+    /// Loads an artifact by mapping its file (one-shot processes only).
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self>;
 }
 
 impl Artifact for Component {
@@ -91,6 +100,15 @@ impl Artifact for Component {
             Component::deserialize(engine, artifact)
         }
     }
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: as for `deserialize`, and the file is never written in place
+        // (`write_atomically` renames new artifacts over old ones, which leaves
+        // a mapped file intact); only one-shot processes map (`map` above).
+        #[allow(unsafe_code)]
+        unsafe {
+            Component::deserialize_file(engine, path)
+        }
+    }
 }
 
 impl Artifact for Module {
@@ -108,6 +126,13 @@ impl Artifact for Module {
             Module::deserialize(engine, artifact)
         }
     }
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: as for components above.
+        #[allow(unsafe_code)]
+        unsafe {
+            Module::deserialize_file(engine, path)
+        }
+    }
 }
 
 /// Why no artifact could be had.
@@ -119,11 +144,13 @@ pub(crate) enum CacheMiss {
     Write { path: PathBuf, source: io::Error },
 }
 
-/// Reads an artifact whole. Artifacts are read, not mapped: wasmtime's
-/// `deserialize_file` maps the file, and a mapped file truncated underneath the
-/// process (a disk error, a stray writer) kills it with SIGBUS. Reading costs one
-/// copy and keeps the server alive; a damaged artifact then just fails
-/// wasmtime's header checks and is recompiled.
+/// Reads an artifact whole. The server reads artifacts, it does not map them:
+/// wasmtime's `deserialize_file` maps the file, and a mapped file truncated
+/// underneath the process (a disk error, a stray writer) kills it with SIGBUS.
+/// Reading costs copies (about 90 ms for the 49 MB Python interpreter's
+/// artifact) and keeps a long-lived server alive; a damaged artifact then just
+/// fails wasmtime's header checks and is recompiled. One-shot processes
+/// (`imagentx-sandbox run`) map instead: they live for one call.
 ///
 /// Only files this cache wrote (complete, renamed into place, in the sandbox's
 /// own directory) are ever under these names, which is what makes the

@@ -47,6 +47,10 @@ pub struct EngineConfig {
     /// Bytes of each pooled memory kept resident between calls and reset
     /// in place. More makes calls faster and idle slots bigger.
     pub keep_resident_bytes: usize,
+    /// Map cached artifacts instead of reading them: faster to load, but a
+    /// file damaged underneath a live tool kills the process. For one-shot
+    /// processes, not the server.
+    pub map_artifacts: bool,
 }
 
 impl EngineConfig {
@@ -57,6 +61,7 @@ impl EngineConfig {
             epoch_tick: Duration::from_millis(5),
             cache_dir,
             keep_resident_bytes: 2 << 20,
+            map_artifacts: false,
         }
     }
 }
@@ -135,7 +140,7 @@ impl Engine {
 
         let component_linker = wasi::component_linker(&wasmtime).map_err(EngineError::Configure)?;
         let module_linker = wasi::module_linker(&wasmtime).map_err(EngineError::Configure)?;
-        let cache = ArtifactCache::new(config.cache_dir.clone(), &wasmtime)
+        let cache = ArtifactCache::new(config.cache_dir.clone(), &wasmtime, config.map_artifacts)
             .map_err(|source| EngineError::Cache { path: config.cache_dir.clone(), source })?;
         let ticker = EpochTicker::start(wasmtime.clone(), config.epoch_tick).map_err(EngineError::Ticker)?;
         let describe_limits = crate::policy::Limits {
