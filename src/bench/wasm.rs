@@ -319,7 +319,7 @@ fn interpreters(h: &mut Harness, rt: &tokio::runtime::Runtime, fx: &Fixture) -> 
         let tool = rt.block_on(fx.sandbox.load(&bytes, name))?;
         h.figure(
             Suite::Wasm,
-            &format!("{label} tool: load ({} MB component)", bytes.len() >> 20),
+            format!("{label} tool: load ({} MB component)", bytes.len() >> 20),
             t.elapsed().as_secs_f64() * 1e3,
             "ms",
             if tool.loaded_from_cache() { "from the artifact cache" } else { "compiled" },
