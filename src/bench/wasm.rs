@@ -307,6 +307,10 @@ pub fn sales_csv(bytes: usize) -> String {
 /// through the runner like any tool; then one process per call for the same
 /// trivial snippet: our CLI, and the wasmtime CLI invoking the same component.
 fn interpreters(h: &mut Harness, rt: &tokio::runtime::Runtime, fx: &Fixture) -> anyhow::Result<()> {
+    if matches!(h.size, super::Size::Tiny) {
+        h.skip("the interpreter rows: not in --tiny runs (loading them compiles 40 MB of components)");
+        return Ok(());
+    }
     let user_dir = fx.sandbox.data_dir.user_dir(&fx.call.user)?;
     std::fs::write(user_dir.join("sales.csv"), sales_csv(1 << 20))?;
     for (name, label, snippets) in SNIPPETS {
