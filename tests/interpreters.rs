@@ -136,6 +136,8 @@ async fn python_reaches_no_host_files_network_processes_or_native_code() {
         ("open('/etc/passwd').read()", "FileNotFoundError"),
         ("open('/data/../../../../etc/passwd').read()", "Error"),
         ("import os\nos.listdir('/data/../..')", "Error"),
+        ("import os\nos.symlink('/etc/passwd', '/data/p')", "PermissionError"),
+        ("import os\nos.symlink('../../../../../../etc/passwd', '/data/q')\nopen('/data/q').read()", "PermissionError"),
         ("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)", "Error"),
         ("import urllib.request\nurllib.request.urlopen('http://127.0.0.1:22/')", "Error"),
         ("import subprocess\nsubprocess.run(['ls'])", "Error"),
@@ -393,6 +395,17 @@ async fn the_server_registers_both_interpreters_at_start_and_runs_them_over_http
     assert_eq!(answer.json()["output"], json!({"stdout": "hi\n", "result": 16}));
     let answer = invoke(&srv, &alice, "python", "while True: pass").await;
     assert!(["cpu_limit", "timeout"].contains(&answer.json()["status"].as_str().unwrap()), "{}", answer.json());
+    // A symlink the code leaves in /data pointing out of it is not followed by
+    // the files API either.
+    let plant = "import os\ntry:\n    os.symlink('../../../../../../../etc/passwd', '/data/leak')\nexcept OSError:\n    pass\n\
+                 open('/data/note.txt', 'w').write('hello')";
+    let answer = invoke(&srv, &alice, "python", plant).await;
+    assert_eq!(answer.json()["status"], "ok", "{}", answer.json());
+    let note = srv.request(Method::GET, "/v1/files/note.txt", Some(&alice), "").await;
+    assert_eq!((note.status, &note.body[..]), (StatusCode::OK, &b"hello"[..]));
+    let leak = srv.request(Method::GET, "/v1/files/leak", Some(&alice), "").await;
+    assert!(leak.status.is_client_error(), "{}: {}", leak.status, String::from_utf8_lossy(&leak.body));
+    assert!(!String::from_utf8_lossy(&leak.body).contains("root:"), "the host's passwd leaked");
 
     let data = srv.stop_keeping_data().await;
     let mut settings_again = imagentx_sandbox::api::ServerSettings {
