@@ -12,18 +12,9 @@ use serde_json::Value;
 
 fn sandbox_cmd(args: &[&str], data_dir: &std::path::Path, stdin: &str) -> Output {
     // `--data-dir` right after the subcommand: everything after `--` is the tool's.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
-        .arg(args[0])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
+    let mut command = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"));
+    command.arg(args[0]).arg("--data-dir").arg(data_dir).args(&args[1..]);
+    common::output_with_stdin(&mut command, stdin)
 }
 
 fn report(out: &Output) -> Value {

@@ -439,24 +439,14 @@ async fn invoke(srv: &server::TestServer, key: &str, tool: &str, code: &str) -> 
 /// how to build it.
 #[test]
 fn the_command_line_runs_a_built_in_by_name() {
-    use std::io::Write;
     let data = tempfile::tempdir().unwrap();
     // The CLI's artifact cache is the tests' shared one: no compiling again.
     std::fs::create_dir_all(common::artifact_cache()).unwrap();
     std::os::unix::fs::symlink(common::artifact_cache(), data.path().join("cache")).unwrap();
     let run = |dir: &Path, input: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
-            .args(["run", "--user", "carol", "--data-dir"])
-            .arg(data.path())
-            .arg("python")
-            .env("IMAGENTX_INTERPRETERS", dir)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
+        let mut command = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"));
+        command.args(["run", "--user", "carol", "--data-dir"]).arg(data.path()).arg("python");
+        common::output_with_stdin(command.env("IMAGENTX_INTERPRETERS", dir), input)
     };
     let out = run(&built_dir(), r#"{"code": "import os\nresult = sorted(os.listdir('/data')) + [6 * 7]"}"#);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -594,18 +594,9 @@ fn the_command_line_runs_native_programs() {
     let _setup = setup_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str], input: &str| {
-        use std::io::Write;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
-            .args(["run", "--native", "--data-dir"])
-            .arg(dir.path())
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"));
+        command.args(["run", "--native", "--data-dir"]).arg(dir.path()).args(args);
+        let out = common::output_with_stdin(&mut command, input);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
         (out.status.code(), report)

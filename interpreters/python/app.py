@@ -95,3 +95,11 @@ class WitWorld(wit_world.WitWorld):
             except (TypeError, ValueError):
                 answer["result"] = repr(scope["result"])
         return json.dumps(answer)
+
+
+# Everything made while the image is built (modules, the baked packages) goes
+# to the collector's permanent generation: a call's collections never walk
+# (and so never write to, and copy) those objects of the snapshot.
+import gc  # noqa: E402
+
+gc.freeze()

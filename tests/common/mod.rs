@@ -121,3 +121,13 @@ pub fn skip_unprivileged(what: &str) {
     );
     eprintln!("\n!!!!!!!! SKIPPED: {message}; run as root to test them !!!!!!!!\n");
 }
+
+/// Runs `command` with `input` on its stdin and collects its whole output.
+pub fn output_with_stdin(command: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child =
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing stdin");
+    child.wait_with_output().expect("waiting")
+}
