@@ -428,6 +428,17 @@ async fn the_server_registers_both_interpreters_at_start_and_runs_them_over_http
         )
         .await;
     assert_eq!(answer.json()["output"], json!({"stdout": "", "result": 2}));
+    srv.stop().await;
+
+    // `builtin_tools = false`: the same components are there, nothing is registered.
+    let srv = server::TestServer::start_with(Policy::default(), |s| {
+        settings(s);
+        s.builtin_tools = false;
+    })
+    .await;
+    let key = srv.add_user("dan", "standard", false).await;
+    let tools = srv.request(Method::GET, "/v1/tools", Some(&key), "").await.json();
+    assert_eq!(tools["tools"], json!([]), "{tools}");
 }
 
 async fn invoke(srv: &server::TestServer, key: &str, tool: &str, code: &str) -> server::Answer {
