@@ -26,6 +26,9 @@ pub enum Runnable {
 /// The `kind` of native tools in the registry.
 pub const NATIVE_KIND: &str = "native";
 
+/// Who the registry records as having registered the built-in tools.
+pub const BUILTIN_REGISTRAR: &str = "builtin";
+
 #[derive(Default)]
 pub struct Registry {
     tools: RwLock<HashMap<String, BTreeMap<u32, Arc<Registered>>>>,
@@ -125,12 +128,7 @@ impl Registry {
         );
         Ok(())
     }
-}
 
-/// Who the registry records as having registered the built-in tools.
-pub const BUILTIN_REGISTRAR: &str = "builtin";
-
-impl Registry {
     /// Registers the built-in interpreter tools found in `dir` (see
     /// [`crate::interpreters`]): a component not registered yet, or changed
     /// since (a rebuild), becomes the newest version of its name; one already
@@ -153,9 +151,10 @@ impl Registry {
             };
             let sha256 = crate::engine::sha256_hex(&bytes);
             if self.get(name, None).is_some_and(|t| t.row.sha256 == sha256) {
-                tracing::info!(tool = name, "built-in tool registered");
+                tracing::info!(tool = name, "built-in tool ready (this build is registered)");
                 continue;
             }
+            tracing::info!(tool = name, path = %path.display(), "registering a new build of a built-in tool (compiling it takes seconds)");
             let started = std::time::Instant::now();
             let mut tool = match sandbox.engine.load(&bytes, usize::MAX, name).await {
                 Ok(tool) => tool,
