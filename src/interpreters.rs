@@ -2,7 +2,7 @@
 //! built from `interpreters/` by `scripts/build-interpreters` into
 //! `target/interpreters/`. The server registers them when it starts and
 //! `imagentx-sandbox run python` runs them by name; they are never part of
-//! the binary (19–27 MB each, and built by Python and npm tooling).
+//! the binary (17–26 MB each, and built by Python and npm tooling).
 
 use std::path::{Path, PathBuf};
 
