@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use criterion::{Criterion, criterion_group, criterion_main};
 use imagentx_sandbox::engine::Invocation;
 use imagentx_sandbox::policy::Policy;
+use imagentx_sandbox::quota::Budget;
 
 fn calls(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -25,6 +26,7 @@ fn calls(c: &mut Criterion) {
         env: &env,
         data_dir: dirs.path(),
         data_writable: true,
+        data_budget: Budget::empty(limits.data_quota_bytes, limits.data_files),
         scratch_dir: dirs.path(),
         limits: &limits,
     };

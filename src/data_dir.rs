@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::policy::UserId;
+use crate::quota::Ledger;
 
 /// A failure to prepare a directory: always the host's problem.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +32,15 @@ pub struct DataDir {
     /// removing a directory per call cost ~250 µs on ext4 with discard
     /// (BENCHMARKS.md); checking that one is empty costs a few.
     spare_scratch: Arc<Mutex<Vec<PathBuf>>>,
-    /// Bytes in each user's directory as last measured (see [`DataDir::usage`]).
-    usage: Arc<Mutex<HashMap<String, Usage>>>,
+    /// Each user's disk ledger (see [`DataDir::ledger`]).
+    disks: Arc<Mutex<HashMap<String, UserDisk>>>,
 }
 
-/// A user's measured usage and the state of its re-measurement.
+/// A user's ledger and the state of its re-measurement.
 #[derive(Debug, Default)]
-struct Usage {
-    /// `None` until measured, or when the last measurement failed.
-    bytes: Option<u64>,
+struct UserDisk {
+    /// `None` until first measured.
+    ledger: Option<Arc<Ledger>>,
     /// A background re-measurement is running.
     measuring: bool,
     /// Something may have written since that re-measurement started.
@@ -64,7 +65,7 @@ impl DataDir {
             let path = root.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| DataDirError { what: "creating", path, source })?;
         }
-        Ok(Self { root, spare_scratch: Arc::default(), usage: Arc::default() })
+        Ok(Self { root, spare_scratch: Arc::default(), disks: Arc::default() })
     }
 
     pub fn root(&self) -> &Path {
@@ -103,11 +104,13 @@ impl DataDir {
         }
     }
 
-    /// Bytes in the user's directory (regular files; symlinks not followed),
-    /// as last measured; measured now (on a blocking thread) the first time.
-    /// `None` when it cannot be measured (then treat the quota as used up).
-    pub async fn usage(&self, user: &UserId) -> Option<u64> {
-        let cached = self.usage.lock().unwrap_or_else(PoisonError::into_inner).get(user.as_str()).and_then(|u| u.bytes);
+    /// The user's disk ledger: what their directory holds, charged at every
+    /// write by their calls and the files API (see [`crate::quota`]). Measured
+    /// now (on a blocking thread) the first time. `None` when the directory
+    /// cannot be measured (then treat the quota as used up).
+    pub async fn ledger(&self, user: &UserId) -> Option<Arc<Ledger>> {
+        let cached =
+            self.disks.lock().unwrap_or_else(PoisonError::into_inner).get(user.as_str()).and_then(|d| d.ledger.clone());
         if cached.is_some() {
             return cached;
         }
@@ -116,12 +119,20 @@ impl DataDir {
         tokio::task::spawn_blocking(move || this.measure(&user)).await.ok().flatten()
     }
 
-    /// Marks the user's usage as changed: it is re-measured in the background
-    /// (one measurement per user at a time; a change during one runs another).
+    /// Bytes in the user's directory as charged now.
+    pub async fn usage(&self, user: &UserId) -> Option<u64> {
+        self.ledger(user).await.map(|l| l.used().0)
+    }
+
+    /// Marks the user's directory as changed behind the ledger's back (a
+    /// native call writes past it), or possibly over-counted (a call ran into
+    /// its quota): it is walked again in the background, and the result is
+    /// taken when nothing charged the ledger meanwhile. One walk per user at a
+    /// time; a change during one runs another.
     pub fn usage_changed(&self, user: &UserId) {
         {
-            let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
-            let entry = usage.entry(user.as_str().to_owned()).or_default();
+            let mut disks = self.disks.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = disks.entry(user.as_str().to_owned()).or_default();
             if entry.measuring {
                 entry.stale = true;
                 return;
@@ -134,14 +145,14 @@ impl DataDir {
         tokio::task::spawn_blocking(move || {
             loop {
                 this.measure(&user);
-                let mut usage = this.usage.lock().unwrap_or_else(PoisonError::into_inner);
-                let entry = usage.entry(user.as_str().to_owned()).or_default();
+                let mut disks = this.disks.lock().unwrap_or_else(PoisonError::into_inner);
+                let entry = disks.entry(user.as_str().to_owned()).or_default();
                 if !entry.stale {
                     entry.measuring = false;
                     return;
                 }
                 entry.stale = false;
-                drop(usage);
+                drop(disks);
                 // A busy user's calls keep marking it stale: walk at most
                 // every RE_MEASURE_INTERVAL rather than back to back.
                 std::thread::sleep(RE_MEASURE_INTERVAL);
@@ -149,18 +160,34 @@ impl DataDir {
         });
     }
 
-    /// Walks the user's directory now and records the result.
-    fn measure(&self, user: &UserId) -> Option<u64> {
-        let bytes = self.user_dir(user).ok().and_then(|dir| match crate::userfs::UserFs::open(&dir).and_then(|fs| fs.usage()) {
-            Ok(bytes) => Some(bytes),
+    /// Walks the user's directory now and records the result: a new ledger
+    /// the first time; afterwards the walk's figures replace the ledger's only
+    /// when nothing charged it while the walk ran (see [`Ledger::replace_if_quiet`]).
+    fn measure(&self, user: &UserId) -> Option<Arc<Ledger>> {
+        let existing =
+            self.disks.lock().unwrap_or_else(PoisonError::into_inner).get(user.as_str()).and_then(|d| d.ledger.clone());
+        let changes_before = existing.as_ref().map(|l| l.changes());
+        let walked = self
+            .user_dir(user)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| crate::userfs::UserFs::open(&dir).and_then(|fs| fs.usage()).map_err(|e| e.to_string()));
+        let (bytes, entries) = match walked {
+            Ok(figures) => figures,
             Err(e) => {
                 tracing::warn!(user = %user, error = %e, "cannot measure the data directory; treating its quota as used up");
-                None
+                return existing;
             }
-        });
-        self.usage.lock().unwrap_or_else(PoisonError::into_inner).entry(user.as_str().to_owned()).or_default().bytes =
-            bytes;
-        bytes
+        };
+        if let (Some(ledger), Some(before)) = (&existing, changes_before) {
+            if !ledger.replace_if_quiet(before, bytes, entries) {
+                tracing::debug!(user = %user, "data directory written during its walk; the ledger's figures stand");
+            }
+            return existing;
+        }
+        let mut disks = self.disks.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = disks.entry(user.as_str().to_owned()).or_default();
+        // Another walk may have made it first: keep that one, it may hold charges.
+        Some(Arc::clone(entry.ledger.get_or_insert_with(|| Ledger::new(bytes, entries))))
     }
 
     /// Removes every scratch directory: left by an earlier process that was

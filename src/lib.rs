@@ -18,6 +18,7 @@
 //! - [`api`]: the HTTP service (`serve`): routes, auth, admission, OpenAPI.
 //! - [`store`], [`audit`]: the SQLite database and the hash-chained audit trail.
 //! - [`userfs`]: a user's directory as the files API touches it.
+//! - [`quota`]: disk ledgers, charged at every write by calls and the files API.
 //!
 //! - [`bench`]: the benchmark harness behind `imagentx-sandbox bench`.
 //! - [`jail`]: the native-tool fallback, a Linux namespace jail with cgroup
@@ -32,6 +33,7 @@ pub mod engine;
 pub mod interpreters;
 pub mod jail;
 pub mod policy;
+pub mod quota;
 pub mod report;
 pub mod runner;
 pub mod store;

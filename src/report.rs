@@ -74,7 +74,13 @@ pub struct Usage {
     pub fuel_consumed: Option<u64>,
     pub peak_memory_bytes: Option<u64>,
     pub peak_processes: Option<u32>,
+    /// Bytes the call added to files under `/data` and `/tmp`.
     pub bytes_written: Option<u64>,
+    /// Every limit the call ran into, even one it survived and then exited 0:
+    /// `memory`, `table`, `pids`, `data_quota`, `data_files`, `tmp`, `nofile`.
+    /// Reports stored before this field existed read as empty.
+    #[serde(default)]
+    pub limits_hit: Vec<String>,
 }
 
 /// The answer to one tool call.

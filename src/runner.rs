@@ -8,9 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 use std::sync::Arc;
 
 use crate::data_dir::DataDir;
-use crate::engine::{Engine, Invocation, LoadError, Outcome, Tool};
+use crate::engine::{Engine, Invocation, LoadError, Outcome, Tool, ToolKind};
 use crate::jail::{self, Jail, Layout, NativeOutcome, NativeRun};
 use crate::policy::{Limits, Policy, UserId};
+use crate::quota::Budget;
 use crate::report::{ExecutionReport, Runtime, Status, Truncated, Usage, new_execution_id, rfc3339};
 
 /// One call as requested: who, under which tier, with what.
@@ -93,8 +94,8 @@ impl Sandbox {
                 peak_memory_bytes: outcome.peak_memory_bytes,
                 // A WASM tool is one instance and cannot start processes.
                 peak_processes: Some(1),
-                // Not measured yet: WASI writes are not counted by the engine.
-                bytes_written: None,
+                bytes_written: outcome.bytes_written,
+                limits_hit: outcome.limits_hit.iter().map(|&l| l.to_owned()).collect(),
             },
             started_at: rfc3339(started_at),
             finished_at: rfc3339(SystemTime::now()),
@@ -130,19 +131,29 @@ impl Sandbox {
         Ok((limits, input))
     }
 
-    /// Whether the user's `/data` is writable for this call (under quota),
-    /// with the note for the report when it is not.
-    async fn data_access(&self, call: &ToolCall, limits: &Limits) -> (bool, Option<String>) {
-        let used = self.data_dir.usage(&call.user).await;
-        if used.is_some_and(|used| used < limits.data_quota_bytes) {
-            return (true, None);
+    /// The user's `/data` budget for this call, and whether `/data` is
+    /// writable at all, with the note for the report when it is not.
+    ///
+    /// `charged`: the runtime charges every write to the budget as it happens
+    /// (WASM components), so `/data` stays writable at any usage: writes that
+    /// would pass the quota are refused one by one and deletes still work.
+    /// Otherwise (preview 1 modules, native tools) `/data` is read-only once
+    /// the quota is used up, checked before the call.
+    async fn data_access(&self, call: &ToolCall, limits: &Limits, charged: bool) -> (Budget, bool, Option<String>) {
+        let Some(ledger) = self.data_dir.ledger(&call.user).await else {
+            let note = "/data was read-only for this call: the user's data directory cannot be measured".to_owned();
+            return (Budget::empty(0, 0), false, Some(note));
+        };
+        let budget = Budget::new(ledger, limits.data_quota_bytes, limits.data_files);
+        let (used, _) = budget.ledger().used();
+        if charged || used < limits.data_quota_bytes {
+            return (budget, true, None);
         }
-        let used = used.map_or_else(|| "an unmeasurable amount".to_owned(), |b| format!("{b} bytes"));
         let note = format!(
-            "/data was read-only for this call: the user's data directory holds {used}, its quota is {} bytes",
+            "/data was read-only for this call: the user's data directory holds {used} bytes, its quota is {} bytes",
             limits.data_quota_bytes
         );
-        (false, Some(note))
+        (budget, false, Some(note))
     }
 
     /// Runs `call` with the native `tool` in `jail`; always answers a report.
@@ -187,7 +198,9 @@ impl Sandbox {
                 fuel_consumed: None,
                 peak_memory_bytes: outcome.peak_memory_bytes,
                 peak_processes: outcome.peak_processes.map(|p| u32::try_from(p).unwrap_or(u32::MAX)),
+                // Not measured yet: the native path's /data is not charged.
                 bytes_written: None,
+                limits_hit: outcome.limits_hit.iter().map(|&l| l.to_owned()).collect(),
             },
             started_at: rfc3339(started_at),
             finished_at: rfc3339(SystemTime::now()),
@@ -218,7 +231,7 @@ impl Sandbox {
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
         let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
         jail.prepare_data_dir(&data_dir).map_err(|e| internal(&format!("preparing {}: {e}", data_dir.display())))?;
-        let (data_writable, note) = self.data_access(call, &limits).await;
+        let (_, data_writable, note) = self.data_access(call, &limits, false).await;
         let env = jail::environment(&[&self.policy.env, &tool.env]);
         let argv: Vec<String> = tool.argv.iter().chain(&call.args).cloned().collect();
         let (jail, layout, id) = (Arc::clone(jail), tool.layout.clone(), id.to_owned());
@@ -250,14 +263,18 @@ impl Sandbox {
         let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
         let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
         let env: &BTreeMap<String, String> = &self.policy.env;
-        // Over its quota, the user's directory is read-only for the call.
-        let (data_writable, note) = self.data_access(call, &limits).await;
+        let charged = tool.kind() != ToolKind::WasiP1Module;
+        let (data_budget, data_writable, note) = self.data_access(call, &limits, charged).await;
+        // While the call may write, a walk of the directory must not replace
+        // the ledger's figures (they hold this call's charges).
+        let writing = data_budget.ledger().writer();
         let invocation = Invocation {
             input,
             args: &call.args,
             env,
             data_dir: &data_dir,
             data_writable,
+            data_budget,
             scratch_dir: scratch.path(),
             limits: &limits,
         };
@@ -265,7 +282,10 @@ impl Sandbox {
             tracing::error!(error = %e, tool = tool.name(), "call could not run");
             internal(&e)
         })?;
-        if data_writable {
+        drop(writing);
+        // A preview 1 module wrote past the ledger; a call that ran into the
+        // quota may have been refused over bytes the ledger over-counted.
+        if data_writable && (!charged || outcome.limits_hit.iter().any(|l| l.starts_with("data_"))) {
             self.data_dir.usage_changed(&call.user);
         }
         add_note(&mut outcome.error, note);
@@ -281,6 +301,14 @@ impl Sandbox {
                 user = %call.user,
                 tier = %call.tier,
                 "tool call stopped"
+            );
+        } else if !outcome.limits_hit.is_empty() {
+            tracing::info!(
+                limits_hit = ?outcome.limits_hit,
+                tool = tool.name(),
+                user = %call.user,
+                tier = %call.tier,
+                "tool call ran into limits and carried on"
             );
         }
         Ok(outcome)
@@ -314,5 +342,7 @@ fn failed(status: Status, message: String) -> Outcome {
         fuel_consumed: None,
         peak_memory_bytes: None,
         cpu_time: None,
+        bytes_written: None,
+        limits_hit: Vec::new(),
     }
 }

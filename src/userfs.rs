@@ -20,6 +20,8 @@ use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2, renameat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
+use crate::quota::{Budget, Exceeded};
+
 /// Longest path accepted, in bytes.
 pub const MAX_PATH_BYTES: usize = 1024;
 /// Deepest directory nesting walked when measuring usage.
@@ -159,7 +161,7 @@ impl UserFs {
         self
     }
 
-    fn chown(&self, fd: &OwnedFd) -> Result<(), FsError> {
+    fn chown(&self, fd: impl AsFd) -> Result<(), FsError> {
         let Some((uid, gid)) = self.owner else { return Ok(()) };
         nix::unistd::fchown(fd, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
             .map_err(|e| io_error("changing the owner", e))
@@ -184,50 +186,66 @@ impl UserFs {
         }
     }
 
-    /// Writes `bytes` to `path` atomically, creating parent directories, if the
-    /// user's usage stays within `quota` bytes. Answers the bytes written.
+    /// Writes `bytes` to `path` atomically, creating parent directories,
+    /// charging what it adds to `budget` before writing (the user's ledger,
+    /// shared with their calls in flight: a write racing a tool's cannot
+    /// take the same bytes). Answers the bytes written.
     ///
     /// # Errors
     ///
     /// [`FsError::QuotaExceeded`], or a path error.
-    pub fn put(&self, path: &str, bytes: &[u8], quota: u64) -> Result<u64, FsError> {
+    pub fn put(&self, path: &str, bytes: &[u8], budget: &Budget) -> Result<u64, FsError> {
         let parts = components(path)?;
         let Some((name, parents)) = parts.split_last() else {
             return Err(FsError::BadPath("a file path is needed".into()));
         };
-        let parent = self.make_parents(parents)?;
+        let parent = self.make_parents(parents, budget)?;
+        // The size of a file replaced; `None` when a new entry is made.
         let old = match fstatat(&parent, *name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(stat) if kind_of(&stat) == "dir" => return Err(FsError::Conflict("the path is a directory".into())),
-            Ok(stat) if kind_of(&stat) == "file" => stat.st_size as u64,
-            Ok(_) | Err(Errno::ENOENT) => 0,
+            Ok(stat) if kind_of(&stat) == "file" && stat.st_nlink <= 1 => Some(stat.st_size as u64),
+            Ok(_) => Some(0),
+            Err(Errno::ENOENT) => None,
             Err(e) => return Err(io_error("inspecting", e)),
         };
-        let used = self.usage()?;
-        let after = (used - old.min(used)).saturating_add(bytes.len() as u64);
-        if after > quota {
-            return Err(FsError::QuotaExceeded(format!(
-                "writing {} bytes would bring the data directory to {after} bytes, over its quota of {quota}",
-                bytes.len()
-            )));
+        let new = bytes.len() as u64;
+        let growth = new.saturating_sub(old.unwrap_or(0));
+        let over = |e: Exceeded| FsError::QuotaExceeded(format!("writing {new} bytes to the data directory: {e}"));
+        budget.grow(growth).map_err(over)?;
+        if old.is_none()
+            && let Err(e) = budget.add_entry()
+        {
+            budget.shrink(growth);
+            return Err(over(e));
         }
+        let refund = || {
+            budget.shrink(growth);
+            if old.is_none() {
+                budget.remove_entry();
+            }
+        };
         let tmp = format!("{UPLOAD_PREFIX}{}", uuid::Uuid::now_v7().simple());
-        let fd = open_beneath(&parent, &tmp, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)
-            .map_err(|e| io_error("creating", e))?;
-        if let Err(e) = self.chown(&fd) {
-            let _ = unlinkat(&parent, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-            return Err(e);
-        }
+        let fd = match open_beneath(&parent, &tmp, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL) {
+            Ok(fd) => fd,
+            Err(e) => {
+                refund();
+                return Err(io_error("creating", e));
+            }
+        };
         let mut file = File::from(fd);
-        let written = file.write_all(bytes).and_then(|()| file.sync_data());
+        let written = self.chown(file.as_fd()).and_then(|()| {
+            file.write_all(bytes).and_then(|()| file.sync_data()).map_err(|e| FsError::Io(format!("writing: {e}")))
+        });
         drop(file);
-        let renamed = written
-            .map_err(|e| FsError::Io(format!("writing: {e}")))
-            .and_then(|()| renameat(&parent, tmp.as_str(), &parent, *name).map_err(|e| io_error("renaming", e)));
+        let renamed =
+            written.and_then(|()| renameat(&parent, tmp.as_str(), &parent, *name).map_err(|e| io_error("renaming", e)));
         if let Err(e) = renamed {
             let _ = unlinkat(&parent, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            refund();
             return Err(e);
         }
-        Ok(bytes.len() as u64)
+        budget.shrink(old.unwrap_or(0).saturating_sub(new));
+        Ok(new)
     }
 
     /// Removes a file, a symlink (not what it points at) or an empty directory.
@@ -235,7 +253,7 @@ impl UserFs {
     /// # Errors
     ///
     /// [`FsError::NotFound`], [`FsError::Conflict`] for a non-empty directory.
-    pub fn delete(&self, path: &str) -> Result<(), FsError> {
+    pub fn delete(&self, path: &str, budget: &Budget) -> Result<(), FsError> {
         let parts = components(path)?;
         let Some((name, parents)) = parts.split_last() else {
             return Err(FsError::BadPath("the data directory itself cannot be deleted".into()));
@@ -245,25 +263,33 @@ impl UserFs {
                 .map_err(|e| io_error("opening", e))?;
         let stat = fstatat(&parent, *name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| io_error("inspecting", e))?;
         let flag = if kind_of(&stat) == "dir" { UnlinkatFlags::RemoveDir } else { UnlinkatFlags::NoRemoveDir };
-        unlinkat(&parent, *name, flag).map_err(|e| io_error("removing", e))
+        unlinkat(&parent, *name, flag).map_err(|e| io_error("removing", e))?;
+        budget.remove_entry();
+        if kind_of(&stat) == "file" && stat.st_nlink <= 1 {
+            budget.shrink(stat.st_size as u64);
+        }
+        Ok(())
     }
 
-    /// Bytes in regular files under the directory (symlinks not followed).
+    /// Bytes in regular files under the directory (symlinks not followed),
+    /// and the entries (files, directories, links) under it.
     ///
     /// # Errors
     ///
     /// [`FsError::Io`] when the tree cannot be read.
-    pub fn usage(&self) -> Result<u64, FsError> {
+    pub fn usage(&self) -> Result<(u64, u64), FsError> {
         let fd = open_dir(&self.root, ".").map_err(|e| io_error("opening", e))?;
         tree_size(fd, 0)
     }
 
-    fn make_parents(&self, parents: &[&str]) -> Result<OwnedFd, FsError> {
+    fn make_parents(&self, parents: &[&str], budget: &Budget) -> Result<OwnedFd, FsError> {
         let mut dir = open_dir(&self.root, ".").map_err(|e| io_error("opening", e))?;
         for part in parents {
+            budget.add_entry().map_err(|e| FsError::QuotaExceeded(format!("creating a directory: {e}")))?;
             let created = match mkdirat(&dir, *part, Mode::from_bits_truncate(0o755)) {
                 Ok(()) => true,
                 Err(Errno::EEXIST) => {
+                    budget.remove_entry();
                     let stat =
                         fstatat(&dir, *part, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| io_error("inspecting", e))?;
                     if kind_of(&stat) == "symlink" {
@@ -271,7 +297,10 @@ impl UserFs {
                     }
                     false
                 }
-                Err(e) => return Err(io_error("creating a directory", e)),
+                Err(e) => {
+                    budget.remove_entry();
+                    return Err(io_error("creating a directory", e));
+                }
             };
             dir = open_dir(&dir, part).map_err(|e| io_error("opening a directory", e))?;
             if created {
@@ -301,19 +330,20 @@ fn list(fd: OwnedFd) -> Result<Vec<DirEntry>, FsError> {
     Ok(entries)
 }
 
-fn tree_size(fd: OwnedFd, depth: usize) -> Result<u64, FsError> {
+fn tree_size(fd: OwnedFd, depth: usize) -> Result<(u64, u64), FsError> {
     if depth > MAX_DEPTH {
         return Err(FsError::Conflict(format!("directories nested deeper than {MAX_DEPTH}")));
     }
     let stat_fd = fd.try_clone().map_err(|e| FsError::Io(format!("measuring: {e}")))?;
     let mut dir = Dir::from_fd(fd).map_err(|e| io_error("measuring", e))?;
-    let mut total = 0u64;
+    let (mut total, mut entries) = (0u64, 0u64);
     for entry in dir.iter() {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name();
         if name.to_bytes() == b"." || name.to_bytes() == b".." {
             continue;
         }
+        entries += 1;
         match entry.file_type() {
             Some(Type::Directory) => {
                 if let Ok(child) = openat2(
@@ -323,7 +353,9 @@ fn tree_size(fd: OwnedFd, depth: usize) -> Result<u64, FsError> {
                         .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
                         .resolve(beneath()),
                 ) {
-                    total = total.saturating_add(tree_size(child, depth + 1)?);
+                    let (bytes, below) = tree_size(child, depth + 1)?;
+                    total = total.saturating_add(bytes);
+                    entries = entries.saturating_add(below);
                 }
             }
             Some(Type::Symlink) => {}
@@ -336,7 +368,7 @@ fn tree_size(fd: OwnedFd, depth: usize) -> Result<u64, FsError> {
             }
         }
     }
-    Ok(total)
+    Ok((total, entries))
 }
 
 /// Reads a whole file (for small files the API returns in one body).
@@ -371,24 +403,33 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("file-link")).unwrap();
         let fs = UserFs::open(dir.path()).unwrap();
+        let roomy = Budget::new(crate::quota::Ledger::new(0, 2), 1 << 20, 100);
         assert!(matches!(fs.get("link/secret"), Err(FsError::Symlink)));
         assert!(matches!(fs.get("file-link"), Err(FsError::Symlink)));
-        assert!(matches!(fs.put("link/new", b"x", 1 << 20), Err(FsError::Symlink)));
+        assert!(matches!(fs.put("link/new", b"x", &roomy), Err(FsError::Symlink)));
         assert!(!outside.path().join("new").exists());
         // Writing over a symlink replaces the link, not its target.
-        fs.put("file-link", b"mine", 1 << 20).unwrap();
+        fs.put("file-link", b"mine", &roomy).unwrap();
         assert_eq!(std::fs::read_to_string(outside.path().join("secret")).unwrap(), "s3cret");
-        fs.put("a/b/c.txt", b"hello", 1 << 20).unwrap();
-        assert_eq!(fs.usage().unwrap(), 9);
-        assert!(matches!(fs.put("big", &[0u8; 100], 50), Err(FsError::QuotaExceeded(_))));
+        fs.put("a/b/c.txt", b"hello", &roomy).unwrap();
+        // link, file-link (now a file of 4 bytes), a, a/b, a/b/c.txt
+        assert_eq!(fs.usage().unwrap(), (9, 5));
+        assert_eq!(roomy.ledger().used(), (9, 5), "the ledger and a walk disagree");
+        let tight = Budget::new(crate::quota::Ledger::new(9, 5), 50, 100);
+        assert!(matches!(fs.put("big", &[0u8; 100], &tight), Err(FsError::QuotaExceeded(_))));
+        assert_eq!(tight.ledger().used(), (9, 5), "a refused write kept its charge");
         // Replacing a file counts only the difference.
-        fs.put("a/b/c.txt", &[1u8; 40], 50).unwrap();
+        fs.put("a/b/c.txt", &[1u8; 40], &tight).unwrap();
+        assert_eq!(tight.ledger().used(), (44, 5));
         match fs.get("a").unwrap() {
             Node::Dir(entries) => assert_eq!(entries[0].name, "b"),
             Node::File { .. } => panic!("a is a directory"),
         }
-        fs.delete("link").unwrap();
+        fs.delete("link", &tight).unwrap();
         assert!(outside.path().join("secret").exists());
-        assert!(matches!(fs.delete("a"), Err(FsError::Conflict(_))));
+        assert!(matches!(fs.delete("a", &tight), Err(FsError::Conflict(_))));
+        fs.delete("a/b/c.txt", &tight).unwrap();
+        assert_eq!(tight.ledger().used(), (4, 3), "a delete did not give back what it freed");
+        assert_eq!(fs.usage().unwrap(), (4, 3));
     }
 }

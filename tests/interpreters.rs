@@ -9,76 +9,15 @@
 mod common;
 mod server;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use hyper::{Method, StatusCode};
-use imagentx_sandbox::engine::Tool;
 use imagentx_sandbox::policy::{Policy, UserId};
-use imagentx_sandbox::report::{ExecutionReport, Status};
-use imagentx_sandbox::runner::Sandbox;
+use imagentx_sandbox::report::Status;
 use serde_json::{Value, json};
 
-#[derive(Clone, Copy, Debug)]
-enum Lang {
-    Python,
-    JavaScript,
-}
-
-impl Lang {
-    fn name(self) -> &'static str {
-        match self {
-            Lang::Python => "python",
-            Lang::JavaScript => "javascript",
-        }
-    }
-}
-
-/// Where `scripts/build-interpreters` puts the components; built once per
-/// test binary (and only rebuilt by the script when a source changed).
-fn built_dir() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let out =
-                Command::new(repo.join("scripts/build-interpreters")).output().expect("running build-interpreters");
-            assert!(out.status.success(), "build-interpreters failed:\n{}", String::from_utf8_lossy(&out.stderr));
-            repo.join("target/interpreters")
-        })
-        .clone()
-}
-
-/// The tool, compiled once per test binary (the first caller compiles or
-/// reads the shared artifact cache; the others wait).
-async fn tool(sandbox: &Sandbox, lang: Lang) -> &'static Tool {
-    static PYTHON: tokio::sync::OnceCell<Tool> = tokio::sync::OnceCell::const_new();
-    static JAVASCRIPT: tokio::sync::OnceCell<Tool> = tokio::sync::OnceCell::const_new();
-    let cell = match lang {
-        Lang::Python => &PYTHON,
-        Lang::JavaScript => &JAVASCRIPT,
-    };
-    cell.get_or_init(|| async {
-        let bytes = std::fs::read(built_dir().join(format!("{}.wasm", lang.name()))).unwrap();
-        sandbox.load(&bytes, lang.name()).await.unwrap()
-    })
-    .await
-}
-
-async fn run_code(sandbox: &Sandbox, lang: Lang, user: &str, tier: &str, code: &str, args: Value) -> ExecutionReport {
-    let tool = tool(sandbox, lang).await;
-    let call = common::with_timeout(common::call(user, tier, json!({"code": code, "args": args})), 5_000);
-    common::run(sandbox, tool, &call).await
-}
-
-fn error(report: &ExecutionReport) -> &str {
-    report.error.as_deref().unwrap_or_default()
-}
-
-fn assert_ok(r: &ExecutionReport, what: &str) {
-    assert_eq!(r.status, Status::Ok, "{what}: {}", error(r));
-}
+use common::interpreters::{Lang, assert_ok, built_dir, error, run_code, tool};
 
 // ---- Python ----
 

@@ -348,6 +348,42 @@ async fn a_fork_bomb_hits_the_pids_limit_and_a_few_processes_are_fine() {
     assert!(report.usage.peak_processes.is_some_and(|p| p >= 9), "{:?}", report.usage);
 }
 
+/// SECURITY.md, "Silent limits": a tool whose forks were refused at
+/// `pids.max` but that then exits 0 is `ok`, and the report says so.
+#[tokio::test]
+async fn a_tool_that_survives_the_pids_limit_is_ok_and_the_report_names_the_limit() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let mut survivor = call(&[
+        "/usr/bin/python3",
+        "-c",
+        "import os, time
+n = 0
+for _ in range(40):
+    try:
+        if os.fork() == 0:
+            time.sleep(0.3)
+            os._exit(0)
+        n += 1
+    except OSError:
+        pass
+while n:
+    os.wait()
+    n -= 1
+print('{\"survived\": true}')",
+    ]);
+    survivor.tier = "free";
+    let report = survivor.run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.usage.limits_hit, ["pids"], "{:?}", report.usage);
+    // Under the limit, nothing is listed.
+    let mut few = sh("sleep 0.1 & wait; echo '{}'");
+    few.tier = "free";
+    let report = few.run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert!(report.usage.limits_hit.is_empty(), "{:?}", report.usage);
+}
+
 #[tokio::test]
 async fn a_memory_bomb_is_killed_for_memory_and_a_modest_program_is_not() {
     let setup = setup_or_skip!();

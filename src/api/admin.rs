@@ -13,7 +13,6 @@ use serde::Deserialize;
 use super::auth::{Admin, Authed};
 use super::{ApiError, AppState};
 use crate::audit::{self, Kind, Record};
-use crate::userfs::UserFs;
 
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct Health {
@@ -59,14 +58,15 @@ pub struct Me {
     pub requests_per_second: Option<u32>,
     pub data_quota_bytes: Option<u64>,
     pub data_used_bytes: u64,
+    pub data_files: Option<u64>,
+    pub data_used_files: u64,
 }
 
 pub async fn me(State(state): State<Arc<AppState>>, Authed(caller): Authed) -> Result<Json<Me>, ApiError> {
-    let dir =
-        state.sandbox.data_dir.user_dir(&caller.user).map_err(|e| ApiError::internal("the data directory", &e))?;
-    let used = tokio::task::spawn_blocking(move || UserFs::open(&dir)?.usage())
-        .await
-        .map_err(|e| ApiError::internal("measuring usage", &e))??;
+    let (used, files) = match state.sandbox.data_dir.ledger(&caller.user).await {
+        Some(ledger) => ledger.used(),
+        None => return Err(ApiError::internal("measuring usage", &"the data directory cannot be measured")),
+    };
     let tier = state.sandbox.policy.tiers.get(&caller.tier);
     Ok(Json(Me {
         user: caller.user.to_string(),
@@ -78,6 +78,8 @@ pub async fn me(State(state): State<Arc<AppState>>, Authed(caller): Authed) -> R
         requests_per_second: tier.map(|t| t.requests_per_second),
         data_quota_bytes: tier.map(|t| t.data_quota_bytes),
         data_used_bytes: used,
+        data_files: tier.map(|t| t.data_files),
+        data_used_files: files,
     }))
 }
 

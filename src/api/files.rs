@@ -12,6 +12,7 @@ use super::auth::Authed;
 use super::error::{ApiPath, read_body};
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
+use crate::quota::Budget;
 use crate::store::Caller;
 use crate::userfs::{DirEntry, Node, UserFs, read_all};
 
@@ -56,6 +57,16 @@ async fn with_fs<T: Send + 'static>(
     .map_err(|e| ApiError::internal("the file operation", &e))?
 }
 
+/// The caller's `/data` budget: their ledger, shared with their calls in
+/// flight, under their tier's caps.
+async fn budget(state: &AppState, caller: &Caller) -> Result<Budget, ApiError> {
+    let ledger = state.sandbox.data_dir.ledger(&caller.user).await.ok_or_else(|| {
+        ApiError::internal("the data directory", &"it cannot be measured, so its quota cannot be kept")
+    })?;
+    let tier = state.sandbox.policy.tiers.get(&caller.tier);
+    Ok(Budget::new(ledger, tier.map_or(0, |t| t.data_quota_bytes), tier.map_or(0, |t| t.data_files)))
+}
+
 pub async fn list_root(state: State<Arc<AppState>>, caller: Authed) -> Result<Response, ApiError> {
     get(state, caller, ApiPath(String::new())).await
 }
@@ -85,10 +96,13 @@ pub async fn put(
     body: axum::body::Body,
 ) -> Result<Json<Written>, ApiError> {
     let body = read_body(&headers, body, state.settings.max_file_bytes).await?;
-    let quota = state.sandbox.policy.tiers.get(&caller.tier).map(|t| t.data_quota_bytes).unwrap_or(0);
+    let budget = budget(&state, &caller).await?;
     let target = path.clone();
-    let written = with_fs(&state, &caller, move |fs| Ok(fs.put(&target, &body, quota)?)).await;
-    state.sandbox.data_dir.usage_changed(&caller.user);
+    let written = with_fs(&state, &caller, move |fs| {
+        let _writing = budget.ledger().writer();
+        Ok(fs.put(&target, &body, &budget)?)
+    })
+    .await;
     let user = caller.user.as_str();
     let (outcome, detail) = match &written {
         Ok(bytes) => ("ok", serde_json::json!({"path": path, "bytes": bytes})),
@@ -104,9 +118,13 @@ pub async fn delete(
     Authed(caller): Authed,
     ApiPath(path): ApiPath<String>,
 ) -> Result<Json<Deleted>, ApiError> {
+    let budget = budget(&state, &caller).await?;
     let target = path.clone();
-    let deleted = with_fs(&state, &caller, move |fs| Ok(fs.delete(&target)?)).await;
-    state.sandbox.data_dir.usage_changed(&caller.user);
+    let deleted = with_fs(&state, &caller, move |fs| {
+        let _writing = budget.ledger().writer();
+        Ok(fs.delete(&target, &budget)?)
+    })
+    .await;
     let user = caller.user.as_str();
     let (outcome, detail) = match &deleted {
         Ok(()) => ("ok", serde_json::json!({"path": path})),

@@ -16,6 +16,7 @@ use super::{
 use crate::data_dir::DataDir;
 use crate::engine::{Engine, EngineConfig, Invocation, Tool};
 use crate::policy::{Limits, Policy, UserId};
+use crate::quota::Budget;
 use crate::report::Status;
 use crate::runner::{Sandbox, ToolCall};
 
@@ -68,6 +69,7 @@ impl Fixture {
             env: &self.env,
             data_dir: self.dirs.path(),
             data_writable: true,
+            data_budget: Budget::empty(limits.data_quota_bytes, limits.data_files),
             scratch_dir: self.dirs.path(),
             limits,
         }
@@ -221,6 +223,7 @@ pub fn start_calls(
                 env: &env,
                 data_dir: &dir,
                 data_writable: true,
+                data_budget: Budget::empty(limits.data_quota_bytes, limits.data_files),
                 scratch_dir: &dir,
                 limits: &limits,
             };

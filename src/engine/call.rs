@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::{Store, Trap, UpdateDeadline};
@@ -15,11 +16,13 @@ use wasmtime_wasi::I32Exit;
 use super::Engine;
 use super::cpu_time::CpuTimed;
 use super::deadline::{CpuTimeExceeded, DeadlineExceeded};
+use super::fs::{CallCounters, CallFs};
 use super::limiter::{CallLimiter, Refusal};
 use super::output::CappedPipe;
 use super::tool::{Entry, LoadError, Tool};
 use super::wasi::{CallState, GuestView};
 use crate::policy::Limits;
+use crate::quota::Budget;
 use crate::report::{Status, Truncated};
 
 /// What one call gets: its input, arguments, environment, directories, limits.
@@ -31,8 +34,13 @@ pub struct Invocation<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// Host directory shown as `/data`.
     pub data_dir: &'a Path,
-    /// Whether `/data` may be written (false once the user's quota is used up).
+    /// Whether `/data` may be written at all. Components' writes are charged
+    /// to `data_budget` as they happen; a preview 1 module's cannot be (see
+    /// [`super::fs`]), so the caller makes `/data` read-only for one once the
+    /// user's quota is used up.
     pub data_writable: bool,
+    /// The user's `/data` budget: their ledger under their tier's caps.
+    pub data_budget: Budget,
     /// Host directory shown as `/tmp`.
     pub scratch_dir: &'a Path,
     pub limits: &'a Limits,
@@ -51,6 +59,11 @@ pub struct Outcome {
     pub fuel_consumed: Option<u64>,
     pub peak_memory_bytes: Option<u64>,
     pub cpu_time: Option<Duration>,
+    /// Bytes the call added to files under `/data` and `/tmp`; `None` for a
+    /// preview 1 module, whose writes the host cannot see.
+    pub bytes_written: Option<u64>,
+    /// Limits the call ran into, whether or not it survived them.
+    pub limits_hit: Vec<&'static str>,
 }
 
 /// The host could not run the call.
@@ -104,8 +117,18 @@ impl Engine {
         let state = || CallState::new(limits);
         let backstop = backstop(limits.wall_time, self.inner.epoch_tick);
         let engine = &self.inner.wasmtime;
+        let counters = Arc::new(CallCounters::default());
+        let call_fs = || {
+            CallFs::new(
+                inv.data_budget.clone(),
+                Budget::empty(limits.tmp_bytes, limits.tmp_files),
+                usize::try_from(limits.nofile_soft).unwrap_or(usize::MAX),
+                Arc::clone(&self.inner.guest_descriptors),
+                Arc::clone(&counters),
+            )
+        };
 
-        let component_store = || view.component_host(state()).map(|h| Store::new(engine, h));
+        let component_store = || view.component_host(state(), call_fs()).map(|h| Store::new(engine, h));
         let (ended, fuel_consumed, limiter) = match &tool.entry {
             Entry::Sdk { pre, call } => {
                 let store = component_store().map_err(CallError::Context)?;
@@ -168,7 +191,17 @@ impl Engine {
             fuel_consumed,
             peak_memory_bytes: Some(limiter.peak_memory_bytes()),
             cpu_time: None,
+            bytes_written: match tool.entry {
+                Entry::Module(_) => None,
+                _ => Some(counters.written.load(std::sync::atomic::Ordering::Relaxed)),
+            },
+            limits_hit: counters.limits_hit(),
         };
+        match limiter.refusal() {
+            Some(Refusal::Memory { .. }) => outcome.limits_hit.push("memory"),
+            Some(Refusal::Table { .. }) => outcome.limits_hit.push("table"),
+            None => {}
+        }
         let is_sdk = matches!(tool.entry, Entry::Sdk { .. });
         match ended {
             Err(_elapsed) => {
@@ -369,7 +402,15 @@ pub(super) async fn describe(engine: &Engine, tool: &Tool) -> Result<String, Loa
         data_dir: None,
         scratch_dir: None,
     };
-    let host = view.component_host(CallState::new(limits)).map_err(|e| LoadError::Host(format!("{e:#}")))?;
+    // No preopens: nothing to charge, and no descriptor to hold.
+    let fs = CallFs::new(
+        Budget::empty(0, 0),
+        Budget::empty(0, 0),
+        0,
+        Arc::clone(&engine.inner.guest_descriptors),
+        Arc::default(),
+    );
+    let host = view.component_host(CallState::new(limits), fs).map_err(|e| LoadError::Host(format!("{e:#}")))?;
     let store = Store::new(&engine.inner.wasmtime, host);
     let backstop = backstop(limits.wall_time, engine.inner.epoch_tick);
     let (ended, _, _) = drive(

@@ -11,6 +11,7 @@ mod cache;
 mod call;
 mod cpu_time;
 mod deadline;
+mod fs;
 mod limiter;
 mod output;
 mod tool;
@@ -24,6 +25,7 @@ use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 pub use call::{CallError, Invocation, Outcome};
+pub use fs::DescriptorPool;
 pub use tool::{LoadError, Tool, ToolInfo, ToolKind, sha256_hex};
 pub use wasi::{DATA_DIR, TMP_DIR};
 
@@ -51,7 +53,15 @@ pub struct EngineConfig {
     /// file damaged underneath a live tool kills the process. For one-shot
     /// processes, not the server.
     pub map_artifacts: bool,
+    /// Host descriptors that guests' open files may hold, over all calls.
+    /// Size it below the process's `RLIMIT_NOFILE` so the server keeps a
+    /// reserve of its own (see [`EngineConfig::new`]).
+    pub guest_descriptors: Arc<DescriptorPool>,
 }
+
+/// Descriptors kept for the server itself (listener, connections, database,
+/// logs, artifacts): a quarter of the process's limit, at least this many.
+pub const MIN_DESCRIPTOR_RESERVE: u64 = 512;
 
 impl EngineConfig {
     pub fn new(cache_dir: PathBuf, max_memory_bytes: u64) -> Self {
@@ -62,6 +72,7 @@ impl EngineConfig {
             cache_dir,
             keep_resident_bytes: 2 << 20,
             map_artifacts: false,
+            guest_descriptors: DescriptorPool::for_this_process(MIN_DESCRIPTOR_RESERVE),
         }
     }
 }
@@ -93,6 +104,7 @@ struct Inner {
     /// Caps the `describe` call made at load time.
     describe_limits: crate::policy::Limits,
     epoch_tick: Duration,
+    guest_descriptors: Arc<DescriptorPool>,
     _ticker: EpochTicker,
 }
 
@@ -153,6 +165,8 @@ impl Engine {
             output_bytes: 1 << 20,
             input_bytes: 0,
             data_quota_bytes: 0,
+            data_files: 0,
+            tmp_files: 0,
             cpu_share: 1.0,
             pids: 1,
             nofile_soft: 0,
@@ -167,6 +181,7 @@ impl Engine {
                 cache,
                 describe_limits,
                 epoch_tick: config.epoch_tick,
+                guest_descriptors: Arc::clone(&config.guest_descriptors),
                 _ticker: ticker,
             }),
         })
@@ -257,6 +272,11 @@ impl Engine {
                 Ok((Entry::Module(pre), ToolKind::WasiP1Module, compiled.from_cache))
             }
         }
+    }
+
+    /// The pool of host descriptors that guests share.
+    pub fn guest_descriptors(&self) -> &Arc<DescriptorPool> {
+        &self.inner.guest_descriptors
     }
 
     /// Calls an SDK tool's `describe` and fills its info from the answer.

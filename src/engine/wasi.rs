@@ -19,6 +19,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_io::IoView;
 
 use super::cpu_time::CpuSpent;
+use super::fs::{CallFs, ChargedFilesystem, ChargedFs};
 use super::limiter::CallLimiter;
 use super::output::CappedPipe;
 use crate::policy::Limits;
@@ -53,6 +54,19 @@ pub(crate) struct ComponentHost {
     pub call: CallState,
     wasi: WasiCtx,
     table: ResourceTable,
+    fs: CallFs,
+}
+
+impl ComponentHost {
+    fn charged_fs(&mut self) -> ChargedFs<'_> {
+        ChargedFs {
+            fs: wasmtime_wasi::filesystem::WasiFilesystemCtxView {
+                ctx: self.wasi.filesystem(),
+                table: &mut self.table,
+            },
+            call: &mut self.fs,
+        }
+    }
 }
 
 /// Store data of a core-module call (WASI preview 1 commands).
@@ -112,8 +126,10 @@ impl GuestView<'_> {
         Ok(b)
     }
 
-    pub(crate) fn component_host(&self, call: CallState) -> wasmtime::Result<ComponentHost> {
-        Ok(ComponentHost { call, wasi: self.builder()?.build(), table: ResourceTable::new() })
+    /// A component's store data: its WASI context, with its file-system use
+    /// charged to `fs`.
+    pub(crate) fn component_host(&self, call: CallState, fs: CallFs) -> wasmtime::Result<ComponentHost> {
+        Ok(ComponentHost { call, wasi: self.builder()?.build(), table: ResourceTable::new(), fs })
     }
 
     pub(crate) fn module_host(&self, call: CallState) -> wasmtime::Result<ModuleHost> {
@@ -121,11 +137,11 @@ impl GuestView<'_> {
     }
 }
 
-/// The WASI p2 linker for components: every interface but sockets.
+/// The WASI p2 linker for components: every interface but sockets; the file
+/// system charged (see [`super::fs`]).
 pub(crate) fn component_linker(engine: &wasmtime::Engine) -> wasmtime::Result<ComponentLinker<ComponentHost>> {
     use wasmtime_wasi::cli::{WasiCli, WasiCliView};
     use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
-    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
     use wasmtime_wasi::random::WasiRandom;
 
     let mut linker = ComponentLinker::new(engine);
@@ -133,8 +149,8 @@ pub(crate) fn component_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Co
     wasmtime_wasi_io::add_to_linker_async(l)?;
     p2::clocks::wall_clock::add_to_linker::<_, WasiClocks>(l, ComponentHost::clocks)?;
     p2::clocks::monotonic_clock::add_to_linker::<_, WasiClocks>(l, ComponentHost::clocks)?;
-    p2::filesystem::types::add_to_linker::<_, WasiFilesystem>(l, ComponentHost::filesystem)?;
-    p2::filesystem::preopens::add_to_linker::<_, WasiFilesystem>(l, ComponentHost::filesystem)?;
+    p2::filesystem::types::add_to_linker::<_, ChargedFilesystem>(l, ComponentHost::charged_fs)?;
+    p2::filesystem::preopens::add_to_linker::<_, ChargedFilesystem>(l, ComponentHost::charged_fs)?;
     p2::random::random::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
     p2::random::insecure::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
     p2::random::insecure_seed::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;

@@ -155,6 +155,9 @@ pub struct NativeOutcome {
     pub cpu: Option<Duration>,
     pub peak_memory_bytes: Option<u64>,
     pub peak_processes: Option<u64>,
+    /// Limits the run ran into, whether or not it survived them
+    /// (`pids`: a fork refused at `pids.max`; `memory`: an OOM kill).
+    pub limits_hit: Vec<&'static str>,
     /// Where the supervisor's time went (for benchmarks and debug logs).
     pub timings: Timings,
 }
@@ -200,6 +203,7 @@ impl NativeOutcome {
             cpu: None,
             peak_memory_bytes: None,
             peak_processes: None,
+            limits_hit: Vec::new(),
             timings: Timings::default(),
         }
     }

@@ -362,7 +362,7 @@ pub(super) fn run_steps(tmp_bytes: u64, data_dir: &Path, data: &OwnedFd, data_wr
         Step::Tmpfs {
             at: staged("/tmp"),
             flags: scratch,
-            options: cstring(&format!("size={tmp_bytes},nr_inodes=16384,mode=1777")),
+            options: cstring(&format!("size={tmp_bytes},nr_inodes={},mode=1777", crate::policy::TMP_FILES)),
         },
         Step::Mkdir(staged("/var")),
         Step::Mkdir(staged("/var/tmp")),

@@ -245,6 +245,10 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         peak_memory_bytes: stats.peak_memory_bytes,
         // The jail's init is not in the cgroup: these are the program's.
         peak_processes: stats.peak_processes,
+        limits_hit: [(stats.pids_refused > 0, "pids"), (stats.oom_kills > 0, "memory")]
+            .into_iter()
+            .filter_map(|(hit, name)| hit.then_some(name))
+            .collect(),
         timings,
     };
     if let Some(report) = setup_failure(&setup_error, layout, &run_steps) {

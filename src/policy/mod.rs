@@ -23,6 +23,10 @@ pub use user::{InvalidUserId, UserId};
 /// less fuel per second, and then the wall-clock deadline stops it instead.
 pub const DEFAULT_FUEL_PER_CPU_SECOND: u64 = 9_000_000_000;
 
+/// Files, directories and links a call's `/tmp` may hold (a native run's
+/// tmpfs `nr_inodes`).
+pub const TMP_FILES: u64 = 16_384;
+
 /// Everything a call is allowed, resolved from its tier and its request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -46,6 +50,10 @@ pub struct Limits {
     pub input_bytes: usize,
     /// Cap on the bytes in the user's data directory.
     pub data_quota_bytes: u64,
+    /// Cap on the files, directories and links in the user's data directory.
+    pub data_files: u64,
+    /// Cap on the files, directories and links in the call's `/tmp`.
+    pub tmp_files: u64,
     /// The tier's share of one core (a native run's cgroup CPU quota).
     pub cpu_share: f64,
     /// Processes a native run may have at once.
@@ -138,6 +146,8 @@ impl Policy {
             output_bytes: self.output_bytes,
             input_bytes: self.input_bytes,
             data_quota_bytes: tier.data_quota_bytes,
+            data_files: tier.data_files,
+            tmp_files: TMP_FILES,
             cpu_share: tier.cpu,
             pids: tier.pids,
             nofile_soft: tier.nofile_soft,

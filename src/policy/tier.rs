@@ -25,6 +25,13 @@ pub struct Tier {
     /// Cap on the bytes in a user's data directory (`/data`).
     #[serde(default = "default_data_quota_bytes")]
     pub data_quota_bytes: u64,
+    /// Cap on the files, directories and links in a user's data directory.
+    #[serde(default = "default_data_files")]
+    pub data_files: u64,
+}
+
+fn default_data_files() -> u64 {
+    100_000
 }
 
 fn default_requests_per_second() -> u32 {
@@ -40,21 +47,23 @@ const MIB: u64 = 1 << 20;
 impl Tier {
     /// DESIGN.md's three tiers.
     pub fn defaults() -> BTreeMap<String, Tier> {
-        let tier = |memory_bytes, cpu, pids, concurrent_calls, requests_per_second, data_quota_bytes| Tier {
-            memory_bytes,
-            cpu,
-            pids,
-            nofile_soft: 1024,
-            nofile_hard: 2048,
-            tmp_bytes: 100 * MIB,
-            concurrent_calls,
-            requests_per_second,
-            data_quota_bytes,
-        };
+        let tier =
+            |memory_bytes, cpu, pids, concurrent_calls, requests_per_second, data_quota_bytes, data_files| Tier {
+                memory_bytes,
+                cpu,
+                pids,
+                nofile_soft: 1024,
+                nofile_hard: 2048,
+                tmp_bytes: 100 * MIB,
+                concurrent_calls,
+                requests_per_second,
+                data_quota_bytes,
+                data_files,
+            };
         BTreeMap::from([
-            ("free".to_owned(), tier(256 * MIB, 0.25, 25, 2, 20, 100 * MIB)),
-            ("standard".to_owned(), tier(512 * MIB, 0.5, 50, 5, 100, 1024 * MIB)),
-            ("premium".to_owned(), tier(1024 * MIB, 1.0, 100, 20, 1000, 10 * 1024 * MIB)),
+            ("free".to_owned(), tier(256 * MIB, 0.25, 25, 2, 20, 100 * MIB, 10_000)),
+            ("standard".to_owned(), tier(512 * MIB, 0.5, 50, 5, 100, 1024 * MIB, 100_000)),
+            ("premium".to_owned(), tier(1024 * MIB, 1.0, 100, 20, 1000, 10 * 1024 * MIB, 1_000_000)),
         ])
     }
 }

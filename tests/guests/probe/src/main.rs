@@ -62,6 +62,26 @@ fn main() {
             Ok(()) => json!({ "ok": true }),
             Err(e) => json!({ "ok": false, "error": e.to_string() }),
         },
+        // Appends `chunk` bytes at a time until `total` or the first error.
+        "fill" => {
+            use std::io::Write as _;
+            let (chunk, total) = (vec![0u8; num_arg("chunk") as usize], num_arg("total"));
+            let mut written = 0u64;
+            let mut error = None;
+            match std::fs::OpenOptions::new().create(true).append(true).open(str_arg("path")) {
+                Ok(mut f) => {
+                    while written < total {
+                        if let Err(e) = f.write_all(&chunk) {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                        written += chunk.len() as u64;
+                    }
+                }
+                Err(e) => error = Some(e.to_string()),
+            }
+            json!({ "written": written, "error": error })
+        }
         "list" => match std::fs::read_dir(str_arg("path")) {
             Ok(entries) => {
                 let mut names: Vec<String> =

@@ -1,0 +1,377 @@
+//! Disk and descriptor limits of WASM calls, held at every write and open
+//! (SECURITY.md, "Disk" and "Descriptors"): hostile agents' code in the real
+//! Python tool and a Rust guest, with the host's disk measured afterwards.
+//! Every case: the user's usage never passes the quota, the tool gets an
+//! error it can catch and carry on from, `limits_hit` says what happened, and
+//! the next call works.
+//!
+//! Which error: EDQUOT (`/data`) or ENOSPC (`/tmp`) wherever WASI 0.2 can
+//! carry an error code (open, truncate, `pwrite`, mkdir, a file's first write
+//! when nothing is left); EIO for a write refused in the middle of a stream,
+//! because wasi-libc turns every stream error into EIO (`src/engine/fs.rs`).
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+mod server;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use hyper::{Method, StatusCode};
+use imagentx_sandbox::data_dir::DataDir;
+use imagentx_sandbox::engine::{DescriptorPool, Engine, EngineConfig};
+use imagentx_sandbox::policy::{Policy, UserId};
+use imagentx_sandbox::report::{ExecutionReport, Status};
+use imagentx_sandbox::runner::Sandbox;
+use serde_json::{Value, json};
+
+use common::interpreters::{Lang, assert_ok, run_code};
+
+const MIB: u64 = 1 << 20;
+/// The test tier: small caps, so that filling them takes milliseconds.
+const QUOTA: u64 = 8 * MIB;
+const FILES: u64 = 200;
+const TMP: u64 = 4 * MIB;
+const NOFILE: u64 = 64;
+
+fn tiny_policy() -> Policy {
+    let mut policy = Policy::default();
+    let mut tiny = policy.tiers["free"].clone();
+    tiny.data_quota_bytes = QUOTA;
+    tiny.data_files = FILES;
+    tiny.tmp_bytes = TMP;
+    tiny.nofile_soft = NOFILE;
+    tiny.concurrent_calls = 8;
+    policy.tiers.insert("tiny".into(), tiny);
+    policy
+}
+
+/// Python helpers every snippet below starts with: write until refused, and
+/// answer how far it got and which errno stopped it.
+const PRELUDE: &str = r#"
+import errno, os
+def err(e):
+    return errno.errorcode.get(e.errno, str(e.errno))
+def fill(path, chunk, total):
+    n = 0
+    try:
+        with open(path, 'ab') as f:
+            while n < total:
+                f.write(bytes(chunk))
+                n += chunk
+    except OSError as e:
+        return err(e)
+    return None
+"#;
+
+async fn py(sandbox: &Sandbox, user: &str, tier: &str, code: &str) -> ExecutionReport {
+    run_code(sandbox, Lang::Python, user, tier, &format!("{PRELUDE}\n{code}"), json!({})).await
+}
+
+fn result(r: &ExecutionReport) -> Value {
+    assert_ok(r, "the tool caught the refusal and answered");
+    r.output.as_ref().unwrap()["result"].clone()
+}
+
+/// Apparent bytes and disk blocks (in bytes) under `dir`, as `du` counts them.
+fn on_disk(dir: &Path) -> (u64, u64) {
+    let (mut apparent, mut blocks) = (0, 0);
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let meta = entry.as_ref().unwrap().metadata().unwrap();
+        if meta.is_dir() {
+            let (a, b) = on_disk(&entry.unwrap().path());
+            apparent += a;
+            blocks += b;
+        } else {
+            apparent += meta.len();
+            blocks += meta.blocks() * 512;
+        }
+    }
+    (apparent, blocks)
+}
+
+fn user_dir(sandbox: &Sandbox, user: &str) -> std::path::PathBuf {
+    sandbox.data_dir.user_dir(&UserId::new(user).unwrap()).unwrap()
+}
+
+fn assert_within_quota(sandbox: &Sandbox, user: &str) {
+    let (apparent, blocks) = on_disk(&user_dir(sandbox, user));
+    assert!(apparent <= QUOTA && blocks <= QUOTA + MIB, "{user} holds {apparent} bytes ({blocks} on disk)");
+}
+
+#[tokio::test]
+async fn one_big_file_stops_at_the_quota_with_edquot_and_the_tool_carries_on() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = "result = [fill('/data/big', 1 << 20, 64 << 20), os.path.getsize('/data/big'), fill('/data/big', 1, 1)]";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    let (first, size, again) = (result(&r)[0].clone(), result(&r)[1].as_u64().unwrap(), result(&r)[2].clone());
+    assert_eq!((first, again), (json!("EIO"), json!("EDQUOT")), "{r:?}");
+    assert!((QUOTA - MIB..=QUOTA).contains(&size), "the file is {size} bytes");
+    assert_eq!(r.usage.limits_hit, ["data_quota"]);
+    assert_eq!(r.usage.bytes_written, Some(size));
+    assert_within_quota(&sandbox, "mallory");
+    // Deleting gives the room back; the next call writes again.
+    let r =
+        py(&sandbox, "mallory", "tiny", "os.remove('/data/big')\nresult = fill('/data/small', 1 << 20, 1 << 20)").await;
+    assert_eq!(result(&r), Value::Null, "{r:?}");
+    assert!(r.usage.limits_hit.is_empty(), "{:?}", r.usage.limits_hit);
+    assert_eq!(sandbox.data_dir.usage(&UserId::new("mallory").unwrap()).await, Some(MIB));
+}
+
+#[tokio::test]
+async fn many_files_of_a_megabyte_share_one_quota() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = "
+done = 0
+for i in range(100):
+    e = fill('/data/f%d' % i, 1 << 20, 1 << 20)
+    if e: break
+    done += 1
+result = [done, e]";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    assert_eq!(result(&r), json!([8, "EDQUOT"]), "{r:?}");
+    assert_within_quota(&sandbox, "mallory");
+}
+
+#[tokio::test]
+async fn a_million_empty_files_stop_at_the_file_cap() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = "
+n = 0
+try:
+    for i in range(1000000):
+        open('/data/e%d' % i, 'w').close()
+        n += 1
+except OSError as e:
+    result = [n, err(e)]";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    assert_eq!(result(&r), json!([FILES, "EDQUOT"]), "{r:?}");
+    assert_eq!(r.usage.limits_hit, ["data_files"]);
+    assert_eq!(std::fs::read_dir(user_dir(&sandbox, "mallory")).unwrap().count() as u64, FILES);
+    // Directories count too.
+    let r = py(&sandbox, "mallory", "tiny", "try:\n    os.mkdir('/data/d')\nexcept OSError as e:\n    result = err(e)")
+        .await;
+    assert_eq!(result(&r), "EDQUOT");
+}
+
+#[tokio::test]
+async fn a_sparse_write_at_100_gib_and_a_set_size_to_100_gib_are_refused() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = "
+out = []
+with open('/data/sparse', 'wb', buffering=0) as f:
+    f.seek(100 << 30)
+    try:
+        f.write(b'x')
+        out.append('written')
+    except OSError as e:
+        out.append(err(e))
+    try:
+        f.truncate(100 << 30)
+        out.append('truncated')
+    except OSError as e:
+        out.append(err(e))
+try:
+    os.truncate('/data/sparse', 100 << 30)
+    out.append('truncated')
+except OSError as e:
+    out.append(err(e))
+fd = os.open('/data/sparse', os.O_WRONLY)
+try:
+    os.pwrite(fd, b'x', 100 << 30)
+    out.append('written')
+except OSError as e:
+    out.append(err(e))
+os.close(fd)
+out.append(os.path.getsize('/data/sparse'))
+# Within the quota, growing a file by set-size is fine.
+os.truncate('/data/sparse', 1 << 20)
+out.append(os.path.getsize('/data/sparse'))
+result = out";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    assert_eq!(result(&r), json!(["EDQUOT", "EDQUOT", "EDQUOT", "EDQUOT", 0, MIB]), "{r:?}");
+    assert_eq!(r.usage.limits_hit, ["data_quota"]);
+    assert_within_quota(&sandbox, "mallory");
+}
+
+#[tokio::test]
+async fn two_concurrent_calls_of_one_user_split_the_quota_between_them() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let writer = |name: &'static str| {
+        let code = format!("result = fill('/data/{name}', 64 << 10, 64 << 20)");
+        let sandbox = &sandbox;
+        async move { py(sandbox, "mallory", "tiny", &code).await }
+    };
+    let (a, b) = tokio::join!(writer("a"), writer("b"));
+    for r in [&a, &b] {
+        assert!(["EIO", "EDQUOT"].contains(&result(r).as_str().unwrap()), "{r:?}");
+        assert_eq!(r.usage.limits_hit, ["data_quota"]);
+    }
+    let (apparent, _) = on_disk(&user_dir(&sandbox, "mallory"));
+    assert!(apparent <= QUOTA && apparent > QUOTA - 2 * 64 * 1024, "together they hold {apparent} bytes");
+    let written = a.usage.bytes_written.unwrap() + b.usage.bytes_written.unwrap();
+    assert_eq!(written, apparent, "bytes_written of the two calls");
+    // Another user's quota is their own.
+    let r = py(&sandbox, "bob", "tiny", "result = fill('/data/x', 1 << 20, 4 << 20)").await;
+    assert_eq!(result(&r), Value::Null);
+}
+
+#[tokio::test]
+async fn a_tool_may_write_exactly_up_to_the_quota() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = format!("result = [fill('/data/exact', 64 << 10, {QUOTA}), fill('/data/exact', 1, 1)]");
+    let r = py(&sandbox, "alice", "tiny", &code).await;
+    assert_eq!(result(&r), json!([null, "EDQUOT"]), "{r:?}");
+    assert_eq!(std::fs::metadata(user_dir(&sandbox, "alice").join("exact")).unwrap().len(), QUOTA);
+}
+
+#[tokio::test]
+async fn tmp_is_capped_per_call_with_enospc_and_data_is_untouched() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = "result = [fill('/tmp/big', 1 << 20, 64 << 20), os.path.getsize('/tmp/big'), \
+                fill('/data/after', 1 << 20, 1 << 20)]";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    let out = result(&r);
+    assert_eq!((&out[0], &out[2]), (&json!("EIO"), &Value::Null), "{r:?}");
+    assert!(out[1].as_u64().unwrap() <= TMP, "{out}");
+    assert_eq!(r.usage.limits_hit, ["tmp"]);
+    // A new call has all of its /tmp again.
+    let code = "result = [fill('/tmp/big', 1 << 20, 4 << 20), fill('/tmp/big', 1, 1)]";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    assert_eq!(result(&r), json!([null, "ENOSPC"]));
+    // Files cannot change budgets by moving between /tmp and /data.
+    let r = py(
+        &sandbox,
+        "mallory",
+        "tiny",
+        "fill('/tmp/t', 1, 1)\ntry:\n    os.rename('/tmp/t', '/data/t')\nexcept OSError as e:\n    result = err(e)",
+    )
+    .await;
+    assert_eq!(result(&r), "EXDEV");
+}
+
+#[tokio::test]
+async fn a_rust_guest_gets_the_same_refusals() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let probe = common::load(&sandbox, "probe").await;
+    let fill = |chunk: u64| {
+        let input = json!({"op": "fill", "path": "/data/big", "chunk": chunk, "total": 64 * MIB});
+        common::call("mallory", "tiny", input)
+    };
+    let r = common::run(&sandbox, &probe, &fill(MIB)).await;
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    let out = r.output.unwrap();
+    assert!(out["error"].as_str().unwrap().contains("os error"), "{out}");
+    assert!(out["written"].as_u64().unwrap() <= QUOTA, "{out}");
+    assert_eq!(r.usage.limits_hit, ["data_quota"]);
+    assert_within_quota(&sandbox, "mallory");
+    // Full: the next write is refused at once, with the quota's own error.
+    let r = common::run(&sandbox, &probe, &fill(1)).await;
+    let out = r.output.unwrap();
+    assert!(out["error"].as_str().unwrap().to_lowercase().contains("quota"), "{out}");
+    assert_eq!(out["written"], 0);
+    assert_within_quota(&sandbox, "mallory");
+}
+
+#[tokio::test]
+async fn opening_files_in_a_loop_stops_at_the_tier_nofile_limit() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = "
+open('/data/a.txt', 'w').close()
+fds = []
+try:
+    while len(fds) < 100000:
+        fds.append(os.open('/data/a.txt', os.O_RDONLY))
+except OSError as e:
+    result = [len(fds), err(e)]";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    assert_eq!(result(&r), json!([NOFILE, "ENOMEM"]), "{r:?}");
+    assert_eq!(r.usage.limits_hit, ["nofile"]);
+    // Closed files give their place back within the call.
+    let code = "
+for i in range(3 * NOFILE):
+    os.close(os.open('/data/a.txt', os.O_RDONLY))
+result = 'ok'";
+    let r = py(&sandbox, "mallory", "tiny", &format!("NOFILE = {NOFILE}\n{code}")).await;
+    assert_eq!(result(&r), "ok", "{r:?}");
+    assert!(r.usage.limits_hit.is_empty());
+}
+
+#[tokio::test]
+async fn all_calls_together_hold_no_more_descriptors_than_the_pool_and_give_them_back() {
+    // An engine of its own, with a pool of 100 descriptors for all guests.
+    let pool = DescriptorPool::new(100);
+    let mut config = EngineConfig::new(common::artifact_cache(), 1 << 30);
+    config.max_instances = 64;
+    config.guest_descriptors = Arc::clone(&pool);
+    let engine = Engine::new(&config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox { policy: tiny_policy(), engine, data_dir: DataDir::open(dir.path()).unwrap() };
+    let bytes = std::fs::read(common::interpreters::built_dir().join("python.wasm")).unwrap();
+    let python = sandbox.load(&bytes, "python").await.unwrap();
+    let hog = "import os, errno, time\nopen('/data/a', 'w').close()\nfds = []\ntry:\n    while True:\n        fds.append(os.open('/data/a', os.O_RDONLY))\nexcept OSError:\n    pass\ntime.sleep(0.3)\nresult = len(fds)";
+    let run = |user: &str, code: &str| {
+        let call = common::call(user, "tiny", json!({"code": code}));
+        let (sandbox, python) = (&sandbox, &python);
+        async move { sandbox.run(Ok(python), &call).await }
+    };
+    let (a, b, c, d, other) =
+        tokio::join!(run("m1", hog), run("m2", hog), run("m3", hog), run("m4", hog), run("bob", "result = 6 * 7"));
+    let held: Vec<u64> = [&a, &b, &c, &d].iter().map(|r| result(r).as_u64().unwrap()).collect();
+    assert!(held.iter().all(|&n| n <= NOFILE), "{held:?}");
+    assert!(held.iter().sum::<u64>() <= 100, "the calls held {held:?} of a pool of 100");
+    assert_eq!(result(&other), 42, "another user's call");
+    assert_eq!(pool.in_use(), 0, "descriptors were not given back");
+}
+
+/// A server with the built-in interpreters and the tiny tier.
+async fn server() -> server::TestServer {
+    let dir = common::interpreters::built_dir();
+    server::TestServer::start_with(tiny_policy(), |s| {
+        s.interpreters_dir = dir;
+        s.artifact_cache_dir = Some(common::artifact_cache());
+    })
+    .await
+}
+
+async fn invoke_python(srv: &server::TestServer, key: &str, code: &str) -> Value {
+    let body = json!({"input": {"code": format!("{PRELUDE}\n{code}")}}).to_string();
+    let answer = srv.request(Method::POST, "/v1/tools/python/invoke", Some(key), body).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
+    answer.json()
+}
+
+#[tokio::test]
+async fn the_files_api_and_a_tool_share_one_quota() {
+    let srv = server().await;
+    let key = srv.add_user("carol", "tiny", false).await;
+    let put = |bytes: u64| srv.request(Method::PUT, "/v1/files/put.bin", Some(&key), vec![b'x'; bytes as usize]);
+    // A tool fills all but a megabyte; a PUT of two is refused, one fits.
+    let report = invoke_python(&srv, &key, &format!("result = fill('/data/tool', 1 << 20, {})", QUOTA - MIB)).await;
+    assert_eq!(report["output"]["result"], Value::Null, "{report}");
+    let refused = put(2 * MIB).await;
+    assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(refused.error_code(), "quota_exceeded");
+    assert_eq!(put(MIB).await.status, StatusCode::OK);
+    let me = srv.request(Method::GET, "/v1/me", Some(&key), "").await.json();
+    assert_eq!((me["data_used_bytes"].as_u64(), me["data_used_files"].as_u64()), (Some(QUOTA), Some(2)), "{me}");
+    // Full: the tool's next write is refused.
+    let report = invoke_python(&srv, &key, "result = fill('/data/more', 1, 1)").await;
+    assert_eq!(report["output"]["result"], "EDQUOT", "{report}");
+    assert_eq!(report["usage"]["limits_hit"], json!(["data_quota"]));
+    // A tool and three PUTs racing for the room a delete made cannot pass the quota together.
+    let delete = srv.request(Method::DELETE, "/v1/files/tool", Some(&key), "").await;
+    assert_eq!(delete.status, StatusCode::OK);
+    let (report, p1, p2, p3) = tokio::join!(
+        invoke_python(&srv, &key, "result = fill('/data/race', 64 << 10, 64 << 20)"),
+        put(3 * MIB),
+        put(3 * MIB),
+        put(3 * MIB)
+    );
+    assert_eq!(report["status"], "ok", "{report}");
+    assert!([&p1, &p2, &p3].iter().all(|p| [StatusCode::OK, StatusCode::PAYLOAD_TOO_LARGE].contains(&p.status)));
+    let (apparent, _) = on_disk(&srv.dir.path().join("users/carol"));
+    assert!(apparent <= QUOTA, "the PUTs and the tool together left {apparent} bytes");
+}
