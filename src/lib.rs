@@ -18,6 +18,7 @@
 //! - [`api`]: the HTTP service (`serve`): routes, auth, admission, OpenAPI.
 //! - [`store`], [`audit`]: the SQLite database and the hash-chained audit trail.
 //! - [`userfs`]: a user's directory as the files API touches it.
+//! - [`host`]: the host's memory, as the kernel and the cgroup tell it.
 //! - [`quota`]: disk ledgers, charged at every write by calls and the files API.
 //!
 //! - [`bench`]: the benchmark harness behind `imagentx-sandbox bench`.
@@ -30,6 +31,7 @@ pub mod bench;
 pub mod cli;
 pub mod data_dir;
 pub mod engine;
+pub mod host;
 pub mod interpreters;
 pub mod jail;
 pub mod policy;

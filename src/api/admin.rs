@@ -42,7 +42,8 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap());
+    let shared = super::metrics::SharedGauges::of(&state.sandbox.engine);
+    let text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap(), &shared);
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }
 

@@ -1,12 +1,27 @@
-//! Admission control: who may start a call now. Three checks, all answered
+//! Admission control: who may start a call now. Four checks, all answered
 //! at once (never a queue that hangs): a per-user request rate (token bucket,
-//! per tier), a per-user cap on calls in flight (per tier), and a global cap
-//! sized to the engine's instance pool.
+//! per tier), a per-user cap on calls in flight (per tier), a global cap
+//! sized to the engine's instance pool, and the host's memory budget.
+//!
+//! Memory: a native run reserves its tier's memory (its cgroup's hard limit)
+//! for as long as it runs. A WASM call reserves nothing up front: reserving
+//! its tier's limit would cap a 24 GiB host at 38 standard-tier calls in
+//! flight while a typical call takes 1 to 30 MB. Instead every call's memory
+//! limiter charges the same pool as it grows, and a growth that would pass
+//! the budget is refused (the call ends `memory_limit`); admission turns new
+//! calls away while the pool is above [`ADMIT_BELOW`] of its budget. The sum
+//! never passes the budget either way.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
+
+use crate::engine::{MemoryPool, MemoryReservation};
+
+/// New WASM calls are admitted while the guests' memory is below this share
+/// of the budget: the rest is room for the calls in flight to grow.
+pub const ADMIT_BELOW: f64 = 0.9;
 
 /// Why a request was turned away, and when to come back (seconds).
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +85,7 @@ impl AuditThrottle {
 
 pub struct Admission {
     global_cap: u32,
+    memory: Arc<MemoryPool>,
     in_flight: AtomicU32,
     per_user: Mutex<HashMap<String, u32>>,
     buckets: Mutex<HashMap<String, Bucket>>,
@@ -79,6 +95,7 @@ pub struct Admission {
 pub struct Permit {
     admission: Arc<Admission>,
     user: String,
+    _memory: Option<MemoryReservation>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -101,9 +118,10 @@ impl Drop for Permit {
 }
 
 impl Admission {
-    pub fn new(global_cap: u32) -> Arc<Self> {
+    pub fn new(global_cap: u32, memory: Arc<MemoryPool>) -> Arc<Self> {
         Arc::new(Self {
             global_cap,
+            memory,
             in_flight: AtomicU32::new(0),
             per_user: Mutex::default(),
             buckets: Mutex::default(),
@@ -136,12 +154,15 @@ impl Admission {
         })
     }
 
-    /// A place for one call of `user`, whose tier allows `user_cap` at once.
+    /// A place for one call of `user`, whose tier allows `user_cap` at once,
+    /// holding `reserve_bytes` of the memory budget while it runs (a native
+    /// run's memory limit; 0 for a WASM call, whose limiter charges as it grows).
     ///
     /// # Errors
     ///
-    /// A [`Denial`] when the user or the whole server is at its cap.
-    pub fn admit(self: &Arc<Self>, user: &str, user_cap: u32) -> Result<Permit, Denial> {
+    /// A [`Denial`] when the user or the whole server is at its cap, or the
+    /// host's memory budget is used up.
+    pub fn admit(self: &Arc<Self>, user: &str, user_cap: u32, reserve_bytes: u64) -> Result<Permit, Denial> {
         let mut per_user = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
         let mine = per_user.get(user).copied().unwrap_or(0);
         if mine >= user_cap {
@@ -161,8 +182,36 @@ impl Admission {
                 retry_after: 1,
             });
         }
+        let memory = match self.memory_for(reserve_bytes) {
+            Ok(memory) => memory,
+            Err(denial) => {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                return Err(denial);
+            }
+        };
         per_user.insert(user.to_owned(), mine + 1);
-        Ok(Permit { admission: self.clone(), user: user.to_owned() })
+        Ok(Permit { admission: self.clone(), user: user.to_owned(), _memory: memory })
+    }
+
+    fn memory_for(&self, reserve_bytes: u64) -> Result<Option<MemoryReservation>, Denial> {
+        let pool = &self.memory;
+        let busy = |what: String| Denial { reason: "server_busy", message: what, retry_after: 1 };
+        if reserve_bytes > 0 {
+            return pool.reserve(reserve_bytes).map(Some).ok_or_else(|| {
+                busy(format!(
+                    "the server's memory budget for calls ({} bytes) has no room for this run's {reserve_bytes}",
+                    pool.budget_bytes()
+                ))
+            });
+        }
+        if pool.in_use_bytes() as f64 >= pool.budget_bytes() as f64 * ADMIT_BELOW {
+            return Err(busy(format!(
+                "the calls in flight hold {} bytes of the server's memory budget of {}",
+                pool.in_use_bytes(),
+                pool.budget_bytes()
+            )));
+        }
+        Ok(None)
     }
 }
 
@@ -172,15 +221,32 @@ mod tests {
 
     #[test]
     fn per_user_and_global_caps_hold_and_permits_come_back() {
-        let a = Admission::new(3);
-        let p1 = a.admit("alice", 2).unwrap();
-        let _p2 = a.admit("alice", 2).unwrap();
-        assert_eq!(a.admit("alice", 2).unwrap_err().reason, "user_concurrency");
-        let _p3 = a.admit("bob", 5).unwrap();
-        assert_eq!(a.admit("bob", 5).unwrap_err().reason, "server_busy");
+        let a = Admission::new(3, MemoryPool::new(1 << 30));
+        let p1 = a.admit("alice", 2, 0).unwrap();
+        let _p2 = a.admit("alice", 2, 0).unwrap();
+        assert_eq!(a.admit("alice", 2, 0).unwrap_err().reason, "user_concurrency");
+        let _p3 = a.admit("bob", 5, 0).unwrap();
+        assert_eq!(a.admit("bob", 5, 0).unwrap_err().reason, "server_busy");
         drop(p1);
         assert_eq!(a.in_flight(), 2);
-        assert!(a.admit("alice", 2).is_ok());
+        assert!(a.admit("alice", 2, 0).is_ok());
+    }
+
+    #[test]
+    fn the_memory_budget_turns_calls_away_and_native_reservations_come_back() {
+        let pool = MemoryPool::new(1000);
+        let a = Admission::new(10, Arc::clone(&pool));
+        let native = a.admit("alice", 5, 600).unwrap();
+        let denial = a.admit("bob", 5, 600).unwrap_err();
+        assert_eq!(denial.reason, "server_busy");
+        assert!(denial.message.contains("memory budget"), "{}", denial.message);
+        assert_eq!(a.in_flight(), 1, "a refused call kept its place");
+        assert!(a.admit("bob", 5, 0).is_ok(), "WASM calls are admitted below 90 %");
+        assert!(pool.take(300));
+        assert_eq!(a.admit("bob", 5, 0).unwrap_err().reason, "server_busy");
+        drop(native);
+        assert_eq!(pool.in_use_bytes(), 300);
+        assert!(a.admit("bob", 5, 0).is_ok());
     }
 
     #[test]
@@ -198,7 +264,7 @@ mod tests {
 
     #[test]
     fn the_rate_bucket_allows_a_burst_of_twice_the_rate_then_refuses() {
-        let a = Admission::new(10);
+        let a = Admission::new(10, MemoryPool::new(1 << 30));
         for _ in 0..4 {
             a.rate("alice", 2).unwrap();
         }

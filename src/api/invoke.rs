@@ -133,7 +133,9 @@ pub async fn invoke(
             format!("tool `{name}` is a native program, and native tools cannot run on this server: {why}"),
         ));
     }
-    let permit = match state.admission.admit(caller.user.as_str(), tier.concurrent_calls) {
+    // A native run's cgroup limit is held for it; a WASM call is charged as it grows.
+    let reserve = if matches!(registered.runnable, Runnable::Native(_)) { tier.memory_bytes } else { 0 };
+    let permit = match state.admission.admit(caller.user.as_str(), tier.concurrent_calls, reserve) {
         Ok(permit) => permit,
         Err(denial) => return Err(denied(&state, &caller, Some(&name), denial).await),
     };
@@ -219,10 +221,14 @@ fn audit_events(
     }
     let base = |kind, outcome: &str| AuditEvent::new(kind, outcome).actor(user).user(user).tool(report.tool.clone());
     let mut events = vec![base(Kind::Execution, report.status.as_str()).detail(detail)];
-    if matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit) {
-        events.push(base(Kind::LimitBreach, report.status.as_str()).detail(serde_json::json!({
+    // A limit that stopped the call, or limits the call ran into and survived.
+    let stopped = matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit);
+    if stopped || !report.usage.limits_hit.is_empty() {
+        let outcome = if stopped { report.status.as_str() } else { "survived" };
+        events.push(base(Kind::LimitBreach, outcome).detail(serde_json::json!({
             "execution": report.id,
             "limit": report.status,
+            "limits_hit": report.usage.limits_hit,
             "error": report.error,
         })));
     }
@@ -248,6 +254,12 @@ fn alerts(state: &AppState, report: &ExecutionReport, call: &ToolCall) -> Vec<(&
         if peak as f64 > threshold {
             fired.push(("memory_over_80_percent", peak as f64, threshold));
         }
+    }
+    // The host as well as the call: all calls' memory against the budget.
+    let pool = state.sandbox.engine.guest_memory();
+    let (held, threshold) = (pool.in_use_bytes() as f64, 0.8 * pool.budget_bytes() as f64);
+    if report.usage.limits_hit.iter().any(|l| l == "host_memory") || held > threshold {
+        fired.push(("host_memory_over_80_percent", held, threshold));
     }
     if let Some(cpu_ms) = report.usage.cpu_ms {
         let threshold = 0.9 * limits.cpu_time.as_secs_f64() * 1e3;

@@ -77,6 +77,7 @@ const MEMORY: &[f64] = &[65536.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 
 
 pub struct Metrics {
     calls: Family<3>,
+    limits_hit: Family<1>,
     rejections: Family<1>,
     alerts: Family<1>,
     auth_failures: AtomicU64,
@@ -90,6 +91,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             calls: Family::new(["tool", "tier", "status"]),
+            limits_hit: Family::new(["limit"]),
             rejections: Family::new(["reason"]),
             alerts: Family::new(["rule"]),
             auth_failures: AtomicU64::new(0),
@@ -105,6 +107,9 @@ impl Metrics {
     /// One finished call: its report, and how long the whole request took.
     pub fn call(&self, report: &ExecutionReport, request_seconds: f64) {
         self.calls.inc([&report.tool, &report.tier, report.status.as_str()]);
+        for limit in &report.usage.limits_hit {
+            self.limits_hit.inc([limit]);
+        }
         self.request_seconds.observe(request_seconds);
         self.wall_seconds.observe(report.usage.wall_ms / 1e3);
         if let Some(fuel) = report.usage.fuel_consumed {
@@ -128,7 +133,7 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges read now.
-    pub fn render(&self, active_calls: u32, pool_capacity: u32) -> String {
+    pub fn render(&self, active_calls: u32, pool_capacity: u32, shared: &SharedGauges) -> String {
         let mut out = String::with_capacity(8192);
         self.calls.render(&mut out, "imagentx_calls_total", "Tool calls finished, by tool, tier and status.");
         self.request_seconds.render(
@@ -140,6 +145,11 @@ impl Metrics {
         self.fuel.render(&mut out, "imagentx_call_fuel", "Fuel consumed by WASM tool calls.");
         self.memory.render(&mut out, "imagentx_call_peak_memory_bytes", "Peak linear memory of WASM tool calls.");
         self.rejections.render(&mut out, "imagentx_admission_rejections_total", "Requests turned away with 429.");
+        self.limits_hit.render(
+            &mut out,
+            "imagentx_limits_hit_total",
+            "Calls that ran into a limit (usage.limits_hit), whether or not they survived it, by limit.",
+        );
         self.alerts.render(&mut out, "imagentx_alerts_total", "Alert rules fired, by rule.");
         let _ = writeln!(
             out,
@@ -157,6 +167,54 @@ impl Metrics {
              # TYPE imagentx_pool_occupancy gauge\nimagentx_pool_occupancy {}",
             f64::from(active_calls) / f64::from(pool_capacity.max(1))
         );
+        for (name, help, value) in [
+            (
+                "imagentx_guest_memory_budget_bytes",
+                "Memory that all calls in flight may hold together.",
+                shared.memory_budget_bytes,
+            ),
+            ("imagentx_guest_memory_bytes", "Memory the calls in flight hold now.", shared.memory_in_use_bytes),
+            (
+                "imagentx_guest_memory_peak_bytes",
+                "The most memory the calls in flight held at once since start.",
+                shared.memory_peak_bytes,
+            ),
+            (
+                "imagentx_guest_descriptors_max",
+                "Host descriptors that WASM calls may hold together (the process limit less the server's reserve).",
+                shared.descriptors_max,
+            ),
+            (
+                "imagentx_guest_descriptors",
+                "Host descriptors the WASM calls in flight hold now.",
+                shared.descriptors_in_use,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
         out
+    }
+}
+
+/// What all calls share, read when `/metrics` is scraped.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedGauges {
+    pub memory_budget_bytes: u64,
+    pub memory_in_use_bytes: u64,
+    pub memory_peak_bytes: u64,
+    pub descriptors_max: u64,
+    pub descriptors_in_use: u64,
+}
+
+impl SharedGauges {
+    pub fn of(engine: &crate::engine::Engine) -> Self {
+        let (memory, descriptors) = (engine.guest_memory(), engine.guest_descriptors());
+        Self {
+            memory_budget_bytes: memory.budget_bytes(),
+            memory_in_use_bytes: memory.in_use_bytes(),
+            memory_peak_bytes: memory.peak_bytes(),
+            descriptors_max: descriptors.max(),
+            descriptors_in_use: descriptors.in_use(),
+        }
     }
 }

@@ -38,7 +38,7 @@ pub use openapi::document as openapi_document;
 pub use registry::{Registered, Registry};
 
 use crate::data_dir::DataDir;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, MemoryPool};
 use crate::jail::{Jail, JailConfig};
 use crate::policy::Policy;
 use crate::runner::Sandbox;
@@ -72,6 +72,10 @@ pub struct ServerSettings {
     /// default: `$IMAGENTX_INTERPRETERS`, else `interpreters/` beside the
     /// executable's directory (`target/`).
     pub interpreters_dir: PathBuf,
+    /// Memory that all calls in flight may hold together (WASM linear memory,
+    /// native runs' memory limits); default: 80 % of the host's memory, or of
+    /// the server's cgroup limit when that is lower.
+    pub memory_budget_bytes: Option<u64>,
     /// The native jailer's settings: the config file's `[jail]` table.
     #[serde(skip)]
     pub jail: JailConfig,
@@ -90,6 +94,7 @@ impl Default for ServerSettings {
             artifact_cache_dir: None,
             builtin_tools: true,
             interpreters_dir: crate::interpreters::default_dir(),
+            memory_budget_bytes: None,
             jail: JailConfig::default(),
         }
     }
@@ -145,16 +150,25 @@ impl AppState {
         let cache_dir = settings.artifact_cache_dir.clone().unwrap_or_else(|| data_dir.cache_dir());
         let mut config = EngineConfig::new(cache_dir, max_memory);
         config.max_instances = settings.max_instances;
+        if let Some(budget) = settings.memory_budget_bytes {
+            config.guest_memory = MemoryPool::new(budget);
+        }
         let engine = Engine::new(&config)?;
+        tracing::info!(
+            memory_budget_bytes = engine.guest_memory().budget_bytes(),
+            guest_descriptors = engine.guest_descriptors().max(),
+            "limits across all calls"
+        );
         let jail = Jail::new(settings.jail.clone()).map(Arc::new).map_err(|e| {
             tracing::warn!(error = %e, "native tools are disabled: the jail cannot run on this host");
             e.to_string()
         });
+        let engine_memory = &Arc::clone(engine.guest_memory());
         let state = Arc::new(Self {
             sandbox: Sandbox { policy, engine, data_dir },
             store,
             registry: Registry::default(),
-            admission: Admission::new(settings.max_instances),
+            admission: Admission::new(settings.max_instances, Arc::clone(engine_memory)),
             metrics: Metrics::default(),
             blobs,
             jail,

@@ -477,13 +477,7 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 /// Memory in use on the whole machine (MemTotal − MemAvailable), in bytes:
 /// what a sandbox costs including the kernel's side of it.
 pub fn machine_used() -> Option<u64> {
-    Some(meminfo_bytes("MemTotal:")?.saturating_sub(meminfo_bytes("MemAvailable:")?))
-}
-
-/// A `/proc/meminfo` field, in bytes.
-fn meminfo_bytes(field: &str) -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    info.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|k| k * 1024)
+    Some(crate::host::meminfo_bytes("MemTotal:")?.saturating_sub(crate::host::meminfo_bytes("MemAvailable:")?))
 }
 
 /// Runs a program to its end, stdin fed, output discarded: whether it
@@ -573,7 +567,7 @@ pub struct Machine {
 impl Machine {
     fn read(size: Size) -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let total = meminfo_bytes("MemTotal:").unwrap_or(0);
+        let total = crate::host::meminfo_bytes("MemTotal:").unwrap_or(0);
         let commit = Command::new("git")
             .args(["rev-parse", "--short", "HEAD"])
             .output()

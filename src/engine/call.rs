@@ -17,7 +17,7 @@ use super::Engine;
 use super::cpu_time::CpuTimed;
 use super::deadline::{CpuTimeExceeded, DeadlineExceeded};
 use super::fs::{CallCounters, CallFs};
-use super::limiter::{CallLimiter, Refusal};
+use super::limiter::{LimiterRecord, Refusal};
 use super::output::CappedPipe;
 use super::tool::{Entry, LoadError, Tool};
 use super::wasi::{CallState, GuestView};
@@ -114,7 +114,7 @@ impl Engine {
             data_dir: Some((inv.data_dir, inv.data_writable)),
             scratch_dir: Some(inv.scratch_dir),
         };
-        let state = || CallState::new(limits);
+        let state = || CallState::new(limits, &self.inner.guest_memory);
         let backstop = backstop(limits.wall_time, self.inner.epoch_tick);
         let engine = &self.inner.wasmtime;
         let counters = Arc::new(CallCounters::default());
@@ -199,6 +199,7 @@ impl Engine {
         };
         match limiter.refusal() {
             Some(Refusal::Memory { .. }) => outcome.limits_hit.push("memory"),
+            Some(Refusal::HostMemory { .. }) => outcome.limits_hit.push("host_memory"),
             Some(Refusal::Table { .. }) => outcome.limits_hit.push("table"),
             None => {}
         }
@@ -268,14 +269,14 @@ async fn drive<T: 'static, R>(
     backstop: Duration,
     state: fn(&mut T) -> &mut CallState,
     run: impl AsyncFnOnce(&mut Store<T>) -> wasmtime::Result<R>,
-) -> Result<(Ended<R>, Option<u64>, CallLimiter), CallError> {
+) -> Result<(Ended<R>, Option<u64>, LimiterRecord), CallError> {
     arm(&mut store, fuel, state).map_err(CallError::Store)?;
     // Consumption is measured against what the store reports holding.
     let fuel_start = store.get_fuel().map_err(CallError::Store)?;
     let cpu_spent = state(store.data_mut()).cpu_spent.clone();
     let ended = tokio::time::timeout(backstop, CpuTimed::new(run(&mut store), cpu_spent)).await;
     let fuel_consumed = store.get_fuel().ok().map(|left| fuel_start.saturating_sub(left));
-    let limiter = state(store.data_mut()).limiter.clone();
+    let limiter = state(store.data_mut()).limiter.record();
     Ok((ended, fuel_consumed, limiter))
 }
 
@@ -376,6 +377,10 @@ fn refusal_message(refusal: Refusal, then: Option<String>) -> String {
             "table limit reached: the tool asked for {requested_elements} table elements in all, \
              the limit is {limit_elements}"
         ),
+        Refusal::HostMemory { requested_bytes, budget_bytes } => format!(
+            "the server's memory budget for all calls ({budget_bytes} bytes) is in use: the tool's growth \
+             by {requested_bytes} bytes was refused although its tier allows it"
+        ),
     };
     match then {
         Some(then) => format!("{what}; then: {then}"),
@@ -410,7 +415,9 @@ pub(super) async fn describe(engine: &Engine, tool: &Tool) -> Result<String, Loa
         Arc::clone(&engine.inner.guest_descriptors),
         Arc::default(),
     );
-    let host = view.component_host(CallState::new(limits), fs).map_err(|e| LoadError::Host(format!("{e:#}")))?;
+    let host = view
+        .component_host(CallState::new(limits, &engine.inner.guest_memory), fs)
+        .map_err(|e| LoadError::Host(format!("{e:#}")))?;
     let store = Store::new(&engine.inner.wasmtime, host);
     let backstop = backstop(limits.wall_time, engine.inner.epoch_tick);
     let (ended, _, _) = drive(

@@ -26,6 +26,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 
 pub use call::{CallError, Invocation, Outcome};
 pub use fs::DescriptorPool;
+pub use limiter::{DEFAULT_MEMORY_SHARE, MemoryPool, MemoryReservation};
 pub use tool::{LoadError, Tool, ToolInfo, ToolKind, sha256_hex};
 pub use wasi::{DATA_DIR, TMP_DIR};
 
@@ -57,6 +58,8 @@ pub struct EngineConfig {
     /// Size it below the process's `RLIMIT_NOFILE` so the server keeps a
     /// reserve of its own (see [`EngineConfig::new`]).
     pub guest_descriptors: Arc<DescriptorPool>,
+    /// Linear memory that all guests may hold at once (the host's budget).
+    pub guest_memory: Arc<MemoryPool>,
 }
 
 /// Descriptors kept for the server itself (listener, connections, database,
@@ -73,6 +76,7 @@ impl EngineConfig {
             keep_resident_bytes: 2 << 20,
             map_artifacts: false,
             guest_descriptors: DescriptorPool::for_this_process(MIN_DESCRIPTOR_RESERVE),
+            guest_memory: MemoryPool::for_this_host(DEFAULT_MEMORY_SHARE),
         }
     }
 }
@@ -105,6 +109,7 @@ struct Inner {
     describe_limits: crate::policy::Limits,
     epoch_tick: Duration,
     guest_descriptors: Arc<DescriptorPool>,
+    guest_memory: Arc<MemoryPool>,
     _ticker: EpochTicker,
 }
 
@@ -182,6 +187,7 @@ impl Engine {
                 describe_limits,
                 epoch_tick: config.epoch_tick,
                 guest_descriptors: Arc::clone(&config.guest_descriptors),
+                guest_memory: Arc::clone(&config.guest_memory),
                 _ticker: ticker,
             }),
         })
@@ -272,6 +278,11 @@ impl Engine {
                 Ok((Entry::Module(pre), ToolKind::WasiP1Module, compiled.from_cache))
             }
         }
+    }
+
+    /// The host's memory budget that guests share.
+    pub fn guest_memory(&self) -> &Arc<MemoryPool> {
+        &self.inner.guest_memory
     }
 
     /// The pool of host descriptors that guests share.

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::types::ComponentItem;
@@ -20,7 +21,7 @@ use wasmtime_wasi_io::IoView;
 
 use super::cpu_time::CpuSpent;
 use super::fs::{CallFs, ChargedFilesystem, ChargedFs};
-use super::limiter::CallLimiter;
+use super::limiter::{CallLimiter, MemoryPool};
 use super::output::CappedPipe;
 use crate::policy::Limits;
 
@@ -38,10 +39,11 @@ pub(crate) struct CallState {
 }
 
 impl CallState {
-    /// A fresh state for one call under `limits`; its wall-clock deadline starts now.
-    pub(crate) fn new(limits: &Limits) -> Self {
+    /// A fresh state for one call under `limits`, charging `memory`; its
+    /// wall-clock deadline starts now.
+    pub(crate) fn new(limits: &Limits, memory: &Arc<MemoryPool>) -> Self {
         Self {
-            limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements),
+            limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements, Arc::clone(memory)),
             deadline: Instant::now() + limits.wall_time,
             cpu_budget: limits.cpu_time,
             cpu_spent: CpuSpent::default(),

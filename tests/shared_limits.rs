@@ -1,6 +1,7 @@
-//! Disk and descriptor limits of WASM calls, held at every write and open
-//! (SECURITY.md, "Disk" and "Descriptors"): hostile agents' code in the real
-//! Python tool and a Rust guest, with the host's disk measured afterwards.
+//! Limits across tenants (SECURITY.md, "Disk", "Descriptors", "Host memory"):
+//! disk and descriptors held at every write and open, and the host's memory
+//! budget over all calls. Hostile agents' code in the real Python tool and a
+//! Rust guest, with the host's disk measured afterwards.
 //! Every case: the user's usage never passes the quota, the tool gets an
 //! error it can catch and carry on from, `limits_hit` says what happened, and
 //! the next call works.
@@ -374,4 +375,52 @@ async fn the_files_api_and_a_tool_share_one_quota() {
     assert!([&p1, &p2, &p3].iter().all(|p| [StatusCode::OK, StatusCode::PAYLOAD_TOO_LARGE].contains(&p.status)));
     let (apparent, _) = on_disk(&srv.dir.path().join("users/carol"));
     assert!(apparent <= QUOTA, "the PUTs and the tool together left {apparent} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_hungry_calls_of_several_premium_users_cannot_pass_the_host_budget() {
+    const BUDGET: u64 = 1 << 30;
+    let dir = common::interpreters::built_dir();
+    let srv = server::TestServer::start_with(Policy::default(), |s| {
+        s.interpreters_dir = dir;
+        s.artifact_cache_dir = Some(common::artifact_cache());
+        s.memory_budget_bytes = Some(BUDGET);
+    })
+    .await;
+    let keys = [srv.add_user("p1", "premium", false).await, srv.add_user("p2", "premium", false).await];
+    // Each call takes 300 MB (its tier allows 1 GiB) and holds it a while.
+    let hog = json!({"input": {"code": "import time\nx = bytearray(300 << 20)\ntime.sleep(0.4)\nresult = len(x)"}})
+        .to_string();
+    let calls = (0..8).map(|i| srv.request(Method::POST, "/v1/tools/python/invoke", Some(&keys[i % 2]), hog.clone()));
+    let answers = futures::future::join_all(calls).await;
+    let (mut ok, mut refused) = (0, 0);
+    for answer in &answers {
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(answer.error_code(), "server_busy");
+            assert!(answer.headers.contains_key("retry-after"));
+            refused += 1;
+            continue;
+        }
+        let report = answer.json();
+        match report["status"].as_str().unwrap() {
+            "ok" => ok += 1,
+            "memory_limit" => {
+                assert_eq!(report["usage"]["limits_hit"], json!(["host_memory"]), "{report}");
+                refused += 1;
+            }
+            other => panic!("{other}: {report}"),
+        }
+    }
+    assert!(ok >= 2 && refused >= 1, "{ok} ran, {refused} refused");
+    let pool = srv.state.sandbox.engine.guest_memory();
+    assert!(pool.peak_bytes() <= BUDGET, "the calls held {} bytes at once", pool.peak_bytes());
+    assert_eq!(pool.in_use_bytes(), 0, "memory was not given back");
+    let metrics = String::from_utf8(srv.request(Method::GET, "/metrics", None, "").await.body.to_vec()).unwrap();
+    assert!(metrics.contains(&format!("imagentx_guest_memory_budget_bytes {BUDGET}")), "{metrics}");
+    assert!(metrics.contains("imagentx_limits_hit_total{limit=\"host_memory\"}") || refused == 0);
+    // Once they are done, everyone's calls run again.
+    let bob = srv.add_user("bob", "standard", false).await;
+    let body = json!({"input": {"code": "result = 6 * 7"}}).to_string();
+    let answer = srv.request(Method::POST, "/v1/tools/python/invoke", Some(&bob), body).await;
+    assert_eq!(answer.json()["output"]["result"], 42);
 }
