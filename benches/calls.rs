@@ -29,6 +29,7 @@ fn calls(c: &mut Criterion) {
         data_budget: Budget::empty(limits.data_quota_bytes, limits.data_files),
         scratch_dir: dirs.path(),
         limits: &limits,
+        owner: "bench",
     };
     let sdk = rt.block_on(engine.load(&common::guest_bytes("sdk-probe"), usize::MAX, "sdk")).unwrap();
     let cmd = rt.block_on(engine.load(&common::guest_bytes("probe"), usize::MAX, "cmd")).unwrap();

@@ -277,6 +277,7 @@ impl Sandbox {
             data_budget,
             scratch_dir: scratch.path(),
             limits: &limits,
+            owner: call.user.as_str(),
         };
         let mut outcome = self.engine.call(tool, invocation).await.map_err(|e| {
             tracing::error!(error = %e, tool = tool.name(), "call could not run");

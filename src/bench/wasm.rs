@@ -72,6 +72,7 @@ impl Fixture {
             data_budget: Budget::empty(limits.data_quota_bytes, limits.data_files),
             scratch_dir: self.dirs.path(),
             limits,
+            owner: "bench",
         }
     }
 
@@ -226,6 +227,7 @@ pub fn start_calls(
                 data_budget: Budget::empty(limits.data_quota_bytes, limits.data_files),
                 scratch_dir: &dir,
                 limits: &limits,
+                owner: "bench",
             };
             let t = Instant::now();
             let ok = engine.call(&tool, inv).await.is_ok_and(|o| expected.contains(&o.status));

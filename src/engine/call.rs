@@ -16,6 +16,7 @@ use wasmtime_wasi::I32Exit;
 use super::Engine;
 use super::cpu_time::CpuTimed;
 use super::deadline::{CpuTimeExceeded, DeadlineExceeded};
+use super::fair::Fair;
 use super::fs::{CallCounters, CallFs};
 use super::limiter::{LimiterRecord, Refusal};
 use super::output::CappedPipe;
@@ -44,6 +45,9 @@ pub struct Invocation<'a> {
     /// Host directory shown as `/tmp`.
     pub scratch_dir: &'a Path,
     pub limits: &'a Limits,
+    /// Whom the call runs for (the user): when the host is contended, the
+    /// CPU goes round owners, not calls.
+    pub owner: &'a str,
 }
 
 /// How a call ended, and what it used.
@@ -114,7 +118,7 @@ impl Engine {
             data_dir: Some((inv.data_dir, inv.data_writable)),
             scratch_dir: Some(inv.scratch_dir),
         };
-        let state = || CallState::new(limits, &self.inner.guest_memory);
+        let state = || CallState::new(limits, &self.inner.guest_memory, &self.inner.cpu_gate, inv.owner);
         let backstop = backstop(limits.wall_time, self.inner.epoch_tick);
         let engine = &self.inner.wasmtime;
         let counters = Arc::new(CallCounters::default());
@@ -273,8 +277,10 @@ async fn drive<T: 'static, R>(
     arm(&mut store, fuel, state).map_err(CallError::Store)?;
     // Consumption is measured against what the store reports holding.
     let fuel_start = store.get_fuel().map_err(CallError::Store)?;
-    let cpu_spent = state(store.data_mut()).cpu_spent.clone();
-    let ended = tokio::time::timeout(backstop, CpuTimed::new(run(&mut store), cpu_spent)).await;
+    let call = state(store.data_mut());
+    let (cpu_spent, turns, owner) = (call.cpu_spent.clone(), Arc::clone(&call.turns), Arc::clone(&call.owner));
+    let ended =
+        tokio::time::timeout(backstop, Fair::new(CpuTimed::new(run(&mut store), cpu_spent), turns, owner)).await;
     let fuel_consumed = store.get_fuel().ok().map(|left| fuel_start.saturating_sub(left));
     let limiter = state(store.data_mut()).limiter.record();
     Ok((ended, fuel_consumed, limiter))
@@ -415,9 +421,8 @@ pub(super) async fn describe(engine: &Engine, tool: &Tool) -> Result<String, Loa
         Arc::clone(&engine.inner.guest_descriptors),
         Arc::default(),
     );
-    let host = view
-        .component_host(CallState::new(limits, &engine.inner.guest_memory), fs)
-        .map_err(|e| LoadError::Host(format!("{e:#}")))?;
+    let state = CallState::new(limits, &engine.inner.guest_memory, &engine.inner.cpu_gate, "(describe)");
+    let host = view.component_host(state, fs).map_err(|e| LoadError::Host(format!("{e:#}")))?;
     let store = Store::new(&engine.inner.wasmtime, host);
     let backstop = backstop(limits.wall_time, engine.inner.epoch_tick);
     let (ended, _, _) = drive(

@@ -11,6 +11,7 @@ mod cache;
 mod call;
 mod cpu_time;
 mod deadline;
+mod fair;
 mod fs;
 mod limiter;
 mod output;
@@ -25,6 +26,7 @@ use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 pub use call::{CallError, Invocation, Outcome};
+pub use fair::CpuGate;
 pub use fs::DescriptorPool;
 pub use limiter::{DEFAULT_MEMORY_SHARE, MemoryPool, MemoryReservation};
 pub use tool::{LoadError, Tool, ToolInfo, ToolKind, sha256_hex};
@@ -60,6 +62,12 @@ pub struct EngineConfig {
     pub guest_descriptors: Arc<DescriptorPool>,
     /// Linear memory that all guests may hold at once (the host's budget).
     pub guest_memory: Arc<MemoryPool>,
+    /// Turns on the CPU, handed round users when the cores are contended.
+    pub cpu_gate: Arc<CpuGate>,
+    /// Charge guests' writes and opens to their budgets. Always on, but for
+    /// the benchmark that measures what charging costs: off, `/data`, `/tmp`
+    /// and descriptors are unbounded (wasmtime-wasi's file system as it is).
+    pub charge_files: bool,
 }
 
 /// Descriptors kept for the server itself (listener, connections, database,
@@ -77,6 +85,8 @@ impl EngineConfig {
             map_artifacts: false,
             guest_descriptors: DescriptorPool::for_this_process(MIN_DESCRIPTOR_RESERVE),
             guest_memory: MemoryPool::for_this_host(DEFAULT_MEMORY_SHARE),
+            cpu_gate: CpuGate::for_this_host(),
+            charge_files: true,
         }
     }
 }
@@ -110,6 +120,7 @@ struct Inner {
     epoch_tick: Duration,
     guest_descriptors: Arc<DescriptorPool>,
     guest_memory: Arc<MemoryPool>,
+    cpu_gate: Arc<CpuGate>,
     _ticker: EpochTicker,
 }
 
@@ -155,7 +166,8 @@ impl Engine {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let wasmtime = wasmtime::Engine::new(&wt).map_err(EngineError::Configure)?;
 
-        let component_linker = wasi::component_linker(&wasmtime).map_err(EngineError::Configure)?;
+        let component_linker =
+            wasi::component_linker(&wasmtime, config.charge_files).map_err(EngineError::Configure)?;
         let module_linker = wasi::module_linker(&wasmtime).map_err(EngineError::Configure)?;
         let cache = ArtifactCache::new(config.cache_dir.clone(), &wasmtime, config.map_artifacts)
             .map_err(|source| EngineError::Cache { path: config.cache_dir.clone(), source })?;
@@ -188,6 +200,7 @@ impl Engine {
                 epoch_tick: config.epoch_tick,
                 guest_descriptors: Arc::clone(&config.guest_descriptors),
                 guest_memory: Arc::clone(&config.guest_memory),
+                cpu_gate: Arc::clone(&config.cpu_gate),
                 _ticker: ticker,
             }),
         })

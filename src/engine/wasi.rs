@@ -20,6 +20,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_io::IoView;
 
 use super::cpu_time::CpuSpent;
+use super::fair::CpuGate;
 use super::fs::{CallFs, ChargedFilesystem, ChargedFs};
 use super::limiter::{CallLimiter, MemoryPool};
 use super::output::CappedPipe;
@@ -36,17 +37,23 @@ pub(crate) struct CallState {
     pub deadline: Instant,
     pub cpu_budget: Duration,
     pub cpu_spent: CpuSpent,
+    /// Turns on the CPU, shared fairly between owners.
+    pub turns: Arc<CpuGate>,
+    /// Whom the call runs for: an owner's calls share one place in line.
+    pub owner: Arc<str>,
 }
 
 impl CallState {
-    /// A fresh state for one call under `limits`, charging `memory`; its
-    /// wall-clock deadline starts now.
-    pub(crate) fn new(limits: &Limits, memory: &Arc<MemoryPool>) -> Self {
+    /// A fresh state for one call of `owner` under `limits`, charging
+    /// `memory` and taking turns at `turns`; its wall-clock deadline starts now.
+    pub(crate) fn new(limits: &Limits, memory: &Arc<MemoryPool>, turns: &Arc<CpuGate>, owner: &str) -> Self {
         Self {
             limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements, Arc::clone(memory)),
             deadline: Instant::now() + limits.wall_time,
             cpu_budget: limits.cpu_time,
             cpu_spent: CpuSpent::default(),
+            turns: Arc::clone(turns),
+            owner: owner.into(),
         }
     }
 }
@@ -141,9 +148,13 @@ impl GuestView<'_> {
 
 /// The WASI p2 linker for components: every interface but sockets; the file
 /// system charged (see [`super::fs`]).
-pub(crate) fn component_linker(engine: &wasmtime::Engine) -> wasmtime::Result<ComponentLinker<ComponentHost>> {
+pub(crate) fn component_linker(
+    engine: &wasmtime::Engine,
+    charge_files: bool,
+) -> wasmtime::Result<ComponentLinker<ComponentHost>> {
     use wasmtime_wasi::cli::{WasiCli, WasiCliView};
     use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
     use wasmtime_wasi::random::WasiRandom;
 
     let mut linker = ComponentLinker::new(engine);
@@ -151,8 +162,13 @@ pub(crate) fn component_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Co
     wasmtime_wasi_io::add_to_linker_async(l)?;
     p2::clocks::wall_clock::add_to_linker::<_, WasiClocks>(l, ComponentHost::clocks)?;
     p2::clocks::monotonic_clock::add_to_linker::<_, WasiClocks>(l, ComponentHost::clocks)?;
-    p2::filesystem::types::add_to_linker::<_, ChargedFilesystem>(l, ComponentHost::charged_fs)?;
-    p2::filesystem::preopens::add_to_linker::<_, ChargedFilesystem>(l, ComponentHost::charged_fs)?;
+    if charge_files {
+        p2::filesystem::types::add_to_linker::<_, ChargedFilesystem>(l, ComponentHost::charged_fs)?;
+        p2::filesystem::preopens::add_to_linker::<_, ChargedFilesystem>(l, ComponentHost::charged_fs)?;
+    } else {
+        p2::filesystem::types::add_to_linker::<_, WasiFilesystem>(l, ComponentHost::filesystem)?;
+        p2::filesystem::preopens::add_to_linker::<_, WasiFilesystem>(l, ComponentHost::filesystem)?;
+    }
     p2::random::random::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
     p2::random::insecure::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
     p2::random::insecure_seed::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;

@@ -82,6 +82,15 @@ fn main() {
             }
             json!({ "written": written, "error": error })
         }
+        // `count` files of `bytes` each in `dir`.
+        "files" => {
+            let content = vec![7u8; num_arg("bytes") as usize];
+            let dir = str_arg("dir");
+            let made = (0..num_arg("count"))
+                .take_while(|i| std::fs::write(format!("{dir}/f{i}"), &content).is_ok())
+                .count();
+            json!({ "made": made })
+        }
         "list" => match std::fs::read_dir(str_arg("path")) {
             Ok(entries) => {
                 let mut names: Vec<String> =
