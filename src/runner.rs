@@ -234,10 +234,11 @@ impl Sandbox {
         let (_, data_writable, note) = self.data_access(call, &limits, false).await;
         let env = jail::environment(&[&self.policy.env, &tool.env]);
         let argv: Vec<String> = tool.argv.iter().chain(&call.args).cloned().collect();
-        let (jail, layout, id) = (Arc::clone(jail), tool.layout.clone(), id.to_owned());
+        let (jail, layout, id, owner) = (Arc::clone(jail), tool.layout.clone(), id.to_owned(), call.user.clone());
         let mut outcome = tokio::task::spawn_blocking(move || {
             jail.run(&NativeRun {
                 id: &id,
+                owner: owner.as_str(),
                 argv: &argv,
                 env: &env,
                 input: &input,

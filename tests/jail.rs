@@ -110,7 +110,7 @@ impl Call<'_> {
         };
         let report = sb.run_native(Ok(&setup.jail), &tool, &call).await;
         // Whatever happened, the run's cgroup is gone afterwards.
-        for dir in setup.jail.cgroup_paths(&report.id) {
+        for dir in setup.jail.cgroup_paths(&report.id, self.user) {
             assert!(!dir.exists(), "cgroup {} left behind", dir.display());
         }
         report
@@ -346,6 +346,22 @@ async fn a_fork_bomb_hits_the_pids_limit_and_a_few_processes_are_fine() {
     let report = few.run(&sb, setup).await;
     assert_status(&report, Status::Ok);
     assert!(report.usage.peak_processes.is_some_and(|p| p >= 9), "{:?}", report.usage);
+}
+
+/// SECURITY.md, "CPU between users": a run's CPU cgroup lies under its
+/// owner's, so the kernel shares contended cores between users first.
+#[tokio::test]
+async fn runs_share_the_cpu_under_their_owners_cgroup() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let mut run = sh("echo '{}'");
+    run.user = "carol";
+    let report = run.run(&sb, setup).await;
+    assert_status(&report, Status::Ok);
+    let owners: Vec<_> =
+        setup.jail.cgroup_paths(&report.id, "carol").iter().filter_map(|d| d.parent().map(Path::to_owned)).collect();
+    let carol = owners.iter().find(|d| d.ends_with("owner-carol")).expect("no owner cgroup in the run's path");
+    assert!(carol.is_dir(), "{} was not made", carol.display());
 }
 
 /// SECURITY.md, "Silent limits": a tool whose forks were refused at

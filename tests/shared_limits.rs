@@ -312,7 +312,7 @@ async fn all_calls_together_hold_no_more_descriptors_than_the_pool_and_give_them
     let sandbox = Sandbox { policy: tiny_policy(), engine, data_dir: DataDir::open(dir.path()).unwrap() };
     let bytes = std::fs::read(common::interpreters::built_dir().join("python.wasm")).unwrap();
     let python = sandbox.load(&bytes, "python").await.unwrap();
-    let hog = "import os, errno, time\nopen('/data/a', 'w').close()\nfds = []\ntry:\n    while True:\n        fds.append(os.open('/data/a', os.O_RDONLY))\nexcept OSError:\n    pass\ntime.sleep(0.3)\nresult = len(fds)";
+    let hog = "import os, errno, time\nfds = []\ntry:\n    while True:\n        fds.append(os.open('/tmp', os.O_RDONLY))\nexcept OSError:\n    pass\ntime.sleep(0.3)\nresult = len(fds)";
     let run = |user: &str, code: &str| {
         let call = common::call(user, "tiny", json!({"code": code}));
         let (sandbox, python) = (&sandbox, &python);
@@ -425,4 +425,46 @@ async fn memory_hungry_calls_of_several_premium_users_cannot_pass_the_host_budge
     let body = json!({"input": {"code": "result = 6 * 7"}}).to_string();
     let answer = srv.request(Method::POST, "/v1/tools/python/invoke", Some(&bob), body).await;
     assert_eq!(answer.json()["output"]["result"], 42);
+}
+
+/// The attack of SECURITY.md, "Descriptors": calls that open files in a loop
+/// as many at once as two premium users may run, over HTTP, while another
+/// user's calls keep being answered, and the server keeps its reserve.
+#[tokio::test(flavor = "multi_thread")]
+async fn descriptor_hogs_at_full_concurrency_leave_the_server_its_reserve() {
+    let srv = server().await;
+    let hogs = [srv.add_user("h1", "premium", false).await, srv.add_user("h2", "premium", false).await];
+    let bob = srv.add_user("bob", "standard", false).await;
+    let hog = json!({"input": {"code": "import os, time\nopen('/data/a', 'w').close()\nfds = []\ntry:\n    \
+                while True:\n        fds.append(os.open('/data/a', os.O_RDONLY))\nexcept OSError:\n    pass\n\
+                time.sleep(0.5)\nresult = len(fds)"}})
+    .to_string();
+    let calls = (0..20).map(|i| srv.request(Method::POST, "/v1/tools/python/invoke", Some(&hogs[i % 2]), hog.clone()));
+    let bystander = async {
+        let body = json!({"input": {"code": "result = 6 * 7"}}).to_string();
+        let mut answers = Vec::new();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        for _ in 0..10 {
+            let answer = srv.request(Method::POST, "/v1/tools/python/invoke", Some(&bob), body.clone()).await;
+            answers.push((answer.status, answer.json()["output"]["result"].clone()));
+        }
+        answers
+    };
+    let (hogged, answers) = tokio::join!(futures::future::join_all(calls), bystander);
+    assert!(answers.iter().all(|a| *a == (StatusCode::OK, json!(42))), "{answers:?}");
+    let pool = srv.state.sandbox.engine.guest_descriptors();
+    let held: Vec<u64> = hogged
+        .iter()
+        .map(|a| {
+            let report = a.json();
+            assert_eq!(report["usage"]["limits_hit"], json!(["nofile"]), "{report}");
+            report["output"]["result"].as_u64().unwrap()
+        })
+        .collect();
+    // A call holds at most the soft limit, a user's calls together the hard one.
+    assert!(held.iter().all(|&n| n <= 1024), "{held:?}");
+    let per_user = |u: usize| held.iter().skip(u).step_by(2).sum::<u64>();
+    assert!(per_user(0) <= 2048 && per_user(1) <= 2048, "{held:?}");
+    assert!(held.iter().sum::<u64>() <= pool.max(), "{held:?} of {}", pool.max());
+    assert_eq!(pool.in_use(), 0, "descriptors were not given back");
 }

@@ -20,10 +20,34 @@ pub struct Health {
     /// `/readyz` only: `available`, or why native tools cannot run here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native_tools: Option<String>,
+    /// `/readyz` only: how the data quota and `/tmp` are held, by who writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_limits: Option<DiskLimits>,
 }
 
+/// How this server holds users' disk limits, by who writes (SECURITY.md, "Disk").
+#[derive(Debug, Clone, Copy, serde::Serialize, schemars::JsonSchema)]
+pub struct DiskLimits {
+    pub wasm_components: &'static str,
+    pub wasm_preview1_modules: &'static str,
+    pub native_tools: &'static str,
+    pub files_api: &'static str,
+}
+
+/// What is enforced on every host: the WASM path's accounting is the
+/// server's own and does not depend on the file system under the data dir.
+pub const DISK_LIMITS: DiskLimits = DiskLimits {
+    wasm_components: "every write: /data quota (bytes and files) shared by the user's calls and the files API, \
+                      /tmp per call, open files per call and across calls",
+    wasm_preview1_modules: "before each call only: /data is read-only while the user is at or over the quota; \
+                            /tmp unbounded",
+    native_tools: "before each call only: /data is read-only while the user is at or over the quota \
+                   (no per-write cap on the directory yet); /tmp is a tmpfs of the tier's size",
+    files_api: "every write, on the same ledger as the WASM calls",
+};
+
 pub async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok", native_tools: None })
+    Json(Health { status: "ok", native_tools: None, disk_limits: None })
 }
 
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
@@ -38,7 +62,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
         Ok(_) => "available".to_owned(),
         Err(why) => format!("unavailable: {why}"),
     };
-    Ok(Json(Health { status: "ready", native_tools: Some(native) }))
+    Ok(Json(Health { status: "ready", native_tools: Some(native), disk_limits: Some(DISK_LIMITS) }))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {

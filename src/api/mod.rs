@@ -157,7 +157,14 @@ impl AppState {
         tracing::info!(
             memory_budget_bytes = engine.guest_memory().budget_bytes(),
             guest_descriptors = engine.guest_descriptors().max(),
+            cpu_turns = "round the users with calls waiting",
             "limits across all calls"
+        );
+        tracing::info!(data_quota = admin::DISK_LIMITS.wasm_components, "disk limits of WASM components");
+        tracing::warn!(
+            data_quota = admin::DISK_LIMITS.native_tools,
+            "disk limits of native tools and WASI preview 1 modules are checked before each call only: \
+             one such call can write past the user's quota"
         );
         let jail = Jail::new(settings.jail.clone()).map(Arc::new).map_err(|e| {
             tracing::warn!(error = %e, "native tools are disabled: the jail cannot run on this host");

@@ -6,6 +6,7 @@
 //! ```text
 //! bench::main ──> wasm.rs      in-process calls, restart, cold compile, 1,000 in flight,
 //!             │                one-shot processes (our CLI, the wasmtime CLI, fork/exec)
+//!             ├─> shared.rs    the file accounting on and off; CPU turns by user and by call
 //!             ├─> http.rs      the real server as its own process: create-to-first-result,
 //!             │                a ramp of 1 → 1,000 keep-alive clients, wrk beside it
 //!             ├─> native.rs    the jail, bubblewrap, nsjail and fork/exec at 1/2/8/32 in flight
@@ -23,6 +24,7 @@ mod density;
 mod http;
 mod native;
 mod report;
+mod shared;
 mod svg;
 mod teardown;
 pub mod wasm;

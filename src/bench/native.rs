@@ -48,6 +48,7 @@ impl Jailer {
     pub fn run_as(&self, id: &str, argv: &[String], limits: &Limits) -> crate::jail::NativeOutcome {
         self.jail.run(&NativeRun {
             id,
+            owner: "bench",
             argv,
             env: &crate::jail::environment(&[]),
             input: b"",

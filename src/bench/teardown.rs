@@ -79,7 +79,7 @@ fn native(h: &mut Harness, n: usize) -> anyhow::Result<()> {
         let outcome = jailer.run_as(&id, &argv, &limits);
         let latency = t.elapsed().saturating_sub(budget);
         // Stopped by its deadline, and nothing left: no cgroup, so no process.
-        let gone = jailer.jail.cgroup_paths(&id).iter().all(|p| !p.exists());
+        let gone = jailer.jail.cgroup_paths(&id, "bench").iter().all(|p| !p.exists());
         let stopped = outcome.status == Status::Timeout;
         samples.push(Sample { latency, ok: stopped && gone });
         cleanup.push(outcome.timings.cleanup);

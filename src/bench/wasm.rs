@@ -192,6 +192,7 @@ pub fn run(h: &mut Harness, instructions: bool) -> anyhow::Result<()> {
 
     in_flight(h, &rt, &fx, cmd)?;
     drop(sdk);
+    super::shared::run(h, &rt, &fx.config, &cmd_wasm, &sdk_wasm)?;
 
     interpreters(h, &rt, &fx)?;
     one_shot(h, &probe_path)?;

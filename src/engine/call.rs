@@ -17,7 +17,7 @@ use super::Engine;
 use super::cpu_time::CpuTimed;
 use super::deadline::{CpuTimeExceeded, DeadlineExceeded};
 use super::fair::Fair;
-use super::fs::{CallCounters, CallFs};
+use super::fs::{CallCounters, CallFs, DescriptorCaps};
 use super::limiter::{LimiterRecord, Refusal};
 use super::output::CappedPipe;
 use super::tool::{Entry, LoadError, Tool};
@@ -123,11 +123,17 @@ impl Engine {
         let engine = &self.inner.wasmtime;
         let counters = Arc::new(CallCounters::default());
         let call_fs = || {
+            let pool = &self.inner.guest_descriptors;
+            let files = DescriptorCaps {
+                per_call: usize::try_from(limits.nofile_soft).unwrap_or(usize::MAX),
+                per_owner: limits.nofile_hard,
+                owner: pool.owner(inv.owner),
+                pool: Arc::clone(pool),
+            };
             CallFs::new(
                 inv.data_budget.clone(),
                 Budget::empty(limits.tmp_bytes, limits.tmp_files),
-                usize::try_from(limits.nofile_soft).unwrap_or(usize::MAX),
-                Arc::clone(&self.inner.guest_descriptors),
+                files,
                 Arc::clone(&counters),
             )
         };
@@ -414,13 +420,13 @@ pub(super) async fn describe(engine: &Engine, tool: &Tool) -> Result<String, Loa
         scratch_dir: None,
     };
     // No preopens: nothing to charge, and no descriptor to hold.
-    let fs = CallFs::new(
-        Budget::empty(0, 0),
-        Budget::empty(0, 0),
-        0,
-        Arc::clone(&engine.inner.guest_descriptors),
-        Arc::default(),
-    );
+    let files = DescriptorCaps {
+        per_call: 0,
+        per_owner: 0,
+        owner: Arc::default(),
+        pool: Arc::clone(&engine.inner.guest_descriptors),
+    };
+    let fs = CallFs::new(Budget::empty(0, 0), Budget::empty(0, 0), files, Arc::default());
     let state = CallState::new(limits, &engine.inner.guest_memory, &engine.inner.cpu_gate, "(describe)");
     let host = view.component_host(state, fs).map_err(|e| LoadError::Host(format!("{e:#}")))?;
     let store = Store::new(&engine.inner.wasmtime, host);

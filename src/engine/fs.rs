@@ -16,9 +16,9 @@
 //!   and truncating give back what they free.
 //! - Every file or directory the guest opens holds a host descriptor until
 //!   the last handle to it (the descriptor, or a stream made from it) is
-//!   dropped. A call holds at most its tier's soft `nofile` limit of them, and
-//!   all calls together at most what the process keeps for guests
-//!   ([`DescriptorPool`]). WASI 0.2 has no EMFILE; a refused open answers
+//!   dropped. A call holds at most its tier's soft `nofile` limit of them, one
+//!   user's calls together at most the hard one, and all calls together at
+//!   most what the process keeps for guests ([`DescriptorPool`]). WASI 0.2 has no EMFILE; a refused open answers
 //!   `insufficient-memory` (ENOMEM), and the report's `limits_hit` says `nofile`.
 //! - Renames and hard links between `/data` and `/tmp` answer `cross-device`
 //!   (EXDEV), as they would between two mounts: a file cannot change budgets
@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use bytes::Bytes;
 use wasmtime::component::{HasData, Resource};
@@ -84,17 +84,20 @@ impl CallCounters {
 
 /// Host descriptors that guests may hold at once, over all calls: the
 /// process's own limit less a reserve for the server (its listener, its
-/// connections, the database, logs), which no set of calls can take.
+/// connections, the database, logs), which no set of calls can take; and
+/// what each user's calls hold together.
 #[derive(Debug)]
 pub struct DescriptorPool {
     in_use: AtomicU64,
     max: u64,
+    /// Descriptors each user's calls in flight hold together.
+    users: Mutex<HashMap<Arc<str>, Arc<AtomicU64>>>,
 }
 
 impl DescriptorPool {
     /// A pool of `max` descriptors.
     pub fn new(max: u64) -> Arc<Self> {
-        Arc::new(Self { in_use: AtomicU64::new(0), max })
+        Arc::new(Self { in_use: AtomicU64::new(0), max, users: Mutex::default() })
     }
 
     /// A pool sized from the process's `RLIMIT_NOFILE` (soft) as it is now:
@@ -112,34 +115,72 @@ impl DescriptorPool {
         self.in_use.load(Ordering::Relaxed)
     }
 
+    /// The counter of `owner`'s descriptors, shared by all their calls.
+    pub(crate) fn owner(&self, owner: &str) -> Arc<AtomicU64> {
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(users.entry(owner.into()).or_default())
+    }
+
     fn take(&self) -> bool {
-        self.in_use.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).is_ok()
+        take_one(&self.in_use, self.max)
     }
 
     fn give_back(&self, n: u64) {
-        let _ = self.in_use.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(n)));
+        give_back(&self.in_use, n);
     }
+}
+
+fn take_one(counter: &AtomicU64, max: u64) -> bool {
+    counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+}
+
+fn give_back(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(n)));
+}
+
+/// What one call may hold: its own cap, its owner's, the process's.
+pub(crate) struct DescriptorCaps {
+    pub per_call: usize,
+    pub per_owner: u64,
+    pub owner: Arc<AtomicU64>,
+    pub pool: Arc<DescriptorPool>,
 }
 
 /// The host descriptors one call holds.
 struct HeldFiles {
     /// One per open the guest made; dead once every handle to it is dropped.
     held: Vec<Weak<std::fs::File>>,
-    max: usize,
-    pool: Arc<DescriptorPool>,
+    caps: DescriptorCaps,
 }
 
 impl HeldFiles {
     /// Reserves a descriptor for one more open, or answers false.
     fn reserve(&mut self) -> bool {
-        if self.held.len() >= self.max || !self.pool.take() {
-            // Closed ones are only noticed here: count again, then retry.
-            let before = self.held.len();
-            self.held.retain(|f| f.strong_count() > 0);
-            self.pool.give_back((before - self.held.len()) as u64);
-            return self.held.len() < self.max && self.pool.take();
+        if self.try_take() {
+            return true;
+        }
+        // Closed ones are only noticed here: count again, then retry.
+        let before = self.held.len();
+        self.held.retain(|f| f.strong_count() > 0);
+        self.give_back((before - self.held.len()) as u64);
+        self.try_take()
+    }
+
+    fn try_take(&self) -> bool {
+        let caps = &self.caps;
+        if self.held.len() >= caps.per_call || !take_one(&caps.owner, caps.per_owner) {
+            return false;
+        }
+        if !caps.pool.take() {
+            give_back(&caps.owner, 1);
+            return false;
         }
         true
+    }
+
+    fn give_back(&self, n: u64) {
+        give_back(&self.caps.owner, n);
+        self.caps.pool.give_back(n);
     }
 
     fn opened(&mut self, file: &Arc<std::fs::File>) {
@@ -147,13 +188,13 @@ impl HeldFiles {
     }
 
     fn cancel(&self) {
-        self.pool.give_back(1);
+        self.give_back(1);
     }
 }
 
 impl Drop for HeldFiles {
     fn drop(&mut self) {
-        self.pool.give_back(self.held.len() as u64);
+        self.give_back(self.held.len() as u64);
     }
 }
 
@@ -168,14 +209,8 @@ pub(crate) struct CallFs {
 }
 
 impl CallFs {
-    pub(crate) fn new(
-        data: Budget,
-        tmp: Budget,
-        max_files: usize,
-        pool: Arc<DescriptorPool>,
-        counters: Arc<CallCounters>,
-    ) -> Self {
-        Self { data, tmp, areas: HashMap::new(), files: HeldFiles { held: Vec::new(), max: max_files, pool }, counters }
+    pub(crate) fn new(data: Budget, tmp: Budget, files: DescriptorCaps, counters: Arc<CallCounters>) -> Self {
+        Self { data, tmp, areas: HashMap::new(), files: HeldFiles { held: Vec::new(), caps: files }, counters }
     }
 }
 

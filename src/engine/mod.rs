@@ -138,11 +138,15 @@ impl Engine {
         let n = config.max_instances.max(1);
         let mut pool = PoolingAllocationConfig::new();
         // A Rust wasip2 component takes 3 core instances, 1 memory and 2 tables
-        // (FIELD-NOTES); interpreters take more, so leave headroom.
+        // (FIELD-NOTES); the Python tool 14 core modules, each instantiated. With
+        // fewer than that per call, `max_instances` Python calls in flight (which
+        // admission allows) would run out of core instances before calls, and
+        // the last ones would fail instead of waiting their turn. Slots are
+        // address space, reserved, not resident.
         pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(4))
+            .total_core_instances(n.saturating_mul(16))
             .total_memories(n.saturating_mul(2))
-            .total_tables(n.saturating_mul(3))
+            .total_tables(n.saturating_mul(16))
             .total_stacks(n)
             .max_core_instances_per_component(50)
             .max_memories_per_component(16)

@@ -149,17 +149,17 @@ impl Cgroups {
         Ok(Cgroups::V2 { parent, swap })
     }
 
-    /// The parent directories runs' cgroups are made in.
-    pub fn parents(&self) -> Vec<PathBuf> {
+    /// The directories of run `id` of `owner` (while it runs).
+    pub fn run_dirs(&self, id: &str, owner: &str) -> Vec<PathBuf> {
         match self {
             Cgroups::V1 { memory, cpu, cpuacct, pids, .. } => {
-                let mut all = vec![memory.clone(), cpu.clone(), pids.clone()];
+                let mut all = vec![memory.join(id), cpu.join(format!("owner-{owner}")).join(id), pids.join(id)];
                 if cpuacct != cpu {
-                    all.push(cpuacct.clone());
+                    all.push(cpuacct.join(id));
                 }
                 all
             }
-            Cgroups::V2 { parent, .. } => vec![parent.clone()],
+            Cgroups::V2 { parent, .. } => vec![parent.join(format!("owner-{owner}")).join(id)],
         }
     }
 
@@ -179,13 +179,20 @@ impl Cgroups {
         }
     }
 
-    /// Makes the cgroup of one run, with its limits set.
+    /// Makes the cgroup of one run of `owner`, with its limits set.
+    ///
+    /// In the CPU hierarchy (v1) or the one hierarchy (v2) the run goes under
+    /// a cgroup of its owner's, all owners' at the same default weight: when
+    /// the host is contended the kernel shares the CPU between owners, then
+    /// between one owner's runs, so one user's twenty runs cannot starve
+    /// another user's one (SECURITY.md, "CPU between users"). Owners' cgroups
+    /// are kept for their next runs.
     ///
     /// # Errors
     ///
     /// When a directory cannot be made or a limit cannot be written; whatever
     /// was made is removed.
-    pub fn create(&self, id: &str, limits: &CgroupLimits) -> Result<RunCgroup, CgroupError> {
+    pub fn create(&self, id: &str, owner: &str, limits: &CgroupLimits) -> Result<RunCgroup, CgroupError> {
         let quota = ((limits.cpu * CPU_PERIOD_US as f64).round() as u64).max(1000);
         // A floor far above what the tool's last steps before exec allocate
         // (see `child`): the tool shares the server's memory until then, and
@@ -200,7 +207,7 @@ impl Cgroups {
                     // No swap: memory + swap may not exceed the memory limit.
                     write(&memory, "memory.memsw.limit_in_bytes", &limits.memory_bytes.to_string())?;
                 }
-                let cpu_dir = run.make(cpu.join(id))?;
+                let cpu_dir = run.make(owner_dir(cpu, owner, false)?.join(id))?;
                 write(&cpu_dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
                 write(&cpu_dir, "cpu.cfs_quota_us", &quota.to_string())?;
                 if cpuacct != cpu {
@@ -210,7 +217,7 @@ impl Cgroups {
                 write(&pids, "pids.max", &limits.pids.to_string())?;
             }
             Cgroups::V2 { parent, swap } => {
-                let dir = run.make(parent.join(id))?;
+                let dir = run.make(owner_dir(parent, owner, true)?.join(id))?;
                 write(&dir, "memory.max", &limits.memory_bytes.to_string())?;
                 if *swap {
                     write(&dir, "memory.swap.max", "0")?;
@@ -221,6 +228,17 @@ impl Cgroups {
         }
         Ok(run)
     }
+}
+
+/// The cgroup of one owner's runs under `parent`, made on first use. On v2
+/// it passes the controllers down to the runs (it holds no process itself).
+fn owner_dir(parent: &Path, owner: &str, v2: bool) -> Result<PathBuf, CgroupError> {
+    let dir = parent.join(format!("owner-{owner}"));
+    make_dir(&dir)?;
+    if v2 {
+        write(&dir, "cgroup.subtree_control", "+memory +cpu +pids")?;
+    }
+    Ok(dir)
 }
 
 const CPU_PERIOD_US: u64 = 100_000;

@@ -127,6 +127,8 @@ pub enum JailError {
 pub struct NativeRun<'a> {
     /// The execution's id: its cgroup's name.
     pub id: &'a str,
+    /// Whom it runs for (the user): the CPU is shared between owners first.
+    pub owner: &'a str,
     /// The program and its arguments.
     pub argv: &'a [String],
     /// The whole environment (nothing of the host's is added).
@@ -261,9 +263,9 @@ impl Jail {
         Ok(Self { config, layout, cgroups, filter, landlock, privileged })
     }
 
-    /// The directories run `id`'s cgroup has (or had) while it runs.
-    pub fn cgroup_paths(&self, id: &str) -> Vec<PathBuf> {
-        self.cgroups.parents().into_iter().map(|p| p.join(id)).collect()
+    /// The directories run `id` of `owner` has (or had) while it runs.
+    pub fn cgroup_paths(&self, id: &str, owner: &str) -> Vec<PathBuf> {
+        self.cgroups.run_dirs(id, owner)
     }
 
     /// The cgroup version in use: `"v1"` or `"v2"`.

@@ -99,7 +99,8 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     }
     let id = req.id;
     let cgroup_limits = CgroupLimits { memory_bytes: limits.memory_bytes, cpu: limits.cpu_share, pids: limits.pids };
-    let mut cgroup = jail.cgroups.create(id, &cgroup_limits).map_err(|e| format!("creating the run's cgroup: {e}"))?;
+    let mut cgroup =
+        jail.cgroups.create(id, req.owner, &cgroup_limits).map_err(|e| format!("creating the run's cgroup: {e}"))?;
     let t_cgroup = started.elapsed();
 
     let (stdin_r, stdin_w) = pipe().map_err(io("pipe"))?;

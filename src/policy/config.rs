@@ -19,6 +19,7 @@
 //! concurrent_calls = 50
 //! requests_per_second = 500       # optional (default 100)
 //! data_quota_bytes = 10737418240  # optional (default 1 GiB)
+//! data_files = 1000000            # optional (default 100,000 files, directories and links)
 //!
 //! [server]              # settings of `serve` (see api::ServerSettings)
 //! [jail]                # the native jailer (see jail::JailConfig)

@@ -13,9 +13,12 @@ pub struct Tier {
     pub cpu: f64,
     /// Process cap of a native run.
     pub pids: u32,
+    /// Open files of a native run (`RLIMIT_NOFILE`); a WASM call may hold
+    /// `nofile_soft` host descriptors.
     pub nofile_soft: u64,
     pub nofile_hard: u64,
-    /// Size of the per-call `/tmp` of a native run.
+    /// Size of a call's `/tmp`: a tmpfs for a native run, charged at every
+    /// write for a WASM call.
     pub tmp_bytes: u64,
     /// Calls one user of this tier may have in flight.
     pub concurrent_calls: u32,
