@@ -16,7 +16,7 @@ use wasmtime_wasi::I32Exit;
 use super::Engine;
 use super::cpu_time::CpuTimed;
 use super::deadline::{CpuTimeExceeded, DeadlineExceeded};
-use super::fair::Fair;
+use super::fair::{Fair, RUN_TICKS};
 use super::fs::{CallCounters, CallFs, DescriptorCaps};
 use super::limiter::{LimiterRecord, Refusal};
 use super::output::CappedPipe;
@@ -303,9 +303,13 @@ fn arm<T: 'static>(store: &mut Store<T>, fuel: u64, state: fn(&mut T) -> &mut Ca
             Err(DeadlineExceeded.into())
         } else if call.cpu_spent.get() > call.cpu_budget {
             Err(CpuTimeExceeded.into())
-        } else {
-            // Let other calls run on this worker, then check again next tick.
+        } else if call.turns.contended() || call.ticks_run >= RUN_TICKS {
+            // Give the turn to whoever waits, or the worker to its other tasks.
+            call.ticks_run = 0;
             Ok(UpdateDeadline::Yield(1))
+        } else {
+            call.ticks_run += 1;
+            Ok(UpdateDeadline::Continue(1))
         }
     });
     Ok(())

@@ -3,18 +3,27 @@
 //!
 //! A guest runs only while its call's future is being polled, and a poll lasts
 //! at most one epoch tick (the epoch callback yields). [`CpuGate`] lets as many
-//! polls run at once as there are cores; past that, a poll waits for a turn,
+//! polls run at once as there are cores but one (the server keeps a core for
+//! its own work); past that, a poll waits for a turn,
 //! and turns go round the *users* with polls waiting, one poll each, not round
 //! the calls. One user's twenty spinning calls then take one turn in two
 //! against another user's one call, instead of twenty in twenty-one, and
 //! their waiting polls sit in the gate rather than in the runtime's queues,
 //! where they would delay the server's own work.
 //!
+//! A running guest yields at an epoch tick (1 ms) only when a poll waits for
+//! a turn, or after [`RUN_TICKS`] ticks in a row: uncontended, it runs on;
+//! contended, another user waits at most about a tick for the core.
 //! Uncontended, a poll takes and gives back its turn under one short lock.
+
+/// Ticks a guest may run without yielding when nobody waits for its turn,
+/// so that the runtime's worker still serves its other tasks now and then.
+pub(crate) const RUN_TICKS: u32 = 5;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -24,6 +33,9 @@ use std::task::{Context, Poll, Waker};
 pub struct CpuGate {
     slots: usize,
     state: Mutex<GateState>,
+    /// Polls waiting for a turn (kept beside the lock, for the epoch
+    /// callback to read without taking it).
+    waiting: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -40,7 +52,7 @@ struct GateState {
 
 impl GateState {
     /// A turn just ended: give it to the next user's oldest poll, or free it.
-    fn pass_on(&mut self) {
+    fn pass_on(&mut self, waiting: &AtomicUsize) {
         while let Some(user) = self.turns.pop_front() {
             let Some(queue) = self.waiting.get_mut(&user) else { continue };
             let Some((ticket, waker)) = queue.pop_front() else {
@@ -53,15 +65,18 @@ impl GateState {
                 self.turns.push_back(user);
             }
             self.granted.push(ticket);
+            waiting.fetch_sub(1, Ordering::Relaxed);
             waker.wake();
             return;
         }
         self.running -= 1;
     }
 
-    fn forget(&mut self, user: &Arc<str>, ticket: u64) {
+    fn forget(&mut self, user: &Arc<str>, ticket: u64, waiting: &AtomicUsize) {
         if let Some(queue) = self.waiting.get_mut(user) {
+            let before = queue.len();
             queue.retain(|(t, _)| *t != ticket);
+            waiting.fetch_sub(before - queue.len(), Ordering::Relaxed);
             if queue.is_empty() {
                 self.waiting.remove(user);
                 self.turns.retain(|u| u != user);
@@ -73,16 +88,28 @@ impl GateState {
 impl CpuGate {
     /// A gate for `slots` guests running at once (the cores the runtime has).
     pub fn new(slots: usize) -> Arc<Self> {
-        Arc::new(Self { slots: slots.max(1), state: Mutex::default() })
+        Arc::new(Self { slots: slots.max(1), state: Mutex::default(), waiting: AtomicUsize::new(0) })
     }
 
-    /// A gate with one slot per core of this host.
+    /// A gate with one slot per core of this host but one: guests never take
+    /// every core, so the server's own work (accepting, parsing, auth,
+    /// recording) always finds a worker free, whatever the guests do. With
+    /// as many slots as cores, 20 spinning calls kept both workers of a
+    /// 2-core host busy and another user's trivial call over HTTP took
+    /// 150 ms (p50; BENCHMARKS.md).
     pub fn for_this_host() -> Arc<Self> {
-        Self::new(std::thread::available_parallelism().map_or(1, usize::from))
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Self::new(cores.saturating_sub(1).max(1))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a poll waits for a turn: a running guest then yields at its
+    /// next epoch tick instead of running on.
+    pub(crate) fn contended(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -126,6 +153,7 @@ impl<F: Future> Fair<F> {
         let queue = state.waiting.entry(Arc::clone(&self.user)).or_default();
         let first = queue.is_empty();
         queue.push_back((ticket, cx.waker().clone()));
+        self.gate.waiting.fetch_add(1, Ordering::Relaxed);
         if first {
             state.turns.push_back(Arc::clone(&self.user));
         }
@@ -142,7 +170,7 @@ impl<F: Future> Future for Fair<F> {
             return Poll::Pending;
         }
         let polled = self.inner.as_mut().poll(cx);
-        self.gate.lock().pass_on();
+        self.gate.lock().pass_on(&self.gate.waiting);
         polled
     }
 }
@@ -155,9 +183,9 @@ impl<F> Drop for Fair<F> {
         let mut state = self.gate.lock();
         if let Some(i) = state.granted.iter().position(|&t| t == ticket) {
             state.granted.swap_remove(i);
-            state.pass_on();
+            state.pass_on(&self.gate.waiting);
         } else {
-            state.forget(&self.user, ticket);
+            state.forget(&self.user, ticket, &self.gate.waiting);
         }
     }
 }
@@ -185,12 +213,12 @@ mod tests {
         let mut order = String::new();
         for _ in 0..6 {
             let mut state = gate.lock();
-            state.pass_on();
+            state.pass_on(&gate.waiting);
             let ticket = state.granted.pop().unwrap();
             order.push(if ticket == 5 { 'b' } else { 'a' });
         }
         assert_eq!(order, "abaaaa");
-        assert!(gate.lock().waiting.is_empty());
+        assert!(gate.lock().waiting.is_empty() && !gate.contended());
     }
 
     /// A future that needs a few polls, each with a little work, waking itself.
@@ -244,12 +272,14 @@ mod tests {
         gate.lock().running = 1;
         assert!(second.as_mut().poll(&mut cx).is_pending());
         assert_eq!(gate.lock().turns.len(), 1);
+        assert!(gate.contended());
         drop(second);
         assert!(gate.lock().turns.is_empty() && gate.lock().waiting.is_empty());
+        assert!(!gate.contended());
         // A turn handed to a call that is then dropped goes to nobody and is freed.
         let mut third = Box::pin(Fair::new(std::future::pending::<()>(), Arc::clone(&gate), "c".into()));
         assert!(third.as_mut().poll(&mut cx).is_pending());
-        gate.lock().pass_on();
+        gate.lock().pass_on(&gate.waiting);
         drop(third);
         assert_eq!(gate.lock().running, 0);
     }

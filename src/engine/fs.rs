@@ -344,6 +344,7 @@ impl ChargedFs<'_> {
             counters: Arc::clone(&self.call.counters),
             position,
             high_water: 0,
+            size_seen: None,
         });
         Ok(self.fs.table.push(charged)?)
     }
@@ -700,12 +701,20 @@ struct ChargedStream {
     /// The furthest end this stream has written: its writes run in the
     /// background, so the file's size may not show them yet.
     high_water: u64,
+    /// The file's size as the last `check-write` read it, for the write after it.
+    size_seen: Option<u64>,
 }
 
 impl ChargedStream {
-    /// Where the next write starts, and where the file ends as far as we know.
-    fn extent(&self) -> (u64, u64) {
-        let size = self.file.metadata().map_or(0, |m| m.len()).max(self.high_water);
+    /// Where the next write starts, and where the file ends as far as we know:
+    /// its size as `check-write` read it just before (one `fstat` a write, not
+    /// two), or read now.
+    fn extent(&mut self) -> (u64, u64) {
+        let size = match self.size_seen.take() {
+            Some(size) => size,
+            None => self.file.metadata().map_or(0, |m| m.len()),
+        }
+        .max(self.high_water);
         (self.position.unwrap_or(size), size)
     }
 }
@@ -754,6 +763,7 @@ impl OutputStream for ChargedStream {
         // Offer what fits, so that a writer fills the budget exactly; with
         // nothing left, offer the stream's own permit and refuse the write.
         let (start, end_before) = self.extent();
+        self.size_seen = Some(end_before);
         let room = self.budget.room().saturating_add(end_before.saturating_sub(start));
         Ok(if room == 0 { permit } else { permit.min(usize::try_from(room).unwrap_or(usize::MAX)) })
     }

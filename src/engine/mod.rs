@@ -79,7 +79,7 @@ impl EngineConfig {
         Self {
             max_memory_bytes,
             max_instances: 1000,
-            epoch_tick: Duration::from_millis(5),
+            epoch_tick: Duration::from_millis(1),
             cache_dir,
             keep_resident_bytes: 2 << 20,
             map_artifacts: false,

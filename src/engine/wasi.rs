@@ -41,6 +41,8 @@ pub(crate) struct CallState {
     pub turns: Arc<CpuGate>,
     /// Whom the call runs for: an owner's calls share one place in line.
     pub owner: Arc<str>,
+    /// Epoch ticks since the guest last yielded.
+    pub ticks_run: u32,
 }
 
 impl CallState {
@@ -54,6 +56,7 @@ impl CallState {
             cpu_spent: CpuSpent::default(),
             turns: Arc::clone(turns),
             owner: owner.into(),
+            ticks_run: 0,
         }
     }
 }
