@@ -31,6 +31,11 @@ pub struct Ledger {
     /// Bumped by every charge and refund: a walk that saw it move while it
     /// ran cannot tell which writes it counted, and keeps the ledger's figure.
     changes: AtomicU64,
+    /// Held while a name is removed or replaced (unlink, rename, the files
+    /// API's write and delete): between reading what the name holds and
+    /// removing it, no other writer may swap it through this ledger, or the
+    /// refund would be for a file that was not freed.
+    names: tokio::sync::Mutex<()>,
 }
 
 /// Which cap a write would have passed.
@@ -81,6 +86,12 @@ impl Ledger {
         self.bytes.store(bytes, Ordering::Release);
         self.entries.store(entries, Ordering::Release);
         true
+    }
+
+    /// The lock to hold while reading what a name holds and then removing or
+    /// replacing it (see the field).
+    pub fn names(&self) -> &tokio::sync::Mutex<()> {
+        &self.names
     }
 
     /// The change counter, to pass to [`Ledger::replace_if_quiet`] after a walk.

@@ -200,6 +200,7 @@ impl UserFs {
             return Err(FsError::BadPath("a file path is needed".into()));
         };
         let parent = self.make_parents(parents, budget)?;
+        let _names = budget.ledger().names().blocking_lock();
         // The size of a file replaced; `None` when a new entry is made.
         let old = match fstatat(&parent, *name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(stat) if kind_of(&stat) == "dir" => return Err(FsError::Conflict("the path is a directory".into())),
@@ -261,6 +262,7 @@ impl UserFs {
         let parent =
             if parents.is_empty() { open_dir(&self.root, ".") } else { open_dir(&self.root, &parents.join("/")) }
                 .map_err(|e| io_error("opening", e))?;
+        let _names = budget.ledger().names().blocking_lock();
         let stat = fstatat(&parent, *name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| io_error("inspecting", e))?;
         let flag = if kind_of(&stat) == "dir" { UnlinkatFlags::RemoveDir } else { UnlinkatFlags::NoRemoveDir };
         unlinkat(&parent, *name, flag).map_err(|e| io_error("removing", e))?;

@@ -226,6 +226,11 @@ async fn a_tool_may_write_exactly_up_to_the_quota() {
     let r = py(&sandbox, "alice", "tiny", &code).await;
     assert_eq!(result(&r), json!([null, "EDQUOT"]), "{r:?}");
     assert_eq!(std::fs::metadata(user_dir(&sandbox, "alice").join("exact")).unwrap().len(), QUOTA);
+    // Truncating on open gives the room back: the file can be written whole again.
+    let code = format!("open('/data/exact', 'wb').close()\nresult = fill('/data/exact', 1 << 20, {QUOTA})");
+    let r = py(&sandbox, "alice", "tiny", &code).await;
+    assert_eq!(result(&r), Value::Null, "{r:?}");
+    assert_eq!(sandbox.data_dir.usage(&UserId::new("alice").unwrap()).await, Some(QUOTA));
 }
 
 #[tokio::test]

@@ -530,6 +530,9 @@ impl HostDescriptor for ChargedFs<'_> {
         .await
     }
 
+    /// Race-free accounting: whether the open made a new file is learnt from
+    /// an exclusive create (not from a `stat` another call could overtake),
+    /// and what a truncation frees from the opened file itself.
     async fn open_at(
         &mut self,
         fd: Resource<Descriptor>,
@@ -541,39 +544,60 @@ impl HostDescriptor for ChargedFs<'_> {
         let area = self.area(&fd);
         let creating = oflags.contains(types::OpenFlags::CREATE);
         let truncating = oflags.contains(types::OpenFlags::TRUNCATE);
-        let before = if creating || truncating { self.existing(&fd, path_flags, &path).await } else { None };
-        let new_entry = creating && before.is_none();
-        if new_entry && self.budget(area).add_entry().is_err() {
+        if creating && self.budget(area).add_entry().is_err() {
             return Err(self.refuse(area, true));
         }
         if !self.call.files.reserve() {
-            if new_entry {
+            if creating {
                 self.budget(area).remove_entry();
             }
             self.call.counters.hit(hit::NOFILE);
             return Err(ErrorCode::InsufficientMemory.into());
         }
-        match HostDescriptor::open_at(&mut self.fs, fd, path_flags, path, oflags, flags).await {
-            Ok(opened) => {
-                let file = match self.fs.table.get(&opened)? {
-                    Descriptor::File(f) => Arc::clone(&f.file),
-                    Descriptor::Dir(d) => Arc::clone(&d.dir),
-                };
-                self.call.files.opened(&file);
-                self.call.areas.insert(opened.rep(), area);
-                if truncating && let Some(old) = before.filter(|b| b.type_ == types::DescriptorType::RegularFile) {
-                    self.budget(area).shrink(old.size);
-                }
-                Ok(opened)
-            }
+        let plain = oflags & !types::OpenFlags::TRUNCATE;
+        let mut opened = HostDescriptor::open_at(
+            &mut self.fs,
+            again(&fd),
+            path_flags,
+            path.clone(),
+            if creating { plain | types::OpenFlags::EXCLUSIVE } else { plain },
+            flags,
+        )
+        .await;
+        let exists = matches!(&opened, Err(e) if e.downcast_ref() == Some(&ErrorCode::Exist));
+        let created = creating && opened.is_ok();
+        if creating && !created {
+            self.budget(area).remove_entry();
+        }
+        if exists && !oflags.contains(types::OpenFlags::EXCLUSIVE) {
+            // There already: open it as asked, without creating.
+            opened = HostDescriptor::open_at(&mut self.fs, fd, path_flags, path, plain, flags).await;
+        }
+        let opened = match opened {
+            Ok(opened) => opened,
             Err(e) => {
                 self.call.files.cancel();
-                if new_entry {
-                    self.budget(area).remove_entry();
+                return Err(e);
+            }
+        };
+        let file = match self.fs.table.get(&opened)? {
+            Descriptor::File(f) => Arc::clone(&f.file),
+            Descriptor::Dir(d) => Arc::clone(&d.dir),
+        };
+        self.call.files.opened(&file);
+        self.call.areas.insert(opened.rep(), area);
+        if truncating && !created {
+            let freed =
+                file.metadata().and_then(|m| if m.is_file() { file.set_len(0).map(|()| m.len()) } else { Ok(0) });
+            match freed {
+                Ok(bytes) => self.budget(area).shrink(bytes),
+                Err(e) => {
+                    HostDescriptor::drop(self, opened).map_err(FsError::trap)?;
+                    return Err(ErrorCode::from(e).into());
                 }
-                Err(e)
             }
         }
+        Ok(opened)
     }
 
     fn drop(&mut self, fd: Resource<Descriptor>) -> wasmtime::Result<()> {
@@ -600,6 +624,8 @@ impl HostDescriptor for ChargedFs<'_> {
         new_path: String,
     ) -> FsResult<()> {
         let area = self.same_area(&fd, &new_fd)?;
+        let ledger = Arc::clone(self.budget(area).ledger());
+        let _names = ledger.names().lock().await;
         let replaced = self.existing(&new_fd, types::PathFlags::empty(), &new_path).await;
         HostDescriptor::rename_at(&mut self.fs, fd, old_path, new_fd, new_path).await?;
         if let Some(replaced) = replaced {
@@ -615,6 +641,8 @@ impl HostDescriptor for ChargedFs<'_> {
 
     async fn unlink_file_at(&mut self, fd: Resource<Descriptor>, path: String) -> FsResult<()> {
         let area = self.area(&fd);
+        let ledger = Arc::clone(self.budget(area).ledger());
+        let _names = ledger.names().lock().await;
         let gone = self.existing(&fd, types::PathFlags::empty(), &path).await;
         HostDescriptor::unlink_file_at(&mut self.fs, fd, path).await?;
         if let Some(gone) = gone {
