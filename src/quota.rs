@@ -36,6 +36,10 @@ pub struct Ledger {
     /// removing it, no other writer may swap it through this ledger, or the
     /// refund would be for a file that was not freed.
     names: tokio::sync::Mutex<()>,
+    /// Bumped whenever a file under this ledger is made shorter in place
+    /// (truncated, `set-size` down): an open stream that knows its file's
+    /// size reads it again (see `engine::fs`).
+    shrinks: AtomicU64,
 }
 
 /// Which cap a write would have passed.
@@ -92,6 +96,16 @@ impl Ledger {
     /// replacing it (see the field).
     pub fn names(&self) -> &tokio::sync::Mutex<()> {
         &self.names
+    }
+
+    /// How many times a file under this ledger was made shorter in place.
+    pub fn shrinks(&self) -> u64 {
+        self.shrinks.load(Ordering::Acquire)
+    }
+
+    /// Records that a file was made shorter in place.
+    pub fn note_shrink(&self) {
+        self.shrinks.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The change counter, to pass to [`Ledger::replace_if_quiet`] after a walk.

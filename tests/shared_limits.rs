@@ -197,6 +197,36 @@ result = out";
     assert_within_quota(&sandbox, "mallory");
 }
 
+/// A stream that keeps writing after another handle cut its file short must
+/// pay for the hole it leaves, not only for its own bytes.
+#[tokio::test]
+async fn writing_on_after_a_truncate_pays_for_the_hole() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = "
+def write_all(f, b):
+    b = memoryview(b)
+    while b:
+        b = b[f.write(b):]
+f = open('/data/s', 'wb', buffering=0)
+write_all(f, bytes(6 << 20))
+os.truncate('/data/s', 0)
+try:
+    write_all(f, bytes(4 << 20))
+    out = 'written'
+except OSError as e:
+    out = err(e)
+f.close()
+result = [out, os.path.getsize('/data/s')]";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    // Unpaid for, the hole would have let the file reach 10 MiB; paid for,
+    // the writes stop when the file, hole and all, fills the quota.
+    let out = result(&r);
+    assert_eq!(out[0], "EIO", "{r:?}");
+    assert!(out[1].as_u64().unwrap() <= QUOTA, "{out}");
+    assert_eq!(r.usage.limits_hit, ["data_quota"]);
+    assert_within_quota(&sandbox, "mallory");
+}
+
 #[tokio::test]
 async fn two_concurrent_calls_of_one_user_split_the_quota_between_them() {
     let (sandbox, _dir) = common::sandbox_with(tiny_policy());

@@ -38,7 +38,7 @@ pub use openapi::document as openapi_document;
 pub use registry::{Registered, Registry};
 
 use crate::data_dir::DataDir;
-use crate::engine::{Engine, EngineConfig, MemoryPool};
+use crate::engine::{CpuGate, Engine, EngineConfig, MemoryPool};
 use crate::jail::{Jail, JailConfig};
 use crate::policy::Policy;
 use crate::runner::Sandbox;
@@ -76,6 +76,10 @@ pub struct ServerSettings {
     /// native runs' memory limits); default: 80 % of the host's memory, or of
     /// the server's cgroup limit when that is lower.
     pub memory_budget_bytes: Option<u64>,
+    /// Cores that WASM guests may run on at once; default: all but one
+    /// (the server keeps one for its own work). Past it, turns on the CPU go
+    /// round the users whose calls wait.
+    pub guest_cores: Option<usize>,
     /// The native jailer's settings: the config file's `[jail]` table.
     #[serde(skip)]
     pub jail: JailConfig,
@@ -95,6 +99,7 @@ impl Default for ServerSettings {
             builtin_tools: true,
             interpreters_dir: crate::interpreters::default_dir(),
             memory_budget_bytes: None,
+            guest_cores: None,
             jail: JailConfig::default(),
         }
     }
@@ -153,10 +158,14 @@ impl AppState {
         if let Some(budget) = settings.memory_budget_bytes {
             config.guest_memory = MemoryPool::new(budget);
         }
+        if let Some(cores) = settings.guest_cores {
+            config.cpu_gate = CpuGate::new(cores);
+        }
         let engine = Engine::new(&config)?;
         tracing::info!(
             memory_budget_bytes = engine.guest_memory().budget_bytes(),
             guest_descriptors = engine.guest_descriptors().max(),
+            guest_cores = engine.guest_cores(),
             cpu_turns = "round the users with calls waiting",
             "limits across all calls"
         );

@@ -106,6 +106,11 @@ impl CpuGate {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Guests that may run at once.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
     /// Whether a poll waits for a turn: a running guest then yields at its
     /// next epoch tick instead of running on.
     pub(crate) fn contended(&self) -> bool {

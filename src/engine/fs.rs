@@ -313,26 +313,26 @@ impl ChargedFs<'_> {
 
     /// Refuses a stream that could only grow a file when nothing is left to
     /// grow it by: here WASI can still answer an error code, once the stream
-    /// exists it cannot (see [`ChargedStream`]). The same for a stream that starts past the end, when the hole alone
-    /// (a sparse write at 100 GiB) could never fit.
-    fn refuse_a_full_stream(&self, area: Area, file: &std::fs::File, offset: Option<u64>) -> FsResult<()> {
+    /// exists it cannot (see [`ChargedStream`]). The same for a stream that
+    /// starts past the end, when the hole alone (a sparse write at 100 GiB)
+    /// could never fit. Answers the file's size.
+    fn refuse_a_full_stream(&self, area: Area, file: &std::fs::File, offset: Option<u64>) -> FsResult<u64> {
+        let size = file.metadata().map_err(ErrorCode::from)?.len();
         // The growth of the stream's first byte.
-        let first_byte = match offset {
-            None => 1,
-            Some(offset) => (offset + 1).saturating_sub(file.metadata().map_err(ErrorCode::from)?.len()),
-        };
-        if first_byte > self.budget(area).room() { Err(self.refuse(area, false)) } else { Ok(()) }
+        let first_byte = offset.map_or(1, |offset| (offset + 1).saturating_sub(size));
+        if first_byte > self.budget(area).room() { Err(self.refuse(area, false)) } else { Ok(size) }
     }
 
     /// Wraps a stream wasmtime-wasi made so that its writes are charged.
     fn charged_stream(
         &mut self,
         stream: Resource<DynOutputStream>,
-        file: Arc<std::fs::File>,
+        (file, size): (Arc<std::fs::File>, u64),
         area: Area,
         position: Option<u64>,
     ) -> FsResult<Resource<DynOutputStream>> {
         let inner = self.fs.table.delete(stream)?;
+        let shrinks_seen = self.budget(area).ledger().shrinks();
         let charged: DynOutputStream = Box::new(ChargedStream {
             inner,
             file,
@@ -343,8 +343,8 @@ impl ChargedFs<'_> {
             },
             counters: Arc::clone(&self.call.counters),
             position,
-            high_water: 0,
-            size_seen: None,
+            size,
+            shrinks_seen,
         });
         Ok(self.fs.table.push(charged)?)
     }
@@ -419,6 +419,7 @@ impl HostDescriptor for ChargedFs<'_> {
             set
         } else {
             HostDescriptor::set_size(&mut self.fs, fd, size).await?;
+            self.budget(area).ledger().note_shrink();
             self.budget(area).shrink(current - size);
             Ok(())
         }
@@ -590,7 +591,10 @@ impl HostDescriptor for ChargedFs<'_> {
             let freed =
                 file.metadata().and_then(|m| if m.is_file() { file.set_len(0).map(|()| m.len()) } else { Ok(0) });
             match freed {
-                Ok(bytes) => self.budget(area).shrink(bytes),
+                Ok(bytes) => {
+                    self.budget(area).ledger().note_shrink();
+                    self.budget(area).shrink(bytes);
+                }
                 Err(e) => {
                     HostDescriptor::drop(self, opened).map_err(FsError::trap)?;
                     return Err(ErrorCode::from(e).into());
@@ -665,16 +669,16 @@ impl HostDescriptor for ChargedFs<'_> {
         offset: types::Filesize,
     ) -> FsResult<Resource<DynOutputStream>> {
         let (area, file) = (self.area(&fd), self.file(&fd)?);
-        self.refuse_a_full_stream(area, &file, Some(offset))?;
+        let size = self.refuse_a_full_stream(area, &file, Some(offset))?;
         let stream = HostDescriptor::write_via_stream(&mut self.fs, fd, offset)?;
-        self.charged_stream(stream, file, area, Some(offset))
+        self.charged_stream(stream, (file, size), area, Some(offset))
     }
 
     fn append_via_stream(&mut self, fd: Resource<Descriptor>) -> FsResult<Resource<DynOutputStream>> {
         let (area, file) = (self.area(&fd), self.file(&fd)?);
-        self.refuse_a_full_stream(area, &file, None)?;
+        let size = self.refuse_a_full_stream(area, &file, None)?;
         let stream = HostDescriptor::append_via_stream(&mut self.fs, fd)?;
-        self.charged_stream(stream, file, area, None)
+        self.charged_stream(stream, (file, size), area, None)
     }
 
     async fn is_same_object(&mut self, a: Resource<Descriptor>, b: Resource<Descriptor>) -> wasmtime::Result<bool> {
@@ -726,24 +730,25 @@ struct ChargedStream {
     counters: Arc<CallCounters>,
     /// Where the next write lands; `None` for an appending stream.
     position: Option<u64>,
-    /// The furthest end this stream has written: its writes run in the
-    /// background, so the file's size may not show them yet.
-    high_water: u64,
-    /// The file's size as the last `check-write` read it, for the write after it.
-    size_seen: Option<u64>,
+    /// Where the file ends as far as this stream knows: its size when the
+    /// stream was made, grown by the stream's own writes (which run in the
+    /// background, so an `fstat` may not show them yet). Growth by other
+    /// handles is charged again here (the safe side); a shrink anywhere
+    /// under the ledger makes the stream read the size afresh.
+    size: u64,
+    /// The ledger's shrink count when `size` was last read.
+    shrinks_seen: u64,
 }
 
 impl ChargedStream {
-    /// Where the next write starts, and where the file ends as far as we know:
-    /// its size as `check-write` read it just before (one `fstat` a write, not
-    /// two), or read now.
+    /// Where the next write starts, and where the file ends as far as we know.
     fn extent(&mut self) -> (u64, u64) {
-        let size = match self.size_seen.take() {
-            Some(size) => size,
-            None => self.file.metadata().map_or(0, |m| m.len()),
+        let shrinks = self.budget.ledger().shrinks();
+        if shrinks != self.shrinks_seen {
+            self.shrinks_seen = shrinks;
+            self.size = self.file.metadata().map_or(0, |m| m.len());
         }
-        .max(self.high_water);
-        (self.position.unwrap_or(size), size)
+        (self.position.unwrap_or(self.size), self.size)
     }
 }
 
@@ -772,7 +777,7 @@ impl OutputStream for ChargedStream {
             return Err(e);
         }
         self.counters.written.fetch_add(growth, Ordering::Relaxed);
-        self.high_water = self.high_water.max(end);
+        self.size = self.size.max(end);
         if let Some(position) = &mut self.position {
             *position = end;
         }
@@ -791,7 +796,6 @@ impl OutputStream for ChargedStream {
         // Offer what fits, so that a writer fills the budget exactly; with
         // nothing left, offer the stream's own permit and refuse the write.
         let (start, end_before) = self.extent();
-        self.size_seen = Some(end_before);
         let room = self.budget.room().saturating_add(end_before.saturating_sub(start));
         Ok(if room == 0 { permit } else { permit.min(usize::try_from(room).unwrap_or(usize::MAX)) })
     }

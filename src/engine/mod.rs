@@ -297,6 +297,11 @@ impl Engine {
         }
     }
 
+    /// Cores that guests may run on at once.
+    pub fn guest_cores(&self) -> usize {
+        self.inner.cpu_gate.slots()
+    }
+
     /// The host's memory budget that guests share.
     pub fn guest_memory(&self) -> &Arc<MemoryPool> {
         &self.inner.guest_memory
