@@ -86,9 +86,8 @@ fn main() {
         "files" => {
             let content = vec![7u8; num_arg("bytes") as usize];
             let dir = str_arg("dir");
-            let made = (0..num_arg("count"))
-                .take_while(|i| std::fs::write(format!("{dir}/f{i}"), &content).is_ok())
-                .count();
+            let made =
+                (0..num_arg("count")).take_while(|i| std::fs::write(format!("{dir}/f{i}"), &content).is_ok()).count();
             json!({ "made": made })
         }
         "list" => match std::fs::read_dir(str_arg("path")) {
