@@ -227,6 +227,28 @@ result = [out, os.path.getsize('/data/s')]";
     assert_within_quota(&sandbox, "mallory");
 }
 
+/// Renaming a file onto itself, or onto another link of it, frees nothing:
+/// it must not give room back (else a loop of renames grows the quota).
+#[tokio::test]
+async fn renaming_a_file_onto_itself_gives_no_room_back() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let code = "
+fill('/data/x', 1 << 20, 1 << 20)
+for _ in range(20):
+    os.rename('/data/x', '/data/x')
+os.link('/data/x', '/data/y')
+for _ in range(20):
+    os.rename('/data/x', '/data/y')
+os.rename('/data/y', '/data/z')
+result = sorted(os.listdir('/data'))";
+    let r = py(&sandbox, "mallory", "tiny", code).await;
+    let names = result(&r);
+    let alice = UserId::new("mallory").unwrap();
+    let (bytes, files) = sandbox.data_dir.ledger(&alice).await.unwrap().used();
+    assert_eq!(bytes, MIB, "{names}: the renames gave room back");
+    assert!(files >= 2, "{names}: {files} entries");
+}
+
 #[tokio::test]
 async fn two_concurrent_calls_of_one_user_split_the_quota_between_them() {
     let (sandbox, _dir) = common::sandbox_with(tiny_policy());

@@ -418,9 +418,14 @@ impl HostDescriptor for ChargedFs<'_> {
             }
             set
         } else {
+            // Shrinks of one file by two calls at once must not both refund
+            // what only one freed: read the size again under the name lock.
+            let ledger = Arc::clone(self.budget(area).ledger());
+            let _names = ledger.names().lock().await;
+            let current = self.file(&fd)?.metadata().map_err(ErrorCode::from)?.len();
             HostDescriptor::set_size(&mut self.fs, fd, size).await?;
-            self.budget(area).ledger().note_shrink();
-            self.budget(area).shrink(current - size);
+            ledger.note_shrink();
+            self.budget(area).shrink(current.saturating_sub(size));
             Ok(())
         }
     }
@@ -588,6 +593,9 @@ impl HostDescriptor for ChargedFs<'_> {
         self.call.files.opened(&file);
         self.call.areas.insert(opened.rep(), area);
         if truncating && !created {
+            // As for `set-size`: one truncation's refund at a time.
+            let ledger = Arc::clone(self.budget(area).ledger());
+            let _names = ledger.names().lock().await;
             let freed =
                 file.metadata().and_then(|m| if m.is_file() { file.set_len(0).map(|()| m.len()) } else { Ok(0) });
             match freed {
@@ -631,8 +639,21 @@ impl HostDescriptor for ChargedFs<'_> {
         let ledger = Arc::clone(self.budget(area).ledger());
         let _names = ledger.names().lock().await;
         let replaced = self.existing(&new_fd, types::PathFlags::empty(), &new_path).await;
+        // A rename onto itself, or onto another link of the same file, frees
+        // nothing (POSIX makes it a no-op): refunding it would be a way to
+        // grow the quota in a loop.
+        let same_file = match replaced {
+            Some(_) => {
+                let no_follow = types::PathFlags::empty();
+                let old = HostDescriptor::metadata_hash_at(&mut self.fs, again(&fd), no_follow, old_path.clone()).await;
+                let new =
+                    HostDescriptor::metadata_hash_at(&mut self.fs, again(&new_fd), no_follow, new_path.clone()).await;
+                matches!((old, new), (Ok(a), Ok(b)) if a.lower == b.lower && a.upper == b.upper)
+            }
+            None => false,
+        };
         HostDescriptor::rename_at(&mut self.fs, fd, old_path, new_fd, new_path).await?;
-        if let Some(replaced) = replaced {
+        if let Some(replaced) = replaced.filter(|_| !same_file) {
             self.freed(area, &replaced);
         }
         Ok(())
