@@ -118,6 +118,10 @@ impl DescriptorPool {
     /// The counter of `owner`'s descriptors, shared by all their calls.
     pub(crate) fn owner(&self, owner: &str) -> Arc<AtomicU64> {
         let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        // Every call asks: look up before making the key.
+        if let Some(counter) = users.get(owner) {
+            return Arc::clone(counter);
+        }
         Arc::clone(users.entry(owner.into()).or_default())
     }
 
