@@ -185,6 +185,15 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Bench(args) => return crate::bench::main(args),
         other => other,
     };
+    // Users' volumes are mounted in a namespace of the server's own, so that
+    // they go away with it however it ends. Before the runtime's threads: the
+    // namespace is the calling thread's alone until then.
+    if matches!(command, Command::Serve(_))
+        && nix::unistd::geteuid().is_root()
+        && let Err(e) = crate::volume::private_mounts()
+    {
+        tracing::warn!(error = %e, "no mount namespace of its own: users' volumes are mounted in the host's");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -294,6 +303,8 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
     if !std::io::stdin().is_terminal() {
         std::io::stdin().take(policy.input_bytes as u64 + 1).read_to_end(&mut input)?;
     }
+    // No users' volumes: one call per process would mount one per call. A
+    // native run's /data is checked against the quota before the run only.
     let sandbox = sandbox(policy, &args.data_dir)?;
     let report = match (tool, bytes) {
         (Some(path), Some(bytes)) => {

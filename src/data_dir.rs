@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <data-dir>/
-//!   users/<user>/     a user's files; their tools see it as /data
+//!   users/<user>/     a user's files; their tools see it as /data (the
+//!                     mount point of their volume, where there are volumes)
+//!   volumes/<user>.ext4  a user's volume (see crate::volume)
 //!   scratch/<id>/     one call's /tmp: emptied when the call ends, then reused
 //!   cache/            precompiled artifacts (the sandbox's own; never shown to tools)
 //! ```
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::policy::UserId;
 use crate::quota::Ledger;
+use crate::volume::{DiskSize, VolumeHold, VolumeMode, Volumes};
 
 /// A failure to prepare a directory: always the host's problem.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,21 @@ pub struct DataDir {
     spare_scratch: Arc<Mutex<Vec<PathBuf>>>,
     /// Each user's disk ledger (see [`DataDir::ledger`]).
     disks: Arc<Mutex<HashMap<String, UserDisk>>>,
+    /// Users' volumes, where the host can mount them.
+    volumes: Option<Arc<Volumes>>,
+}
+
+/// A user's directory, kept usable (their volume mounted) while this lives.
+#[derive(Debug)]
+pub struct UserDir {
+    path: PathBuf,
+    _hold: VolumeHold,
+}
+
+impl UserDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// A user's ledger and the state of its re-measurement.
@@ -65,7 +83,59 @@ impl DataDir {
             let path = root.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| DataDirError { what: "creating", path, source })?;
         }
-        Ok(Self { root, spare_scratch: Arc::default(), disks: Arc::default() })
+        Ok(Self { root, spare_scratch: Arc::default(), disks: Arc::default(), volumes: None })
+    }
+
+    /// Opens the data directory at `root` with users' volumes as `mode` asks
+    /// and the host allows (see [`Volumes::open`]).
+    ///
+    /// # Errors
+    ///
+    /// [`DataDirError`] when a directory cannot be created, or when `mode`
+    /// demands volumes that the host cannot make.
+    pub fn open_with_volumes(root: impl Into<PathBuf>, mode: VolumeMode) -> Result<Self, DataDirError> {
+        let mut this = Self::open(root)?;
+        let volumes = Volumes::open(&this.root, mode).map_err(|why| DataDirError {
+            what: "opening",
+            path: this.root.join("volumes"),
+            source: io::Error::other(why),
+        })?;
+        this.volumes = volumes.map(Arc::new);
+        Ok(this)
+    }
+
+    /// The users' volumes, when there are.
+    pub fn volumes(&self) -> Option<&Arc<Volumes>> {
+        self.volumes.as_ref()
+    }
+
+    /// The user's directory for a call or a file request that may write
+    /// into it up to `size`: their volume made and mounted first, where
+    /// there are volumes.
+    ///
+    /// # Errors
+    ///
+    /// [`DataDirError`] when the directory or the volume cannot be made.
+    pub async fn open_user(&self, user: &UserId, size: DiskSize) -> Result<UserDir, DataDirError> {
+        let hold = match &self.volumes {
+            None => VolumeHold::none(),
+            Some(volumes) => match volumes.hold_if_mounted(user.as_str(), size) {
+                Some(hold) => hold,
+                None => {
+                    let (volumes, name) = (Arc::clone(volumes), user.as_str().to_owned());
+                    tokio::task::spawn_blocking(move || volumes.hold(&name, Some(size)))
+                        .await
+                        .map_err(io::Error::other)
+                        .and_then(|held| held.map_err(io::Error::other))
+                        .map_err(|source| DataDirError {
+                            what: "preparing the volume of",
+                            path: self.root.join("users").join(user.as_str()),
+                            source,
+                        })?
+                }
+            },
+        };
+        Ok(UserDir { path: self.user_dir(user)?, _hold: hold })
     }
 
     pub fn root(&self) -> &Path {
@@ -167,10 +237,22 @@ impl DataDir {
         let existing =
             self.disks.lock().unwrap_or_else(PoisonError::into_inner).get(user.as_str()).and_then(|d| d.ledger.clone());
         let changes_before = existing.as_ref().map(|l| l.changes());
+        // The volume mounted for the walk (an unmounted one reads as empty).
+        let hold = match &self.volumes {
+            Some(volumes) => match volumes.hold(user.as_str(), None) {
+                Ok(hold) => hold,
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "cannot measure the data directory; treating its quota as used up");
+                    return existing;
+                }
+            },
+            None => VolumeHold::none(),
+        };
         let walked = self
             .user_dir(user)
             .map_err(|e| e.to_string())
             .and_then(|dir| crate::userfs::UserFs::open(&dir).and_then(|fs| fs.usage()).map_err(|e| e.to_string()));
+        drop(hold);
         let (bytes, entries) = match walked {
             Ok(figures) => figures,
             Err(e) => {

@@ -40,3 +40,4 @@ pub mod report;
 pub mod runner;
 pub mod store;
 pub mod userfs;
+pub mod volume;

@@ -13,6 +13,7 @@ use crate::jail::{self, Jail, Layout, NativeOutcome, NativeRun};
 use crate::policy::{Limits, Policy, UserId};
 use crate::quota::Budget;
 use crate::report::{ExecutionReport, Runtime, Status, Truncated, Usage, new_execution_id, rfc3339};
+use crate::volume::DiskSize;
 
 /// One call as requested: who, under which tier, with what.
 #[derive(Debug, Clone)]
@@ -137,8 +138,9 @@ impl Sandbox {
     /// `charged`: the runtime charges every write to the budget as it happens
     /// (WASM components), so `/data` stays writable at any usage: writes that
     /// would pass the quota are refused one by one and deletes still work.
-    /// Otherwise (preview 1 modules, native tools) `/data` is read-only once
-    /// the quota is used up, checked before the call.
+    /// So do native tools' volumes, in the kernel. Otherwise (preview 1
+    /// modules, native tools without volumes) `/data` is read-only once the
+    /// quota is used up, checked before the call.
     async fn data_access(&self, call: &ToolCall, limits: &Limits, charged: bool) -> (Budget, bool, Option<String>) {
         let Some(ledger) = self.data_dir.ledger(&call.user).await else {
             let note = "/data was read-only for this call: the user's data directory cannot be measured".to_owned();
@@ -198,8 +200,7 @@ impl Sandbox {
                 fuel_consumed: None,
                 peak_memory_bytes: outcome.peak_memory_bytes,
                 peak_processes: outcome.peak_processes.map(|p| u32::try_from(p).unwrap_or(u32::MAX)),
-                // Not measured yet: the native path's /data is not charged.
-                bytes_written: None,
+                bytes_written: outcome.bytes_written,
                 limits_hit: outcome.limits_hit.iter().map(|&l| l.to_owned()).collect(),
             },
             started_at: rfc3339(started_at),
@@ -229,9 +230,13 @@ impl Sandbox {
         let (limits, input) = self.admit(call)?;
         let input = if call.input.is_empty() { Vec::new() } else { input.as_bytes().to_vec() };
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
-        let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
+        let user_dir = self.data_dir.open_user(&call.user, disk_size(&limits)).await.map_err(|e| internal(&e))?;
+        let data_dir = user_dir.path().to_owned();
         jail.prepare_data_dir(&data_dir).map_err(|e| internal(&format!("preparing {}: {e}", data_dir.display())))?;
-        let (_, data_writable, note) = self.data_access(call, &limits, false).await;
+        // A volume refuses writes past the quota as they happen, like the WASM
+        // path's ledger: /data stays writable (deletes work) at any usage.
+        let charged = self.data_dir.volumes().is_some();
+        let (_, data_writable, note) = self.data_access(call, &limits, charged).await;
         let env = jail::environment(&[&self.policy.env, &tool.env]);
         let argv: Vec<String> = tool.argv.iter().chain(&call.args).cloned().collect();
         let (jail, layout, id, owner) = (Arc::clone(jail), tool.layout.clone(), id.to_owned(), call.user.clone());
@@ -251,8 +256,17 @@ impl Sandbox {
         .await
         .map_err(|e| internal(&format!("the jail's supervisor failed: {e}")))?;
         if data_writable {
+            // What the volume ran out of: the kernel refused the tool's writes past it.
+            if let Some(volumes) = self.data_dir.volumes() {
+                for limit in volumes.full(call.user.as_str()) {
+                    if !outcome.limits_hit.contains(&limit) {
+                        outcome.limits_hit.push(limit);
+                    }
+                }
+            }
             self.data_dir.usage_changed(&call.user);
         }
+        drop(user_dir);
         add_note(&mut outcome.error, note);
         Ok(outcome)
     }
@@ -261,7 +275,8 @@ impl Sandbox {
         let (limits, input) = self.admit(call)?;
 
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
-        let data_dir = self.data_dir.user_dir(&call.user).map_err(|e| internal(&e))?;
+        let user_dir = self.data_dir.open_user(&call.user, disk_size(&limits)).await.map_err(|e| internal(&e))?;
+        let data_dir = user_dir.path();
         let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
         let env: &BTreeMap<String, String> = &self.policy.env;
         let charged = tool.kind() != ToolKind::WasiP1Module;
@@ -273,7 +288,7 @@ impl Sandbox {
             input,
             args: &call.args,
             env,
-            data_dir: &data_dir,
+            data_dir,
             data_writable,
             data_budget,
             scratch_dir: scratch.path(),
@@ -315,6 +330,11 @@ impl Sandbox {
         }
         Ok(outcome)
     }
+}
+
+/// What a user's volume must hold for a call under `limits`.
+fn disk_size(limits: &Limits) -> DiskSize {
+    DiskSize { bytes: limits.data_quota_bytes, files: limits.data_files }
 }
 
 /// Adds `note` to a report's error (in parentheses after one already there).

@@ -704,3 +704,269 @@ async fn a_tool_with_its_own_rootfs_sees_that_and_not_the_host_system() {
     let report = sb.run_native(Ok(&setup.jail), &tool, &call).await;
     assert_status(&report, Status::InvalidTool);
 }
+
+// ---- /data of native tools: the user's own volume (src/volume.rs) ----
+
+const MIB: u64 = 1 << 20;
+const VOL_QUOTA: u64 = 16 * MIB;
+const VOL_FILES: u64 = 100;
+/// What an image may take on the host's disk beyond the files in it: the
+/// journal (4 MiB at these sizes) and the metadata written.
+const VOL_OVERHEAD: u64 = 6 * MIB;
+
+/// A sandbox whose users' directories are volumes. Fields drop in order: the
+/// sandbox (unmounting the volumes) before its data directory.
+struct Volumed {
+    sb: Sandbox,
+    dir: tempfile::TempDir,
+}
+
+/// With tiers `small` and `larger` (see [`volume_policy`]).
+fn volumed() -> Volumed {
+    use imagentx_sandbox::data_dir::DataDir;
+    use imagentx_sandbox::volume::VolumeMode;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = DataDir::open_with_volumes(dir.path(), VolumeMode::Ext4Image).expect("volumes, as root");
+    Volumed { sb: Sandbox { policy: volume_policy(), engine: common::engine(), data_dir }, dir }
+}
+
+/// Tiers `small` (16 MiB, 100 files) and `larger` (three times that).
+fn volume_policy() -> imagentx_sandbox::policy::Policy {
+    let mut policy = imagentx_sandbox::policy::Policy::default();
+    let mut small = policy.tiers["free"].clone();
+    small.data_quota_bytes = VOL_QUOTA;
+    small.data_files = VOL_FILES;
+    small.concurrent_calls = 8;
+    let mut larger = small.clone();
+    larger.data_quota_bytes = 3 * VOL_QUOTA;
+    larger.data_files = 3 * VOL_FILES;
+    policy.tiers.insert("small".into(), small);
+    policy.tiers.insert("larger".into(), larger);
+    policy
+}
+
+impl Drop for Volumed {
+    /// Unmounted now, before the data directory is removed: a walk of a
+    /// user's directory after a call may still hold the sandbox's data
+    /// directory, and must not mount anything again.
+    fn drop(&mut self) {
+        if let Some(volumes) = self.sb.data_dir.volumes() {
+            volumes.unmount_all();
+        }
+    }
+}
+
+impl Volumed {
+    fn home(&self, user: &str) -> PathBuf {
+        self.dir.path().join("users").join(user)
+    }
+
+    /// Bytes the user's image takes on the host's disk.
+    fn host_bytes(&self, user: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.dir.path().join(format!("volumes/{user}.ext4"))).unwrap().blocks() * 512
+    }
+
+    /// Apparent bytes of the files in the user's directory.
+    fn held(&self, user: &str) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    let meta = e.metadata().unwrap();
+                    if meta.is_dir() { walk(&e.path()) } else { meta.len() }
+                })
+                .sum()
+        }
+        walk(&self.home(user))
+    }
+}
+
+/// Mounts (of this process's namespace) under `path`.
+fn mounts_under(path: &Path) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(|at| at.starts_with(&*path.to_string_lossy()))).count()
+}
+
+fn small(mut call: Call<'static>, user: &'static str) -> Call<'static> {
+    call.tier = "small";
+    call.user = user;
+    call
+}
+
+/// The attack found open: fifteen files of 99 MB in a loop. Each `dd` stops
+/// at the volume's end; nothing past the quota reaches the host's disk.
+#[tokio::test]
+async fn a_native_tool_writing_many_large_files_stops_at_the_quota() {
+    let setup = setup_or_skip!();
+    let v = volumed();
+    let script = "for i in $(seq 15); do dd if=/dev/zero of=/data/big$i bs=1M count=99 2>/dev/null; done; \
+                  df -B1 /data >&2; echo '{\"done\": true}'";
+    let report = small(sh(script), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert!(
+        report.usage.limits_hit.contains(&"data_quota".to_owned()),
+        "{:?} {}",
+        report.usage.limits_hit,
+        report.stderr
+    );
+    // To the quota, and at most a megabyte past it (ext4's last blocks: src/volume.rs).
+    let held = v.held("alice");
+    assert!((VOL_QUOTA..=VOL_QUOTA + MIB).contains(&held), "alice's files hold {held} bytes");
+    let on_host = v.host_bytes("alice");
+    assert!(on_host <= VOL_QUOTA + MIB + VOL_OVERHEAD, "the image takes {on_host} bytes of the host's disk");
+    // The kernel's count of what the run wrote: the quota, give or take a block.
+    let written = report.usage.bytes_written.expect("native runs count their writes");
+    assert!((VOL_QUOTA..=VOL_QUOTA + 2 * MIB).contains(&written), "bytes_written {written}");
+
+    // The next call works: room made, then used again.
+    let report = small(
+        sh("rm /data/big*; dd if=/dev/zero of=/data/again bs=1M count=8 2>/dev/null; ls -l /data >&2; echo '{}'"),
+        "alice",
+    )
+    .run(&v.sb, setup)
+    .await;
+    assert_status(&report, Status::Ok);
+    assert!(report.usage.limits_hit.is_empty(), "{:?}", report.usage.limits_hit);
+    assert_eq!(v.held("alice"), 8 * MIB, "{}", report.stderr);
+    // Gone with the sandbox: no mount left behind.
+    let home = v.dir.path().to_owned();
+    assert_eq!(mounts_under(&home), 1);
+    drop(v);
+    assert_eq!(mounts_under(&home), 0, "a volume is still mounted");
+}
+
+/// The tool catches the refusal (ENOSPC), answers, and other users are
+/// untouched; a second call of the same user at once shares the one quota.
+#[tokio::test]
+async fn a_tool_that_catches_enospc_answers_and_concurrent_calls_share_the_quota() {
+    let setup = setup_or_skip!();
+    let v = volumed();
+    let fill = "import errno, json, sys\nn = 0\ntry:\n    with open('/data/' + sys.argv[1], 'wb') as f:\n        \
+                while True:\n            f.write(bytes(1 << 20))\n            n += 1\nexcept OSError as e:\n    \
+                print(json.dumps({'errno': errno.errorcode[e.errno], 'mib': n}))\n";
+    let one = small(call(&["/usr/bin/python3", "-c", fill, "one"]), "alice");
+    let two = small(call(&["/usr/bin/python3", "-c", fill, "two"]), "alice");
+    let bystander = small(sh("dd if=/dev/zero of=/data/b bs=1M count=12 2>/dev/null && echo '{}'"), "bob");
+    let (a, b, c) = tokio::join!(one.run(&v.sb, setup), two.run(&v.sb, setup), bystander.run(&v.sb, setup));
+    for report in [&a, &b] {
+        assert_status(report, Status::Ok);
+        assert_eq!(report.output.as_ref().unwrap()["errno"], "ENOSPC", "{:?}", report.output);
+        assert!(report.usage.limits_hit.contains(&"data_quota".to_owned()), "{:?}", report.usage.limits_hit);
+    }
+    let mib = |r: &ExecutionReport| r.output.as_ref().unwrap()["mib"].as_u64().unwrap();
+    assert!(mib(&a) + mib(&b) <= 17, "together they wrote {} MiB", mib(&a) + mib(&b));
+    assert!(v.held("alice") <= VOL_QUOTA + MIB);
+    assert_status(&c, Status::Ok);
+    assert!(c.usage.limits_hit.is_empty(), "{:?}", c.usage.limits_hit);
+    assert_eq!(v.held("bob"), 12 * MIB);
+}
+
+/// Files, directories and links stop at the tier's `data_files`; a byte at
+/// 100 GiB and a truncate to 100 GiB are refused; the host's disk is untouched.
+#[tokio::test]
+async fn a_native_tool_stops_at_the_file_cap_and_cannot_make_huge_sparse_files() {
+    let setup = setup_or_skip!();
+    let v = volumed();
+    let script = "i=0; while touch /data/f$i 2>/dev/null; do i=$((i+1)); [ $i -ge 100000 ] && break; done; \
+                  echo \"{\\\"made\\\": $i}\"";
+    let report = small(sh(script), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    let made = report.output.as_ref().unwrap()["made"].as_u64().unwrap();
+    // ext4 rounds its inodes up to whole inode-table blocks (16 each).
+    assert!((VOL_FILES - 10..=VOL_FILES + 16).contains(&made), "made {made} files");
+    assert!(report.usage.limits_hit.contains(&"data_files".to_owned()), "{:?}", report.usage.limits_hit);
+
+    let script = "rm -f /data/f*; dd if=/dev/zero of=/data/sparse bs=1 count=1 seek=100G 2>/dev/null; echo dd=$?; \
+                  truncate -s 100G /data/t 2>/dev/null; echo truncate=$?; ls -ls /data";
+    let report = small(sh(script), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert!(!report.stdout.contains("dd=0") && !report.stdout.contains("truncate=0"), "{}", report.stdout);
+    assert!(v.held("alice") <= VOL_QUOTA + MIB, "{}", report.stdout);
+    assert!(v.host_bytes("alice") <= VOL_OVERHEAD);
+}
+
+/// Files in a user's plain directory (from before volumes) move into the
+/// volume at its first use; an idle volume is unmounted and comes back with
+/// its files; a larger tier grows it at its next mount.
+#[tokio::test]
+async fn plain_files_move_into_the_volume_which_idles_out_and_grows_with_the_tier() {
+    let setup = setup_or_skip!();
+    let v = volumed();
+    std::fs::create_dir_all(v.home("carol").join("notes")).unwrap();
+    std::fs::write(v.home("carol").join("notes/a.txt"), "kept").unwrap();
+    let report = small(sh("cat /data/notes/a.txt"), "carol").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.stdout, "kept");
+    // Idle: unmounted (once the walk that follows a call lets go of it), and
+    // nothing was left under the mount point.
+    let volumes = v.sb.data_dir.volumes().unwrap();
+    let mut tries = 0;
+    while volumes.unmount_idle(Duration::ZERO) == 0 || std::fs::read_dir(v.home("carol")).unwrap().count() > 0 {
+        tries += 1;
+        assert!(tries < 500, "never unmounted, or plain files left under the mount point");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut big =
+        sh("df -B1 /data >&2; dd if=/dev/zero of=/data/big bs=1M count=40 2>/dev/null; cat /data/notes/a.txt");
+    big.user = "carol";
+    big.tier = "larger";
+    let report = big.run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.stdout, "kept");
+    assert!(report.usage.limits_hit.is_empty(), "{:?} {}", report.usage.limits_hit, report.stderr);
+    assert_eq!(v.held("carol"), 40 * MIB + 4, "{}", report.stderr);
+}
+
+/// Over HTTP: a native tool fills the volume; the files API then refuses a
+/// `PUT` (one quota for both), `/v1/me` shows the usage, a `DELETE` makes room
+/// for the next call, another user is untouched, and `limits_hit` is counted.
+#[tokio::test]
+async fn over_http_a_native_tool_and_the_files_api_share_the_users_volume() {
+    use hyper::{Method, StatusCode};
+    let setup = setup_or_skip!();
+    let srv = server::TestServer::start_with(volume_policy(), |s| {
+        bind_test_programs(&mut s.jail, &setup.bin);
+        s.data_volumes = imagentx_sandbox::volume::VolumeMode::Ext4Image;
+    })
+    .await;
+    let json = [("content-type", "application/json")];
+    let fill = native_spec(
+        "fill",
+        &["/bin/sh", "-c", "dd if=/dev/zero of=/data/fill bs=1M count=99 2>/dev/null; echo '{\"done\": true}'"],
+    );
+    let answer = srv.request_with(Method::POST, "/v1/tools", Some(&srv.admin), fill.to_string(), &json).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&answer.body));
+    let erin = srv.add_user("erin", "small", false).await;
+    let frank = srv.add_user("frank", "small", false).await;
+    let invoke = async |key: &str| srv.request(Method::POST, "/v1/tools/fill/invoke", Some(key), "{}").await.json();
+
+    let report = invoke(&erin).await;
+    assert_eq!(report["status"], "ok", "{report}");
+    assert_eq!(report["usage"]["limits_hit"], serde_json::json!(["data_quota"]), "{report}");
+    assert!(report["usage"]["bytes_written"].as_u64().unwrap() >= VOL_QUOTA, "{report}");
+    // The walk after the call has the ledger agree: PUT refused, usage shown.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let me = srv.get("/v1/me", &erin).await.json();
+        if me["data_used_bytes"].as_u64().unwrap() >= VOL_QUOTA {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the usage never showed: {me}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let put = srv.request(Method::PUT, "/v1/files/more.txt", Some(&erin), vec![b'x'; 2 << 20]).await;
+    assert_eq!(put.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", String::from_utf8_lossy(&put.body));
+    // Another user of the same tier is untouched.
+    let report = invoke(&frank).await;
+    assert_eq!(report["status"], "ok", "{report}");
+    // Room made through the files API is the tool's again.
+    assert_eq!(srv.request(Method::DELETE, "/v1/files/fill", Some(&erin), "").await.status, StatusCode::OK);
+    let report = invoke(&erin).await;
+    assert_eq!(report["status"], "ok", "{report}");
+    let metrics = String::from_utf8_lossy(&srv.get("/metrics", "").await.body).into_owned();
+    assert!(metrics.contains("imagentx_limits_hit_total{limit=\"data_quota\"} 3"), "{metrics}");
+    assert!(metrics.contains("imagentx_data_volumes_mounted 2"), "{metrics}");
+}

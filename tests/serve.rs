@@ -70,6 +70,24 @@ fn start(dir: &Path, addr: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
     (child, rx)
 }
 
+/// Mounts of this process's namespace under `path`.
+fn mounts_under(path: &Path) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.to_string_lossy();
+    mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(|at| at.starts_with(&*path))).count()
+}
+
+/// Loop devices whose backing file is under `path`.
+fn loop_devices_backed_by(path: &Path) -> usize {
+    let Ok(devices) = std::fs::read_dir("/sys/block") else { return 0 };
+    let path = path.to_string_lossy();
+    devices
+        .filter_map(Result::ok)
+        .filter_map(|d| std::fs::read_to_string(d.path().join("loop/backing_file")).ok())
+        .filter(|file| file.starts_with(&*path))
+        .count()
+}
+
 fn log_line(logs: &std::sync::mpsc::Receiver<String>, message: &str) -> serde_json::Value {
     loop {
         let line = logs.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no log line `{message}`"));
@@ -107,6 +125,19 @@ async fn kill_9_mid_burst_then_restart_keeps_everything_and_loads_tools_without_
     assert_eq!(first["status"], "ok");
     let put = http(&addr, Method::PUT, "/v1/files/notes/today.txt", &alice, "remember").await;
     assert_eq!(put.status, StatusCode::OK);
+    let root_user = nix::unistd::geteuid().is_root();
+    if root_user {
+        // As root, alice's files are in her volume, mounted in the server's
+        // own namespace: the host's (this test's) never sees the mount.
+        let ready = http(&addr, Method::GET, "/readyz", "", "").await.json();
+        let native = ready["disk_limits"]["native_tools"].as_str().unwrap();
+        assert!(native.contains("own ext4 volume"), "{ready}");
+        assert!(dir.path().join("volumes/alice.ext4").is_file());
+        assert_eq!(mounts_under(dir.path()), 0, "a volume's mount reached the host's namespace");
+        assert!(!dir.path().join("users/alice/notes").exists());
+        let metrics = http(&addr, Method::GET, "/metrics", "", "").await;
+        assert!(String::from_utf8_lossy(&metrics.body).contains("imagentx_data_volumes_mounted 1"));
+    }
 
     // A burst of calls (some of them slow) and kill -9 in the middle of it.
     let burst: Vec<_> = (0..20)
@@ -129,6 +160,14 @@ async fn kill_9_mid_burst_then_restart_keeps_everything_and_loads_tools_without_
     for call in burst {
         let _ = call.await; // answered or cut off: either is fine
     }
+    if root_user {
+        // Killed, the server's namespace is gone and its mounts and loop devices with it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while loop_devices_backed_by(dir.path()) > 0 {
+            assert!(Instant::now() < deadline, "a loop device outlived the killed server");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     std::fs::create_dir(dir.path().join("scratch/left-by-the-crash")).unwrap();
     std::fs::write(dir.path().join("scratch/left-by-the-crash/junk"), "x").unwrap();
 
@@ -143,6 +182,7 @@ async fn kill_9_mid_burst_then_restart_keeps_everything_and_loads_tools_without_
     let id = first["id"].as_str().unwrap();
     let again = http(&addr, Method::GET, &format!("/v1/executions/{id}"), &alice, "").await;
     assert_eq!(again.json(), first);
+    // The file survived the kill in alice's volume (its journal replayed at the mount).
     let file = http(&addr, Method::GET, "/v1/files/notes/today.txt", &alice, "").await;
     assert_eq!(&file.body[..], b"remember");
     let r = http(&addr, Method::POST, "/v1/tools/word-stats/invoke", &alice, r#"{"input":{"text":"again"}}"#).await;
@@ -166,6 +206,7 @@ async fn kill_9_mid_burst_then_restart_keeps_everything_and_loads_tools_without_
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     log_line(&logs, "stopped");
     assert!(server.wait().unwrap().success());
+    assert_eq!(loop_devices_backed_by(dir.path()), 0, "a loop device outlived the stopped server");
 }
 
 #[test]

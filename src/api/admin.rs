@@ -34,17 +34,36 @@ pub struct DiskLimits {
     pub files_api: &'static str,
 }
 
-/// What is enforced on every host: the WASM path's accounting is the
-/// server's own and does not depend on the file system under the data dir.
-pub const DISK_LIMITS: DiskLimits = DiskLimits {
-    wasm_components: "every write: /data quota (bytes and files) shared by the user's calls and the files API, \
-                      /tmp per call, open files per call and across calls",
-    wasm_preview1_modules: "before each call only: /data is read-only while the user is at or over the quota; \
-                            /tmp unbounded",
-    native_tools: "before each call only: /data is read-only while the user is at or over the quota \
-                   (no per-write cap on the directory yet); /tmp is a tmpfs of the tier's size",
-    files_api: "every write, on the same ledger as the WASM calls",
-};
+/// What this server enforces, by who writes: the WASM path's accounting is
+/// the server's own and does not depend on the file system; native tools are
+/// held by the kernel where users have volumes (`volumes`).
+pub fn disk_limits(volumes: bool) -> DiskLimits {
+    let wasm_components = "every write: /data quota (bytes and files) shared by the user's calls and the files API, \
+                           /tmp per call, open files per call and across calls";
+    let files_api = "every write, on the same ledger as the WASM calls";
+    if volumes {
+        DiskLimits {
+            wasm_components,
+            wasm_preview1_modules: "/data: the user's volume, whose size is the quota plus ext4's metadata and \
+                                    reserve (a few percent; the sandbox writes for them as root, which may use \
+                                    the reserve); /tmp unbounded",
+            native_tools: "every write: /data is the user's own ext4 volume, its blocks past the quota reserved \
+                           from tools (ENOSPC at the quota, counted in 4 KiB blocks) and its inodes the tier's \
+                           files; /tmp is a tmpfs of the tier's size",
+            files_api,
+        }
+    } else {
+        DiskLimits {
+            wasm_components,
+            wasm_preview1_modules: "before each call only: /data is read-only while the user is at or over the \
+                                    quota; /tmp unbounded",
+            native_tools: "before each call only: /data is read-only while the user is at or over the quota (no \
+                           per-write cap: this host has no per-user volumes, see the start-up log); /tmp is a \
+                           tmpfs of the tier's size",
+            files_api,
+        }
+    }
+}
 
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok", native_tools: None, disk_limits: None })
@@ -62,11 +81,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
         Ok(_) => "available".to_owned(),
         Err(why) => format!("unavailable: {why}"),
     };
-    Ok(Json(Health { status: "ready", native_tools: Some(native), disk_limits: Some(DISK_LIMITS) }))
+    Ok(Json(Health {
+        status: "ready",
+        native_tools: Some(native),
+        disk_limits: Some(disk_limits(state.sandbox.data_dir.volumes().is_some())),
+    }))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let shared = super::metrics::SharedGauges::of(&state.sandbox.engine);
+    let shared = super::metrics::SharedGauges::of(&state.sandbox);
     let text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap(), &shared);
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }

@@ -15,6 +15,7 @@ use crate::audit::{AuditEvent, Kind};
 use crate::quota::Budget;
 use crate::store::Caller;
 use crate::userfs::{DirEntry, Node, UserFs, read_all};
+use crate::volume::DiskSize;
 
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct Listing {
@@ -39,19 +40,26 @@ async fn with_fs<T: Send + 'static>(
     caller: &Caller,
     f: impl FnOnce(&UserFs) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let dir =
-        state.sandbox.data_dir.user_dir(&caller.user).map_err(|e| ApiError::internal("the data directory", &e))?;
+    let tier = state.sandbox.policy.tiers.get(&caller.tier);
+    let size = DiskSize { bytes: tier.map_or(0, |t| t.data_quota_bytes), files: tier.map_or(0, |t| t.data_files) };
+    let dir = state
+        .sandbox
+        .data_dir
+        .open_user(&caller.user, size)
+        .await
+        .map_err(|e| ApiError::internal("the data directory", &e))?;
     // Files made here belong to the native jail's uid, so native tools can write them.
     let jail = state.jail.as_ref().ok().cloned();
     tokio::task::spawn_blocking(move || {
         let owner = match &jail {
             Some(jail) => {
-                jail.prepare_data_dir(&dir).map_err(|e| ApiError::internal("preparing the data directory", &e))?;
+                jail.prepare_data_dir(dir.path())
+                    .map_err(|e| ApiError::internal("preparing the data directory", &e))?;
                 jail.file_owner()
             }
             None => None,
         };
-        f(&UserFs::open(&dir)?.owned_by(owner))
+        f(&UserFs::open(dir.path())?.owned_by(owner))
     })
     .await
     .map_err(|e| ApiError::internal("the file operation", &e))?

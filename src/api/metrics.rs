@@ -192,6 +192,13 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
+        if let Some(mounted) = shared.data_volumes_mounted {
+            let _ = writeln!(
+                out,
+                "# HELP imagentx_data_volumes_mounted Users' data volumes mounted now.\n\
+                 # TYPE imagentx_data_volumes_mounted gauge\nimagentx_data_volumes_mounted {mounted}"
+            );
+        }
         out
     }
 }
@@ -204,17 +211,20 @@ pub struct SharedGauges {
     pub memory_peak_bytes: u64,
     pub descriptors_max: u64,
     pub descriptors_in_use: u64,
+    /// `None` without volumes.
+    pub data_volumes_mounted: Option<u64>,
 }
 
 impl SharedGauges {
-    pub fn of(engine: &crate::engine::Engine) -> Self {
-        let (memory, descriptors) = (engine.guest_memory(), engine.guest_descriptors());
+    pub fn of(sandbox: &crate::runner::Sandbox) -> Self {
+        let (memory, descriptors) = (sandbox.engine.guest_memory(), sandbox.engine.guest_descriptors());
         Self {
             memory_budget_bytes: memory.budget_bytes(),
             memory_in_use_bytes: memory.in_use_bytes(),
             memory_peak_bytes: memory.peak_bytes(),
             descriptors_max: descriptors.max(),
             descriptors_in_use: descriptors.in_use(),
+            data_volumes_mounted: sandbox.data_dir.volumes().map(|v| v.mounted() as u64),
         }
     }
 }

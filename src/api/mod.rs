@@ -43,6 +43,7 @@ use crate::jail::{Jail, JailConfig};
 use crate::policy::Policy;
 use crate::runner::Sandbox;
 use crate::store::Store;
+use crate::volume::VolumeMode;
 
 /// Settings of `serve`: the config file's `[server]` table, then the
 /// command line and environment over it.
@@ -80,6 +81,10 @@ pub struct ServerSettings {
     /// (the server keeps one for its own work). Past it, turns on the CPU go
     /// round the users whose calls wait.
     pub guest_cores: Option<usize>,
+    /// Per-user ext4 volumes that cap native tools' writes into `/data`:
+    /// `auto` (where the host can mount them and native tools can run),
+    /// `ext4-image` (required) or `off`.
+    pub data_volumes: VolumeMode,
     /// The native jailer's settings: the config file's `[jail]` table.
     #[serde(skip)]
     pub jail: JailConfig,
@@ -100,6 +105,7 @@ impl Default for ServerSettings {
             interpreters_dir: crate::interpreters::default_dir(),
             memory_budget_bytes: None,
             guest_cores: None,
+            data_volumes: VolumeMode::Auto,
             jail: JailConfig::default(),
         }
     }
@@ -143,7 +149,16 @@ impl AppState {
     ///
     /// [`StartError`] naming what could not be opened.
     pub async fn open(policy: Policy, settings: ServerSettings) -> Result<Arc<Self>, StartError> {
-        let data_dir = DataDir::open(&settings.data_dir)?;
+        let jail = Jail::new(settings.jail.clone()).map(Arc::new).map_err(|e| {
+            tracing::warn!(error = %e, "native tools are disabled: the jail cannot run on this host");
+            e.to_string()
+        });
+        // Volumes hold native tools' writes: without the jail, `auto` spares their cost.
+        let volumes = match settings.data_volumes {
+            VolumeMode::Auto if jail.is_err() => VolumeMode::Off,
+            mode => mode,
+        };
+        let data_dir = DataDir::open_with_volumes(&settings.data_dir, volumes)?;
         let swept = data_dir.sweep_scratch();
         if swept > 0 {
             tracing::info!(directories = swept, "removed scratch directories left by an earlier run");
@@ -169,16 +184,17 @@ impl AppState {
             cpu_turns = "round the users with calls waiting",
             "limits across all calls"
         );
-        tracing::info!(data_quota = admin::DISK_LIMITS.wasm_components, "disk limits of WASM components");
-        tracing::warn!(
-            data_quota = admin::DISK_LIMITS.native_tools,
-            "disk limits of native tools and WASI preview 1 modules are checked before each call only: \
-             one such call can write past the user's quota"
-        );
-        let jail = Jail::new(settings.jail.clone()).map(Arc::new).map_err(|e| {
-            tracing::warn!(error = %e, "native tools are disabled: the jail cannot run on this host");
-            e.to_string()
-        });
+        let limits = admin::disk_limits(data_dir.volumes().is_some());
+        tracing::info!(data_quota = limits.wasm_components, "disk limits of WASM components");
+        if data_dir.volumes().is_some() {
+            tracing::info!(data_quota = limits.native_tools, "disk limits of native tools");
+        } else if jail.is_ok() {
+            tracing::warn!(
+                data_quota = limits.native_tools,
+                "disk limits of native tools are checked before each call only: one such call can write past \
+                 the user's quota"
+            );
+        }
         let engine_memory = &Arc::clone(engine.guest_memory());
         let state = Arc::new(Self {
             sandbox: Sandbox { policy, engine, data_dir },
@@ -493,6 +509,7 @@ pub async fn run(
     http.timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(state.settings.header_read_timeout_ms));
     let app = router(state.clone());
     let graceful = GracefulShutdown::new();
+    let sweeper = state.sandbox.data_dir.volumes().map(|volumes| tokio::spawn(unmount_idle(Arc::clone(volumes))));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -517,6 +534,9 @@ pub async fn run(
         }
     }
     drop(listener);
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     state.draining.store(true, Ordering::Release);
     tracing::info!(calls_in_flight = state.admission.in_flight(), "shutting down; finishing calls in flight");
     let deadline = tokio::time::Instant::now() + Duration::from_millis(state.settings.shutdown_grace_ms);
@@ -534,8 +554,25 @@ pub async fn run(
         tracing::warn!(calls_in_flight = state.admission.in_flight(), "stopping with calls still running");
     }
     state.store.close();
+    if let Some(volumes) = state.sandbox.data_dir.volumes() {
+        volumes.unmount_all();
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Unmounts users' volumes that nobody used for [`crate::volume::IDLE_UNMOUNT`].
+async fn unmount_idle(volumes: Arc<crate::volume::Volumes>) {
+    let mut every = tokio::time::interval(Duration::from_secs(30));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let volumes = Arc::clone(&volumes);
+        let idle = crate::volume::IDLE_UNMOUNT;
+        if let Ok(unmounted @ 1..) = tokio::task::spawn_blocking(move || volumes.unmount_idle(idle)).await {
+            tracing::debug!(unmounted, "unmounted idle data volumes");
+        }
+    }
 }
 
 /// Every client connection is a descriptor: lift the soft limit to the hard one.

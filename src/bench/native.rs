@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Harness, Series, Suite, Who, process_series, threaded, which};
 use crate::jail::{Jail, JailConfig, NativeRun, Timings};
@@ -46,13 +46,18 @@ impl Jailer {
 
     /// One run to its end, under the execution id `id` (its cgroup's name).
     pub fn run_as(&self, id: &str, argv: &[String], limits: &Limits) -> crate::jail::NativeOutcome {
+        self.run_in(id, self.data.path(), argv, limits)
+    }
+
+    /// One run to its end with `data_dir` as its `/data`.
+    pub fn run_in(&self, id: &str, data_dir: &Path, argv: &[String], limits: &Limits) -> crate::jail::NativeOutcome {
         self.jail.run(&NativeRun {
             id,
             owner: "bench",
             argv,
             env: &crate::jail::environment(&[]),
             input: b"",
-            data_dir: self.data.path(),
+            data_dir,
             data_writable: true,
             limits,
             layout: None,
@@ -176,6 +181,88 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         }
     }
     breakdown(h, &timings.into_inner().unwrap_or_else(|e| e.into_inner()));
+    volumes(h, &jailer)
+}
+
+/// What users' volumes (`crate::volume`) cost: making and mounting one, a
+/// call's hold on a mounted one, and a native tool's 1 GiB write in 64 KiB
+/// chunks into its volume beside the same write into a plain directory on the
+/// same file system, alternating runs.
+fn volumes(h: &mut Harness, jailer: &Jailer) -> anyhow::Result<()> {
+    use crate::volume::{DiskSize, VolumeMode, Volumes};
+    let root = tempfile::tempdir_in(h.scratch.path())?;
+    std::fs::create_dir_all(root.path().join("users"))?;
+    let volumes = match Volumes::open(root.path(), VolumeMode::Ext4Image) {
+        Ok(Some(v)) => v,
+        Ok(None) | Err(_) => {
+            h.skip("data volumes: this host cannot mount them");
+            return Ok(());
+        }
+    };
+    let size = DiskSize { bytes: 2 << 30, files: 100_000 };
+    let users = h.size.pick(20, 5, 1);
+    let (mut made, mut mounted, mut held) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..users {
+        let user = format!("u{i}");
+        let t = Instant::now();
+        drop(volumes.hold(&user, Some(size))?);
+        made.push(t.elapsed());
+        let t = Instant::now();
+        for _ in 0..100 {
+            drop(volumes.hold_if_mounted(&user, size));
+        }
+        held.push(t.elapsed() / 100);
+    }
+    volumes.unmount_idle(Duration::ZERO);
+    for i in 0..users {
+        let t = Instant::now();
+        drop(volumes.hold(&format!("u{i}"), Some(size))?);
+        mounted.push(t.elapsed());
+    }
+    for (name, mut v, unit, scale) in [
+        ("data volume: make (2 GiB, 100k files) and mount, a user's first use", made, "ms", 1e3),
+        ("data volume: mount an existing one, first use after start or idling", mounted, "ms", 1e3),
+        ("data volume: a call's hold on a mounted one", held, "µs", 1e6),
+    ] {
+        v.sort();
+        h.figure(Suite::Native, format!("{name}, median"), v[v.len() / 2].as_secs_f64() * scale, unit, "");
+    }
+
+    let runs = h.size.pick(5, 2, 0);
+    if runs == 0 {
+        h.skip("1 GiB native writes: not in --tiny runs");
+        return Ok(());
+    }
+    let mut limits = jailer.limits("premium", Duration::from_secs(60))?;
+    limits.data_quota_bytes = size.bytes;
+    let plain = tempfile::tempdir_in(h.scratch.path())?;
+    jailer.jail.prepare_data_dir(plain.path())?;
+    let user_dir = root.path().join("users/writer");
+    let hold = volumes.hold("writer", Some(size))?;
+    jailer.jail.prepare_data_dir(&user_dir)?;
+    let write =
+        strings(&["/bin/sh", "-c", "dd if=/dev/zero of=/data/big bs=64k count=16384 2>/dev/null && rm /data/big"]);
+    let case = "native dd of 1 GiB in 64 KiB chunks to /data";
+    let mut series = ["in the user's volume", "in a plain directory (no per-write cap)"]
+        .map(|label| Series::new(Suite::Native, format!("{case}, {label}"), Who::Ours, 1));
+    for _ in 0..runs {
+        for (i, dir) in [user_dir.as_path(), plain.path()].into_iter().enumerate() {
+            let t = Instant::now();
+            let ok = jailer.run_in(&crate::report::new_execution_id(), dir, &write, &limits).status == Status::Ok;
+            series[i].samples.push(super::Sample { latency: t.elapsed(), ok });
+        }
+    }
+    for mut s in series {
+        s.elapsed = s.samples.iter().map(|s| s.latency).sum();
+        h.push(s);
+    }
+    h.ratio(
+        Suite::Native,
+        &format!("{case}, in the user's volume"),
+        &format!("{case}, in a plain directory (no per-write cap)"),
+        1,
+    );
+    drop(hold);
     Ok(())
 }
 

@@ -157,6 +157,11 @@ pub struct NativeOutcome {
     pub cpu: Option<Duration>,
     pub peak_memory_bytes: Option<u64>,
     pub peak_processes: Option<u64>,
+    /// Bytes the run's processes sent to storage: the kernel's I/O
+    /// accounting of every process reaped in the jail (`write_bytes` less
+    /// `cancelled_write_bytes`). Writes into `/data`; not the tmpfs `/tmp`,
+    /// nor a page written again before it reached the disk.
+    pub bytes_written: Option<u64>,
     /// Limits the run ran into, whether or not it survived them
     /// (`pids`: a fork refused at `pids.max`; `memory`: an OOM kill).
     pub limits_hit: Vec<&'static str>,
@@ -205,6 +210,7 @@ impl NativeOutcome {
             cpu: None,
             peak_memory_bytes: None,
             peak_processes: None,
+            bytes_written: None,
             limits_hit: Vec::new(),
             timings: Timings::default(),
         }

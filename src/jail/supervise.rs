@@ -203,7 +203,8 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         &mut stderr,
     );
 
-    let (init_status, rusage) = child.reap().map_err(|e| format!("wait4: {}", std::io::Error::from_raw_os_error(e)))?;
+    let (init_status, rusage, bytes_written) =
+        child.reap().map_err(|e| format!("wait4: {}", std::io::Error::from_raw_os_error(e)))?;
     let reaped_ns = sys::now_ns();
     let wall = started.elapsed();
     let t_reaped = wall;
@@ -246,6 +247,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         peak_memory_bytes: stats.peak_memory_bytes,
         // The jail's init is not in the cgroup: these are the program's.
         peak_processes: stats.peak_processes,
+        bytes_written,
         limits_hit: [(stats.pids_refused > 0, "pids"), (stats.oom_kills > 0, "memory")]
             .into_iter()
             .filter_map(|(hit, name)| hit.then_some(name))
@@ -277,6 +279,19 @@ fn unsafe_owned(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Bytes that the processes of an exited (unreaped) init sent to storage:
+/// the kernel's I/O accounting of the init, into which every process it
+/// reaped was added, less the dirty pages that never reached the disk (a
+/// write refused for lack of space, a file removed before writeback).
+/// Nothing for the tmpfs `/tmp`.
+fn storage_writes(pid: libc::pid_t) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        io.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+    };
+    Some(field("write_bytes")?.saturating_sub(field("cancelled_write_bytes")?))
+}
+
 /// Kills and reaps the child if the run ends early.
 struct Reaper {
     pid: libc::pid_t,
@@ -284,10 +299,13 @@ struct Reaper {
 }
 
 impl Reaper {
-    fn reap(&mut self) -> sys::SysResult<(libc::c_int, libc::rusage)> {
+    /// Waits for the exit, reads what the run sent to storage, and reaps.
+    fn reap(&mut self) -> sys::SysResult<(libc::c_int, libc::rusage, Option<u64>)> {
+        sys::wait_exited_unreaped(self.pid)?;
+        let written = storage_writes(self.pid);
         let result = sys::wait_rusage(self.pid);
         self.reaped = true;
-        result
+        result.map(|(status, usage)| (status, usage, written))
     }
 }
 

@@ -450,6 +450,22 @@ pub(super) fn wait_rusage(pid: libc::pid_t) -> SysResult<(libc::c_int, libc::rus
     }
 }
 
+/// Waits until `pid` has exited, leaving it a zombie (to be read, then reaped).
+pub(super) fn wait_exited_unreaped(pid: libc::pid_t) -> SysResult<()> {
+    // SAFETY: an all-zero siginfo is a valid value to be overwritten.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let id = libc::id_t::try_from(pid).map_err(|_| libc::EINVAL)?;
+    loop {
+        // SAFETY: `info` is a valid out-pointer.
+        match check_int(unsafe {
+            libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT | libc::__WALL)
+        }) {
+            Err(libc::EINTR) => continue,
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
 pub(super) fn kill(pid: libc::pid_t, signal: libc::c_int) {
     // SAFETY: integer arguments; a vanished process is not an error here.
     unsafe { libc::kill(pid, signal) };

@@ -48,6 +48,16 @@ impl Answer {
     }
 }
 
+impl Drop for TestServer {
+    /// Users' volumes are mounted in the test process's namespace: unmount
+    /// them before the data directory is removed.
+    fn drop(&mut self) {
+        if let Some(volumes) = self.state.sandbox.data_dir.volumes() {
+            volumes.unmount_all();
+        }
+    }
+}
+
 impl TestServer {
     pub async fn start() -> Self {
         Self::start_with(Policy::default(), |_| {}).await
