@@ -37,8 +37,12 @@ pub enum Command {
     Run(RunArgs),
     /// Print what a tool says about itself: name, version, description, input schema.
     Describe(DescribeArgs),
-    /// Serve the HTTP tool-execution API.
+    /// Serve the HTTP tool-execution API (and MCP at /mcp).
     Serve(ServeArgs),
+    /// Serve MCP over stdin/stdout to one local client (Claude Desktop, an
+    /// IDE, an agent framework) as one user: the registered tools, the
+    /// built-in interpreters and `--tool` files. Logs go to stderr.
+    Mcp(McpArgs),
     /// Manage users and their API keys.
     #[command(subcommand)]
     User(UserCommand),
@@ -150,6 +154,26 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct McpArgs {
+    /// The user the calls run for; their directory is the tools' /data.
+    #[arg(long, default_value = "local")]
+    pub user: String,
+    /// The tier whose limits apply.
+    #[arg(long, default_value = "standard")]
+    pub tier: String,
+    /// Where the database, modules, artifacts and users' files live.
+    #[arg(long, env = "IMAGENTX_DATA_DIR", default_value = "./sandbox-data")]
+    pub data_dir: PathBuf,
+    /// TOML file: `[server]` settings, tiers, limits, env (as for `serve`).
+    #[arg(long, env = "IMAGENTX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// A tool to offer besides the registered ones (.wasm component or
+    /// module); repeatable. Offered for this process only, not registered.
+    #[arg(long = "tool")]
+    pub tools: Vec<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct DescribeArgs {
     /// The tool (.wasm component or module, or .wat text).
     pub tool: PathBuf,
@@ -188,7 +212,7 @@ pub fn main(cli: Cli) -> ExitCode {
     // Users' volumes are mounted in a namespace of the server's own, so that
     // they go away with it however it ends. Before the runtime's threads: the
     // namespace is the calling thread's alone until then.
-    if matches!(command, Command::Serve(_))
+    if matches!(command, Command::Serve(_) | Command::Mcp(_))
         && nix::unistd::geteuid().is_root()
         && let Err(e) = crate::volume::private_mounts()
     {
@@ -207,6 +231,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Describe(args) => describe(args).await,
             Command::Serve(args) => serve(args).await,
+            Command::Mcp(args) => mcp(args).await,
             Command::User(command) => user(command).await,
             Command::Audit(AuditCommand::Verify { state }) => audit_verify(&state),
         }
@@ -344,10 +369,11 @@ async fn describe(args: DescribeArgs) -> Result<ExitCode, UsageError> {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<ExitCode, UsageError> {
+/// The policy and the `[server]` and `[jail]` settings of a config file.
+fn server_config(config: Option<&Path>) -> Result<(Policy, ServerSettings), UsageError> {
     let mut settings = ServerSettings::default();
     let mut jail = JailConfig::default();
-    let policy = match &args.config {
+    let policy = match config {
         None => Policy::default(),
         Some(path) => {
             let text =
@@ -360,18 +386,51 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, UsageError> {
             file.apply(Policy::default())?
         }
     };
+    settings.jail = jail;
+    Ok((policy, settings))
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, UsageError> {
+    let (policy, mut settings) = server_config(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         settings.listen = listen;
     }
     if let Some(dir) = args.data_dir {
         settings.data_dir = dir;
     }
-    settings.jail = jail;
     match crate::api::serve(policy, settings).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             tracing::error!(error = %e, "the server could not run");
             eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn mcp(args: McpArgs) -> Result<ExitCode, UsageError> {
+    let (policy, mut settings) = server_config(args.config.as_deref())?;
+    settings.data_dir = args.data_dir;
+    let user = UserId::new(&args.user)?;
+    policy.resolve(&args.tier, None)?;
+    let tools: Vec<(String, Vec<u8>)> = args
+        .tools
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?;
+            Ok((tool_name(path), bytes))
+        })
+        .collect::<Result<_, UsageError>>()?;
+    let state = crate::api::AppState::open(policy, settings).await?;
+    for (name, bytes) in tools {
+        let tool = state.sandbox.load(&bytes, &name).await.map_err(|e| UsageError(format!("tool {name}: {e}")))?;
+        state.registry.insert_local(tool);
+    }
+    let caller = crate::store::Caller { user, tier: args.tier, admin: false };
+    match crate::api::mcp::serve_stdio(state, caller).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: MCP over stdio: {e}");
             Ok(ExitCode::from(1))
         }
     }

@@ -42,7 +42,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     }
 }
 
-async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
+pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
     let header = parts.headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let key = match header {
         None => Err("no Authorization header; send `Authorization: Bearer <api key>`"),

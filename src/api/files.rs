@@ -35,7 +35,7 @@ pub struct Deleted {
 }
 
 /// Runs `f` on the caller's directory on a blocking thread.
-async fn with_fs<T: Send + 'static>(
+pub(super) async fn with_fs<T: Send + 'static>(
     state: &AppState,
     caller: &Caller,
     f: impl FnOnce(&UserFs) -> Result<T, ApiError> + Send + 'static,

@@ -75,22 +75,7 @@ pub async fn invoke(
         read_body(&headers, body, state.sandbox.policy.input_bytes.saturating_add(INVOKE_ENVELOPE_BYTES)).await?;
     let request: InvokeRequest =
         if body.iter().all(u8::is_ascii_whitespace) { InvokeRequest::default() } else { parse_json(&body)? };
-    let tier = tier(&state, &caller)?;
-    let timeout = request.timeout_ms.map(Duration::from_millis);
-    state
-        .sandbox
-        .policy
-        .resolve(&caller.tier, timeout)
-        .map_err(|e| ApiError::bad_request("bad_timeout", e.to_string()))?;
-    let Some(registered) = state.registry.get(&name, request.version) else {
-        return Err(match request.version {
-            Some(v) if state.registry.get(&name, None).is_some() => {
-                ApiError::not_found("unknown_version", format!("tool `{name}` has no active version {v}"))
-            }
-            _ => ApiError::not_found("unknown_tool", format!("no tool `{name}`")),
-        });
-    };
-
+    let prepared = Prepared::new(&state, &caller, &name, &request)?;
     let idempotency = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
         Some(v) => {
@@ -126,46 +111,98 @@ pub async fn invoke(
         }
     };
 
-    if let (Runnable::Native(_), Err(why)) = (&registered.runnable, &state.jail) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "native_unavailable",
-            format!("tool `{name}` is a native program, and native tools cannot run on this server: {why}"),
-        ));
-    }
-    // A native run's cgroup limit is held for it; a WASM call is charged as it grows.
-    let reserve = if matches!(registered.runnable, Runnable::Native(_)) { tier.memory_bytes } else { 0 };
-    let permit = match state.admission.admit(caller.user.as_str(), tier.concurrent_calls, reserve) {
-        Ok(permit) => permit,
-        Err(denial) => return Err(denied(&state, &caller, Some(&name), denial).await),
-    };
-    let input = serde_json::to_vec(&request.input).map_err(|e| ApiError::internal("encoding the input", &e))?;
-    let call = ToolCall { user: caller.user.clone(), tier: caller.tier.clone(), input, args: request.args, timeout };
-    // The call runs in its own task: a client that hangs up does not cancel
-    // it half-way, and its execution is still recorded.
-    let task_state = state.clone();
-    let task = tokio::spawn(async move {
-        let _permit = permit;
-        let report = match &registered.runnable {
-            Runnable::Wasm(tool) => task_state.sandbox.run(Ok(tool), &call).await,
-            Runnable::Native(tool) => {
-                let jail = task_state.jail.as_ref().map_err(String::as_str);
-                task_state.sandbox.run_native(jail, tool, &call).await
-            }
-        };
-        let events = audit_events(&task_state, &caller, &report, registered.row.version, &call);
-        let json: Bytes =
-            serde_json::to_vec(&report).map_err(|e| ApiError::internal("encoding the report", &e))?.into();
-        let stored = task_state
-            .store
-            .record_execution(&report, json.clone(), Some(registered.row.version), idempotency, events)
-            .await;
-        task_state.metrics.call(&report, arrived.elapsed().as_secs_f64());
-        stored?;
-        Ok::<_, ApiError>(json)
-    });
-    let json = task.await.map_err(|e| ApiError::internal("the call's task", &e))??;
+    let (_, json) = prepared.run(&state, caller, request, idempotency, arrived).await?;
     Ok(stored_report(json))
+}
+
+/// A call checked and ready to run: the one invoke path of every face (HTTP,
+/// MCP). Checking comes first so that a mistake is answered before an
+/// idempotency key is looked up.
+pub(crate) struct Prepared {
+    tier: Tier,
+    registered: Arc<super::registry::Registered>,
+    timeout: Option<Duration>,
+}
+
+impl Prepared {
+    /// The caller's tier, the timeout within it, and the tool (a version of it).
+    pub(crate) fn new(
+        state: &AppState,
+        caller: &Caller,
+        name: &str,
+        request: &InvokeRequest,
+    ) -> Result<Self, ApiError> {
+        let tier = tier(state, caller)?.clone();
+        let timeout = request.timeout_ms.map(Duration::from_millis);
+        state
+            .sandbox
+            .policy
+            .resolve(&caller.tier, timeout)
+            .map_err(|e| ApiError::bad_request("bad_timeout", e.to_string()))?;
+        let Some(registered) = state.registry.get(name, request.version) else {
+            return Err(match request.version {
+                Some(v) if state.registry.get(name, None).is_some() => {
+                    ApiError::not_found("unknown_version", format!("tool `{name}` has no active version {v}"))
+                }
+                _ => ApiError::not_found("unknown_tool", format!("no tool `{name}`")),
+            });
+        };
+        Ok(Self { tier, registered, timeout })
+    }
+
+    /// Admits the call (or answers 429), runs it in a task of its own, records
+    /// its execution, audit and metrics, and answers the report and its JSON.
+    /// A caller that goes away does not cancel it: it still finishes and is
+    /// recorded.
+    pub(crate) async fn run(
+        self,
+        state: &Arc<AppState>,
+        caller: Caller,
+        request: InvokeRequest,
+        idempotency: Option<(String, String)>,
+        arrived: Instant,
+    ) -> Result<(ExecutionReport, Bytes), ApiError> {
+        let Self { tier, registered, timeout } = self;
+        let name = registered.row.name.clone();
+        if let (Runnable::Native(_), Err(why)) = (&registered.runnable, &state.jail) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "native_unavailable",
+                format!("tool `{name}` is a native program, and native tools cannot run on this server: {why}"),
+            ));
+        }
+        // A native run's cgroup limit is held for it; a WASM call is charged as it grows.
+        let reserve = if matches!(registered.runnable, Runnable::Native(_)) { tier.memory_bytes } else { 0 };
+        let permit = match state.admission.admit(caller.user.as_str(), tier.concurrent_calls, reserve) {
+            Ok(permit) => permit,
+            Err(denial) => return Err(denied(state, &caller, Some(&name), denial).await),
+        };
+        let input = serde_json::to_vec(&request.input).map_err(|e| ApiError::internal("encoding the input", &e))?;
+        let call =
+            ToolCall { user: caller.user.clone(), tier: caller.tier.clone(), input, args: request.args, timeout };
+        let task_state = state.clone();
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            let report = match &registered.runnable {
+                Runnable::Wasm(tool) => task_state.sandbox.run(Ok(tool), &call).await,
+                Runnable::Native(tool) => {
+                    let jail = task_state.jail.as_ref().map_err(String::as_str);
+                    task_state.sandbox.run_native(jail, tool, &call).await
+                }
+            };
+            let events = audit_events(&task_state, &caller, &report, registered.row.version, &call);
+            let json: Bytes =
+                serde_json::to_vec(&report).map_err(|e| ApiError::internal("encoding the report", &e))?.into();
+            let stored = task_state
+                .store
+                .record_execution(&report, json.clone(), Some(registered.row.version), idempotency, events)
+                .await;
+            task_state.metrics.call(&report, arrived.elapsed().as_secs_f64());
+            stored?;
+            Ok::<_, ApiError>((report, json))
+        });
+        task.await.map_err(|e| ApiError::internal("the call's task", &e))?
+    }
 }
 
 /// Marks an idempotency key as running; a second request with it while the

@@ -14,6 +14,7 @@ mod auth;
 mod error;
 mod files;
 mod invoke;
+pub mod mcp;
 mod metrics;
 mod native;
 mod openapi;
@@ -125,6 +126,8 @@ pub struct AppState {
     /// Idempotency keys of calls still running, as `(user, key)`.
     pub(crate) running_keys: Mutex<HashSet<(String, String)>>,
     pub(crate) draining: AtomicBool,
+    /// MCP sessions over HTTP (`/mcp`).
+    pub(crate) mcp: mcp::Sessions,
     pub(crate) audit_throttle: AuditThrottle,
 }
 
@@ -207,6 +210,7 @@ impl AppState {
             settings,
             running_keys: Mutex::default(),
             draining: AtomicBool::new(false),
+            mcp: mcp::Sessions::default(),
             audit_throttle: AuditThrottle::default(),
         });
         state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
@@ -467,7 +471,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     for route in routes() {
         app = app.route(route.path, route.handler);
     }
-    app.fallback(admin::no_route).method_not_allowed_fallback(admin::no_method).with_state(state)
+    let mcp = Router::new()
+        .nest_service("/mcp", mcp::http_service(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), mcp::authenticate));
+    app.merge(mcp).fallback(admin::no_route).method_not_allowed_fallback(admin::no_method).with_state(state)
 }
 
 /// Serves until SIGINT or SIGTERM, then lets calls in flight finish for up
@@ -534,6 +541,7 @@ pub async fn run(
         }
     }
     drop(listener);
+    state.mcp.closing.cancel();
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }

@@ -28,10 +28,19 @@ pub const NATIVE_KIND: &str = "native";
 
 /// Who the registry records as having registered the built-in tools.
 pub const BUILTIN_REGISTRAR: &str = "builtin";
+/// Who offered a tool given on the command line (`mcp --tool`).
+pub const LOCAL_REGISTRAR: &str = "command-line";
 
-#[derive(Default)]
 pub struct Registry {
     tools: RwLock<HashMap<String, BTreeMap<u32, Arc<Registered>>>>,
+    /// Bumped at every registration and retirement (MCP's `list_changed`).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self { tools: RwLock::default(), changes: tokio::sync::watch::Sender::new(0) }
+    }
 }
 
 impl Registry {
@@ -63,6 +72,34 @@ impl Registry {
         let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
         let row = &registered.row;
         tools.entry(row.name.clone()).or_default().insert(row.version, Arc::new(registered));
+        drop(tools);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Offers `tool` for this process only (`mcp --tool`), as the newest
+    /// version of its name; not stored.
+    pub fn insert_local(&self, tool: Tool) {
+        let info = tool.info();
+        let name = tool.name().to_owned();
+        let version = self.get(&name, None).map_or(1, |t| t.row.version + 1);
+        let row = ToolRow {
+            name,
+            version,
+            label: info.version.clone(),
+            sha256: info.sha256.clone(),
+            kind: super::tools::kind_name(info.kind).to_owned(),
+            description: info.description.clone(),
+            input_schema: info.input_schema.clone(),
+            registered_by: LOCAL_REGISTRAR.to_owned(),
+            registered_at: crate::report::rfc3339(std::time::SystemTime::now()),
+            retired_at: None,
+        };
+        self.insert(Registered { row, runnable: Runnable::Wasm(tool) });
+    }
+
+    /// Wakes at every change of the tools (registered, retired).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn retire(&self, name: &str, versions: &[u32]) {
@@ -75,6 +112,8 @@ impl Registry {
                 tools.remove(name);
             }
         }
+        drop(tools);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Loads every active tool of the database from its blob, from the

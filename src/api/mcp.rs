@@ -1,0 +1,524 @@
+//! The Model Context Protocol face of the service, on the official Rust SDK
+//! (`rmcp`): Streamable HTTP at `/mcp` on `serve` (the same Bearer keys as
+//! the HTTP API, checked before any MCP processing), and stdio for a local
+//! client (`imagentx-sandbox mcp`). One handler for both.
+//!
+//! - `tools/list`: the registry's tools (newest versions), their descriptions
+//!   and input schemas, with annotations from what the sandbox knows: no
+//!   network (closed world), `/data` writable (not read-only).
+//! - `tools/call`: exactly the HTTP API's invoke path ([`Prepared`]):
+//!   admission, tier limits, the execution record, audit and metrics. A
+//!   report whose status is not `ok` is a tool result with `isError: true`
+//!   naming the status and the error, never a protocol error; so is a call
+//!   refused for the caller's rate or concurrency (a model can wait and
+//!   retry). An unknown tool or a bad timeout is a protocol error.
+//! - `resources/list` and `resources/read`: the caller's `/data` files, as
+//!   `file:///data/<path>`, through the files API's hardened path.
+//! - `notifications/tools/list_changed` to every session (and stdio client)
+//!   when a tool is registered or retired.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, Extensions, Implementation,
+    JsonObject, ListResourcesResult, ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams,
+    ReadResourceResponse, ReadResourceResult, Resource, ResourceContents, ServerCapabilities, ServerConfig, Tool,
+    ToolAnnotations,
+};
+use rmcp::service::{NotificationContext, RequestContext};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ErrorData, RoleServer, ServerHandler};
+use serde_json::{Value, json};
+
+use super::invoke::{InvokeRequest, Prepared};
+use super::registry::{BUILTIN_REGISTRAR, Registered};
+use super::{ApiError, AppState};
+use crate::report::{ExecutionReport, Status};
+use crate::store::Caller;
+use crate::userfs::{Node, read_all};
+
+/// An MCP session over HTTP idle this long is closed.
+pub const SESSION_IDLE: Duration = Duration::from_secs(300);
+/// MCP sessions open at once, over all users: past it a new one is refused
+/// (503) until idle ones expire. Each holds a task and small buffers.
+pub const MAX_SESSIONS: usize = 10_000;
+
+/// The server's MCP sessions over HTTP.
+pub struct Sessions {
+    manager: Arc<LocalSessionManager>,
+    /// Cancelled at shutdown: ends every session (their event streams would
+    /// otherwise hold the shutdown for its whole grace).
+    pub(crate) closing: tokio_util::sync::CancellationToken,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        let mut manager = LocalSessionManager::default();
+        manager.session_config.keep_alive = Some(SESSION_IDLE);
+        Self { manager: Arc::new(manager), closing: tokio_util::sync::CancellationToken::new() }
+    }
+}
+
+impl Sessions {
+    /// Sessions open now.
+    pub async fn open(&self) -> usize {
+        self.manager.sessions.read().await.len()
+    }
+}
+
+/// The Streamable HTTP service for `/mcp`. Put [`authenticate`] in front of
+/// it: the handler serves only requests that carry their caller.
+pub fn http_service(state: Arc<AppState>) -> StreamableHttpService<McpServer, LocalSessionManager> {
+    // Keys, not the Host header, say who may call: the server may sit behind
+    // a proxy under any name.
+    let mut config = StreamableHttpServerConfig::default().disable_allowed_hosts();
+    config.max_request_body_bytes =
+        state.sandbox.policy.input_bytes.saturating_add(super::invoke::INVOKE_ENVELOPE_BYTES);
+    config.cancellation_token = state.mcp.closing.clone();
+    let manager = Arc::clone(&state.mcp.manager);
+    StreamableHttpService::new(move || Ok(McpServer::for_http(Arc::clone(&state))), manager, config)
+}
+
+/// The Bearer check in front of `/mcp`, before any MCP processing: the same
+/// keys, rate and audit of refusals as the HTTP API. The caller rides along
+/// in the request's extensions.
+pub async fn authenticate(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (mut parts, body) = request.into_parts();
+    let caller = match super::auth::authenticate(&parts, &state).await {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    let opening = parts.method == axum::http::Method::POST && !parts.headers.contains_key("mcp-session-id");
+    if opening && state.mcp.open().await >= MAX_SESSIONS {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_sessions",
+            format!("{MAX_SESSIONS} MCP sessions are open; idle ones close after {} s", SESSION_IDLE.as_secs()),
+        )
+        .into_response();
+    }
+    parts.extensions.insert(caller);
+    next.run(axum::extract::Request::from_parts(parts, body)).await
+}
+
+/// Serves MCP on stdin and stdout for `caller` until the client closes
+/// them, then lets calls in flight finish (within the shutdown grace) and
+/// closes the database.
+///
+/// # Errors
+///
+/// The protocol could not start (the client's first messages were not MCP).
+pub async fn serve_stdio(state: Arc<AppState>, caller: Caller) -> Result<(), String> {
+    use rmcp::ServiceExt;
+    let running = McpServer::for_local(Arc::clone(&state), caller)
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = running.waiting().await;
+    let deadline = Instant::now() + Duration::from_millis(state.settings.shutdown_grace_ms);
+    while state.admission.in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    state.store.close();
+    Ok(())
+}
+
+/// Tools and resources per page of `tools/list` and `resources/list`.
+const PAGE: usize = 100;
+/// Files listed as resources at most (a walk of the user's directory).
+const MAX_RESOURCES: usize = 10_000;
+
+/// One MCP session's handler (or the stdio client's).
+#[derive(Clone)]
+pub struct McpServer {
+    state: Arc<AppState>,
+    /// The one local user of `imagentx-sandbox mcp`; over HTTP, each request's
+    /// caller, put there by the Bearer check.
+    local: Option<Caller>,
+}
+
+impl McpServer {
+    /// The handler for HTTP sessions: each request carries its caller.
+    pub fn for_http(state: Arc<AppState>) -> Self {
+        Self { state, local: None }
+    }
+
+    /// The handler for one local user (stdio).
+    pub fn for_local(state: Arc<AppState>, caller: Caller) -> Self {
+        Self { state, local: Some(caller) }
+    }
+
+    fn caller(&self, extensions: &Extensions) -> Result<Caller, ErrorData> {
+        if let Some(caller) = &self.local {
+            return Ok(caller.clone());
+        }
+        extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Caller>())
+            .cloned()
+            .ok_or_else(|| ErrorData::invalid_request("the request carries no authenticated caller", None))
+    }
+}
+
+impl ServerHandler for McpServer {
+    fn get_info(&self) -> ServerConfig {
+        let capabilities =
+            ServerCapabilities::builder().enable_tools().enable_tool_list_changed().enable_resources().build();
+        ServerConfig::new(capabilities)
+            .with_server_info(Implementation::new("imagentx-sandbox", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Tools run in a sandbox: WebAssembly (or a Linux jail for native tools) with no network, \
+                 CPU, memory, time and disk limits of the caller's tier, and the caller's own /data \
+                 directory that persists between calls. `python` and `javascript` run code. The caller's \
+                 /data files are resources (file:///data/...).",
+            )
+    }
+
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        // Tell this client when the tools change, until it goes away.
+        let mut changes = self.state.registry.subscribe();
+        let peer = context.peer;
+        tokio::spawn(async move {
+            let mut check = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() || peer.notify_tool_list_changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    _ = check.tick() => {
+                        if peer.is_transport_closed() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    async fn list_tools(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        self.caller(&context.extensions)?;
+        let all: Vec<Tool> = self.state.registry.newest().iter().map(|t| mcp_tool(t)).collect();
+        let (tools, next_cursor) = page(all, request.and_then(|r| r.cursor))?;
+        Ok(ListToolsResult { tools, next_cursor, ..Default::default() })
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let arrived = Instant::now();
+        let caller = self.caller(&context.extensions)?;
+        let name = request.name.to_string();
+        let Some(registered) = self.state.registry.get(&name, None) else {
+            return Err(ErrorData::invalid_params(format!("no tool `{name}`"), None));
+        };
+        let invoke = invoke_request(&registered, request.arguments)?;
+        let prepared = Prepared::new(&self.state, &caller, &name, &invoke).map_err(protocol_error)?;
+        // The call runs in a task of its own: a client that goes away or
+        // cancels does not stop it half-way; it finishes and is recorded.
+        match prepared.run(&self.state, caller, invoke, None, arrived).await {
+            Ok((report, _)) => Ok(tool_result(&report).into()),
+            Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                Ok(refusal(&e).into())
+            }
+            Err(e) => Err(protocol_error(e)),
+        }
+    }
+
+    async fn list_resources(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        let caller = self.caller(&context.extensions)?;
+        let files = super::files::with_fs(&self.state, &caller, |fs| Ok(walk(fs))).await.map_err(protocol_error)?;
+        let all = files
+            .into_iter()
+            .map(|(path, size)| {
+                Resource::new(format!("file:///data/{path}"), path.clone())
+                    .with_description(format!("/data/{path} in the sandbox"))
+                    .with_size(size)
+            })
+            .collect();
+        let (resources, next_cursor) = page(all, request.and_then(|r| r.cursor))?;
+        Ok(ListResourcesResult { resources, next_cursor, ..Default::default() })
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let caller = self.caller(&context.extensions)?;
+        let uri = request.uri;
+        let Some(path) = uri.strip_prefix("file:///data/") else {
+            return Err(ErrorData::invalid_params(format!("not a file:///data/ resource: {uri}"), None));
+        };
+        let path = path.to_owned();
+        let cap = self.state.settings.max_file_bytes as u64;
+        let bytes = super::files::with_fs(&self.state, &caller, move |fs| match fs.get(&path)? {
+            Node::File { size, .. } if size > cap => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the file holds {size} bytes; resources are read up to {cap}"),
+            )),
+            Node::File { file, size } => read_all(file, size).map_err(|e| ApiError::internal("reading the file", &e)),
+            Node::Dir(_) => Err(ApiError::bad_request("not_a_file", "a directory is not a resource")),
+        })
+        .await
+        .map_err(|e| {
+            if e.status == StatusCode::NOT_FOUND {
+                ErrorData::resource_not_found(e.message.clone(), None)
+            } else {
+                protocol_error(e)
+            }
+        })?;
+        let contents = match String::from_utf8(bytes) {
+            Ok(text) => ResourceContents::text(text, uri),
+            Err(e) => {
+                use base64::Engine;
+                let data = base64::engine::general_purpose::STANDARD.encode(e.into_bytes());
+                ResourceContents::blob(data, uri).with_mime_type("application/octet-stream")
+            }
+        };
+        Ok(ReadResourceResult::new(vec![contents]).into())
+    }
+}
+
+/// A registered tool as MCP lists it.
+fn mcp_tool(registered: &Registered) -> Tool {
+    let row = &registered.row;
+    let mut description = row.description.clone().unwrap_or_default();
+    if row.registered_by == BUILTIN_REGISTRAR {
+        description.push_str(builtin_notes(&row.name));
+    }
+    // Nothing a tool does leaves the sandbox (no network): a closed world. It
+    // may write the caller's /data: neither read-only nor idempotent.
+    let annotations = ToolAnnotations::new().read_only(false).open_world(false).idempotent(false);
+    Tool::new(row.name.clone(), description, Arc::new(input_schema(registered)))
+        .with_title(row.name.clone())
+        .with_annotations(annotations)
+}
+
+/// What a model should know about the built-in interpreters beyond their own
+/// description.
+fn builtin_notes(name: &str) -> &'static str {
+    match name {
+        "python" => {
+            " CPython 3 in WebAssembly, a fresh interpreter per call: `code` runs, what it prints comes \
+             back as stdout, and a variable `result` (or the last expression) as the result; `args` is \
+             available to the code as `args`. Files under /data persist between calls (the caller's own \
+             directory); /tmp is per call. No network, no subprocesses. Pure-Python packages baked in: \
+             python-dateutil, six, tabulate, more-itertools, jmespath, and the standard library's pure \
+             modules."
+        }
+        "javascript" => {
+            " A JavaScript engine in WebAssembly, fresh per call: `code` runs, console.log output comes \
+             back as stdout and the value of `result` as the result; `args` is available as `args`. \
+             Files under /data persist between calls (the caller's own directory) through the `fs` \
+             module's synchronous calls; /tmp is per call. No network."
+        }
+        _ => "",
+    }
+}
+
+/// Whether `schema` describes a JSON object (MCP's `inputSchema` must).
+fn is_object_schema(schema: &Value) -> bool {
+    schema.get("type").and_then(Value::as_str) == Some("object")
+}
+
+/// A tool's `inputSchema`: its own when that is an object's; otherwise its
+/// input under `input` (and a command tool's `args`).
+fn input_schema(registered: &Registered) -> JsonObject {
+    let own = registered.row.input_schema.clone();
+    let schema = match own {
+        Some(schema) if is_object_schema(&schema) => schema,
+        own => json!({
+            "type": "object",
+            "properties": {
+                "input": own.unwrap_or_else(|| json!({"description": "the tool's input document (any JSON)"})),
+                "args": {"type": "array", "items": {"type": "string"}, "description": "arguments (argv[1..]) for a command tool"},
+            },
+        }),
+    };
+    match schema {
+        Value::Object(map) => map,
+        _ => JsonObject::new(),
+    }
+}
+
+/// The invoke request for MCP `arguments`, shaped as [`input_schema`] says.
+fn invoke_request(registered: &Registered, arguments: Option<JsonObject>) -> Result<InvokeRequest, ErrorData> {
+    let arguments = arguments.unwrap_or_default();
+    if registered.row.input_schema.as_ref().is_some_and(is_object_schema) {
+        return Ok(InvokeRequest { input: Value::Object(arguments), ..InvokeRequest::default() });
+    }
+    let mut arguments = arguments;
+    let input = arguments.remove("input").unwrap_or(Value::Null);
+    let args = match arguments.remove("args") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(args) => serde_json::from_value(args)
+            .map_err(|e| ErrorData::invalid_params(format!("`args` must be an array of strings: {e}"), None))?,
+    };
+    if let Some(other) = arguments.keys().next() {
+        return Err(ErrorData::invalid_params(format!("unknown argument `{other}` (known: input, args)"), None));
+    }
+    Ok(InvokeRequest { input, args, ..InvokeRequest::default() })
+}
+
+/// A finished call as a tool result: the output as structured content and
+/// text; a call that did not end `ok` as an error result that says why.
+fn tool_result(report: &ExecutionReport) -> CallToolResult {
+    let meta = json!({
+        "execution": report.id,
+        "status": report.status,
+        "usage": report.usage,
+    });
+    if report.status == Status::Ok {
+        let mut content = Vec::new();
+        if !report.stdout.is_empty() {
+            content.push(ContentBlock::text(report.stdout.clone()));
+        }
+        let mut result = match &report.output {
+            Some(output) => {
+                content.push(ContentBlock::text(output.to_string()));
+                let mut result = CallToolResult::success(content);
+                // Structured content is an object: a scalar or array output goes under `result`.
+                result.structured_content =
+                    Some(if output.is_object() { output.clone() } else { json!({ "result": output }) });
+                result
+            }
+            None => CallToolResult::success(content),
+        };
+        result.meta = serde_json::from_value(json!({ "imagentx": meta })).ok();
+        return result;
+    }
+    let error = report.error.clone().unwrap_or_default();
+    let mut text = format!("the tool call ended `{}`: {error}", report.status.as_str());
+    if !report.stderr.is_empty() {
+        text.push_str("\nstderr:\n");
+        text.push_str(tail(&report.stderr, 4096));
+    }
+    if !report.stdout.is_empty() {
+        text.push_str("\nstdout:\n");
+        text.push_str(tail(&report.stdout, 4096));
+    }
+    let mut result = CallToolResult::error(vec![ContentBlock::text(text)]);
+    result.structured_content = Some(json!({
+        "status": report.status,
+        "error": report.error,
+        "exit_code": report.exit_code,
+        "execution": report.id,
+        "limits_hit": report.usage.limits_hit,
+    }));
+    result.meta = serde_json::from_value(json!({ "imagentx": meta })).ok();
+    result
+}
+
+/// A call the server turned away (rate, concurrency, memory, a native tool
+/// on a host without the jail): an error result the model can act on.
+fn refusal(e: &ApiError) -> CallToolResult {
+    let mut text = format!("the call was not run ({}): {}", e.code, e.message);
+    if let Some(after) = e.retry_after {
+        text.push_str(&format!("; retry after {after} s"));
+    }
+    let mut result = CallToolResult::error(vec![ContentBlock::text(text)]);
+    result.structured_content =
+        Some(json!({ "status": "refused", "code": e.code, "error": e.message, "retry_after_s": e.retry_after }));
+    result
+}
+
+/// The end of `text`, at most `max` bytes, on a character boundary.
+fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// A client's mistake as the protocol's error: invalid params for a 4xx,
+/// internal error for the rest.
+fn protocol_error(e: ApiError) -> ErrorData {
+    let data = Some(json!({ "code": e.code }));
+    if e.status.is_client_error() {
+        ErrorData::invalid_params(e.message.clone(), data)
+    } else {
+        ErrorData::new(ErrorCode::INTERNAL_ERROR, Cow::Owned(e.message.clone()), data)
+    }
+}
+
+/// One page of `all` from `cursor` (an offset this server handed out).
+fn page<T>(all: Vec<T>, cursor: Option<String>) -> Result<(Vec<T>, Option<String>), ErrorData> {
+    let start = match cursor {
+        None => 0,
+        Some(c) => c.parse::<usize>().map_err(|_| ErrorData::invalid_params("unknown cursor", None))?,
+    };
+    let total = all.len();
+    let items: Vec<T> = all.into_iter().skip(start).take(PAGE).collect();
+    let next = (start + items.len() < total).then(|| (start + items.len()).to_string());
+    Ok((items, next))
+}
+
+/// The regular files under the user's directory, as paths and sizes, in
+/// order; at most [`MAX_RESOURCES`].
+fn walk(fs: &crate::userfs::UserFs) -> Vec<(String, u64)> {
+    let mut files = Vec::new();
+    let mut dirs = vec![String::new()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(Node::Dir(entries)) = fs.get(&dir) else { continue };
+        for entry in entries {
+            let path = if dir.is_empty() { entry.name.clone() } else { format!("{dir}/{}", entry.name) };
+            match entry.kind {
+                "file" => files.push((path, entry.size)),
+                "dir" => dirs.push(path),
+                _ => {}
+            }
+            if files.len() >= MAX_RESOURCES {
+                dirs.clear();
+                break;
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_follow_their_cursors_to_the_end() {
+        let all: Vec<u32> = (0..250).collect();
+        let (first, next) = page(all.clone(), None).unwrap();
+        assert_eq!((first.len(), next.as_deref()), (100, Some("100")));
+        let (second, next) = page(all.clone(), next).unwrap();
+        assert_eq!((second[0], next.as_deref()), (100, Some("200")));
+        let (last, next) = page(all.clone(), next).unwrap();
+        assert_eq!((last.len(), next), (50, None));
+        assert!(page(all, Some("x".into())).is_err());
+    }
+
+    #[test]
+    fn tails_cut_on_character_boundaries() {
+        assert_eq!(tail("héllo", 4), "llo");
+        assert_eq!(tail("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,259 @@
+//! MCP with a real client nobody here wrote: the official MCP Python SDK
+//! (`mcp` from PyPI, installed into `target/mcp-venv` on first use) runs
+//! `tests/mcp/client.py` against `imagentx-sandbox mcp` over stdio and against
+//! `/mcp` of a real server over Streamable HTTP: initialize, list, call an
+//! example tool, `python`, hostile tools (spin, memory bomb) answered with
+//! `isError`, resources, `list_changed` after a registration, and two users'
+//! `/data` kept apart.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+mod server;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const MCP_SDK: &str = "mcp==2.3.0";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python of a virtual environment holding the official SDK: made once
+/// (pip from PyPI), kept in `target/`.
+fn sdk_python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let venv = repo().join("target/mcp-venv");
+            let python = venv.join("bin/python");
+            let has_sdk = |python: &Path| {
+                let probe = format!("import importlib.metadata as m; assert m.version('mcp') == '{}'", &MCP_SDK[5..]);
+                Command::new(python).args(["-c", &probe]).output().is_ok_and(|o| o.status.success())
+            };
+            if !has_sdk(&python) {
+                let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).output().expect("python3 -m venv");
+                assert!(made.status.success(), "python3 -m venv: {}", String::from_utf8_lossy(&made.stderr));
+                let pip = Command::new(&python)
+                    .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", MCP_SDK])
+                    .output()
+                    .expect("pip");
+                assert!(pip.status.success(), "pip install {MCP_SDK}: {}", String::from_utf8_lossy(&pip.stderr));
+            }
+            python
+        })
+        .clone()
+}
+
+/// The client, started with `args`; `calls` (`[[tool, arguments], ...]`) on
+/// its stdin.
+fn start_client(args: &[&str], calls: &Value) -> std::process::Child {
+    let mut child = Command::new(sdk_python())
+        .arg(repo().join("tests/mcp/client.py"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(calls.to_string().as_bytes()).unwrap();
+    child
+}
+
+/// What the client saw: its last line of output, as JSON.
+fn finish_client(child: std::process::Child) -> Value {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the MCP client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The calls both transports make, in order (see [`check_calls`]).
+fn calls() -> Value {
+    json!([
+        ["word-stats", {"text": "to be or not to be"}],
+        ["python", {"code": "open('/data/notes.txt', 'w').write('hello from the sandbox')\nresult = 6 * 7"}],
+        ["probe", {"input": {"op": "spin"}}],
+        ["probe", {"input": {"op": "alloc", "bytes": 1_500_000_000_u64}}],
+        ["no-such-tool", {}],
+        ["probe", {"input": {"op": "echo"}, "args": "not a list"}],
+    ])
+}
+
+/// What each of [`calls`] must have answered.
+fn check_calls(seen: &Value) {
+    let calls = seen["calls"].as_array().unwrap();
+    let result = |i: usize| {
+        assert_eq!(calls[i]["ok"], true, "call {i} was a protocol error: {}", calls[i]);
+        &calls[i]["result"]
+    };
+    // An example tool: its output as structured content, not an error.
+    let stats = result(0);
+    assert_eq!(stats["isError"], false, "{stats}");
+    assert_eq!(stats["structuredContent"]["words"], 6, "{stats}");
+    assert_eq!(stats["_meta"]["imagentx"]["status"], "ok", "{stats}");
+    // The agent's Python.
+    let python = result(1);
+    assert_eq!(python["isError"], false, "{python}");
+    assert_eq!(python["structuredContent"]["result"], 42, "{python}");
+    // Hostile tools: a tool result with isError and the status, never a protocol error.
+    let spin = result(2);
+    assert_eq!(spin["isError"], true, "{spin}");
+    assert_eq!(spin["structuredContent"]["status"], "timeout", "{spin}");
+    let bomb = result(3);
+    assert_eq!(bomb["isError"], true, "{bomb}");
+    assert!(bomb["content"][0]["text"].as_str().unwrap().contains("memory"), "{bomb}");
+    // Mistakes of the client: the protocol's errors, naming what was wrong.
+    assert_eq!(calls[4]["ok"], false);
+    assert!(calls[4]["error"].as_str().unwrap().contains("no-such-tool"), "{}", calls[4]);
+    assert_eq!(calls[5]["ok"], false);
+    assert!(calls[5]["error"].as_str().unwrap().contains("args"), "{}", calls[5]);
+}
+
+/// The tools as listed, with what a model needs to call them.
+fn check_tools(seen: &Value) {
+    assert_eq!(seen["server"]["name"], "imagentx-sandbox", "{}", seen["server"]);
+    let tools = &seen["tools"];
+    for name in ["word-stats", "probe", "python", "javascript"] {
+        let tool = &tools[name];
+        assert_eq!(tool["inputSchema"]["type"], "object", "{name}: {tool}");
+        assert_eq!(tool["annotations"]["openWorldHint"], false, "{name}: {tool}");
+        assert_eq!(tool["annotations"]["readOnlyHint"], false, "{name}: {tool}");
+    }
+    let python = &tools["python"];
+    assert!(python["inputSchema"]["properties"]["code"].is_object(), "{python}");
+    let description = python["description"].as_str().unwrap();
+    assert!(description.contains("/data") && description.contains("tabulate"), "{description}");
+    // A command tool without a schema of its own takes `input` and `args`.
+    assert!(tools["probe"]["inputSchema"]["properties"]["args"].is_object(), "{}", tools["probe"]);
+}
+
+/// The user's file, written by `python` above, as a resource; no path
+/// leaves the user's directory.
+fn check_resources(seen: &Value) {
+    let resources = seen["resources"].as_array().unwrap();
+    assert_eq!(resources.len(), 1, "{resources:?}");
+    assert_eq!(resources[0]["uri"], "file:///data/notes.txt");
+    assert_eq!(seen["read"]["contents"][0]["text"], "hello from the sandbox", "{}", seen["read"]);
+    let escape = seen["escape"].as_str().unwrap();
+    assert_ne!(escape, "read", "a path escaped the user's directory");
+}
+
+/// The server's config for the stdio client: short timeouts, the built
+/// interpreters and the tests' shared artifact cache (a fresh data directory
+/// would compile the interpreters again).
+fn config(dir: &Path) -> PathBuf {
+    let path = dir.join("config.toml");
+    let (cache, interpreters) = (common::artifact_cache(), common::interpreters::built_dir());
+    let text = format!(
+        "[limits]\ndefault_timeout_ms = 1500\n\n[server]\nartifact_cache_dir = \"{}\"\ninterpreters_dir = \"{}\"\n",
+        cache.display(),
+        interpreters.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn stdio_with_the_official_python_sdk() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let (word_stats, probe) = (common::guest("word-stats"), common::guest("probe"));
+    let bin = env!("CARGO_BIN_EXE_imagentx-sandbox");
+    let data = dir.path().join("data");
+    let (data, config, word_stats, probe) =
+        (data.to_str().unwrap(), config.to_str().unwrap(), word_stats.to_str().unwrap(), probe.to_str().unwrap());
+    let args = [
+        "stdio",
+        "--",
+        bin,
+        "mcp",
+        "--tier",
+        "premium",
+        "--data-dir",
+        data,
+        "--config",
+        config,
+        "--tool",
+        word_stats,
+        "--tool",
+        probe,
+    ];
+    let seen = finish_client(start_client(&args, &calls()));
+    check_tools(&seen);
+    check_calls(&seen);
+    check_resources(&seen);
+    // Every call was recorded and audited, as over the HTTP API.
+    let verified = Command::new(bin).args(["audit", "verify", "--data-dir", data]).output().unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamable_http_with_the_official_python_sdk_and_keys() {
+    let policy = imagentx_sandbox::policy::Policy {
+        default_wall_time: std::time::Duration::from_millis(1500),
+        ..Default::default()
+    };
+    let srv = server::TestServer::start_with(policy, |s| {
+        s.builtin_tools = true;
+        s.interpreters_dir = common::interpreters::built_dir();
+        s.artifact_cache_dir = Some(common::artifact_cache());
+    })
+    .await;
+    srv.register("word-stats", "word-stats").await;
+    srv.register("probe", "probe").await;
+    let alice = srv.add_user("alice", "premium", false).await;
+    let bob = srv.add_user("bob", "premium", false).await;
+    let url = format!("http://{}/mcp", srv.addr);
+
+    // No key, or a bad one: refused before any MCP processing.
+    let hello = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}).to_string();
+    let accept = [("accept", "application/json, text/event-stream"), ("content-type", "application/json")];
+    for key in [None, Some("ixs_not_a_key")] {
+        let answer = srv.request_with(Method::POST, "/mcp", key, hello.clone(), &accept).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{key:?}");
+        assert_eq!(answer.error_code(), "unauthorized");
+    }
+
+    // Alice: the whole scenario; while she waits at the end, a tool is registered.
+    let mut child = start_client(&["http", &url, &alice, "--wait-for-list-changed"], &calls());
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::task::spawn_blocking(move || {
+        let line = lines.next();
+        (line, lines)
+    });
+    let (line, lines) = first.await.unwrap();
+    assert_eq!(line.unwrap().unwrap(), "READY");
+    srv.register("word-stats", "word-stats-again").await;
+    let rest: Vec<String> = tokio::task::spawn_blocking(move || lines.map_while(Result::ok).collect()).await.unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "the MCP client failed:\n{rest:?}\n{stderr}");
+    let seen: Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    check_tools(&seen);
+    check_calls(&seen);
+    check_resources(&seen);
+    let notes = seen["notifications"].as_array().unwrap();
+    assert!(notes.iter().any(|n| n == "notifications/tools/list_changed"), "{notes:?}");
+
+    // The same invoke path as the HTTP API: executions recorded, metrics counted.
+    let executions = srv.get("/v1/executions?limit=50", &alice).await.json();
+    assert_eq!(executions["executions"].as_array().unwrap().len(), 4, "{executions}");
+    let metrics = String::from_utf8_lossy(&srv.get("/metrics", "").await.body).into_owned();
+    assert!(metrics.contains("status=\"timeout\""), "{metrics}");
+
+    // Bob sees none of alice's files, and his Python cannot read them.
+    let bob_calls = json!([["python", {"code": "import os\nresult = os.path.exists('/data/notes.txt')"}]]);
+    let seen = finish_client(start_client(&["http", &url, &bob], &bob_calls));
+    assert_eq!(seen["resources"], json!([]));
+    assert_eq!(seen["calls"][0]["result"]["structuredContent"]["result"], false, "{}", seen["calls"]);
+}

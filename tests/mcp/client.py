@@ -1,0 +1,94 @@
+"""A real MCP client for tests/mcp.rs: the official MCP Python SDK (`mcp` on
+PyPI), nothing of ours. Connects over stdio or Streamable HTTP, runs the
+steps named on the command line, and prints one JSON object of what it saw
+(the Rust test checks it).
+
+    client.py stdio  DATA_DIR -- COMMAND [ARGS...]
+    client.py http   URL KEY
+"""
+
+import asyncio
+import json
+import sys
+
+import httpx2
+from mcp import ClientSession, types
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+
+
+def dump(model):
+    return json.loads(model.model_dump_json(by_alias=True, exclude_none=True))
+
+
+async def scenario(session, seen, notes):
+    init = await session.initialize()
+    seen["server"] = dump(init)["serverInfo"]
+    seen["protocol"] = session.protocol_version
+
+    tools = []
+    cursor = None
+    while True:
+        params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
+        page = await session.list_tools(params=params)
+        tools += [dump(t) for t in page.tools]
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    seen["tools"] = {t["name"]: t for t in tools}
+
+    calls = json.loads(sys.stdin.read() or "[]")
+    seen["calls"] = []
+    for name, arguments in calls:
+        try:
+            result = await session.call_tool(name, arguments)
+            seen["calls"].append({"ok": True, "result": dump(result)})
+        except Exception as e:  # a protocol error: what it said
+            seen["calls"].append({"ok": False, "error": str(e)})
+
+    resources = await session.list_resources()
+    seen["resources"] = [dump(r) for r in resources.resources]
+    if resources.resources:
+        read = await session.read_resource(resources.resources[0].uri)
+        seen["read"] = dump(read)
+    try:
+        await session.read_resource("file:///data/../../etc/passwd")
+        seen["escape"] = "read"
+    except Exception as e:
+        seen["escape"] = str(e)
+    if "--wait-for-list-changed" in sys.argv:
+        # The test registers a tool once it reads this line.
+        print("READY", flush=True)
+        for _ in range(300):
+            if "notifications/tools/list_changed" in notes:
+                break
+            await asyncio.sleep(0.05)
+    seen["notifications"] = notes
+
+
+async def main():
+    seen = {}
+    notes = []
+
+    async def on_message(message):
+        root = getattr(message, "root", message)
+        method = getattr(root, "method", None)
+        if method:
+            notes.append(method)
+
+    if sys.argv[1] == "stdio":
+        command = sys.argv[sys.argv.index("--") + 1:]
+        params = StdioServerParameters(command=command[0], args=command[1:])
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write, message_handler=on_message) as session:
+                await scenario(session, seen, notes)
+    else:
+        url, key = sys.argv[2], sys.argv[3]
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+            async with streamable_http_client(url, http_client=http) as (read, write):
+                async with ClientSession(read, write, message_handler=on_message) as session:
+                    await scenario(session, seen, notes)
+    print(json.dumps(seen))
+
+
+asyncio.run(main())
