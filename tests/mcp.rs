@@ -257,3 +257,95 @@ async fn streamable_http_with_the_official_python_sdk_and_keys() {
     assert_eq!(seen["resources"], json!([]));
     assert_eq!(seen["calls"][0]["result"]["structuredContent"]["result"], false, "{}", seen["calls"]);
 }
+
+/// Bad input over HTTP: each gets the protocol's error or a 4xx, never a 5xx
+/// or a hang; a thousand sessions opened and abandoned cost nothing to the
+/// next caller; the server keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_mcp_input_gets_clear_errors_and_abandoned_sessions_are_harmless() {
+    let srv = server::TestServer::start_with(imagentx_sandbox::policy::Policy::default(), |s| {
+        s.builtin_tools = false;
+    })
+    .await;
+    srv.register("word-stats", "word-stats").await;
+    let key = srv.add_user("carol", "premium", false).await;
+    let headers = [("accept", "application/json, text/event-stream"), ("content-type", "application/json")];
+    let post = async |body: String, session: Option<&str>| {
+        let mut h = headers.to_vec();
+        if let Some(id) = session {
+            h.push(("mcp-session-id", id));
+        }
+        srv.request_with(Method::POST, "/mcp", Some(&key), body, &h).await
+    };
+    let initialize = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+    })
+    .to_string();
+
+    // Not JSON; not JSON-RPC; a request before initialize.
+    let cases = [
+        ("{not json".to_owned(), None),
+        (json!({"hello": "world"}).to_string(), None),
+        (json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).to_string(), None),
+    ];
+    for (body, session) in cases {
+        let answer = post(body.clone(), session).await;
+        assert!(
+            answer.status.is_client_error(),
+            "{} for {}: {}",
+            answer.status,
+            &body[..body.len().min(80)],
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+
+    // Too big: 413, read from a raw socket (the server stops reading the body).
+    let (addr, auth) = (srv.addr, format!("Bearer {key}"));
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut socket = std::net::TcpStream::connect(addr).unwrap();
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let body =
+            format!("{{\"jsonrpc\": \"2.0\", \"id\": 3, \"method\": \"ping\", \"pad\": \"{}\"}}", "x".repeat(8 << 20));
+        let head = format!(
+            "POST /mcp HTTP/1.1\r\nhost: {addr}\r\nauthorization: {auth}\r\ncontent-type: application/json\r\n\
+             accept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = socket.write_all(head.as_bytes()).and_then(|()| socket.write_all(body.as_bytes()));
+        let mut answer = [0; 64];
+        let n = socket.read(&mut answer).unwrap_or(0);
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // In a session: an unknown method and an unknown tool are JSON-RPC errors.
+    let opened = post(initialize.clone(), None).await;
+    assert_eq!(opened.status, StatusCode::OK, "{}", String::from_utf8_lossy(&opened.body));
+    let session = opened.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
+    assert!(post(initialized, Some(&session)).await.status.is_success());
+    let unknown =
+        post(json!({"jsonrpc": "2.0", "id": 4, "method": "no/such/method"}).to_string(), Some(&session)).await;
+    assert!(String::from_utf8_lossy(&unknown.body).contains("-32601"), "{}", String::from_utf8_lossy(&unknown.body));
+    let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "nope", "arguments": {}}});
+    let answer = post(call.to_string(), Some(&session)).await;
+    assert!(String::from_utf8_lossy(&answer.body).contains("-32602"), "{}", String::from_utf8_lossy(&answer.body));
+    let call = json!({"jsonrpc": "2.0", "id": 6, "method": "tools/call",
+                      "params": {"name": "word-stats", "arguments": {"text": "still serving"}}});
+    let answer = post(call.to_string(), Some(&session)).await;
+    assert!(String::from_utf8_lossy(&answer.body).contains("\"words\":2"), "{}", String::from_utf8_lossy(&answer.body));
+    let closed = srv.request_with(Method::DELETE, "/mcp", Some(&key), "", &[("mcp-session-id", &session)]).await;
+    assert!(closed.status.is_success(), "{}", closed.status);
+
+    // A thousand sessions opened and abandoned; the next caller is served.
+    for _ in 0..1000 {
+        assert_eq!(post(initialize.clone(), None).await.status, StatusCode::OK);
+    }
+    let report = srv.report("word-stats", &key, json!({"input": {"text": "after the flood"}})).await;
+    assert_eq!(report["status"], "ok");
+    assert!(post(initialize, None).await.status.is_success());
+}
