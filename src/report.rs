@@ -24,6 +24,9 @@ pub enum Status {
     InvalidInput,
     /// The sandbox failed; not the tool's fault.
     InternalError,
+    /// The caller cancelled the call before it finished (MCP's
+    /// `notifications/cancelled`); it was stopped and recorded.
+    Cancelled,
 }
 
 impl Status {
@@ -39,6 +42,7 @@ impl Status {
             Status::InvalidTool => "invalid_tool",
             Status::InvalidInput => "invalid_input",
             Status::InternalError => "internal_error",
+            Status::Cancelled => "cancelled",
         }
     }
 }

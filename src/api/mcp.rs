@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, Extensions, Implementation,
-    JsonObject, ListResourcesResult, ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams,
-    ReadResourceResponse, ReadResourceResult, Resource, ResourceContents, ServerCapabilities, ServerConfig, Tool,
-    ToolAnnotations,
+    JsonObject, ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource, ResourceContents,
+    ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
 use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -230,9 +230,30 @@ impl ServerHandler for McpServer {
         };
         let invoke = invoke_request(&registered, request.arguments)?;
         let prepared = Prepared::new(&self.state, &caller, &name, &invoke).map_err(protocol_error)?;
-        // The call runs in a task of its own: a client that goes away or
-        // cancels does not stop it half-way; it finishes and is recorded.
-        match prepared.run(&self.state, caller, invoke, None, arrived).await {
+        // A client that asked for progress hears every second that the call runs on.
+        let progress = context.meta.get_progress_token().map(|token| {
+            let peer = context.peer.clone();
+            tokio::spawn(async move {
+                let second = Duration::from_secs(1);
+                let mut every = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+                for seconds in 1u32.. {
+                    every.tick().await;
+                    let note = ProgressNotificationParam::new(token.clone(), f64::from(seconds))
+                        .with_message(format!("running for {seconds} s"));
+                    if peer.notify_progress(note).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        });
+        // The call runs in a task of its own: a client that goes away does
+        // not stop it; one that cancels (notifications/cancelled) does, and
+        // the call is recorded `cancelled`.
+        let ran = prepared.run(&self.state, caller, invoke, None, arrived, Some(context.ct.clone())).await;
+        if let Some(progress) = progress {
+            progress.abort();
+        }
+        match ran {
             Ok((report, _)) => Ok(tool_result(&report).into()),
             Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status == StatusCode::SERVICE_UNAVAILABLE => {
                 Ok(refusal(&e).into())

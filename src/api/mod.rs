@@ -218,13 +218,6 @@ impl AppState {
             let dir = &state.settings.interpreters_dir;
             state.registry.register_builtins(&state.store, &state.sandbox, &state.blobs, dir).await;
         }
-        if state.store.list_users()?.is_empty() {
-            tracing::warn!(
-                data_dir = %state.settings.data_dir.display(),
-                "no users yet: add an admin with `imagentx-sandbox user add NAME --admin --data-dir DIR` \
-                 (it prints the API key)"
-            );
-        }
         Ok(state)
     }
 }
@@ -486,6 +479,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub async fn serve(policy: Policy, settings: ServerSettings) -> Result<(), StartError> {
     raise_open_file_limit();
     let state = AppState::open(policy, settings).await?;
+    if state.store.list_users()?.is_empty() {
+        tracing::warn!(
+        data_dir = %state.settings.data_dir.display(),
+        "no users yet: add an admin with `imagentx-sandbox user add NAME --admin --data-dir DIR` \
+         (it prints the API key)"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(state.settings.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %state.settings.data_dir.display(), "serving");
     run(listener, state, shutdown_signal()).await

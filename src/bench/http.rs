@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use super::{Harness, Sample, Series, Suite, Who, peak_rss, reset_peak};
 
 /// A tier for load: the caps under test are the server's, not one user's.
-const CONFIG: &str = r#"
+pub(super) const CONFIG: &str = r#"
 [tiers.bench]
 memory_bytes = 268435456
 cpu = 1.0
@@ -34,9 +34,9 @@ requests_per_second = 10000000
 const BODY: &str = r#"{"input":{"op":"echo","text":"hi"}}"#;
 pub const RAMP: &str = "trivial SDK tool, keep-alive clients (closed loop)";
 
-struct Server {
+pub(super) struct Server {
     child: Child,
-    addr: String,
+    pub(super) addr: String,
 }
 
 impl Drop for Server {
@@ -48,7 +48,7 @@ impl Drop for Server {
 
 /// Starts the server; with `interpreters`, it registers the built-in tools
 /// found there first (compiling them: tens of seconds the first time).
-fn start(dir: &Path, interpreters: Option<&Path>) -> anyhow::Result<(Server, String, String)> {
+pub(super) fn start(dir: &Path, interpreters: Option<&Path>) -> anyhow::Result<(Server, String, String)> {
     let bin = super::this_binary()?;
     let config = dir.join("bench.toml");
     std::fs::write(&config, CONFIG)?;
@@ -80,9 +80,9 @@ fn start(dir: &Path, interpreters: Option<&Path>) -> anyhow::Result<(Server, Str
     Ok((server, admin, key))
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub(super) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: &str) -> anyhow::Result<Sender> {
+pub(super) async fn connect(addr: &str) -> anyhow::Result<Sender> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -90,7 +90,7 @@ async fn connect(addr: &str) -> anyhow::Result<Sender> {
     Ok(sender)
 }
 
-async fn send(
+pub(super) async fn send(
     sender: &mut Sender,
     method: Method,
     path: &str,

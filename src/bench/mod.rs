@@ -22,6 +22,7 @@
 mod count;
 mod density;
 mod http;
+mod mcp;
 mod native;
 mod report;
 mod shared;
@@ -69,10 +70,11 @@ pub enum Suite {
     Native,
     Density,
     Teardown,
+    Mcp,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 5] = [Suite::Wasm, Suite::Http, Suite::Native, Suite::Density, Suite::Teardown];
+    pub const ALL: [Suite; 6] = [Suite::Wasm, Suite::Http, Suite::Native, Suite::Density, Suite::Teardown, Suite::Mcp];
 
     fn title(self) -> &'static str {
         match self {
@@ -81,6 +83,7 @@ impl Suite {
             Suite::Native => "native jail",
             Suite::Density => "density",
             Suite::Teardown => "teardown",
+            Suite::Mcp => "MCP",
         }
     }
 }
@@ -649,6 +652,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<usize> {
             Suite::Native => native::run(&mut h),
             Suite::Density => density::run(&mut h),
             Suite::Teardown => teardown::run(&mut h),
+            Suite::Mcp => mcp::run(&mut h),
         };
         if let Err(e) = result {
             println!("  FAILED: {e:#}");

@@ -46,6 +46,26 @@ async def scenario(session, seen, notes):
         except Exception as e:  # a protocol error: what it said
             seen["calls"].append({"ok": False, "error": str(e)})
 
+    if "--progress" in sys.argv:
+        # A call of 1.3 s: the server reports progress after its first second.
+        heard = []
+
+        async def on_progress(progress, total, message):
+            heard.append(message)
+
+        result = await session.call_tool(
+            "python", {"code": "import time\ntime.sleep(1.3)\nresult = 'slept'"}, progress_callback=on_progress
+        )
+        seen["progress"] = {"heard": heard, "result": dump(result)}
+
+    if "--cancel" in sys.argv:
+        # Abandoned after half a second: the SDK sends notifications/cancelled.
+        try:
+            await session.call_tool("python", {"code": "while True:\n    pass"}, read_timeout_seconds=0.5)
+            seen["cancel"] = "answered"
+        except Exception as e:
+            seen["cancel"] = str(e)
+
     resources = await session.list_resources()
     seen["resources"] = [dump(r) for r in resources.resources]
     if resources.resources:
