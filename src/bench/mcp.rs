@@ -87,8 +87,9 @@ fn echo_call(tools: &Value) -> anyhow::Result<(String, Value)> {
     Ok((name, if wrapped { json!({"input": input}) } else { input }))
 }
 
+/// A result that is not an error (`isError` absent means false).
 fn answered_ok(answer: &Value) -> bool {
-    answer["result"]["isError"] == false
+    answer["result"].is_object() && answer["result"]["isError"] != true
 }
 
 pub fn run(h: &mut Harness) -> anyhow::Result<()> {
@@ -140,7 +141,9 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     // Streamable HTTP: one session on one keep-alive connection, beside the
     // same server's own invoke route.
     let rt = super::runtime()?;
-    let (server, admin, key) = super::http::start(&dir.join("http"), None)?;
+    let http_dir = dir.join("http");
+    std::fs::create_dir_all(&http_dir)?;
+    let (server, admin, key) = super::http::start(&http_dir, None)?;
     let addr = server.addr.clone();
     let (http_samples, invoke_samples) = rt.block_on(async {
         let mut sender = super::http::connect(&addr).await?;
