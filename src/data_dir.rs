@@ -39,6 +39,10 @@ pub struct DataDir {
     disks: Arc<Mutex<HashMap<String, UserDisk>>>,
     /// Users' volumes, where the host can mount them.
     volumes: Option<Arc<Volumes>>,
+    /// Without volumes: `volumes/` holds images (another process's, or from
+    /// a server with volumes), so a user's plain directory may be a mount
+    /// point that must not be written here.
+    images_present: bool,
 }
 
 /// A user's directory, kept usable (their volume mounted) while this lives.
@@ -83,7 +87,10 @@ impl DataDir {
             let path = root.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| DataDirError { what: "creating", path, source })?;
         }
-        Ok(Self { root, spare_scratch: Arc::default(), disks: Arc::default(), volumes: None })
+        let images_present = std::fs::read_dir(root.join("volumes"))
+            .map(|entries| entries.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".ext4")))
+            .unwrap_or(false);
+        Ok(Self { root, spare_scratch: Arc::default(), disks: Arc::default(), volumes: None, images_present })
     }
 
     /// Opens the data directory at `root` with users' volumes as `mode` asks
@@ -154,6 +161,17 @@ impl DataDir {
     /// a directory (a symlink, a file) stands at its path.
     pub fn user_dir(&self, user: &UserId) -> Result<PathBuf, DataDirError> {
         let path = self.root.join("users").join(user.as_str());
+        if self.volumes.is_none() && self.images_present {
+            let image = self.root.join("volumes").join(format!("{user}.ext4"));
+            if image.exists() {
+                let source = io::Error::other(format!(
+                    "this user's files are in their volume {}, which only a server with data volumes \
+                     mounts (`serve` as root): use them through it",
+                    image.display()
+                ));
+                return Err(DataDirError { what: "using user directory", path, source });
+            }
+        }
         match std::fs::create_dir(&path) {
             Ok(()) => Ok(path),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {

@@ -81,7 +81,12 @@ impl Sandbox {
             (Ok(tool), None) => self.execute(tool, call).await,
             (Ok(tool), Some(cancel)) => tokio::select! {
                 outcome = self.execute(tool, call) => outcome,
-                () = cancel.cancelled() => Err((Status::Cancelled, "cancelled by the caller before it finished".into())),
+                () = cancel.cancelled() => {
+                    // What it wrote before it was stopped is measured again
+                    // (a preview 1 module's writes are not charged as they happen).
+                    self.data_dir.usage_changed(&call.user);
+                    Err((Status::Cancelled, "cancelled by the caller before it finished".into()))
+                }
             },
             (Err((_, e)), _) => {
                 let status = if e.is_host_failure() { Status::InternalError } else { Status::InvalidTool };

@@ -37,6 +37,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+/// The lock file in `volumes/` (`@`: no user id has one).
+const LOCK: &str = "@lock";
+
 /// Filesystem block: the unit the kernel caps in.
 const BLOCK: u64 = 4096;
 
@@ -88,6 +91,9 @@ pub struct Volumes {
     mounted: AtomicUsize,
     /// Set by [`Volumes::unmount_all`]: nothing is mounted again.
     closed: std::sync::atomic::AtomicBool,
+    /// `volumes/@lock`, held while this lives: one process at a time mounts
+    /// a data directory's volumes (two mounts of one image corrupt it).
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 #[derive(Debug, Default)]
@@ -144,12 +150,16 @@ impl Volumes {
         if mode == VolumeMode::Off {
             return Ok(None);
         }
+        let images = root.join("volumes");
+        // Another process mounts these volumes: no mode may run beside it.
+        let lock = Self::lock(&images)?;
         let volumes = Self {
-            images: root.join("volumes"),
+            images,
             users: root.join("users"),
             volumes: Mutex::default(),
             mounted: AtomicUsize::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
+            _lock: lock,
         };
         match volumes.probe() {
             Ok(()) => Ok(Some(volumes)),
@@ -165,6 +175,25 @@ impl Volumes {
         }
     }
 
+    /// The data directory's volume lock, or why it cannot be had.
+    fn lock(images: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+        std::fs::create_dir_all(images).map_err(|e| format!("creating {}: {e}", images.display()))?;
+        let path = images.join(LOCK);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            format!(
+                "another imagentx-sandbox process serves this data directory's volumes ({}: {e}); \
+                 give each process its own --data-dir",
+                path.display()
+            )
+        })
+    }
+
     /// Makes, mounts and unmounts a 16 MiB volume.
     fn probe(&self) -> Result<(), String> {
         if !nix::unistd::geteuid().is_root() {
@@ -174,8 +203,9 @@ impl Volumes {
             return Err("/dev/loop-control is missing (no loop devices)".into());
         }
         std::fs::create_dir_all(&self.images).map_err(|e| format!("creating {}: {e}", self.images.display()))?;
-        let image = self.images.join(".probe.ext4");
-        let at = self.images.join(".probe");
+        // Names with `@`, which no user id has.
+        let image = self.images.join("@probe.ext4");
+        let at = self.images.join("@probe");
         let _ = unmount(&at);
         let _ = std::fs::remove_dir(&at);
         let result = (|| {
@@ -240,19 +270,23 @@ impl Volumes {
             if self.closed.load(Ordering::Acquire) {
                 return Err(fail("the data directory is closing".into()));
             }
+            let dir = self.users.join(user);
             match size {
                 None if !image.exists() => return Ok(VolumeHold { volume: None }),
+                // Mounted already (by this process before, in this namespace): never touch a live image.
+                _ if is_mount_point(&dir).unwrap_or(false) => {}
                 None => {}
                 Some(size) => {
                     self.recover(user).map_err(|e| fail(format!("finishing an interrupted migration: {e}")))?;
                     if image.exists() {
-                        resize(&image, size).map_err(|e| fail(format!("resizing {}: {e}", image.display())))?;
+                        let staging = self.images.join(format!("{user}.staging"));
+                        resize(&image, size, &staging)
+                            .map_err(|e| fail(format!("resizing {}: {e}", image.display())))?;
                     } else {
                         self.create(user, size).map_err(|e| fail(format!("making {}: {e}", image.display())))?;
                     }
                 }
             }
-            let dir = self.users.join(user);
             self.mount_on(&image, &dir).map_err(|e| fail(format!("mounting on {}: {e}", dir.display())))?;
             state.mounted = true;
             state.size = size;
@@ -306,9 +340,27 @@ impl Volumes {
     fn create(&self, user: &str, size: DiskSize) -> io::Result<()> {
         std::fs::create_dir_all(&self.images)?;
         let dir = self.users.join(user);
+        let plain = match std::fs::symlink_metadata(&dir) {
+            Ok(meta) if !meta.is_dir() => return Err(io::Error::other("not a directory (a symlink or a file)")),
+            Ok(_) => std::fs::read_dir(&dir)?.next().is_some(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        // A user already past the tier's caps (files written before volumes)
+        // gets room for what they hold; the reserve then leaves tools none.
+        let size = if plain {
+            let (bytes, files) = crate::userfs::UserFs::open(&dir)
+                .and_then(|fs| fs.usage())
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            DiskSize {
+                bytes: size.bytes.max(bytes + bytes / 16 + (files + 16) * BLOCK),
+                files: size.files.max(files + 16),
+            }
+        } else {
+            size
+        };
         let fresh = self.images.join(format!("{user}.ext4.new"));
         make_image(&fresh, size)?;
-        let plain = dir.exists() && std::fs::read_dir(&dir)?.next().is_some();
         if plain {
             let staging = self.images.join(format!("{user}.staging"));
             let _ = unmount(&staging);
@@ -468,7 +520,9 @@ fn make_image(path: &Path, size: DiskSize) -> io::Result<()> {
 }
 
 /// Resizes an unmounted image to `size` if it was made for another one.
-fn resize(path: &Path, size: DiskSize) -> io::Result<()> {
+/// `staging`: an empty directory to mount it on once, for the kernel to
+/// write the figure that `resize2fs` drops (the filesystem's overhead).
+fn resize(path: &Path, size: DiskSize, staging: &Path) -> io::Result<()> {
     let blocks = image_blocks(size);
     let sb = Superblock::read(path)?;
     if sb.blocks == blocks {
@@ -492,6 +546,17 @@ fn resize(path: &Path, size: DiskSize) -> io::Result<()> {
     } else if blocks < sb.blocks {
         std::fs::OpenOptions::new().write(true).open(path)?.set_len(blocks * BLOCK)?;
     }
+    // e2fsck makes a lost+found again, which would show in /data.
+    let _ = run(Command::new(tool("debugfs")).args(["-w", "-R", "rmdir lost+found"]).arg(path));
+    // resize2fs leaves "Overhead clusters" out; the kernel counts it again
+    // at a mount and writes it back. Without it every block of metadata
+    // would count as the user's.
+    if Superblock::read(path)?.overhead == 0 {
+        std::fs::create_dir_all(staging)?;
+        mount(path, staging)?;
+        unmount(staging)?;
+        let _ = std::fs::remove_dir(staging);
+    }
     set_reserve(path, size)
 }
 
@@ -501,7 +566,7 @@ fn resize(path: &Path, size: DiskSize) -> io::Result<()> {
 /// held to it by the ledger.
 fn set_reserve(path: &Path, size: DiskSize) -> io::Result<()> {
     let sb = Superblock::read(path)?;
-    let usable = sb.blocks - sb.overhead;
+    let usable = sb.blocks.saturating_sub(sb.overhead);
     // The root directory's own block is the volume's, not the user's.
     let used = usable.saturating_sub(sb.free).saturating_sub(1);
     let ext4_reserve = (sb.blocks / 50).min(4096);

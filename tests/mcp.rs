@@ -269,8 +269,9 @@ async fn streamable_http_with_the_official_python_sdk_and_keys() {
 }
 
 /// Bad input over HTTP: each gets the protocol's error or a 4xx, never a 5xx
-/// or a hang; a thousand sessions opened and abandoned cost nothing to the
-/// next caller; the server keeps serving.
+/// or a hang; another user's session id is worth nothing; sessions opened
+/// and abandoned stop at the user's cap and cost others nothing; the server
+/// keeps serving.
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_mcp_input_gets_clear_errors_and_abandoned_sessions_are_harmless() {
     let srv = server::TestServer::start_with(imagentx_sandbox::policy::Policy::default(), |s| {
@@ -351,13 +352,37 @@ async fn bad_mcp_input_gets_clear_errors_and_abandoned_sessions_are_harmless() {
     let closed = srv.request_with(Method::DELETE, "/mcp", Some(&key), "", &[("mcp-session-id", &session)]).await;
     assert!(closed.status.is_success(), "{}", closed.status);
 
-    // A thousand sessions opened and abandoned; the next caller is served.
-    for _ in 0..1000 {
-        assert_eq!(post(initialize.clone(), None).await.status, StatusCode::OK);
+    // Another user cannot use carol's session: it does not exist for them.
+    let reopened = post(initialize.clone(), None).await;
+    let carols = reopened.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let mallory = srv.add_user("mallory", "premium", false).await;
+    let list = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"}).to_string();
+    let mut h = headers.to_vec();
+    h.push(("mcp-session-id", &carols));
+    let stolen = srv.request_with(Method::POST, "/mcp", Some(&mallory), list.clone(), &h).await;
+    assert_eq!(stolen.status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&stolen.body));
+    let stolen = srv.request_with(Method::DELETE, "/mcp", Some(&mallory), "", &[("mcp-session-id", &carols)]).await;
+    assert_eq!(stolen.status, StatusCode::NOT_FOUND);
+    assert!(post(list, Some(&carols)).await.status.is_success(), "carol's session was closed by another user");
+
+    // Sessions opened and abandoned in a loop stop at the user's cap (429),
+    // and cost nothing to another user or to the next call.
+    let mut opened = 0;
+    loop {
+        let answer = post(initialize.clone(), None).await;
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(answer.error_code(), "too_many_sessions");
+            break;
+        }
+        assert_eq!(answer.status, StatusCode::OK);
+        opened += 1;
+        assert!(opened <= 200, "no cap on one user's sessions");
     }
     let report = srv.report("word-stats", &key, json!({"input": {"text": "after the flood"}})).await;
     assert_eq!(report["status"], "ok");
-    assert!(post(initialize, None).await.status.is_success());
+    let dora = srv.add_user("dora", "premium", false).await;
+    let answer = srv.request_with(Method::POST, "/mcp", Some(&dora), initialize, &headers).await;
+    assert_eq!(answer.status, StatusCode::OK);
 }
 
 /// The MCP Inspector (`@modelcontextprotocol/inspector` from npm) in its CLI

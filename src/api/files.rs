@@ -40,8 +40,16 @@ pub(super) async fn with_fs<T: Send + 'static>(
     caller: &Caller,
     f: impl FnOnce(&UserFs) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let tier = state.sandbox.policy.tiers.get(&caller.tier);
-    let size = DiskSize { bytes: tier.map_or(0, |t| t.data_quota_bytes), files: tier.map_or(0, |t| t.data_files) };
+    // A tier missing from the config is not a zero quota (a volume would be
+    // made or shrunk to nothing): the caller is told.
+    let tier = state.sandbox.policy.tier(&caller.tier).map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "unknown_tier",
+            format!("your account's tier is not configured: {e}"),
+        )
+    })?;
+    let size = DiskSize { bytes: tier.data_quota_bytes, files: tier.data_files };
     let dir = state
         .sandbox
         .data_dir

@@ -18,15 +18,16 @@
 //!   when a tool is registered or retired.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, Extensions, Implementation,
-    JsonObject, ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
-    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource, ResourceContents,
-    ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelledNotificationParam, ContentBlock, ErrorCode,
+    Extensions, Implementation, JsonObject, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+    ProgressNotificationParam, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, RequestId,
+    Resource, ResourceContents, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
 use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -47,9 +48,14 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 /// (503) until idle ones expire. Each holds a task and small buffers.
 pub const MAX_SESSIONS: usize = 10_000;
 
+/// MCP sessions one user may have open at once.
+pub const MAX_SESSIONS_PER_USER: usize = 100;
+
 /// The server's MCP sessions over HTTP.
 pub struct Sessions {
     manager: Arc<LocalSessionManager>,
+    /// Who opened each session: only they may use it (its id is no key).
+    owners: Mutex<HashMap<String, crate::policy::UserId>>,
     /// Cancelled at shutdown: ends every session (their event streams would
     /// otherwise hold the shutdown for its whole grace).
     pub(crate) closing: tokio_util::sync::CancellationToken,
@@ -59,14 +65,29 @@ impl Default for Sessions {
     fn default() -> Self {
         let mut manager = LocalSessionManager::default();
         manager.session_config.keep_alive = Some(SESSION_IDLE);
-        Self { manager: Arc::new(manager), closing: tokio_util::sync::CancellationToken::new() }
+        Self {
+            manager: Arc::new(manager),
+            owners: Mutex::default(),
+            closing: tokio_util::sync::CancellationToken::new(),
+        }
     }
 }
 
 impl Sessions {
-    /// Sessions open now.
-    pub async fn open(&self) -> usize {
-        self.manager.sessions.read().await.len()
+    /// Sessions open now: all of them, and `user`'s. Forgets the owners of
+    /// sessions that have ended.
+    pub async fn open(&self, user: &crate::policy::UserId) -> (usize, usize) {
+        let live = self.manager.sessions.read().await;
+        let mut owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        owners.retain(|id, _| live.contains_key(id.as_str()));
+        (live.len(), owners.values().filter(|owner| *owner == user).count())
+    }
+
+    /// Whether `user` may use the session `id` (sessions this server did not
+    /// see opened are rmcp's to refuse).
+    fn usable_by(&self, id: &str, user: &crate::policy::UserId) -> bool {
+        let owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        owners.get(id).is_none_or(|owner| owner == user)
     }
 }
 
@@ -97,17 +118,39 @@ pub async fn authenticate(
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
-    let opening = parts.method == axum::http::Method::POST && !parts.headers.contains_key("mcp-session-id");
-    if opening && state.mcp.open().await >= MAX_SESSIONS {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_sessions",
-            format!("{MAX_SESSIONS} MCP sessions are open; idle ones close after {} s", SESSION_IDLE.as_secs()),
-        )
-        .into_response();
+    let session = parts.headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(id) = &session
+        && !state.mcp.usable_by(id, &caller.user)
+    {
+        // Another user's session is answered like one that does not exist.
+        return ApiError::not_found("unknown_session", "no such MCP session").into_response();
     }
+    let opening = parts.method == axum::http::Method::POST && session.is_none();
+    if opening {
+        let (all, mine) = state.mcp.open(&caller.user).await;
+        if all >= MAX_SESSIONS {
+            let message =
+                format!("{MAX_SESSIONS} MCP sessions are open; idle ones close after {} s", SESSION_IDLE.as_secs());
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_sessions", message).into_response();
+        }
+        if mine >= MAX_SESSIONS_PER_USER {
+            let message = format!(
+                "you have {MAX_SESSIONS_PER_USER} MCP sessions open; close one (DELETE) or let it idle out \
+                 ({} s)",
+                SESSION_IDLE.as_secs()
+            );
+            let mut refused = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", message);
+            refused.retry_after = Some(SESSION_IDLE.as_secs());
+            return refused.into_response();
+        }
+    }
+    let user = caller.user.clone();
     parts.extensions.insert(caller);
-    next.run(axum::extract::Request::from_parts(parts, body)).await
+    let response = next.run(axum::extract::Request::from_parts(parts, body)).await;
+    if opening && let Some(id) = response.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        state.mcp.owners.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), user);
+    }
+    response
 }
 
 /// Serves MCP on stdin and stdout for `caller` until the client closes
@@ -144,17 +187,28 @@ pub struct McpServer {
     /// The one local user of `imagentx-sandbox mcp`; over HTTP, each request's
     /// caller, put there by the Bearer check.
     local: Option<Caller>,
+    /// Calls in flight by request id: what `notifications/cancelled` stops.
+    /// Only that stops a call: a session that ends or a client that leaves
+    /// does not.
+    calls: Arc<Mutex<HashMap<RequestId, tokio_util::sync::CancellationToken>>>,
+    /// Whether this session already listens for tool changes (a client may
+    /// send `notifications/initialized` more than once).
+    listening: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl McpServer {
+    fn new(state: Arc<AppState>, local: Option<Caller>) -> Self {
+        Self { state, local, calls: Arc::default(), listening: Arc::default() }
+    }
+
     /// The handler for HTTP sessions: each request carries its caller.
     pub fn for_http(state: Arc<AppState>) -> Self {
-        Self { state, local: None }
+        Self::new(state, None)
     }
 
     /// The handler for one local user (stdio).
     pub fn for_local(state: Arc<AppState>, caller: Caller) -> Self {
-        Self { state, local: Some(caller) }
+        Self::new(state, Some(caller))
     }
 
     fn caller(&self, extensions: &Extensions) -> Result<Caller, ErrorData> {
@@ -184,6 +238,9 @@ impl ServerHandler for McpServer {
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        if self.listening.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
         // Tell this client when the tools change, until it goes away.
         let mut changes = self.state.registry.subscribe();
         let peer = context.peer;
@@ -204,6 +261,13 @@ impl ServerHandler for McpServer {
                 }
             }
         });
+    }
+
+    async fn on_cancelled(&self, notification: CancelledNotificationParam, _context: NotificationContext<RoleServer>) {
+        let calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cancel) = notification.request_id.as_ref().and_then(|id| calls.get(id)) {
+            cancel.cancel();
+        }
     }
 
     async fn list_tools(
@@ -247,9 +311,12 @@ impl ServerHandler for McpServer {
             })
         });
         // The call runs in a task of its own: a client that goes away does
-        // not stop it; one that cancels (notifications/cancelled) does, and
-        // the call is recorded `cancelled`.
-        let ran = prepared.run(&self.state, caller, invoke, None, arrived, Some(context.ct.clone())).await;
+        // not stop it; one that cancels (notifications/cancelled, see
+        // `on_cancelled`) does, and the call is recorded `cancelled`.
+        let cancel = tokio_util::sync::CancellationToken::new();
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(context.id.clone(), cancel.clone());
+        let ran = prepared.run(&self.state, caller, invoke, None, arrived, Some(cancel)).await;
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).remove(&context.id);
         if let Some(progress) = progress {
             progress.abort();
         }
@@ -272,7 +339,7 @@ impl ServerHandler for McpServer {
         let all = files
             .into_iter()
             .map(|(path, size)| {
-                Resource::new(format!("file:///data/{path}"), path.clone())
+                Resource::new(resource_uri(&path), path.clone())
                     .with_description(format!("/data/{path} in the sandbox"))
                     .with_size(size)
             })
@@ -288,10 +355,9 @@ impl ServerHandler for McpServer {
     ) -> Result<ReadResourceResponse, ErrorData> {
         let caller = self.caller(&context.extensions)?;
         let uri = request.uri;
-        let Some(path) = uri.strip_prefix("file:///data/") else {
+        let Some(path) = resource_path(&uri) else {
             return Err(ErrorData::invalid_params(format!("not a file:///data/ resource: {uri}"), None));
         };
-        let path = path.to_owned();
         let cap = self.state.settings.max_file_bytes as u64;
         let bytes = super::files::with_fs(&self.state, &caller, move |fs| match fs.get(&path)? {
             Node::File { size, .. } if size > cap => Err(ApiError::new(
@@ -465,6 +531,38 @@ fn refusal(e: &ApiError) -> CallToolResult {
     result
 }
 
+/// The URI of the file at `path` under `/data`, percent-encoded.
+fn resource_uri(path: &str) -> String {
+    let mut uri = String::from("file:///data/");
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri
+}
+
+/// The path under `/data` of a `file:///data/...` URI, percent-decoded
+/// (the files API's path checks apply to it afterwards).
+fn resource_path(uri: &str) -> Option<String> {
+    let encoded = uri.strip_prefix("file:///data/")?.as_bytes();
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut i = 0;
+    while i < encoded.len() {
+        if encoded[i] == b'%' {
+            let hex = std::str::from_utf8(encoded.get(i + 1..i + 3)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            bytes.push(encoded[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// The end of `text`, at most `max` bytes, on a character boundary.
 fn tail(text: &str, max: usize) -> &str {
     let mut start = text.len().saturating_sub(max);
@@ -535,6 +633,17 @@ mod tests {
         let (last, next) = page(all.clone(), next).unwrap();
         assert_eq!((last.len(), next), (50, None));
         assert!(page(all, Some("x".into())).is_err());
+    }
+
+    #[test]
+    fn resource_uris_are_encoded_and_decoded_back() {
+        for path in ["notes.txt", "a dir/file #1?.csv", "100%/ü", "x/y"] {
+            let uri = resource_uri(path);
+            assert!(!uri.contains(' ') && !uri.contains('#') && !uri.contains('?'), "{uri}");
+            assert_eq!(resource_path(&uri).as_deref(), Some(path));
+        }
+        assert_eq!(resource_path("file:///data/a%2"), None);
+        assert_eq!(resource_path("file:///etc/passwd"), None);
     }
 
     #[test]
