@@ -47,14 +47,14 @@ async def scenario(session, seen, notes):
             seen["calls"].append({"ok": False, "error": str(e)})
 
     if "--progress" in sys.argv:
-        # A call of 1.3 s: the server reports progress after its first second.
+        # A call of 1.5 s: the server reports progress after its first second.
         heard = []
 
         async def on_progress(progress, total, message):
             heard.append(message)
 
         result = await session.call_tool(
-            "python", {"code": "import time\ntime.sleep(1.3)\nresult = 'slept'"}, progress_callback=on_progress
+            "python", {"code": "import time\ntime.sleep(1.5)\nresult = 'slept'"}, progress_callback=on_progress
         )
         seen["progress"] = {"heard": heard, "result": dump(result)}
 
