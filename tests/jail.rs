@@ -783,12 +783,6 @@ impl Volumed {
     }
 }
 
-/// Mounts (of this process's namespace) under `path`.
-fn mounts_under(path: &Path) -> usize {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(|at| at.starts_with(&*path.to_string_lossy()))).count()
-}
-
 fn small(mut call: Call<'static>, user: &'static str) -> Call<'static> {
     call.tier = "small";
     call.user = user;
@@ -832,9 +826,9 @@ async fn a_native_tool_writing_many_large_files_stops_at_the_quota() {
     assert_eq!(v.held("alice"), 8 * MIB, "{}", report.stderr);
     // Gone with the sandbox: no mount left behind.
     let home = v.dir.path().to_owned();
-    assert_eq!(mounts_under(&home), 1);
+    assert_eq!(common::mounts_under(&home), 1);
     drop(v);
-    assert_eq!(mounts_under(&home), 0, "a volume is still mounted");
+    assert_eq!(common::mounts_under(&home), 0, "a volume is still mounted");
 }
 
 /// The tool catches the refusal (ENOSPC), answers, and other users are

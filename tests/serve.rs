@@ -70,13 +70,6 @@ fn start(dir: &Path, addr: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
     (child, rx)
 }
 
-/// Mounts of this process's namespace under `path`.
-fn mounts_under(path: &Path) -> usize {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let path = path.to_string_lossy();
-    mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(|at| at.starts_with(&*path))).count()
-}
-
 /// Loop devices whose backing file is under `path`.
 fn loop_devices_backed_by(path: &Path) -> usize {
     let Ok(devices) = std::fs::read_dir("/sys/block") else { return 0 };
@@ -133,7 +126,7 @@ async fn kill_9_mid_burst_then_restart_keeps_everything_and_loads_tools_without_
         let native = ready["disk_limits"]["native_tools"].as_str().unwrap();
         assert!(native.contains("own ext4 volume"), "{ready}");
         assert!(dir.path().join("volumes/alice.ext4").is_file());
-        assert_eq!(mounts_under(dir.path()), 0, "a volume's mount reached the host's namespace");
+        assert_eq!(common::mounts_under(dir.path()), 0, "a volume's mount reached the host's namespace");
         assert!(!dir.path().join("users/alice/notes").exists());
         let metrics = http(&addr, Method::GET, "/metrics", "", "").await;
         assert!(String::from_utf8_lossy(&metrics.body).contains("imagentx_data_volumes_mounted 1"));

@@ -126,6 +126,11 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
+    /// The tool version this call will run.
+    pub(crate) fn registered(&self) -> &super::registry::Registered {
+        &self.registered
+    }
+
     /// The caller's tier, the timeout within it, and the tool (a version of it).
     pub(crate) fn new(
         state: &AppState,

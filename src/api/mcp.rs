@@ -289,11 +289,9 @@ impl ServerHandler for McpServer {
         let arrived = Instant::now();
         let caller = self.caller(&context.extensions)?;
         let name = request.name.to_string();
-        let Some(registered) = self.state.registry.get(&name, None) else {
-            return Err(ErrorData::invalid_params(format!("no tool `{name}`"), None));
-        };
-        let invoke = invoke_request(&registered, request.arguments)?;
-        let prepared = Prepared::new(&self.state, &caller, &name, &invoke).map_err(protocol_error)?;
+        // MCP names no version or timeout: the newest version, the tier's default.
+        let prepared = Prepared::new(&self.state, &caller, &name, &InvokeRequest::default()).map_err(protocol_error)?;
+        let invoke = invoke_request(prepared.registered(), request.arguments)?;
         // A client that asked for progress hears every second that the call runs on.
         let progress = context.meta.get_progress_token().map(|token| {
             let peer = context.peer.clone();

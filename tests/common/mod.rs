@@ -133,3 +133,10 @@ pub fn output_with_stdin(command: &mut Command, input: &str) -> std::process::Ou
     child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing stdin");
     child.wait_with_output().expect("waiting")
 }
+
+/// Mounts of this process's mount namespace under `path`.
+pub fn mounts_under(path: &Path) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("reading /proc/self/mountinfo");
+    let path = path.to_string_lossy();
+    mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(|at| at.starts_with(&*path))).count()
+}
