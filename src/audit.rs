@@ -32,10 +32,12 @@ pub enum Kind {
     FileWritten,
     FileDeleted,
     Alert,
+    SessionOpened,
+    SessionClosed,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::AuthFailure,
         Kind::Denied,
         Kind::UserAdded,
@@ -49,6 +51,8 @@ impl Kind {
         Kind::FileWritten,
         Kind::FileDeleted,
         Kind::Alert,
+        Kind::SessionOpened,
+        Kind::SessionClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +70,8 @@ impl Kind {
             Kind::FileWritten => "file_written",
             Kind::FileDeleted => "file_deleted",
             Kind::Alert => "alert",
+            Kind::SessionOpened => "session_opened",
+            Kind::SessionClosed => "session_closed",
         }
     }
 

@@ -107,6 +107,9 @@ pub struct ExecutionReport {
     pub usage: Usage,
     pub started_at: String,
     pub finished_at: String,
+    /// The code session this call was a step of, if it was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// A fresh, time-ordered execution id.

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::Arc;
 
-use crate::data_dir::DataDir;
-use crate::engine::{Engine, Invocation, LoadError, Outcome, Tool, ToolKind};
+use crate::data_dir::{DataDir, Scratch, UserDir};
+use crate::engine::{Engine, Invocation, LiveError, LiveInstance, LiveSetup, LoadError, Outcome, Tool, ToolKind};
 use crate::jail::{self, Jail, Layout, NativeOutcome, NativeRun};
 use crate::policy::{Limits, Policy, UserId};
 use crate::quota::Budget;
@@ -37,6 +37,41 @@ pub struct NativeTool {
     pub env: BTreeMap<String, String>,
     /// Its own root (a rootfs directory), instead of the host's system.
     pub layout: Option<Arc<Layout>>,
+}
+
+/// A code session's live instance and what it holds while it lives: the
+/// user's directory (their volume mounted) and its own `/tmp`, removed when
+/// the session is dropped.
+pub struct CodeSession {
+    // Dropped first: the instance's open files are in the directories below.
+    live: LiveInstance,
+    name: String,
+    sha256: String,
+    data_budget: Budget,
+    scratch: Scratch,
+    user_dir: UserDir,
+}
+
+impl CodeSession {
+    /// Linear memory the session's instance holds now.
+    pub fn memory_bytes(&self) -> u64 {
+        self.live.memory_bytes()
+    }
+
+    /// Whether a step stopped it: it cannot run another.
+    pub fn is_dead(&self) -> bool {
+        self.live.is_dead()
+    }
+
+    /// The host directory that is the session's `/tmp`.
+    pub fn scratch_dir(&self) -> &std::path::Path {
+        self.scratch.path()
+    }
+
+    /// The host directory that is the session's `/data`.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.user_dir.path()
+    }
 }
 
 /// The policy, the engine and the data directory: everything a call needs.
@@ -94,44 +129,90 @@ impl Sandbox {
             }
         };
         let outcome = outcome.unwrap_or_else(|(status, message)| failed(status, message));
-        let report = ExecutionReport {
-            id,
-            tool: name,
-            tool_sha256: sha256,
-            user: call.user.to_string(),
-            tier: call.tier.clone(),
-            runtime: Runtime::Wasm,
-            status: outcome.status,
-            exit_code: outcome.exit_code,
-            signal: None,
-            output: outcome.output,
-            error: outcome.error,
-            stdout: outcome.stdout,
-            stderr: outcome.stderr,
-            truncated: outcome.truncated,
-            usage: Usage {
-                wall_ms: millis(clock.elapsed()),
-                cpu_ms: outcome.cpu_time.map(millis),
-                fuel_consumed: outcome.fuel_consumed,
-                peak_memory_bytes: outcome.peak_memory_bytes,
-                // A WASM tool is one instance and cannot start processes.
-                peak_processes: Some(1),
-                bytes_written: outcome.bytes_written,
-                limits_hit: outcome.limits_hit.iter().map(|&l| l.to_owned()).collect(),
-            },
-            started_at: rfc3339(started_at),
-            finished_at: rfc3339(SystemTime::now()),
+        wasm_report(Started { id, at: started_at, clock }, name, sha256, call, outcome)
+    }
+
+    /// Opens a code session of `user` (tier `tier`) on the SDK `tool`: a live
+    /// instance, with the user's `/data` (their volume held mounted) and a
+    /// `/tmp` of its own, both kept until the session is dropped.
+    ///
+    /// # Errors
+    ///
+    /// The status and message of why it could not be opened: `invalid_tool`
+    /// for a tool that cannot keep a live instance, `internal_error` for the
+    /// host's failures, the limit that stopped its start-up.
+    pub async fn open_session(
+        &self,
+        tool: &Tool,
+        user: &UserId,
+        tier: &str,
+        timeout: Option<Duration>,
+    ) -> Result<CodeSession, (Status, String)> {
+        let limits = self.policy.resolve(tier, timeout).map_err(|e| (Status::InvalidInput, e.to_string()))?;
+        let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
+        let user_dir = self.data_dir.open_user(user, disk_size(&limits)).await.map_err(|e| internal(&e))?;
+        let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
+        let call = ToolCall { user: user.clone(), tier: tier.to_owned(), input: Vec::new(), args: Vec::new(), timeout };
+        let (data_budget, _, _) = self.data_access(&call, &limits, true).await;
+        let setup = LiveSetup {
+            env: &self.policy.env,
+            data_dir: user_dir.path(),
+            data_budget: data_budget.clone(),
+            scratch_dir: scratch.path(),
+            limits: &limits,
+            owner: user.as_str(),
         };
-        tracing::debug!(
-            execution = %report.id,
-            tool = %report.tool,
-            user = %report.user,
-            tier = %report.tier,
-            status = %report.status,
-            wall_ms = report.usage.wall_ms,
-            fuel = report.usage.fuel_consumed,
-            "tool call finished"
-        );
+        let live = self.engine.instantiate_live(tool, setup).await.map_err(|e| match e {
+            LiveError::NotSdk => (Status::InvalidTool, e.to_string()),
+            LiveError::Host(e) => internal(&e),
+            LiveError::Start(_) => (Status::Crashed, e.to_string()),
+        })?;
+        Ok(CodeSession {
+            live,
+            name: tool.name().to_owned(),
+            sha256: tool.sha256().to_owned(),
+            data_budget,
+            scratch,
+            user_dir,
+        })
+    }
+
+    /// Runs `call` as the next step of `session`, stopped with status
+    /// `cancelled` when `cancel` fires first. A step that does not end with
+    /// the tool's own answer leaves the session dead ([`CodeSession::is_dead`]).
+    pub async fn step(
+        &self,
+        session: &mut CodeSession,
+        call: &ToolCall,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> ExecutionReport {
+        let started = Started { id: new_execution_id(), at: SystemTime::now(), clock: Instant::now() };
+        let outcome = match self.admit(call) {
+            Err(refused) => Err(refused),
+            Ok((limits, input)) => {
+                let writing = session.data_budget.ledger().writer();
+                let outcome = tokio::select! {
+                    outcome = self.engine.call_live(&mut session.live, input, &limits) => {
+                        outcome.map_err(|e| (Status::InternalError, e.to_string()))
+                    }
+                    () = cancel.cancelled() => {
+                        Err((Status::Cancelled, "cancelled: the session was closed while this step ran".into()))
+                    }
+                };
+                drop(writing);
+                if outcome.as_ref().is_ok_and(|o| o.limits_hit.iter().any(|l| l.starts_with("data_")))
+                    || outcome.is_err()
+                {
+                    self.data_dir.usage_changed(&call.user);
+                }
+                outcome
+            }
+        };
+        let outcome = outcome.unwrap_or_else(|(status, message)| failed(status, message));
+        let report = wasm_report(started, session.name.clone(), Some(session.sha256.clone()), call, outcome);
+        if matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit) {
+            tracing::warn!(limit = report.status.as_str(), tool = %report.tool, user = %call.user, "session step stopped");
+        }
         report
     }
 
@@ -226,6 +307,7 @@ impl Sandbox {
             },
             started_at: rfc3339(started_at),
             finished_at: rfc3339(SystemTime::now()),
+            session: None,
         };
         if matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit) {
             tracing::warn!(
@@ -351,6 +433,63 @@ impl Sandbox {
         }
         Ok(outcome)
     }
+}
+
+/// When and as what a call started.
+struct Started {
+    id: String,
+    at: SystemTime,
+    clock: Instant,
+}
+
+/// The report of a WASM call that ended with `outcome`.
+fn wasm_report(
+    started: Started,
+    tool: String,
+    sha256: Option<String>,
+    call: &ToolCall,
+    outcome: Outcome,
+) -> ExecutionReport {
+    let report = ExecutionReport {
+        id: started.id,
+        tool,
+        tool_sha256: sha256,
+        user: call.user.to_string(),
+        tier: call.tier.clone(),
+        runtime: Runtime::Wasm,
+        status: outcome.status,
+        exit_code: outcome.exit_code,
+        signal: None,
+        output: outcome.output,
+        error: outcome.error,
+        stdout: outcome.stdout,
+        stderr: outcome.stderr,
+        truncated: outcome.truncated,
+        usage: Usage {
+            wall_ms: millis(started.clock.elapsed()),
+            cpu_ms: outcome.cpu_time.map(millis),
+            fuel_consumed: outcome.fuel_consumed,
+            peak_memory_bytes: outcome.peak_memory_bytes,
+            // A WASM tool is one instance and cannot start processes.
+            peak_processes: Some(1),
+            bytes_written: outcome.bytes_written,
+            limits_hit: outcome.limits_hit.iter().map(|&l| l.to_owned()).collect(),
+        },
+        started_at: rfc3339(started.at),
+        finished_at: rfc3339(SystemTime::now()),
+        session: None,
+    };
+    tracing::debug!(
+        execution = %report.id,
+        tool = %report.tool,
+        user = %report.user,
+        tier = %report.tier,
+        status = %report.status,
+        wall_ms = report.usage.wall_ms,
+        fuel = report.usage.fuel_consumed,
+        "tool call finished"
+    );
+    report
 }
 
 /// What a user's volume must hold for a call under `limits`.

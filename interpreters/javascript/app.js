@@ -4,9 +4,16 @@
 //
 // Input:  {"code": "...", "args": {...}}: the code sees `args` as a global,
 //         and `require` for `fs` (over /data and /tmp) and the baked packages.
-// Output: {"stdout": what console.log printed, "result": the global `result`}.
+// Output: {"stdout": what console.log printed, "result": the global `result`
+//         if the code set one, else the code's completion value (the value of
+//         its last expression statement, as in a REPL)}.
 // An exception is a tool_error whose message is its stack.
+//
+// One instance serves one call, or every step of a session: the code's
+// top-level declarations are made globals (below), so that a session's next
+// step sees them.
 
+import { parse } from "acorn";
 import { PACKAGES } from "imagentx:packages";
 import * as fs from "./fs.js";
 
@@ -35,7 +42,14 @@ const ANSWER_CAP = 4 * 1024 * 1024;
 const SCHEMA = {
   type: "object",
   properties: {
-    code: { type: "string", description: "JavaScript source to run (a script; `args` is a global)" },
+    code: {
+      type: "string",
+      description:
+        "JavaScript source to run (a script; `args` is a global). The value of the last expression statement " +
+        "is the result (as in a REPL: `rows.length` as the last line), unless the code sets `result`. " +
+        "console.log output comes back as `stdout`. In a session, top-level variables, functions and classes " +
+        "persist between steps (`let` and `const` become `var`).",
+    },
     args: { type: "object", description: "available to the code as `args`" },
   },
   required: ["code"],
@@ -45,7 +59,9 @@ export function describe() {
   return JSON.stringify({
     name: "javascript",
     version: "0.1.0",
-    description: "Runs JavaScript code in a fresh interpreter; console output and `result` come back.",
+    description:
+      "Runs JavaScript code in a fresh interpreter (or a session's live one); console output and the last " +
+      "expression's value (or `result`) come back.",
     input_schema: SCHEMA,
   });
 }
@@ -72,6 +88,35 @@ function frames(e) {
   if (lines.length > 20) shown.push(`  ... ${lines.length - 20} more frames`);
   return shown.join("\n");
 }
+
+// The code with its top-level `let`, `const` and `class` declarations turned
+// into `var`s. An indirect eval keeps those three to itself, so without this
+// a session's `const rows = ...` would be gone at the next step, and `let
+// result = ...` would not be seen as the result.
+function globalise(code) {
+  if (!/\b(let|const|class)\b/.test(code)) return code;
+  let program;
+  try {
+    program = parse(code, { ecmaVersion: "latest", sourceType: "script" });
+  } catch {
+    return code; // eval reports the syntax error in its own words
+  }
+  let out = "";
+  let at = 0;
+  for (const node of program.body) {
+    if (node.type === "VariableDeclaration" && node.kind !== "var") {
+      out += code.slice(at, node.start) + "var";
+      at = node.start + node.kind.length;
+    } else if (node.type === "ClassDeclaration") {
+      out += `${code.slice(at, node.start)}var ${node.id.name} = ${code.slice(node.start, node.end)};`;
+      at = node.end;
+    }
+  }
+  return out + code.slice(at);
+}
+
+// Compiled into the pre-initialised image rather than at the first call.
+globalise("let a = 1; const { b } = {}; class C {}");
 
 function fail(code, message, stdout) {
   return JSON.stringify({ code, message, stdout });
@@ -100,8 +145,10 @@ export async function call(input) {
   globalThis.require = require;
   let result;
   try {
-    // One script, so that `let result` and `const result` are seen too.
-    result = (0, eval)(`${request.code}\n;typeof result === "undefined" ? undefined : result`);
+    // A result is this step's: one left by an earlier step of a session is not.
+    delete globalThis.result;
+    const completion = (0, eval)(globalise(request.code));
+    result = Object.hasOwn(globalThis, "result") ? globalThis.result : completion;
     if (result && typeof result.then === "function") result = await result;
   } catch (e) {
     const message = e instanceof Error ? `${e.name}: ${e.message}\n${frames(e)}` : `uncaught: ${show(e)}`;

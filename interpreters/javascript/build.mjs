@@ -30,6 +30,8 @@ const bundle = await build({
   platform: "neutral",
   target: "es2022",
   mainFields: ["module", "main"],
+  // app.js's own imports (acorn) come from where npm installed, not from beside it.
+  nodePaths: [join(process.cwd(), "node_modules")],
   // Node's built-ins do not exist here: a package's Node-only branch (papaparse's
   // stream support) throws "Dynamic require ... is not supported" if reached.
   // Component imports, resolved by componentize-js against the world.

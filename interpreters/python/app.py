@@ -1,6 +1,8 @@
+import ast
 import contextlib
 import io
 import json
+import sys
 import traceback
 
 # The standard library an agent's code reaches for, imported here so that it
@@ -56,11 +58,49 @@ class CappedStdout(io.TextIOBase):
 SCHEMA = {
     "type": "object",
     "properties": {
-        "code": {"type": "string", "description": "Python source to run"},
+        "code": {
+            "type": "string",
+            "description": "Python source to run. The value of the last expression statement is the result "
+            "(as in a notebook cell: `df.describe()` or `x * 2` as the last line), unless the code assigns "
+            "`result`. Prints come back as `stdout`. In a session, variables and imports persist between steps.",
+        },
         "args": {"type": "object", "description": "available to the code as `args`"},
     },
     "required": ["code"],
 }
+
+
+# The code's globals. An instance serves one call, or the steps of one session:
+# so they are the session's state, and a one-shot call starts with them empty.
+SCOPE = {"__name__": "__main__"}
+
+
+def run(code, scope):
+    """Runs `code` in `scope` and answers the value of its last statement when
+    that is an expression (the REPL's and Jupyter's rule), else None."""
+    tree = ast.parse(code, "<code>", "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, "<code>", "exec"), scope)
+    return eval(compile(last, "<code>", "eval"), scope) if last is not None else None
+
+
+def code_traceback():
+    """The exception being handled, with the frames of the agent's code only."""
+    kind, error, frames = sys.exc_info()
+    while frames is not None and frames.tb_frame.f_code.co_filename != "<code>":
+        frames = frames.tb_next
+    return "".join(traceback.format_exception(kind, error, frames))
+
+
+def to_json(value):
+    """`value` itself when JSON can carry it, else its repr (a DataFrame's table)."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 class WitWorld(wit_world.WitWorld):
@@ -68,7 +108,8 @@ class WitWorld(wit_world.WitWorld):
         return json.dumps({
             "name": "python",
             "version": "0.1.0",
-            "description": "Runs Python code in a fresh interpreter; prints and `result` come back.",
+            "description": "Runs Python code in a fresh interpreter (or a session's live one); prints and "
+            "the last expression's value (or `result`) come back.",
             "input_schema": SCHEMA,
         })
 
@@ -78,22 +119,23 @@ class WitWorld(wit_world.WitWorld):
             code = request["code"]
         except Exception as e:
             raise Err(json.dumps({"code": "invalid_input", "message": f"expected {{\"code\": ...}}: {e}"}))
-        scope = {"__name__": "__main__", "args": request.get("args", {})}
+        scope = SCOPE
+        scope["args"] = request.get("args", {})
+        # A result is this step's: one left by an earlier step of a session is not.
+        scope.pop("result", None)
         out = CappedStdout()
         try:
             with contextlib.redirect_stdout(out):
-                exec(compile(code, "<code>", "exec"), scope)
+                value = run(code, scope)
         except BaseException:
-            raise Err(json.dumps({"code": "tool_error", "message": traceback.format_exc(), "stdout": out.getvalue()}))
+            raise Err(json.dumps({"code": "tool_error", "message": code_traceback(), "stdout": out.getvalue()}))
         answer = {"stdout": out.getvalue()}
         if out.dropped:
             answer["stdout_truncated"] = True
         if "result" in scope:
-            try:
-                json.dumps(scope["result"])
-                answer["result"] = scope["result"]
-            except (TypeError, ValueError):
-                answer["result"] = repr(scope["result"])
+            answer["result"] = to_json(scope["result"])
+        elif value is not None:
+            answer["result"] = to_json(value)
         return json.dumps(answer)
 
 

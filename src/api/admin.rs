@@ -89,7 +89,12 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let shared = super::metrics::SharedGauges::of(&state.sandbox);
+    let (sessions_open, sessions_memory_bytes) = state.sessions.gauges();
+    let shared = super::metrics::SharedGauges {
+        sessions_open,
+        sessions_memory_bytes,
+        ..super::metrics::SharedGauges::of(&state.sandbox)
+    };
     let text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap(), &shared);
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }

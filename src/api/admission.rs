@@ -87,6 +87,8 @@ pub struct Admission {
     global_cap: u32,
     memory: Arc<MemoryPool>,
     in_flight: AtomicU32,
+    /// Instance-pool slots held by code sessions' live instances.
+    sessions: AtomicU32,
     per_user: Mutex<HashMap<String, u32>>,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
@@ -123,6 +125,7 @@ impl Admission {
             global_cap,
             memory,
             in_flight: AtomicU32::new(0),
+            sessions: AtomicU32::new(0),
             per_user: Mutex::default(),
             buckets: Mutex::default(),
         })
@@ -135,6 +138,26 @@ impl Admission {
     /// Calls in flight now.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Takes an instance-pool slot for a code session's live instance, if
+    /// fewer than `max` sessions hold one and the calls in flight leave one.
+    pub fn take_session_slot(&self, max: u32) -> bool {
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        self.sessions
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max && n + in_flight < self.global_cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn give_back_session_slot(&self) {
+        self.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Slots that code sessions hold now.
+    pub fn session_slots(&self) -> u32 {
+        self.sessions.load(Ordering::Acquire)
     }
 
     /// Takes one request from `user`'s bucket (`rate` per second, burst `2 × rate`).
@@ -172,13 +195,17 @@ impl Admission {
                 retry_after: 1,
             });
         }
-        let taken = self
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.global_cap).then_some(n + 1));
+        // Sessions' live instances hold slots of the same pool.
+        let cap = self.global_cap.saturating_sub(self.sessions.load(Ordering::Acquire));
+        let taken = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1));
         if taken.is_err() {
             return Err(Denial {
                 reason: "server_busy",
-                message: format!("the server is running its maximum of {} calls", self.global_cap),
+                message: format!(
+                    "the server is running its maximum of {} calls (code sessions hold {} of them)",
+                    self.global_cap,
+                    self.global_cap - cap
+                ),
                 retry_after: 1,
             });
         }

@@ -112,12 +112,20 @@ pub async fn invoke(
     };
 
     // A client that hangs up does not cancel the call: it finishes and is recorded.
-    let (_, json) = prepared.run(&state, caller, request, idempotency, arrived, None).await?;
+    let (_, json) = prepared.run(&state, caller, request, idempotency, arrived, Runs::Call(None)).await?;
     Ok(stored_report(json))
 }
 
+/// What a call runs in.
+pub(crate) enum Runs {
+    /// A fresh instance (or a native run); the token stops a WASM call.
+    Call(Option<tokio_util::sync::CancellationToken>),
+    /// The live instance of a code session, locked for this step.
+    Step(tokio::sync::OwnedMutexGuard<Option<crate::runner::CodeSession>>, Arc<super::sessions::Live>),
+}
+
 /// A call checked and ready to run: the one invoke path of every face (HTTP,
-/// MCP). Checking comes first so that a mistake is answered before an
+/// MCP, code sessions). Checking comes first so that a mistake is answered before an
 /// idempotency key is looked up.
 pub(crate) struct Prepared {
     tier: Tier,
@@ -156,6 +164,24 @@ impl Prepared {
         Ok(Self { tier, registered, timeout })
     }
 
+    /// A step of a code session on `registered` (the version the session was
+    /// opened with, even if a newer one was registered since).
+    pub(crate) fn for_session(
+        state: &AppState,
+        caller: &Caller,
+        registered: Arc<super::registry::Registered>,
+        request: &InvokeRequest,
+    ) -> Result<Self, ApiError> {
+        let tier = tier(state, caller)?.clone();
+        let timeout = request.timeout_ms.map(Duration::from_millis);
+        state
+            .sandbox
+            .policy
+            .resolve(&caller.tier, timeout)
+            .map_err(|e| ApiError::bad_request("bad_timeout", e.to_string()))?;
+        Ok(Self { tier, registered, timeout })
+    }
+
     /// Admits the call (or answers 429), runs it in a task of its own, records
     /// its execution, audit and metrics, and answers the report and its JSON.
     /// A caller that goes away does not stop it: it still finishes and is
@@ -167,7 +193,7 @@ impl Prepared {
         request: InvokeRequest,
         idempotency: Option<(String, String)>,
         arrived: Instant,
-        cancel: Option<tokio_util::sync::CancellationToken>,
+        runs: Runs,
     ) -> Result<(ExecutionReport, Bytes), ApiError> {
         let Self { tier, registered, timeout } = self;
         let name = registered.row.name.clone();
@@ -190,10 +216,21 @@ impl Prepared {
         let task_state = state.clone();
         let task = tokio::spawn(async move {
             let _permit = permit;
-            let report = match &registered.runnable {
-                Runnable::Wasm(tool) => task_state.sandbox.run_cancellable(Ok(tool), &call, cancel.as_ref()).await,
+            let report = match (&registered.runnable, runs) {
+                (_, Runs::Step(mut guard, live)) => {
+                    let Some(session) = guard.as_mut() else {
+                        return Err(ApiError::new(StatusCode::GONE, "session_ended", "session ended: it was closed"));
+                    };
+                    let mut report = task_state.sandbox.step(session, &call, live.closed()).await;
+                    report.session = Some(live.id().to_owned());
+                    super::sessions::after_step(&task_state, &live, guard, report.status).await;
+                    report
+                }
+                (Runnable::Wasm(tool), Runs::Call(cancel)) => {
+                    task_state.sandbox.run_cancellable(Ok(tool), &call, cancel.as_ref()).await
+                }
                 // A native run goes on to its end: its supervisor does not take a cancellation yet.
-                Runnable::Native(tool) => {
+                (Runnable::Native(tool), Runs::Call(_)) => {
                     let jail = task_state.jail.as_ref().map_err(String::as_str);
                     task_state.sandbox.run_native(jail, tool, &call).await
                 }
@@ -260,6 +297,9 @@ fn audit_events(
         "started_at": report.started_at,
         "finished_at": report.finished_at,
     });
+    if let Some(session) = &report.session {
+        detail["session"] = session.as_str().into();
+    }
     if state.settings.audit_payloads {
         detail["input"] = serde_json::from_slice(&call.input).unwrap_or(serde_json::Value::Null);
         detail["output"] = report.output.clone().unwrap_or(serde_json::Value::Null);
@@ -325,7 +365,7 @@ fn alerts(state: &AppState, report: &ExecutionReport, call: &ToolCall) -> Vec<(&
     fired
 }
 
-fn stored_report(json: impl Into<Bytes>) -> Response {
+pub(super) fn stored_report(json: impl Into<Bytes>) -> Response {
     let json: Bytes = json.into();
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
 }

@@ -313,7 +313,8 @@ impl ServerHandler for McpServer {
         // `on_cancelled`) does, and the call is recorded `cancelled`.
         let cancel = tokio_util::sync::CancellationToken::new();
         self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(context.id.clone(), cancel.clone());
-        let ran = prepared.run(&self.state, caller, invoke, None, arrived, Some(cancel)).await;
+        let ran =
+            prepared.run(&self.state, caller, invoke, None, arrived, super::invoke::Runs::Call(Some(cancel))).await;
         self.calls.lock().unwrap_or_else(PoisonError::into_inner).remove(&context.id);
         if let Some(progress) = progress {
             progress.abort();

@@ -80,6 +80,8 @@ pub struct Metrics {
     limits_hit: Family<1>,
     rejections: Family<1>,
     alerts: Family<1>,
+    sessions_closed: Family<1>,
+    sessions_opened: AtomicU64,
     auth_failures: AtomicU64,
     request_seconds: Histogram,
     wall_seconds: Histogram,
@@ -94,6 +96,8 @@ impl Default for Metrics {
             limits_hit: Family::new(["limit"]),
             rejections: Family::new(["reason"]),
             alerts: Family::new(["rule"]),
+            sessions_closed: Family::new(["reason"]),
+            sessions_opened: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             request_seconds: Histogram::new(LATENCY),
             wall_seconds: Histogram::new(LATENCY),
@@ -128,6 +132,14 @@ impl Metrics {
         self.alerts.inc([rule]);
     }
 
+    pub fn session_opened(&self) {
+        self.sessions_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn session_closed(&self, reason: &str) {
+        self.sessions_closed.inc([reason]);
+    }
+
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -151,6 +163,13 @@ impl Metrics {
             "Calls that ran into a limit (usage.limits_hit), whether or not they survived it, by limit.",
         );
         self.alerts.render(&mut out, "imagentx_alerts_total", "Alert rules fired, by rule.");
+        self.sessions_closed.render(&mut out, "imagentx_sessions_closed_total", "Code sessions closed, by reason.");
+        let _ = writeln!(
+            out,
+            "# HELP imagentx_sessions_opened_total Code sessions opened.\n\
+             # TYPE imagentx_sessions_opened_total counter\nimagentx_sessions_opened_total {}",
+            self.sessions_opened.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP imagentx_auth_failures_total Requests with no key or a bad key.\n\
@@ -189,6 +208,12 @@ impl Metrics {
                 "Host descriptors the WASM calls in flight hold now.",
                 shared.descriptors_in_use,
             ),
+            ("imagentx_sessions_open", "Code sessions open now.", shared.sessions_open),
+            (
+                "imagentx_sessions_memory_bytes",
+                "Linear memory that open code sessions' instances hold (part of imagentx_guest_memory_bytes).",
+                shared.sessions_memory_bytes,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
@@ -213,6 +238,8 @@ pub struct SharedGauges {
     pub descriptors_in_use: u64,
     /// `None` without volumes.
     pub data_volumes_mounted: Option<u64>,
+    pub sessions_open: u64,
+    pub sessions_memory_bytes: u64,
 }
 
 impl SharedGauges {
@@ -225,6 +252,8 @@ impl SharedGauges {
             descriptors_max: descriptors.max(),
             descriptors_in_use: descriptors.in_use(),
             data_volumes_mounted: sandbox.data_dir.volumes().map(|v| v.mounted() as u64),
+            sessions_open: 0,
+            sessions_memory_bytes: 0,
         }
     }
 }

@@ -19,6 +19,7 @@ mod metrics;
 mod native;
 mod openapi;
 mod registry;
+mod sessions;
 mod tools;
 
 use std::collections::HashSet;
@@ -82,6 +83,10 @@ pub struct ServerSettings {
     /// (the server keeps one for its own work). Past it, turns on the CPU go
     /// round the users whose calls wait.
     pub guest_cores: Option<usize>,
+    /// Code sessions open at once on the server; each holds a slot of the
+    /// instance pool. Default: half of `max_instances`, so that one-shot calls
+    /// always keep the other half.
+    pub max_sessions: Option<u32>,
     /// Per-user ext4 volumes that cap native tools' writes into `/data`:
     /// `auto` (where the host can mount them and native tools can run),
     /// `ext4-image` (required) or `off`.
@@ -106,6 +111,7 @@ impl Default for ServerSettings {
             interpreters_dir: crate::interpreters::default_dir(),
             memory_budget_bytes: None,
             guest_cores: None,
+            max_sessions: None,
             data_volumes: VolumeMode::Auto,
             jail: JailConfig::default(),
         }
@@ -128,6 +134,8 @@ pub struct AppState {
     pub(crate) draining: AtomicBool,
     /// MCP sessions over HTTP (`/mcp`).
     pub(crate) mcp: mcp::Sessions,
+    /// Code sessions (`/v1/sessions`).
+    pub(crate) sessions: sessions::Sessions,
     pub(crate) audit_throttle: AuditThrottle,
 }
 
@@ -199,6 +207,11 @@ impl AppState {
             );
         }
         let engine_memory = &Arc::clone(engine.guest_memory());
+        let ended = store.end_open_sessions("restart").await?;
+        if ended > 0 {
+            tracing::info!(sessions = ended, "code sessions of the previous run ended: they do not survive a restart");
+        }
+        let max_sessions = settings.max_sessions.unwrap_or(settings.max_instances / 2);
         let state = Arc::new(Self {
             sandbox: Sandbox { policy, engine, data_dir },
             store,
@@ -211,6 +224,7 @@ impl AppState {
             running_keys: Mutex::default(),
             draining: AtomicBool::new(false),
             mcp: mcp::Sessions::default(),
+            sessions: sessions::Sessions::new(max_sessions),
             audit_throttle: AuditThrottle::default(),
         });
         state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
@@ -388,6 +402,53 @@ pub fn routes() -> Vec<Route> {
             get(invoke::show),
         ),
         r(
+            "post",
+            "/v1/sessions",
+            "Open a code session: a live interpreter (`python`, `javascript`) whose variables and imports persist \
+             between steps, within the tier's sessions, memory, idle timeout and lifetime.",
+            User,
+            Body::Json(json::<sessions::OpenRequest>),
+            Body::Json(json::<sessions::SessionInfo>),
+            post(sessions::open),
+        ),
+        r(
+            "get",
+            "/v1/sessions",
+            "The caller's open code sessions.",
+            User,
+            Body::None,
+            Body::Json(json::<sessions::SessionList>),
+            get(sessions::list),
+        ),
+        r(
+            "get",
+            "/v1/sessions/{id}",
+            "One of the caller's code sessions: state, steps, memory, idle time (or why it ended).",
+            User,
+            Body::None,
+            Body::Json(json::<sessions::SessionInfo>),
+            get(sessions::show),
+        ),
+        r(
+            "delete",
+            "/v1/sessions/{id}",
+            "Close a code session (a step that runs is stopped); its memory and /tmp are freed.",
+            User,
+            Body::None,
+            Body::Json(json::<sessions::SessionInfo>),
+            delete(sessions::delete),
+        ),
+        r(
+            "post",
+            "/v1/sessions/{id}/run",
+            "Run a step in a code session: the code runs in the session's live interpreter, with a call's limits; \
+             answers the step's execution report. 409 while another step runs; 410 once the session has ended.",
+            User,
+            Body::Json(json::<sessions::StepRequest>),
+            Body::Json(json::<crate::report::ExecutionReport>),
+            post(sessions::run),
+        ),
+        r(
             "get",
             "/v1/files",
             "List the caller's data directory (their tools' /data).",
@@ -517,6 +578,7 @@ pub async fn run(
     let app = router(state.clone());
     let graceful = GracefulShutdown::new();
     let sweeper = state.sandbox.data_dir.volumes().map(|volumes| tokio::spawn(unmount_idle(Arc::clone(volumes))));
+    let session_sweeper = tokio::spawn(sessions::sweep(state.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -561,6 +623,8 @@ pub async fn run(
     if waited.is_err() {
         tracing::warn!(calls_in_flight = state.admission.in_flight(), "stopping with calls still running");
     }
+    session_sweeper.abort();
+    sessions::close_all(&state).await;
     state.store.close();
     if let Some(volumes) = state.sandbox.data_dir.volumes() {
         volumes.unmount_all();

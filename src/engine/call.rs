@@ -19,7 +19,7 @@ use super::deadline::{CpuTimeExceeded, DeadlineExceeded};
 use super::fair::{Fair, RUN_TICKS};
 use super::fs::{CallCounters, CallFs, DescriptorCaps};
 use super::limiter::{LimiterRecord, Refusal};
-use super::output::CappedPipe;
+use super::output::{CappedPipe, CapturedOutput};
 use super::tool::{Entry, LoadError, Tool};
 use super::wasi::{CallState, GuestView};
 use crate::policy::Limits;
@@ -82,7 +82,7 @@ pub enum CallError {
 }
 
 /// How the guest's code finished, when it was not stopped.
-enum Finish {
+pub(super) enum Finish {
     /// An SDK tool's `call` returned.
     Returned(Result<String, String>),
     /// A command's `run` or `_start` finished with this exit code.
@@ -92,7 +92,7 @@ enum Finish {
 /// Extra time past the wall-clock budget before the outer timeout drops the
 /// call. Guests running wasm are stopped at the next epoch tick; this only
 /// catches guests blocked in a host call (e.g. a long `sleep`).
-fn backstop(wall_time: Duration, tick: Duration) -> Duration {
+pub(super) fn backstop(wall_time: Duration, tick: Duration) -> Duration {
     wall_time + tick * 4 + Duration::from_millis(20)
 }
 
@@ -141,9 +141,9 @@ impl Engine {
         let component_store = || view.component_host(state(), call_fs()).map(|h| Store::new(engine, h));
         let (ended, fuel_consumed, limiter) = match &tool.entry {
             Entry::Sdk { pre, call } => {
-                let store = component_store().map_err(CallError::Context)?;
+                let mut store = component_store().map_err(CallError::Context)?;
                 drive(
-                    store,
+                    &mut store,
                     limits.fuel,
                     backstop,
                     |h| &mut h.call,
@@ -157,9 +157,9 @@ impl Engine {
                 .await?
             }
             Entry::Command(pre) => {
-                let store = component_store().map_err(CallError::Context)?;
+                let mut store = component_store().map_err(CallError::Context)?;
                 drive(
-                    store,
+                    &mut store,
                     limits.fuel,
                     backstop,
                     |h| &mut h.call,
@@ -174,7 +174,7 @@ impl Engine {
             Entry::Module(pre) => {
                 let host = view.module_host(state()).map_err(CallError::Context)?;
                 drive(
-                    Store::new(engine, host),
+                    &mut Store::new(engine, host),
                     limits.fuel,
                     backstop,
                     |h| &mut h.call,
@@ -189,104 +189,125 @@ impl Engine {
             }
         };
 
-        let (stdout, stderr) = (stdout.take(), stderr.take());
-        let mut outcome = Outcome {
-            status: Status::Ok,
-            exit_code: None,
-            output: None,
-            error: None,
-            stdout: String::new(),
-            stderr: String::from_utf8_lossy(&stderr.bytes).into_owned(),
-            truncated: Truncated { stdout: stdout.truncated, stderr: stderr.truncated, output: false },
-            fuel_consumed,
-            peak_memory_bytes: Some(limiter.peak_memory_bytes()),
-            cpu_time: None,
-            bytes_written: match tool.entry {
-                Entry::Module(_) => None,
-                _ => Some(counters.written.load(std::sync::atomic::Ordering::Relaxed)),
-            },
-            limits_hit: counters.limits_hit(),
+        let written = match tool.entry {
+            Entry::Module(_) => None,
+            _ => Some(counters.written.load(std::sync::atomic::Ordering::Relaxed)),
         };
-        match limiter.refusal() {
-            Some(Refusal::Memory { .. }) => outcome.limits_hit.push("memory"),
-            Some(Refusal::HostMemory { .. }) => outcome.limits_hit.push("host_memory"),
-            Some(Refusal::Table { .. }) => outcome.limits_hit.push("table"),
-            None => {}
-        }
+        let spent = Spent { fuel_consumed, limiter, bytes_written: written, limits_hit: counters.limits_hit() };
         let is_sdk = matches!(tool.entry, Entry::Sdk { .. });
-        match ended {
-            Err(_elapsed) => {
-                outcome.status = Status::Timeout;
-                outcome.error = Some(format!(
-                    "wall-clock budget of {} ms passed while the tool was blocked in a host call",
-                    limits.wall_time.as_millis()
-                ));
-            }
-            Ok((result, cpu_time)) => {
-                outcome.cpu_time = cpu_time;
-                match result.map_err(|e| match e.downcast_ref::<I32Exit>() {
-                    Some(&I32Exit(code)) => Ok(Finish::Exited(code)),
-                    None => Err(e),
-                }) {
-                    Ok(finish) | Err(Ok(finish)) => finished(&mut outcome, finish, limits),
-                    Err(Err(error)) => {
-                        if error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
-                            return Err(CallError::PoolExhausted(error));
-                        }
-                        let (status, message) = stopped(&error, limiter.refusal(), limits);
-                        outcome.status = status;
-                        outcome.error = Some(message);
-                        // Stopped from the epoch callback, the running function has
-                        // not written its fuel counter back to the store: the figure
-                        // would be stale, so it is not reported.
-                        if error.is::<DeadlineExceeded>() || error.is::<CpuTimeExceeded>() {
-                            outcome.fuel_consumed = None;
-                        }
+        conclude(ended, spent, (stdout.take(), stderr.take()), is_sdk, limits)
+    }
+}
+
+/// What a driven call used, read from its store and counters afterwards.
+pub(super) struct Spent {
+    pub fuel_consumed: Option<u64>,
+    pub limiter: LimiterRecord,
+    pub bytes_written: Option<u64>,
+    pub limits_hit: Vec<&'static str>,
+}
+
+/// Turns the way a driven call ended, what it used and what it printed into
+/// its [`Outcome`].
+pub(super) fn conclude(
+    ended: Ended<Finish>,
+    spent: Spent,
+    (stdout, stderr): (CapturedOutput, CapturedOutput),
+    is_sdk: bool,
+    limits: &Limits,
+) -> Result<Outcome, CallError> {
+    let Spent { fuel_consumed, limiter, bytes_written, limits_hit } = spent;
+    let mut outcome = Outcome {
+        status: Status::Ok,
+        exit_code: None,
+        output: None,
+        error: None,
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&stderr.bytes).into_owned(),
+        truncated: Truncated { stdout: stdout.truncated, stderr: stderr.truncated, output: false },
+        fuel_consumed,
+        peak_memory_bytes: Some(limiter.peak_memory_bytes()),
+        cpu_time: None,
+        bytes_written,
+        limits_hit,
+    };
+    match limiter.refusal() {
+        Some(Refusal::Memory { .. }) => outcome.limits_hit.push("memory"),
+        Some(Refusal::HostMemory { .. }) => outcome.limits_hit.push("host_memory"),
+        Some(Refusal::Table { .. }) => outcome.limits_hit.push("table"),
+        None => {}
+    }
+    match ended {
+        Err(_elapsed) => {
+            outcome.status = Status::Timeout;
+            outcome.error = Some(format!(
+                "wall-clock budget of {} ms passed while the tool was blocked in a host call",
+                limits.wall_time.as_millis()
+            ));
+        }
+        Ok((result, cpu_time)) => {
+            outcome.cpu_time = cpu_time;
+            match result.map_err(|e| match e.downcast_ref::<I32Exit>() {
+                Some(&I32Exit(code)) => Ok(Finish::Exited(code)),
+                None => Err(e),
+            }) {
+                Ok(finish) | Err(Ok(finish)) => finished(&mut outcome, finish, limits),
+                Err(Err(error)) => {
+                    if error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+                        return Err(CallError::PoolExhausted(error));
+                    }
+                    let (status, message) = stopped(&error, limiter.refusal(), limits);
+                    outcome.status = status;
+                    outcome.error = Some(message);
+                    // Stopped from the epoch callback, the running function has
+                    // not written its fuel counter back to the store: the figure
+                    // would be stale, so it is not reported.
+                    if error.is::<DeadlineExceeded>() || error.is::<CpuTimeExceeded>() {
+                        outcome.fuel_consumed = None;
                     }
                 }
             }
         }
-        // A command's stdout is its output channel; an SDK tool's is a log.
-        let stdout_text = String::from_utf8_lossy(&stdout.bytes).into_owned();
-        if !is_sdk && outcome.status == Status::Ok && !stdout.truncated {
-            match serde_json::from_str::<serde_json::Value>(&stdout_text) {
-                Ok(value) => outcome.output = Some(value),
-                Err(_) => outcome.stdout = stdout_text,
-            }
-        } else {
-            outcome.stdout = stdout_text;
-        }
-        // A tool that failed after its memory growth was refused failed for memory.
-        if matches!(outcome.status, Status::ToolError | Status::Crashed)
-            && let Some(refusal) = limiter.refusal()
-        {
-            outcome.status = Status::MemoryLimit;
-            outcome.error = Some(refusal_message(refusal, outcome.error.take()));
-        }
-        Ok(outcome)
     }
+    // A command's stdout is its output channel; an SDK tool's is a log.
+    let stdout_text = String::from_utf8_lossy(&stdout.bytes).into_owned();
+    if !is_sdk && outcome.status == Status::Ok && !stdout.truncated {
+        match serde_json::from_str::<serde_json::Value>(&stdout_text) {
+            Ok(value) => outcome.output = Some(value),
+            Err(_) => outcome.stdout = stdout_text,
+        }
+    } else {
+        outcome.stdout = stdout_text;
+    }
+    // A tool that failed after its memory growth was refused failed for memory.
+    if matches!(outcome.status, Status::ToolError | Status::Crashed)
+        && let Some(refusal) = limiter.refusal()
+    {
+        outcome.status = Status::MemoryLimit;
+        outcome.error = Some(refusal_message(refusal, outcome.error.take()));
+    }
+    Ok(outcome)
 }
 
 /// How a driven call ended: the outer timeout fired, or the guest's code
 /// finished or was stopped (with the CPU time its polls took).
-type Ended<R> = Result<(wasmtime::Result<R>, Option<Duration>), tokio::time::error::Elapsed>;
+pub(super) type Ended<R> = Result<(wasmtime::Result<R>, Option<Duration>), tokio::time::error::Elapsed>;
 
 /// Arms `store`, runs `run` on it under the outer timeout, and collects what the
 /// store knows afterwards: fuel consumed and the limiter's record.
-async fn drive<T: 'static, R>(
-    mut store: Store<T>,
+pub(super) async fn drive<T: 'static, R>(
+    store: &mut Store<T>,
     fuel: u64,
     backstop: Duration,
     state: fn(&mut T) -> &mut CallState,
     run: impl AsyncFnOnce(&mut Store<T>) -> wasmtime::Result<R>,
 ) -> Result<(Ended<R>, Option<u64>, LimiterRecord), CallError> {
-    arm(&mut store, fuel, state).map_err(CallError::Store)?;
+    arm(store, fuel, state).map_err(CallError::Store)?;
     // Consumption is measured against what the store reports holding.
     let fuel_start = store.get_fuel().map_err(CallError::Store)?;
     let call = state(store.data_mut());
     let (cpu_spent, turns, owner) = (call.cpu_spent.clone(), Arc::clone(&call.turns), Arc::clone(&call.owner));
-    let ended =
-        tokio::time::timeout(backstop, Fair::new(CpuTimed::new(run(&mut store), cpu_spent), turns, owner)).await;
+    let ended = tokio::time::timeout(backstop, Fair::new(CpuTimed::new(run(store), cpu_spent), turns, owner)).await;
     let fuel_consumed = store.get_fuel().ok().map(|left| fuel_start.saturating_sub(left));
     let limiter = state(store.data_mut()).limiter.record();
     Ok((ended, fuel_consumed, limiter))
@@ -433,10 +454,10 @@ pub(super) async fn describe(engine: &Engine, tool: &Tool) -> Result<String, Loa
     let fs = CallFs::new(Budget::empty(0, 0), Budget::empty(0, 0), files, Arc::default());
     let state = CallState::new(limits, &engine.inner.guest_memory, &engine.inner.cpu_gate, "(describe)");
     let host = view.component_host(state, fs).map_err(|e| LoadError::Host(format!("{e:#}")))?;
-    let store = Store::new(&engine.inner.wasmtime, host);
+    let mut store = Store::new(&engine.inner.wasmtime, host);
     let backstop = backstop(limits.wall_time, engine.inner.epoch_tick);
     let (ended, _, _) = drive(
-        store,
+        &mut store,
         limits.fuel,
         backstop,
         |h| &mut h.call,

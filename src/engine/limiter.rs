@@ -169,6 +169,18 @@ impl CallLimiter {
         }
     }
 
+    /// Starts a new call on a live instance (a session's step): the peak and
+    /// the refusal are this call's, the memory held is what the instance has.
+    pub(crate) fn start_call(&mut self) {
+        self.peak_memory_bytes = self.memory_bytes;
+        self.refusal = None;
+    }
+
+    /// Linear memory the instance holds now.
+    pub(crate) fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
+    }
+
     pub(crate) fn record(&self) -> LimiterRecord {
         LimiterRecord { peak_memory_bytes: self.peak_memory_bytes, refusal: self.refusal }
     }

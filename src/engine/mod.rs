@@ -15,6 +15,7 @@ mod fair;
 mod fs;
 mod limiter;
 mod output;
+mod session;
 mod tool;
 mod wasi;
 
@@ -29,6 +30,7 @@ pub use call::{CallError, Invocation, Outcome};
 pub use fair::CpuGate;
 pub use fs::DescriptorPool;
 pub use limiter::{DEFAULT_MEMORY_SHARE, MemoryPool, MemoryReservation};
+pub use session::{LiveError, LiveInstance, LiveSetup};
 pub use tool::{LoadError, Tool, ToolInfo, ToolKind, sha256_hex};
 pub use wasi::{DATA_DIR, TMP_DIR};
 

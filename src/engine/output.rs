@@ -54,7 +54,7 @@ impl CappedPipe {
     /// Takes what was written so far.
     pub(crate) fn take(&self) -> CapturedOutput {
         let mut c = self.lock();
-        CapturedOutput { bytes: std::mem::take(&mut c.kept), truncated: c.dropped > 0 }
+        CapturedOutput { bytes: std::mem::take(&mut c.kept), truncated: std::mem::take(&mut c.dropped) > 0 }
     }
 }
 

@@ -61,6 +61,18 @@ impl CallState {
     }
 }
 
+impl CallState {
+    /// Readies a live instance's state for its next call (a session's step)
+    /// under `limits`: a new deadline from now, a new CPU-time budget.
+    pub(crate) fn restart(&mut self, limits: &Limits) {
+        self.limiter.start_call();
+        self.deadline = Instant::now() + limits.wall_time;
+        self.cpu_budget = limits.cpu_time;
+        self.cpu_spent = CpuSpent::default();
+        self.ticks_run = 0;
+    }
+}
+
 /// Store data of a component call (SDK tools and WASI commands).
 pub(crate) struct ComponentHost {
     pub call: CallState,

@@ -149,6 +149,9 @@ fn check_tier(name: &str, tier: &Tier) -> Result<(), ConfigError> {
     if tier.memory_bytes == 0 || tier.pids == 0 || tier.concurrent_calls == 0 || tier.requests_per_second == 0 {
         return bad("memory_bytes, pids, concurrent_calls and requests_per_second must be positive");
     }
+    if tier.session_idle_s == 0 || tier.session_lifetime_s == 0 {
+        return bad("session_idle_s and session_lifetime_s must be positive (sessions = 0 turns sessions off)");
+    }
     if tier.nofile_soft > tier.nofile_hard {
         return bad("nofile_soft must not exceed nofile_hard");
     }

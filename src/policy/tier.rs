@@ -31,6 +31,28 @@ pub struct Tier {
     /// Cap on the files, directories and links in a user's data directory.
     #[serde(default = "default_data_files")]
     pub data_files: u64,
+    /// Code sessions one user may have open at once.
+    #[serde(default = "default_sessions")]
+    pub sessions: u32,
+    /// A session with no step for this long is closed (also the longest idle
+    /// timeout a session may ask for).
+    #[serde(default = "default_session_idle_s")]
+    pub session_idle_s: u64,
+    /// A session is closed this long after it was opened, busy or not.
+    #[serde(default = "default_session_lifetime_s")]
+    pub session_lifetime_s: u64,
+}
+
+fn default_sessions() -> u32 {
+    1
+}
+
+fn default_session_idle_s() -> u64 {
+    300
+}
+
+fn default_session_lifetime_s() -> u64 {
+    3600
 }
 
 fn default_data_files() -> u64 {
@@ -62,11 +84,23 @@ impl Tier {
                 requests_per_second,
                 data_quota_bytes,
                 data_files,
+                sessions: default_sessions(),
+                session_idle_s: default_session_idle_s(),
+                session_lifetime_s: default_session_lifetime_s(),
             };
+        let sessions = |tier: Tier, sessions, session_idle_s, session_lifetime_s| Tier {
+            sessions,
+            session_idle_s,
+            session_lifetime_s,
+            ..tier
+        };
         BTreeMap::from([
-            ("free".to_owned(), tier(256 * MIB, 0.25, 25, 2, 20, 100 * MIB, 10_000)),
-            ("standard".to_owned(), tier(512 * MIB, 0.5, 50, 5, 100, 1024 * MIB, 100_000)),
-            ("premium".to_owned(), tier(1024 * MIB, 1.0, 100, 20, 1000, 10 * 1024 * MIB, 1_000_000)),
+            ("free".to_owned(), sessions(tier(256 * MIB, 0.25, 25, 2, 20, 100 * MIB, 10_000), 1, 300, 3600)),
+            ("standard".to_owned(), sessions(tier(512 * MIB, 0.5, 50, 5, 100, 1024 * MIB, 100_000), 4, 900, 4 * 3600)),
+            (
+                "premium".to_owned(),
+                sessions(tier(1024 * MIB, 1.0, 100, 20, 1000, 10 * 1024 * MIB, 1_000_000), 16, 1800, 12 * 3600),
+            ),
         ])
     }
 }

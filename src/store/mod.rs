@@ -9,6 +9,7 @@
 //! the writer.
 
 mod executions;
+mod sessions;
 mod tools;
 mod users;
 
@@ -25,6 +26,7 @@ use crate::audit::{self, AuditEvent};
 use crate::report::rfc3339;
 
 pub use executions::{ExecutionPage, ExecutionRow, IdempotentHit};
+pub use sessions::SessionRow;
 pub use tools::ToolRow;
 pub use users::{Caller, NewKey, UserRow};
 

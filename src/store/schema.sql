@@ -68,3 +68,19 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+
+-- Code sessions: their live instances are in the server's memory only; a row
+-- says whose a session was and why it ended, so that a step sent to a session
+-- that ended (idle, a limit, a restart) is answered with why.
+CREATE TABLE IF NOT EXISTS sessions (
+    id          TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL,
+    tool        TEXT NOT NULL,
+    opened_at   TEXT NOT NULL,
+    closed_at   TEXT,
+    -- user, idle, lifetime, shutdown, restart, or the status of the step that
+    -- stopped it (timeout, cpu_limit, memory_limit, crashed, cancelled)
+    reason      TEXT,
+    steps       INTEGER
+);
+CREATE INDEX IF NOT EXISTS sessions_open ON sessions (id) WHERE closed_at IS NULL;
