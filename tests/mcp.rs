@@ -262,10 +262,38 @@ async fn streamable_http_with_the_official_python_sdk_and_keys() {
     assert!(metrics.contains("status=\"timeout\""), "{metrics}");
 
     // Bob sees none of alice's files, and his Python cannot read them.
-    let bob_calls = json!([["python", {"code": "import os\nresult = os.path.exists('/data/notes.txt')"}]]);
+    // With `session: true` his Python keeps its state between calls (a code
+    // session of this MCP session), and a call without it is fresh.
+    let bob_calls = json!([
+        ["python", {"code": "import os\nresult = os.path.exists('/data/notes.txt')"}],
+        ["python", {"code": "import statistics\nxs = [1, 2, 3]", "session": true}],
+        ["python", {"code": "statistics.mean(xs) * 2", "session": true}],
+        ["python", {"code": "xs"}],
+        ["python", {"code": "1", "session": "yes"}],
+    ]);
     let seen = finish_client(start_client(&["http", &url, &bob], &bob_calls));
     assert_eq!(seen["resources"], json!([]));
-    assert_eq!(seen["calls"][0]["result"]["structuredContent"]["result"], false, "{}", seen["calls"]);
+    let calls = &seen["calls"];
+    assert_eq!(calls[0]["result"]["structuredContent"]["result"], false, "{calls}");
+    let described = &seen["tools"]["python"]["inputSchema"]["properties"]["session"];
+    assert_eq!(described["type"], "boolean", "{}", seen["tools"]["python"]);
+    assert_eq!(calls[2]["result"]["structuredContent"]["result"], 4, "{calls}");
+    let session = calls[2]["result"]["_meta"]["imagentx"]["session"].as_str().unwrap_or_default();
+    assert!(session.starts_with("ses_"), "{calls}");
+    assert_eq!(calls[3]["result"]["isError"], true, "a call without `session` is fresh: {calls}");
+    assert_eq!(calls[4]["ok"], false, "{calls}");
+    // The client went: its MCP session ended, and its code session with it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let audit = srv.get("/v1/audit?kind=session_closed&user=bob", &srv.admin).await.json();
+        if let Some(closed) = audit["records"].as_array().unwrap().first() {
+            assert_eq!(closed["outcome"], "mcp_session_ended", "{closed}");
+            assert_eq!(closed["detail"]["session"], session, "{closed}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the code session outlived its MCP session");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Bad input over HTTP: each gets the protocol's error or a 4xx, never a 5xx

@@ -171,6 +171,7 @@ pub async fn serve_stdio(state: Arc<AppState>, caller: Caller) -> Result<(), Str
     while state.admission.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    super::sessions::close_all(&state).await;
     state.store.close();
     Ok(())
 }
@@ -194,11 +195,40 @@ pub struct McpServer {
     /// Whether this session already listens for tool changes (a client may
     /// send `notifications/initialized` more than once).
     listening: Arc<std::sync::atomic::AtomicBool>,
+    /// The code sessions this MCP session opened (calls with `session: true`).
+    code: Arc<CodeSessions>,
+}
+
+/// An MCP session's code sessions, by interpreter; closed when the MCP
+/// session's handler goes (the session expired or was deleted, the stdio
+/// client left).
+struct CodeSessions {
+    state: Arc<AppState>,
+    ids: Mutex<HashMap<String, String>>,
+}
+
+impl Drop for CodeSessions {
+    fn drop(&mut self) {
+        let ids: Vec<String> =
+            self.ids.lock().unwrap_or_else(PoisonError::into_inner).drain().map(|(_, id)| id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let state = Arc::clone(&self.state);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for id in ids {
+                    super::sessions::close_by_id(&state, &id, super::sessions::Reason::McpEnded).await;
+                }
+            });
+        }
+    }
 }
 
 impl McpServer {
     fn new(state: Arc<AppState>, local: Option<Caller>) -> Self {
-        Self { state, local, calls: Arc::default(), listening: Arc::default() }
+        let code = Arc::new(CodeSessions { state: Arc::clone(&state), ids: Mutex::default() });
+        Self { state, local, calls: Arc::default(), listening: Arc::default(), code }
     }
 
     /// The handler for HTTP sessions: each request carries its caller.
@@ -221,6 +251,62 @@ impl McpServer {
             .cloned()
             .ok_or_else(|| ErrorData::invalid_request("the request carries no authenticated caller", None))
     }
+}
+
+impl McpServer {
+    /// A call with `session: true`: a step in this MCP session's code session
+    /// of `tool`, opened at the first such call.
+    async fn call_in_session(
+        &self,
+        caller: Caller,
+        tool: &str,
+        arguments: Option<JsonObject>,
+        arrived: Instant,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let step: super::sessions::StepRequest =
+            serde_json::from_value(Value::Object(arguments.unwrap_or_default()))
+                .map_err(|e| ErrorData::invalid_params(format!("arguments: {e}"), None))?;
+        let known = self.code.ids.lock().unwrap_or_else(PoisonError::into_inner).get(tool).cloned();
+        let live = match known {
+            Some(id) => match super::sessions::find(&self.state, &caller, &id) {
+                Ok(live) => live,
+                Err(e) => {
+                    // It ended (idle, a limit): say so once; the next call opens a new one.
+                    self.code.ids.lock().unwrap_or_else(PoisonError::into_inner).remove(tool);
+                    let text = format!("{} ({id}); call again with `session: true` to start a new one", e.message);
+                    return Ok(CallToolResult::error(vec![ContentBlock::text(text)]).into());
+                }
+            },
+            None => {
+                let open =
+                    super::sessions::OpenRequest { tool: tool.to_owned(), idle_timeout_s: None, timeout_ms: None };
+                let live = match super::sessions::open_live(&self.state, &caller, &open).await {
+                    Ok(live) => live,
+                    Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS => return Ok(refusal(&e).into()),
+                    Err(e) => return Err(protocol_error(e)),
+                };
+                self.code
+                    .ids
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(tool.to_owned(), live.id().to_owned());
+                live
+            }
+        };
+        match super::sessions::run_step(&self.state, caller, live, step, arrived).await {
+            Ok((report, _)) => Ok(tool_result(&report).into()),
+            Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status == StatusCode::CONFLICT => {
+                Ok(refusal(&e).into())
+            }
+            Err(e) => Err(protocol_error(e)),
+        }
+    }
+}
+
+/// Whether calls of `registered` may ask for a session: the built-in interpreters.
+fn takes_session(registered: &Registered) -> bool {
+    registered.row.registered_by == BUILTIN_REGISTRAR
+        && matches!(&registered.runnable, super::registry::Runnable::Wasm(t) if t.kind() == crate::engine::ToolKind::Sdk)
 }
 
 impl ServerHandler for McpServer {
@@ -291,7 +377,17 @@ impl ServerHandler for McpServer {
         let name = request.name.to_string();
         // MCP names no version or timeout: the newest version, the tier's default.
         let prepared = Prepared::new(&self.state, &caller, &name, &InvokeRequest::default()).map_err(protocol_error)?;
-        let invoke = invoke_request(prepared.registered(), request.arguments)?;
+        let mut arguments = request.arguments;
+        if takes_session(prepared.registered())
+            && let Some(session) = arguments.as_mut().and_then(|a| a.remove("session"))
+        {
+            match session {
+                Value::Bool(true) => return self.call_in_session(caller, &name, arguments, arrived).await,
+                Value::Bool(false) | Value::Null => {}
+                _ => return Err(ErrorData::invalid_params("`session` must be true or false", None)),
+            }
+        }
+        let invoke = invoke_request(prepared.registered(), arguments)?;
         // A client that asked for progress hears every second that the call runs on.
         let progress = context.meta.get_progress_token().map(|token| {
             let peer = context.peer.clone();
@@ -407,16 +503,18 @@ fn mcp_tool(registered: &Registered) -> Tool {
 fn builtin_notes(name: &str) -> &'static str {
     match name {
         "python" => {
-            " CPython 3 in WebAssembly, a fresh interpreter per call: `code` runs, what it prints comes \
-             back as stdout, and a variable `result` (or the last expression) as the result; `args` is \
-             available to the code as `args`. Files under /data persist between calls (the caller's own \
-             directory); /tmp is per call. No network, no subprocesses. Pure-Python packages baked in: \
+            " CPython 3 in WebAssembly, a fresh interpreter per call (or, with `session: true`, one that \
+             keeps its state between calls): `code` runs, what it prints comes back as stdout, and the \
+             last expression's value (or a variable `result`) as the result; `args` is available to the \
+             code as `args`. Files under /data persist between calls (the caller's own directory); /tmp \
+             is per call. No network, no subprocesses. Pure-Python packages baked in: \
              python-dateutil, six, tabulate, more-itertools, jmespath, and the standard library's pure \
              modules."
         }
         "javascript" => {
-            " A JavaScript engine in WebAssembly, fresh per call: `code` runs, console.log output comes \
-             back as stdout and the value of `result` as the result; `args` is available as `args`. \
+            " A JavaScript engine in WebAssembly, fresh per call (or, with `session: true`, one that keeps \
+             its state between calls): `code` runs, console.log output comes back as stdout and the last \
+             expression's value (or `result`) as the result; `args` is available as `args`. \
              Files under /data persist between calls (the caller's own directory) through the `fs` \
              module's synchronous calls; /tmp is per call. No network."
         }
@@ -443,6 +541,20 @@ fn input_schema(registered: &Registered) -> JsonObject {
             },
         }),
     };
+    let mut schema = schema;
+    if takes_session(registered)
+        && let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut)
+    {
+        properties.insert(
+            "session".into(),
+            json!({
+                "type": "boolean",
+                "description": "true: run in this MCP session's live interpreter, where variables, imports and \
+                                loaded data persist between the calls that set it (like a notebook); closed when \
+                                the MCP session ends or after the tier's idle timeout. Default: a fresh interpreter."
+            }),
+        );
+    }
     match schema {
         Value::Object(map) => map,
         _ => JsonObject::new(),
@@ -471,11 +583,14 @@ fn invoke_request(registered: &Registered, arguments: Option<JsonObject>) -> Res
 /// A finished call as a tool result: the output as structured content and
 /// text; a call that did not end `ok` as an error result that says why.
 fn tool_result(report: &ExecutionReport) -> CallToolResult {
-    let meta = json!({
+    let mut meta = json!({
         "execution": report.id,
         "status": report.status,
         "usage": report.usage,
     });
+    if let Some(session) = &report.session {
+        meta["session"] = session.as_str().into();
+    }
     if report.status == Status::Ok {
         let mut content = Vec::new();
         if !report.stdout.is_empty() {

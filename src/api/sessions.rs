@@ -42,9 +42,11 @@ use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
 use crate::engine::ToolKind;
 use crate::policy::UserId;
+use crate::report::ExecutionReport;
 use crate::report::Status;
 use crate::runner::CodeSession;
 use crate::store::Caller;
+use axum::body::Bytes;
 
 /// Sessions are not opened while the sessions' instances hold more than this
 /// share of the host's memory budget for guests: the rest stays for calls.
@@ -67,6 +69,8 @@ pub enum Reason {
     Stopped(Status),
     /// The server stopped.
     Shutdown,
+    /// The MCP session that opened it ended.
+    McpEnded,
 }
 
 impl Reason {
@@ -77,6 +81,7 @@ impl Reason {
             Reason::Lifetime => "lifetime",
             Reason::Stopped(status) => status.as_str(),
             Reason::Shutdown => "shutdown",
+            Reason::McpEnded => "mcp_session_ended",
         }
     }
 }
@@ -91,6 +96,7 @@ fn ended_because(reason: Option<&str>) -> &'static str {
             "a step was stopped (the session's `reason` says how), and an instance cannot go on after that"
         }
         Some("shutdown") => "the server stopped",
+        Some("mcp_session_ended") => "the MCP session that opened it ended",
         Some("restart") => "server restarted: sessions do not survive a restart",
         _ => "it is closed",
     }
@@ -328,6 +334,12 @@ pub async fn open(
 ) -> Result<Response, ApiError> {
     let body = read_body(&headers, body, 64 << 10).await?;
     let request: OpenRequest = parse_json(&body)?;
+    let live = open_live(&state, &caller, &request).await?;
+    Ok((StatusCode::CREATED, Json(live.info())).into_response())
+}
+
+/// Opens a session for `caller` as `request` asks (HTTP and MCP).
+pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenRequest) -> Result<Arc<Live>, ApiError> {
     let tier = state.sandbox.policy.tier(&caller.tier).map_err(|e| {
         ApiError::new(StatusCode::FORBIDDEN, "unknown_tier", format!("your account's tier is not configured: {e}"))
     })?;
@@ -359,7 +371,7 @@ pub async fn open(
     }
     let place = match state.sessions.place(&state.admission, caller.user.as_str(), tier.sessions) {
         Ok(place) => place,
-        Err(denial) => return Err(denied(&state, &caller, Some(&request.tool), denial).await),
+        Err(denial) => return Err(denied(state, caller, Some(&request.tool), denial).await),
     };
     let pool = state.sandbox.engine.guest_memory();
     let (_, held) = state.sessions.gauges();
@@ -372,7 +384,7 @@ pub async fn open(
             ),
             retry_after: 1,
         };
-        return Err(denied(&state, &caller, Some(&request.tool), denial).await);
+        return Err(denied(state, caller, Some(&request.tool), denial).await);
     }
     let session =
         state.sandbox.open_session(tool, &caller.user, &caller.tier, timeout).await.map_err(|(status, message)| {
@@ -422,7 +434,7 @@ pub async fn open(
     state.sessions.open.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), Arc::clone(&live));
     state.metrics.session_opened();
     tracing::info!(session = %id, user = %caller.user, tool = %request.tool, "session opened");
-    Ok((StatusCode::CREATED, Json(live.info())).into_response())
+    Ok(live)
 }
 
 fn not_sessionable(tool: &str, why: &str) -> ApiError {
@@ -431,7 +443,7 @@ fn not_sessionable(tool: &str, why: &str) -> ApiError {
 
 /// The caller's open session `id`, or the error a step or a look at it gets:
 /// 410 for one of theirs that ended (with why), 404 for anything else.
-fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Live>, ApiError> {
+pub(crate) fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Live>, ApiError> {
     if let Some(live) = state.sessions.get(id).filter(|l| l.user == caller.user) {
         return Ok(live);
     }
@@ -457,6 +469,18 @@ pub async fn run(
     let body = read_body(&headers, body, limit).await?;
     let step: StepRequest = parse_json(&body)?;
     let live = find(&state, &caller, &id)?;
+    let (_, json) = run_step(&state, caller, live, step, arrived).await?;
+    Ok(stored_report(json))
+}
+
+/// Runs `step` in `live` through the one invoke path (HTTP and MCP).
+pub(crate) async fn run_step(
+    state: &Arc<AppState>,
+    caller: Caller,
+    live: Arc<Live>,
+    step: StepRequest,
+    arrived: Instant,
+) -> Result<(ExecutionReport, Bytes), ApiError> {
     let Ok(guard) = Arc::clone(&live.session).try_lock_owned() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -474,9 +498,8 @@ pub async fn run(
         timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         version: None,
     };
-    let prepared = Prepared::for_session(&state, &caller, Arc::clone(&live.registered), &request)?;
-    let (_, json) = prepared.run(&state, caller, request, None, arrived, Runs::Step(guard, live)).await?;
-    Ok(stored_report(json))
+    let prepared = Prepared::for_session(state, &caller, Arc::clone(&live.registered), &request)?;
+    prepared.run(state, caller, request, None, arrived, Runs::Step(guard, live)).await
 }
 
 /// Ends a step's session when the step left it dead; called by the step's task.
@@ -582,6 +605,13 @@ pub(crate) async fn close(state: &AppState, live: &Arc<Live>, reason: Reason) {
     let steps = live.steps.load(Ordering::Relaxed);
     if let Err(e) = state.store.session_closed(live.id.clone(), reason.as_str().to_owned(), steps, event).await {
         tracing::error!(error = %e, session = %live.id, "recording a session's end failed");
+    }
+}
+
+/// Closes session `id` if it is open.
+pub(crate) async fn close_by_id(state: &AppState, id: &str, reason: Reason) {
+    if let Some(live) = state.sessions.get(id) {
+        close(state, &live, reason).await;
     }
 }
 
