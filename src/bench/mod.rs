@@ -11,6 +11,7 @@
 //!             │                a ramp of 1 → 1,000 keep-alive clients, wrk beside it
 //!             ├─> native.rs    the jail, bubblewrap, nsjail and fork/exec at 1/2/8/32 in flight
 //!             ├─> density.rs   idle and running free-tier sandboxes per GiB
+//!             ├─> sessions.rs  code sessions: warm steps beside fresh interpreters, idle memory
 //!             ├─> teardown.rs  killing and reclaiming a runaway sandbox
 //!             ├─> count.rs     instructions per call under callgrind (`--instructions`)
 //!             └─> report.rs    samples.csv, summary.json, report.md, plots (svg.rs)
@@ -25,6 +26,7 @@ mod http;
 mod mcp;
 mod native;
 mod report;
+mod sessions;
 mod shared;
 mod svg;
 mod teardown;
@@ -71,10 +73,12 @@ pub enum Suite {
     Density,
     Teardown,
     Mcp,
+    Sessions,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 6] = [Suite::Wasm, Suite::Http, Suite::Native, Suite::Density, Suite::Teardown, Suite::Mcp];
+    pub const ALL: [Suite; 7] =
+        [Suite::Wasm, Suite::Http, Suite::Native, Suite::Density, Suite::Teardown, Suite::Mcp, Suite::Sessions];
 
     fn title(self) -> &'static str {
         match self {
@@ -84,6 +88,7 @@ impl Suite {
             Suite::Density => "density",
             Suite::Teardown => "teardown",
             Suite::Mcp => "MCP",
+            Suite::Sessions => "code sessions",
         }
     }
 }
@@ -653,6 +658,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<usize> {
             Suite::Density => density::run(&mut h),
             Suite::Teardown => teardown::run(&mut h),
             Suite::Mcp => mcp::run(&mut h),
+            Suite::Sessions => sessions::run(&mut h),
         };
         if let Err(e) = result {
             println!("  FAILED: {e:#}");
