@@ -287,6 +287,29 @@ async fn an_idle_session_is_closed_on_time_and_its_place_reused() {
     open_ok(&srv, &alice, "javascript").await;
 }
 
+/// A session in use all the time still ends at its tier's lifetime.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_session_ends_at_its_tiers_lifetime() {
+    let mut policy = lab_policy(256 << 20, 1);
+    policy.tiers.get_mut("lab").unwrap().session_lifetime_s = 1;
+    let srv = serve(policy, |_| {}).await;
+    let alice = srv.add_user("alice", "lab", false).await;
+    let id = open_ok(&srv, &alice, "python").await;
+    let opened = Instant::now();
+    let mut last = StatusCode::OK;
+    while opened.elapsed() < Duration::from_secs(4) {
+        last = step(&srv, &alice, &id, json!({"code": "1"})).await.status;
+        if last != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lived = opened.elapsed();
+    assert_eq!(last, StatusCode::GONE, "still open after {lived:?}");
+    assert!(lived >= Duration::from_secs(1) && lived < Duration::from_secs(3), "ended after {lived:?}");
+    assert_eq!(show(&srv, &alice, &id).await["reason"], "lifetime");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_tiers_session_cap_is_a_429_naming_it_and_sessions_cannot_starve_calls() {
     // 8 instances: sessions may hold at most 4 of them.
