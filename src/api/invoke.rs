@@ -57,7 +57,22 @@ pub(super) async fn denied(state: &AppState, caller: &Caller, tool: Option<&str>
     ApiError::too_many(denial.reason, denial.message, denial.retry_after)
 }
 
-fn tier<'a>(state: &'a AppState, caller: &Caller) -> Result<&'a Tier, ApiError> {
+/// The wall-clock budget `timeout_ms` asks for, checked against the policy.
+pub(super) fn checked_timeout(
+    state: &AppState,
+    caller: &Caller,
+    timeout_ms: Option<u64>,
+) -> Result<Option<Duration>, ApiError> {
+    let timeout = timeout_ms.map(Duration::from_millis);
+    state
+        .sandbox
+        .policy
+        .resolve(&caller.tier, timeout)
+        .map_err(|e| ApiError::bad_request("bad_timeout", e.to_string()))?;
+    Ok(timeout)
+}
+
+pub(super) fn tier<'a>(state: &'a AppState, caller: &Caller) -> Result<&'a Tier, ApiError> {
     state.sandbox.policy.tier(&caller.tier).map_err(|e| {
         ApiError::new(StatusCode::FORBIDDEN, "unknown_tier", format!("your account's tier is not configured: {e}"))
     })
@@ -146,13 +161,6 @@ impl Prepared {
         name: &str,
         request: &InvokeRequest,
     ) -> Result<Self, ApiError> {
-        let tier = tier(state, caller)?.clone();
-        let timeout = request.timeout_ms.map(Duration::from_millis);
-        state
-            .sandbox
-            .policy
-            .resolve(&caller.tier, timeout)
-            .map_err(|e| ApiError::bad_request("bad_timeout", e.to_string()))?;
         let Some(registered) = state.registry.get(name, request.version) else {
             return Err(match request.version {
                 Some(v) if state.registry.get(name, None).is_some() => {
@@ -161,11 +169,12 @@ impl Prepared {
                 _ => ApiError::not_found("unknown_tool", format!("no tool `{name}`")),
             });
         };
-        Ok(Self { tier, registered, timeout })
+        Self::for_session(state, caller, registered, request)
     }
 
-    /// A step of a code session on `registered` (the version the session was
-    /// opened with, even if a newer one was registered since).
+    /// A call of `registered` as it stands: a step of a code session runs
+    /// the version the session was opened with, even if a newer one was
+    /// registered since.
     pub(crate) fn for_session(
         state: &AppState,
         caller: &Caller,
@@ -173,12 +182,7 @@ impl Prepared {
         request: &InvokeRequest,
     ) -> Result<Self, ApiError> {
         let tier = tier(state, caller)?.clone();
-        let timeout = request.timeout_ms.map(Duration::from_millis);
-        state
-            .sandbox
-            .policy
-            .resolve(&caller.tier, timeout)
-            .map_err(|e| ApiError::bad_request("bad_timeout", e.to_string()))?;
+        let timeout = checked_timeout(state, caller, request.timeout_ms)?;
         Ok(Self { tier, registered, timeout })
     }
 

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::admission::{Admission, Denial};
 use super::auth::Authed;
 use super::error::{ApiPath, parse_json, read_body};
-use super::invoke::{InvokeRequest, Prepared, Runs, denied, stored_report};
+use super::invoke::{InvokeRequest, Prepared, Runs, checked_timeout, denied, stored_report, tier};
 use super::registry::{Registered, Runnable};
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
@@ -340,9 +340,7 @@ pub async fn open(
 
 /// Opens a session for `caller` as `request` asks (HTTP and MCP).
 pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenRequest) -> Result<Arc<Live>, ApiError> {
-    let tier = state.sandbox.policy.tier(&caller.tier).map_err(|e| {
-        ApiError::new(StatusCode::FORBIDDEN, "unknown_tier", format!("your account's tier is not configured: {e}"))
-    })?;
+    let tier = tier(state, caller)?;
     let idle_timeout = match request.idle_timeout_s {
         None => tier.session_idle_s,
         Some(s) if (1..=tier.session_idle_s).contains(&s) => s,
@@ -353,12 +351,7 @@ pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenR
             ));
         }
     };
-    let timeout = request.timeout_ms.map(Duration::from_millis);
-    state
-        .sandbox
-        .policy
-        .resolve(&caller.tier, timeout)
-        .map_err(|e| ApiError::bad_request("bad_timeout", e.to_string()))?;
+    let timeout = checked_timeout(state, caller, request.timeout_ms)?;
     let registered = state
         .registry
         .get(&request.tool, None)

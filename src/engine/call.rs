@@ -123,13 +123,7 @@ impl Engine {
         let engine = &self.inner.wasmtime;
         let counters = Arc::new(CallCounters::default());
         let call_fs = || {
-            let pool = &self.inner.guest_descriptors;
-            let files = DescriptorCaps {
-                per_call: usize::try_from(limits.nofile_soft).unwrap_or(usize::MAX),
-                per_owner: limits.nofile_hard,
-                owner: pool.owner(inv.owner),
-                pool: Arc::clone(pool),
-            };
+            let files = DescriptorCaps::for_call(&self.inner.guest_descriptors, limits, inv.owner);
             CallFs::new(
                 inv.data_budget.clone(),
                 Budget::empty(limits.tmp_bytes, limits.tmp_files),

@@ -150,6 +150,18 @@ pub(crate) struct DescriptorCaps {
     pub pool: Arc<DescriptorPool>,
 }
 
+impl DescriptorCaps {
+    /// What a call of `owner` under `limits` may hold out of `pool`.
+    pub(crate) fn for_call(pool: &Arc<DescriptorPool>, limits: &crate::policy::Limits, owner: &str) -> Self {
+        Self {
+            per_call: usize::try_from(limits.nofile_soft).unwrap_or(usize::MAX),
+            per_owner: limits.nofile_hard,
+            owner: pool.owner(owner),
+            pool: Arc::clone(pool),
+        }
+    }
+}
+
 /// The host descriptors one call holds.
 struct HeldFiles {
     /// One per open the guest made; dead once every handle to it is dropped.

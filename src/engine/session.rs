@@ -104,13 +104,7 @@ impl Engine {
             scratch_dir: Some(setup.scratch_dir),
         };
         let counters = Arc::new(CallCounters::default());
-        let pool = &self.inner.guest_descriptors;
-        let files = DescriptorCaps {
-            per_call: usize::try_from(limits.nofile_soft).unwrap_or(usize::MAX),
-            per_owner: limits.nofile_hard,
-            owner: pool.owner(setup.owner),
-            pool: Arc::clone(pool),
-        };
+        let files = DescriptorCaps::for_call(&self.inner.guest_descriptors, limits, setup.owner);
         let fs = CallFs::new(
             setup.data_budget,
             Budget::empty(limits.tmp_bytes, limits.tmp_files),
