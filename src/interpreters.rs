@@ -10,6 +10,17 @@ use std::path::{Path, PathBuf};
 /// interpreters directory.
 pub const NAMES: [&str; 2] = ["python", "javascript"];
 
+/// The built-in native tool: the host's Python with numpy, pandas and
+/// matplotlib, in the jail (`scripts/build-interpreters python-data` builds
+/// `python-data/` in the interpreters directory: `runner.py`, `site/`, `BUILD`).
+pub const PYTHON_DATA: &str = "python-data";
+
+/// Where `python-data/` is bound inside the jail.
+pub const PYTHON_DATA_INSIDE: &str = "/opt/imagentx/python-data";
+
+/// The Python the jail runs `python-data` with (the one its wheels are for).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
 /// The variable that overrides where the built components are looked for.
 pub const DIR_VAR: &str = "IMAGENTX_INTERPRETERS";
 

@@ -582,6 +582,29 @@ fn invoke_request(registered: &Registered, arguments: Option<JsonObject>) -> Res
 
 /// A finished call as a tool result: the output as structured content and
 /// text; a call that did not end `ok` as an error result that says why.
+/// `output` without the base64 data of its `images` (each keeps its format
+/// and size, and its index among the image content blocks), and those data.
+fn split_images(output: &Value) -> (std::borrow::Cow<'_, Value>, Vec<String>) {
+    let Some(images) = output.get("images").and_then(Value::as_array) else {
+        return (std::borrow::Cow::Borrowed(output), Vec::new());
+    };
+    let mut data = Vec::new();
+    let described: Vec<Value> = images
+        .iter()
+        .map(|image| {
+            let mut image = image.clone();
+            if let Some(Value::String(png)) = image.as_object_mut().and_then(|o| o.remove("data")) {
+                image["image_block"] = json!(data.len());
+                data.push(png);
+            }
+            image
+        })
+        .collect();
+    let mut output = output.clone();
+    output["images"] = Value::Array(described);
+    (std::borrow::Cow::Owned(output), data)
+}
+
 fn tool_result(report: &ExecutionReport) -> CallToolResult {
     let mut meta = json!({
         "execution": report.id,
@@ -598,11 +621,15 @@ fn tool_result(report: &ExecutionReport) -> CallToolResult {
         }
         let mut result = match &report.output {
             Some(output) => {
+                // Pictures (python-data's figures) are image content; the
+                // text and structured content keep only what describes them.
+                let (output, images) = split_images(output);
                 content.push(ContentBlock::text(output.to_string()));
+                content.extend(images.into_iter().map(|data| ContentBlock::image(data, "image/png")));
                 let mut result = CallToolResult::success(content);
                 // Structured content is an object: a scalar or array output goes under `result`.
                 result.structured_content =
-                    Some(if output.is_object() { output.clone() } else { json!({ "result": output }) });
+                    Some(if output.is_object() { output.into_owned() } else { json!({ "result": output }) });
                 result
             }
             None => CallToolResult::success(content),

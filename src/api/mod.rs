@@ -227,10 +227,11 @@ impl AppState {
             sessions: sessions::Sessions::new(max_sessions),
             audit_throttle: AuditThrottle::default(),
         });
-        state.registry.load_all(&state.store, &state.sandbox, &state.blobs).await?;
+        state.registry.load_all(&state.store, &state.sandbox, &state.blobs, state.jail.as_deref().ok()).await?;
         if state.settings.builtin_tools {
             let dir = &state.settings.interpreters_dir;
-            state.registry.register_builtins(&state.store, &state.sandbox, &state.blobs, dir).await;
+            let jail = state.jail.as_deref().ok();
+            state.registry.register_builtins(&state.store, &state.sandbox, &state.blobs, dir, jail).await;
         }
         Ok(state)
     }

@@ -18,7 +18,7 @@ use super::registry::{NATIVE_KIND, Registered, Runnable, write_new};
 use super::tools::check_name;
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
-use crate::jail::Layout;
+use crate::jail::{ExtraBind, Jail, Layout};
 use crate::runner::NativeTool;
 use crate::store::{Caller, ToolRow};
 
@@ -47,6 +47,11 @@ pub struct NativeSpec {
     pub env_allow: Vec<String>,
     #[serde(default)]
     pub input_schema: Option<serde_json::Value>,
+    /// More host paths bound read-only into this tool's jail, each at its own
+    /// path inside (a tool's own packages), besides the `[jail]` ones. Not
+    /// with `rootfs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<ExtraBind>,
 }
 
 /// A spec is small: a few arguments and variables.
@@ -62,8 +67,9 @@ fn valid_env_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// Checks a spec; answers the tool it describes.
-fn build(spec: &NativeSpec) -> Result<NativeTool, String> {
+/// Checks a spec; answers the tool it describes. `jail` builds the root of a
+/// tool with binds of its own (none: the tool cannot run here anyway).
+pub(super) fn build(spec: &NativeSpec, jail: Option<&Jail>) -> Result<NativeTool, String> {
     if spec.runtime != "native" {
         return Err(format!("runtime must be \"native\", not {:?}", spec.runtime));
     }
@@ -79,10 +85,17 @@ fn build(spec: &NativeSpec) -> Result<NativeTool, String> {
     if let Some(bad) = spec.env.keys().chain(&spec.env_allow).find(|n| !valid_env_name(n)) {
         return Err(format!("`{bad}` is not a valid environment variable name"));
     }
-    let layout = match &spec.rootfs {
-        None => None,
-        Some(dir) if !dir.is_absolute() => return Err(format!("rootfs {} must be an absolute path", dir.display())),
-        Some(dir) => Some(Arc::new(Layout::rootfs(dir).map_err(|e| e.to_string())?)),
+    let layout = match (&spec.rootfs, spec.binds.is_empty()) {
+        (Some(_), false) => return Err("a tool with its own rootfs takes no binds: put them in the rootfs".into()),
+        (None, true) => None,
+        (None, false) => match jail {
+            Some(jail) => Some(Arc::new(jail.layout_with(&spec.binds).map_err(|e| e.to_string())?)),
+            None => None,
+        },
+        (Some(dir), _) if !dir.is_absolute() => {
+            return Err(format!("rootfs {} must be an absolute path", dir.display()));
+        }
+        (Some(dir), _) => Some(Arc::new(Layout::rootfs(dir).map_err(|e| e.to_string())?)),
     };
     let mut env = spec.env.clone();
     for name in &spec.env_allow {
@@ -98,7 +111,7 @@ fn build(spec: &NativeSpec) -> Result<NativeTool, String> {
 /// # Errors
 ///
 /// When the spec is missing, altered, or no longer valid (a rootfs gone).
-pub fn load(blobs: &Path, row: &ToolRow) -> Result<NativeTool, String> {
+pub fn load(blobs: &Path, row: &ToolRow, jail: Option<&Jail>) -> Result<NativeTool, String> {
     let path = spec_path(blobs, &row.sha256);
     let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     if hex::encode(Sha256::digest(&bytes)) != row.sha256 {
@@ -106,7 +119,7 @@ pub fn load(blobs: &Path, row: &ToolRow) -> Result<NativeTool, String> {
     }
     let mut spec: NativeSpec = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     spec.name.clone_from(&row.name);
-    build(&spec)
+    build(&spec, jail)
 }
 
 pub async fn register(
@@ -118,7 +131,7 @@ pub async fn register(
     let bytes = read_body(headers, body, MAX_SPEC_BYTES).await?;
     let spec: NativeSpec = parse_json(&bytes)?;
     check_name(&spec.name)?;
-    let tool = match build(&spec) {
+    let tool = match build(&spec, state.jail.as_deref().ok()) {
         Ok(tool) => tool,
         Err(reason) => {
             let event = AuditEvent::new(Kind::ToolRegistered, "rejected")

@@ -124,13 +124,14 @@ impl Registry {
         store: &Store,
         sandbox: &Sandbox,
         blobs: &Path,
+        jail: Option<&crate::jail::Jail>,
     ) -> Result<(), crate::store::StoreError> {
         let rows = store.active_tools()?;
         let started = std::time::Instant::now();
         let (mut loaded, mut from_cache, total) = (0, 0, rows.len());
         for row in rows {
             if row.kind == NATIVE_KIND {
-                match super::native::load(blobs, &row) {
+                match super::native::load(blobs, &row, jail) {
                     Ok(tool) => {
                         self.insert(Registered { row, runnable: Runnable::Native(tool) });
                         loaded += 1;
@@ -174,7 +175,15 @@ impl Registry {
     /// registered with the same content is left as it is (loaded by
     /// [`Registry::load_all`] from the artifact cache). Missing components
     /// are logged, not fatal: the server serves without them.
-    pub async fn register_builtins(&self, store: &Store, sandbox: &Sandbox, blobs: &Path, dir: &Path) {
+    pub async fn register_builtins(
+        &self,
+        store: &Store,
+        sandbox: &Sandbox,
+        blobs: &Path,
+        dir: &Path,
+        jail: Option<&crate::jail::Jail>,
+    ) {
+        self.register_python_data(store, blobs, dir, jail).await;
         for name in crate::interpreters::NAMES {
             let Some(path) = crate::interpreters::component(dir, name) else { continue };
             let bytes = match std::fs::read(&path) {
@@ -234,6 +243,106 @@ impl Registry {
                     self.insert(Registered { row, runnable: Runnable::Wasm(tool) });
                 }
                 Err(e) => tracing::error!(tool = name, error = %e, "built-in tool could not be stored; not registered"),
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Registers the built-in native `python-data` tool when it is built in
+    /// `dir` and native tools can run: a spec whose bind puts the built
+    /// packages at [`crate::interpreters::PYTHON_DATA_INSIDE`], registered
+    /// again when the build (or the spec) changed.
+    async fn register_python_data(&self, store: &Store, blobs: &Path, dir: &Path, jail: Option<&crate::jail::Jail>) {
+        use crate::interpreters::{PYTHON_DATA, PYTHON_DATA_INSIDE, SYSTEM_PYTHON};
+        let built = dir.join(PYTHON_DATA);
+        let Ok(build) = std::fs::read_to_string(built.join("BUILD")) else {
+            tracing::info!(tool = PYTHON_DATA, path = %built.display(), "built-in tool not built (scripts/build-interpreters python-data); not registered");
+            return;
+        };
+        let Some(jail) = jail else {
+            tracing::info!(tool = PYTHON_DATA, "built-in tool not registered: native tools cannot run on this host");
+            return;
+        };
+        let source = std::fs::canonicalize(&built).unwrap_or(built);
+        let runner = format!("{PYTHON_DATA_INSIDE}/runner.py");
+        let spec = super::native::NativeSpec {
+            runtime: NATIVE_KIND.to_owned(),
+            name: PYTHON_DATA.to_owned(),
+            description: Some(
+                "Runs Python code with numpy, pandas and matplotlib in a fresh jailed process: prints, the \
+                 last expression's value (or `result`; a DataFrame as records and text) and the figures left \
+                 open (as PNG images) come back."
+                    .to_owned(),
+            ),
+            argv: vec![SYSTEM_PYTHON.to_owned(), "-I".to_owned(), "-B".to_owned(), runner],
+            rootfs: None,
+            env: BTreeMap::from([
+                ("MPLBACKEND".to_owned(), "Agg".to_owned()),
+                ("MPLCONFIGDIR".to_owned(), "/tmp/.matplotlib".to_owned()),
+                ("HOME".to_owned(), "/tmp".to_owned()),
+                ("IMAGENTX_PYTHON_DATA_BUILD".to_owned(), build.trim().to_owned()),
+            ]),
+            env_allow: Vec::new(),
+            input_schema: Some(serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "code": {
+                        "type": "string",
+                        "description": "Python source to run, with numpy, pandas and matplotlib (Agg) importable. \
+                            The value of the last expression statement is the result (a DataFrame or Series comes \
+                            back as records and a text table), unless the code assigns `result`. Figures left open \
+                            (or shown with plt.show()) come back as PNG images. Files are under /data."
+                    },
+                    "args": {"type": "object", "description": "available to the code as `args`"}
+                },
+                "required": ["code"]
+            })),
+            binds: vec![crate::jail::ExtraBind { source, target: PYTHON_DATA_INSIDE.into() }],
+        };
+        let tool = match super::native::build(&spec, Some(jail)) {
+            Ok(tool) => tool,
+            Err(e) => {
+                tracing::error!(tool = PYTHON_DATA, error = %e, "built-in tool could not be made; not registered");
+                return;
+            }
+        };
+        let canonical = match serde_json::to_vec_pretty(&spec) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(tool = PYTHON_DATA, error = %e, "encoding the built-in tool's spec");
+                return;
+            }
+        };
+        let sha256 = crate::engine::sha256_hex(&canonical);
+        if self.get(PYTHON_DATA, None).is_some_and(|t| t.row.sha256 == sha256) {
+            tracing::info!(tool = PYTHON_DATA, "built-in tool ready (this build is registered)");
+            return;
+        }
+        let row = ToolRow {
+            name: PYTHON_DATA.to_owned(),
+            version: 0,
+            label: Some(build.trim().to_owned()),
+            sha256: sha256.clone(),
+            kind: NATIVE_KIND.to_owned(),
+            description: spec.description.clone(),
+            input_schema: spec.input_schema.clone(),
+            registered_by: BUILTIN_REGISTRAR.to_owned(),
+            registered_at: String::new(),
+            retired_at: None,
+        };
+        let path = blobs.join(format!("{sha256}.json"));
+        let stored = match write_new(blobs, &path, &canonical) {
+            Ok(()) => store.register_tool(row).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(row) => {
+                tracing::info!(tool = PYTHON_DATA, version = row.version, build = %build.trim(), "built-in tool registered (new build)");
+                self.insert(Registered { row, runnable: Runnable::Native(tool) });
+            }
+            Err(e) => {
+                tracing::error!(tool = PYTHON_DATA, error = %e, "built-in tool could not be stored; not registered")
             }
         }
     }

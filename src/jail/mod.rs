@@ -73,7 +73,7 @@ pub struct JailConfig {
 }
 
 /// A host path bound read-only into the jail.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtraBind {
     pub source: PathBuf,
@@ -267,6 +267,33 @@ impl Jail {
             );
         }
         Ok(Self { config, layout, cgroups, filter, landlock, privileged })
+    }
+
+    /// The host's root as every jail has it, plus `extra` read-only binds (a
+    /// native tool's own packages).
+    ///
+    /// # Errors
+    ///
+    /// A bind's target is not a path a bind may have, or its source cannot be
+    /// opened; or this jail's root is a rootfs (binds go into it instead).
+    pub fn layout_with(&self, extra: &[ExtraBind]) -> Result<Layout, JailError> {
+        if self.config.rootfs.is_some() {
+            return Err(JailError::Config("the jails' root is a rootfs: a tool's binds go into it".into()));
+        }
+        for bind in extra {
+            rootfs::check_inside(&bind.target).map_err(JailError::Config)?;
+            if !bind.source.is_absolute() {
+                return Err(JailError::Config(format!("bind source {} must be absolute", bind.source.display())));
+            }
+        }
+        let binds: Vec<(PathBuf, String)> = self
+            .config
+            .binds
+            .iter()
+            .chain(extra)
+            .map(|b| (b.source.clone(), b.target.to_string_lossy().into_owned()))
+            .collect();
+        Ok(Layout::host(&self.config.system, &self.config.etc, &binds)?)
     }
 
     /// The directories run `id` of `owner` has (or had) while it runs.

@@ -1,0 +1,193 @@
+"""The `python-data` tool: an agent's Python with numpy, pandas and
+matplotlib, run by the host's /usr/bin/python3 in the native jail, one fresh
+process per call (scripts/build-interpreters python-data builds its packages).
+
+Input on stdin:  {"code": "...", "args": {...}}
+Output on stdout, one JSON document:
+    {"stdout": what the code printed,
+     "result": the variable `result` if set, else the last expression's value
+               (a DataFrame or Series as {"type", "shape", "columns", "records", "text"}),
+     "images": [{"format": "png", "data": base64, "width", "height"}] for the
+               figures open at the end (plt.show() leaves them open)}
+An exception: the traceback on stderr, what was printed on stdout, exit 1.
+"""
+
+import ast
+import base64
+import contextlib
+import io
+import json
+import os
+import sys
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "site"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("MPLCONFIGDIR", "/tmp/.matplotlib")
+
+
+def seed_matplotlib_cache():
+    """Copies the font cache made at build time into this call's (writable)
+    matplotlib directory, so that importing matplotlib does not rebuild it."""
+    made = os.path.join(HERE, "mplconfig")
+    target = os.environ["MPLCONFIGDIR"]
+    if not os.path.isdir(made) or os.path.exists(target):
+        return
+    try:
+        os.makedirs(target)
+        for name in os.listdir(made):
+            if name.endswith(".json"):
+                with open(os.path.join(made, name), "rb") as src, open(os.path.join(target, name), "wb") as dst:
+                    dst.write(src.read())
+    except OSError:
+        pass  # matplotlib then builds its cache itself
+
+
+seed_matplotlib_cache()
+
+# Printed output kept; the rest is counted and dropped.
+STDOUT_CAP = 256 * 1024
+# Pictures: at most this many, each at most this many pixels a side, and
+# their base64 together under this (the whole answer must fit the sandbox's
+# 1 MiB output cap).
+MAX_IMAGES = 8
+MAX_SIDE_PX = 4096
+IMAGES_CAP = 640 * 1024
+# A DataFrame result: rows as records, and a text rendering.
+MAX_RECORDS = 100
+TEXT_CAP = 32 * 1024
+
+
+class CappedStdout(io.TextIOBase):
+    def __init__(self):
+        self.parts, self.kept, self.dropped = [], 0, 0
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        room = STDOUT_CAP - self.kept
+        if len(text) > room:
+            self.dropped += len(text) - max(room, 0)
+            text = text[: max(room, 0)]
+        self.parts.append(text)
+        self.kept += len(text)
+        return len(text)
+
+    def getvalue(self):
+        return "".join(self.parts)
+
+
+def run(code, scope):
+    """Runs `code`; answers the value of its last statement when that is an
+    expression (the REPL's and Jupyter's rule), else None."""
+    tree = ast.parse(code, "<code>", "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, "<code>", "exec"), scope)
+    return eval(compile(last, "<code>", "eval"), scope) if last is not None else None
+
+
+def table(value):
+    """A DataFrame or Series as records and text, both capped."""
+    import pandas as pd
+
+    frame = value.to_frame() if isinstance(value, pd.Series) else value
+    head = frame.head(MAX_RECORDS)
+    records = json.loads(head.reset_index().to_json(orient="records", date_format="iso", default_handler=str))
+    text = frame.to_string(max_rows=60, max_cols=20)
+    return {
+        "type": "dataframe" if isinstance(value, pd.DataFrame) else "series",
+        "shape": list(value.shape),
+        "columns": [str(c) for c in frame.columns],
+        "records": records,
+        "records_truncated": len(frame) > MAX_RECORDS,
+        "text": text[:TEXT_CAP],
+    }
+
+
+def to_json(value):
+    """`value` as JSON can carry it: itself, a table, numpy scalars and
+    arrays as numbers and lists, else its repr."""
+    mod = type(value).__module__
+    if mod.startswith("pandas") and type(value).__name__ in ("DataFrame", "Series"):
+        return table(value)
+    if mod.startswith("numpy"):
+        value = value.tolist() if hasattr(value, "tolist") else value
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def pictures(answer):
+    """The figures open now, as PNGs, capped in number, size and bytes."""
+    if "matplotlib.pyplot" not in sys.modules:
+        return
+    plt = sys.modules["matplotlib.pyplot"]
+    images, notes, total = [], [], 0
+    numbers = plt.get_fignums()
+    for number in numbers:
+        if len(images) == MAX_IMAGES:
+            notes.append(f"{len(numbers) - MAX_IMAGES} more figures were not rendered (at most {MAX_IMAGES})")
+            break
+        fig = plt.figure(number)
+        width, height = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+        if width > MAX_SIDE_PX or height > MAX_SIDE_PX or width <= 0 or height <= 0:
+            notes.append(f"figure {number} is {width}x{height} pixels, over {MAX_SIDE_PX} a side: not rendered")
+            continue
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        if total + len(data) > IMAGES_CAP:
+            notes.append(f"figure {number} would pass the {IMAGES_CAP}-byte cap on images: not included")
+            continue
+        total += len(data)
+        images.append({"format": "png", "data": data, "width": width, "height": height})
+    if images:
+        answer["images"] = images
+    if notes:
+        answer["images_truncated"] = True
+        answer["images_note"] = "; ".join(notes)
+
+
+def main():
+    try:
+        request = json.loads(sys.stdin.read() or "null")
+        code = request["code"]
+        if not isinstance(code, str):
+            raise TypeError("`code` must be a string")
+    except Exception as e:
+        print(f'expected {{"code": ...}} on stdin: {e}', file=sys.stderr)
+        return 2
+    scope = {"__name__": "__main__", "args": request.get("args") or {}}
+    real_stdout = sys.stdout
+    out = CappedStdout()
+    try:
+        with contextlib.redirect_stdout(out):
+            value = run(code, scope)
+            answer = {"stdout": out.getvalue()}
+            if "result" in scope:
+                answer["result"] = to_json(scope["result"])
+            elif value is not None:
+                answer["result"] = to_json(value)
+            pictures(answer)
+    except BaseException:
+        kind, error, frames = sys.exc_info()
+        while frames is not None and frames.tb_frame.f_code.co_filename != "<code>":
+            frames = frames.tb_next
+        real_stdout.write(out.getvalue())
+        sys.stderr.write("".join(traceback.format_exception(kind, error, frames)))
+        return 1
+    if out.dropped:
+        answer["stdout_truncated"] = True
+    real_stdout.write(json.dumps(answer))
+    real_stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
