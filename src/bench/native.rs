@@ -181,7 +181,74 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         }
     }
     breakdown(h, &timings.into_inner().unwrap_or_else(|e| e.into_inner()));
+    python_data(h, &jailer, bwrap_bin.as_deref())?;
     volumes(h, &jailer)
+}
+
+/// The `python-data` tool's one-shot call (a 1 MB CSV grouped with pandas, a
+/// chart to PNG) through a fresh jail, beside bubblewrap and the same
+/// program with no isolation. Premium tier (a whole core): the rows compare
+/// isolation, not a tier's CPU share.
+fn python_data(h: &mut Harness, jailer: &Jailer, bwrap_bin: Option<&Path>) -> anyhow::Result<()> {
+    use crate::interpreters::{PYTHON_DATA, PYTHON_DATA_INSIDE, SYSTEM_PYTHON};
+    let built = h.interpreters.join(PYTHON_DATA);
+    if !built.join("BUILD").is_file() {
+        h.skip(format!(
+            "the python-data rows: not built ({}; `scripts/build-interpreters python-data`)",
+            built.display()
+        ));
+        return Ok(());
+    }
+    let built = std::fs::canonicalize(&built)?;
+    let layout = jailer
+        .jail
+        .layout_with(&[crate::jail::ExtraBind { source: built.clone(), target: PYTHON_DATA_INSIDE.into() }])?;
+    let csv = jailer.data.path().join("sales.csv");
+    std::fs::write(&csv, super::wasm::sales_csv(1 << 20))?;
+    let code = "import pandas as pd\nimport matplotlib.pyplot as plt\ndf = pd.read_csv(args['csv'])\n\
+                means = df.groupby('region')['amount'].mean()\nmeans.plot.bar()\nmeans";
+    let input = |path: &str| serde_json::json!({"code": code, "args": {"csv": path}}).to_string().into_bytes();
+    let inside = input("/data/sales.csv");
+    let runner = format!("{PYTHON_DATA_INSIDE}/runner.py");
+    let argv = strings(&[SYSTEM_PYTHON, "-I", "-B", &runner]);
+    let limits = jailer.limits("premium", Duration::from_secs(60))?;
+    let env = crate::jail::environment(&[]);
+    let runs = h.size.pick(30, 8, 2);
+    let ok_with_image = |stdout: &[u8]| stdout.windows(9).any(|w| w == br#""images":"#);
+    let ours = "python-data: pandas groupby of a 1 MB CSV + a PNG chart, fresh jail (imagentx)";
+    let (samples, elapsed) = threaded(ours, 1, runs, || {
+        let outcome = jailer.jail.run(&NativeRun {
+            id: &crate::report::new_execution_id(),
+            owner: "bench",
+            argv: &argv,
+            env: &env,
+            input: &inside,
+            data_dir: jailer.data.path(),
+            data_writable: true,
+            limits: &limits,
+            layout: Some(&layout),
+        });
+        outcome.status == Status::Ok && ok_with_image(&outcome.stdout)
+    });
+    h.push(Series { samples, elapsed, ..Series::new(Suite::Native, ours, Who::Ours, 1) });
+    let host_runner = super::path_str(&built.join("runner.py"));
+    let program = strings(&[SYSTEM_PYTHON, "-I", "-B", &host_runner]);
+    if let Some(bin) = bwrap_bin {
+        let case = "python-data: the same, bwrap --unshare-all";
+        let mut argv = bwrap(bin, &[]);
+        let data = super::path_str(jailer.data.path());
+        let at = argv.len();
+        let built = super::path_str(&built);
+        argv.splice(at..at, strings(&["--ro-bind", &built, &built, "--ro-bind", &data, "/data"]));
+        argv.extend(program.iter().cloned());
+        process_series(h, Suite::Native, case, Who::Peer, 1, runs, &argv, &inside);
+        h.ratio(Suite::Native, ours, case, 1);
+    }
+    let floor = "python-data: the same, python3 with no isolation";
+    let host = input(&super::path_str(&csv));
+    process_series(h, Suite::Native, floor, Who::Floor, 1, runs, &program, &host);
+    h.ratio(Suite::Native, ours, floor, 1);
+    Ok(())
 }
 
 /// What users' volumes (`crate::volume`) cost: making and mounting one, a
