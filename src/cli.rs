@@ -383,6 +383,9 @@ fn server_config(config: Option<&Path>) -> Result<(Policy, ServerSettings), Usag
                 .try_into()
                 .map_err(|e| UsageError(format!("{}: [server]: {e}", path.display())))?;
             jail = jail_config(&mut file, path)?;
+            settings.retention = toml::Value::Table(file.take_retention())
+                .try_into()
+                .map_err(|e| UsageError(format!("{}: [retention]: {e}", path.display())))?;
             file.apply(Policy::default())?
         }
     };

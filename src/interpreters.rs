@@ -38,6 +38,11 @@ pub fn default_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/interpreters"))
 }
 
+/// Whether `name` is one of the built-in tools (WASM or native).
+pub fn is_builtin(name: &str) -> bool {
+    NAMES.contains(&name) || name == PYTHON_DATA
+}
+
 /// The built component of `name` in `dir`, when `name` is a built-in.
 pub fn component(dir: &Path, name: &str) -> Option<PathBuf> {
     NAMES.contains(&name).then(|| dir.join(format!("{name}.wasm")))

@@ -34,6 +34,7 @@ pub mod engine;
 pub mod host;
 pub mod interpreters;
 pub mod jail;
+pub mod notify;
 pub mod policy;
 pub mod quota;
 pub mod report;

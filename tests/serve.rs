@@ -246,3 +246,50 @@ fn audit_verify_finds_a_changed_or_removed_record() {
     assert_eq!(v["first_broken"], 4, "{v}");
     assert!(v["reason"].as_str().unwrap().contains("missing"));
 }
+
+/// A fresh data dir and artifact cache: `serve` listens at once while it
+/// compiles the built-in tools; meanwhile `/readyz` says `loading` and a
+/// call of a built-in `tool_loading` (503 with `Retry-After`), then both
+/// work without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_listens_before_the_builtins_are_compiled_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = add_user(dir.path(), "alice", &[]);
+    let interpreters = common::interpreters::built_dir();
+    let addr = free_port();
+    let started = Instant::now();
+    let mut server = bin()
+        .args(["serve", "--listen", &addr, "--data-dir"])
+        .arg(dir.path())
+        .env("IMAGENTX_INTERPRETERS", &interpreters)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let listening = started.elapsed();
+    let ready = http(&addr, Method::GET, "/readyz", "", "").await;
+    let call = http(&addr, Method::POST, "/v1/tools/python/invoke", &alice, r#"{"input": {"code": "6 * 7"}}"#).await;
+    let (ready_code, call_code, retry) =
+        (ready.error_code(), call.error_code(), call.headers.contains_key("retry-after"));
+    // Every built-in registered: ready, and the call runs.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let ready_after = loop {
+        let status = http(&addr, Method::GET, "/readyz", "", "").await.status;
+        if status == StatusCode::OK || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let answer = http(&addr, Method::POST, "/v1/tools/python/invoke", &alice, r#"{"input": {"code": "6 * 7"}}"#).await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(listening < Duration::from_secs(10), "listening took {listening:?}");
+    assert_eq!((ready.status, ready_code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "loading"));
+    assert_eq!((call.status, call_code.as_str(), retry), (StatusCode::SERVICE_UNAVAILABLE, "tool_loading", true));
+    assert_eq!(answer.json()["output"]["result"], 42, "{}", answer.json());
+    assert_eq!(ready_after, StatusCode::OK);
+}

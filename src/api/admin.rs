@@ -77,6 +77,16 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
         .store
         .read(|conn| Ok(conn.query_row("SELECT count(*) FROM tools", [], |r| r.get::<_, i64>(0))?))
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string()))?;
+    if !state.builtins_ready() {
+        let mut loading = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loading",
+            "the built-in tools (python, javascript, python-data) are being registered: a new build compiles for \
+             seconds; other tools are served meanwhile",
+        );
+        loading.retry_after = Some(1);
+        return Err(loading);
+    }
     let native = match &state.jail {
         Ok(_) => "available".to_owned(),
         Err(why) => format!("unavailable: {why}"),

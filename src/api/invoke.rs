@@ -162,6 +162,15 @@ impl Prepared {
         request: &InvokeRequest,
     ) -> Result<Self, ApiError> {
         let Some(registered) = state.registry.get(name, request.version) else {
+            if !state.builtins_ready() && crate::interpreters::is_builtin(name) {
+                let mut loading = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tool_loading",
+                    format!("the built-in tool `{name}` is being registered (a new build compiles for seconds)"),
+                );
+                loading.retry_after = Some(2);
+                return Err(loading);
+            }
             return Err(match request.version {
                 Some(v) if state.registry.get(name, None).is_some() => {
                     ApiError::not_found("unknown_version", format!("tool `{name}` has no active version {v}"))

@@ -82,6 +82,7 @@ pub struct Metrics {
     alerts: Family<1>,
     sessions_closed: Family<1>,
     sessions_opened: AtomicU64,
+    executions_pruned: AtomicU64,
     auth_failures: AtomicU64,
     request_seconds: Histogram,
     wall_seconds: Histogram,
@@ -98,6 +99,7 @@ impl Default for Metrics {
             alerts: Family::new(["rule"]),
             sessions_closed: Family::new(["reason"]),
             sessions_opened: AtomicU64::new(0),
+            executions_pruned: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             request_seconds: Histogram::new(LATENCY),
             wall_seconds: Histogram::new(LATENCY),
@@ -140,6 +142,10 @@ impl Metrics {
         self.sessions_closed.inc([reason]);
     }
 
+    pub fn executions_pruned(&self, n: u64) {
+        self.executions_pruned.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -169,6 +175,12 @@ impl Metrics {
             "# HELP imagentx_sessions_opened_total Code sessions opened.\n\
              # TYPE imagentx_sessions_opened_total counter\nimagentx_sessions_opened_total {}",
             self.sessions_opened.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP imagentx_executions_pruned_total Executions deleted by the [retention] limits.\n\
+             # TYPE imagentx_executions_pruned_total counter\nimagentx_executions_pruned_total {}",
+            self.executions_pruned.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

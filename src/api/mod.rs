@@ -94,6 +94,31 @@ pub struct ServerSettings {
     /// The native jailer's settings: the config file's `[jail]` table.
     #[serde(skip)]
     pub jail: JailConfig,
+    /// How long executions are kept: the config file's `[retention]` table.
+    #[serde(skip)]
+    pub retention: Retention,
+}
+
+/// The `[retention]` table: executions older than `days`, and all but the
+/// newest `max_executions`, are deleted in the background, `batch` rows per
+/// commit (calls' writes go between batches). Audit records are kept.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Days an execution is kept (0: no age limit).
+    pub days: u32,
+    /// Executions kept at most (0: no count limit).
+    pub max_executions: u64,
+    /// How often to look for executions to delete.
+    pub every_ms: u64,
+    /// Rows deleted per commit.
+    pub batch: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { days: 30, max_executions: 10_000_000, every_ms: 60_000, batch: 500 }
+    }
 }
 
 impl Default for ServerSettings {
@@ -114,6 +139,7 @@ impl Default for ServerSettings {
             max_sessions: None,
             data_volumes: VolumeMode::Auto,
             jail: JailConfig::default(),
+            retention: Retention::default(),
         }
     }
 }
@@ -132,6 +158,8 @@ pub struct AppState {
     /// Idempotency keys of calls still running, as `(user, key)`.
     pub(crate) running_keys: Mutex<HashSet<(String, String)>>,
     pub(crate) draining: AtomicBool,
+    /// Whether the built-in tools are registered (`serve` listens before).
+    builtins_ready: AtomicBool,
     /// MCP sessions over HTTP (`/mcp`).
     pub(crate) mcp: mcp::Sessions,
     /// Code sessions (`/v1/sessions`).
@@ -154,12 +182,13 @@ pub enum StartError {
 
 impl AppState {
     /// Opens the data directory, the database and the engine, and loads every
-    /// registered tool (from cached artifacts when they are there).
+    /// registered tool (from cached artifacts when they are there); the
+    /// built-in tools are registered by [`AppState::register_builtins`].
     ///
     /// # Errors
     ///
     /// [`StartError`] naming what could not be opened.
-    pub async fn open(policy: Policy, settings: ServerSettings) -> Result<Arc<Self>, StartError> {
+    pub async fn open_without_builtins(policy: Policy, settings: ServerSettings) -> Result<Arc<Self>, StartError> {
         let jail = Jail::new(settings.jail.clone()).map(Arc::new).map_err(|e| {
             tracing::warn!(error = %e, "native tools are disabled: the jail cannot run on this host");
             e.to_string()
@@ -223,17 +252,47 @@ impl AppState {
             settings,
             running_keys: Mutex::default(),
             draining: AtomicBool::new(false),
+            builtins_ready: AtomicBool::new(false),
             mcp: mcp::Sessions::default(),
             sessions: sessions::Sessions::new(max_sessions),
             audit_throttle: AuditThrottle::default(),
         });
         state.registry.load_all(&state.store, &state.sandbox, &state.blobs, state.jail.as_deref().ok()).await?;
-        if state.settings.builtin_tools {
-            let dir = &state.settings.interpreters_dir;
-            let jail = state.jail.as_deref().ok();
-            state.registry.register_builtins(&state.store, &state.sandbox, &state.blobs, dir, jail).await;
-        }
         Ok(state)
+    }
+
+    /// [`AppState::open_without_builtins`], then the built-in tools
+    /// registered: a new build compiles for seconds before this answers.
+    ///
+    /// # Errors
+    ///
+    /// [`StartError`] naming what could not be opened.
+    pub async fn open(policy: Policy, settings: ServerSettings) -> Result<Arc<Self>, StartError> {
+        let state = Self::open_without_builtins(policy, settings).await?;
+        state.register_builtins().await;
+        Ok(state)
+    }
+
+    /// Registers the built-in tools (when `builtin_tools` is on): `python`,
+    /// `javascript` and `python-data` where they are built. While it runs,
+    /// `/readyz` answers 503 `loading` and a call of one of them 503
+    /// `tool_loading`.
+    pub async fn register_builtins(&self) {
+        if !self.settings.builtin_tools {
+            self.builtins_ready.store(true, Ordering::Release);
+            return;
+        }
+        let started = std::time::Instant::now();
+        let dir = &self.settings.interpreters_dir;
+        let jail = self.jail.as_deref().ok();
+        self.registry.register_builtins(&self.store, &self.sandbox, &self.blobs, dir, jail).await;
+        self.builtins_ready.store(true, Ordering::Release);
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "built-in tools ready");
+    }
+
+    /// Whether the built-in tools are registered (or not wanted).
+    pub fn builtins_ready(&self) -> bool {
+        self.builtins_ready.load(Ordering::Acquire)
     }
 }
 
@@ -540,7 +599,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The listener could not be bound, or the service failed to start.
 pub async fn serve(policy: Policy, settings: ServerSettings) -> Result<(), StartError> {
     raise_open_file_limit();
-    let state = AppState::open(policy, settings).await?;
+    // Listen first: compiling a new build of the built-in tools takes seconds
+    // (tens the first time), and other tools can be served meanwhile.
+    let state = AppState::open_without_builtins(policy, settings).await?;
     if state.store.list_users()?.is_empty() {
         tracing::warn!(
         data_dir = %state.settings.data_dir.display(),
@@ -550,6 +611,8 @@ pub async fn serve(policy: Policy, settings: ServerSettings) -> Result<(), Start
     }
     let listener = tokio::net::TcpListener::bind(state.settings.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %state.settings.data_dir.display(), "serving");
+    let registering = state.clone();
+    tokio::spawn(async move { registering.register_builtins().await });
     run(listener, state, shutdown_signal()).await
 }
 
@@ -579,7 +642,19 @@ pub async fn run(
     let app = router(state.clone());
     let graceful = GracefulShutdown::new();
     let sweeper = state.sandbox.data_dir.volumes().map(|volumes| tokio::spawn(unmount_idle(Arc::clone(volumes))));
+    // A service manager (systemd, Type=notify) hears that we listen, and the
+    // watchdog hears from the runtime for as long as it runs tasks.
+    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
+    if let Some(notifier) = &notifier {
+        let at = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        notifier.send(&format!("READY=1\nSTATUS=serving on {at}\nMAINPID={}", std::process::id()));
+    }
+    let watchdog = notifier
+        .clone()
+        .zip(crate::notify::Notifier::watchdog())
+        .map(|(notifier, interval)| tokio::spawn(crate::notify::watchdog(notifier, interval)));
     let session_sweeper = tokio::spawn(sessions::sweep(state.clone()));
+    let pruner = tokio::spawn(prune_executions(state.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -604,6 +679,12 @@ pub async fn run(
         }
     }
     drop(listener);
+    if let Some(notifier) = &notifier {
+        notifier.send("STOPPING=1\nSTATUS=stopping: finishing calls in flight");
+    }
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     state.mcp.closing.cancel();
     if let Some(sweeper) = sweeper {
         sweeper.abort();
@@ -625,6 +706,7 @@ pub async fn run(
         tracing::warn!(calls_in_flight = state.admission.in_flight(), "stopping with calls still running");
     }
     session_sweeper.abort();
+    pruner.abort();
     sessions::close_all(&state).await;
     state.store.close();
     if let Some(volumes) = state.sandbox.data_dir.volumes() {
@@ -632,6 +714,49 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Deletes executions past the `[retention]` limits, a batch per commit,
+/// every `every_ms`.
+async fn prune_executions(state: Arc<AppState>) {
+    let retention = state.settings.retention.clone();
+    if retention.days == 0 && retention.max_executions == 0 {
+        return;
+    }
+    let mut every = tokio::time::interval(Duration::from_millis(retention.every_ms.max(10)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let cutoff = (retention.days > 0).then(|| {
+            let age = Duration::from_secs(u64::from(retention.days) * 86_400);
+            crate::report::rfc3339(std::time::SystemTime::now() - age)
+        });
+        let mut pruned = 0u64;
+        loop {
+            let max = (retention.max_executions > 0).then_some(retention.max_executions);
+            match state.store.prune_executions(cutoff.clone(), max, retention.batch.max(1)).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    pruned += n;
+                    state.metrics.executions_pruned(n);
+                    // Let calls' writes through between batches.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning executions failed; trying again later");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(
+                executions = pruned,
+                days = retention.days,
+                max = retention.max_executions,
+                "old executions pruned"
+            );
+        }
+    }
 }
 
 /// Unmounts users' volumes that nobody used for [`crate::volume::IDLE_UNMOUNT`].

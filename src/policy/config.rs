@@ -63,6 +63,8 @@ pub struct PolicyFile {
     /// The `[jail]` table: the native jailer's settings (see `jail::JailConfig`).
     #[serde(default)]
     jail: toml::Table,
+    #[serde(default)]
+    retention: toml::Table,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +95,10 @@ impl PolicyFile {
     }
 
     /// Takes the `[server]` table out (settings of `serve`, checked there).
+    pub fn take_retention(&mut self) -> toml::Table {
+        std::mem::take(&mut self.retention)
+    }
+
     pub fn take_server(&mut self) -> toml::Table {
         std::mem::take(&mut self.server)
     }

@@ -87,6 +87,42 @@ impl Store {
         .await
     }
 
+    /// Deletes up to `batch` executions that started before `cutoff` (RFC
+    /// 3339) or are older than the newest `max`, oldest first; answers how
+    /// many. Their audit records stay.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn prune_executions(
+        &self,
+        cutoff: Option<String>,
+        max: Option<u64>,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        self.write(move |w| {
+            let conn = w.conn();
+            // The newest seq past the count limit (everything at or below it goes).
+            let over_count: Option<i64> = match max {
+                None => None,
+                Some(max) => optional(
+                    conn.prepare_cached("SELECT seq FROM executions ORDER BY seq DESC LIMIT 1 OFFSET ?1")?
+                        .query_row([i64::try_from(max).unwrap_or(i64::MAX)], |r| r.get(0)),
+                )?,
+            };
+            let deleted = conn
+                .prepare_cached(
+                    "DELETE FROM executions WHERE seq IN (
+                         SELECT seq FROM executions
+                         WHERE (?1 IS NOT NULL AND started_at < ?1) OR (?2 IS NOT NULL AND seq <= ?2)
+                         ORDER BY seq LIMIT ?3)",
+                )?
+                .execute(params![cutoff, over_count, batch])?;
+            Ok(deleted as u64)
+        })
+        .await
+    }
+
     /// Writes audit records on their own (denials, file changes, alerts).
     ///
     /// # Errors
