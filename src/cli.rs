@@ -49,8 +49,45 @@ pub enum Command {
     /// Check the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Back up a data directory into one file, while `serve` runs on it
+    /// (`backup --to FILE`), or check a backup without restoring it
+    /// (`backup verify FILE`).
+    Backup(BackupArgs),
+    /// Restore a backup into an empty data directory.
+    Restore(RestoreArgs),
     /// Measure the sandbox beside its peers and write a report (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub check: Option<BackupCommand>,
+    /// The file to write (a gzip-compressed tar), written under a temporary
+    /// name and renamed when complete.
+    #[arg(long)]
+    pub to: Option<PathBuf>,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Check a backup: every member against its manifest, and its audit chain.
+    Verify { file: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The backup file.
+    pub file: PathBuf,
+    /// The data directory to restore into: empty or missing.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Write into a directory that is not empty (files the backup holds replace theirs).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -212,7 +249,7 @@ pub fn main(cli: Cli) -> ExitCode {
     // Users' volumes are mounted in a namespace of the server's own, so that
     // they go away with it however it ends. Before the runtime's threads: the
     // namespace is the calling thread's alone until then.
-    if matches!(command, Command::Serve(_) | Command::Mcp(_))
+    if matches!(command, Command::Serve(_) | Command::Mcp(_) | Command::Backup(_))
         && nix::unistd::geteuid().is_root()
         && let Err(e) = crate::volume::private_mounts()
     {
@@ -234,6 +271,8 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Mcp(args) => mcp(args).await,
             Command::User(command) => user(command).await,
             Command::Audit(AuditCommand::Verify { state }) => audit_verify(&state),
+            Command::Backup(args) => backup(args),
+            Command::Restore(args) => restore(&args),
         }
     });
     match result {
@@ -489,6 +528,56 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn backup(args: BackupArgs) -> Result<ExitCode, UsageError> {
+    let (file, outcome) = match (args.check, args.to) {
+        (Some(BackupCommand::Verify { file }), _) => {
+            let outcome = crate::backup::verify(&file);
+            (file, outcome)
+        }
+        (None, Some(to)) => {
+            let outcome = crate::backup::create(&args.state.data_dir, args.state.config.as_deref(), &to);
+            (to, outcome)
+        }
+        (None, None) => {
+            return Err(UsageError("say where the backup goes (--to FILE), or `backup verify FILE`".into()));
+        }
+    };
+    backup_answer(&file, outcome)
+}
+
+fn restore(args: &RestoreArgs) -> Result<ExitCode, UsageError> {
+    backup_answer(&args.file, crate::backup::restore(&args.file, &args.data_dir, args.force))
+}
+
+/// The manifest's summary on stdout, or the error on stderr (exit 1).
+fn backup_answer(
+    file: &Path,
+    outcome: Result<crate::backup::Manifest, crate::backup::BackupError>,
+) -> Result<ExitCode, UsageError> {
+    match outcome {
+        Ok(manifest) => {
+            let bytes: u64 = manifest.members.iter().map(|m| m.bytes).sum();
+            say(serde_json::json!({
+                "file": file,
+                "created_at": manifest.created_at,
+                "made_by": manifest.made_by,
+                "users": manifest.users,
+                "tools": manifest.tools,
+                "executions": manifest.executions,
+                "audit_records": manifest.audit_records,
+                "audit_head": manifest.audit_head,
+                "members": manifest.members.len(),
+                "bytes": bytes,
+            }));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {

@@ -27,6 +27,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod data_dir;

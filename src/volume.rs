@@ -30,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -185,13 +186,18 @@ impl Volumes {
             .write(true)
             .open(&path)
             .map_err(|e| format!("opening {}: {e}", path.display()))?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
             format!(
                 "another imagentx-sandbox process serves this data directory's volumes ({}: {e}); \
                  give each process its own --data-dir",
                 path.display()
             )
-        })
+        })?;
+        // Who holds it: a backup reads the mounted volumes through this
+        // process's mount namespace (`/proc/<pid>/root`).
+        let _ = lock.set_len(0);
+        let _ = (&*lock).write_all(std::process::id().to_string().as_bytes());
+        Ok(lock)
     }
 
     /// Makes, mounts and unmounts a 16 MiB volume.

@@ -1,0 +1,548 @@
+//! Backups of a data directory, taken while `serve` keeps answering, and
+//! restore from them: `imagentx-sandbox backup --to FILE`, `backup verify
+//! FILE`, `restore FILE --data-dir DIR`.
+//!
+//! A backup is one gzip-compressed tar file, written under a temporary name
+//! and renamed when complete:
+//!
+//! ```text
+//! sandbox.db        the database, a consistent snapshot (`VACUUM INTO`: a read
+//!                   transaction beside the server's writer, no lock held)
+//! blobs/...         registered modules and native specs
+//! users/<user>/...  every user's files (from their volume when they have one)
+//! config.toml       the config file given, if any
+//! manifest.json     last: versions, counts, the audit chain's head, and the
+//!                   size and SHA-256 of every member before it
+//! ```
+//!
+//! Users' volumes: where a server runs, they are mounted in its own mount
+//! namespace, which the backup reads through `/proc/<pid>/root` (the pid
+//! is in `volumes/@lock`); where none runs, each image is mounted read-only
+//! for the copy. A restore writes users' files into plain directories; the
+//! next `serve` moves them into new volumes (as for any plain directory).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What the backup holds, as its last member says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// This file's format.
+    pub format: u32,
+    pub created_at: String,
+    /// The version of imagentx-sandbox that made it.
+    pub made_by: String,
+    pub users: u64,
+    pub tools: u64,
+    pub executions: u64,
+    pub audit_records: u64,
+    /// The last audit record's sequence number and hash.
+    pub audit_head: Option<(i64, String)>,
+    pub members: Vec<Member>,
+}
+
+/// One file of the backup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Member {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+const FORMAT: u32 = 1;
+const MANIFEST: &str = "manifest.json";
+const DATABASE: &str = "sandbox.db";
+
+/// Why a backup, a verification or a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("the backup is damaged: {0}")]
+    Damaged(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupError {
+    let what = what.into();
+    move |source| BackupError::Io { what, source }
+}
+
+/// A writer that hashes and counts what goes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Takes a backup of `data_dir` into `to` (and the config file `config`).
+///
+/// # Errors
+///
+/// [`BackupError`]: the data directory cannot be read, the target cannot be
+/// written (a full disk, a read-only path), or another backup of this data
+/// directory is running. A failed backup leaves no file at `to`.
+pub fn create(data_dir: &Path, config: Option<&Path>, to: &Path) -> Result<Manifest, BackupError> {
+    let db = data_dir.join(DATABASE);
+    if !db.is_file() {
+        return Err(BackupError::Refused(format!("no database at {}: not a data directory", db.display())));
+    }
+    // One backup of a data directory at a time.
+    let lock_path = data_dir.join("backup.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(format!("opening {}", lock_path.display())))?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| BackupError::Refused("another backup of this data directory is running".into()))?;
+    let parent = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let partial = parent.join(format!(
+        ".{}.partial-{}",
+        to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        uuid::Uuid::now_v7().simple()
+    ));
+    let result = write_backup(data_dir, config, &partial, parent);
+    match result {
+        Ok(manifest) => {
+            std::fs::rename(&partial, to).map_err(io(format!("renaming the backup to {}", to.display())))?;
+            if let Ok(dir) = std::fs::File::open(parent) {
+                let _ = dir.sync_all();
+            }
+            Ok(manifest)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
+}
+
+fn write_backup(data_dir: &Path, config: Option<&Path>, out: &Path, scratch: &Path) -> Result<Manifest, BackupError> {
+    let file = std::fs::File::create(out).map_err(io(format!("creating {}", out.display())))?;
+    let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.follow_symlinks(false);
+    let mut members = Vec::new();
+
+    // The database: a snapshot beside the running writer.
+    let snapshot = tempfile::Builder::new()
+        .prefix(".imagentx-backup-db-")
+        .tempdir_in(scratch)
+        .map_err(io(format!("a scratch directory in {}", scratch.display())))?;
+    let snap = snapshot.path().join(DATABASE);
+    {
+        let conn = rusqlite::Connection::open_with_flags(
+            data_dir.join(DATABASE),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.execute("VACUUM INTO ?1", [snap.to_string_lossy()])?;
+    }
+    let counts = Counts::of(&snap)?;
+    add_file(&mut tar, &mut members, &snap, DATABASE)?;
+    drop(snapshot);
+
+    // Modules and specs.
+    let blobs = data_dir.join("blobs");
+    if blobs.is_dir() {
+        add_tree(&mut tar, &mut members, &blobs, "blobs")?;
+    }
+    // Users' files.
+    for (user, dir) in user_dirs(data_dir)? {
+        add_tree(&mut tar, &mut members, dir.path(), &format!("users/{user}"))?;
+    }
+    if let Some(config) = config {
+        add_file(&mut tar, &mut members, config, "config.toml")?;
+    }
+    let manifest = Manifest {
+        format: FORMAT,
+        created_at: crate::report::rfc3339(std::time::SystemTime::now()),
+        made_by: env!("CARGO_PKG_VERSION").to_owned(),
+        users: counts.users,
+        tools: counts.tools,
+        executions: counts.executions,
+        audit_records: counts.audit_records,
+        audit_head: counts.audit_head,
+        members,
+    };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Refused(e.to_string()))?;
+    let mut header = tar::Header::new_gnu();
+    header.set_size(json.len() as u64);
+    header.set_mode(0o600);
+    header.set_cksum();
+    tar.append_data(&mut header, MANIFEST, json.as_slice()).map_err(io("writing the manifest"))?;
+    let gz = tar.into_inner().map_err(io("finishing the archive"))?;
+    let buffered = gz.finish().map_err(io("finishing the compression"))?;
+    let file =
+        buffered.into_inner().map_err(|e| BackupError::Io { what: "flushing".into(), source: e.into_error() })?;
+    file.sync_all().map_err(io("syncing the backup"))?;
+    Ok(manifest)
+}
+
+/// What the database holds.
+struct Counts {
+    users: u64,
+    tools: u64,
+    executions: u64,
+    audit_records: u64,
+    audit_head: Option<(i64, String)>,
+}
+
+impl Counts {
+    fn of(db: &Path) -> Result<Self, BackupError> {
+        let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let count = |table: &str| -> Result<u64, rusqlite::Error> {
+            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(|n| n as u64)
+        };
+        let head = conn
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .ok();
+        Ok(Self {
+            users: count("users")?,
+            tools: count("tools")?,
+            executions: count("executions")?,
+            audit_records: count("audit")?,
+            audit_head: head,
+        })
+    }
+}
+
+/// A user's directory to read, and what keeps it readable (a read-only
+/// mount of their volume, unmounted on drop).
+struct UserSource {
+    path: PathBuf,
+    mount: Option<tempfile::TempDir>,
+}
+
+impl UserSource {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for UserSource {
+    fn drop(&mut self) {
+        if let Some(mount) = &self.mount {
+            let _ = nix::mount::umount2(mount.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Every user's directory, readable now: through the running server's
+/// mount namespace for a mounted volume, a read-only mount of an idle one,
+/// or the plain directory.
+fn user_dirs(data_dir: &Path) -> Result<Vec<(String, UserSource)>, BackupError> {
+    let users = data_dir.join("users");
+    let mut names: Vec<String> = match std::fs::read_dir(&users) {
+        Ok(entries) => {
+            entries.filter_map(Result::ok).filter_map(|e| e.file_name().to_str().map(str::to_owned)).collect()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(format!("listing {}", users.display()))(e)),
+    };
+    names.retain(|n| crate::policy::UserId::new(n).is_ok());
+    names.sort();
+    let server_root = server_root(data_dir);
+    let mut dirs = Vec::new();
+    for name in names {
+        let image = data_dir.join("volumes").join(format!("{name}.ext4"));
+        let plain = users.join(&name);
+        let source = if !image.is_file() {
+            UserSource { path: plain, mount: None }
+        } else if let Some(root) = &server_root {
+            // Mounted (or not) in the server's namespace: read it there.
+            let abs = std::fs::canonicalize(&plain).map_err(io(format!("resolving {}", plain.display())))?;
+            UserSource { path: root.join(abs.strip_prefix("/").unwrap_or(&abs)), mount: None }
+        } else {
+            let at = tempfile::tempdir().map_err(io("a mount point"))?;
+            let mounted = std::process::Command::new("mount")
+                .args(["-o", "ro,loop"])
+                .arg(&image)
+                .arg(at.path())
+                .output()
+                .map_err(io("running mount"))?;
+            if !mounted.status.success() {
+                return Err(BackupError::Refused(format!(
+                    "mounting {} read-only: {}",
+                    image.display(),
+                    String::from_utf8_lossy(&mounted.stderr).trim()
+                )));
+            }
+            UserSource { path: at.path().to_owned(), mount: Some(at) }
+        };
+        dirs.push((name, source));
+    }
+    Ok(dirs)
+}
+
+/// `/proc/<pid>/root` of the server that holds this data directory's
+/// volumes, when one runs.
+fn server_root(data_dir: &Path) -> Option<PathBuf> {
+    let lock = data_dir.join("volumes").join("@lock");
+    let file = std::fs::OpenOptions::new().write(true).open(&lock).ok()?;
+    // Free: no server holds the volumes.
+    if let Ok(held) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+        drop(held);
+        return None;
+    }
+    let pid: u32 = std::fs::read_to_string(&lock).ok()?.trim().parse().ok()?;
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    root.exists().then_some(root)
+}
+
+fn add_file<W: Write>(
+    tar: &mut tar::Builder<W>,
+    members: &mut Vec<Member>,
+    path: &Path,
+    name: &str,
+) -> Result<(), BackupError> {
+    let meta = std::fs::symlink_metadata(path).map_err(io(format!("reading {}", path.display())))?;
+    let file = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata(&meta);
+    header.set_size(meta.len());
+    header.set_cksum();
+    // Streamed and hashed as it goes; a file that changes while it is read
+    // keeps the size it had (cut, or padded with zeros), and the hash is of
+    // what the archive holds.
+    let mut reader = HashingReader { inner: file.take(meta.len()), left: meta.len(), hash: Sha256::new() };
+    tar.append_data(&mut header, name, &mut reader).map_err(io(format!("writing {name}")))?;
+    members.push(Member { path: name.to_owned(), bytes: meta.len(), sha256: hex::encode(reader.hash.finalize()) });
+    Ok(())
+}
+
+/// Reads exactly `left` bytes of `inner` (zeros past its end), hashing them.
+struct HashingReader<R> {
+    inner: R,
+    left: u64,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let mut n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            buf[..want].fill(0);
+            n = want;
+        }
+        self.hash.update(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Adds every regular file, directory and symlink under `root` as `prefix/...`
+/// (symlinks as links, never followed; other kinds left out).
+fn add_tree<W: Write>(
+    tar: &mut tar::Builder<W>,
+    members: &mut Vec<Member>,
+    root: &Path,
+    prefix: &str,
+) -> Result<(), BackupError> {
+    let mut stack = vec![(root.to_owned(), prefix.to_owned())];
+    while let Some((dir, name)) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&dir).map_err(io(format!("reading {}", dir.display())))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata(&meta);
+        header.set_size(0);
+        header.set_cksum();
+        tar.append_data(&mut header, format!("{name}/"), std::io::empty()).map_err(io(format!("writing {name}")))?;
+        let mut entries: Vec<_> =
+            std::fs::read_dir(&dir).map_err(io(format!("listing {}", dir.display())))?.filter_map(Result::ok).collect();
+        entries.sort_by_key(std::fs::DirEntry::file_name);
+        for entry in entries {
+            let (path, child) = (entry.path(), format!("{name}/{}", entry.file_name().to_string_lossy()));
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                if child != "users/lost+found" && !child.ends_with("/lost+found") {
+                    stack.push((path, child));
+                }
+            } else if kind.is_file() {
+                add_file(tar, members, &path, &child)?;
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&path).map_err(io(format!("reading {}", path.display())))?;
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                header.set_mode(0o777);
+                tar.append_link(&mut header, &child, &target).map_err(io(format!("writing {child}")))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the backup at `path` through, checks every member against the
+/// manifest (present, same size, same SHA-256, nothing more) and the audit
+/// chain of its database; with `into`, unpacks it there as it goes.
+///
+/// # Errors
+///
+/// [`BackupError::Damaged`] naming the first member that does not match, a
+/// truncated or altered file, or a broken audit chain.
+pub fn verify(path: &Path) -> Result<Manifest, BackupError> {
+    read(path, None)
+}
+
+fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
+    let file = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
+    let mut seen: Vec<Member> = Vec::new();
+    let mut manifest: Option<Manifest> = None;
+    let check_dir = tempfile::tempdir().map_err(io("a scratch directory"))?;
+    let damaged = |what: String| BackupError::Damaged(what);
+    let entries = archive.entries().map_err(|e| damaged(format!("not a backup archive: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| damaged(format!("after {}: {e}", last(&seen))))?;
+        let name = entry.path().map_err(|e| damaged(format!("a member's name: {e}")))?.to_string_lossy().into_owned();
+        if manifest.is_some() {
+            return Err(damaged(format!("{name} comes after the manifest")));
+        }
+        if name.split('/').any(|part| part == "..") || name.starts_with('/') {
+            return Err(damaged(format!("{name} would land outside the data directory")));
+        }
+        let kind = entry.header().entry_type();
+        if name == MANIFEST {
+            let mut text = Vec::new();
+            entry.read_to_end(&mut text).map_err(|e| damaged(format!("{MANIFEST}: {e}")))?;
+            manifest = Some(serde_json::from_slice(&text).map_err(|e| damaged(format!("{MANIFEST}: {e}")))?);
+            continue;
+        }
+        if kind.is_file() {
+            // Written where it goes (the database also where it is checked), hashed on the way.
+            let target = match into {
+                Some(into) => Some(into.join(&name)),
+                None if name == DATABASE => Some(check_dir.path().join(DATABASE)),
+                None => None,
+            };
+            let sink: Box<dyn Write> = match &target {
+                Some(target) => {
+                    if let Some(parent) = target.parent() {
+                        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+                    }
+                    let file = std::fs::File::create(target).map_err(io(format!("writing {}", target.display())))?;
+                    Box::new(std::io::BufWriter::new(file))
+                }
+                None => Box::new(std::io::sink()),
+            };
+            let mut hashing = Hashing { inner: sink, hash: Sha256::new(), bytes: 0 };
+            std::io::copy(&mut entry, &mut hashing).map_err(|e| damaged(format!("{name}: {e}")))?;
+            hashing.flush().map_err(io(format!("writing {name}")))?;
+            if let (Some(target), Some(_)) = (&target, into) {
+                own(target, entry.header());
+                if name == DATABASE {
+                    std::fs::copy(target, check_dir.path().join(DATABASE))
+                        .map_err(io("copying the database to check it"))?;
+                }
+            }
+            seen.push(Member { path: name, bytes: hashing.bytes, sha256: hex::encode(hashing.hash.finalize()) });
+        } else if let Some(into) = into {
+            if kind.is_dir() {
+                let target = into.join(name.trim_end_matches('/'));
+                std::fs::create_dir_all(&target).map_err(io(format!("creating {}", target.display())))?;
+                own(&target, entry.header());
+            } else if kind.is_symlink()
+                && let Ok(Some(link)) = entry.link_name()
+            {
+                let target = into.join(&name);
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+                }
+                std::os::unix::fs::symlink(&*link, &target).map_err(io(format!("linking {}", target.display())))?;
+            }
+        }
+    }
+    let manifest = manifest.ok_or_else(|| damaged(format!("no manifest: the file ends after {}", last(&seen))))?;
+    if manifest.format != FORMAT {
+        return Err(BackupError::Refused(format!(
+            "backup format {} (made by {}); this version reads format {FORMAT}",
+            manifest.format, manifest.made_by
+        )));
+    }
+    if seen.len() != manifest.members.len() {
+        return Err(damaged(format!("{} members, the manifest lists {}", seen.len(), manifest.members.len())));
+    }
+    for (got, want) in seen.iter().zip(&manifest.members) {
+        if got.path != want.path || got.bytes != want.bytes || got.sha256 != want.sha256 {
+            return Err(damaged(format!("{} does not match the manifest (size or SHA-256)", want.path)));
+        }
+    }
+    let conn = rusqlite::Connection::open(check_dir.path().join(DATABASE))?;
+    let verification = crate::audit::verify(&conn).map_err(|e| damaged(format!("its database: {e}")))?;
+    if let Some(seq) = verification.first_broken {
+        return Err(damaged(format!(
+            "its audit chain breaks at record {seq}: {}",
+            verification.reason.unwrap_or_default()
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Gives a restored file the mode, and (as root) the owner, it had.
+fn own(target: &Path, header: &tar::Header) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(mode) = header.mode() {
+        let _ = std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode & 0o7777));
+    }
+    if nix::unistd::geteuid().is_root()
+        && let (Ok(uid), Ok(gid)) = (header.uid(), header.gid())
+    {
+        let _ = std::os::unix::fs::lchown(target, u32::try_from(uid).ok(), u32::try_from(gid).ok());
+    }
+}
+
+fn last(seen: &[Member]) -> &str {
+    seen.last().map_or("the start", |m| m.path.as_str())
+}
+
+/// Restores the backup at `path` into `data_dir`, which must be empty (or
+/// missing) unless `force`. The whole backup is verified first: nothing is
+/// written from a damaged one.
+///
+/// # Errors
+///
+/// [`BackupError`]: a damaged backup, a non-empty target, a write that failed.
+pub fn restore(path: &Path, data_dir: &Path, force: bool) -> Result<Manifest, BackupError> {
+    let occupied = std::fs::read_dir(data_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if occupied && !force {
+        return Err(BackupError::Refused(format!(
+            "{} is not empty: restore into an empty directory (or pass --force to write over it)",
+            data_dir.display()
+        )));
+    }
+    verify(path)?;
+    std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
+    if force {
+        // What the backup brings replaces what is there; leftovers of the old
+        // database (its WAL) must not be replayed over the restored one.
+        for stale in ["sandbox.db-wal", "sandbox.db-shm"] {
+            let _ = std::fs::remove_file(data_dir.join(stale));
+        }
+    }
+    read(path, Some(data_dir))
+}

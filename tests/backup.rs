@@ -1,0 +1,156 @@
+//! Backup and restore as an operator runs them: `serve` as its own process
+//! keeps answering while `backup --to` reads its data directory (as root,
+//! users' files from their volumes, mounted in the server's own namespace);
+//! `backup verify` finds a damaged or truncated file; the data directory is
+//! wiped, restored, and every user, key, tool, file and a verifying audit
+//! trail come back.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+mod server;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+use server::http;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
+}
+
+fn cli(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn add_user(dir: &Path, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["user", "add", name, "--data-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = cli(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+struct Served {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path) -> Served {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let child = bin()
+        .args(["serve", "--listen", &addr, "--data-dir"])
+        .arg(dir)
+        .env("IMAGENTX_INTERPRETERS", dir.join("no-interpreters"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Served { child, addr }
+}
+
+fn json_out(out: &Output) -> Value {
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn back_up_a_running_server_wipe_restore_and_everything_comes_back() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let admin = add_user(&data, "root", &["--admin", "--tier", "premium"]);
+    let alice = add_user(&data, "alice", &["--tier", "standard"]);
+    let server = serve(&data);
+    let addr = server.addr.clone();
+    let registered = http(&addr, Method::POST, "/v1/tools", &admin, common::guest_bytes("word-stats")).await;
+    assert_eq!(registered.status, StatusCode::CREATED);
+    let call =
+        http(&addr, Method::POST, "/v1/tools/word-stats/invoke", &alice, r#"{"input":{"text":"kept words"}}"#).await;
+    let execution = call.json()["id"].as_str().unwrap().to_owned();
+    for (path, body) in [("notes/today.txt", "remember this"), ("big.bin", &"x".repeat(3 << 20))] {
+        let put = http(&addr, Method::PUT, &format!("/v1/files/{path}"), &alice, body.to_owned()).await;
+        assert_eq!(put.status, StatusCode::OK);
+    }
+
+    // Back up while calls keep coming.
+    let backup = root.path().join("backups/first.tar.gz");
+    std::fs::create_dir(root.path().join("backups")).unwrap();
+    let calls = {
+        let (addr, alice) = (addr.clone(), alice.clone());
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..40 {
+                let body = format!(r#"{{"input":{{"text":"during {i}"}}}}"#);
+                let answer = http(&addr, Method::POST, "/v1/tools/word-stats/invoke", &alice, body).await;
+                ok += usize::from(answer.status == StatusCode::OK);
+            }
+            ok
+        })
+    };
+    let made = json_out(&bin().args(["backup", "--to"]).arg(&backup).arg("--data-dir").arg(&data).output().unwrap());
+    assert_eq!(calls.await.unwrap(), 40, "calls failed during the backup");
+    assert_eq!((made["users"].as_u64(), made["tools"].as_u64()), (Some(2), Some(1)), "{made}");
+    assert!(made["executions"].as_u64().unwrap() >= 1, "{made}");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(root.path().join("backups")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "a partial file was left: {leftovers:?}");
+    let verified = json_out(&bin().args(["backup", "verify"]).arg(&backup).output().unwrap());
+    assert_eq!(verified["audit_head"], made["audit_head"]);
+
+    // A damaged copy and a truncated one are refused, naming what is wrong.
+    let bytes = std::fs::read(&backup).unwrap();
+    let truncated = root.path().join("truncated.tar.gz");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let out = bin().args(["backup", "verify"]).arg(&truncated).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"), "{}", String::from_utf8_lossy(&out.stderr));
+    let tampered = root.path().join("tampered.tar.gz");
+    let mut altered = bytes.clone();
+    let middle = altered.len() / 3;
+    altered[middle] ^= 0x55;
+    std::fs::write(&tampered, &altered).unwrap();
+    assert_eq!(bin().args(["backup", "verify"]).arg(&tampered).output().unwrap().status.code(), Some(1));
+    // Restore refuses a directory that is not empty.
+    let out = bin().args(["restore"]).arg(&backup).arg("--data-dir").arg(&data).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+
+    // Wipe, restore, serve: everything is back.
+    drop(server);
+    std::fs::remove_dir_all(&data).unwrap();
+    let restored = json_out(&bin().args(["restore"]).arg(&backup).arg("--data-dir").arg(&data).output().unwrap());
+    assert_eq!(restored["audit_head"], made["audit_head"]);
+    let audit = bin().args(["audit", "verify", "--data-dir"]).arg(&data).output().unwrap();
+    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
+    let server = serve(&data);
+    let addr = server.addr.clone();
+    let report = http(&addr, Method::GET, &format!("/v1/executions/{execution}"), &alice, "").await;
+    assert_eq!(report.status, StatusCode::OK, "alice's key and execution");
+    let file = http(&addr, Method::GET, "/v1/files/notes/today.txt", &alice, "").await;
+    assert_eq!(&file.body[..], b"remember this");
+    let big = http(&addr, Method::GET, "/v1/files/big.bin", &alice, "").await;
+    assert_eq!(big.body.len(), 3 << 20);
+    let again =
+        http(&addr, Method::POST, "/v1/tools/word-stats/invoke", &alice, r#"{"input":{"text":"back again"}}"#).await;
+    assert_eq!(again.json()["status"], "ok", "the tool is back");
+    let me = http(&addr, Method::GET, "/v1/me", &alice, "").await.json();
+    assert!(me["data_used_bytes"].as_u64().unwrap() >= 3 << 20, "{me}");
+    let users = http(&addr, Method::GET, "/v1/audit?kind=user_added&limit=10", &admin, "").await.json();
+    assert_eq!(users["records"].as_array().unwrap().len(), 2, "{}", json!(users));
+}
