@@ -34,10 +34,11 @@ pub enum Kind {
     Alert,
     SessionOpened,
     SessionClosed,
+    Backup,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::AuthFailure,
         Kind::Denied,
         Kind::UserAdded,
@@ -53,6 +54,7 @@ impl Kind {
         Kind::Alert,
         Kind::SessionOpened,
         Kind::SessionClosed,
+        Kind::Backup,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +74,7 @@ impl Kind {
             Kind::Alert => "alert",
             Kind::SessionOpened => "session_opened",
             Kind::SessionClosed => "session_closed",
+            Kind::Backup => "backup",
         }
     }
 

@@ -425,6 +425,10 @@ fn server_config(config: Option<&Path>) -> Result<(Policy, ServerSettings), Usag
             settings.retention = toml::Value::Table(file.take_retention())
                 .try_into()
                 .map_err(|e| UsageError(format!("{}: [retention]: {e}", path.display())))?;
+            settings.backup = toml::Value::Table(file.take_backup())
+                .try_into()
+                .map_err(|e| UsageError(format!("{}: [backup]: {e}", path.display())))?;
+            settings.config_path = Some(path.to_owned());
             file.apply(Policy::default())?
         }
     };

@@ -47,9 +47,19 @@ impl Drop for Served {
 }
 
 fn serve(dir: &Path) -> Served {
+    serve_with(dir, None)
+}
+
+fn serve_with(dir: &Path, config: Option<&Path>) -> Served {
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let child = bin()
-        .args(["serve", "--listen", &addr, "--data-dir"])
+    let mut command = bin();
+    if let Some(config) = config {
+        command.arg("serve").arg("--config").arg(config);
+    } else {
+        command.arg("serve");
+    }
+    let child = command
+        .args(["--listen", &addr, "--data-dir"])
         .arg(dir)
         .env("IMAGENTX_INTERPRETERS", dir.join("no-interpreters"))
         .stdout(Stdio::null())
@@ -153,4 +163,72 @@ async fn back_up_a_running_server_wipe_restore_and_everything_comes_back() {
     assert!(me["data_used_bytes"].as_u64().unwrap() >= 3 << 20, "{me}");
     let users = http(&addr, Method::GET, "/v1/audit?kind=user_added&limit=10", &admin, "").await.json();
     assert_eq!(users["records"].as_array().unwrap().len(), 2, "{}", json!(users));
+}
+
+/// A gauge or counter line of `/metrics`, by its whole name and labels.
+async fn metric(addr: &str, name: &str) -> f64 {
+    let text = String::from_utf8(http(addr, Method::GET, "/metrics", "", "").await.body.to_vec()).unwrap();
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// `[backup]` inside `serve`: every second, the newest two kept, each
+/// audited; a target it cannot write is an alert and a metric, not a crash.
+/// Then a damaged database: the server refuses it, naming the newest backup.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_backups_rotate_failures_alert_and_a_damaged_database_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let admin = add_user(&data, "root", &["--admin"]);
+    let backups = root.path().join("backups");
+    let config = root.path().join("config.toml");
+    std::fs::write(&config, format!("[backup]\ndir = \"{}\"\nevery_s = 1\nkeep = 2\n", backups.display())).unwrap();
+    let server = serve_with(&data, Some(&config));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&server.addr, "imagentx_backups_total{outcome=\"ok\"}").await < 3.0 {
+        assert!(Instant::now() < deadline, "three backups were not taken");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let kept = imagentx_sandbox::api::scheduled_backups(&backups);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    json_out(&bin().args(["backup", "verify"]).arg(kept.last().unwrap()).output().unwrap());
+    let audit = http(&server.addr, Method::GET, "/v1/audit?kind=backup&limit=10", &admin, "").await.json();
+    assert!(audit["records"].as_array().unwrap().iter().all(|r| r["outcome"] == "ok"), "{audit}");
+    drop(server);
+
+    // A target that cannot be written: alerts, and the server serves on.
+    std::fs::write(&config, "[backup]\ndir = \"/proc/imagentx-cannot-write-here\"\nevery_s = 1\n").unwrap();
+    let server = serve_with(&data, Some(&config));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server.addr, "imagentx_backups_total{outcome=\"failed\"}").await < 1.0 {
+        assert!(Instant::now() < deadline, "no failed backup was counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let alerts = http(&server.addr, Method::GET, "/v1/alerts", &admin, "").await.json();
+    assert!(alerts.to_string().contains("backup_failed"), "{alerts}");
+    assert_eq!(http(&server.addr, Method::GET, "/healthz", "", "").await.status, StatusCode::OK);
+    drop(server);
+
+    // Damaged pages: the server refuses to start and says how to restore.
+    std::fs::write(&config, format!("[backup]\ndir = \"{}\"\n", backups.display())).unwrap();
+    let db = data.join("sandbox.db");
+    let _ = std::fs::remove_file(data.join("sandbox.db-wal"));
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() >= 4 * 4096, "a database of {} bytes", bytes.len());
+    for b in &mut bytes[4096..3 * 4096] {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("damaged"), "{stderr}");
+    let newest = imagentx_sandbox::api::scheduled_backups(&backups).pop().unwrap();
+    assert!(stderr.contains(&format!("imagentx-sandbox restore {}", newest.display())), "{stderr}");
 }

@@ -81,6 +81,7 @@ pub struct Metrics {
     rejections: Family<1>,
     alerts: Family<1>,
     sessions_closed: Family<1>,
+    backups: Family<1>,
     sessions_opened: AtomicU64,
     executions_pruned: AtomicU64,
     auth_failures: AtomicU64,
@@ -98,6 +99,7 @@ impl Default for Metrics {
             rejections: Family::new(["reason"]),
             alerts: Family::new(["rule"]),
             sessions_closed: Family::new(["reason"]),
+            backups: Family::new(["outcome"]),
             sessions_opened: AtomicU64::new(0),
             executions_pruned: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
@@ -142,6 +144,10 @@ impl Metrics {
         self.sessions_closed.inc([reason]);
     }
 
+    pub fn backup(&self, outcome: &str) {
+        self.backups.inc([outcome]);
+    }
+
     pub fn executions_pruned(&self, n: u64) {
         self.executions_pruned.fetch_add(n, Ordering::Relaxed);
     }
@@ -170,6 +176,7 @@ impl Metrics {
         );
         self.alerts.render(&mut out, "imagentx_alerts_total", "Alert rules fired, by rule.");
         self.sessions_closed.render(&mut out, "imagentx_sessions_closed_total", "Code sessions closed, by reason.");
+        self.backups.render(&mut out, "imagentx_backups_total", "Scheduled backups taken, by outcome (ok, failed).");
         let _ = writeln!(
             out,
             "# HELP imagentx_sessions_opened_total Code sessions opened.\n\

@@ -65,6 +65,8 @@ pub struct PolicyFile {
     jail: toml::Table,
     #[serde(default)]
     retention: toml::Table,
+    #[serde(default)]
+    backup: toml::Table,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +97,10 @@ impl PolicyFile {
     }
 
     /// Takes the `[server]` table out (settings of `serve`, checked there).
+    pub fn take_backup(&mut self) -> toml::Table {
+        std::mem::take(&mut self.backup)
+    }
+
     pub fn take_retention(&mut self) -> toml::Table {
         std::mem::take(&mut self.retention)
     }
