@@ -436,7 +436,7 @@ fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
         if kind.is_file() {
             // Written where it goes (the database also where it is checked), hashed on the way.
             let target = match into {
-                Some(into) => Some(into.join(&name)),
+                Some(into) => Some(beneath(into, &name)?),
                 None if name == DATABASE => Some(check_dir.path().join(DATABASE)),
                 None => None,
             };
@@ -463,13 +463,13 @@ fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
             seen.push(Member { path: name, bytes: hashing.bytes, sha256: hex::encode(hashing.hash.finalize()) });
         } else if let Some(into) = into {
             if kind.is_dir() {
-                let target = into.join(name.trim_end_matches('/'));
+                let target = beneath(into, name.trim_end_matches('/'))?;
                 std::fs::create_dir_all(&target).map_err(io(format!("creating {}", target.display())))?;
                 own(&target, entry.header());
             } else if kind.is_symlink()
                 && let Ok(Some(link)) = entry.link_name()
             {
-                let target = into.join(&name);
+                let target = beneath(into, &name)?;
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
                 }
@@ -501,6 +501,20 @@ fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
         )));
     }
     Ok(manifest)
+}
+
+/// Where member `name` lands under `into`, refused when a symlink already
+/// there (one the backup itself made) is on the way or in the place: a
+/// crafted backup's `link -> /etc` then `link/passwd` must not write outside.
+fn beneath(into: &Path, name: &str) -> Result<PathBuf, BackupError> {
+    let mut at = into.to_owned();
+    for part in name.split('/').filter(|p| !p.is_empty()) {
+        at.push(part);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(BackupError::Damaged(format!("{name} would be written through a symlink ({})", at.display())));
+        }
+    }
+    Ok(at)
 }
 
 /// Gives a restored file the mode, and (as root) the owner, it had.

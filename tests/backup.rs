@@ -232,3 +232,55 @@ async fn scheduled_backups_rotate_failures_alert_and_a_damaged_database_is_refus
     let newest = imagentx_sandbox::api::scheduled_backups(&backups).pop().unwrap();
     assert!(stderr.contains(&format!("imagentx-sandbox restore {}", newest.display())), "{stderr}");
 }
+
+/// A crafted backup (its manifest right) whose symlink points out of the
+/// data directory, then a file "under" it: restore refuses it and writes
+/// nothing outside.
+#[test]
+fn a_crafted_backup_cannot_write_through_its_own_symlink() {
+    use sha2::Digest;
+    let root = tempfile::tempdir().unwrap();
+    let source = root.path().join("source");
+    std::fs::create_dir(&source).unwrap();
+    add_user(&source, "alice", &[]);
+    let db = std::fs::read(source.join("sandbox.db")).unwrap();
+    let outside = root.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let payload = b"pwned".to_vec();
+    let hash = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+    let manifest = json!({
+        "format": 1, "created_at": "2026-11-30T00:00:00Z", "made_by": "attacker",
+        "users": 1, "tools": 0, "executions": 0, "audit_records": 1, "audit_head": null,
+        "members": [
+            {"path": "sandbox.db", "bytes": db.len(), "sha256": hash(&db)},
+            {"path": "users/alice/link/pwned", "bytes": payload.len(), "sha256": hash(&payload)},
+        ],
+    })
+    .to_string();
+    let crafted = root.path().join("crafted.tar.gz");
+    {
+        let gz = flate2::write::GzEncoder::new(std::fs::File::create(&crafted).unwrap(), flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        let file = |tar: &mut tar::Builder<_>, name: &str, bytes: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, name, bytes).unwrap();
+        };
+        file(&mut tar, "sandbox.db", &db);
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        tar.append_link(&mut link, "users/alice/link", &outside).unwrap();
+        file(&mut tar, "users/alice/link/pwned", &payload);
+        file(&mut tar, "manifest.json", manifest.as_bytes());
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+    let target = root.path().join("restored");
+    let out = bin().args(["restore"]).arg(&crafted).arg("--data-dir").arg(&target).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("through a symlink"), "{stderr}");
+    assert!(!outside.join("pwned").exists(), "the restore wrote outside its directory");
+}

@@ -526,11 +526,21 @@ fn free_port() -> String {
     listener.local_addr().unwrap().to_string()
 }
 
+/// Until the server listens and has registered its built-in tools
+/// (`/readyz` answers 200).
 fn wait_listening(child: &mut std::process::Child, addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "the server exited before listening");
-        assert!(Instant::now() < deadline, "the server did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
+    let ready = || {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(addr) else { return false };
+        let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.1 200")
+    };
+    while !ready() {
+        assert!(child.try_wait().unwrap().is_none(), "the server exited before it was ready");
+        assert!(Instant::now() < deadline, "the server was not ready");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

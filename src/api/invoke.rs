@@ -57,6 +57,21 @@ pub(super) async fn denied(state: &AppState, caller: &Caller, tool: Option<&str>
     ApiError::too_many(denial.reason, denial.message, denial.retry_after)
 }
 
+/// Why there is no tool `name`: a built-in still being registered (503
+/// `tool_loading`, retry soon), or none of that name (404 `unknown_tool`).
+pub(super) fn missing_tool(state: &AppState, name: &str) -> ApiError {
+    if !state.builtins_ready() && crate::interpreters::is_builtin(name) {
+        let mut loading = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "tool_loading",
+            format!("the built-in tool `{name}` is being registered (a new build compiles for seconds)"),
+        );
+        loading.retry_after = Some(2);
+        return loading;
+    }
+    ApiError::not_found("unknown_tool", format!("no tool `{name}`"))
+}
+
 /// The wall-clock budget `timeout_ms` asks for, checked against the policy.
 pub(super) fn checked_timeout(
     state: &AppState,
@@ -162,20 +177,11 @@ impl Prepared {
         request: &InvokeRequest,
     ) -> Result<Self, ApiError> {
         let Some(registered) = state.registry.get(name, request.version) else {
-            if !state.builtins_ready() && crate::interpreters::is_builtin(name) {
-                let mut loading = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "tool_loading",
-                    format!("the built-in tool `{name}` is being registered (a new build compiles for seconds)"),
-                );
-                loading.retry_after = Some(2);
-                return Err(loading);
-            }
             return Err(match request.version {
                 Some(v) if state.registry.get(name, None).is_some() => {
                     ApiError::not_found("unknown_version", format!("tool `{name}` has no active version {v}"))
                 }
-                _ => ApiError::not_found("unknown_tool", format!("no tool `{name}`")),
+                _ => missing_tool(state, name),
             });
         };
         Self::for_session(state, caller, registered, request)

@@ -796,12 +796,12 @@ pub async fn run(
     if let Some(notifier) = &notifier {
         notifier.send("STOPPING=1\nSTATUS=stopping: finishing calls in flight");
     }
-    if let Some(watchdog) = watchdog {
-        watchdog.abort();
-    }
     state.mcp.closing.cancel();
-    if let Some(sweeper) = sweeper {
-        sweeper.abort();
+    // Background tasks hold the state (and through it the volumes' lock):
+    // each is gone once awaited, so a restart in this process can take it.
+    for task in [watchdog, sweeper].into_iter().flatten() {
+        task.abort();
+        let _ = task.await;
     }
     state.draining.store(true, Ordering::Release);
     tracing::info!(calls_in_flight = state.admission.in_flight(), "shutting down; finishing calls in flight");
@@ -819,9 +819,10 @@ pub async fn run(
     if waited.is_err() {
         tracing::warn!(calls_in_flight = state.admission.in_flight(), "stopping with calls still running");
     }
-    session_sweeper.abort();
-    pruner.abort();
-    backups.abort();
+    for task in [session_sweeper, pruner, backups] {
+        task.abort();
+        let _ = task.await;
+    }
     sessions::close_all(&state).await;
     state.store.close();
     if let Some(volumes) = state.sandbox.data_dir.volumes() {

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::admission::{Admission, Denial};
 use super::auth::Authed;
 use super::error::{ApiPath, parse_json, read_body};
-use super::invoke::{InvokeRequest, Prepared, Runs, checked_timeout, denied, stored_report, tier};
+use super::invoke::{InvokeRequest, Prepared, Runs, checked_timeout, denied, missing_tool, stored_report, tier};
 use super::registry::{Registered, Runnable};
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
@@ -352,10 +352,7 @@ pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenR
         }
     };
     let timeout = checked_timeout(state, caller, request.timeout_ms)?;
-    let registered = state
-        .registry
-        .get(&request.tool, None)
-        .ok_or_else(|| ApiError::not_found("unknown_tool", format!("no tool `{}`", request.tool)))?;
+    let registered = state.registry.get(&request.tool, None).ok_or_else(|| missing_tool(state, &request.tool))?;
     let Runnable::Wasm(tool) = &registered.runnable else {
         return Err(not_sessionable(&request.tool, "a native program"));
     };

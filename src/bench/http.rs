@@ -77,7 +77,22 @@ pub(super) fn start(dir: &Path, interpreters: Option<&Path>) -> anyhow::Result<(
         anyhow::ensure!(Instant::now() < deadline, "the server did not listen within {wait} s");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // It listens before it has registered the built-in tools: wait for them.
+    while interpreters.is_some() && !ready(&server.addr) {
+        anyhow::ensure!(Instant::now() < deadline, "the server was not ready within {wait} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok((server, admin, key))
+}
+
+/// Whether `/readyz` answers 200 (the built-in tools registered).
+fn ready(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else { return false };
+    let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200")
 }
 
 pub(super) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
