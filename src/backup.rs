@@ -22,6 +22,7 @@
 //! next `serve` moves them into new volumes (as for any plain directory).
 
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -139,7 +140,16 @@ pub fn create(data_dir: &Path, config: Option<&Path>, to: &Path) -> Result<Manif
 }
 
 fn write_backup(data_dir: &Path, config: Option<&Path>, out: &Path, scratch: &Path) -> Result<Manifest, BackupError> {
-    let file = std::fs::File::create(out).map_err(io(format!("creating {}", out.display())))?;
+    // A backup holds every user's files and the database: the owner's only.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)
+            .map_err(io(format!("creating {}", out.display())))?
+    };
     let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     tar.follow_symlinks(false);
@@ -268,16 +278,24 @@ fn user_dirs(data_dir: &Path) -> Result<Vec<(String, UserSource)>, BackupError> 
     for name in names {
         let image = data_dir.join("volumes").join(format!("{name}.ext4"));
         let plain = users.join(&name);
+        let in_server = server_root.as_ref().and_then(|root| {
+            let abs = std::fs::canonicalize(&plain).ok()?;
+            let path = root.join(abs.strip_prefix("/").unwrap_or(&abs));
+            // Mounted there now (its own file system): read it there. The
+            // walk's open descriptors keep it from being unmounted under us.
+            is_mount_point(&path).then_some(path)
+        });
         let source = if !image.is_file() {
             UserSource { path: plain, mount: None }
-        } else if let Some(root) = &server_root {
-            // Mounted (or not) in the server's namespace: read it there.
-            let abs = std::fs::canonicalize(&plain).map_err(io(format!("resolving {}", plain.display())))?;
-            UserSource { path: root.join(abs.strip_prefix("/").unwrap_or(&abs)), mount: None }
+        } else if let Some(path) = in_server {
+            UserSource { path, mount: None }
         } else {
+            // Not mounted anywhere (no server, or idle in the server's): a
+            // read-only mount of its own, without replaying the journal
+            // (`noload`): it never writes to the image.
             let at = tempfile::tempdir().map_err(io("a mount point"))?;
             let mounted = std::process::Command::new("mount")
-                .args(["-o", "ro,loop"])
+                .args(["-o", "ro,noload,loop"])
                 .arg(&image)
                 .arg(at.path())
                 .output()
@@ -294,6 +312,36 @@ fn user_dirs(data_dir: &Path) -> Result<Vec<(String, UserSource)>, BackupError> 
         dirs.push((name, source));
     }
     Ok(dirs)
+}
+
+/// Whether `path` is the root of a file system other than its parent's.
+fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(me), Some(Ok(parent))) = (std::fs::metadata(path), path.parent().map(std::fs::metadata)) else {
+        return false;
+    };
+    me.dev() != parent.dev()
+}
+
+/// Detaches, in this process's own mount namespace, every mount under
+/// `data_dir` it inherited: a backup started by the server inherits its
+/// namespace, and copies of users' read-write volume mounts kept alive here
+/// would outlive the server's unmounts (the same image could then be
+/// mounted twice). The backup reads mounted volumes through the server's
+/// namespace instead. Call it right after `unshare(CLONE_NEWNS)`.
+pub fn detach_inherited_mounts(data_dir: &Path) {
+    let Ok(root) = std::fs::canonicalize(data_dir) else { return };
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(&root) && p != &root)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 /// `/proc/<pid>/root` of the server that holds this data directory's
@@ -358,42 +406,96 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Adds every regular file, directory and symlink under `root` as `prefix/...`
 /// (symlinks as links, never followed; other kinds left out).
+///
+/// Users' trees are written by their tools while the backup reads them, so
+/// nothing is resolved by path below `root`: each directory is read through
+/// its own descriptor and each entry opened relative to it with `O_NOFOLLOW`,
+/// so that a file swapped for a symlink (to `/etc/shadow`, to another user)
+/// is never followed. Sizes and kinds come from the opened descriptor.
 fn add_tree<W: Write>(
     tar: &mut tar::Builder<W>,
     members: &mut Vec<Member>,
     root: &Path,
     prefix: &str,
 ) -> Result<(), BackupError> {
-    let mut stack = vec![(root.to_owned(), prefix.to_owned())];
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    let top = nix::fcntl::open(root, flags | OFlag::O_DIRECTORY, Mode::empty())
+        .map_err(|e| io(format!("opening {}", root.display()))(e.into()))?;
+    let mut stack = vec![(top, prefix.to_owned())];
     while let Some((dir, name)) = stack.pop() {
-        let meta = std::fs::symlink_metadata(&dir).map_err(io(format!("reading {}", dir.display())))?;
+        let stat = nix::sys::stat::fstat(&dir).map_err(|e| io(format!("reading {name}"))(e.into()))?;
         let mut header = tar::Header::new_gnu();
-        header.set_metadata(&meta);
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(stat.st_mode & 0o777);
+        header.set_uid(u64::from(stat.st_uid));
+        header.set_gid(u64::from(stat.st_gid));
+        header.set_mtime(u64::try_from(stat.st_mtime).unwrap_or(0));
         header.set_size(0);
         header.set_cksum();
         tar.append_data(&mut header, format!("{name}/"), std::io::empty()).map_err(io(format!("writing {name}")))?;
-        let mut entries: Vec<_> =
-            std::fs::read_dir(&dir).map_err(io(format!("listing {}", dir.display())))?.filter_map(Result::ok).collect();
-        entries.sort_by_key(std::fs::DirEntry::file_name);
+        let listing = nix::dir::Dir::from_fd(dir.try_clone().map_err(io(format!("listing {name}")))?)
+            .map_err(|e| io(format!("listing {name}"))(e.into()))?;
+        let mut entries: Vec<std::ffi::OsString> = listing
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|e| std::ffi::OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        entries.sort();
         for entry in entries {
-            let (path, child) = (entry.path(), format!("{name}/{}", entry.file_name().to_string_lossy()));
-            let Ok(kind) = entry.file_type() else { continue };
-            if kind.is_dir() {
-                if child != "users/lost+found" && !child.ends_with("/lost+found") {
-                    stack.push((path, child));
+            let child = format!("{name}/{}", entry.to_string_lossy());
+            if child.ends_with("/lost+found") && name.matches('/').count() == 1 {
+                continue;
+            }
+            match nix::fcntl::openat(&dir, entry.as_os_str(), flags, Mode::empty()) {
+                Ok(fd) => {
+                    let stat = nix::sys::stat::fstat(&fd).map_err(|e| io(format!("reading {child}"))(e.into()))?;
+                    match stat.st_mode & libc::S_IFMT {
+                        libc::S_IFDIR => stack.push((fd, child)),
+                        libc::S_IFREG => add_file_fd(tar, members, std::fs::File::from(fd), &stat, &child)?,
+                        _ => {} // FIFOs, sockets, devices: not a user's data
+                    }
                 }
-            } else if kind.is_file() {
-                add_file(tar, members, &path, &child)?;
-            } else if kind.is_symlink() {
-                let target = std::fs::read_link(&path).map_err(io(format!("reading {}", path.display())))?;
-                let mut header = tar::Header::new_gnu();
-                header.set_entry_type(tar::EntryType::Symlink);
-                header.set_size(0);
-                header.set_mode(0o777);
-                tar.append_link(&mut header, &child, &target).map_err(io(format!("writing {child}")))?;
+                // O_NOFOLLOW on a symlink: kept as the link it is.
+                Err(nix::errno::Errno::ELOOP) => {
+                    let Ok(target) = nix::fcntl::readlinkat(&dir, entry.as_os_str()) else { continue };
+                    let mut header = tar::Header::new_gnu();
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_size(0);
+                    header.set_mode(0o777);
+                    tar.append_link(&mut header, &child, Path::new(&target)).map_err(io(format!("writing {child}")))?;
+                }
+                // Gone meanwhile: it was not there to back up.
+                Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => return Err(io(format!("opening {child}"))(e.into())),
             }
         }
     }
+    Ok(())
+}
+
+/// Adds the opened regular file `file` (its `stat`) as `name`.
+fn add_file_fd<W: Write>(
+    tar: &mut tar::Builder<W>,
+    members: &mut Vec<Member>,
+    file: std::fs::File,
+    stat: &nix::sys::stat::FileStat,
+    name: &str,
+) -> Result<(), BackupError> {
+    let size = u64::try_from(stat.st_size).unwrap_or(0);
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(stat.st_mode & 0o777);
+    header.set_uid(u64::from(stat.st_uid));
+    header.set_gid(u64::from(stat.st_gid));
+    header.set_mtime(u64::try_from(stat.st_mtime).unwrap_or(0));
+    header.set_size(size);
+    header.set_cksum();
+    let mut reader = HashingReader { inner: file.take(size), left: size, hash: Sha256::new() };
+    tar.append_data(&mut header, name, &mut reader).map_err(io(format!("writing {name}")))?;
+    members.push(Member { path: name.to_owned(), bytes: size, sha256: hex::encode(reader.hash.finalize()) });
     Ok(())
 }
 
@@ -521,7 +623,7 @@ fn beneath(into: &Path, name: &str) -> Result<PathBuf, BackupError> {
 fn own(target: &Path, header: &tar::Header) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(mode) = header.mode() {
-        let _ = std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode & 0o7777));
+        let _ = std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode & 0o777));
     }
     if nix::unistd::geteuid().is_root()
         && let (Ok(uid), Ok(gid)) = (header.uid(), header.gid())
@@ -546,6 +648,23 @@ pub fn restore(path: &Path, data_dir: &Path, force: bool) -> Result<Manifest, Ba
     if occupied && !force {
         return Err(BackupError::Refused(format!(
             "{} is not empty: restore into an empty directory (or pass --force to write over it)",
+            data_dir.display()
+        )));
+    }
+    // Never under a running server, nor over users' volumes (their images
+    // would be mounted over the files restored beside them).
+    let lock = data_dir.join("volumes").join("@lock");
+    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&lock)
+        && nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+    {
+        return Err(BackupError::Refused(format!("a server is running on {}: stop it first", data_dir.display())));
+    }
+    let has_volumes = std::fs::read_dir(data_dir.join("volumes"))
+        .map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".ext4")))
+        .unwrap_or(false);
+    if has_volumes {
+        return Err(BackupError::Refused(format!(
+            "{} holds users' volumes: restore into an empty directory instead",
             data_dir.display()
         )));
     }

@@ -249,11 +249,18 @@ pub fn main(cli: Cli) -> ExitCode {
     // Users' volumes are mounted in a namespace of the server's own, so that
     // they go away with it however it ends. Before the runtime's threads: the
     // namespace is the calling thread's alone until then.
-    if matches!(command, Command::Serve(_) | Command::Mcp(_) | Command::Backup(_))
-        && nix::unistd::geteuid().is_root()
-        && let Err(e) = crate::volume::private_mounts()
-    {
-        tracing::warn!(error = %e, "no mount namespace of its own: users' volumes are mounted in the host's");
+    if matches!(command, Command::Serve(_) | Command::Mcp(_) | Command::Backup(_)) && nix::unistd::geteuid().is_root() {
+        match crate::volume::private_mounts() {
+            Err(e) => {
+                tracing::warn!(error = %e, "no mount namespace of its own: users' volumes are mounted in the host's")
+            }
+            // A backup keeps no copy of the volumes' mounts it may have inherited.
+            Ok(()) => {
+                if let Command::Backup(args) = &command {
+                    crate::backup::detach_inherited_mounts(&args.state.data_dir);
+                }
+            }
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

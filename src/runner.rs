@@ -192,11 +192,13 @@ impl Sandbox {
             Ok((limits, input)) => {
                 let writing = session.data_budget.ledger().writer();
                 let outcome = tokio::select! {
-                    outcome = self.engine.call_live(&mut session.live, input, &limits) => {
-                        outcome.map_err(|e| (Status::InternalError, e.to_string()))
-                    }
+                    // A session closed before the step started runs none of it.
+                    biased;
                     () = cancel.cancelled() => {
                         Err((Status::Cancelled, "cancelled: the session was closed while this step ran".into()))
+                    }
+                    outcome = self.engine.call_live(&mut session.live, input, &limits) => {
+                        outcome.map_err(|e| (Status::InternalError, e.to_string()))
                     }
                 };
                 drop(writing);

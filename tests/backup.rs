@@ -98,6 +98,17 @@ async fn back_up_a_running_server_wipe_restore_and_everything_comes_back() {
         assert_eq!(put.status, StatusCode::OK);
     }
 
+    // A symlink a tool planted to the host's secrets (made here through the
+    // server's own namespace, where alice's volume is mounted) is backed up
+    // as the link it is, never followed.
+    let planted = nix::unistd::geteuid().is_root().then(|| {
+        let inside = data.canonicalize().unwrap();
+        let alice_dir = Path::new(&format!("/proc/{}/root", server.child.id()))
+            .join(inside.strip_prefix("/").unwrap())
+            .join("users/alice");
+        std::os::unix::fs::symlink("/etc/shadow", alice_dir.join("shadow-link")).unwrap();
+    });
+
     // Back up while calls keep coming.
     let backup = root.path().join("backups/first.tar.gz");
     std::fs::create_dir(root.path().join("backups")).unwrap();
@@ -146,6 +157,11 @@ async fn back_up_a_running_server_wipe_restore_and_everything_comes_back() {
     std::fs::remove_dir_all(&data).unwrap();
     let restored = json_out(&bin().args(["restore"]).arg(&backup).arg("--data-dir").arg(&data).output().unwrap());
     assert_eq!(restored["audit_head"], made["audit_head"]);
+    if planted.is_some() {
+        let link = data.join("users/alice/shadow-link");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was followed");
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("/etc/shadow"));
+    }
     let audit = bin().args(["audit", "verify", "--data-dir"]).arg(&data).output().unwrap();
     assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
     let server = serve(&data);

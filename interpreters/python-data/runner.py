@@ -57,6 +57,8 @@ IMAGES_CAP = 640 * 1024
 # A DataFrame result: rows as records, and a text rendering.
 MAX_RECORDS = 100
 TEXT_CAP = 32 * 1024
+# Any other result: its JSON at most this long (else its repr, cut).
+RESULT_CAP = 256 * 1024
 
 
 class CappedStdout(io.TextIOBase):
@@ -117,10 +119,29 @@ def to_json(value):
     if mod.startswith("numpy"):
         value = value.tolist() if hasattr(value, "tolist") else value
     try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)
+        text = json.dumps(value, allow_nan=False)
+    except TypeError:
+        return repr(value)[:RESULT_CAP]
+    except ValueError:
+        try:
+            value = finite(value)
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return repr(value)[:RESULT_CAP]
+    if len(text) > RESULT_CAP:
+        return {"truncated": True, "repr": repr(value)[:RESULT_CAP]}
+    return value
+
+
+def finite(value):
+    """`value` with NaN and infinities (JSON has no words for them) as null."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def pictures(answer):

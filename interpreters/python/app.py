@@ -94,13 +94,32 @@ def code_traceback():
     return "".join(traceback.format_exception(kind, error, frames))
 
 
+def finite(value):
+    """`value` with NaN and infinities (JSON has no words for them) as null."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def to_json(value):
-    """`value` itself when JSON can carry it, else its repr (a DataFrame's table)."""
+    """`value` itself when JSON can carry it (NaN and infinities as null),
+    else its repr (a DataFrame's table)."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
         return value
-    except (TypeError, ValueError):
+    except TypeError:
         return repr(value)
+    except ValueError:
+        try:
+            cleaned = finite(value)
+            json.dumps(cleaned, allow_nan=False)
+            return cleaned
+        except (TypeError, ValueError, RecursionError):
+            return repr(value)
 
 
 class WitWorld(wit_world.WitWorld):

@@ -353,7 +353,20 @@ impl AppState {
         if ended > 0 {
             tracing::info!(sessions = ended, "code sessions of the previous run ended: they do not survive a restart");
         }
+        // Sessions never take the whole pool: one-shot calls keep a slot at least.
         let max_sessions = settings.max_sessions.unwrap_or(settings.max_instances / 2);
+        let max_sessions = if max_sessions >= settings.max_instances {
+            let kept = settings.max_instances.saturating_sub(1);
+            tracing::warn!(
+                max_sessions,
+                max_instances = settings.max_instances,
+                kept,
+                "max_sessions must be below max_instances"
+            );
+            kept
+        } else {
+            max_sessions
+        };
         let state = Arc::new(Self {
             sandbox: Sandbox { policy, engine, data_dir },
             store,
@@ -844,6 +857,14 @@ async fn scheduled_backup(state: Arc<AppState>) {
     loop {
         every.tick().await;
         let started = std::time::Instant::now();
+        // What a backup killed mid-way (a stop, a crash) left: its partial
+        // file and its database snapshot. Backups here run one at a time.
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok) {
+            if entry.file_name().to_string_lossy().starts_with(&format!(".{BACKUP_PREFIX}")) {
+                let path = entry.path();
+                let _ = std::fs::remove_file(&path).or_else(|_| std::fs::remove_dir_all(&path));
+            }
+        }
         let stamp = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string().replace(':', "-");
         let file = dir.join(format!("{BACKUP_PREFIX}{stamp}.tar.gz"));
         let outcome = run_backup(&state, &dir, &file).await;

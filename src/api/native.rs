@@ -49,7 +49,7 @@ pub struct NativeSpec {
     pub input_schema: Option<serde_json::Value>,
     /// More host paths bound read-only into this tool's jail, each at its own
     /// path inside (a tool's own packages), besides the `[jail]` ones. Not
-    /// with `rootfs`.
+    /// with `rootfs`. Set by the built-in tools only: refused over the API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub binds: Vec<ExtraBind>,
 }
@@ -131,6 +131,15 @@ pub async fn register(
     let bytes = read_body(headers, body, MAX_SPEC_BYTES).await?;
     let spec: NativeSpec = parse_json(&bytes)?;
     check_name(&spec.name)?;
+    // A bind exposes a host path to every caller of the tool: only the
+    // operator decides that (`[[jail.binds]]`), and the built-in tools.
+    if !spec.binds.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_tool",
+            "`binds` are not accepted over the API (they would expose host paths to the tool's users): \
+             the operator adds read-only binds for every jail with [[jail.binds]] in the config",
+        ));
+    }
     let tool = match build(&spec, state.jail.as_deref().ok()) {
         Ok(tool) => tool,
         Err(reason) => {

@@ -478,7 +478,7 @@ pub(crate) async fn run_step(
             "a step of this session is still running: a session runs one step at a time; retry when it has finished",
         ));
     };
-    if guard.is_none() {
+    if guard.is_none() || live.closed.is_cancelled() {
         return Err(ApiError::new(StatusCode::GONE, "session_ended", "session ended: it was just closed"));
     }
     let timeout = step.timeout_ms.map(Duration::from_millis).or(live.timeout);

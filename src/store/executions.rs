@@ -102,20 +102,21 @@ impl Store {
     ) -> Result<u64, StoreError> {
         self.write(move |w| {
             let conn = w.conn();
-            // The newest seq past the count limit (everything at or below it goes).
+            // The count limit by sequence number: rows are numbered in order
+            // and only the oldest are ever deleted, so all but the newest
+            // `max` are those at or below `newest - max` (O(1) on the key).
             let over_count: Option<i64> = match max {
                 None => None,
-                Some(max) => optional(
-                    conn.prepare_cached("SELECT seq FROM executions ORDER BY seq DESC LIMIT 1 OFFSET ?1")?
-                        .query_row([i64::try_from(max).unwrap_or(i64::MAX)], |r| r.get(0)),
-                )?,
+                Some(max) => conn
+                    .query_row("SELECT max(seq) FROM executions", [], |r| r.get::<_, Option<i64>>(0))?
+                    .map(|newest| newest - i64::try_from(max).unwrap_or(i64::MAX)),
             };
+            // Only the oldest `batch` rows are looked at (the key's order is
+            // time's order): each batch is cheap whatever the table's size.
             let deleted = conn
                 .prepare_cached(
-                    "DELETE FROM executions WHERE seq IN (
-                         SELECT seq FROM executions
-                         WHERE (?1 IS NOT NULL AND started_at < ?1) OR (?2 IS NOT NULL AND seq <= ?2)
-                         ORDER BY seq LIMIT ?3)",
+                    "DELETE FROM executions WHERE seq IN (SELECT seq FROM executions ORDER BY seq LIMIT ?3)
+                       AND ((?1 IS NOT NULL AND started_at < ?1) OR (?2 IS NOT NULL AND seq <= ?2))",
                 )?
                 .execute(params![cutoff, over_count, batch])?;
             Ok(deleted as u64)
