@@ -12,17 +12,16 @@ Output on stdout, one JSON document:
 An exception: the traceback on stderr, what was printed on stdout, exit 1.
 """
 
-import ast
 import base64
 import contextlib
 import io
 import json
 import os
 import sys
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "site"))
+# `python3 -I` puts neither this directory nor the packages on the path.
+sys.path[:0] = [HERE, os.path.join(HERE, "site")]
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("MPLCONFIGDIR", "/tmp/.matplotlib")
 
@@ -46,6 +45,8 @@ def seed_matplotlib_cache():
 
 seed_matplotlib_cache()
 
+from agent_code import CappedStdout, code_traceback, run, to_json  # noqa: E402  (beside this file)
+
 # Printed output kept; the rest is counted and dropped.
 STDOUT_CAP = 256 * 1024
 # Pictures: at most this many, each at most this many pixels a side, and
@@ -59,37 +60,6 @@ MAX_RECORDS = 100
 TEXT_CAP = 32 * 1024
 # Any other result: its JSON at most this long (else its repr, cut).
 RESULT_CAP = 256 * 1024
-
-
-class CappedStdout(io.TextIOBase):
-    def __init__(self):
-        self.parts, self.kept, self.dropped = [], 0, 0
-
-    def writable(self):
-        return True
-
-    def write(self, text):
-        room = STDOUT_CAP - self.kept
-        if len(text) > room:
-            self.dropped += len(text) - max(room, 0)
-            text = text[: max(room, 0)]
-        self.parts.append(text)
-        self.kept += len(text)
-        return len(text)
-
-    def getvalue(self):
-        return "".join(self.parts)
-
-
-def run(code, scope):
-    """Runs `code`; answers the value of its last statement when that is an
-    expression (the REPL's and Jupyter's rule), else None."""
-    tree = ast.parse(code, "<code>", "exec")
-    last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
-    exec(compile(tree, "<code>", "exec"), scope)
-    return eval(compile(last, "<code>", "eval"), scope) if last is not None else None
 
 
 def table(value):
@@ -110,38 +80,14 @@ def table(value):
     }
 
 
-def to_json(value):
-    """`value` as JSON can carry it: itself, a table, numpy scalars and
-    arrays as numbers and lists, else its repr."""
+def result_json(value):
+    """A DataFrame or Series as a table; anything else as JSON can carry it."""
     mod = type(value).__module__
     if mod.startswith("pandas") and type(value).__name__ in ("DataFrame", "Series"):
         return table(value)
-    if mod.startswith("numpy"):
-        value = value.tolist() if hasattr(value, "tolist") else value
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except TypeError:
-        return repr(value)[:RESULT_CAP]
-    except ValueError:
-        try:
-            value = finite(value)
-            text = json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError, RecursionError):
-            return repr(value)[:RESULT_CAP]
-    if len(text) > RESULT_CAP:
-        return {"truncated": True, "repr": repr(value)[:RESULT_CAP]}
-    return value
-
-
-def finite(value):
-    """`value` with NaN and infinities (JSON has no words for them) as null."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
+    if mod.startswith("numpy") and hasattr(value, "tolist"):
+        value = value.tolist()
+    return to_json(value, RESULT_CAP)
 
 
 def pictures(answer):
@@ -186,22 +132,19 @@ def main():
         return 2
     scope = {"__name__": "__main__", "args": request.get("args") or {}}
     real_stdout = sys.stdout
-    out = CappedStdout()
+    out = CappedStdout(STDOUT_CAP)
     try:
         with contextlib.redirect_stdout(out):
             value = run(code, scope)
             answer = {"stdout": out.getvalue()}
             if "result" in scope:
-                answer["result"] = to_json(scope["result"])
+                answer["result"] = result_json(scope["result"])
             elif value is not None:
-                answer["result"] = to_json(value)
+                answer["result"] = result_json(value)
             pictures(answer)
     except BaseException:
-        kind, error, frames = sys.exc_info()
-        while frames is not None and frames.tb_frame.f_code.co_filename != "<code>":
-            frames = frames.tb_next
         real_stdout.write(out.getvalue())
-        sys.stderr.write("".join(traceback.format_exception(kind, error, frames)))
+        sys.stderr.write(code_traceback())
         return 1
     if out.dropped:
         answer["stdout_truncated"] = True

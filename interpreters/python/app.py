@@ -1,9 +1,5 @@
-import ast
 import contextlib
-import io
 import json
-import sys
-import traceback
 
 # The standard library an agent's code reaches for, imported here so that it
 # is in the pre-initialised image: a module not imported at build time is not
@@ -28,31 +24,12 @@ except ImportError:  # built without packages
     pass
 
 import wit_world
+from agent_code import CappedStdout, code_traceback, run, to_json
 from componentize_py_types import Err
 
 # Printed output kept per call; the rest is counted and dropped, so that a
 # flood cannot crowd out `result` (the sandbox's default output cap is 1 MiB).
 STDOUT_CAP = 512 * 1024
-
-
-class CappedStdout(io.TextIOBase):
-    def __init__(self):
-        self.parts, self.kept, self.dropped = [], 0, 0
-
-    def writable(self):
-        return True
-
-    def write(self, text):
-        room = STDOUT_CAP - self.kept
-        if len(text) > room:
-            self.dropped += len(text) - max(room, 0)
-            text = text[:max(room, 0)]
-        self.parts.append(text)
-        self.kept += len(text)
-        return len(text)
-
-    def getvalue(self):
-        return "".join(self.parts)
 
 
 SCHEMA = {
@@ -75,53 +52,6 @@ SCHEMA = {
 SCOPE = {"__name__": "__main__"}
 
 
-def run(code, scope):
-    """Runs `code` in `scope` and answers the value of its last statement when
-    that is an expression (the REPL's and Jupyter's rule), else None."""
-    tree = ast.parse(code, "<code>", "exec")
-    last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
-    exec(compile(tree, "<code>", "exec"), scope)
-    return eval(compile(last, "<code>", "eval"), scope) if last is not None else None
-
-
-def code_traceback():
-    """The exception being handled, with the frames of the agent's code only."""
-    kind, error, frames = sys.exc_info()
-    while frames is not None and frames.tb_frame.f_code.co_filename != "<code>":
-        frames = frames.tb_next
-    return "".join(traceback.format_exception(kind, error, frames))
-
-
-def finite(value):
-    """`value` with NaN and infinities (JSON has no words for them) as null."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
-def to_json(value):
-    """`value` itself when JSON can carry it (NaN and infinities as null),
-    else its repr (a DataFrame's table)."""
-    try:
-        json.dumps(value, allow_nan=False)
-        return value
-    except TypeError:
-        return repr(value)
-    except ValueError:
-        try:
-            cleaned = finite(value)
-            json.dumps(cleaned, allow_nan=False)
-            return cleaned
-        except (TypeError, ValueError, RecursionError):
-            return repr(value)
-
-
 class WitWorld(wit_world.WitWorld):
     def describe(self) -> str:
         return json.dumps({
@@ -142,7 +72,7 @@ class WitWorld(wit_world.WitWorld):
         scope["args"] = request.get("args", {})
         # A result is this step's: one left by an earlier step of a session is not.
         scope.pop("result", None)
-        out = CappedStdout()
+        out = CappedStdout(STDOUT_CAP)
         try:
             with contextlib.redirect_stdout(out):
                 value = run(code, scope)
