@@ -544,3 +544,18 @@ fn wait_listening(child: &mut std::process::Child, addr: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// An admin retiring the interpreter's version ends the sessions running it.
+#[tokio::test(flavor = "multi_thread")]
+async fn retiring_the_tool_ends_its_sessions() {
+    let srv = serve(Policy::default(), |_| {}).await;
+    let alice = srv.add_user("alice", "standard", false).await;
+    let id = open_ok(&srv, &alice, "javascript").await;
+    step_ok(&srv, &alice, &id, "var n = 1").await;
+    let retired = srv.request(Method::DELETE, "/v1/tools/javascript", Some(&srv.admin), "").await;
+    assert_eq!(retired.status, StatusCode::OK, "{}", String::from_utf8_lossy(&retired.body));
+    let after = step(&srv, &alice, &id, json!({"code": "n"})).await;
+    assert_eq!((after.status, after.error_code()), (StatusCode::GONE, "session_ended".into()));
+    assert!(after.json()["error"]["message"].as_str().unwrap().contains("retired"), "{}", after.json());
+    assert_eq!(show(&srv, &alice, &id).await["reason"], "tool_retired");
+}

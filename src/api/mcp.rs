@@ -205,6 +205,9 @@ pub struct McpServer {
 struct CodeSessions {
     state: Arc<AppState>,
     ids: Mutex<HashMap<String, String>>,
+    /// Held while a session is looked up or opened: two first calls at once
+    /// open one session, not two.
+    opening: tokio::sync::Mutex<()>,
 }
 
 impl Drop for CodeSessions {
@@ -227,7 +230,11 @@ impl Drop for CodeSessions {
 
 impl McpServer {
     fn new(state: Arc<AppState>, local: Option<Caller>) -> Self {
-        let code = Arc::new(CodeSessions { state: Arc::clone(&state), ids: Mutex::default() });
+        let code = Arc::new(CodeSessions {
+            state: Arc::clone(&state),
+            ids: Mutex::default(),
+            opening: tokio::sync::Mutex::default(),
+        });
         Self { state, local, calls: Arc::default(), listening: Arc::default(), code }
     }
 
@@ -266,6 +273,7 @@ impl McpServer {
         let step: super::sessions::StepRequest =
             serde_json::from_value(Value::Object(arguments.unwrap_or_default()))
                 .map_err(|e| ErrorData::invalid_params(format!("arguments: {e}"), None))?;
+        let opening = self.code.opening.lock().await;
         let known = self.code.ids.lock().unwrap_or_else(PoisonError::into_inner).get(tool).cloned();
         let live = match known {
             Some(id) => match super::sessions::find(&self.state, &caller, &id) {
@@ -293,6 +301,7 @@ impl McpServer {
                 live
             }
         };
+        drop(opening);
         match super::sessions::run_step(&self.state, caller, live, step, arrived).await {
             Ok((report, _)) => Ok(tool_result(&report).into()),
             Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status == StatusCode::CONFLICT => {

@@ -71,6 +71,8 @@ pub enum Reason {
     Shutdown,
     /// The MCP session that opened it ended.
     McpEnded,
+    /// The tool version it runs was retired.
+    Retired,
 }
 
 impl Reason {
@@ -82,6 +84,7 @@ impl Reason {
             Reason::Stopped(status) => status.as_str(),
             Reason::Shutdown => "shutdown",
             Reason::McpEnded => "mcp_session_ended",
+            Reason::Retired => "tool_retired",
         }
     }
 }
@@ -97,6 +100,7 @@ fn ended_because(reason: Option<&str>) -> &'static str {
         }
         Some("shutdown") => "the server stopped",
         Some("mcp_session_ended") => "the MCP session that opened it ended",
+        Some("tool_retired") => "the tool version it ran was retired by an admin",
         Some("restart") => "server restarted: sessions do not survive a restart",
         _ => "it is closed",
     }
@@ -301,6 +305,7 @@ pub struct SessionInfo {
     /// `idle`, `running` (a step runs now) or `ended`.
     pub state: String,
     /// Why it ended: `user` (closed), `idle`, `lifetime`, `shutdown`, `restart`,
+    /// `mcp_session_ended`, `tool_retired`,
     /// or the status of the step that stopped it (`timeout`, `cpu_limit`,
     /// `memory_limit`, `crashed`, `cancelled`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -595,6 +600,17 @@ pub(crate) async fn close(state: &AppState, live: &Arc<Live>, reason: Reason) {
     let steps = live.steps.load(Ordering::Relaxed);
     if let Err(e) = state.store.session_closed(live.id.clone(), reason.as_str().to_owned(), steps, event).await {
         tracing::error!(error = %e, session = %live.id, "recording a session's end failed");
+    }
+}
+
+/// Closes every session running one of `versions` of tool `name`.
+pub(crate) async fn close_tool(state: &AppState, name: &str, versions: &[u32]) {
+    let running = state.sessions.all().into_iter().filter(|l| {
+        let row = &l.registered.row;
+        row.name == name && versions.contains(&row.version)
+    });
+    for live in running.collect::<Vec<_>>() {
+        close(state, &live, Reason::Retired).await;
     }
 }
 

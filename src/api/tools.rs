@@ -205,6 +205,8 @@ pub async fn retire(
             e => e.into(),
         })?;
     state.registry.retire(&name, &versions);
+    // Code sessions running a retired version end with it.
+    super::sessions::close_tool(&state, &name, &versions).await;
     tracing::info!(tool = %name, ?versions, by = %caller.user, "tool retired");
     Ok(Json(Retired { name, versions }))
 }
