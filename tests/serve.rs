@@ -258,7 +258,7 @@ async fn serve_listens_before_the_builtins_are_compiled_and_says_so() {
     let interpreters = common::interpreters::built_dir();
     let addr = free_port();
     let started = Instant::now();
-    let mut server = bin()
+    let server = bin()
         .args(["serve", "--listen", &addr, "--data-dir"])
         .arg(dir.path())
         .env("IMAGENTX_INTERPRETERS", &interpreters)
@@ -266,6 +266,15 @@ async fn serve_listens_before_the_builtins_are_compiled_and_says_so() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed however the test ends, a failed assertion included.
+    struct KilledOnDrop(Child);
+    impl Drop for KilledOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = KilledOnDrop(server);
     while std::net::TcpStream::connect(&addr).is_err() {
         assert!(started.elapsed() < Duration::from_secs(30), "the server did not listen");
         std::thread::sleep(Duration::from_millis(20));
@@ -285,8 +294,7 @@ async fn serve_listens_before_the_builtins_are_compiled_and_says_so() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let answer = http(&addr, Method::POST, "/v1/tools/python/invoke", &alice, r#"{"input": {"code": "6 * 7"}}"#).await;
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     assert!(listening < Duration::from_secs(10), "listening took {listening:?}");
     assert_eq!((ready.status, ready_code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "loading"));
     assert_eq!((call.status, call_code.as_str(), retry), (StatusCode::SERVICE_UNAVAILABLE, "tool_loading", true));

@@ -489,7 +489,7 @@ async fn a_killed_server_restarted_answers_session_ended_server_restarted() {
     );
     std::fs::write(&config, text).unwrap();
     let start = |addr: &str| {
-        let mut child = Command::new(bin)
+        let child = Command::new(bin)
             .args(["serve", "--listen", addr, "--config"])
             .arg(&config)
             .arg("--data-dir")
@@ -498,27 +498,37 @@ async fn a_killed_server_restarted_answers_session_ended_server_restarted() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        wait_listening(&mut child, addr);
+        // Killed however the test ends, a failed assertion included.
+        let mut child = KilledOnDrop(child);
+        wait_listening(&mut child.0, addr);
         child
     };
     let addr = free_port();
-    let mut first = start(&addr);
+    let first = start(&addr);
     let opened = server::http(&addr, Method::POST, "/v1/sessions", &alice, r#"{"tool": "python"}"#).await;
     assert_eq!(opened.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&opened.body));
     let id = opened.json()["id"].as_str().unwrap().to_owned();
     let path = format!("/v1/sessions/{id}/run");
     assert_eq!(server::http(&addr, Method::POST, &path, &alice, r#"{"code": "x = 1"}"#).await.status, StatusCode::OK);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(first);
 
     let addr = free_port();
-    let mut second = start(&addr);
+    let second = start(&addr);
     let after = server::http(&addr, Method::POST, &path, &alice, r#"{"code": "x"}"#).await;
     let message = after.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
-    second.kill().unwrap();
-    second.wait().unwrap();
+    drop(second);
     assert_eq!(after.status, StatusCode::GONE, "{message}");
     assert!(message.contains("server restarted"), "{message}");
+}
+
+/// A child process killed (`kill -9`) and reaped when dropped.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn free_port() -> String {
