@@ -359,25 +359,29 @@ fn server_root(data_dir: &Path) -> Option<PathBuf> {
     root.exists().then_some(root)
 }
 
+/// Adds the file at `path` (the database snapshot, the config) as `name`.
 fn add_file<W: Write>(
     tar: &mut tar::Builder<W>,
     members: &mut Vec<Member>,
     path: &Path,
     name: &str,
 ) -> Result<(), BackupError> {
-    let meta = std::fs::symlink_metadata(path).map_err(io(format!("reading {}", path.display())))?;
     let file = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let stat = nix::sys::stat::fstat(&file).map_err(|e| io(format!("reading {}", path.display()))(e.into()))?;
+    add_file_fd(tar, members, file, &stat, name)
+}
+
+/// A member's header: its kind, size, and the mode, owner and time of `stat`.
+fn header_for(stat: &nix::sys::stat::FileStat, kind: tar::EntryType, size: u64) -> tar::Header {
     let mut header = tar::Header::new_gnu();
-    header.set_metadata(&meta);
-    header.set_size(meta.len());
+    header.set_entry_type(kind);
+    header.set_mode(stat.st_mode & 0o777);
+    header.set_uid(u64::from(stat.st_uid));
+    header.set_gid(u64::from(stat.st_gid));
+    header.set_mtime(u64::try_from(stat.st_mtime).unwrap_or(0));
+    header.set_size(size);
     header.set_cksum();
-    // Streamed and hashed as it goes; a file that changes while it is read
-    // keeps the size it had (cut, or padded with zeros), and the hash is of
-    // what the archive holds.
-    let mut reader = HashingReader { inner: file.take(meta.len()), left: meta.len(), hash: Sha256::new() };
-    tar.append_data(&mut header, name, &mut reader).map_err(io(format!("writing {name}")))?;
-    members.push(Member { path: name.to_owned(), bytes: meta.len(), sha256: hex::encode(reader.hash.finalize()) });
-    Ok(())
+    header
 }
 
 /// Reads exactly `left` bytes of `inner` (zeros past its end), hashing them.
@@ -426,14 +430,7 @@ fn add_tree<W: Write>(
     let mut stack = vec![(top, prefix.to_owned())];
     while let Some((dir, name)) = stack.pop() {
         let stat = nix::sys::stat::fstat(&dir).map_err(|e| io(format!("reading {name}"))(e.into()))?;
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Directory);
-        header.set_mode(stat.st_mode & 0o777);
-        header.set_uid(u64::from(stat.st_uid));
-        header.set_gid(u64::from(stat.st_gid));
-        header.set_mtime(u64::try_from(stat.st_mtime).unwrap_or(0));
-        header.set_size(0);
-        header.set_cksum();
+        let mut header = header_for(&stat, tar::EntryType::Directory, 0);
         tar.append_data(&mut header, format!("{name}/"), std::io::empty()).map_err(io(format!("writing {name}")))?;
         let listing = nix::dir::Dir::from_fd(dir.try_clone().map_err(io(format!("listing {name}")))?)
             .map_err(|e| io(format!("listing {name}"))(e.into()))?;
@@ -485,14 +482,10 @@ fn add_file_fd<W: Write>(
     name: &str,
 ) -> Result<(), BackupError> {
     let size = u64::try_from(stat.st_size).unwrap_or(0);
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mode(stat.st_mode & 0o777);
-    header.set_uid(u64::from(stat.st_uid));
-    header.set_gid(u64::from(stat.st_gid));
-    header.set_mtime(u64::try_from(stat.st_mtime).unwrap_or(0));
-    header.set_size(size);
-    header.set_cksum();
+    let mut header = header_for(stat, tar::EntryType::Regular, size);
+    // Streamed and hashed as it goes; a file that changes while it is read
+    // keeps the size it had (cut, or padded with zeros), and the hash is of
+    // what the archive holds.
     let mut reader = HashingReader { inner: file.take(size), left: size, hash: Sha256::new() };
     tar.append_data(&mut header, name, &mut reader).map_err(io(format!("writing {name}")))?;
     members.push(Member { path: name.to_owned(), bytes: size, sha256: hex::encode(reader.hash.finalize()) });
