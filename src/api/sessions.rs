@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -125,10 +125,18 @@ pub(crate) struct Live {
     memory_bytes: AtomicU64,
     /// Fired when the session is closed: a running step stops.
     closed: CancellationToken,
+    /// Why it ended, set by the first close. The session stays findable
+    /// until its end is recorded, so a look in between sees it ended.
+    ended: OnceLock<Reason>,
+    /// Fired when the close is done: its place given back, its end recorded.
+    recorded: CancellationToken,
     /// The instance and what it holds; `None` once closed. Locked by a step
     /// while it runs.
     session: Arc<tokio::sync::Mutex<Option<CodeSession>>>,
-    _place: Place,
+    /// Its place among its owner's and the server's sessions, given back by
+    /// the close (not when the last reference goes), so a new session can
+    /// open as soon as a step has been told this one ended.
+    place: Mutex<Option<Place>>,
 }
 
 impl Live {
@@ -138,18 +146,27 @@ impl Live {
 
     /// What a client sees of it.
     fn info(&self) -> SessionInfo {
+        if let Some(reason) = self.ended.get() {
+            return SessionInfo {
+                id: self.id.clone(),
+                tool: self.tool.clone(),
+                state: "ended".into(),
+                reason: Some(reason.as_str().to_owned()),
+                opened_at: self.opened_at.clone(),
+                steps: Some(self.steps.load(Ordering::Relaxed)),
+                memory_bytes: None,
+                idle_s: None,
+                age_s: None,
+                idle_timeout_s: None,
+                lifetime_s: None,
+                timeout_ms: None,
+            };
+        }
         let running = self.session.try_lock().is_err();
         SessionInfo {
             id: self.id.clone(),
             tool: self.tool.clone(),
-            state: if self.closed.is_cancelled() {
-                "ended"
-            } else if running {
-                "running"
-            } else {
-                "idle"
-            }
-            .into(),
+            state: if running { "running" } else { "idle" }.into(),
             reason: None,
             opened_at: self.opened_at.clone(),
             steps: Some(self.steps.load(Ordering::Relaxed)),
@@ -423,8 +440,10 @@ pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenR
         steps: AtomicU64::new(0),
         memory_bytes: AtomicU64::new(session.memory_bytes()),
         closed: CancellationToken::new(),
+        ended: OnceLock::new(),
+        recorded: CancellationToken::new(),
         session: Arc::new(tokio::sync::Mutex::new(Some(session))),
-        _place: place,
+        place: Mutex::new(Some(place)),
     });
     state.sessions.open.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), Arc::clone(&live));
     state.metrics.session_opened();
@@ -484,7 +503,12 @@ pub(crate) async fn run_step(
         ));
     };
     if guard.is_none() || live.closed.is_cancelled() {
-        return Err(ApiError::new(StatusCode::GONE, "session_ended", "session ended: it was just closed"));
+        // Answer once the close is done, so the caller may open another
+        // session in its place straight away.
+        drop(guard);
+        live.recorded.cancelled().await;
+        let why = ended_because(live.ended.get().map(|r| r.as_str()));
+        return Err(ApiError::new(StatusCode::GONE, "session_ended", format!("session ended: {why}")));
     }
     let timeout = step.timeout_ms.map(Duration::from_millis).or(live.timeout);
     let request = InvokeRequest {
@@ -516,7 +540,8 @@ pub(crate) async fn after_step(
 }
 
 pub async fn list(State(state): State<Arc<AppState>>, Authed(caller): Authed) -> Json<SessionList> {
-    let mut sessions: Vec<_> = state.sessions.all().into_iter().filter(|l| l.user == caller.user).collect();
+    let mut sessions: Vec<_> =
+        state.sessions.all().into_iter().filter(|l| l.user == caller.user && l.ended.get().is_none()).collect();
     sessions.sort_by_key(|l| l.opened);
     Json(SessionList { sessions: sessions.iter().map(|l| l.info()).collect() })
 }
@@ -563,7 +588,7 @@ pub async fn delete(
     match find(&state, &caller, &id) {
         Ok(live) => {
             close(&state, &live, Reason::User).await;
-            ended_info(&state, &caller, &id).map(Json)
+            Ok(Json(live.info()))
         }
         // Closing an ended session again answers how it ended.
         Err(e) if e.status == StatusCode::GONE => ended_info(&state, &caller, &id).map(Json),
@@ -573,10 +598,10 @@ pub async fn delete(
 
 /// Closes `live` for `reason`: stops a step that runs, drops the instance
 /// (its memory back to the pool, its `/tmp` removed), and records why. Only
-/// the first close of a session does anything.
+/// the first close of a session does anything; the session leaves the open
+/// ones once its end is recorded, so nobody looking finds it in neither.
 pub(crate) async fn close(state: &AppState, live: &Arc<Live>, reason: Reason) {
-    let removed = state.sessions.open.lock().unwrap_or_else(PoisonError::into_inner).remove(&live.id).is_some();
-    if !removed {
+    if live.ended.set(reason).is_err() {
         return;
     }
     live.closed.cancel();
@@ -584,6 +609,7 @@ pub(crate) async fn close(state: &AppState, live: &Arc<Live>, reason: Reason) {
     let session = live.session.lock().await.take();
     let memory_bytes = session.as_ref().map_or(0, CodeSession::memory_bytes);
     drop(session);
+    drop(live.place.lock().unwrap_or_else(PoisonError::into_inner).take());
     state.metrics.session_closed(reason.as_str());
     tracing::info!(session = %live.id, user = %live.user, reason = reason.as_str(), "session closed");
     let event = AuditEvent::new(Kind::SessionClosed, reason.as_str())
@@ -601,6 +627,8 @@ pub(crate) async fn close(state: &AppState, live: &Arc<Live>, reason: Reason) {
     if let Err(e) = state.store.session_closed(live.id.clone(), reason.as_str().to_owned(), steps, event).await {
         tracing::error!(error = %e, session = %live.id, "recording a session's end failed");
     }
+    state.sessions.open.lock().unwrap_or_else(PoisonError::into_inner).remove(&live.id);
+    live.recorded.cancel();
 }
 
 /// Closes every session running one of `versions` of tool `name`.
