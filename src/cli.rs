@@ -391,7 +391,7 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
             // report saying so, like any run that could not happen.
             let jail = Jail::new(jail_config).map(Arc::new).map_err(|e| e.to_string());
             let name = args.args.first().map(|p| tool_name(Path::new(p))).unwrap_or_default();
-            let tool = NativeTool { name, argv: args.args, env: BTreeMap::new(), layout: None };
+            let tool = NativeTool { name, argv: args.args, env: BTreeMap::new(), layout: None, warm: None };
             let call = ToolCall { user, tier: args.tier, input, args: Vec::new(), timeout };
             sandbox.run_native(jail.as_ref().map_err(String::as_str), &tool, &call).await
         }

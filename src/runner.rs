@@ -37,6 +37,8 @@ pub struct NativeTool {
     pub env: BTreeMap<String, String>,
     /// Its own root (a rootfs directory), instead of the host's system.
     pub layout: Option<Arc<Layout>>,
+    /// Jails kept warm for its calls (built-in tools that know how).
+    pub warm: Option<Arc<jail::WarmPool>>,
 }
 
 /// A code session's live instance and what it holds while it lives: the
@@ -342,10 +344,16 @@ impl Sandbox {
         // path's ledger: /data stays writable (deletes work) at any usage.
         let charged = self.data_dir.volumes().is_some();
         let (_, data_writable, note) = self.data_access(call, &limits, charged).await;
+        if let Some(pool) = tool.warm.as_ref().filter(|_| call.args.is_empty()) {
+            let served = pool.serve(&data_dir, data_writable, &limits, &input, Instant::now()).await;
+            if let Some(outcome) = served {
+                return Ok(self.after_native(call, user_dir, data_writable, note, outcome));
+            }
+        }
         let env = jail::environment(&[&self.policy.env, &tool.env]);
         let argv: Vec<String> = tool.argv.iter().chain(&call.args).cloned().collect();
         let (jail, layout, id, owner) = (Arc::clone(jail), tool.layout.clone(), id.to_owned(), call.user.clone());
-        let mut outcome = tokio::task::spawn_blocking(move || {
+        let outcome = tokio::task::spawn_blocking(move || {
             jail.run(&NativeRun {
                 id: &id,
                 owner: owner.as_str(),
@@ -360,6 +368,19 @@ impl Sandbox {
         })
         .await
         .map_err(|e| internal(&format!("the jail's supervisor failed: {e}")))?;
+        Ok(self.after_native(call, user_dir, data_writable, note, outcome))
+    }
+
+    /// What follows a native run: the volume's limits it ran into, the
+    /// user's usage remeasured, the note on `/data`.
+    fn after_native(
+        &self,
+        call: &ToolCall,
+        user_dir: UserDir,
+        data_writable: bool,
+        note: Option<String>,
+        mut outcome: NativeOutcome,
+    ) -> NativeOutcome {
         if data_writable {
             // What the volume ran out of: the kernel refused the tool's writes past it.
             if let Some(volumes) = self.data_dir.volumes() {
@@ -373,7 +394,7 @@ impl Sandbox {
         }
         drop(user_dir);
         add_note(&mut outcome.error, note);
-        Ok(outcome)
+        outcome
     }
 
     async fn execute(&self, tool: &Tool, call: &ToolCall) -> Result<Outcome, (Status, String)> {

@@ -100,7 +100,8 @@ fn call(argv: &[&str]) -> Call<'static> {
 
 impl Call<'_> {
     async fn run(&self, sb: &Sandbox, setup: &Setup) -> ExecutionReport {
-        let tool = NativeTool { name: "test".into(), argv: self.argv.clone(), env: BTreeMap::new(), layout: None };
+        let tool =
+            NativeTool { name: "test".into(), argv: self.argv.clone(), env: BTreeMap::new(), layout: None, warm: None };
         let call = ToolCall {
             user: UserId::new(self.user).unwrap(),
             tier: self.tier.into(),
@@ -688,6 +689,7 @@ async fn a_tool_with_its_own_rootfs_sees_that_and_not_the_host_system() {
         argv: vec!["/bin/whoami".into()],
         env: BTreeMap::new(),
         layout: Some(Arc::new(layout)),
+        warm: None,
     };
     let call = ToolCall {
         user: UserId::new("alice").unwrap(),

@@ -14,9 +14,10 @@ use imagentx_sandbox::policy::Policy;
 use serde_json::{Value, json};
 use server::TestServer;
 
-/// A server with the built-ins registered (python-data among them), or
-/// `None` when this host cannot run the jail (then the test says so).
-async fn serve() -> Option<TestServer> {
+/// A server with the built-ins registered (python-data among them, with
+/// `warm` jails kept warm), or `None` when this host cannot run the jail
+/// (then the test says so).
+async fn serve(warm: usize) -> Option<TestServer> {
     if !nix::unistd::geteuid().is_root() {
         common::skip_unprivileged("the python-data tests");
         return None;
@@ -25,6 +26,7 @@ async fn serve() -> Option<TestServer> {
     let srv = TestServer::start_with(Policy::default(), |s| {
         s.interpreters_dir = dir;
         s.artifact_cache_dir = Some(common::artifact_cache());
+        s.jail.warm = warm;
     })
     .await;
     let tools = srv.get("/v1/tools", &srv.admin).await.json();
@@ -33,7 +35,13 @@ async fn serve() -> Option<TestServer> {
     Some(srv)
 }
 
+/// Runs `code` in python-data; with warm jails kept, in one of them (it
+/// waits for one to be ready).
 async fn call(srv: &TestServer, key: &str, code: &str, timeout_ms: u64) -> Value {
+    let metrics = srv.get("/metrics", "").await;
+    if String::from_utf8_lossy(&metrics.body).contains("imagentx_warm_jails") {
+        warm_ready(srv, 1.0).await;
+    }
     let body = json!({"input": {"code": code}, "timeout_ms": timeout_ms});
     let answer = srv.invoke("python-data", key, body).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
@@ -47,10 +55,11 @@ fn png_size(png: &[u8]) -> (u64, u64) {
     (be(&png[16..20]), be(&png[20..24]))
 }
 
-/// README: upload a CSV, summarise it with pandas, get a chart back as a PNG.
+/// README: upload a CSV, summarise it with pandas, get a chart back as a PNG
+/// (fresh jails: the other tests run python-data warm).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_readme_walkthrough_csv_to_pandas_summary_and_a_png_chart() {
-    let Some(srv) = serve().await else { return };
+    let Some(srv) = serve(0).await else { return };
     let alice = srv.add_user("alice", "standard", false).await;
     let csv = "region,month,amount\nnorth,1,10\nsouth,1,5\nnorth,2,7\nsouth,2,9\neast,2,4\n";
     let put = srv.request(Method::PUT, "/v1/files/sales.csv", Some(&alice), csv).await;
@@ -82,7 +91,7 @@ async fn the_readme_walkthrough_csv_to_pandas_summary_and_a_png_chart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_code_stays_in_its_jail_and_within_its_tier() {
-    let Some(srv) = serve().await else { return };
+    let Some(srv) = serve(2).await else { return };
     let alice = srv.add_user("alice", "free", false).await;
     let bob = srv.add_user("bob", "free", false).await;
     let put = srv.request(Method::PUT, "/v1/files/secret.csv", Some(&bob), "a\n1\n").await;
@@ -183,4 +192,139 @@ for i in range(40):
     let report = call(&srv, &alice, "import numpy as np\nint(np.arange(10).sum())", 20_000).await;
     assert_eq!(report["output"]["result"], 45, "{report}");
     srv.assert_healthy().await;
+    // Every one of these calls ran in a warm jail.
+    assert_eq!(metric(&srv, r#"imagentx_warm_calls_total{tool="python-data",ran="fresh"}"#).await, 0.0);
+}
+
+/// A gauge or counter line of `/metrics`, by its name with labels.
+async fn metric(srv: &TestServer, series: &str) -> f64 {
+    let text = String::from_utf8(srv.get("/metrics", "").await.body.to_vec()).unwrap();
+    let line = text.lines().find(|l| l.rsplit_once(' ').is_some_and(|(s, _)| s == series));
+    line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Waits (up to a minute) until the pool has `n` warm jails ready.
+async fn warm_ready(srv: &TestServer, n: f64) {
+    let series = r#"imagentx_warm_jails{tool="python-data",state="ready"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while metric(srv, series).await < n {
+        assert!(std::time::Instant::now() < deadline, "no {n} warm jails ready within a minute");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Jails started before their call: each serves exactly one call, and what
+/// one user left in it (files in /tmp, interpreter state, their /data) is
+/// never seen by the next. The user's /data is attached when the call comes,
+/// read-write, as the working directory; the runner took its Landlock rules
+/// (`IMAGENTX_LANDLOCK`, gone from the environment: applied, see the test below).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_jail_serves_one_call_and_never_carries_a_user_over() {
+    let Some(srv) = serve(2).await else { return };
+    let alice = srv.add_user("alice", "free", false).await;
+    let bob = srv.add_user("bob", "standard", false).await;
+    let warm = r#"imagentx_warm_calls_total{tool="python-data",ran="warm"}"#;
+    warm_ready(&srv, 2.0).await;
+    let before = metric(&srv, warm).await;
+
+    let code = r#"
+import builtins, os
+builtins.left_by = "alice"
+open("/tmp/alice-was-here", "w").write("x")
+open("/data/alice.txt", "w").write("alice's")
+os.getcwd()
+"#;
+    let report = call(&srv, &alice, code, 20_000).await;
+    assert_eq!(report["status"], "ok", "{report}");
+    assert_eq!(report["output"]["result"], "/data", "{report}");
+
+    let probe = r#"
+import builtins, os
+seen = {
+    "left_by": getattr(builtins, "left_by", None),
+    "tmp": sorted(n for n in os.listdir("/tmp") if not n.startswith(".")),
+    "data": sorted(os.listdir("/data")),
+    "cwd": os.getcwd(),
+    "env": sorted(k for k in os.environ if k.startswith("IMAGENTX_")),
+}
+seen
+"#;
+    for key in [&bob, &alice] {
+        warm_ready(&srv, 1.0).await;
+        let report = call(&srv, key, probe, 20_000).await;
+        assert_eq!(report["status"], "ok", "{report}");
+        let seen = &report["output"]["result"];
+        assert_eq!(seen["left_by"], Value::Null, "a warm jail served a second call: {seen}");
+        assert_eq!(seen["tmp"], json!([]), "{seen}");
+        assert_eq!(seen["cwd"], "/data", "{seen}");
+        assert_eq!(seen["env"], json!(["IMAGENTX_PYTHON_DATA_BUILD"]), "{seen}");
+        let mine = if *key == alice { json!(["alice.txt"]) } else { json!([]) };
+        assert_eq!(seen["data"], mine, "{seen}");
+    }
+    // bob's file went to bob's directory, through his warm jail's /data.
+    let report =
+        call(&srv, &bob, "open('/data/bob.txt', 'w').write('b')\nimport os\nos.listdir('/data')", 20_000).await;
+    assert_eq!(report["output"]["result"], json!(["bob.txt"]), "{report}");
+    let got = srv.get("/v1/files/alice.txt", &alice).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(&got.body[..], b"alice's");
+    let text = String::from_utf8(srv.get("/metrics", "").await.body.to_vec()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("imagentx_warm")).collect();
+    assert!(metric(&srv, warm).await >= before + 4.0, "the calls did not run warm: {lines:#?}");
+    srv.assert_healthy().await;
+}
+
+/// The Landlock rules a warm jail's runner applies to itself (`confine.py`,
+/// run here by the host's Python): writes outside the allowed directory are
+/// refused once applied, and a process with a second thread refuses to
+/// apply them (they would bind one thread only).
+#[test]
+fn the_warm_runners_own_landlock_rules_hold_and_demand_one_thread() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("interpreters/python-data");
+    let script = r#"
+import ctypes, os, sys, tempfile, threading, time
+sys.path.insert(0, sys.argv[1])
+from confine import landlock
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+if abi < 1:
+    print("no-landlock")
+    sys.exit(0)
+handled = (1 << 13) - 1 | ((1 << 13) if abi >= 2 else 0) | ((1 << 14) if abi >= 3 else 0)
+allowed, other = tempfile.mkdtemp(), tempfile.mkdtemp()
+rules = f"{handled};/={1 | 4 | 8};{allowed}={handled & ~1}"
+if sys.argv[2] == "thread":
+    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+    try:
+        landlock(rules)
+        print("applied")
+    except RuntimeError as e:
+        print("refused:", e)
+    sys.exit(0)
+libc.prctl(38, 1, 0, 0, 0)  # no_new_privs, as in the jail
+landlock(rules)
+open(os.path.join(allowed, "ok"), "w").write("x")
+try:
+    open(os.path.join(other, "no"), "w").write("x")
+    print("written")
+except PermissionError:
+    print("denied")
+"#;
+    let run = |mode: &str| {
+        let out = std::process::Command::new("python3")
+            .args(["-I", "-c", script, dir.to_str().unwrap(), mode])
+            .output()
+            .expect("python3 runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let confined = run("one");
+    if confined == "no-landlock" {
+        eprintln!("SKIPPED: this kernel has no Landlock");
+        return;
+    }
+    assert_eq!(confined, "denied", "a write outside the rules got through");
+    let threaded = run("thread");
+    assert!(threaded.starts_with("refused: 2 threads"), "{threaded}");
 }

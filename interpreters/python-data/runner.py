@@ -10,6 +10,14 @@ Output on stdout, one JSON document:
      "images": [{"format": "png", "data": base64, "width", "height"}] for the
                figures open at the end (plt.show() leaves them open)}
 An exception: the traceback on stderr, what was printed on stdout, exit 1.
+
+Warm (IMAGENTX_WARM=1): the jail starts this before its call arrives. It
+imports the stack, writes the ready line on stderr and blocks reading stdin;
+meanwhile the sandbox attaches the caller's directory at /data. Once the input
+is read it changes into /data and, when IMAGENTX_LANDLOCK is set, applies the
+jail's Landlock rules to itself (they could not be made before /data was
+attached) before any of the caller's code runs: the process must then be
+single-threaded, or it refuses to run the code.
 """
 
 import base64
@@ -46,6 +54,7 @@ def seed_matplotlib_cache():
 seed_matplotlib_cache()
 
 from agent_code import CappedStdout, code_traceback, run, to_json  # noqa: E402  (beside this file)
+from confine import landlock  # noqa: E402
 
 # Printed output kept; the rest is counted and dropped.
 STDOUT_CAP = 256 * 1024
@@ -121,7 +130,42 @@ def pictures(answer):
         answer["images_note"] = "; ".join(notes)
 
 
+def set_limits(line):
+    """Lowers this process's resource limits to a call's: the sandbox's
+    "imagentx-limits nofile=S:H nproc=S:H fsize=S:H core=S:H" line."""
+    import resource
+
+    words = line.split()
+    if not words or words[0] != "imagentx-limits":
+        raise ValueError(f"no limits line: {line[:80]!r}")
+    names = {"nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
+             "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE}
+    for word in words[1:]:
+        name, values = word.split("=", 1)
+        soft, hard = (int(v) for v in values.split(":"))
+        resource.setrlimit(names[name], (soft, hard))
+
+
+def warm_up():
+    """Pays the imports before the call, then says so on stderr."""
+    import matplotlib.pyplot  # noqa: F401
+    import numpy  # noqa: F401
+    import pandas  # noqa: F401
+
+    sys.stderr.write("imagentx-warm-ready\n")
+    sys.stderr.flush()
+
+
 def main():
+    warm = os.environ.get("IMAGENTX_WARM") == "1"
+    if warm:
+        warm_up()
+        # The sandbox's first line: the call's resource limits.
+        try:
+            set_limits(sys.stdin.readline())
+        except Exception as e:
+            print(f"the warm jail could not take its call's limits: {e}", file=sys.stderr)
+            return 3
     try:
         request = json.loads(sys.stdin.read() or "null")
         code = request["code"]
@@ -130,6 +174,17 @@ def main():
     except Exception as e:
         print(f'expected {{"code": ...}} on stdin: {e}', file=sys.stderr)
         return 2
+    if warm:
+        # /data is the caller's now; nothing of theirs has run yet.
+        try:
+            os.chdir("/data")
+            rules = os.environ.pop("IMAGENTX_LANDLOCK", None)
+            os.environ.pop("IMAGENTX_WARM", None)
+            if rules:
+                landlock(rules)
+        except Exception as e:
+            print(f"the warm jail could not confine itself: {e}", file=sys.stderr)
+            return 3
     scope = {"__name__": "__main__", "args": request.get("args") or {}}
     real_stdout = sys.stdout
     out = CappedStdout(STDOUT_CAP)

@@ -105,7 +105,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         sessions_memory_bytes,
         ..super::metrics::SharedGauges::of(&state.sandbox)
     };
-    let text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap(), &shared);
+    let mut text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap(), &shared);
+    super::metrics::render_warm(&mut text, &state.registry.warm_pools());
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }
 

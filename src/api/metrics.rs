@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::report::ExecutionReport;
 
@@ -274,5 +274,60 @@ impl SharedGauges {
             sessions_open: 0,
             sessions_memory_bytes: 0,
         }
+    }
+}
+
+/// The warm jails' lines of `/metrics`, per tool.
+pub fn render_warm(out: &mut String, pools: &[Arc<crate::jail::WarmPool>]) {
+    if pools.is_empty() {
+        return;
+    }
+    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(out, "imagentx_warm_jails", "gauge", "Warm jails waiting for a call, by tool and state (ready, warming).");
+    for pool in pools {
+        let (ready, warming, _) = pool.counts();
+        let tool = pool.tool();
+        let _ = writeln!(out, "imagentx_warm_jails{{tool=\"{tool}\",state=\"ready\"}} {ready}");
+        let _ = writeln!(out, "imagentx_warm_jails{{tool=\"{tool}\",state=\"warming\"}} {warming}");
+    }
+    head(
+        out,
+        "imagentx_warm_memory_bytes",
+        "gauge",
+        "Memory the ready warm jails held when they became ready, by tool.",
+    );
+    for pool in pools {
+        let _ = writeln!(out, "imagentx_warm_memory_bytes{{tool=\"{}\"}} {}", pool.tool(), pool.counts().2);
+    }
+    head(
+        out,
+        "imagentx_warm_calls_total",
+        "counter",
+        "Calls of tools with warm jails, by tool and how they ran (warm, fresh: no warm jail could take them).",
+    );
+    for pool in pools {
+        let tool = pool.tool();
+        let stats = &pool.stats;
+        let _ = writeln!(
+            out,
+            "imagentx_warm_calls_total{{tool=\"{tool}\",ran=\"warm\"}} {}",
+            stats.served.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "imagentx_warm_calls_total{{tool=\"{tool}\",ran=\"fresh\"}} {}",
+            stats.missed.load(Ordering::Relaxed)
+        );
+    }
+    head(out, "imagentx_warm_failures_total", "counter", "Warm jails that ended before their call, by tool.");
+    for pool in pools {
+        let _ = writeln!(
+            out,
+            "imagentx_warm_failures_total{{tool=\"{}\"}} {}",
+            pool.tool(),
+            pool.stats.failed.load(Ordering::Relaxed)
+        );
     }
 }

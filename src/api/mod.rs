@@ -410,7 +410,7 @@ impl AppState {
         }
         let started = std::time::Instant::now();
         let dir = &self.settings.interpreters_dir;
-        let jail = self.jail.as_deref().ok();
+        let jail = self.jail.as_ref().ok();
         self.registry.register_builtins(&self.store, &self.sandbox, &self.blobs, dir, jail).await;
         self.builtins_ready.store(true, Ordering::Release);
         tracing::info!(ms = started.elapsed().as_millis() as u64, "built-in tools ready");
@@ -837,6 +837,8 @@ pub async fn run(
         let _ = task.await;
     }
     sessions::close_all(&state).await;
+    let stopping = Arc::clone(&state);
+    let _ = tokio::task::spawn_blocking(move || stopping.registry.stop_warm_pools(Duration::from_secs(5))).await;
     state.store.close();
     if let Some(volumes) = state.sandbox.data_dir.volumes() {
         volumes.unmount_all();

@@ -103,7 +103,7 @@ pub(super) fn build(spec: &NativeSpec, jail: Option<&Jail>) -> Result<NativeTool
             env.insert(name.clone(), value);
         }
     }
-    Ok(NativeTool { name: spec.name.clone(), argv: spec.argv.clone(), env, layout })
+    Ok(NativeTool { name: spec.name.clone(), argv: spec.argv.clone(), env, layout, warm: None })
 }
 
 /// Loads a registered native tool from its stored spec.

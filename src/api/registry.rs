@@ -68,6 +68,26 @@ impl Registry {
         all
     }
 
+    /// The warm-jail pools of the tools' newest versions.
+    pub fn warm_pools(&self) -> Vec<Arc<crate::jail::WarmPool>> {
+        let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
+        tools
+            .values()
+            .filter_map(|versions| match &versions.values().next_back()?.runnable {
+                Runnable::Native(tool) => tool.warm.clone(),
+                Runnable::Wasm(_) => None,
+            })
+            .collect()
+    }
+
+    /// Lets every warm jail go and waits (up to `within` for each pool)
+    /// until they are gone: for the server's stop.
+    pub fn stop_warm_pools(&self, within: std::time::Duration) {
+        for pool in self.warm_pools() {
+            pool.stop(within);
+        }
+    }
+
     pub fn insert(&self, registered: Registered) {
         let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
         let row = &registered.row;
@@ -181,9 +201,9 @@ impl Registry {
         sandbox: &Sandbox,
         blobs: &Path,
         dir: &Path,
-        jail: Option<&crate::jail::Jail>,
+        jail: Option<&Arc<crate::jail::Jail>>,
     ) {
-        self.register_python_data(store, blobs, dir, jail).await;
+        self.register_python_data(store, sandbox, blobs, dir, jail).await;
         for name in crate::interpreters::NAMES {
             let Some(path) = crate::interpreters::component(dir, name) else { continue };
             let bytes = match std::fs::read(&path) {
@@ -253,7 +273,14 @@ impl Registry {
     /// `dir` and native tools can run: a spec whose bind puts the built
     /// packages at [`crate::interpreters::PYTHON_DATA_INSIDE`], registered
     /// again when the build (or the spec) changed.
-    async fn register_python_data(&self, store: &Store, blobs: &Path, dir: &Path, jail: Option<&crate::jail::Jail>) {
+    async fn register_python_data(
+        &self,
+        store: &Store,
+        sandbox: &Sandbox,
+        blobs: &Path,
+        dir: &Path,
+        jail: Option<&Arc<crate::jail::Jail>>,
+    ) {
         use crate::interpreters::{PYTHON_DATA, PYTHON_DATA_INSIDE, SYSTEM_PYTHON};
         let built = dir.join(PYTHON_DATA);
         let Ok(build) = std::fs::read_to_string(built.join("BUILD")) else {
@@ -282,6 +309,11 @@ impl Registry {
                 ("MPLCONFIGDIR".to_owned(), "/tmp/.matplotlib".to_owned()),
                 ("HOME".to_owned(), "/tmp".to_owned()),
                 ("IMAGENTX_PYTHON_DATA_BUILD".to_owned(), build.trim().to_owned()),
+                // One thread: the tiers give at most a core, and a warm jail's
+                // Landlock binds a single-threaded process only.
+                ("OPENBLAS_NUM_THREADS".to_owned(), "1".to_owned()),
+                ("OMP_NUM_THREADS".to_owned(), "1".to_owned()),
+                ("MKL_NUM_THREADS".to_owned(), "1".to_owned()),
             ]),
             env_allow: Vec::new(),
             input_schema: Some(serde_json::json!({
@@ -300,13 +332,14 @@ impl Registry {
             })),
             binds: vec![crate::jail::ExtraBind { source, target: PYTHON_DATA_INSIDE.into() }],
         };
-        let tool = match super::native::build(&spec, Some(jail)) {
+        let mut tool = match super::native::build(&spec, Some(jail)) {
             Ok(tool) => tool,
             Err(e) => {
                 tracing::error!(tool = PYTHON_DATA, error = %e, "built-in tool could not be made; not registered");
                 return;
             }
         };
+        tool.warm = warm_pool(&tool, sandbox, jail);
         let canonical = match serde_json::to_vec_pretty(&spec) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -315,8 +348,10 @@ impl Registry {
             }
         };
         let sha256 = crate::engine::sha256_hex(&canonical);
-        if self.get(PYTHON_DATA, None).is_some_and(|t| t.row.sha256 == sha256) {
+        if let Some(registered) = self.get(PYTHON_DATA, None).filter(|t| t.row.sha256 == sha256) {
             tracing::info!(tool = PYTHON_DATA, "built-in tool ready (this build is registered)");
+            // The same tool, with its warm jails.
+            self.insert(Registered { row: registered.row.clone(), runnable: Runnable::Native(tool) });
             return;
         }
         let row = ToolRow {
@@ -347,6 +382,44 @@ impl Registry {
         }
     }
 }
+
+/// The warm jails of a built-in native tool, when this host keeps any
+/// (`[jail] warm`, as root): they warm up with a core, [`WARM_MEMORY`], and
+/// resource limits as high as any tier's (a call's limits replace them).
+fn warm_pool(
+    tool: &crate::runner::NativeTool,
+    sandbox: &Sandbox,
+    jail: &Arc<crate::jail::Jail>,
+) -> Option<Arc<crate::jail::WarmPool>> {
+    let size = jail.warm_size();
+    if size == 0 {
+        return None;
+    }
+    let policy = &sandbox.policy;
+    let tier = if policy.tiers.contains_key("standard") { "standard" } else { policy.tiers.keys().next()? };
+    let mut limits = policy.resolve(tier, None).ok()?;
+    limits.memory_bytes = WARM_MEMORY;
+    limits.cpu_share = 1.0;
+    let tiers = policy.tiers.values();
+    limits.pids = tiers.clone().map(|t| t.pids).max().unwrap_or(limits.pids);
+    limits.nofile_soft = tiers.clone().map(|t| t.nofile_soft).max().unwrap_or(limits.nofile_soft);
+    limits.nofile_hard = tiers.clone().map(|t| t.nofile_hard).max().unwrap_or(limits.nofile_hard);
+    limits.data_quota_bytes = tiers.map(|t| t.data_quota_bytes).max().unwrap_or(limits.data_quota_bytes);
+    let mut env = crate::jail::environment(&[&policy.env, &tool.env]);
+    env.push(("IMAGENTX_WARM".to_owned(), "1".to_owned()));
+    let spec = crate::jail::WarmSpec {
+        tool: tool.name.clone(),
+        argv: tool.argv.clone(),
+        env,
+        layout: tool.layout.clone(),
+        limits,
+    };
+    tracing::info!(tool = %tool.name, size, "keeping jails warm");
+    Some(crate::jail::WarmPool::new(Arc::clone(jail), spec, size))
+}
+
+/// Memory a warm jail may use while it warms up and waits.
+const WARM_MEMORY: u64 = 512 << 20;
 
 pub fn blob_path(blobs: &Path, sha256: &str) -> PathBuf {
     blobs.join(format!("{sha256}.wasm"))

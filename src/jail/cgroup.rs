@@ -163,6 +163,47 @@ impl Cgroups {
         }
     }
 
+    /// Removes the empty cgroups named `prefix…` older than `age` that a
+    /// process before this one left (it died before it could): a live run's
+    /// cgroup holds processes, and the kernel refuses to remove it.
+    pub fn sweep_stale(&self, prefix: &str, age: Duration) {
+        let parents: Vec<PathBuf> = match self {
+            Cgroups::V1 { memory, cpu, cpuacct, pids, .. } => {
+                vec![memory.clone(), cpu.clone(), cpuacct.clone(), pids.clone()]
+            }
+            Cgroups::V2 { parent, .. } => vec![parent.clone()],
+        };
+        let mut dirs = Vec::new();
+        for parent in &parents {
+            let Ok(entries) = fs::read_dir(parent) else { continue };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("owner-") {
+                    dirs.extend(fs::read_dir(&path).into_iter().flatten().flatten().map(|e| e.path()));
+                } else {
+                    dirs.push(path);
+                }
+            }
+        }
+        let mut removed = 0;
+        for dir in dirs {
+            let named = dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix));
+            let old = fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|e| e > age);
+            if named && old && fs::remove_dir(&dir).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, prefix, "removed cgroups left by an earlier process");
+        }
+    }
+
     /// Whether a cgroup hierarchy is mounted with `favordynmods`, which keeps
     /// the kernel's cgroup-migration lock ready for writers: without it,
     /// moving a process into a cgroup can wait for an RCU grace period
@@ -392,8 +433,54 @@ impl RunCgroup {
         stats
     }
 
+    /// Changes the run's limits (a warm jail's, when its call arrives). A
+    /// memory limit below what the run holds already is refused (v1) or
+    /// ends in an OOM kill (v2): callers check the usage first.
+    ///
+    /// # Errors
+    ///
+    /// When a limit cannot be written.
+    pub fn set_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        let quota = ((limits.cpu * CPU_PERIOD_US as f64).round() as u64).max(1000);
+        let memory = limits.memory_bytes.max(MIN_MEMORY_BYTES).to_string();
+        if self.v2 {
+            let dir = self.dirs.first().ok_or_else(|| CgroupError::Unavailable("the run has no cgroup".into()))?;
+            write(dir, "memory.max", &memory)?;
+            write(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+            return write(dir, "pids.max", &limits.pids.to_string());
+        }
+        if let Some(dir) = self.find("memory.limit_in_bytes") {
+            // memory + swap may never be below memory: order the two writes.
+            let memsw = dir.join("memory.memsw.limit_in_bytes").exists();
+            let lowering = read_u64(dir, "memory.limit_in_bytes").is_some_and(|now| now > limits.memory_bytes);
+            if memsw && !lowering {
+                write(dir, "memory.memsw.limit_in_bytes", &memory)?;
+            }
+            write(dir, "memory.limit_in_bytes", &memory)?;
+            if memsw && lowering {
+                write(dir, "memory.memsw.limit_in_bytes", &memory)?;
+            }
+        }
+        if let Some(dir) = self.find("cpu.cfs_quota_us") {
+            write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
+        }
+        if let Some(dir) = self.find("pids.max") {
+            write(dir, "pids.max", &limits.pids.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Memory the run's processes hold now.
+    pub fn memory_now(&self) -> Option<u64> {
+        if self.v2 {
+            read_u64(self.dirs.first()?, "memory.current")
+        } else {
+            read_u64(self.find("memory.usage_in_bytes")?, "memory.usage_in_bytes")
+        }
+    }
+
     /// Processes still in the cgroup.
-    fn procs(&self) -> Vec<i32> {
+    pub fn procs(&self) -> Vec<i32> {
         self.dirs
             .first()
             .and_then(|d| read(d, "cgroup.procs"))

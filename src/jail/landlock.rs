@@ -34,19 +34,35 @@ pub(super) fn available() -> Option<Rights> {
     Some(Rights { handled })
 }
 
-/// Restricts the calling process (paths inside the new root).
-pub(super) fn restrict(rights: Rights) -> Result<(), Errno> {
-    let ruleset = sys::landlock_create_ruleset(rights.handled)?;
+/// The rules: what may be done beneath each path.
+fn rules(rights: Rights) -> [(&'static CStr, u64); 6] {
     let writable = rights.handled & !EXECUTE;
-    let rules: [(&CStr, u64); 6] = [
+    [
         (c"/", EXECUTE | READ_FILE | READ_DIR),
         (c"/data", writable),
         (c"/tmp", writable),
         (c"/var/tmp", writable),
         (c"/dev/shm", writable),
         (c"/dev", READ_FILE | WRITE_FILE | READ_DIR | TRUNCATE),
-    ];
-    for (path, access) in rules {
+    ]
+}
+
+/// The same rules, written for a warm jail's program to apply itself once
+/// the user's `/data` is attached (a rule made before would name the empty
+/// directory underneath, which Landlock never consults again): the handled
+/// rights, then `path=rights` pairs, `;`-separated, as decimal numbers.
+pub(super) fn deferred(rights: Rights) -> String {
+    let mut text = rights.handled.to_string();
+    for (path, access) in rules(rights) {
+        text.push_str(&format!(";{}={}", path.to_string_lossy(), access & rights.handled));
+    }
+    text
+}
+
+/// Restricts the calling process (paths inside the new root).
+pub(super) fn restrict(rights: Rights) -> Result<(), Errno> {
+    let ruleset = sys::landlock_create_ruleset(rights.handled)?;
+    for (path, access) in rules(rights) {
         let fd = sys::open_path(path)?;
         let added = sys::landlock_allow_beneath(ruleset, fd, access & rights.handled);
         sys::close(fd);

@@ -12,7 +12,8 @@
 //! - [`seccomp`]: an allow-list filter; `caps`: capabilities, ids and
 //!   `no_new_privs`; `rlimits`; `landlock`: a second wall on file access;
 //! - `child`: init and the tool after the clone, applying the above in order;
-//! - `supervise`: the parent side, deadlines and the report's figures.
+//! - `supervise`: the parent side, deadlines and the report's figures;
+//! - [`warm`]: jails started before their call, attached to it when it comes.
 //!
 //! The raw system calls are in `sys`, each behind a `// SAFETY:` comment.
 //! This shares the host kernel: it is container-grade isolation, weaker
@@ -28,6 +29,7 @@ mod rootfs;
 mod seccomp;
 mod supervise;
 mod sys;
+mod warm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,7 @@ use std::time::Duration;
 
 pub use cgroup::{CgroupError, CgroupMode};
 pub use rootfs::{Layout, LayoutError};
+pub use warm::{READY_LINE, WarmPool, WarmSpec, WarmStats};
 
 use crate::policy::Limits;
 use crate::report::Status;
@@ -70,6 +73,10 @@ pub struct JailConfig {
     /// `system`, `etc` and `binds` (a tool registered with its own rootfs
     /// uses that one).
     pub rootfs: Option<PathBuf>,
+    /// Jails kept warm for each built-in native tool that can use them
+    /// (`python-data`): started, imports paid, waiting for their one call.
+    /// 0: every call starts a fresh jail. Used only when the server is root.
+    pub warm: usize,
 }
 
 /// A host path bound read-only into the jail.
@@ -105,6 +112,7 @@ impl Default for JailConfig {
             landlock: true,
             binds: Vec::new(),
             rootfs: None,
+            warm: 2,
         }
     }
 }
@@ -352,6 +360,19 @@ impl Jail {
     /// from a blocking thread.
     pub fn run(&self, run: &NativeRun<'_>) -> NativeOutcome {
         supervise::run(self, run)
+    }
+
+    /// Jails to keep warm per built-in tool that can use them: `[jail]
+    /// warm`, or none when this process is not root (attaching a user's
+    /// directory to a running jail needs it; see [`WarmPool`]).
+    pub fn warm_size(&self) -> usize {
+        if self.privileged { self.config.warm } else { 0 }
+    }
+
+    /// The Landlock rules a warm jail's program applies to itself once its
+    /// `/data` is attached (`IMAGENTX_LANDLOCK`), when Landlock is on.
+    pub(crate) fn deferred_landlock(&self) -> Option<String> {
+        self.landlock.map(landlock::deferred)
     }
 
     /// The jail's init shares the server's memory (`CLONE_VM`) instead of

@@ -28,3 +28,28 @@ pub(super) fn apply(table: &Table) -> Result<(), Errno> {
     }
     Ok(())
 }
+
+/// The rows as the first line of a warm jail's input, for its program to
+/// set on itself before its call's code runs (`resource.setrlimit` in
+/// python-data's runner): from outside, `prlimit` on the jail's process
+/// would need `CAP_SYS_RESOURCE`, which a server's root may lack.
+pub(super) fn header(table: &Table) -> String {
+    let name = |resource| match resource {
+        libc::RLIMIT_NOFILE => "nofile",
+        libc::RLIMIT_NPROC => "nproc",
+        libc::RLIMIT_FSIZE => "fsize",
+        _ => "core",
+    };
+    let mut line = "imagentx-limits".to_owned();
+    for &(resource, soft, hard) in table {
+        line.push_str(&format!(" {}={soft}:{hard}", name(resource)));
+    }
+    line.push('\n');
+    line
+}
+
+/// Whether a process under `have` may lower itself to `want` (every soft
+/// and hard value at most the one it has).
+pub(super) fn within(want: &Table, have: &Table) -> bool {
+    want.iter().zip(have).all(|(w, h)| w.0 == h.0 && w.1 <= h.1 && w.2 <= h.2)
+}

@@ -351,13 +351,13 @@ pub(super) fn check_inside(inside: &Path) -> Result<(), String> {
 }
 
 /// The per-run part: `/tmp`, `/var/tmp`, `/data` and `/proc`.
-pub(super) fn run_steps(tmp_bytes: u64, data_dir: &Path, data: &OwnedFd, data_writable: bool) -> Vec<Step> {
+/// The mounts of one run: its `/tmp`, `/var/tmp` and `/proc`, and the
+/// user's directory at `/data` — or, for a warm jail (`data` is `None`), an
+/// empty `/data` that the user's directory is attached onto when a call
+/// comes (`super::warm`).
+pub(super) fn run_steps(tmp_bytes: u64, data: Option<(&Path, &OwnedFd, bool)>) -> Vec<Step> {
     let scratch = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    let mut data_flags = scratch;
-    if !data_writable {
-        data_flags |= libc::MS_RDONLY;
-    }
-    vec![
+    let mut steps = vec![
         Step::Mkdir(staged("/tmp")),
         Step::Tmpfs {
             at: staged("/tmp"),
@@ -368,10 +368,21 @@ pub(super) fn run_steps(tmp_bytes: u64, data_dir: &Path, data: &OwnedFd, data_wr
         Step::Mkdir(staged("/var/tmp")),
         Step::Tmpfs { at: staged("/var/tmp"), flags: scratch, options: cstring("size=50m,nr_inodes=4096,mode=1777") },
         Step::Mkdir(staged("/data")),
-        Step::Bind { source: path_cstring(data_dir), at: staged("/data"), flags: data_flags | locked_flags(data) },
-        Step::Mkdir(staged("/proc")),
-        Step::Proc { at: staged("/proc") },
-    ]
+    ];
+    if let Some((data_dir, fd, writable)) = data {
+        let mut data_flags = scratch;
+        if !writable {
+            data_flags |= libc::MS_RDONLY;
+        }
+        steps.push(Step::Bind {
+            source: path_cstring(data_dir),
+            at: staged("/data"),
+            flags: data_flags | locked_flags(fd),
+        });
+    }
+    steps.push(Step::Mkdir(staged("/proc")));
+    steps.push(Step::Proc { at: staged("/proc") });
+    steps
 }
 
 /// Opens a user's directory as the source of `/data`, never through a symlink.

@@ -197,6 +197,11 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_execve,
     libc::SYS_execveat,
     libc::SYS_getrandom,
+    // Landlock only ever takes rights away: a warm jail's program restricts
+    // itself once its call's /data is attached (`super::warm`).
+    libc::SYS_landlock_create_ruleset,
+    libc::SYS_landlock_add_rule,
+    libc::SYS_landlock_restrict_self,
     libc::SYS_eventfd2,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,

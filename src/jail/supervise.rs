@@ -79,13 +79,54 @@ fn exec_candidates(program: &str, path: &str) -> Vec<CString> {
 
 pub(super) fn run(jail: &Jail, req: &NativeRun<'_>) -> NativeOutcome {
     let started = Instant::now();
-    match prepare_and_run(jail, req, started) {
+    match prepare_and_run(jail, req, started, None) {
         Ok(outcome) => outcome,
         Err(message) => NativeOutcome::failed(Status::InternalError, message, started.elapsed()),
     }
 }
 
-fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result<NativeOutcome, String> {
+/// Starts `req` as a warm jail (no `/data`, no input), waits until its
+/// program says it is ready, then for `warm`'s call, and runs that. Answers
+/// the call's outcome, or why no call was run (nothing of a call is run
+/// unless its `/data` was attached and its limits set).
+pub(super) fn run_warm(jail: &Jail, req: &NativeRun<'_>, warm: &mut Warm<'_>) -> Result<NativeOutcome, String> {
+    prepare_and_run(jail, req, Instant::now(), Some(warm))
+}
+
+/// A warm jail's side of a run: how it learns that it is ready and gets its call.
+pub(super) struct Warm<'a> {
+    /// Set once the program has said it is ready.
+    pub ready: &'a std::sync::atomic::AtomicBool,
+    /// The memory the jail held when it became ready.
+    pub memory: &'a std::sync::atomic::AtomicU64,
+    /// Set when the jail is let go before its call.
+    pub cancelled: &'a std::sync::atomic::AtomicBool,
+    /// How long the program may take to get ready.
+    pub ready_within: Duration,
+    /// Blocks until the call comes; `None`: no call will.
+    pub next: &'a mut dyn FnMut() -> Option<WarmCall>,
+}
+
+/// A call for a warm jail.
+pub(super) struct WarmCall {
+    pub data_dir: std::path::PathBuf,
+    pub data_writable: bool,
+    pub limits: crate::policy::Limits,
+    pub input: Vec<u8>,
+    /// When the call arrived: its wall-clock budget runs from here.
+    pub arrived: Instant,
+}
+
+/// The line a warm jail's program writes on stderr once it is ready to
+/// read its call.
+pub const READY_LINE: &[u8] = b"imagentx-warm-ready\n";
+
+fn prepare_and_run(
+    jail: &Jail,
+    req: &NativeRun<'_>,
+    started: Instant,
+    warm: Option<&mut Warm<'_>>,
+) -> Result<NativeOutcome, String> {
     let limits = req.limits;
     let Some(program) = req.argv.first() else {
         return Ok(NativeOutcome::failed(Status::InvalidTool, "no program to run".to_owned(), started.elapsed()));
@@ -109,9 +150,12 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     let (go_r, go_w) = pipe().map_err(io("pipe"))?;
     let (err_r, err_w) = pipe().map_err(io("pipe"))?;
     let (status_r, status_w) = pipe().map_err(io("pipe"))?;
-    let data = rootfs::open_data(req.data_dir).map_err(|e| format!("opening {}: {e}", req.data_dir.display()))?;
+    let data = match warm {
+        Some(_) => None,
+        None => Some(rootfs::open_data(req.data_dir).map_err(|e| format!("opening {}: {e}", req.data_dir.display()))?),
+    };
     let layout = req.layout.unwrap_or(&jail.layout);
-    let run_steps = rootfs::run_steps(limits.tmp_bytes, req.data_dir, &data, req.data_writable);
+    let run_steps = rootfs::run_steps(limits.tmp_bytes, data.as_ref().map(|fd| (req.data_dir, fd, req.data_writable)));
 
     let procs_files = cgroup.procs_files().map_err(|e| format!("the run's cgroup: {e}"))?;
     let cgroup_procs: Vec<RawFd> = procs_files.iter().map(AsRawFd::as_raw_fd).collect();
@@ -152,7 +196,9 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         setgroups: jail.privileged,
         rlimits: &rlimits,
         filter: &jail.filter,
-        landlock: jail.landlock,
+        // A warm jail's program restricts itself once /data is attached
+        // (`landlock::deferred`): a rule made now would miss the attached tree.
+        landlock: if warm.is_some() { None } else { jail.landlock },
         exec_paths: &exec_paths,
         argv: &argv,
         envp: &envp,
@@ -186,6 +232,39 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     for fd in [&stdin_w, &stdout_r, &stderr_r] {
         nonblocking(fd).map_err(io("fcntl"))?;
     }
+    // A warm jail: ready, then its call, with its limits and /data.
+    let mut call = None;
+    let mut cpu_base = Duration::ZERO;
+    if let Some(warm) = warm {
+        wait_ready(&pidfd, &stderr_r, warm.ready_within, warm.cancelled)?;
+        warm.memory.store(cgroup.memory_now().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        warm.ready.store(true, std::sync::atomic::Ordering::Release);
+        let Some(next) = (warm.next)() else {
+            return Err("the warm jail was let go before a call".to_owned());
+        };
+        let call_limits =
+            CgroupLimits { memory_bytes: next.limits.memory_bytes, cpu: next.limits.cpu_share, pids: next.limits.pids };
+        if let Some(held) = cgroup.memory_now().filter(|held| *held >= next.limits.memory_bytes) {
+            return Err(format!("the warm jail holds {held} bytes, the call may have {}", next.limits.memory_bytes));
+        }
+        cgroup.set_limits(&call_limits).map_err(|e| format!("setting the call's limits: {e}"))?;
+        if sys::poll(&mut [libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }], 0) != Ok(0) {
+            return Err("the warm jail's program ended before its call".to_owned());
+        }
+        super::warm::attach(pid, &next.data_dir, next.data_writable)?;
+        cpu_base = cgroup.cpu().unwrap_or_default();
+        call = Some(next);
+    }
+    let (limits, input, clock) = match &mut call {
+        Some(call) => {
+            // The program lowers its own resource limits to the call's first.
+            let mut input = rlimits::header(&rlimits::for_limits(&call.limits)).into_bytes();
+            input.append(&mut call.input);
+            call.input = input;
+            (&call.limits, call.input.as_slice(), call.arrived)
+        }
+        None => (limits, req.input, started),
+    };
     let cap = limits.output_bytes;
     let mut stdout = Capped { bytes: Vec::new(), cap, dropped: 0 };
     let mut stderr = Capped { bytes: Vec::new(), cap, dropped: 0 };
@@ -193,8 +272,9 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         &child,
         &cgroup,
         limits,
-        req.input,
-        started,
+        cpu_base,
+        input,
+        clock,
         &pidfd,
         stdin_w,
         stdout_r,
@@ -206,8 +286,8 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     let (init_status, rusage, bytes_written) =
         child.reap().map_err(|e| format!("wait4: {}", std::io::Error::from_raw_os_error(e)))?;
     let reaped_ns = sys::now_ns();
-    let wall = started.elapsed();
-    let t_reaped = wall;
+    let wall = clock.elapsed();
+    let t_reaped = started.elapsed();
     let mut tool_status = Vec::new();
     let _ = File::from(status_r).read_to_end(&mut tool_status);
     let mut setup_error = Vec::new();
@@ -243,7 +323,7 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
         stdout_truncated: stdout.dropped > 0,
         stderr_truncated: stderr.dropped > 0,
         wall,
-        cpu: stats.cpu.or_else(|| Some(rusage_cpu(&rusage))),
+        cpu: stats.cpu.map(|cpu| cpu.saturating_sub(cpu_base)).or_else(|| Some(rusage_cpu(&rusage))),
         peak_memory_bytes: stats.peak_memory_bytes,
         // The jail's init is not in the cgroup: these are the program's.
         peak_processes: stats.peak_processes,
@@ -262,6 +342,56 @@ fn prepare_and_run(jail: &Jail, req: &NativeRun<'_>, started: Instant) -> Result
     }
     classify(&mut outcome, decode_status(&tool_status), init_status, stopped, &stats, limits);
     Ok(outcome)
+}
+
+/// Reads a warm jail's stderr until its program writes [`READY_LINE`]:
+/// an error when it ends or takes longer than `within` first (with what it
+/// wrote, which is its warm-up's and no call's).
+fn wait_ready(
+    pidfd: &OwnedFd,
+    stderr_r: &OwnedFd,
+    within: Duration,
+    cancelled: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if said.windows(READY_LINE.len()).any(|w| w == READY_LINE) {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tail = || String::from_utf8_lossy(&said[said.len().saturating_sub(2048)..]).into_owned();
+        if left.is_zero() {
+            return Err(format!("the warm jail's program was not ready within {within:?}: {}", tail()));
+        }
+        if cancelled.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("the warm jail was let go while it warmed up".to_owned());
+        }
+        let mut fds = [
+            libc::pollfd { fd: stderr_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        let timeout = i32::try_from(left.min(Duration::from_millis(100)).as_millis().max(1)).unwrap_or(i32::MAX);
+        if sys::poll(&mut fds, timeout).is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        if fds[0].revents != 0 {
+            match nix::unistd::read(stderr_r, &mut buf) {
+                Ok(0) => {
+                    return Err(format!("the warm jail's program closed its stderr before it was ready: {}", tail()));
+                }
+                Ok(n) => said.extend_from_slice(&buf[..n]),
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(format!("reading the warm jail's stderr: {e}")),
+            }
+            continue;
+        }
+        if fds[1].revents != 0 {
+            return Err(format!("the warm jail's program ended before it was ready: {}", tail()));
+        }
+    }
 }
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> String {
@@ -325,6 +455,7 @@ fn pump(
     child: &Reaper,
     cgroup: &super::cgroup::RunCgroup,
     limits: &crate::policy::Limits,
+    cpu_base: Duration,
     input: &[u8],
     started: Instant,
     pidfd: &OwnedFd,
@@ -366,7 +497,7 @@ fn pump(
                 stopped = Some(Stopped::Wall);
             } else if now >= next_cpu_check {
                 next_cpu_check = now + CPU_POLL;
-                if cgroup.cpu().is_some_and(|cpu| cpu > limits.cpu_time) {
+                if cgroup.cpu().is_some_and(|cpu| cpu.saturating_sub(cpu_base) > limits.cpu_time) {
                     stopped = Some(Stopped::Cpu);
                 }
             }

@@ -470,3 +470,68 @@ pub(super) fn kill(pid: libc::pid_t, signal: libc::c_int) {
     // SAFETY: integer arguments; a vanished process is not an error here.
     unsafe { libc::kill(pid, signal) };
 }
+
+// The new mount API's constants (<linux/mount.h>).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x04;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+pub(super) const MOUNT_ATTR_RDONLY: u64 = 0x01;
+pub(super) const MOUNT_ATTR_NOSUID: u64 = 0x02;
+pub(super) const MOUNT_ATTR_NODEV: u64 = 0x04;
+pub(super) const MOUNT_ATTR_NOEXEC: u64 = 0x08;
+
+/// `struct mount_attr`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A detached copy of the mount at `dir` (`open_tree(OPEN_TREE_CLONE)`),
+/// to be attached elsewhere with [`move_mount_onto`].
+pub(super) fn open_tree_clone(dir: &CStr) -> SysResult<RawFd> {
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
+    // SAFETY: `dir` is a valid C string for the call's duration.
+    check_long(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, dir.as_ptr(), flags) }).map(|fd| fd as RawFd)
+}
+
+/// Sets mount attributes (`MOUNT_ATTR_*`) on the detached mount `tree`.
+pub(super) fn mount_setattr(tree: RawFd, set: u64) -> SysResult {
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: `attr` is a valid mount_attr of the size passed.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// Attaches the detached mount `tree` onto the directory `target` (both
+/// descriptors; `target` must be in this thread's mount namespace).
+pub(super) fn move_mount_onto(tree: RawFd, target: RawFd) -> SysResult {
+    let flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH;
+    // SAFETY: integer arguments and static empty C strings.
+    check_long(unsafe { libc::syscall(libc::SYS_move_mount, tree, c"".as_ptr(), target, c"".as_ptr(), flags) })
+        .map(drop)
+}
+
+/// Moves the calling thread into the namespace `ns` (of kind `nstype`).
+pub(super) fn setns(ns: RawFd, nstype: libc::c_int) -> SysResult {
+    // SAFETY: integer arguments.
+    check_int(unsafe { libc::setns(ns, nstype) }).map(drop)
+}
+
+/// Gives the calling thread a file-system context (root, working directory)
+/// of its own, so that it may enter another mount namespace.
+pub(super) fn unshare_fs() -> SysResult {
+    // SAFETY: an integer argument; affects the calling thread only.
+    check_int(unsafe { libc::unshare(libc::CLONE_FS) }).map(drop)
+}

@@ -52,6 +52,7 @@ impl Drop for TestServer {
     /// Users' volumes are mounted in the test process's namespace: unmount
     /// them before the data directory is removed.
     fn drop(&mut self) {
+        self.state.registry.stop_warm_pools(std::time::Duration::from_secs(5));
         if let Some(volumes) = self.state.sandbox.data_dir.volumes() {
             volumes.unmount_all();
         }
