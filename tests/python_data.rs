@@ -261,6 +261,11 @@ seen
         let mine = if *key == alice { json!(["alice.txt"]) } else { json!([]) };
         assert_eq!(seen["data"], mine, "{seen}");
     }
+    // A file the code left open is flushed at its end, as a normal exit would.
+    let report = call(&srv, &alice, "f = open('/data/unclosed.txt', 'w')\nf.write('kept')", 20_000).await;
+    assert_eq!(report["status"], "ok", "{report}");
+    let got = srv.get("/v1/files/unclosed.txt", &alice).await;
+    assert_eq!(&got.body[..], b"kept", "an open file lost its buffered write");
     // bob's file went to bob's directory, through his warm jail's /data.
     let report =
         call(&srv, &bob, "open('/data/bob.txt', 'w').write('b')\nimport os\nos.listdir('/data')", 20_000).await;
@@ -270,7 +275,7 @@ seen
     assert_eq!(&got.body[..], b"alice's");
     let text = String::from_utf8(srv.get("/metrics", "").await.body.to_vec()).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("imagentx_warm")).collect();
-    assert!(metric(&srv, warm).await >= before + 4.0, "the calls did not run warm: {lines:#?}");
+    assert!(metric(&srv, warm).await >= before + 5.0, "the calls did not run warm: {lines:#?}");
     srv.assert_healthy().await;
 }
 

@@ -231,6 +231,10 @@ fn python_data(h: &mut Harness, jailer: &Jailer, bwrap_bin: Option<&Path>) -> an
         outcome.status == Status::Ok && ok_with_image(&outcome.stdout)
     });
     h.push(Series { samples, elapsed, ..Series::new(Suite::Native, ours, Who::Ours, 1) });
+    let warm_layout = jailer
+        .jail
+        .layout_with(&[crate::jail::ExtraBind { source: built.clone(), target: PYTHON_DATA_INSIDE.into() }])?;
+    warm_python_data(h, jailer, warm_layout, &argv, &limits, &inside, runs, ours)?;
     let host_runner = super::path_str(&built.join("runner.py"));
     let program = strings(&[SYSTEM_PYTHON, "-I", "-B", &host_runner]);
     if let Some(bin) = bwrap_bin {
@@ -248,6 +252,122 @@ fn python_data(h: &mut Harness, jailer: &Jailer, bwrap_bin: Option<&Path>) -> an
     let host = input(&super::path_str(&csv));
     process_series(h, Suite::Native, floor, Who::Floor, 1, runs, &program, &host);
     h.ratio(Suite::Native, ours, floor, 1);
+    reused_python(h, &built, &host, runs)
+}
+
+/// The floor of any per-call isolation: the same call in one Python process
+/// warmed as a warm jail is and then reused for every call (a Jupyter-like
+/// kernel, no isolation, no new process), timed from the request line
+/// written to the answer line read.
+fn reused_python(h: &mut Harness, built: &Path, input: &[u8], runs: usize) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let script = r#"
+import json, os, sys
+sys.path[:0] = [sys.argv[1]]
+os.environ["MPLCONFIGDIR"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mpl-{os.getpid()}")
+import runner
+runner.warm_up()
+for line in sys.stdin:
+    request = json.loads(line)
+    scope = {"__name__": "__main__", "args": request.get("args") or {}}
+    answer = {"result": runner.result_json(runner.run(request["code"], scope))}
+    runner.pictures(answer)
+    runner.sys.modules["matplotlib.pyplot"].close("all")
+    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
+"#;
+    let mut child = std::process::Command::new(PYTHON)
+        .args(["-I", "-B", "-c", script, &super::path_str(built)])
+        .env("MPLBACKEND", "Agg")
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        anyhow::bail!("python3's pipes");
+    };
+    let mut stdout = std::io::BufReader::new(stdout);
+    let case = "python-data: the same, one warm python3 reused for every call (no isolation)";
+    let (mut samples, started) = (Vec::with_capacity(runs), Instant::now());
+    let mut line = String::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        stdin.write_all(input)?;
+        stdin.write_all(b"\n")?;
+        stdin.flush()?;
+        line.clear();
+        stdout.read_line(&mut line)?;
+        samples.push(super::Sample { latency: t.elapsed(), ok: line.contains(r#""images":"#) });
+    }
+    let elapsed = started.elapsed();
+    drop(stdin);
+    let _ = child.wait();
+    h.push(Series { samples, elapsed, ..Series::new(Suite::Native, case, Who::Floor, 1) });
+    h.ratio(Suite::Native, "python-data: the same, warm jail (imagentx)", case, 1);
+    Ok(())
+}
+
+/// The same call through a warm jail (`crate::jail::WarmPool`, what `serve`
+/// does when it keeps python-data warm), each call timed from its arrival to
+/// its outcome with a warm jail ready (the wait for one is not timed: a pool
+/// of two serves about two calls per warm-up time, ~0.8 s of a core; calls
+/// beyond run fresh). Also the memory a ready warm jail holds.
+#[allow(clippy::too_many_arguments)]
+fn warm_python_data(
+    h: &mut Harness,
+    jailer: &Jailer,
+    layout: crate::jail::Layout,
+    argv: &[String],
+    limits: &Limits,
+    input: &[u8],
+    runs: usize,
+    fresh: &str,
+) -> anyhow::Result<()> {
+    let mut env = crate::jail::environment(&[]);
+    env.extend(
+        [("IMAGENTX_WARM", "1"), ("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let spec = crate::jail::WarmSpec {
+        tool: "python-data".into(),
+        argv: argv.to_vec(),
+        env,
+        layout: Some(Arc::new(layout)),
+        limits: Limits { memory_bytes: 512 << 20, cpu_share: 1.0, ..limits.clone() },
+    };
+    let pool = crate::jail::WarmPool::new(Arc::clone(&jailer.jail), spec, 2);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let ready = |pool: &crate::jail::WarmPool| {
+        let until = Instant::now() + Duration::from_secs(60);
+        while pool.counts().0 == 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let case = "python-data: the same, warm jail (imagentx)";
+    let (mut samples, mut busy) = (Vec::with_capacity(runs), Duration::ZERO);
+    let mut memory = Vec::new();
+    for _ in 0..runs {
+        ready(&pool);
+        memory.push(pool.counts().2 / pool.counts().0.max(1) as u64);
+        let t = Instant::now();
+        let served = runtime.block_on(pool.serve(jailer.data.path(), true, limits, input, t));
+        let latency = t.elapsed();
+        busy += latency;
+        let ok = served.is_some_and(|o| o.status == Status::Ok && o.stdout.windows(9).any(|w| w == br#""images":"#));
+        samples.push(super::Sample { latency, ok });
+    }
+    pool.stop(Duration::from_secs(5));
+    memory.sort_unstable();
+    let per_jail = memory.get(memory.len() / 2).copied().unwrap_or(0);
+    h.push(Series {
+        samples,
+        elapsed: busy,
+        peak_memory_bytes: Some(per_jail),
+        memory_of: "one ready warm jail (its cgroup)",
+        ..Series::new(Suite::Native, case, Who::Ours, 1)
+    });
+    h.ratio(Suite::Native, case, fresh, 1);
     Ok(())
 }
 

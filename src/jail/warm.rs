@@ -245,6 +245,7 @@ impl WarmPool {
         }
         let Some(jail) = self.take() else {
             self.stats.missed.fetch_add(1, Ordering::Relaxed);
+            self.refill();
             return None;
         };
         let (answer, answered) = tokio::sync::oneshot::channel();
@@ -258,6 +259,9 @@ impl WarmPool {
         let sent = jail.calls.send(Job { call, answer }).is_ok();
         drop(jail);
         let outcome = if sent { answered.await.ok() } else { None };
+        // The jail in its place warms up now: while the call ran, a warm-up
+        // (a core's worth of imports) would have competed with it for the CPU.
+        self.refill();
         match outcome {
             Some(Ok(outcome)) => {
                 self.stats.served.fetch_add(1, Ordering::Relaxed);
@@ -275,21 +279,14 @@ impl WarmPool {
         }
     }
 
-    /// The oldest live warm jail (ready ones first), and a new one started
-    /// in its place.
+    /// The oldest live warm jail, ready ones first (its replacement is
+    /// started once the call is done: [`WarmPool::serve`]).
     fn take(self: &Arc<Self>) -> Option<WarmJail> {
-        let taken = {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            idle.retain(|j| j.alive.load(Ordering::Acquire));
-            let at = idle.iter().position(|j| j.ready.load(Ordering::Acquire)).or(if idle.is_empty() {
-                None
-            } else {
-                Some(0)
-            });
-            at.and_then(|i| idle.remove(i))
-        };
-        self.refill();
-        taken
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|j| j.alive.load(Ordering::Acquire));
+        let at =
+            idle.iter().position(|j| j.ready.load(Ordering::Acquire)).or(if idle.is_empty() { None } else { Some(0) });
+        at.and_then(|i| idle.remove(i))
     }
 
     /// Starts warm jails until `size` are idle.
