@@ -46,28 +46,35 @@ pub struct NativeTool {
 /// the session is dropped.
 pub struct CodeSession {
     // Dropped first: the instance's open files are in the directories below.
-    live: LiveInstance,
+    live: Live,
     name: String,
-    sha256: String,
-    data_budget: Budget,
-    scratch: Scratch,
+    sha256: Option<String>,
     user_dir: UserDir,
 }
 
+/// What runs a session's steps.
+enum Live {
+    /// A WASM instance, with the budget its writes are charged to and its `/tmp`.
+    Wasm { instance: LiveInstance, data_budget: Budget, _scratch: Scratch },
+    /// An interpreter in a jail (python-data), its memory in the jail's cgroup.
+    Native { session: jail::NativeSession, data_writable: bool, note: Option<String> },
+}
+
 impl CodeSession {
-    /// Linear memory the session's instance holds now.
+    /// Memory the session's instance (or jail) holds now.
     pub fn memory_bytes(&self) -> u64 {
-        self.live.memory_bytes()
+        match &self.live {
+            Live::Wasm { instance, .. } => instance.memory_bytes(),
+            Live::Native { session, .. } => session.memory_bytes(),
+        }
     }
 
     /// Whether a step stopped it: it cannot run another.
     pub fn is_dead(&self) -> bool {
-        self.live.is_dead()
-    }
-
-    /// The host directory that is the session's `/tmp`.
-    pub fn scratch_dir(&self) -> &std::path::Path {
-        self.scratch.path()
+        match &self.live {
+            Live::Wasm { instance, .. } => instance.is_dead(),
+            Live::Native { session, .. } => session.is_dead(),
+        }
     }
 
     /// The host directory that is the session's `/data`.
@@ -170,11 +177,43 @@ impl Sandbox {
             LiveError::Start(_) => (Status::Crashed, e.to_string()),
         })?;
         Ok(CodeSession {
-            live,
+            live: Live::Wasm { instance: live, data_budget, _scratch: scratch },
             name: tool.name().to_owned(),
-            sha256: tool.sha256().to_owned(),
-            data_budget,
-            scratch,
+            sha256: Some(tool.sha256().to_owned()),
+            user_dir,
+        })
+    }
+
+    /// Opens a code session of the native `tool` for `user`: an interpreter
+    /// in a jail kept for it (its warm pool's), attached to the user's
+    /// directory under the tier's limits, running one step after another.
+    ///
+    /// # Errors
+    ///
+    /// As [`Sandbox::open_session`]: `invalid_tool` for a tool without warm
+    /// jails, `internal_error` for a jail that could not take the session.
+    pub async fn open_native_session(
+        &self,
+        tool: &NativeTool,
+        user: &UserId,
+        tier: &str,
+        timeout: Option<Duration>,
+    ) -> Result<CodeSession, (Status, String)> {
+        let Some(pool) = &tool.warm else {
+            return Err((Status::InvalidTool, format!("native tool `{}` keeps no jails for sessions", tool.name)));
+        };
+        let limits = self.policy.resolve(tier, timeout).map_err(|e| (Status::InvalidInput, e.to_string()))?;
+        let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
+        let user_dir = self.data_dir.open_user(user, disk_size(&limits)).await.map_err(|e| internal(&e))?;
+        pool.prepare_data_dir(user_dir.path()).map_err(|e| internal(&e))?;
+        let call = ToolCall { user: user.clone(), tier: tier.to_owned(), input: Vec::new(), args: Vec::new(), timeout };
+        let charged = self.data_dir.volumes().is_some();
+        let (_, data_writable, note) = self.data_access(&call, &limits, charged).await;
+        let session = pool.open_session(user_dir.path(), data_writable, &limits).await.map_err(|e| internal(&e))?;
+        Ok(CodeSession {
+            live: Live::Native { session, data_writable, note },
+            name: tool.name.clone(),
+            sha256: None,
             user_dir,
         })
     }
@@ -189,17 +228,34 @@ impl Sandbox {
         cancel: &tokio_util::sync::CancellationToken,
     ) -> ExecutionReport {
         let started = Started { id: new_execution_id(), at: SystemTime::now(), clock: Instant::now() };
+        let (instance, data_budget) = match &mut session.live {
+            Live::Wasm { instance, data_budget, .. } => (instance, data_budget),
+            Live::Native { session: native, data_writable, note } => {
+                let outcome = match self.admit(call) {
+                    Err((status, message)) => NativeOutcome::failed(status, message, started.clock.elapsed()),
+                    Ok((limits, input)) => {
+                        let mut outcome = native.step(input.as_bytes().to_vec(), &limits, started.clock, cancel).await;
+                        if *data_writable {
+                            self.data_dir.usage_changed(&call.user);
+                        }
+                        add_note(&mut outcome.error, note.clone());
+                        outcome
+                    }
+                };
+                return native_report(started, session.name.clone(), call, outcome);
+            }
+        };
         let outcome = match self.admit(call) {
             Err(refused) => Err(refused),
             Ok((limits, input)) => {
-                let writing = session.data_budget.ledger().writer();
+                let writing = data_budget.ledger().writer();
                 let outcome = tokio::select! {
                     // A session closed before the step started runs none of it.
                     biased;
                     () = cancel.cancelled() => {
                         Err((Status::Cancelled, "cancelled: the session was closed while this step ran".into()))
                     }
-                    outcome = self.engine.call_live(&mut session.live, input, &limits) => {
+                    outcome = self.engine.call_live(instance, input, &limits) => {
                         outcome.map_err(|e| (Status::InternalError, e.to_string()))
                     }
                 };
@@ -213,7 +269,7 @@ impl Sandbox {
             }
         };
         let outcome = outcome.unwrap_or_else(|(status, message)| failed(status, message));
-        let report = wasm_report(started, session.name.clone(), Some(session.sha256.clone()), call, outcome);
+        let report = wasm_report(started, session.name.clone(), session.sha256.clone(), call, outcome);
         if matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit) {
             tracing::warn!(limit = report.status.as_str(), tool = %report.tool, user = %call.user, "session step stopped");
         }
@@ -272,57 +328,12 @@ impl Sandbox {
         tool: &NativeTool,
         call: &ToolCall,
     ) -> ExecutionReport {
-        let started_at = SystemTime::now();
-        let clock = Instant::now();
-        let id = new_execution_id();
-        let outcome = match self.execute_native(&id, jail, tool, call).await {
+        let started = Started { id: new_execution_id(), at: SystemTime::now(), clock: Instant::now() };
+        let outcome = match self.execute_native(&started.id, jail, tool, call).await {
             Ok(outcome) => outcome,
-            Err((status, message)) => NativeOutcome::failed(status, message, clock.elapsed()),
+            Err((status, message)) => NativeOutcome::failed(status, message, started.clock.elapsed()),
         };
-        // As for a WASM command: stdout that is JSON is the output.
-        let stdout_text = String::from_utf8_lossy(&outcome.stdout).into_owned();
-        let (output, stdout) = match serde_json::from_str::<serde_json::Value>(&stdout_text) {
-            Ok(value) if outcome.status == Status::Ok && !outcome.stdout_truncated => (Some(value), String::new()),
-            _ => (None, stdout_text),
-        };
-        let report = ExecutionReport {
-            id,
-            tool: tool.name.clone(),
-            tool_sha256: None,
-            user: call.user.to_string(),
-            tier: call.tier.clone(),
-            runtime: Runtime::Native,
-            status: outcome.status,
-            exit_code: outcome.exit_code,
-            signal: outcome.signal,
-            output,
-            error: outcome.error,
-            stdout,
-            stderr: String::from_utf8_lossy(&outcome.stderr).into_owned(),
-            truncated: Truncated { stdout: outcome.stdout_truncated, stderr: outcome.stderr_truncated, output: false },
-            usage: Usage {
-                wall_ms: millis(clock.elapsed()),
-                cpu_ms: outcome.cpu.map(millis),
-                fuel_consumed: None,
-                peak_memory_bytes: outcome.peak_memory_bytes,
-                peak_processes: outcome.peak_processes.map(|p| u32::try_from(p).unwrap_or(u32::MAX)),
-                bytes_written: outcome.bytes_written,
-                limits_hit: outcome.limits_hit.iter().map(|&l| l.to_owned()).collect(),
-            },
-            started_at: rfc3339(started_at),
-            finished_at: rfc3339(SystemTime::now()),
-            session: None,
-        };
-        if matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit) {
-            tracing::warn!(
-                limit = report.status.as_str(),
-                tool = %report.tool,
-                user = %report.user,
-                tier = %report.tier,
-                "native run stopped"
-            );
-        }
-        report
+        native_report(started, tool.name.clone(), call, outcome)
     }
 
     async fn execute_native(
@@ -512,6 +523,55 @@ fn wasm_report(
         fuel = report.usage.fuel_consumed,
         "tool call finished"
     );
+    report
+}
+
+/// The report of a native run (or session step) that ended with `outcome`.
+fn native_report(started: Started, tool: String, call: &ToolCall, outcome: NativeOutcome) -> ExecutionReport {
+    let (id, started_at, clock) = (started.id, started.at, started.clock);
+    // As for a WASM command: stdout that is JSON is the output.
+    let stdout_text = String::from_utf8_lossy(&outcome.stdout).into_owned();
+    let (output, stdout) = match serde_json::from_str::<serde_json::Value>(&stdout_text) {
+        Ok(value) if outcome.status == Status::Ok && !outcome.stdout_truncated => (Some(value), String::new()),
+        _ => (None, stdout_text),
+    };
+    let report = ExecutionReport {
+        id,
+        tool,
+        tool_sha256: None,
+        user: call.user.to_string(),
+        tier: call.tier.clone(),
+        runtime: Runtime::Native,
+        status: outcome.status,
+        exit_code: outcome.exit_code,
+        signal: outcome.signal,
+        output,
+        error: outcome.error,
+        stdout,
+        stderr: String::from_utf8_lossy(&outcome.stderr).into_owned(),
+        truncated: Truncated { stdout: outcome.stdout_truncated, stderr: outcome.stderr_truncated, output: false },
+        usage: Usage {
+            wall_ms: millis(clock.elapsed()),
+            cpu_ms: outcome.cpu.map(millis),
+            fuel_consumed: None,
+            peak_memory_bytes: outcome.peak_memory_bytes,
+            peak_processes: outcome.peak_processes.map(|p| u32::try_from(p).unwrap_or(u32::MAX)),
+            bytes_written: outcome.bytes_written,
+            limits_hit: outcome.limits_hit.iter().map(|&l| l.to_owned()).collect(),
+        },
+        started_at: rfc3339(started_at),
+        finished_at: rfc3339(SystemTime::now()),
+        session: None,
+    };
+    if matches!(report.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit) {
+        tracing::warn!(
+            limit = report.status.as_str(),
+            tool = %report.tool,
+            user = %report.user,
+            tier = %report.tier,
+            "native run stopped"
+        );
+    }
     report
 }
 

@@ -514,6 +514,8 @@ async fn users_see_only_their_own_data_and_it_persists() {
     assert_status(&write.run(&sb, setup).await, Status::Ok);
     let mut peek = sh("ls -A /data; find / -name note 2>/dev/null; echo end");
     peek.user = "bob";
+    // A walk of the whole root (all of /usr): seconds on a loaded machine.
+    peek.timeout = Some(Duration::from_secs(30));
     let report = peek.run(&sb, setup).await;
     assert_status(&report, Status::Ok);
     assert_eq!(report.stdout, "end\n", "bob saw: {}", report.stdout);

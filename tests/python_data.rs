@@ -333,3 +333,109 @@ except PermissionError:
     let threaded = run("thread");
     assert!(threaded.starts_with("refused: 2 threads"), "{threaded}");
 }
+
+async fn session_step(srv: &TestServer, key: &str, id: &str, body: Value) -> (StatusCode, Value) {
+    let a = srv.request(Method::POST, &format!("/v1/sessions/{id}/run"), Some(key), body.to_string()).await;
+    let json = serde_json::from_slice(&a.body).unwrap_or(Value::Null);
+    (a.status, json)
+}
+
+/// python-data sessions: an agent's DataFrame lives on between steps in one
+/// jailed interpreter (its state survives an exception), each step with its
+/// own budget; another user sees neither the session nor its data; a step
+/// that runs out of time ends the session, and its jail goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_data_session_keeps_its_dataframe_between_steps() {
+    let Some(srv) = serve(2).await else { return };
+    let alice = srv.add_user("alice", "free", false).await;
+    let bob = srv.add_user("bob", "free", false).await;
+    let csv = "region,amount\nnorth,10\nsouth,5\nnorth,7\n";
+    let put = srv.request(Method::PUT, "/v1/files/sales.csv", Some(&alice), csv).await;
+    assert_eq!(put.status, StatusCode::OK);
+    let open = |key: String| {
+        let srv = &srv;
+        async move {
+            let a = srv.request(Method::POST, "/v1/sessions", Some(&key), r#"{"tool": "python-data"}"#).await;
+            assert_eq!(a.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&a.body));
+            a.json()["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let id = open(alice.clone()).await;
+    let ok = |(status, report): (StatusCode, Value)| {
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["status"], "ok", "{report}");
+        report["output"].clone()
+    };
+    let step = |code: &str| json!({"code": code});
+    let out =
+        ok(session_step(&srv, &alice, &id, step("import pandas as pd\ndf = pd.read_csv('sales.csv')\nlen(df)")).await);
+    assert_eq!(out["result"], 3, "{out}");
+    let out = ok(session_step(&srv, &alice, &id, step("df.groupby('region').amount.sum()")).await);
+    assert_eq!(out["result"]["type"], "series", "{out}");
+    assert_eq!(out["result"]["records"], json!([{"region": "north", "amount": 17}, {"region": "south", "amount": 5}]));
+    let out = ok(session_step(&srv, &alice, &id, step("df.plot.bar(x='region', y='amount')\nprint('drawn')")).await);
+    assert_eq!(out["stdout"], "drawn\n");
+    assert_eq!(out["images"].as_array().map(Vec::len), Some(1), "{out}");
+    // An exception is that step's error; the session and its state go on.
+    let (status, report) = session_step(&srv, &alice, &id, step("print('before')\n1 / 0")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["status"], "tool_error", "{report}");
+    assert!(report["stderr"].as_str().unwrap().contains("ZeroDivisionError"), "{report}");
+    assert_eq!(report["stdout"], "before\n", "{report}");
+    let out = ok(session_step(&srv, &alice, &id, step("held = open('held-by-alice', 'w')\nlist(df.shape)")).await);
+    assert_eq!(out["result"], json!([3, 2]));
+    let info = srv.get(&format!("/v1/sessions/{id}"), &alice).await.json();
+    assert_eq!(info["steps"], 5, "{info}");
+    assert!(info["memory_bytes"].as_u64().unwrap() > 20 << 20, "the jail's memory is the session's: {info}");
+
+    // bob: alice's session is not his, and his own sees his (empty) /data.
+    assert_eq!(srv.get(&format!("/v1/sessions/{id}"), &bob).await.status, StatusCode::NOT_FOUND);
+    let (status, _) = session_step(&srv, &bob, &id, step("df")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let bobs = open(bob.clone()).await;
+    let code = "import os\nseen = [os.getcwd(), os.listdir('/data'), 'df' in globals()]\nheld = open('held-by-bob', 'w')\nseen";
+    let out = ok(session_step(&srv, &bob, &bobs, step(code)).await);
+    assert_eq!(out["result"], json!(["/data", [], false]), "{out}");
+    assert!(holders("held-by-alice") > 0 && holders("held-by-bob") > 0, "the sessions' interpreters hold their files");
+
+    // A spinning step runs out of its budget: the session ends with it.
+    let (status, report) =
+        session_step(&srv, &alice, &id, json!({"code": "while True:\n    pass", "timeout_ms": 1500})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(["timeout", "cpu_limit"].contains(&report["status"].as_str().unwrap()), "{report}");
+    let (status, _) = session_step(&srv, &alice, &id, step("df")).await;
+    assert_eq!(status, StatusCode::GONE);
+    // bob's session grows numpy arrays past the tier's 256 MiB: its cgroup
+    // stops it, and the session ends.
+    let code = "import numpy as np\ngrowing = []\nwhile True:\n    growing.append(np.ones(25_000_000))";
+    let (status, report) = session_step(&srv, &bob, &bobs, json!({"code": code, "timeout_ms": 20_000})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["status"], "memory_limit", "{report}");
+    let info = srv.get(&format!("/v1/sessions/{bobs}"), &bob).await.json();
+    assert_eq!(info["state"], "ended", "{info}");
+    assert_eq!(info["reason"], "memory_limit", "{info}");
+    // Both sessions' jails are gone: no process holds the files their
+    // interpreters kept open.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while holders("held-by-alice") + holders("held-by-bob") > 0 {
+        assert!(std::time::Instant::now() < deadline, "a session's interpreter outlived its session");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    srv.assert_healthy().await;
+}
+
+/// Processes of this host holding a file whose path ends with `name` open.
+fn holders(name: &str) -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    procs
+        .flatten()
+        .filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|p| {
+            std::fs::read_dir(p.path().join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.to_string_lossy().ends_with(name)))
+        })
+        .count()
+}

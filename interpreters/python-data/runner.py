@@ -18,6 +18,9 @@ is read it changes into /data and, when IMAGENTX_LANDLOCK is set, applies the
 jail's Landlock rules to itself (they could not be made before /data was
 attached) before any of the caller's code runs: the process must then be
 single-threaded, or it refuses to run the code.
+
+A session (the first line ends with `session`): after the same steps, one
+step after another in one scope, each a frame in and a frame out (`session`).
 """
 
 import atexit
@@ -28,6 +31,7 @@ import io
 import json
 import os
 import sys
+import weakref
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # `python3 -I` puts neither this directory nor the packages on the path.
@@ -134,7 +138,8 @@ def pictures(answer):
 
 def set_limits(line):
     """Lowers this process's resource limits to a call's: the sandbox's
-    "imagentx-limits nofile=S:H nproc=S:H fsize=S:H core=S:H" line."""
+    "imagentx-limits nofile=S:H nproc=S:H fsize=S:H core=S:H [session]" line.
+    Answers whether a session's steps follow (rather than one call's input)."""
     import resource
 
     words = line.split()
@@ -143,9 +148,12 @@ def set_limits(line):
     names = {"nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
              "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE}
     for word in words[1:]:
+        if word == "session":
+            continue
         name, values = word.split("=", 1)
         soft, hard = (int(v) for v in values.split(":"))
         resource.setrlimit(names[name], (soft, hard))
+    return "session" in words[1:]
 
 
 def warm_up():
@@ -170,39 +178,19 @@ def warm_up():
     sys.stderr.flush()
 
 
-def main():
-    warm = os.environ.get("IMAGENTX_WARM") == "1"
-    if warm:
-        warm_up()
-        # The sandbox's first line: the call's resource limits.
-        try:
-            set_limits(sys.stdin.readline())
-        except Exception as e:
-            print(f"the warm jail could not take its call's limits: {e}", file=sys.stderr)
-            return 3
-    try:
-        request = json.loads(sys.stdin.read() or "null")
-        code = request["code"]
-        if not isinstance(code, str):
-            raise TypeError("`code` must be a string")
-    except Exception as e:
-        print(f'expected {{"code": ...}} on stdin: {e}', file=sys.stderr)
-        return 2
-    if warm:
-        # /data is the caller's now; nothing of theirs has run yet.
-        try:
-            os.chdir("/data")
-            rules = os.environ.pop("IMAGENTX_LANDLOCK", None)
-            os.environ.pop("IMAGENTX_WARM", None)
-            if rules:
-                landlock(rules)
-        except Exception as e:
-            print(f"the warm jail could not confine itself: {e}", file=sys.stderr)
-            return 3
-    scope = {"__name__": "__main__", "args": request.get("args") or {}}
-    # What exists now is ours: `leave` looks only at what the caller's code makes.
-    gc.freeze()
-    real_stdout = sys.stdout
+def confine():
+    """In a warm jail, once the caller's /data is attached: into it, and the
+    jail's Landlock rules on this process, before any of the caller's code."""
+    os.chdir("/data")
+    rules = os.environ.pop("IMAGENTX_LANDLOCK", None)
+    os.environ.pop("IMAGENTX_WARM", None)
+    if rules:
+        landlock(rules)
+
+
+def one_step(code, scope):
+    """Runs `code` in `scope`: (answer, None), or (what it printed, its
+    traceback) when it raised."""
     out = CappedStdout(STDOUT_CAP)
     try:
         with contextlib.redirect_stdout(out):
@@ -214,13 +202,116 @@ def main():
                 answer["result"] = result_json(value)
             pictures(answer)
     except BaseException:
-        real_stdout.write(out.getvalue())
-        sys.stderr.write(code_traceback())
-        return 1
+        return out.getvalue(), code_traceback()
     if out.dropped:
         answer["stdout_truncated"] = True
-    real_stdout.write(json.dumps(answer))
-    real_stdout.flush()
+    return answer, None
+
+
+def parse_request(data):
+    request = json.loads(data or b"null")
+    if not isinstance(request, dict) or not isinstance(request.get("code"), str):
+        raise TypeError('expected {"code": "..."} (code a string)')
+    return request
+
+
+# Files the caller's code opened, flushed after each step and at the end.
+OPEN_FILES = weakref.WeakSet()
+FILE_KINDS = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
+
+
+def flush_files():
+    """Flushes the files the caller's code left open: those among the objects
+    made since the last `gc.freeze()` join OPEN_FILES, then every one still
+    open is flushed, and what exists now is frozen (the next look is at what
+    is new)."""
+    for generation in range(3):
+        for obj in gc.get_objects(generation):
+            if isinstance(obj, FILE_KINDS):
+                OPEN_FILES.add(obj)
+    for file in list(OPEN_FILES):
+        try:
+            if not file.closed:
+                file.flush()
+        except BaseException:
+            pass
+    gc.freeze()
+
+
+def session(frames):
+    """A session's steps: a frame in (length, newline, `{"code", "args"}`),
+    a frame out (`{"ok": true, "answer"}` or `{"ok": false, "stdout",
+    "traceback"}`) on the descriptor `frames`, in one scope that lives on."""
+    scope = {"__name__": "__main__"}
+    stdin = sys.stdin.buffer
+    while True:
+        header = stdin.readline()
+        if not header:
+            return 0
+        body = stdin.read(int(header))
+        try:
+            request = parse_request(body)
+        except Exception as e:
+            frame = {"ok": False, "stdout": "", "traceback": f"{e}\n"}
+        else:
+            scope["args"] = request.get("args") or {}
+            # A result is this step's: one left by an earlier step is not.
+            scope.pop("result", None)
+            answer, traceback = one_step(request["code"], scope)
+            frame = {"ok": True, "answer": answer} if traceback is None else {"ok": False, "stdout": answer, "traceback": traceback}
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close("all")
+        flush_files()
+        payload = json.dumps(frame).encode()
+        view = memoryview(b"%d\n" % len(payload) + payload)
+        while view:
+            view = view[os.write(frames, view):]
+
+
+def main():
+    warm = os.environ.get("IMAGENTX_WARM") == "1"
+    in_session = False
+    if warm:
+        warm_up()
+        # The sandbox's first line: the call's resource limits.
+        try:
+            in_session = set_limits(sys.stdin.buffer.readline().decode())
+        except Exception as e:
+            print(f"the warm jail could not take its call's limits: {e}", file=sys.stderr)
+            return 3
+    if in_session:
+        try:
+            confine()
+        except Exception as e:
+            print(f"the warm jail could not confine itself: {e}", file=sys.stderr)
+            return 3
+        # Frames go out on a descriptor of their own; what the code writes
+        # to descriptor 1 goes to stderr.
+        frames = os.dup(1)
+        os.dup2(2, 1)
+        gc.freeze()
+        return session(frames)
+    try:
+        request = parse_request(sys.stdin.buffer.read())
+    except Exception as e:
+        print(f'expected {{"code": ...}} on stdin: {e}', file=sys.stderr)
+        return 2
+    if warm:
+        # /data is the caller's now; nothing of theirs has run yet.
+        try:
+            confine()
+        except Exception as e:
+            print(f"the warm jail could not confine itself: {e}", file=sys.stderr)
+            return 3
+    scope = {"__name__": "__main__", "args": request.get("args") or {}}
+    # What exists now is ours: `leave` looks only at what the caller's code makes.
+    gc.freeze()
+    answer, traceback = one_step(request["code"], scope)
+    if traceback is not None:
+        sys.stdout.write(answer)
+        sys.stderr.write(traceback)
+        return 1
+    sys.stdout.write(json.dumps(answer))
     return 0
 
 
@@ -228,23 +319,14 @@ def leave(code):
     """Ends the process without the interpreter's teardown, which takes about
     0.1 s with pandas and matplotlib loaded: what the teardown would do for
     the caller's code is done first (threads joined, atexit handlers run, the
-    files it left open flushed: they are among the objects made since
-    `gc.freeze()` in main), then os._exit."""
+    files it left open flushed), then os._exit."""
     try:
         if "threading" in sys.modules:
             sys.modules["threading"]._shutdown()
         atexit._run_exitfuncs()
     except BaseException:
         pass
-    kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
-    for generation in range(3):
-        for obj in gc.get_objects(generation):
-            if isinstance(obj, kinds):
-                try:
-                    if not obj.closed:
-                        obj.flush()
-                except BaseException:
-                    pass
+    flush_files()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -375,11 +375,17 @@ pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenR
     };
     let timeout = checked_timeout(state, caller, request.timeout_ms)?;
     let registered = state.registry.get(&request.tool, None).ok_or_else(|| missing_tool(state, &request.tool))?;
-    let Runnable::Wasm(tool) = &registered.runnable else {
-        return Err(not_sessionable(&request.tool, "a native program"));
-    };
-    if tool.kind() != ToolKind::Sdk {
-        return Err(not_sessionable(&request.tool, "not an SDK tool (it has no `call` to run steps with)"));
+    match &registered.runnable {
+        Runnable::Wasm(tool) if tool.kind() != ToolKind::Sdk => {
+            return Err(not_sessionable(&request.tool, "not an SDK tool (it has no `call` to run steps with)"));
+        }
+        Runnable::Native(tool) if tool.warm.is_none() => {
+            return Err(not_sessionable(
+                &request.tool,
+                "a native program without kept jails (only built-in ones, like python-data, run steps)",
+            ));
+        }
+        _ => {}
     }
     let place = match state.sessions.place(&state.admission, caller.user.as_str(), tier.sessions) {
         Ok(place) => place,
@@ -398,18 +404,19 @@ pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenR
         };
         return Err(denied(state, caller, Some(&request.tool), denial).await);
     }
-    let session =
-        state.sandbox.open_session(tool, &caller.user, &caller.tier, timeout).await.map_err(|(status, message)| {
-            match status {
-                Status::InvalidTool => ApiError::bad_request("not_sessionable", message),
-                Status::InternalError => ApiError::internal("opening a session", &message),
-                _ => ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "session_start_failed",
-                    format!("the tool's instance could not start ({}): {message}", status.as_str()),
-                ),
-            }
-        })?;
+    let opened = match &registered.runnable {
+        Runnable::Wasm(tool) => state.sandbox.open_session(tool, &caller.user, &caller.tier, timeout).await,
+        Runnable::Native(tool) => state.sandbox.open_native_session(tool, &caller.user, &caller.tier, timeout).await,
+    };
+    let session = opened.map_err(|(status, message)| match status {
+        Status::InvalidTool => ApiError::bad_request("not_sessionable", message),
+        Status::InternalError => ApiError::internal("opening a session", &message),
+        _ => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "session_start_failed",
+            format!("the tool's instance could not start ({}): {message}", status.as_str()),
+        ),
+    })?;
     let id = format!("ses_{}", uuid::Uuid::new_v4().simple());
     let lifetime = Duration::from_secs(tier.session_lifetime_s);
     let event = AuditEvent::new(Kind::SessionOpened, "ok")

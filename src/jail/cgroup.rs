@@ -239,7 +239,7 @@ impl Cgroups {
         // (see `child`): the tool shares the server's memory until then, and
         // an OOM kill in that window would reach every sharer.
         let limits = CgroupLimits { memory_bytes: limits.memory_bytes.max(MIN_MEMORY_BYTES), ..*limits };
-        let mut run = RunCgroup { dirs: Vec::new(), v2: matches!(self, Cgroups::V2 { .. }) };
+        let mut run = RunCgroup { dirs: Vec::new(), v2: matches!(self, Cgroups::V2 { .. }), peak: None };
         match self {
             Cgroups::V1 { memory, cpu, cpuacct, pids, memsw } => {
                 let memory = run.make(memory.join(id))?;
@@ -371,6 +371,9 @@ pub struct CgroupStats {
 pub struct RunCgroup {
     dirs: Vec<PathBuf>,
     v2: bool,
+    /// v2's `memory.peak`, open since [`RunCgroup::reset_peaks`]: a reset
+    /// holds for reads through the descriptor that wrote it.
+    peak: Option<fs::File>,
 }
 
 impl RunCgroup {
@@ -415,7 +418,7 @@ impl RunCgroup {
         let mut stats = CgroupStats { cpu: self.cpu(), ..CgroupStats::default() };
         if self.v2 {
             if let Some(dir) = self.dirs.first() {
-                stats.peak_memory_bytes = read_u64(dir, "memory.peak");
+                stats.peak_memory_bytes = self.peak_v2(dir);
                 stats.oom_kills = keyed(dir, "memory.events", "oom_kill").unwrap_or(0);
                 stats.peak_processes = read_u64(dir, "pids.peak");
                 stats.pids_refused = keyed(dir, "pids.events", "max").unwrap_or(0);
@@ -468,6 +471,39 @@ impl RunCgroup {
             write(dir, "pids.max", &limits.pids.to_string())?;
         }
         Ok(())
+    }
+
+    /// Starts the peak memory over from what the run holds now (a warm
+    /// jail's call reports its own peak, not its warm-up's). v1 resets it
+    /// for every reader; v2 (6.12 and later) for reads through the
+    /// descriptor kept here. Where it cannot, the peak keeps the warm-up's.
+    pub fn reset_peaks(&mut self) {
+        if self.v2 {
+            use std::io::Write;
+            let Some(dir) = self.dirs.first() else { return };
+            let opened = fs::OpenOptions::new().read(true).write(true).open(dir.join("memory.peak"));
+            self.peak = opened.ok().and_then(|mut file| file.write_all(b"reset\n").ok().map(|()| file));
+        } else if let Some(dir) = self.find("memory.max_usage_in_bytes") {
+            let _ = fs::write(dir.join("memory.max_usage_in_bytes"), "0");
+            if dir.join("memory.memsw.max_usage_in_bytes").exists() {
+                let _ = fs::write(dir.join("memory.memsw.max_usage_in_bytes"), "0");
+            }
+        }
+    }
+
+    /// v2's peak memory: through the descriptor of a reset when there is one.
+    fn peak_v2(&self, dir: &Path) -> Option<u64> {
+        use std::io::{Read, Seek};
+        match &self.peak {
+            Some(file) => {
+                let mut file = file;
+                let mut text = String::new();
+                file.seek(std::io::SeekFrom::Start(0)).ok()?;
+                file.read_to_string(&mut text).ok()?;
+                text.trim().parse().ok()
+            }
+            None => read_u64(dir, "memory.peak"),
+        }
     }
 
     /// Memory the run's processes hold now.
@@ -568,7 +604,7 @@ mod tests {
         let own = own_path(None).unwrap_or_default();
         let dir = mount.join(own.trim_start_matches('/')).join(format!("imagentx-test-{}", std::process::id()));
         make_dir(&dir).expect("a cgroup2 directory");
-        let mut run = RunCgroup { dirs: vec![dir.clone()], v2: true };
+        let mut run = RunCgroup { dirs: vec![dir.clone()], v2: true, peak: None };
         let mut child =
             std::process::Command::new("/bin/sh").args(["-c", "while :; do :; done"]).spawn().expect("a busy child");
         std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).expect("moving the child in");

@@ -27,6 +27,7 @@ mod namespaces;
 mod rlimits;
 mod rootfs;
 mod seccomp;
+mod session;
 mod supervise;
 mod sys;
 mod warm;
@@ -37,7 +38,7 @@ use std::time::Duration;
 
 pub use cgroup::{CgroupError, CgroupMode};
 pub use rootfs::{Layout, LayoutError};
-pub use warm::{READY_LINE, WarmPool, WarmSpec, WarmStats};
+pub use warm::{NativeSession, READY_LINE, WarmPool, WarmSpec, WarmStats};
 
 use crate::policy::Limits;
 use crate::report::Status;

@@ -31,9 +31,11 @@ pub(super) fn apply(table: &Table) -> Result<(), Errno> {
 
 /// The rows as the first line of a warm jail's input, for its program to
 /// set on itself before its call's code runs (`resource.setrlimit` in
-/// python-data's runner): from outside, `prlimit` on the jail's process
-/// would need `CAP_SYS_RESOURCE`, which a server's root may lack.
-pub(super) fn header(table: &Table) -> String {
+/// python-data's runner). A warm jail starts with limits at least those of
+/// every tier it may serve ([`within`]), so this only lowers them, and
+/// lowering one's own limits needs no capability.
+/// `session`: the program then runs a session's steps (`super::session`).
+pub(super) fn header(table: &Table, session: bool) -> String {
     let name = |resource| match resource {
         libc::RLIMIT_NOFILE => "nofile",
         libc::RLIMIT_NPROC => "nproc",
@@ -43,6 +45,9 @@ pub(super) fn header(table: &Table) -> String {
     let mut line = "imagentx-limits".to_owned();
     for &(resource, soft, hard) in table {
         line.push_str(&format!(" {}={soft}:{hard}", name(resource)));
+    }
+    if session {
+        line.push_str(" session");
     }
     line.push('\n');
     line

@@ -115,6 +115,8 @@ pub(super) struct WarmCall {
     pub input: Vec<u8>,
     /// When the call arrived: its wall-clock budget runs from here.
     pub arrived: Instant,
+    /// A session's steps instead of one call (`super::session`).
+    pub session: Option<super::session::Link>,
 }
 
 /// The line a warm jail's program writes on stderr once it is ready to
@@ -244,7 +246,9 @@ fn prepare_and_run(
         };
         let call_limits =
             CgroupLimits { memory_bytes: next.limits.memory_bytes, cpu: next.limits.cpu_share, pids: next.limits.pids };
-        if let Some(held) = cgroup.memory_now().filter(|held| *held >= next.limits.memory_bytes) {
+        // The warm-up's memory counts against the call's limit: leave it at
+        // least half (a fresh jail is fairer to a small tier).
+        if let Some(held) = cgroup.memory_now().filter(|held| held.saturating_mul(2) > next.limits.memory_bytes) {
             return Err(format!("the warm jail holds {held} bytes, the call may have {}", next.limits.memory_bytes));
         }
         cgroup.set_limits(&call_limits).map_err(|e| format!("setting the call's limits: {e}"))?;
@@ -253,12 +257,16 @@ fn prepare_and_run(
         }
         super::warm::attach(pid, &next.data_dir, next.data_writable)?;
         cpu_base = cgroup.cpu().unwrap_or_default();
+        // The call's peak, not the warm-up's.
+        cgroup.reset_peaks();
         call = Some(next);
     }
+    let session = call.as_mut().and_then(|call| call.session.take());
     let (limits, input, clock) = match &mut call {
         Some(call) => {
             // The program lowers its own resource limits to the call's first.
-            let mut input = rlimits::header(&rlimits::for_limits(&call.limits)).into_bytes();
+            let table = rlimits::for_limits(&call.limits);
+            let mut input = rlimits::header(&table, session.is_some()).into_bytes();
             input.append(&mut call.input);
             call.input = input;
             (&call.limits, call.input.as_slice(), call.arrived)
@@ -268,23 +276,47 @@ fn prepare_and_run(
     let cap = limits.output_bytes;
     let mut stdout = Capped { bytes: Vec::new(), cap, dropped: 0 };
     let mut stderr = Capped { bytes: Vec::new(), cap, dropped: 0 };
-    let stopped = pump(
-        &child,
-        &cgroup,
-        limits,
-        cpu_base,
-        input,
-        clock,
-        &pidfd,
-        stdin_w,
-        stdout_r,
-        stderr_r,
-        &mut stdout,
-        &mut stderr,
-    );
+    let stopped = match session {
+        // A session: its steps until it ends, then the jail goes.
+        Some(link) => {
+            let io = super::session::Io {
+                pid,
+                pidfd: &pidfd,
+                cgroup: &cgroup,
+                stdin: &stdin_w,
+                stdout: &stdout_r,
+                stderr: &stderr_r,
+            };
+            super::session::serve(&io, input, link);
+            sys::kill(pid, libc::SIGKILL);
+            drop((stdin_w, stdout_r, stderr_r));
+            None
+        }
+        None => pump(
+            &child,
+            &cgroup,
+            limits,
+            cpu_base,
+            input,
+            clock,
+            &pidfd,
+            stdin_w,
+            stdout_r,
+            stderr_r,
+            &mut stdout,
+            &mut stderr,
+        ),
+    };
 
-    let (init_status, rusage, bytes_written) =
-        child.reap().map_err(|e| format!("wait4: {}", std::io::Error::from_raw_os_error(e)))?;
+    let (init_status, rusage, bytes_written) = match child.reap() {
+        Ok(reaped) => reaped,
+        // A warm jail's call was given its input: it must not run again elsewhere.
+        Err(e) if call.is_some() => {
+            let message = format!("wait4: {}", std::io::Error::from_raw_os_error(e));
+            return Ok(NativeOutcome::failed(Status::InternalError, message, clock.elapsed()));
+        }
+        Err(e) => return Err(format!("wait4: {}", std::io::Error::from_raw_os_error(e))),
+    };
     let reaped_ns = sys::now_ns();
     let wall = clock.elapsed();
     let t_reaped = started.elapsed();

@@ -489,17 +489,19 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// A detached copy of the mount at `dir` (`open_tree(OPEN_TREE_CLONE)`),
-/// to be attached elsewhere with [`move_mount_onto`].
-pub(super) fn open_tree_clone(dir: &CStr) -> SysResult<RawFd> {
-    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
-    // SAFETY: `dir` is a valid C string for the call's duration.
-    check_long(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, dir.as_ptr(), flags) }).map(|fd| fd as RawFd)
+/// A detached copy of the mount of the directory `dir` (a descriptor),
+/// not recursive (`open_tree(OPEN_TREE_CLONE)`), to be attached elsewhere
+/// with [`move_mount_onto`].
+pub(super) fn open_tree_clone(dir: RawFd) -> SysResult<RawFd> {
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: an integer descriptor and a static empty C string.
+    check_long(unsafe { libc::syscall(libc::SYS_open_tree, dir, c"".as_ptr(), flags) }).map(|fd| fd as RawFd)
 }
 
-/// Sets mount attributes (`MOUNT_ATTR_*`) on the detached mount `tree`.
+/// Sets mount attributes (`MOUNT_ATTR_*`) on the detached mount `tree`, and
+/// makes it private (no mount events from the mount it was copied from).
 pub(super) fn mount_setattr(tree: RawFd, set: u64) -> SysResult {
-    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: libc::MS_PRIVATE, userns_fd: 0 };
     // SAFETY: `attr` is a valid mount_attr of the size passed.
     check_long(unsafe {
         libc::syscall(

@@ -17,25 +17,34 @@
 //!    a rule made at the exec would name the empty directory underneath,
 //!    and Landlock never looks at a covered mount point), then runs the call.
 //!
-//! The call's wall-clock budget runs from its arrival; its CPU time is what
-//! the cgroup counted after the attach. Nothing of a user is in a jail
-//! before its call, and a jail serves one call: it ends with it. A jail that
-//! cannot take its call (it died, its limits cannot be set, the attach
-//! failed) hands it back, and the call runs in a fresh jail.
+//! A call takes only a ready jail, so its wall-clock budget runs from its
+//! arrival; its CPU time is what the cgroup counted after the attach, its
+//! peak memory what it reached after (where the kernel can reset the peak).
+//! Nothing of a user is in a jail before its call, and a jail serves one
+//! call: it ends with it. A jail that cannot take its call before the input
+//! is written (it died, it holds more than half the call's memory, its
+//! limits cannot be set, the attach failed) hands it back, and the call runs
+//! in a fresh jail; after that, whatever happens is the call's outcome.
+//!
+//! What differs from a fresh jail: the warm-up's memory (about 70 MB for
+//! python-data) counts against the call's memory limit; the jail's CPU is
+//! weighed under one owner, the pool's (`@warm`), not the caller's, so warm
+//! calls of different users share one owner's weight when the host is
+//! contended; and idle warm jails are not reserved in the server's memory
+//! budget (their cgroups hold each to the warm-up's limit).
 //!
 //! Attaching needs `CAP_SYS_ADMIN` over the jail's mount namespace from
 //! this process's own user namespace: pools run only when the server is
 //! root ([`Jail::warm_size`]).
 
 use std::collections::VecDeque;
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
+use super::session::StepJob;
 use super::supervise::{self, WarmCall};
 use super::{Jail, Layout, NativeOutcome, NativeRun, sys};
 use crate::policy::Limits;
@@ -48,12 +57,17 @@ const OWNER: &str = "@warm";
 /// How long a warm jail's program may take to get ready.
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
+/// After this many warm-ups failed in a row, none is started for
+/// [`PAUSE_AFTER_FAILURES`] (calls run fresh meanwhile).
+const FAILURES_BEFORE_PAUSE: u32 = 3;
+const PAUSE_AFTER_FAILURES: Duration = Duration::from_secs(60);
+
 /// Attaches the user's directory `dir` at `/data` of the jail whose init is
 /// `init` (a child of this process, not reaped).
 pub(super) fn attach(init: libc::pid_t, dir: &Path, writable: bool) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = CString::new(dir.as_os_str().as_bytes()).map_err(|_| "a NUL in the data directory's path".to_owned())?;
-    let tree = sys::open_tree_clone(&path).map_err(errno("copying the user's directory's mount"))?;
+    let source = super::rootfs::open_data(dir).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+    let tree = sys::open_tree_clone(source.as_raw_fd()).map_err(errno("copying the user's directory's mount"))?;
     let tree = owned(tree);
     let mut attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
     if !writable {
@@ -73,12 +87,14 @@ pub(super) fn attach(init: libc::pid_t, dir: &Path, writable: bool) -> Result<()
     let mount_ns = open(format!("/proc/{init}/ns/mnt"), 0)?;
     // A thread of its own enters the jail's mount namespace and ends there.
     std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
+        std::thread::Builder::new()
+            .name("warm-attach".into())
+            .spawn_scoped(scope, || {
                 sys::unshare_fs().map_err(errno("unshare(CLONE_FS)"))?;
                 sys::setns(mount_ns.as_raw_fd(), libc::CLONE_NEWNS).map_err(errno("entering the jail's mounts"))?;
                 sys::move_mount_onto(tree.as_raw_fd(), target.as_raw_fd()).map_err(errno("attaching /data"))
             })
+            .map_err(|e| format!("starting the attaching thread: {e}"))?
             .join()
             .unwrap_or_else(|_| Err("the attaching thread panicked".to_owned()))
     })
@@ -129,8 +145,10 @@ pub struct WarmPool {
     spec: WarmSpec,
     size: usize,
     idle: Mutex<VecDeque<WarmJail>>,
-    /// No more jails are started once set.
+    /// No more jails are started once set (under `idle`'s lock).
     stopped: AtomicBool,
+    /// Warm-ups that failed in a row, and when the last did.
+    failing: Mutex<Option<(u32, Instant)>>,
     pub stats: WarmStats,
 }
 
@@ -171,6 +189,7 @@ impl WarmPool {
             size,
             idle: Mutex::default(),
             stopped: AtomicBool::new(false),
+            failing: Mutex::new(None),
             stats: WarmStats::default(),
         });
         pool.refill();
@@ -180,8 +199,11 @@ impl WarmPool {
     /// Lets every warm jail go and waits (up to `within`) until they are
     /// gone with their cgroups; starts no more. For the server's stop.
     pub fn stop(&self, within: Duration) {
-        self.stopped.store(true, Ordering::Release);
-        let jails: Vec<WarmJail> = self.idle.lock().unwrap_or_else(PoisonError::into_inner).drain(..).collect();
+        let jails: Vec<WarmJail> = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            self.stopped.store(true, Ordering::Release);
+            idle.drain(..).collect()
+        };
         let deadline = Instant::now() + within;
         let threads: Vec<_> = jails
             .into_iter()
@@ -205,6 +227,15 @@ impl WarmPool {
         self.size
     }
 
+    /// Prepares a user's directory for a jail's `/data` ([`Jail::prepare_data_dir`]).
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    pub fn prepare_data_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.jail.prepare_data_dir(dir)
+    }
+
     /// The tool's name.
     pub fn tool(&self) -> &str {
         &self.spec.tool
@@ -221,8 +252,8 @@ impl WarmPool {
         (ready.len(), warming, memory)
     }
 
-    /// Runs `call` in a warm jail: `None` when none could take it (then run
-    /// it in a fresh jail). Blocking while the jail runs.
+    /// Runs a call in a ready warm jail: `None` when none could take it
+    /// before its input was written (then run it in a fresh jail).
     pub async fn serve(
         self: &Arc<Self>,
         data_dir: &Path,
@@ -243,7 +274,7 @@ impl WarmPool {
             self.stats.missed.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let Some(jail) = self.take() else {
+        let Some(jail) = self.take(false) else {
             self.stats.missed.fetch_add(1, Ordering::Relaxed);
             self.refill();
             return None;
@@ -255,12 +286,15 @@ impl WarmPool {
             limits: limits.clone(),
             input: input.to_vec(),
             arrived,
+            session: None,
         };
         let sent = jail.calls.send(Job { call, answer }).is_ok();
         drop(jail);
         let outcome = if sent { answered.await.ok() } else { None };
         // The jail in its place warms up now: while the call ran, a warm-up
-        // (a core's worth of imports) would have competed with it for the CPU.
+        // (a core's worth of imports) would have competed with it for the
+        // CPU. (A call that found no ready jail starts one at once: it runs
+        // fresh, and the pool must fill again.)
         self.refill();
         match outcome {
             Some(Ok(outcome)) => {
@@ -279,22 +313,100 @@ impl WarmPool {
         }
     }
 
-    /// The oldest live warm jail, ready ones first (its replacement is
-    /// started once the call is done: [`WarmPool::serve`]).
-    fn take(self: &Arc<Self>) -> Option<WarmJail> {
+    /// Opens a session of steps (`super::session`) in a warm jail attached
+    /// to `data_dir` under `limits` (a ready jail, or one started for it,
+    /// which takes a warm-up).
+    ///
+    /// # Errors
+    ///
+    /// Why no jail could take the session.
+    pub async fn open_session(
+        self: &Arc<Self>,
+        data_dir: &Path,
+        data_writable: bool,
+        limits: &Limits,
+    ) -> Result<NativeSession, String> {
+        if !self.fits(limits) {
+            return Err("this tier's /tmp or resource limits differ from the warm jails'".to_owned());
+        }
+        let jail = match self.take(true) {
+            Some(jail) => jail,
+            None => self.start().map_err(|e| format!("starting a jail: {e}"))?,
+        };
+        let (steps, steps_rx) = mpsc::channel();
+        let closed = Arc::new(AtomicBool::new(false));
+        let memory = Arc::new(AtomicU64::new(0));
+        let (opened, is_open) = tokio::sync::oneshot::channel();
+        let link = super::session::Link {
+            steps: steps_rx,
+            closed: Arc::clone(&closed),
+            memory: Arc::clone(&memory),
+            opened: Some(opened),
+        };
+        let call = WarmCall {
+            data_dir: data_dir.to_owned(),
+            data_writable,
+            limits: limits.clone(),
+            input: Vec::new(),
+            arrived: Instant::now(),
+            session: Some(link),
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let alive = Arc::clone(&jail.alive);
+        let sent = jail.calls.send(Job { call, answer }).is_ok();
+        drop(jail);
+        self.refill();
+        if !sent {
+            return Err("the warm jail had ended".to_owned());
+        }
+        if is_open.await.is_ok() {
+            return Ok(NativeSession { steps, closed, memory, alive, dead: AtomicBool::new(false) });
+        }
+        Err(match answered.await {
+            Ok(Err(why)) => why,
+            Ok(Ok(outcome)) => format!("the jail ended: {}", outcome.error.unwrap_or_default()),
+            Err(_) => "the warm jail ended".to_owned(),
+        })
+    }
+
+    /// Whether a call under `limits` can run in this pool's jails: their
+    /// `/tmp` was made at their start, and their program can only lower its
+    /// resource limits.
+    fn fits(&self, limits: &Limits) -> bool {
+        use super::rlimits::{for_limits, within};
+        limits.tmp_bytes == self.spec.limits.tmp_bytes
+            && limits.tmp_files == self.spec.limits.tmp_files
+            && within(&for_limits(limits), &for_limits(&self.spec.limits))
+    }
+
+    /// The oldest ready warm jail (a call never waits for a warm-up: its
+    /// wall-clock budget runs from its arrival); with `or_warming`, the
+    /// oldest live one when none is ready (a session, which has no clock
+    /// while it opens). Its replacement is started once the call is done.
+    fn take(self: &Arc<Self>, or_warming: bool) -> Option<WarmJail> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|j| j.alive.load(Ordering::Acquire));
-        let at =
-            idle.iter().position(|j| j.ready.load(Ordering::Acquire)).or(if idle.is_empty() { None } else { Some(0) });
+        let ready = idle.iter().position(|j| j.ready.load(Ordering::Acquire));
+        let at = if or_warming && ready.is_none() && !idle.is_empty() { Some(0) } else { ready };
         at.and_then(|i| idle.remove(i))
     }
 
     /// Starts warm jails until `size` are idle.
+    /// Not while the pool stops, nor for a while after warm-ups kept failing
+    /// (each is a core's worth of imports).
     fn refill(self: &Arc<Self>) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let failing = self
+            .failing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|(n, last)| n >= FAILURES_BEFORE_PAUSE && last.elapsed() < PAUSE_AFTER_FAILURES);
+        if failing {
+            return;
+        }
         idle.retain(|j| j.alive.load(Ordering::Acquire));
         while idle.len() < self.size {
             match self.start() {
@@ -321,6 +433,8 @@ impl WarmPool {
         let pool = Arc::downgrade(self);
         self.stats.started.fetch_add(1, Ordering::Relaxed);
         let thread = std::thread::Builder::new().name("warm-jail".into()).spawn(move || {
+            // `alive` goes down however this thread ends (a panic included).
+            let _alive = Alive(alive_flag);
             let id = format!("warm-{}", uuid::Uuid::new_v4().simple());
             let mut answer = None;
             let mut next = || loop {
@@ -352,7 +466,11 @@ impl WarmPool {
                 layout: spec.layout.as_deref(),
             };
             let result = supervise::run_warm(&jail, &run, &mut warm);
-            alive_flag.store(false, Ordering::Release);
+            let became_ready = ready_flag.load(Ordering::Acquire);
+            if let Some(pool) = pool.upgrade() {
+                let mut failing = pool.failing.lock().unwrap_or_else(PoisonError::into_inner);
+                *failing = if became_ready { None } else { Some((failing.map_or(0, |(n, _)| n) + 1, Instant::now())) };
+            }
             match (result, answer) {
                 (Ok(outcome), Some(answer)) => {
                     let _ = answer.send(Ok(outcome));
@@ -377,6 +495,15 @@ impl WarmPool {
     }
 }
 
+/// Clears a warm jail's `alive` flag when its thread ends.
+struct Alive(Arc<AtomicBool>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 impl Drop for WarmPool {
     /// A pool dropped (its tool replaced or retired) lets its jails go; their
     /// threads remove them.
@@ -384,5 +511,79 @@ impl Drop for WarmPool {
         for jail in self.idle.get_mut().unwrap_or_else(PoisonError::into_inner).drain(..) {
             jail.cancel.store(true, Ordering::Release);
         }
+    }
+}
+
+/// A session of steps in a jail: dropping it ends the session (its jail is
+/// killed and removed by the thread that supervises it).
+pub struct NativeSession {
+    steps: mpsc::Sender<StepJob>,
+    closed: Arc<AtomicBool>,
+    memory: Arc<AtomicU64>,
+    /// The jail's supervising thread still runs.
+    alive: Arc<AtomicBool>,
+    /// A step ended the session.
+    dead: AtomicBool,
+}
+
+impl std::fmt::Debug for NativeSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NativeSession").field("dead", &self.is_dead()).finish_non_exhaustive()
+    }
+}
+
+impl NativeSession {
+    /// Runs one step (`input`: its `{code, args}` document) under `limits`'
+    /// wall-clock and CPU budgets and output caps, from `arrived`; stopped
+    /// with status `cancelled` when `cancel` fires first. A step that does
+    /// not end with the program's answer (a limit, a crash) ends the session.
+    pub async fn step(
+        &self,
+        input: Vec<u8>,
+        limits: &Limits,
+        arrived: Instant,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> NativeOutcome {
+        let (answer, mut answered) = tokio::sync::oneshot::channel();
+        let job = StepJob { input, limits: limits.clone(), arrived, answer };
+        let outcome = if self.is_dead() || self.steps.send(job).is_err() {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    self.closed.store(true, Ordering::Release);
+                    answered.await.ok()
+                }
+                outcome = &mut answered => outcome.ok(),
+            }
+        };
+        let outcome = outcome.unwrap_or_else(|| {
+            NativeOutcome::failed(
+                crate::report::Status::Crashed,
+                "the session's jail had ended".to_owned(),
+                arrived.elapsed(),
+            )
+        });
+        if !matches!(outcome.status, crate::report::Status::Ok | crate::report::Status::ToolError) {
+            self.dead.store(true, Ordering::Release);
+        }
+        outcome
+    }
+
+    /// The memory the session's jail held after its last step.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.load(Ordering::Relaxed)
+    }
+
+    /// Whether the session can run no more steps.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire) || !self.alive.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for NativeSession {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
     }
 }
