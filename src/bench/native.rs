@@ -255,6 +255,41 @@ fn python_data(h: &mut Harness, jailer: &Jailer, bwrap_bin: Option<&Path>) -> an
     reused_python(h, &built, &host, runs)
 }
 
+/// Steps in a python-data session (`NativeSession`): `x = 1`, and a
+/// groupby of the 1 MB CSV the session loaded in its first step, each timed
+/// from the step's arrival to its outcome.
+fn session_steps(
+    h: &mut Harness,
+    runtime: &tokio::runtime::Runtime,
+    pool: &Arc<crate::jail::WarmPool>,
+    jailer: &Jailer,
+    limits: &Limits,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let session = runtime
+        .block_on(pool.open_session(jailer.data.path(), true, limits))
+        .map_err(|e| anyhow::anyhow!("opening a python-data session: {e}"))?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let step = |code: &str| {
+        let input = serde_json::json!({"code": code}).to_string().into_bytes();
+        let t = Instant::now();
+        let outcome = runtime.block_on(session.step(input, limits, t, &cancel));
+        super::Sample { latency: t.elapsed(), ok: outcome.status == Status::Ok }
+    };
+    let loaded = step("import pandas as pd\ndf = pd.read_csv('/data/sales.csv')\nlen(df)");
+    anyhow::ensure!(loaded.ok, "the session's first step failed");
+    let steps = runs * 10;
+    for (case, code) in [
+        ("python-data session: step `x = 1`", "x = 1"),
+        ("python-data session: step, groupby of the loaded 1 MB CSV", "df.groupby('region')['amount'].mean()"),
+    ] {
+        let started = Instant::now();
+        let samples: Vec<_> = (0..steps).map(|_| step(code)).collect();
+        h.push(Series { samples, elapsed: started.elapsed(), ..Series::new(Suite::Native, case, Who::Ours, 1) });
+    }
+    Ok(())
+}
+
 /// The floor of any per-call isolation: the same call in one Python process
 /// warmed as a warm jail is and then reused for every call (a Jupyter-like
 /// kernel, no isolation, no new process), timed from the request line
@@ -357,6 +392,7 @@ fn warm_python_data(
         let ok = served.is_some_and(|o| o.status == Status::Ok && o.stdout.windows(9).any(|w| w == br#""images":"#));
         samples.push(super::Sample { latency, ok });
     }
+    session_steps(h, &runtime, &pool, jailer, limits, runs)?;
     pool.stop(Duration::from_secs(5));
     memory.sort_unstable();
     let per_jail = memory.get(memory.len() / 2).copied().unwrap_or(0);
