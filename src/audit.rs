@@ -5,9 +5,21 @@
 //! with every field length-prefixed, so that no two different records hash
 //! the same. Changing, removing or reordering any record breaks the chain
 //! from there on, which [`verify`] finds.
+//!
+//! Old records move out of the database into **archive segments**
+//! ([`ARCHIVE_DIR`] under the data directory, `[retention] audit_days`):
+//! gzip-compressed JSON lines, one record per line exactly as it was stored,
+//! closed by an `{"end": ...}` line with the count and the last hash. A
+//! segment is written whole (temporary name, fsync, rename) before its
+//! records leave the table, and the newest record always stays there, so the
+//! chain goes on from it. [`verify_all`] checks the segments and the table
+//! as one chain, and names the segment of the first break.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::store::{StoreError, optional};
@@ -215,57 +227,300 @@ pub struct Verification {
     /// The first record whose hash or link does not match, if any.
     pub first_broken: Option<i64>,
     pub reason: Option<String>,
+    /// Records checked in archive segments (part of `records`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub archived: u64,
+    /// The archive segment of the first break, when it is in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
 }
 
-/// Recomputes the whole chain.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One record as stored, and as an archive segment's line holds it (the
+/// detail as the exact text that was hashed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub seq: i64,
+    pub at: String,
+    pub kind: String,
+    pub actor: Option<String>,
+    pub user: Option<String>,
+    pub tool: Option<String>,
+    pub outcome: String,
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl StoredRecord {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            seq: r.get(0)?,
+            at: r.get(1)?,
+            kind: r.get(2)?,
+            actor: r.get(3)?,
+            user: r.get(4)?,
+            tool: r.get(5)?,
+            outcome: r.get(6)?,
+            detail: r.get(7)?,
+            prev_hash: r.get(8)?,
+            hash: r.get(9)?,
+        })
+    }
+}
+
+const COLUMNS: &str = "seq, at, kind, actor, user_id, tool, outcome, detail, prev_hash, hash";
+
+/// The chain as it is walked: what the next record must be.
+struct Chain {
+    prev: String,
+    next_seq: i64,
+    records: u64,
+}
+
+impl Chain {
+    fn new() -> Self {
+        Self { prev: GENESIS.to_owned(), next_seq: 1, records: 0 }
+    }
+
+    /// Checks `record` as the next one: why it breaks the chain, if it does.
+    fn check(&mut self, record: &StoredRecord) -> Option<String> {
+        self.records += 1;
+        if record.seq != self.next_seq {
+            return Some(format!("record {} is missing", self.next_seq));
+        }
+        if record.prev_hash != self.prev {
+            return Some("does not link to the record before it".into());
+        }
+        let fields = RecordFields {
+            seq: record.seq,
+            at: &record.at,
+            kind: &record.kind,
+            actor: record.actor.as_deref(),
+            user: record.user.as_deref(),
+            tool: record.tool.as_deref(),
+            outcome: &record.outcome,
+            detail: &record.detail,
+        };
+        if fields.hash(&self.prev) != record.hash {
+            return Some("content does not match its hash".into());
+        }
+        self.prev.clone_from(&record.hash);
+        self.next_seq += 1;
+        None
+    }
+
+    fn broken(&self, seq: i64, reason: String, segment: Option<String>) -> Verification {
+        Verification { records: self.records, first_broken: Some(seq), reason: Some(reason), archived: 0, segment }
+    }
+}
+
+/// Recomputes the whole chain of the table (no archive: see [`verify_all`]).
 ///
 /// # Errors
 ///
 /// A database error while reading.
 pub fn verify(conn: &Connection) -> Result<Verification, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT seq, at, kind, actor, user_id, tool, outcome, detail, prev_hash, hash FROM audit ORDER BY seq",
-    )?;
+    verify_table(conn, Chain::new(), 0)
+}
+
+fn verify_table(conn: &Connection, mut chain: Chain, archived: u64) -> Result<Verification, StoreError> {
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM audit ORDER BY seq"))?;
     let mut rows = stmt.query([])?;
-    let mut prev = GENESIS.to_owned();
-    let mut expected_seq = 1;
-    let mut records = 0;
-    let broken = |seq: i64, records: u64, reason: String| Verification {
-        records,
-        first_broken: Some(seq),
-        reason: Some(reason),
-    };
     while let Some(r) = rows.next()? {
-        let seq: i64 = r.get(0)?;
-        let text = |i| r.get::<_, String>(i);
-        let maybe = |i| r.get::<_, Option<String>>(i);
-        let (at, kind, outcome, detail) = (text(1)?, text(2)?, text(6)?, text(7)?);
-        let (actor, user, tool) = (maybe(3)?, maybe(4)?, maybe(5)?);
-        let (prev_hash, hash) = (text(8)?, text(9)?);
-        records += 1;
-        if seq != expected_seq {
-            return Ok(broken(seq, records, format!("record {expected_seq} is missing")));
+        let record = StoredRecord::from_row(r)?;
+        if let Some(reason) = chain.check(&record) {
+            return Ok(Verification { archived, ..chain.broken(record.seq, reason, None) });
         }
-        if prev_hash != prev {
-            return Ok(broken(seq, records, "does not link to the record before it".into()));
-        }
-        let fields = RecordFields {
-            seq,
-            at: &at,
-            kind: &kind,
-            actor: actor.as_deref(),
-            user: user.as_deref(),
-            tool: tool.as_deref(),
-            outcome: &outcome,
-            detail: &detail,
-        };
-        if fields.hash(&prev) != hash {
-            return Ok(broken(seq, records, "content does not match its hash".into()));
-        }
-        prev = hash;
-        expected_seq += 1;
     }
-    Ok(Verification { records, first_broken: None, reason: None })
+    Ok(Verification { records: chain.records, first_broken: None, reason: None, archived, segment: None })
+}
+
+/// Where archive segments go, under a data directory.
+pub const ARCHIVE_DIR: &str = "audit-archive";
+
+/// The lock an archiver holds while it writes a segment and deletes its
+/// records, and a backup while it copies the database and the segments
+/// (so that a backup never holds a record twice, or not at all).
+pub const ARCHIVE_LOCK: &str = ".lock";
+
+/// Takes the archive's lock (waiting for it), making the directory first.
+///
+/// # Errors
+///
+/// The directory or the lock file cannot be made, or the lock taken.
+pub fn lock_archive(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(ARCHIVE_LOCK))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))
+}
+
+/// The file name of the segment of records `first..=last`.
+pub fn segment_name(first: i64, last: i64) -> String {
+    format!("audit-{first:012}-{last:012}.jsonl.gz")
+}
+
+/// The closing line of a segment.
+#[derive(Debug, Serialize, Deserialize)]
+struct End {
+    end: EndFields,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct EndFields {
+    records: u64,
+    first_seq: i64,
+    last_seq: i64,
+    last_hash: String,
+}
+
+/// The segments in `dir`, oldest first, with the first record each holds.
+fn segments(dir: &Path) -> std::io::Result<Vec<(i64, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let first = name.strip_prefix("audit-").and_then(|rest| rest.split('-').next()).and_then(|n| n.parse().ok());
+        if let (Some(first), true) = (first, name.ends_with(".jsonl.gz")) {
+            found.push((first, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The oldest records written before `cutoff` (RFC 3339), at most `max`,
+/// never the newest record (the chain goes on from it).
+///
+/// # Errors
+///
+/// A database error.
+pub fn archivable(conn: &Connection, cutoff: &str, max: u32) -> Result<Vec<StoredRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM audit WHERE at < ?1 AND seq < (SELECT max(seq) FROM audit) ORDER BY seq LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![cutoff, max], StoredRecord::from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Writes `records` (consecutive) as one segment in `dir`: a temporary
+/// file, fsync, rename, fsync of the directory. A segment that starts at
+/// the same record (left by an archiver stopped before it could delete its
+/// records) is replaced.
+///
+/// # Errors
+///
+/// The write's failure.
+pub fn write_segment(dir: &Path, records: &[StoredRecord]) -> std::io::Result<PathBuf> {
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Err(std::io::Error::other("an empty segment"));
+    };
+    std::fs::create_dir_all(dir)?;
+    for (start, stale) in segments(dir)? {
+        if start == first.seq {
+            std::fs::remove_file(stale)?;
+        }
+    }
+    let path = dir.join(segment_name(first.seq, last.seq));
+    let partial = dir.join(format!(".{}.partial", segment_name(first.seq, last.seq)));
+    let file = std::fs::File::create(&partial)?;
+    let mut gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::default());
+    for record in records {
+        serde_json::to_writer(&mut gz, record)?;
+        gz.write_all(b"\n")?;
+    }
+    let end = End {
+        end: EndFields {
+            records: records.len() as u64,
+            first_seq: first.seq,
+            last_seq: last.seq,
+            last_hash: last.hash.clone(),
+        },
+    };
+    serde_json::to_writer(&mut gz, &end)?;
+    gz.write_all(b"\n")?;
+    let file = gz.finish()?.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    std::fs::rename(&partial, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(path)
+}
+
+/// Deletes the records `first..=last` once their segment is written.
+///
+/// # Errors
+///
+/// A database error.
+pub(crate) fn delete_archived(conn: &Connection, first: i64, last: i64) -> Result<u64, StoreError> {
+    conn.prepare_cached("UPDATE audit_archived SET upto = max(upto, ?1) WHERE id = 1")?.execute([last])?;
+    let deleted = conn
+        .prepare_cached("DELETE FROM audit WHERE seq BETWEEN ?1 AND ?2 AND seq < (SELECT max(seq) FROM audit)")?
+        .execute(params![first, last])?;
+    Ok(deleted as u64)
+}
+
+/// Verifies the archive segments in `archive` (oldest first) and then the
+/// table, as one chain from the first record.
+///
+/// # Errors
+///
+/// A database error; an archive segment that cannot be read is reported as
+/// the break, not as an error.
+pub fn verify_all(conn: &Connection, archive: &Path) -> Result<Verification, StoreError> {
+    let mut chain = Chain::new();
+    let found = match segments(archive) {
+        Ok(found) => found,
+        Err(e) => return Ok(chain.broken(1, format!("the archive {} cannot be read: {e}", archive.display()), None)),
+    };
+    for (first, path) in found {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let broken = |chain: &Chain, seq: i64, reason: String| chain.broken(seq, reason, name.clone());
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) => return Ok(broken(&chain, first, format!("the segment cannot be read: {e}"))),
+        };
+        let lines = std::io::BufReader::new(flate2::read::GzDecoder::new(file)).lines();
+        let mut ended = false;
+        let mut in_segment = 0u64;
+        for line in lines {
+            let line = match line {
+                Ok(line) => line,
+                Err(e) => return Ok(broken(&chain, chain.next_seq, format!("the segment is damaged: {e}"))),
+            };
+            if ended {
+                return Ok(broken(&chain, chain.next_seq, "a line follows the segment's end".into()));
+            }
+            if let Ok(end) = serde_json::from_str::<End>(&line) {
+                let e = end.end;
+                if e.records != in_segment || e.last_seq != chain.next_seq - 1 || e.last_hash != chain.prev {
+                    return Ok(broken(&chain, e.last_seq, "the segment's end does not match its records".into()));
+                }
+                ended = true;
+                continue;
+            }
+            let record: StoredRecord = match serde_json::from_str(&line) {
+                Ok(record) => record,
+                Err(e) => return Ok(broken(&chain, chain.next_seq, format!("a line is not a record: {e}"))),
+            };
+            in_segment += 1;
+            if let Some(reason) = chain.check(&record) {
+                return Ok(broken(&chain, record.seq, reason));
+            }
+        }
+        if !ended {
+            return Ok(broken(&chain, chain.next_seq, "the segment has no end line (cut short)".into()));
+        }
+    }
+    let archived = chain.records;
+    verify_table(conn, chain, archived)
 }
 
 /// One record, as `GET /v1/audit` shows it.

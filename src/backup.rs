@@ -10,6 +10,7 @@
 //!                   transaction beside the server's writer, no lock held)
 //! blobs/...         registered modules and native specs
 //! users/<user>/...  every user's files (from their volume when they have one)
+//! audit-archive/... the audit trail's archive segments (`crate::audit`)
 //! config.toml       the config file given, if any
 //! manifest.json     last: versions, counts, the audit chain's head, and the
 //!                   size and SHA-256 of every member before it
@@ -155,6 +156,11 @@ fn write_backup(data_dir: &Path, config: Option<&Path>, out: &Path, scratch: &Pa
     tar.follow_symlinks(false);
     let mut members = Vec::new();
 
+    // The database and the audit archive, taken together under the
+    // archive's lock: an archiver moving records meanwhile would leave them
+    // in both, or in neither.
+    let archive = data_dir.join(crate::audit::ARCHIVE_DIR);
+    let archive_lock = crate::audit::lock_archive(&archive).map_err(io(format!("locking {}", archive.display())))?;
     // The database: a snapshot beside the running writer.
     let snapshot = tempfile::Builder::new()
         .prefix(".imagentx-backup-db-")
@@ -172,6 +178,8 @@ fn write_backup(data_dir: &Path, config: Option<&Path>, out: &Path, scratch: &Pa
     let counts = Counts::of(&snap)?;
     add_file(&mut tar, &mut members, &snap, DATABASE)?;
     drop(snapshot);
+    add_archive(&mut tar, &mut members, &archive)?;
+    drop(archive_lock);
 
     // Modules and specs.
     let blobs = data_dir.join("blobs");
@@ -359,6 +367,26 @@ fn server_root(data_dir: &Path) -> Option<PathBuf> {
     root.exists().then_some(root)
 }
 
+/// Adds the audit archive's segments (not its lock, nor a segment an
+/// archiver was writing when it stopped).
+fn add_archive<W: Write>(
+    tar: &mut tar::Builder<W>,
+    members: &mut Vec<Member>,
+    archive: &Path,
+) -> Result<(), BackupError> {
+    let mut names: Vec<String> = match std::fs::read_dir(archive) {
+        Ok(entries) => entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(format!("listing {}", archive.display()))(e)),
+    };
+    names.retain(|n| n.starts_with("audit-") && n.ends_with(".jsonl.gz"));
+    names.sort();
+    for name in names {
+        add_file(tar, members, &archive.join(&name), &format!("{}/{name}", crate::audit::ARCHIVE_DIR))?;
+    }
+    Ok(())
+}
+
 /// Adds the file at `path` (the database snapshot, the config) as `name`.
 fn add_file<W: Write>(
     tar: &mut tar::Builder<W>,
@@ -533,6 +561,10 @@ fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
             let target = match into {
                 Some(into) => Some(beneath(into, &name)?),
                 None if name == DATABASE => Some(check_dir.path().join(DATABASE)),
+                // Archive segments are checked with the database, as one chain.
+                None if name.starts_with(&format!("{}/", crate::audit::ARCHIVE_DIR)) => {
+                    Some(beneath(check_dir.path(), &name)?)
+                }
                 None => None,
             };
             let sink: Box<dyn Write> = match &target {
@@ -550,9 +582,12 @@ fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
             hashing.flush().map_err(io(format!("writing {name}")))?;
             if let (Some(target), Some(_)) = (&target, into) {
                 own(target, entry.header());
-                if name == DATABASE {
-                    std::fs::copy(target, check_dir.path().join(DATABASE))
-                        .map_err(io("copying the database to check it"))?;
+                if name == DATABASE || name.starts_with(&format!("{}/", crate::audit::ARCHIVE_DIR)) {
+                    let check = beneath(check_dir.path(), &name)?;
+                    if let Some(parent) = check.parent() {
+                        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+                    }
+                    std::fs::copy(target, check).map_err(io("copying the database to check it"))?;
                 }
             }
             seen.push(Member { path: name, bytes: hashing.bytes, sha256: hex::encode(hashing.hash.finalize()) });
@@ -588,7 +623,8 @@ fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
         }
     }
     let conn = rusqlite::Connection::open(check_dir.path().join(DATABASE))?;
-    let verification = crate::audit::verify(&conn).map_err(|e| damaged(format!("its database: {e}")))?;
+    let archive = check_dir.path().join(crate::audit::ARCHIVE_DIR);
+    let verification = crate::audit::verify_all(&conn, &archive).map_err(|e| damaged(format!("its database: {e}")))?;
     if let Some(seq) = verification.first_broken {
         return Err(damaged(format!(
             "its audit chain breaks at record {seq}: {}",

@@ -597,7 +597,8 @@ fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
         return Err(UsageError(format!("no database at {}", path.display())));
     }
     let (store, _) = open_store(state)?;
-    let verification = store.read(crate::audit::verify)?;
+    let archive = state.data_dir.join(crate::audit::ARCHIVE_DIR);
+    let verification = store.read(|conn| crate::audit::verify_all(conn, &archive))?;
     say(serde_json::to_string_pretty(&verification)?);
     Ok(if verification.first_broken.is_none() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -233,6 +233,22 @@ impl Sandbox {
             Live::Native { session: native, data_writable, note } => {
                 let outcome = match self.admit(call) {
                     Err((status, message)) => NativeOutcome::failed(status, message, started.clock.elapsed()),
+                    // Without volumes nothing holds the quota during a call: a
+                    // session whose user went over it ends (as a call would
+                    // start with /data read-only).
+                    Ok((limits, _))
+                        if *data_writable
+                            && self.data_dir.volumes().is_none()
+                            && !self.data_access(call, &limits, false).await.1 =>
+                    {
+                        native.close();
+                        let message = format!(
+                            "the user's data directory is over its quota ({} bytes): the session ended (a new one \
+                             sees /data read-only)",
+                            limits.data_quota_bytes
+                        );
+                        NativeOutcome::failed(Status::Cancelled, message, started.clock.elapsed())
+                    }
                     Ok((limits, input)) => {
                         let mut outcome = native.step(input.as_bytes().to_vec(), &limits, started.clock, cancel).await;
                         if *data_writable {

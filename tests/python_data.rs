@@ -439,3 +439,67 @@ fn holders(name: &str) -> usize {
         })
         .count()
 }
+
+/// What a session's code could leave behind: an answer past the output cap
+/// is that step's error (the session goes on); a thread left spinning
+/// between steps ends the session once it used a step's CPU; a session
+/// closed while a step runs stops the step, and its interpreter is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_data_session_ends_on_what_would_outlive_its_steps() {
+    let Some(srv) = serve(2).await else { return };
+    let alice = srv.add_user("alice", "standard", false).await;
+    let open = |timeout_ms: u64| {
+        let (srv, alice) = (&srv, alice.clone());
+        async move {
+            let body = json!({"tool": "python-data", "timeout_ms": timeout_ms}).to_string();
+            let a = srv.request(Method::POST, "/v1/sessions", Some(&alice), body).await;
+            assert_eq!(a.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&a.body));
+            a.json()["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let step = |code: &str| json!({"code": code});
+
+    // 250,000 control characters printed: 1.5 MB once JSON-escaped, past the 1 MiB cap.
+    let id = open(10_000).await;
+    let (_, report) = session_step(&srv, &alice, &id, step("kept = 42\nprint('\\x01' * 250_000)")).await;
+    assert_eq!(report["status"], "tool_error", "{report}");
+    assert!(report["stderr"].as_str().unwrap().contains("output cap"), "{report}");
+    let (_, report) = session_step(&srv, &alice, &id, step("kept")).await;
+    assert_eq!(report["output"]["result"], 42, "{report}");
+
+    // A thread left spinning: a step's CPU (0.5 core × 2 s = 1 s) is all it gets between steps.
+    let id = open(2_000).await;
+    let spin = "import threading\ndef spin():\n    while True:\n        pass\nthreading.Thread(target=spin, daemon=True).start()";
+    let (_, report) = session_step(&srv, &alice, &id, step(spin)).await;
+    assert_eq!(report["status"], "ok", "{report}");
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let (status, report) = session_step(&srv, &alice, &id, step("1")).await;
+    let ended = status == StatusCode::GONE || report["status"] == "crashed";
+    assert!(ended, "a session whose thread spun between steps goes on: {status} {report}");
+    if status == StatusCode::OK {
+        assert!(report["error"].as_str().unwrap().contains("between steps"), "{report}");
+    }
+
+    // DELETE while a step spins: the step is cancelled, the interpreter gone.
+    let id = open(20_000).await;
+    let (_, report) = session_step(&srv, &alice, &id, step("held = open('held-while-spinning', 'w')\n1")).await;
+    assert_eq!(report["status"], "ok", "{report}");
+    let running = {
+        let (addr, key, id) = (srv.addr.to_string(), alice.clone(), id.clone());
+        tokio::spawn(async move {
+            let body = json!({"code": "while True:\n    pass"}).to_string();
+            server::http(&addr, Method::POST, &format!("/v1/sessions/{id}/run"), &key, body).await.json()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let closed = srv.request(Method::DELETE, &format!("/v1/sessions/{id}"), Some(&alice), "").await;
+    assert_eq!(closed.status, StatusCode::OK);
+    let report = running.await.unwrap();
+    assert_eq!(report["status"], "cancelled", "{report}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while holders("held-while-spinning") > 0 {
+        assert!(std::time::Instant::now() < deadline, "a closed session's interpreter still runs");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    srv.assert_healthy().await;
+}

@@ -29,7 +29,7 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn old_and_surplus_executions_are_pruned_newest_kept_audit_intact() {
-    let retention = Retention { days: 30, max_executions: 5, every_ms: 50, batch: 2 };
+    let retention = Retention { days: 30, max_executions: 5, every_ms: 50, batch: 2, ..Retention::default() };
     let srv = TestServer::start_with(Policy::default(), |s| {
         s.builtin_tools = false;
         s.retention = retention;

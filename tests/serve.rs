@@ -226,7 +226,7 @@ fn audit_verify_finds_a_changed_or_removed_record() {
         conn.execute_batch(&format!("VACUUM INTO '{}'", copy.join("sandbox.db").display())).unwrap();
         // …so an attacker with the file drops them first.
         conn.execute_batch(
-            "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;
+            "DROP TRIGGER audit_no_update; DROP TRIGGER audit_delete_archived_only;
              UPDATE audit SET detail = '{\"from\":\"standard\",\"to\":\"free\"}' WHERE seq = 5;",
         )
         .unwrap();
@@ -238,7 +238,7 @@ fn audit_verify_finds_a_changed_or_removed_record() {
 
     {
         let conn = rusqlite::Connection::open(copy.join("sandbox.db")).unwrap();
-        conn.execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq = 3;").unwrap();
+        conn.execute_batch("DROP TRIGGER audit_delete_archived_only; DELETE FROM audit WHERE seq = 3;").unwrap();
     }
     let verify = cli(&["audit", "verify"], &copy);
     assert_eq!(verify.status.code(), Some(1));

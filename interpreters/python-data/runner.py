@@ -1,6 +1,7 @@
 """The `python-data` tool: an agent's Python with numpy, pandas and
-matplotlib, run by the host's /usr/bin/python3 in the native jail, one fresh
-process per call (scripts/build-interpreters python-data builds its packages).
+matplotlib, run by the host's /usr/bin/python3 in the native jail, one
+process per call, started before the call when it is warm (below);
+scripts/build-interpreters python-data builds its packages.
 
 Input on stdin:  {"code": "...", "args": {...}}
 Output on stdout, one JSON document:
@@ -139,7 +140,8 @@ def pictures(answer):
 def set_limits(line):
     """Lowers this process's resource limits to a call's: the sandbox's
     "imagentx-limits nofile=S:H nproc=S:H fsize=S:H core=S:H [session]" line.
-    Answers whether a session's steps follow (rather than one call's input)."""
+    Answers a session's answer cap (`frame=N`) when a session's steps follow
+    (rather than one call's input), else None."""
     import resource
 
     words = line.split()
@@ -151,9 +153,14 @@ def set_limits(line):
         if word == "session":
             continue
         name, values = word.split("=", 1)
+        if name == "frame":
+            continue
         soft, hard = (int(v) for v in values.split(":"))
         resource.setrlimit(names[name], (soft, hard))
-    return "session" in words[1:]
+    if "session" not in words[1:]:
+        return None
+    caps = [int(w.split("=", 1)[1]) for w in words[1:] if w.startswith("frame=")]
+    return caps[0] if caps else 1 << 20
 
 
 def warm_up():
@@ -222,9 +229,8 @@ FILE_KINDS = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
 
 def flush_files():
     """Flushes the files the caller's code left open: those among the objects
-    made since the last `gc.freeze()` join OPEN_FILES, then every one still
-    open is flushed, and what exists now is frozen (the next look is at what
-    is new)."""
+    made since `gc.freeze()` (before the caller's first code: what is older is
+    ours) join OPEN_FILES, then every one still open is flushed."""
     for generation in range(3):
         for obj in gc.get_objects(generation):
             if isinstance(obj, FILE_KINDS):
@@ -235,15 +241,28 @@ def flush_files():
                 file.flush()
         except BaseException:
             pass
-    gc.freeze()
 
 
-def session(frames):
+def send_frame(frames, frame, cap):
+    """Writes `frame` as a frame (length, newline, JSON) on `frames`; an
+    answer over `cap` bytes is replaced by a step error saying so."""
+    payload = json.dumps(frame).encode()
+    if len(payload) > cap:
+        note = f"the step's answer was {len(payload)} bytes, over the {cap}-byte output cap: print less, or return a smaller result"
+        payload = json.dumps({"ok": False, "stdout": "", "traceback": note + "\n"}).encode()
+    view = memoryview(b"%d\n" % len(payload) + payload)
+    while view:
+        view = view[os.write(frames, view):]
+
+
+def session(frames, cap):
     """A session's steps: a frame in (length, newline, `{"code", "args"}`),
     a frame out (`{"ok": true, "answer"}` or `{"ok": false, "stdout",
-    "traceback"}`) on the descriptor `frames`, in one scope that lives on."""
+    "traceback"}`, at most `cap` bytes) on the descriptor `frames`, in one
+    scope that lives on. A first frame says the session is ready."""
     scope = {"__name__": "__main__"}
     stdin = sys.stdin.buffer
+    send_frame(frames, {"ok": True, "ready": True}, cap)
     while True:
         header = stdin.readline()
         if not header:
@@ -262,15 +281,12 @@ def session(frames):
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close("all")
         flush_files()
-        payload = json.dumps(frame).encode()
-        view = memoryview(b"%d\n" % len(payload) + payload)
-        while view:
-            view = view[os.write(frames, view):]
+        send_frame(frames, frame, cap)
 
 
 def main():
     warm = os.environ.get("IMAGENTX_WARM") == "1"
-    in_session = False
+    in_session = None
     if warm:
         warm_up()
         # The sandbox's first line: the call's resource limits.
@@ -279,7 +295,7 @@ def main():
         except Exception as e:
             print(f"the warm jail could not take its call's limits: {e}", file=sys.stderr)
             return 3
-    if in_session:
+    if in_session is not None:
         try:
             confine()
         except Exception as e:
@@ -290,7 +306,7 @@ def main():
         frames = os.dup(1)
         os.dup2(2, 1)
         gc.freeze()
-        return session(frames)
+        return session(frames, in_session)
     try:
         request = parse_request(sys.stdin.buffer.read())
     except Exception as e:

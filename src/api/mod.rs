@@ -147,7 +147,9 @@ pub fn scheduled_backups(dir: &std::path::Path) -> Vec<PathBuf> {
 
 /// The `[retention]` table: executions older than `days`, and all but the
 /// newest `max_executions`, are deleted in the background, `batch` rows per
-/// commit (calls' writes go between batches). Audit records are kept.
+/// commit (calls' writes go between batches). Audit records older than
+/// `audit_days` move to archive segments of `audit_segment` records
+/// (`crate::audit`): out of the database, still one verifiable chain.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Retention {
@@ -159,11 +161,23 @@ pub struct Retention {
     pub every_ms: u64,
     /// Rows deleted per commit.
     pub batch: u32,
+    /// Days an audit record stays in the database before it is archived
+    /// (0: never archived).
+    pub audit_days: u32,
+    /// Records per archive segment (at most).
+    pub audit_segment: u32,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Self { days: 30, max_executions: 10_000_000, every_ms: 60_000, batch: 500 }
+        Self {
+            days: 30,
+            max_executions: 10_000_000,
+            every_ms: 60_000,
+            batch: 500,
+            audit_days: 30,
+            audit_segment: 10_000,
+        }
     }
 }
 
@@ -929,7 +943,7 @@ async fn run_backup(state: &AppState, dir: &std::path::Path, file: &std::path::P
 /// every `every_ms`.
 async fn prune_executions(state: Arc<AppState>) {
     let retention = state.settings.retention.clone();
-    if retention.days == 0 && retention.max_executions == 0 {
+    if retention.days == 0 && retention.max_executions == 0 && retention.audit_days == 0 {
         return;
     }
     let mut every = tokio::time::interval(Duration::from_millis(retention.every_ms.max(10)));
@@ -940,8 +954,12 @@ async fn prune_executions(state: Arc<AppState>) {
             let age = Duration::from_secs(u64::from(retention.days) * 86_400);
             crate::report::rfc3339(std::time::SystemTime::now() - age)
         });
+        archive_audit(&state, &retention).await;
         let mut pruned = 0u64;
         loop {
+            if retention.days == 0 && retention.max_executions == 0 {
+                break;
+            }
             let max = (retention.max_executions > 0).then_some(retention.max_executions);
             match state.store.prune_executions(cutoff.clone(), max, retention.batch.max(1)).await {
                 Ok(0) => break,
@@ -965,6 +983,37 @@ async fn prune_executions(state: Arc<AppState>) {
                 "old executions pruned"
             );
         }
+    }
+}
+
+/// Moves audit records older than `[retention] audit_days` into archive
+/// segments, a segment at a time, until none is left to move.
+async fn archive_audit(state: &Arc<AppState>, retention: &Retention) {
+    if retention.audit_days == 0 {
+        return;
+    }
+    let age = Duration::from_secs(u64::from(retention.audit_days) * 86_400);
+    let cutoff = crate::report::rfc3339(std::time::SystemTime::now() - age);
+    let dir = state.settings.data_dir.join(crate::audit::ARCHIVE_DIR);
+    let mut moved = 0u64;
+    loop {
+        let (state, dir, cutoff) = (Arc::clone(state), dir.clone(), cutoff.clone());
+        let max = retention.audit_segment.max(1);
+        match tokio::task::spawn_blocking(move || state.store.archive_audit(&dir, &cutoff, max)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => moved += n,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "archiving audit records failed; trying again later");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the audit archiver stopped");
+                break;
+            }
+        }
+    }
+    if moved > 0 {
+        tracing::info!(records = moved, days = retention.audit_days, dir = %dir.display(), "audit records archived");
     }
 }
 

@@ -1,6 +1,7 @@
 //! Code sessions: `/v1/sessions`. A session is one live instance of an
-//! interpreter tool (`python`, `javascript`, or any SDK tool) whose state
-//! lives on between its steps, each step run through the one invoke path
+//! interpreter tool (`python`, `javascript`, or any SDK tool; or a jailed
+//! interpreter of a native built-in with warm jails, `python-data`:
+//! `crate::jail::NativeSession`) whose state lives on between its steps, each step run through the one invoke path
 //! ([`Prepared::run`]) with its own limits and recorded as an execution.
 //!
 //! What a session holds while it lives, and who counts it:
@@ -8,7 +9,8 @@
 //!   `max_sessions`, which also holds one slot of the instance pool, so that
 //!   calls in flight and sessions together never pass the pool;
 //! - its instance's linear memory, charged to the host's memory pool like
-//!   any call's; a session is not opened while sessions hold more than
+//!   any call's (a native session's memory is its jail's cgroup, held to
+//!   the tier's limit, and not charged to that pool while it is idle); a session is not opened while sessions hold more than
 //!   [`SESSION_MEMORY_SHARE`] of that pool, so that they cannot starve
 //!   one-shot calls of memory;
 //! - the user's `/data` (their volume stays mounted) and a `/tmp` of its own.

@@ -34,8 +34,9 @@ pub(super) fn apply(table: &Table) -> Result<(), Errno> {
 /// python-data's runner). A warm jail starts with limits at least those of
 /// every tier it may serve ([`within`]), so this only lowers them, and
 /// lowering one's own limits needs no capability.
-/// `session`: the program then runs a session's steps (`super::session`).
-pub(super) fn header(table: &Table, session: bool) -> String {
+/// `session`: the program then runs a session's steps (`super::session`),
+/// each answer at most this many bytes.
+pub(super) fn header(table: &Table, session: Option<usize>) -> String {
     let name = |resource| match resource {
         libc::RLIMIT_NOFILE => "nofile",
         libc::RLIMIT_NPROC => "nproc",
@@ -46,8 +47,8 @@ pub(super) fn header(table: &Table, session: bool) -> String {
     for &(resource, soft, hard) in table {
         line.push_str(&format!(" {}={soft}:{hard}", name(resource)));
     }
-    if session {
-        line.push_str(" session");
+    if let Some(cap) = session {
+        line.push_str(&format!(" session frame={cap}"));
     }
     line.push('\n');
     line

@@ -9,9 +9,15 @@
 //! program keeps its stdout for the frames (what the step's code writes to
 //! descriptor 1 goes to stderr), and stderr is read as the step's.
 //!
-//! A step that runs out of time or CPU, a program that ends (its memory
-//! limit, a crash), or a session closed while a step runs ends the session:
-//! its jail is killed and removed, like a call's.
+//! The program's first answer says it is ready (confined, in `/data`): only
+//! then is the session open. Before each step what the program wrote since
+//! the last one is drained (not the step's).
+//!
+//! A step that runs out of time or CPU, an answer past the cap, a program
+//! that ends (its memory limit, a crash), a session closed while a step
+//! runs, or a program that uses more CPU between steps than a step may (a
+//! thread or process left running) ends the session: its jail is killed and
+//! removed, like a call's.
 
 use std::fs::File;
 use std::io::{ErrorKind, Write};
@@ -35,8 +41,14 @@ pub(super) struct Link {
     pub closed: Arc<AtomicBool>,
     /// The memory the session's cgroup holds, after each step.
     pub memory: Arc<AtomicU64>,
-    /// Told once the jail has its user and waits for steps.
-    pub opened: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Told once the program is ready for steps, or why it is not.
+    pub opened: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    /// CPU time the program may use between two steps.
+    pub idle_cpu: Duration,
+    /// Why the session's jail ended between steps, when it did.
+    pub why: Arc<std::sync::Mutex<Option<String>>>,
+    /// The largest answer a step may have (its output cap).
+    pub answer_cap: usize,
 }
 
 /// One step to run.
@@ -63,33 +75,111 @@ pub(super) struct Io<'a> {
 /// is the program's first line.
 pub(super) fn serve(io: &Io<'_>, header: &[u8], mut link: Link) {
     let mut stdin = borrow(io.stdin);
-    if write_within(&mut stdin, header, Instant::now() + Duration::from_secs(5)).is_err() {
+    let mut buffer = Vec::new();
+    let ready = write_within(&mut stdin, header, Instant::now() + Duration::from_secs(5))
+        .map_err(|e| format!("writing the session's first line: {e}"))
+        .and_then(|()| ready(io, &mut buffer, &link));
+    link.memory.store(io.cgroup.memory_now().unwrap_or(0), Ordering::Relaxed);
+    let failed = ready.is_err();
+    if let Some(opened) = link.opened.take() {
+        let _ = opened.send(ready);
+    }
+    if failed {
         return;
     }
-    link.memory.store(io.cgroup.memory_now().unwrap_or(0), Ordering::Relaxed);
-    if let Some(opened) = link.opened.take() {
-        let _ = opened.send(());
-    }
-    let mut buffer = Vec::new();
+    let mut idle_from = io.cgroup.cpu().unwrap_or_default();
     loop {
         let job = match link.steps.recv_timeout(Duration::from_millis(100)) {
             Ok(job) => job,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if link.closed.load(Ordering::Acquire) || exited(io.pidfd) {
+                if link.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                let why = if exited(io.pidfd) {
+                    Some("its interpreter ended between steps".to_owned())
+                } else {
+                    io.cgroup.cpu().filter(|cpu| cpu.saturating_sub(idle_from) > link.idle_cpu).map(|cpu| {
+                        format!(
+                            "it used {} ms of CPU between steps, more than a step may ({} ms): something it started \
+                             kept running",
+                            cpu.saturating_sub(idle_from).as_millis(),
+                            link.idle_cpu.as_millis()
+                        )
+                    })
+                };
+                if let Some(why) = why {
+                    *link.why.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
                     return;
                 }
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
-        let outcome = step(io, &mut stdin, &mut buffer, &job, &link.closed);
+        let outcome = step(io, &mut stdin, &mut buffer, &job, &link);
         link.memory.store(io.cgroup.memory_now().unwrap_or(0), Ordering::Relaxed);
+        idle_from = io.cgroup.cpu().unwrap_or_default();
         let goes_on = matches!(outcome.status, Status::Ok | Status::ToolError);
         let _ = job.answer.send(outcome);
         if !goes_on {
             return;
         }
     }
+}
+
+/// Waits (up to 10 s) for the program's first answer, which says it is
+/// ready; or why it is not (what it wrote on stderr).
+fn ready(io: &Io<'_>, buffer: &mut Vec<u8>, link: &Link) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut said = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let failed = |said: &[u8], what: &str| {
+        let text = String::from_utf8_lossy(&said[said.len().saturating_sub(2048)..]).trim().to_owned();
+        format!("the session's interpreter {what}: {text}")
+    };
+    loop {
+        if Instant::now() >= deadline || link.closed.load(Ordering::Acquire) {
+            return Err(failed(&said, "was not ready in time"));
+        }
+        let mut fds = [
+            libc::pollfd { fd: io.stdout.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: io.stderr.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: io.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        if sys::poll(&mut fds, 100).is_err() {
+            continue;
+        }
+        if fds[1].revents != 0
+            && let Some(bytes) = read_some(io.stderr.as_raw_fd(), &mut chunk)
+        {
+            said.extend_from_slice(bytes);
+        }
+        if fds[0].revents != 0 {
+            match read_some(io.stdout.as_raw_fd(), &mut chunk) {
+                Some(bytes) => buffer.extend_from_slice(bytes),
+                None => return Err(failed(&said, "ended before it was ready")),
+            }
+            if let Frame::Whole(_) = parse_frame(buffer, link.answer_cap + SLACK) {
+                buffer.clear();
+                return Ok(());
+            }
+        }
+        if fds[2].revents != 0 {
+            // What it wrote last, then why it ended.
+            while let Some(bytes @ [_, ..]) = read_some(io.stderr.as_raw_fd(), &mut chunk) {
+                said.extend_from_slice(bytes);
+            }
+            return Err(failed(&said, "ended before it was ready"));
+        }
+    }
+}
+
+/// Room past the answer cap for a frame's own fields.
+const SLACK: usize = 4096;
+
+/// Reads and drops what `fd` holds now: what the program wrote between
+/// steps is no step's.
+fn drain(fd: RawFd, chunk: &mut [u8]) {
+    while let Some([_, ..]) = read_some(fd, chunk) {}
 }
 
 /// A `File` over a descriptor this module only borrows.
@@ -133,7 +223,8 @@ enum Stopped {
 }
 
 /// Runs one step: its frame in, its answer frame (or its end) out.
-fn step(io: &Io<'_>, stdin: &mut File, buffer: &mut Vec<u8>, job: &StepJob, closed: &AtomicBool) -> NativeOutcome {
+fn step(io: &Io<'_>, stdin: &mut File, buffer: &mut Vec<u8>, job: &StepJob, link: &Link) -> NativeOutcome {
+    let closed = &link.closed;
     let limits = &job.limits;
     let deadline = job.arrived + limits.wall_time;
     let before = io.cgroup.stats();
@@ -143,14 +234,17 @@ fn step(io: &Io<'_>, stdin: &mut File, buffer: &mut Vec<u8>, job: &StepJob, clos
     let mut written = 0;
     let mut stderr = Vec::new();
     let mut stderr_dropped = false;
-    // A frame's length line, then at most this many bytes.
-    let most = limits.output_bytes.saturating_mul(2).max(64 << 10);
+    // A frame's length line, then at most this many bytes (the program
+    // answers an error itself past the cap it was given).
+    let most = link.answer_cap + SLACK;
     buffer.clear();
+    let mut chunk = vec![0u8; 64 * 1024];
+    drain(io.stdout.as_raw_fd(), &mut chunk);
+    drain(io.stderr.as_raw_fd(), &mut chunk);
     let mut stopped = None;
     let mut answer = None;
     let mut ended = false;
     let mut next_cpu_check = Instant::now() + CPU_POLL;
-    let mut chunk = vec![0u8; 64 * 1024];
     while answer.is_none() && stopped.is_none() && !ended {
         let now = Instant::now();
         if now >= deadline {
@@ -251,7 +345,9 @@ fn step(io: &Io<'_>, stdin: &mut File, buffer: &mut Vec<u8>, job: &StepJob, clos
         (None, Some(Stopped::Closed)) => {
             (Status::Cancelled, "cancelled: the session was closed while this step ran".to_owned())
         }
-        (None, Some(Stopped::Oversized)) => (Status::ToolError, format!("the step's answer passed {most} bytes")),
+        (None, Some(Stopped::Oversized)) => {
+            (Status::Crashed, format!("the session's interpreter answered past {most} bytes: the session ended"))
+        }
         (None, None) => (Status::Crashed, "the session's interpreter ended".to_owned()),
     };
     outcome.status = status;

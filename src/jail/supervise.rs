@@ -266,7 +266,8 @@ fn prepare_and_run(
         Some(call) => {
             // The program lowers its own resource limits to the call's first.
             let table = rlimits::for_limits(&call.limits);
-            let mut input = rlimits::header(&table, session.is_some()).into_bytes();
+            let cap = session.is_some().then_some(call.limits.output_bytes);
+            let mut input = rlimits::header(&table, cap).into_bytes();
             input.append(&mut call.input);
             call.input = input;
             (&call.limits, call.input.as_slice(), call.arrived)

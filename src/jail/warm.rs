@@ -331,17 +331,25 @@ impl WarmPool {
         }
         let jail = match self.take(true) {
             Some(jail) => jail,
+            None if self.stopped.load(Ordering::Acquire) => return Err("the server is stopping".to_owned()),
+            None if self.failing() => {
+                return Err("the jails' warm-ups keep failing (see the server's log); try again later".to_owned());
+            }
             None => self.start().map_err(|e| format!("starting a jail: {e}"))?,
         };
         let (steps, steps_rx) = mpsc::channel();
         let closed = Arc::new(AtomicBool::new(false));
         let memory = Arc::new(AtomicU64::new(0));
+        let why = Arc::new(Mutex::new(None));
         let (opened, is_open) = tokio::sync::oneshot::channel();
         let link = super::session::Link {
             steps: steps_rx,
             closed: Arc::clone(&closed),
             memory: Arc::clone(&memory),
             opened: Some(opened),
+            idle_cpu: limits.cpu_time,
+            why: Arc::clone(&why),
+            answer_cap: limits.output_bytes,
         };
         let call = WarmCall {
             data_dir: data_dir.to_owned(),
@@ -353,20 +361,36 @@ impl WarmPool {
         };
         let (answer, answered) = tokio::sync::oneshot::channel();
         let alive = Arc::clone(&jail.alive);
+        // Until the session is open, a dropped open (its client gone) lets
+        // the jail go, warming up or not.
+        let mut abandoned = LetGo { flags: [Arc::clone(&jail.cancel), Arc::clone(&closed)], armed: true };
         let sent = jail.calls.send(Job { call, answer }).is_ok();
         drop(jail);
         self.refill();
         if !sent {
             return Err("the warm jail had ended".to_owned());
         }
-        if is_open.await.is_ok() {
-            return Ok(NativeSession { steps, closed, memory, alive, dead: AtomicBool::new(false) });
+        match is_open.await {
+            Ok(Ok(())) => {
+                abandoned.armed = false;
+                return Ok(NativeSession { steps, closed, memory, alive, why, dead: AtomicBool::new(false) });
+            }
+            Ok(Err(why)) => return Err(why),
+            Err(_) => {}
         }
         Err(match answered.await {
             Ok(Err(why)) => why,
             Ok(Ok(outcome)) => format!("the jail ended: {}", outcome.error.unwrap_or_default()),
             Err(_) => "the warm jail ended".to_owned(),
         })
+    }
+
+    /// Whether warm-ups have failed often enough lately to pause them.
+    fn failing(&self) -> bool {
+        self.failing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|(n, last)| n >= FAILURES_BEFORE_PAUSE && last.elapsed() < PAUSE_AFTER_FAILURES)
     }
 
     /// Whether a call under `limits` can run in this pool's jails: their
@@ -399,12 +423,7 @@ impl WarmPool {
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
-        let failing = self
-            .failing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some_and(|(n, last)| n >= FAILURES_BEFORE_PAUSE && last.elapsed() < PAUSE_AFTER_FAILURES);
-        if failing {
+        if self.failing() {
             return;
         }
         idle.retain(|j| j.alive.load(Ordering::Acquire));
@@ -495,6 +514,22 @@ impl WarmPool {
     }
 }
 
+/// Sets its flags when dropped while armed: lets a jail go.
+struct LetGo {
+    flags: [Arc<AtomicBool>; 2],
+    armed: bool,
+}
+
+impl Drop for LetGo {
+    fn drop(&mut self) {
+        if self.armed {
+            for flag in &self.flags {
+                flag.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
 /// Clears a warm jail's `alive` flag when its thread ends.
 struct Alive(Arc<AtomicBool>);
 
@@ -522,6 +557,8 @@ pub struct NativeSession {
     memory: Arc<AtomicU64>,
     /// The jail's supervising thread still runs.
     alive: Arc<AtomicBool>,
+    /// Why the jail ended between steps, when it did.
+    why: Arc<Mutex<Option<String>>>,
     /// A step ended the session.
     dead: AtomicBool,
 }
@@ -559,9 +596,11 @@ impl NativeSession {
             }
         };
         let outcome = outcome.unwrap_or_else(|| {
+            let why = self.why.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let why = why.unwrap_or_else(|| "its jail had ended".to_owned());
             NativeOutcome::failed(
                 crate::report::Status::Crashed,
-                "the session's jail had ended".to_owned(),
+                format!("the session ended: {why}"),
                 arrived.elapsed(),
             )
         });
@@ -569,6 +608,12 @@ impl NativeSession {
             self.dead.store(true, Ordering::Release);
         }
         outcome
+    }
+
+    /// Ends the session now (its jail is killed by its thread).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.dead.store(true, Ordering::Release);
     }
 
     /// The memory the session's jail held after its last step.

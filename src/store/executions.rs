@@ -193,3 +193,27 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// Moves up to `max` audit records written before `cutoff` (RFC 3339)
+    /// into one archive segment in `archive` (`crate::audit`), then deletes
+    /// them from the table; answers how many moved. Holds the archive's lock
+    /// from the read to the delete (a backup holds it while it copies).
+    /// Blocking: call it from a blocking thread.
+    ///
+    /// # Errors
+    ///
+    /// A database error, or the segment's write failure (then nothing is
+    /// deleted).
+    pub fn archive_audit(&self, archive: &std::path::Path, cutoff: &str, max: u32) -> Result<u64, StoreError> {
+        let _lock = crate::audit::lock_archive(archive)?;
+        let records = self.read(|conn| crate::audit::archivable(conn, cutoff, max))?;
+        let (Some(first), Some(last)) = (records.first().map(|r| r.seq), records.last().map(|r| r.seq)) else {
+            return Ok(0);
+        };
+        crate::audit::write_segment(archive, &records)?;
+        let deleted = tokio::runtime::Handle::current()
+            .block_on(self.write(move |w| crate::audit::delete_archived(w.conn(), first, last)))?;
+        Ok(deleted)
+    }
+}

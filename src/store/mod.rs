@@ -47,6 +47,8 @@ pub enum StoreError {
     NotFound(String),
     #[error("the database writer has stopped")]
     WriterGone,
+    #[error("audit archive: {0}")]
+    Archive(#[from] std::io::Error),
 }
 
 type Reply = oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>;

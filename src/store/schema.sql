@@ -66,8 +66,23 @@ CREATE INDEX IF NOT EXISTS audit_by_user ON audit (user_id, seq);
 CREATE INDEX IF NOT EXISTS audit_by_kind ON audit (kind, seq);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+-- Records leave the table only once archived (`crate::audit`): the archiver
+-- moves `upto` forward (never back) after it wrote their segment, then
+-- deletes them; any other delete is refused.
+CREATE TABLE IF NOT EXISTS audit_archived (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    upto  INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO audit_archived (id, upto) VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS audit_archived_forward BEFORE UPDATE ON audit_archived
+    WHEN NEW.upto < OLD.upto OR NEW.id != OLD.id
+    BEGIN SELECT RAISE(ABORT, 'the audit archive only moves forward'); END;
+CREATE TRIGGER IF NOT EXISTS audit_archived_kept BEFORE DELETE ON audit_archived
+    BEGIN SELECT RAISE(ABORT, 'the audit archive mark is kept'); END;
+DROP TRIGGER IF EXISTS audit_no_delete;
+CREATE TRIGGER IF NOT EXISTS audit_delete_archived_only BEFORE DELETE ON audit
+    WHEN OLD.seq > (SELECT upto FROM audit_archived WHERE id = 1)
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only (only archived ones leave the table)'); END;
 
 -- Code sessions: their live instances are in the server's memory only; a row
 -- says whose a session was and why it ended, so that a step sent to a session
