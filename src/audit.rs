@@ -242,6 +242,7 @@ fn is_zero(n: &u64) -> bool {
 /// One record as stored, and as an archive segment's line holds it (the
 /// detail as the exact text that was hashed).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StoredRecord {
     pub seq: i64,
     pub at: String,
@@ -324,14 +325,28 @@ impl Chain {
 ///
 /// A database error while reading.
 pub fn verify(conn: &Connection) -> Result<Verification, StoreError> {
-    verify_table(conn, Chain::new(), 0)
+    verify_table(conn, Chain::new(), 0, &std::collections::HashMap::new())
 }
 
-fn verify_table(conn: &Connection, mut chain: Chain, archived: u64) -> Result<Verification, StoreError> {
+/// The table's records after `chain`; those still there that were also
+/// archived (in `archived_hashes`, the last segment's) must be the same.
+fn verify_table(
+    conn: &Connection,
+    mut chain: Chain,
+    archived: u64,
+    archived_hashes: &std::collections::HashMap<i64, String>,
+) -> Result<Verification, StoreError> {
     let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM audit ORDER BY seq"))?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let record = StoredRecord::from_row(r)?;
+        if record.seq < chain.next_seq {
+            if archived_hashes.get(&record.seq) == Some(&record.hash) {
+                continue;
+            }
+            let reason = "differs from its archived copy".to_owned();
+            return Ok(Verification { archived, ..chain.broken(record.seq, reason, None) });
+        }
         if let Some(reason) = chain.check(&record) {
             return Ok(Verification { archived, ..chain.broken(record.seq, reason, None) });
         }
@@ -347,15 +362,30 @@ pub const ARCHIVE_DIR: &str = "audit-archive";
 /// (so that a backup never holds a record twice, or not at all).
 pub const ARCHIVE_LOCK: &str = ".lock";
 
-/// Takes the archive's lock (waiting for it), making the directory first.
+/// Takes the archive's lock (waiting for it). With `create` (the archiver)
+/// the directory and its lock file are made first; without (a backup, a
+/// verify), no archive is no lock to take: `None`. Never through a symlink.
 ///
 /// # Errors
 ///
-/// The directory or the lock file cannot be made, or the lock taken.
-pub fn lock_archive(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
-    std::fs::create_dir_all(dir)?;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(ARCHIVE_LOCK))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))
+/// The directory or the lock file cannot be made or opened, or the lock taken.
+pub fn lock_archive(dir: &Path, create: bool) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if create {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    if create {
+        options.write(true).create(true).truncate(false).mode(0o600);
+    }
+    let file = match options.open(dir.join(ARCHIVE_LOCK)) {
+        Ok(file) => file,
+        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive);
+    locked.map(Some).map_err(|(_, e)| std::io::Error::from(e))
 }
 
 /// The file name of the segment of records `first..=last`.
@@ -365,11 +395,13 @@ pub fn segment_name(first: i64, last: i64) -> String {
 
 /// The closing line of a segment.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct End {
     end: EndFields,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct EndFields {
     records: u64,
     first_seq: i64,
@@ -403,9 +435,15 @@ fn segments(dir: &Path) -> std::io::Result<Vec<(i64, PathBuf)>> {
 /// # Errors
 ///
 /// A database error.
+///
+/// Only an unbroken run from the oldest record: one written before
+/// `cutoff` after one that was not (a clock stepped back) waits for it.
 pub fn archivable(conn: &Connection, cutoff: &str, max: u32) -> Result<Vec<StoredRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM audit WHERE at < ?1 AND seq < (SELECT max(seq) FROM audit) ORDER BY seq LIMIT ?2"
+        "SELECT {COLUMNS} FROM audit
+          WHERE seq < (SELECT max(seq) FROM audit)
+            AND seq < coalesce((SELECT min(seq) FROM audit WHERE at >= ?1), 9223372036854775807)
+          ORDER BY seq LIMIT ?2"
     ))?;
     let rows = stmt.query_map(params![cutoff, max], StoredRecord::from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -423,6 +461,9 @@ pub fn write_segment(dir: &Path, records: &[StoredRecord]) -> std::io::Result<Pa
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Err(std::io::Error::other("an empty segment"));
     };
+    if records.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
+        return Err(std::io::Error::other("a segment's records must be consecutive"));
+    }
     std::fs::create_dir_all(dir)?;
     for (start, stale) in segments(dir)? {
         if start == first.seq {
@@ -431,7 +472,13 @@ pub fn write_segment(dir: &Path, records: &[StoredRecord]) -> std::io::Result<Pa
     }
     let path = dir.join(segment_name(first.seq, last.seq));
     let partial = dir.join(format!(".{}.partial", segment_name(first.seq, last.seq)));
-    let file = std::fs::File::create(&partial)?;
+    // Made new, never through something already there (a planted symlink).
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&partial)?;
     let mut gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::default());
     for record in records {
         serde_json::to_writer(&mut gz, record)?;
@@ -480,16 +527,21 @@ pub fn verify_all(conn: &Connection, archive: &Path) -> Result<Verification, Sto
         Ok(found) => found,
         Err(e) => return Ok(chain.broken(1, format!("the archive {} cannot be read: {e}", archive.display()), None)),
     };
+    // The hashes of the last segment's records: after a crash between a
+    // segment's write and its records' delete, the table still holds them.
+    let mut last_segment = std::collections::HashMap::new();
     for (first, path) in found {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
         let broken = |chain: &Chain, seq: i64, reason: String| chain.broken(seq, reason, name.clone());
-        let file = match std::fs::File::open(&path) {
+        let file = match open_regular(&path) {
             Ok(file) => file,
             Err(e) => return Ok(broken(&chain, first, format!("the segment cannot be read: {e}"))),
         };
-        let lines = std::io::BufReader::new(flate2::read::GzDecoder::new(file)).lines();
+        // Every gzip member: text appended after the first is read, and refused.
+        let lines = std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file)).lines();
         let mut ended = false;
         let mut in_segment = 0u64;
+        last_segment.clear();
         for line in lines {
             let line = match line {
                 Ok(line) => line,
@@ -500,8 +552,19 @@ pub fn verify_all(conn: &Connection, archive: &Path) -> Result<Verification, Sto
             }
             if let Ok(end) = serde_json::from_str::<End>(&line) {
                 let e = end.end;
-                if e.records != in_segment || e.last_seq != chain.next_seq - 1 || e.last_hash != chain.prev {
-                    return Ok(broken(&chain, e.last_seq, "the segment's end does not match its records".into()));
+                let named = name.as_deref() == Some(segment_name(e.first_seq, e.last_seq).as_str());
+                if e.records == 0
+                    || e.records != in_segment
+                    || e.first_seq != first
+                    || e.last_seq != chain.next_seq - 1
+                    || e.last_hash != chain.prev
+                    || !named
+                {
+                    return Ok(broken(
+                        &chain,
+                        e.last_seq,
+                        "the segment's end does not match its records or name".into(),
+                    ));
                 }
                 ended = true;
                 continue;
@@ -514,13 +577,28 @@ pub fn verify_all(conn: &Connection, archive: &Path) -> Result<Verification, Sto
             if let Some(reason) = chain.check(&record) {
                 return Ok(broken(&chain, record.seq, reason));
             }
+            last_segment.insert(record.seq, record.hash);
         }
         if !ended {
             return Ok(broken(&chain, chain.next_seq, "the segment has no end line (cut short)".into()));
         }
     }
     let archived = chain.records;
-    verify_table(conn, chain, archived)
+    verify_table(conn, chain, archived, &last_segment)
+}
+
+/// Opens `path` if it is a regular file, never through a symlink, without
+/// waiting on a FIFO.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
 }
 
 /// One record, as `GET /v1/audit` shows it.

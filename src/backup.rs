@@ -54,7 +54,8 @@ pub struct Member {
     pub sha256: String,
 }
 
-const FORMAT: u32 = 1;
+/// 2: with the audit archive's segments (format 1, without, is read too).
+const FORMAT: u32 = 2;
 const MANIFEST: &str = "manifest.json";
 const DATABASE: &str = "sandbox.db";
 
@@ -160,7 +161,8 @@ fn write_backup(data_dir: &Path, config: Option<&Path>, out: &Path, scratch: &Pa
     // archive's lock: an archiver moving records meanwhile would leave them
     // in both, or in neither.
     let archive = data_dir.join(crate::audit::ARCHIVE_DIR);
-    let archive_lock = crate::audit::lock_archive(&archive).map_err(io(format!("locking {}", archive.display())))?;
+    let archive_lock =
+        crate::audit::lock_archive(&archive, false).map_err(io(format!("locking {}", archive.display())))?;
     // The database: a snapshot beside the running writer.
     let snapshot = tempfile::Builder::new()
         .prefix(".imagentx-backup-db-")
@@ -382,7 +384,19 @@ fn add_archive<W: Write>(
     names.retain(|n| n.starts_with("audit-") && n.ends_with(".jsonl.gz"));
     names.sort();
     for name in names {
-        add_file(tar, members, &archive.join(&name), &format!("{}/{name}", crate::audit::ARCHIVE_DIR))?;
+        // A regular file only: never through a symlink, never waiting on a FIFO.
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = archive.join(&name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(io(format!("opening {}", path.display())))?;
+        let stat = nix::sys::stat::fstat(&file).map_err(|e| io(format!("reading {}", path.display()))(e.into()))?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(BackupError::Refused(format!("{} is not a regular file", path.display())));
+        }
+        add_file_fd(tar, members, file, &stat, &format!("{}/{name}", crate::audit::ARCHIVE_DIR))?;
     }
     Ok(())
 }
@@ -608,7 +622,7 @@ fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
         }
     }
     let manifest = manifest.ok_or_else(|| damaged(format!("no manifest: the file ends after {}", last(&seen))))?;
-    if manifest.format != FORMAT {
+    if manifest.format == 0 || manifest.format > FORMAT {
         return Err(BackupError::Refused(format!(
             "backup format {} (made by {}); this version reads format {FORMAT}",
             manifest.format, manifest.made_by

@@ -598,6 +598,9 @@ fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
     }
     let (store, _) = open_store(state)?;
     let archive = state.data_dir.join(crate::audit::ARCHIVE_DIR);
+    // A running server's archiver waits meanwhile: no record is seen moving.
+    let _lock = crate::audit::lock_archive(&archive, false)
+        .map_err(|e| UsageError(format!("locking {}: {e}", archive.display())))?;
     let verification = store.read(|conn| crate::audit::verify_all(conn, &archive))?;
     say(serde_json::to_string_pretty(&verification)?);
     Ok(if verification.first_broken.is_none() { ExitCode::SUCCESS } else { ExitCode::from(1) })

@@ -151,3 +151,59 @@ async fn archived_segments_and_the_table_verify_as_one_chain_and_a_break_is_name
     assert!(ok, "{report}");
     assert_eq!(report["records"], total + 1);
 }
+
+/// What a crash, an appended gzip member and a planted symlink do: a
+/// segment written but whose records were not yet deleted still verifies
+/// (and the next run finishes the move); text appended to a segment, or a
+/// symlink dressed as a segment, is a break, and a backup refuses the link.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_mid_move_heals_and_appended_or_linked_segments_are_refused() {
+    let srv = TestServer::start_with(Policy::default(), |s| s.retention.days = 0).await;
+    let alice = srv.add_user("alice", "standard", false).await;
+    for i in 0..8 {
+        let put = srv.request(Method::PUT, &format!("/v1/files/f{i}.txt"), Some(&alice), "x").await;
+        assert_eq!(put.status, StatusCode::OK);
+    }
+    let dir = srv.state.settings.data_dir.clone();
+    let archive = dir.join(ARCHIVE_DIR);
+    // A crash after the segment's rename, before its records' delete.
+    let records = srv.state.store.read(|c| imagentx_sandbox::audit::archivable(c, "9999-12-31T00:00:00Z", 4)).unwrap();
+    assert_eq!(records.len(), 4);
+    imagentx_sandbox::audit::write_segment(&archive, &records).unwrap();
+    let check = srv.state.store.read(|c| verify_all(c, &archive)).unwrap();
+    assert_eq!(check.first_broken, None, "a segment whose records are still in the table: {check:?}");
+    // The next run replaces it and deletes them.
+    let moved = archive_all(&srv, 4).await;
+    assert!(moved >= 4);
+    let check = srv.state.store.read(|c| verify_all(c, &archive)).unwrap();
+    assert_eq!(check.first_broken, None, "{check:?}");
+    let keep = srv.stop_keeping_data().await;
+    let dir = keep.path();
+    assert!(verify(dir).0);
+
+    // Forged records appended as a second gzip member.
+    let first = segments(dir)[0].clone();
+    let original = std::fs::read(&first).unwrap();
+    let mut appended = original.clone();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(b"{\"seq\": 999, \"note\": \"forged\"}\n").unwrap();
+    appended.extend(gz.finish().unwrap());
+    std::fs::write(&first, &appended).unwrap();
+    let (ok, report) = verify(dir);
+    assert!(!ok, "text appended after a segment's end verified: {report}");
+    assert_eq!(report["segment"], first.file_name().unwrap().to_str().unwrap(), "{report}");
+    std::fs::write(&first, &original).unwrap();
+    assert!(verify(dir).0);
+
+    // A symlink dressed as the next segment.
+    let link = dir.join(ARCHIVE_DIR).join("audit-000000999990-000000999999.jsonl.gz");
+    std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+    let (ok, report) = verify(dir);
+    assert!(!ok, "{report}");
+    let to = dir.join("b.tar.gz");
+    let out = cli(&["backup", "--data-dir", dir.to_str().unwrap(), "--to", to.to_str().unwrap()]);
+    assert!(!out.status.success(), "a backup followed a symlink in the audit archive");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("audit-archive"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(&link).unwrap();
+    assert!(verify(dir).0);
+}

@@ -25,6 +25,7 @@ mod density;
 mod http;
 mod mcp;
 mod native;
+mod ops;
 mod report;
 mod sessions;
 mod shared;
@@ -74,11 +75,20 @@ pub enum Suite {
     Teardown,
     Mcp,
     Sessions,
+    Ops,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 7] =
-        [Suite::Wasm, Suite::Http, Suite::Native, Suite::Density, Suite::Teardown, Suite::Mcp, Suite::Sessions];
+    pub const ALL: [Suite; 8] = [
+        Suite::Wasm,
+        Suite::Http,
+        Suite::Native,
+        Suite::Density,
+        Suite::Teardown,
+        Suite::Mcp,
+        Suite::Sessions,
+        Suite::Ops,
+    ];
 
     fn title(self) -> &'static str {
         match self {
@@ -89,6 +99,7 @@ impl Suite {
             Suite::Teardown => "teardown",
             Suite::Mcp => "MCP",
             Suite::Sessions => "code sessions",
+            Suite::Ops => "operations at scale (backup, restore, quick_check)",
         }
     }
 }
@@ -659,6 +670,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<usize> {
             Suite::Teardown => teardown::run(&mut h),
             Suite::Mcp => mcp::run(&mut h),
             Suite::Sessions => sessions::run(&mut h),
+            Suite::Ops => ops::run(&mut h),
         };
         if let Err(e) = result {
             println!("  FAILED: {e:#}");

@@ -206,7 +206,7 @@ impl Store {
     /// A database error, or the segment's write failure (then nothing is
     /// deleted).
     pub fn archive_audit(&self, archive: &std::path::Path, cutoff: &str, max: u32) -> Result<u64, StoreError> {
-        let _lock = crate::audit::lock_archive(archive)?;
+        let _lock = crate::audit::lock_archive(archive, true)?;
         let records = self.read(|conn| crate::audit::archivable(conn, cutoff, max))?;
         let (Some(first), Some(last)) = (records.first().map(|r| r.seq), records.last().map(|r| r.seq)) else {
             return Ok(0);

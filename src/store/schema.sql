@@ -80,6 +80,10 @@ CREATE TRIGGER IF NOT EXISTS audit_archived_forward BEFORE UPDATE ON audit_archi
 CREATE TRIGGER IF NOT EXISTS audit_archived_kept BEFORE DELETE ON audit_archived
     BEGIN SELECT RAISE(ABORT, 'the audit archive mark is kept'); END;
 DROP TRIGGER IF EXISTS audit_no_delete;
+-- INSERT OR REPLACE would delete without a DELETE trigger: only appends.
+CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE INSERT ON audit
+    WHEN NEW.seq <= (SELECT max(seq) FROM audit)
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_delete_archived_only BEFORE DELETE ON audit
     WHEN OLD.seq > (SELECT upto FROM audit_archived WHERE id = 1)
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only (only archived ones leave the table)'); END;
