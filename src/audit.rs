@@ -644,18 +644,18 @@ pub fn query(conn: &Connection, q: &Query) -> Result<Vec<Record>, StoreError> {
     )?;
     let rows =
         stmt.query_map(params![q.user, q.tool, q.kind.map(Kind::as_str), q.since, q.until, q.before, q.limit], |r| {
-            let detail: String = r.get(7)?;
+            let stored = StoredRecord::from_row(r)?;
             Ok(Record {
-                seq: r.get(0)?,
-                at: r.get(1)?,
-                kind: r.get(2)?,
-                actor: r.get(3)?,
-                user: r.get(4)?,
-                tool: r.get(5)?,
-                outcome: r.get(6)?,
-                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
-                prev_hash: r.get(8)?,
-                hash: r.get(9)?,
+                seq: stored.seq,
+                at: stored.at,
+                kind: stored.kind,
+                actor: stored.actor,
+                user: stored.user,
+                tool: stored.tool,
+                outcome: stored.outcome,
+                detail: serde_json::from_str(&stored.detail).unwrap_or(serde_json::Value::String(stored.detail)),
+                prev_hash: stored.prev_hash,
+                hash: stored.hash,
             })
         })?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -149,20 +149,9 @@ impl Live {
     /// What a client sees of it.
     fn info(&self) -> SessionInfo {
         if let Some(reason) = self.ended.get() {
-            return SessionInfo {
-                id: self.id.clone(),
-                tool: self.tool.clone(),
-                state: "ended".into(),
-                reason: Some(reason.as_str().to_owned()),
-                opened_at: self.opened_at.clone(),
-                steps: Some(self.steps.load(Ordering::Relaxed)),
-                memory_bytes: None,
-                idle_s: None,
-                age_s: None,
-                idle_timeout_s: None,
-                lifetime_s: None,
-                timeout_ms: None,
-            };
+            let steps = Some(self.steps.load(Ordering::Relaxed));
+            let reason = Some(reason.as_str().to_owned());
+            return SessionInfo::ended(self.id.clone(), self.tool.clone(), reason, self.opened_at.clone(), steps);
         }
         let running = self.session.try_lock().is_err();
         SessionInfo {
@@ -332,7 +321,8 @@ pub struct SessionInfo {
     pub opened_at: String,
     /// Steps run so far (open sessions).
     pub steps: Option<u64>,
-    /// Linear memory the instance holds (open sessions).
+    /// Memory the instance holds (open sessions): its linear memory, or a
+    /// native session's jail (its cgroup's).
     pub memory_bytes: Option<u64>,
     /// Seconds since its last step ended.
     pub idle_s: Option<f64>,
@@ -342,6 +332,26 @@ pub struct SessionInfo {
     pub lifetime_s: Option<u64>,
     /// Default wall-clock budget of a step.
     pub timeout_ms: Option<u64>,
+}
+
+impl SessionInfo {
+    /// What is left to say of a session that ended.
+    fn ended(id: String, tool: String, reason: Option<String>, opened_at: String, steps: Option<u64>) -> Self {
+        Self {
+            id,
+            tool,
+            state: "ended".into(),
+            reason,
+            opened_at,
+            steps,
+            memory_bytes: None,
+            idle_s: None,
+            age_s: None,
+            idle_timeout_s: None,
+            lifetime_s: None,
+            timeout_ms: None,
+        }
+    }
 }
 
 /// The caller's open sessions.
@@ -573,20 +583,7 @@ fn ended_info(state: &AppState, caller: &Caller, id: &str) -> Result<SessionInfo
         .store
         .session(id, caller.user.as_str())?
         .ok_or_else(|| ApiError::not_found("unknown_session", format!("no session `{id}`")))?;
-    Ok(SessionInfo {
-        id: id.to_owned(),
-        tool: row.tool,
-        state: "ended".into(),
-        reason: row.reason,
-        opened_at: row.opened_at,
-        steps: row.steps,
-        memory_bytes: None,
-        idle_s: None,
-        age_s: None,
-        idle_timeout_s: None,
-        lifetime_s: None,
-        timeout_ms: None,
-    })
+    Ok(SessionInfo::ended(id.to_owned(), row.tool, row.reason, row.opened_at, row.steps))
 }
 
 pub async fn delete(
