@@ -314,8 +314,13 @@ impl McpServer {
 
 /// Whether calls of `registered` may ask for a session: the built-in interpreters.
 fn takes_session(registered: &Registered) -> bool {
+    use super::registry::Runnable;
     registered.row.registered_by == BUILTIN_REGISTRAR
-        && matches!(&registered.runnable, super::registry::Runnable::Wasm(t) if t.kind() == crate::engine::ToolKind::Sdk)
+        && match &registered.runnable {
+            Runnable::Wasm(t) => t.kind() == crate::engine::ToolKind::Sdk,
+            // python-data: its sessions live in jails kept warm for it.
+            Runnable::Native(t) => t.warm.is_some(),
+        }
 }
 
 impl ServerHandler for McpServer {
@@ -526,6 +531,12 @@ fn builtin_notes(name: &str) -> &'static str {
              expression's value (or `result`) as the result; `args` is available as `args`. \
              Files under /data persist between calls (the caller's own directory) through the `fs` \
              module's synchronous calls; /tmp is per call. No network."
+        }
+        "python-data" => {
+            " The host's CPython with numpy, pandas and matplotlib, in a Linux jail: a fresh process per \
+             call, or with `session: true` one that keeps its state (DataFrames, imports) between calls. \
+             Figures left open come back as PNG images. Files under /data are the caller's own (relative \
+             paths start there). No network."
         }
         _ => "",
     }
