@@ -162,18 +162,23 @@ pub async fn authenticate(
 /// The protocol could not start (the client's first messages were not MCP).
 pub async fn serve_stdio(state: Arc<AppState>, caller: Caller) -> Result<(), String> {
     use rmcp::ServiceExt;
-    let running = McpServer::for_local(Arc::clone(&state), caller)
-        .serve(rmcp::transport::stdio())
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = running.waiting().await;
+    let served = match McpServer::for_local(Arc::clone(&state), caller).serve(rmcp::transport::stdio()).await {
+        Ok(running) => {
+            let _ = running.waiting().await;
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    };
     let deadline = Instant::now() + Duration::from_millis(state.settings.shutdown_grace_ms);
     while state.admission.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     super::sessions::close_all(&state).await;
+    // Warm jails (python-data's) go with their cgroups before the process does.
+    let stopping = Arc::clone(&state);
+    let _ = tokio::task::spawn_blocking(move || stopping.registry.stop_warm_pools(Duration::from_secs(5))).await;
     state.store.close();
-    Ok(())
+    served
 }
 
 /// Tools and resources per page of `tools/list` and `resources/list`.
