@@ -11,7 +11,7 @@ mod common;
 mod server;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
@@ -35,15 +35,8 @@ fn add_user(dir: &Path, name: &str, extra: &[&str]) -> String {
 }
 
 struct Served {
-    child: Child,
+    child: common::StoppedOnDrop,
     addr: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn serve(dir: &Path) -> Served {
@@ -71,7 +64,7 @@ fn serve_with(dir: &Path, config: Option<&Path>) -> Served {
         assert!(Instant::now() < deadline, "the server did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Served { child, addr }
+    Served { child: common::StoppedOnDrop(child), addr }
 }
 
 fn json_out(out: &Output) -> Value {
@@ -103,7 +96,7 @@ async fn back_up_a_running_server_wipe_restore_and_everything_comes_back() {
     // as the link it is, never followed.
     let planted = nix::unistd::geteuid().is_root().then(|| {
         let inside = data.canonicalize().unwrap();
-        let alice_dir = Path::new(&format!("/proc/{}/root", server.child.id()))
+        let alice_dir = Path::new(&format!("/proc/{}/root", server.child.0.id()))
             .join(inside.strip_prefix("/").unwrap())
             .join("users/alice");
         std::os::unix::fs::symlink("/etc/shadow", alice_dir.join("shadow-link")).unwrap();

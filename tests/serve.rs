@@ -266,15 +266,7 @@ async fn serve_listens_before_the_builtins_are_compiled_and_says_so() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Killed however the test ends, a failed assertion included.
-    struct KilledOnDrop(Child);
-    impl Drop for KilledOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let server = KilledOnDrop(server);
+    let server = common::StoppedOnDrop(server);
     while std::net::TcpStream::connect(&addr).is_err() {
         assert!(started.elapsed() < Duration::from_secs(30), "the server did not listen");
         std::thread::sleep(Duration::from_millis(20));

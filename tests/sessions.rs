@@ -498,8 +498,7 @@ async fn a_killed_server_restarted_answers_session_ended_server_restarted() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Killed however the test ends, a failed assertion included.
-        let mut child = KilledOnDrop(child);
+        let mut child = common::StoppedOnDrop(child);
         wait_listening(&mut child.0, addr);
         child
     };
@@ -510,6 +509,9 @@ async fn a_killed_server_restarted_answers_session_ended_server_restarted() {
     let id = opened.json()["id"].as_str().unwrap().to_owned();
     let path = format!("/v1/sessions/{id}/run");
     assert_eq!(server::http(&addr, Method::POST, &path, &alice, r#"{"code": "x = 1"}"#).await.status, StatusCode::OK);
+    let mut first = first;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
     drop(first);
 
     let addr = free_port();
@@ -519,16 +521,6 @@ async fn a_killed_server_restarted_answers_session_ended_server_restarted() {
     drop(second);
     assert_eq!(after.status, StatusCode::GONE, "{message}");
     assert!(message.contains("server restarted"), "{message}");
-}
-
-/// A child process killed (`kill -9`) and reaped when dropped.
-struct KilledOnDrop(std::process::Child);
-
-impl Drop for KilledOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn free_port() -> String {

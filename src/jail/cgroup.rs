@@ -163,9 +163,11 @@ impl Cgroups {
         }
     }
 
-    /// Removes the empty cgroups named `prefix…` older than `age` that a
-    /// process before this one left (it died before it could): a live run's
-    /// cgroup holds processes, and the kernel refuses to remove it.
+    /// Removes the empty cgroups named `prefix…` that a process before this
+    /// one left (it died before it could): those named `prefix<pid>-…` whose
+    /// process is gone, at any age, and the others once older than `age` (a
+    /// live server's cgroup is empty for a moment after it made it). A live
+    /// run's cgroup holds processes, and the kernel refuses to remove it.
     pub fn sweep_stale(&self, prefix: &str, age: Duration) {
         let parents: Vec<PathBuf> = match self {
             Cgroups::V1 { memory, cpu, cpuacct, pids, .. } => {
@@ -189,13 +191,20 @@ impl Cgroups {
         }
         let mut removed = 0;
         for dir in dirs {
-            let named = dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix));
-            let old = fs::metadata(&dir)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|e| e > age);
-            if named && old && fs::remove_dir(&dir).is_ok() {
+            let Some(rest) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(prefix)) else {
+                continue;
+            };
+            let dead = rest
+                .split_once('-')
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists());
+            let old = dead
+                || fs::metadata(&dir)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|e| e > age);
+            if old && fs::remove_dir(&dir).is_ok() {
                 removed += 1;
             }
         }
@@ -616,5 +625,46 @@ mod tests {
         assert!(run.procs().is_empty());
         run.remove();
         assert!(!dir.exists());
+    }
+
+    /// A dead server's warm cgroups go at any age; a live one's (this
+    /// process's), an unnamed one still young and other names stay.
+    #[test]
+    fn a_sweep_removes_a_dead_servers_cgroups_at_once() {
+        let Ok(Mounts { v2: Some(mount), .. }) = mounts() else {
+            eprintln!("SKIPPED: no cgroup2 hierarchy on this host");
+            return;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            let required = std::env::var_os("IMAGENTX_REQUIRE_PRIVILEGED_TESTS").is_some_and(|v| v == "1");
+            assert!(!required, "the cgroup sweep test needs root, and IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1");
+            eprintln!("SKIPPED: the cgroup sweep test needs root");
+            return;
+        }
+        let own = own_path(None).unwrap_or_default();
+        let parent = mount.join(own.trim_start_matches('/')).join(format!("imagentx-sweep-{}", std::process::id()));
+        let mut gone = std::process::Command::new("/bin/true").spawn().expect("a child");
+        let dead = gone.id();
+        gone.wait().expect("reaping the child");
+        let me = std::process::id();
+        let names = [
+            format!("warm-{dead}-a"),
+            format!("owner-x/warm-{dead}-b"),
+            format!("warm-{me}-c"),
+            "warm-young".to_owned(),
+            format!("other-{dead}-d"),
+        ];
+        make_dir(&parent).expect("a cgroup2 directory");
+        make_dir(&parent.join("owner-x")).expect("a cgroup2 directory");
+        for name in &names {
+            make_dir(&parent.join(name)).expect("a cgroup2 directory");
+        }
+        Cgroups::V2 { parent: parent.clone(), swap: false }.sweep_stale("warm-", Duration::from_secs(120));
+        let left: Vec<bool> = names.iter().map(|n| parent.join(n).exists()).collect();
+        for name in names.iter().rev().chain([&"owner-x".to_owned()]) {
+            let _ = fs::remove_dir(parent.join(name));
+        }
+        let _ = fs::remove_dir(&parent);
+        assert_eq!(left, [false, false, true, true, true], "{names:?}");
     }
 }

@@ -454,7 +454,9 @@ impl WarmPool {
         let thread = std::thread::Builder::new().name("warm-jail".into()).spawn(move || {
             // `alive` goes down however this thread ends (a panic included).
             let _alive = Alive(alive_flag);
-            let id = format!("warm-{}", uuid::Uuid::new_v4().simple());
+            // The server's pid in the name: the next start knows a dead
+            // server's leftovers at once (`Cgroups::sweep_stale`).
+            let id = format!("warm-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
             let mut answer = None;
             let mut next = || loop {
                 match jobs.recv_timeout(Duration::from_millis(100)) {

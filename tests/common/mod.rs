@@ -140,3 +140,27 @@ pub fn mounts_under(path: &Path) -> usize {
     let path = path.to_string_lossy();
     mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(|at| at.starts_with(&*path))).count()
 }
+
+/// A server process stopped as an operator would (SIGTERM, then up to 30 s
+/// for it to finish) however the test ends, a failed assertion included; a
+/// server that does not stop by then is killed. A test whose point is a
+/// crash kills it itself first.
+pub struct StoppedOnDrop(pub std::process::Child);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while let Ok(None) = self.0.try_wait() {
+                if std::time::Instant::now() > deadline {
+                    let _ = self.0.kill();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        let _ = self.0.wait();
+    }
+}
