@@ -47,10 +47,16 @@ pub enum Kind {
     SessionOpened,
     SessionClosed,
     Backup,
+    /// A behaviour rule fired (`crate::behaviour`): its evidence and the responses taken.
+    Anomaly,
+    UserSuspended,
+    UserThrottled,
+    /// A suspension or a throttle lifted by an admin.
+    UserUnsuspended,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 20] = [
         Kind::AuthFailure,
         Kind::Denied,
         Kind::UserAdded,
@@ -67,6 +73,10 @@ impl Kind {
         Kind::SessionOpened,
         Kind::SessionClosed,
         Kind::Backup,
+        Kind::Anomaly,
+        Kind::UserSuspended,
+        Kind::UserThrottled,
+        Kind::UserUnsuspended,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +97,10 @@ impl Kind {
             Kind::SessionOpened => "session_opened",
             Kind::SessionClosed => "session_closed",
             Kind::Backup => "backup",
+            Kind::Anomaly => "anomaly",
+            Kind::UserSuspended => "user_suspended",
+            Kind::UserThrottled => "user_throttled",
+            Kind::UserUnsuspended => "user_unsuspended",
         }
     }
 

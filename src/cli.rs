@@ -150,6 +150,24 @@ pub enum UserCommand {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Suspend a user: their keys answer 403 `suspended` until it runs out
+    /// (or `user unsuspend`). A running server sees it at their next request.
+    Suspend {
+        name: String,
+        /// How long (`90s`, `15m`, `2h`, `7d`; at most 30 days).
+        #[arg(long = "for", default_value = "1h", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value = "suspended by an operator")]
+        reason: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Lift a user's suspension and throttle (an admin's or a behaviour rule's).
+    Unsuspend {
+        name: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -435,6 +453,13 @@ fn server_config(config: Option<&Path>) -> Result<(Policy, ServerSettings), Usag
             settings.backup = toml::Value::Table(file.take_backup())
                 .try_into()
                 .map_err(|e| UsageError(format!("{}: [backup]: {e}", path.display())))?;
+            settings.behaviour = toml::Value::Table(file.take_behaviour())
+                .try_into()
+                .map_err(|e| UsageError(format!("{}: [behaviour]: {e}", path.display())))?;
+            settings.response = toml::Value::Table(file.take_response())
+                .try_into()
+                .map_err(|e| UsageError(format!("{}: [response]: {e}", path.display())))?;
+            settings.response.check().map_err(|e| UsageError(format!("{}: [response]: {e}", path.display())))?;
             settings.config_path = Some(path.to_owned());
             file.apply(Policy::default())?
         }
@@ -479,7 +504,7 @@ async fn mcp(args: McpArgs) -> Result<ExitCode, UsageError> {
         let tool = state.sandbox.load(&bytes, &name).await.map_err(|e| UsageError(format!("tool {name}: {e}")))?;
         state.registry.insert_local(tool);
     }
-    let caller = crate::store::Caller { user, tier: args.tier, admin: false };
+    let caller = crate::store::Caller { user, tier: args.tier, admin: false, throttle: None };
     match crate::api::mcp::serve_stdio(state, caller).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
@@ -515,9 +540,20 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
         }
         UserCommand::List { state } => {
             let (store, _) = open_store(&state)?;
-            say(format!("{:<24} {:<10} {:<6} {:<5} created", "user", "tier", "admin", "keys"));
+            say(format!("{:<24} {:<10} {:<6} {:<5} {:<27} restricted", "user", "tier", "admin", "keys", "created"));
             for u in store.list_users()? {
-                say(format!("{:<24} {:<10} {:<6} {:<5} {}", u.id, u.tier, u.admin, u.active_keys, u.created_at));
+                let mut restricted = Vec::new();
+                if let Some(until) = &u.suspended_until {
+                    restricted.push(format!("suspended until {until}"));
+                }
+                if let Some(until) = &u.throttled_until {
+                    restricted.push(format!("throttled until {until}"));
+                }
+                let restricted = if restricted.is_empty() { "-".to_owned() } else { restricted.join(", ") };
+                say(format!(
+                    "{:<24} {:<10} {:<6} {:<5} {:<27} {restricted}",
+                    u.id, u.tier, u.admin, u.active_keys, u.created_at
+                ));
             }
         }
         UserCommand::SetTier { name, tier, state } => {
@@ -530,6 +566,26 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
             let (store, _) = open_store(&state)?;
             let n = store.revoke_keys(UserId::new(&name)?, CLI_ACTOR.into()).await?;
             eprintln!("revoked {n} key(s) of user `{name}`");
+        }
+        UserCommand::Suspend { name, duration, reason, state } => {
+            if duration.is_zero() || duration.as_secs() > 30 * 86_400 {
+                return Err(UsageError("--for must be between 1 second and 30 days".to_owned()));
+            }
+            let (store, _) = open_store(&state)?;
+            let until = crate::store::unix_now() + duration.as_secs().max(1) as i64;
+            store
+                .restrict(UserId::new(&name)?, crate::store::Restriction::Suspend, until, reason, CLI_ACTOR.into())
+                .await?;
+            eprintln!("user `{name}` is suspended until {}", crate::store::unix_rfc3339(until));
+        }
+        UserCommand::Unsuspend { name, state } => {
+            let (store, _) = open_store(&state)?;
+            let lifted = store.lift_restrictions(UserId::new(&name)?, CLI_ACTOR.into()).await?;
+            if lifted.is_empty() {
+                eprintln!("user `{name}` was neither suspended nor throttled");
+            } else {
+                eprintln!("lifted from user `{name}`: {}", lifted.join(", "));
+            }
         }
         UserCommand::Key { name, state } => {
             let (store, _) = open_store(&state)?;

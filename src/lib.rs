@@ -28,6 +28,7 @@
 pub mod api;
 pub mod audit;
 pub mod backup;
+pub mod behaviour;
 pub mod bench;
 pub mod cli;
 pub mod data_dir;

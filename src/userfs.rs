@@ -32,6 +32,10 @@ const UPLOAD_PREFIX: &str = ".imagentx-upload-";
 pub enum FsError {
     #[error("bad path: {0}")]
     BadPath(String),
+    /// A path that would leave the user's directory (`..`, absolute, or
+    /// through a link out): refused, and an escape attempt.
+    #[error("bad path: {0}")]
+    Escape(String),
     #[error("no such file or directory")]
     NotFound,
     #[error("the path passes through a symbolic link, which is never followed")]
@@ -49,7 +53,7 @@ fn io_error(what: &str, e: Errno) -> FsError {
         Errno::ENOENT => FsError::NotFound,
         Errno::ELOOP => FsError::Symlink,
         Errno::ENOTDIR => FsError::Conflict("a parent in the path is not a directory".into()),
-        Errno::EXDEV => FsError::BadPath("the path leaves the data directory".into()),
+        Errno::EXDEV => FsError::Escape("the path leaves the data directory".into()),
         Errno::EISDIR => FsError::Conflict("the path is a directory".into()),
         Errno::ENOTEMPTY => FsError::Conflict("the directory is not empty".into()),
         e => FsError::Io(format!("{what}: {e}")),
@@ -61,7 +65,7 @@ fn io_error(what: &str, e: Errno) -> FsError {
 ///
 /// # Errors
 ///
-/// [`FsError::BadPath`] naming what is wrong.
+/// [`FsError::BadPath`] or [`FsError::Escape`] naming what is wrong.
 pub fn components(path: &str) -> Result<Vec<&str>, FsError> {
     let bad = |m: &str| Err(FsError::BadPath(m.into()));
     if path.len() > MAX_PATH_BYTES {
@@ -71,7 +75,7 @@ pub fn components(path: &str) -> Result<Vec<&str>, FsError> {
         return bad("contains NUL");
     }
     if path.starts_with('/') {
-        return bad("absolute paths are not allowed");
+        return Err(FsError::Escape("absolute paths are not allowed".into()));
     }
     let path = path.strip_suffix('/').unwrap_or(path);
     if path.is_empty() {
@@ -81,7 +85,7 @@ pub fn components(path: &str) -> Result<Vec<&str>, FsError> {
     for part in &parts {
         match *part {
             "" => return bad("empty path component"),
-            "." | ".." => return bad("`.` and `..` are not allowed"),
+            "." | ".." => return Err(FsError::Escape("`.` and `..` are not allowed".into())),
             p if p.len() > 255 => return bad("a component is longer than 255 bytes"),
             p if p.starts_with(UPLOAD_PREFIX) => return bad("names starting with .imagentx-upload- are reserved"),
             _ => {}
@@ -391,7 +395,7 @@ mod tests {
     #[test]
     fn escaping_paths_are_refused_before_any_lookup() {
         for bad in ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a\0b", ".imagentx-upload-x"] {
-            assert!(matches!(components(bad), Err(FsError::BadPath(_))), "{bad:?}");
+            assert!(matches!(components(bad), Err(FsError::BadPath(_) | FsError::Escape(_))), "{bad:?}");
         }
         assert_eq!(components("a/b.txt").unwrap(), ["a", "b.txt"]);
         assert!(components("").unwrap().is_empty());

@@ -11,8 +11,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::auth::{Admin, Authed};
+use super::error::{ApiPath, parse_json, read_body};
 use super::{ApiError, AppState};
 use crate::audit::{self, Kind, Record};
+use crate::policy::UserId;
+use crate::store::Restriction;
 
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct Health {
@@ -219,6 +222,72 @@ pub async fn alerts(
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     query_audit(&state, audit::Query { kind: Some(Kind::Alert), limit, ..audit::Query::default() }).await
+}
+
+/// `POST /v1/users/{id}/suspend`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SuspendRequest {
+    /// Seconds, 1 to 2592000 (30 days); default 3600.
+    pub for_s: Option<u64>,
+    /// Why, shown to the user in the 403 (default: "suspended by an admin").
+    pub reason: Option<String>,
+}
+
+/// A suspension put on a user.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Suspension {
+    pub user: String,
+    /// RFC 3339.
+    pub suspended_until: String,
+    pub reason: String,
+}
+
+/// What an unsuspend lifted.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Lifted {
+    pub user: String,
+    /// The restrictions that still held: `suspend`, `throttle`.
+    pub lifted: Vec<String>,
+}
+
+const MAX_SUSPENSION_S: u64 = 30 * 86_400;
+
+pub async fn suspend(
+    State(state): State<Arc<AppState>>,
+    Admin(admin): Admin,
+    ApiPath(user): ApiPath<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<Suspension>, ApiError> {
+    let body = read_body(&headers, body, 16 << 10).await?;
+    let request: SuspendRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SuspendRequest { for_s: None, reason: None }
+    } else {
+        parse_json(&body)?
+    };
+    let for_s = request.for_s.unwrap_or(3600);
+    if !(1..=MAX_SUSPENSION_S).contains(&for_s) {
+        return Err(ApiError::bad_request("bad_request", "for_s must be between 1 and 2592000 (30 days)"));
+    }
+    let reason = request.reason.unwrap_or_else(|| "suspended by an admin".to_owned());
+    if reason.len() > 1024 {
+        return Err(ApiError::bad_request("bad_request", "reason is longer than 1024 bytes"));
+    }
+    let id = UserId::new(&user).map_err(|e| ApiError::not_found("not_found", format!("no user `{user}`: {e}")))?;
+    let until = crate::store::unix_now() + for_s as i64;
+    state.store.restrict(id, Restriction::Suspend, until, reason.clone(), admin.user.to_string()).await?;
+    Ok(Json(Suspension { user, suspended_until: crate::store::unix_rfc3339(until), reason }))
+}
+
+pub async fn unsuspend(
+    State(state): State<Arc<AppState>>,
+    Admin(admin): Admin,
+    ApiPath(user): ApiPath<String>,
+) -> Result<Json<Lifted>, ApiError> {
+    let id = UserId::new(&user).map_err(|e| ApiError::not_found("not_found", format!("no user `{user}`: {e}")))?;
+    let lifted = state.store.lift_restrictions(id, admin.user.to_string()).await?;
+    Ok(Json(Lifted { user, lifted }))
 }
 
 pub async fn no_route() -> ApiError {

@@ -2,15 +2,17 @@
 //! rate, as extractors: a handler that takes [`Authed`] or [`Admin`] never
 //! runs for a caller that is not allowed.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
-use crate::store::Caller;
+use crate::store::{Caller, KeyCheck};
 
 /// A request from a known user with an active key, within their rate.
 pub struct Authed(pub Caller);
@@ -32,6 +34,10 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let caller = authenticate(parts, state).await?;
         if !caller.admin {
+            let what = format!("{} {} with a user's key", parts.method, parts.uri.path());
+            if let Some(found) = state.analyzer.observe_escape(caller.user.as_str(), what, Instant::now()) {
+                super::behaviour::respond_later(state, vec![found]);
+            }
             let event = AuditEvent::new(Kind::Denied, "forbidden")
                 .actor(caller.user.as_str())
                 .detail(serde_json::json!({"method": parts.method.as_str(), "path": parts.uri.path()}));
@@ -51,28 +57,62 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
             _ => Err("the Authorization header must be `Bearer <api key>`"),
         },
     };
-    let caller = match key {
-        Ok(key) => state.store.authenticate(key)?.ok_or("unknown or revoked API key"),
-        Err(e) => Err(e),
+    let check = match key {
+        Ok(key) => state.store.authenticate(key)?,
+        Err(_) => KeyCheck::Refused(None),
     };
-    let caller = match caller {
-        Ok(caller) => caller,
-        Err(message) => {
+    let caller = match check {
+        KeyCheck::Active(caller) => caller,
+        KeyCheck::Suspended(suspended) => {
+            let event = AuditEvent::new(Kind::Denied, "suspended")
+                .actor(suspended.user.as_str())
+                .user(suspended.user.as_str())
+                .detail(serde_json::json!({"method": parts.method.as_str(), "path": parts.uri.path()}));
+            record_refusal(state, event).await;
+            let message = format!(
+                "your account is suspended until {}: {}",
+                crate::store::unix_rfc3339(suspended.until),
+                suspended.reason
+            );
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "suspended", message));
+        }
+        KeyCheck::Refused(owner) => {
+            let message = key.err().unwrap_or("unknown or revoked API key");
             state.metrics.auth_failure();
-            let event = AuditEvent::new(Kind::AuthFailure, "denied").detail(serde_json::json!({
+            let mut detail = serde_json::json!({
                 "method": parts.method.as_str(),
                 "path": parts.uri.path(),
                 "reason": message,
-            }));
+            });
+            // A revoked key names its user: a leaked key still in use.
+            if let Some(owner) = &owner {
+                detail["revoked_key_of"] = owner.as_str().into();
+            }
+            let event = AuditEvent::new(Kind::AuthFailure, "denied").detail(detail);
             record_refusal(state, event).await;
+            let source = match (&owner, peer(parts)) {
+                (Some(owner), _) => format!("key:{owner}"),
+                (None, Some(peer)) => peer.ip().to_string(),
+                (None, None) => "unknown".to_owned(),
+            };
+            if let Some(found) = state.analyzer.observe_auth_failure(&source, owner.as_deref(), Instant::now()) {
+                super::behaviour::respond_later(state, vec![found]);
+            }
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message));
         }
     };
-    let rate = state.sandbox.policy.tiers.get(&caller.tier).map(|t| t.requests_per_second).unwrap_or(1);
+    let tier_rate = state.sandbox.policy.tiers.get(&caller.tier).map(|t| t.requests_per_second).unwrap_or(1);
+    // A throttle lowers the rate, never raises it.
+    let rate = caller.throttle.map_or(tier_rate, |throttle| throttle.min(tier_rate));
     if let Err(denial) = state.admission.rate(caller.user.as_str(), rate) {
         return Err(super::invoke::denied(state, &caller, None, denial).await);
     }
     Ok(caller)
+}
+
+/// The address the request came from (set per connection by `api::run`).
+fn peer(parts: &Parts) -> Option<SocketAddr> {
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 
 /// Writes the audit record of a refused request, unless that caller's refusals
@@ -80,6 +120,7 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
 /// (an unauthenticated flood must not fill the disk); the next record written
 /// says how many were skipped.
 pub(super) async fn record_refusal(state: &AppState, mut event: AuditEvent) {
+    state.rollup.security_event(event.user.as_deref().or(event.actor.as_deref()), "-", event.kind.as_str());
     let key = format!("{}/{}", event.kind.as_str(), event.actor.as_deref().unwrap_or("anonymous"));
     match state.audit_throttle.admit(&key) {
         None => {}

@@ -15,11 +15,14 @@ pub struct ApiError {
     pub message: String,
     /// Seconds, for 429 answers.
     pub retry_after: Option<u64>,
+    /// A path refused because it would leave the caller's directory (for
+    /// behaviour analysis).
+    pub escape: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+        Self { status, code, message: message.into(), retry_after: None, escape: false }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -54,7 +57,10 @@ impl From<StoreError> for ApiError {
 impl From<FsError> for ApiError {
     fn from(e: FsError) -> Self {
         match e {
-            FsError::BadPath(_) | FsError::Symlink => Self::bad_request("bad_path", e.to_string()),
+            FsError::Escape(_) | FsError::Symlink => {
+                Self { escape: true, ..Self::bad_request("bad_path", e.to_string()) }
+            }
+            FsError::BadPath(_) => Self::bad_request("bad_path", e.to_string()),
             FsError::NotFound => Self::not_found("not_found", "no such file or directory"),
             FsError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
             FsError::QuotaExceeded(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", m),

@@ -36,7 +36,7 @@ pub struct Deleted {
 
 /// Runs `f` on the caller's directory on a blocking thread.
 pub(super) async fn with_fs<T: Send + 'static>(
-    state: &AppState,
+    state: &Arc<AppState>,
     caller: &Caller,
     f: impl FnOnce(&UserFs) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -58,7 +58,7 @@ pub(super) async fn with_fs<T: Send + 'static>(
         .map_err(|e| ApiError::internal("the data directory", &e))?;
     // Files made here belong to the native jail's uid, so native tools can write them.
     let jail = state.jail.as_ref().ok().cloned();
-    tokio::task::spawn_blocking(move || {
+    let done = tokio::task::spawn_blocking(move || {
         let owner = match &jail {
             Some(jail) => {
                 jail.prepare_data_dir(dir.path())
@@ -70,7 +70,16 @@ pub(super) async fn with_fs<T: Send + 'static>(
         f(&UserFs::open(dir.path())?.owned_by(owner))
     })
     .await
-    .map_err(|e| ApiError::internal("the file operation", &e))?
+    .map_err(|e| ApiError::internal("the file operation", &e))?;
+    if let Err(e) = &done
+        && e.escape
+    {
+        let what = format!("files API: {}", e.message);
+        if let Some(found) = state.analyzer.observe_escape(caller.user.as_str(), what, std::time::Instant::now()) {
+            super::behaviour::respond_later(state, vec![found]);
+        }
+    }
+    done
 }
 
 /// The caller's `/data` budget: their ledger, shared with their calls in

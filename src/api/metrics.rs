@@ -82,6 +82,10 @@ pub struct Metrics {
     alerts: Family<1>,
     sessions_closed: Family<1>,
     backups: Family<1>,
+    anomalies: Family<1>,
+    responses: Family<1>,
+    webhook: Family<1>,
+    webhook_attempts: AtomicU64,
     sessions_opened: AtomicU64,
     executions_pruned: AtomicU64,
     auth_failures: AtomicU64,
@@ -100,6 +104,10 @@ impl Default for Metrics {
             alerts: Family::new(["rule"]),
             sessions_closed: Family::new(["reason"]),
             backups: Family::new(["outcome"]),
+            anomalies: Family::new(["rule"]),
+            responses: Family::new(["action"]),
+            webhook: Family::new(["outcome"]),
+            webhook_attempts: AtomicU64::new(0),
             sessions_opened: AtomicU64::new(0),
             executions_pruned: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
@@ -134,6 +142,22 @@ impl Metrics {
 
     pub fn alert(&self, rule: &str) {
         self.alerts.inc([rule]);
+    }
+
+    /// A behaviour rule's detection.
+    pub fn anomaly(&self, rule: &str) {
+        self.anomalies.inc([rule]);
+    }
+
+    /// A response taken: alert, throttle, suspend.
+    pub fn response(&self, action: &str) {
+        self.responses.inc([action]);
+    }
+
+    /// A webhook event's fate (delivered, failed, dropped) after `attempts`.
+    pub fn webhook(&self, outcome: &str, attempts: u32) {
+        self.webhook.inc([outcome]);
+        self.webhook_attempts.fetch_add(u64::from(attempts), Ordering::Relaxed);
     }
 
     pub fn session_opened(&self) {
@@ -177,6 +201,23 @@ impl Metrics {
         self.alerts.render(&mut out, "imagentx_alerts_total", "Alert rules fired, by rule.");
         self.sessions_closed.render(&mut out, "imagentx_sessions_closed_total", "Code sessions closed, by reason.");
         self.backups.render(&mut out, "imagentx_backups_total", "Scheduled backups taken, by outcome (ok, failed).");
+        self.anomalies.render(&mut out, "imagentx_anomalies_total", "Behaviour rules' detections, by rule.");
+        self.responses.render(
+            &mut out,
+            "imagentx_responses_total",
+            "Automatic responses taken, by action (alert, throttle, suspend).",
+        );
+        self.webhook.render(
+            &mut out,
+            "imagentx_webhook_events_total",
+            "Alert webhook events, by outcome (delivered, failed after retries, dropped from a full queue).",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP imagentx_webhook_attempts_total POSTs made to the alert webhook, retries included.\n\
+             # TYPE imagentx_webhook_attempts_total counter\nimagentx_webhook_attempts_total {}",
+            self.webhook_attempts.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP imagentx_sessions_opened_total Code sessions opened.\n\

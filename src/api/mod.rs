@@ -11,6 +11,7 @@
 mod admin;
 mod admission;
 mod auth;
+pub mod behaviour;
 mod error;
 mod files;
 mod invoke;
@@ -20,6 +21,7 @@ mod native;
 mod openapi;
 mod registry;
 mod sessions;
+mod stats;
 mod tools;
 
 use std::collections::HashSet;
@@ -100,6 +102,12 @@ pub struct ServerSettings {
     /// Scheduled backups: the config file's `[backup]` table.
     #[serde(skip)]
     pub backup: BackupSchedule,
+    /// Behaviour analysis' thresholds: the config file's `[behaviour]` table.
+    #[serde(skip)]
+    pub behaviour: crate::behaviour::Thresholds,
+    /// What each behaviour rule's detection does: the `[response]` table.
+    #[serde(skip)]
+    pub response: behaviour::ResponseConfig,
     /// The config file the server was started with (backups include it).
     #[serde(skip)]
     pub config_path: Option<PathBuf>,
@@ -201,6 +209,8 @@ impl Default for ServerSettings {
             jail: JailConfig::default(),
             retention: Retention::default(),
             backup: BackupSchedule::default(),
+            behaviour: crate::behaviour::Thresholds::default(),
+            response: behaviour::ResponseConfig::default(),
             config_path: None,
         }
     }
@@ -227,6 +237,12 @@ pub struct AppState {
     /// Code sessions (`/v1/sessions`).
     pub(crate) sessions: sessions::Sessions,
     pub(crate) audit_throttle: AuditThrottle,
+    /// Behaviour analysis (`crate::behaviour`), fed by every call.
+    pub analyzer: crate::behaviour::Analyzer,
+    /// Usage rollups not yet written (`GET /v1/stats`).
+    pub(crate) rollup: stats::Rollup,
+    /// The alert webhook's queue, when `[response] webhook` is set.
+    pub(crate) webhook: Option<behaviour::Webhook>,
 }
 
 /// Why the service could not start.
@@ -381,7 +397,10 @@ impl AppState {
         } else {
             max_sessions
         };
-        let state = Arc::new(Self {
+        let state = Arc::new_cyclic(|me| Self {
+            analyzer: crate::behaviour::Analyzer::new(settings.behaviour.clone()),
+            rollup: stats::Rollup::default(),
+            webhook: behaviour::Webhook::start(me.clone(), &settings.response),
             sandbox: Sandbox { policy, engine, data_dir },
             store,
             registry: Registry::default(),
@@ -716,6 +735,42 @@ pub fn routes() -> Vec<Route> {
             ),
             &[("limit", "At most this many (default 100).")],
         ),
+        q(
+            r(
+                "get",
+                "/v1/stats",
+                "Usage over a window, from per-minute rollups (per hour after a day): calls, errors by status, \
+                 limit hits, CPU and memory percentiles, bytes written and security events, in total, by group \
+                 and over time.",
+                Admin,
+                Body::None,
+                Body::Json(json::<stats::Stats>),
+                get(stats::stats),
+            ),
+            &[
+                ("window", "`1h`, `24h` (default) or `7d`."),
+                ("by", "Group by `user`, `tool` (default), `status` or `tier`."),
+            ],
+        ),
+        r(
+            "post",
+            "/v1/users/{id}/suspend",
+            "Suspend a user: their keys answer 403 `suspended` until it runs out or is lifted (body \
+             `{\"for_s\", \"reason\"}`, both optional). The last admin who is not suspended cannot be (409).",
+            Admin,
+            Body::Json(json::<admin::SuspendRequest>),
+            Body::Json(json::<admin::Suspension>),
+            post(admin::suspend),
+        ),
+        r(
+            "post",
+            "/v1/users/{id}/unsuspend",
+            "Lift a user's suspension and throttle (whether an admin or a behaviour rule put them there).",
+            Admin,
+            Body::None,
+            Body::Json(json::<admin::Lifted>),
+            post(admin::unsuspend),
+        ),
     ]
 }
 
@@ -796,13 +851,16 @@ pub async fn run(
     let session_sweeper = tokio::spawn(sessions::sweep(state.clone()));
     let pruner = tokio::spawn(prune_executions(state.clone()));
     let backups = tokio::spawn(scheduled_backup(state.clone()));
+    let rollups = tokio::spawn(stats::keep(state.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                    // The peer's address, for behaviour analysis of failed authentication.
+                    let app = tower_layer::Layer::layer(&axum::Extension(axum::extract::ConnectInfo(peer)), app.clone());
+                    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {
                         if let Err(e) = connection.await {
@@ -846,11 +904,12 @@ pub async fn run(
     if waited.is_err() {
         tracing::warn!(calls_in_flight = state.admission.in_flight(), "stopping with calls still running");
     }
-    for task in [session_sweeper, pruner, backups] {
+    for task in [session_sweeper, pruner, backups, rollups] {
         task.abort();
         let _ = task.await;
     }
     sessions::close_all(&state).await;
+    state.rollup.flush(&state.store).await;
     let stopping = Arc::clone(&state);
     let _ = tokio::task::spawn_blocking(move || stopping.registry.stop_warm_pools(Duration::from_secs(5))).await;
     state.store.close();

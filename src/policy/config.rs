@@ -67,6 +67,10 @@ pub struct PolicyFile {
     retention: toml::Table,
     #[serde(default)]
     backup: toml::Table,
+    #[serde(default)]
+    behaviour: toml::Table,
+    #[serde(default)]
+    response: toml::Table,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +103,16 @@ impl PolicyFile {
     /// Takes the `[server]` table out (settings of `serve`, checked there).
     pub fn take_backup(&mut self) -> toml::Table {
         std::mem::take(&mut self.backup)
+    }
+
+    /// Takes the `[behaviour]` table out (behaviour analysis' thresholds).
+    pub fn take_behaviour(&mut self) -> toml::Table {
+        std::mem::take(&mut self.behaviour)
+    }
+
+    /// Takes the `[response]` table out (what each behaviour rule does).
+    pub fn take_response(&mut self) -> toml::Table {
+        std::mem::take(&mut self.response)
     }
 
     pub fn take_retention(&mut self) -> toml::Table {

@@ -103,3 +103,40 @@ CREATE TABLE IF NOT EXISTS sessions (
     steps       INTEGER
 );
 CREATE INDEX IF NOT EXISTS sessions_open ON sessions (id) WHERE closed_at IS NULL;
+
+-- What behaviour analysis or an admin put on a user for a while: `suspend`
+-- (their keys answer 403 `suspended`) or `throttle` (a lower request rate).
+-- A row whose `until` has passed no longer counts; lifting one deletes it.
+CREATE TABLE IF NOT EXISTS restrictions (
+    user_id  TEXT NOT NULL REFERENCES users(id),
+    kind     TEXT NOT NULL CHECK (kind IN ('suspend', 'throttle')),
+    -- Unix seconds.
+    until    INTEGER NOT NULL,
+    -- A throttle's requests per second.
+    rate     INTEGER,
+    reason   TEXT NOT NULL,
+    by       TEXT NOT NULL,
+    at       TEXT NOT NULL,
+    PRIMARY KEY (user_id, kind)
+);
+
+-- Usage summed per minute (span 60) and, after a day, per hour (span 3600),
+-- per user, tool, tier and status (`crate::store::rollups`); security events
+-- are rows of tool '-' with the event's kind as status. Histograms are JSON.
+CREATE TABLE IF NOT EXISTS rollups (
+    span             INTEGER NOT NULL,
+    bucket           INTEGER NOT NULL,
+    user_id          TEXT NOT NULL,
+    tool             TEXT NOT NULL,
+    tier             TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    calls            INTEGER NOT NULL,
+    limit_hits       INTEGER NOT NULL,
+    bytes_written    INTEGER NOT NULL,
+    security_events  INTEGER NOT NULL,
+    cpu_ms_sum       REAL NOT NULL,
+    cpu_hist         TEXT NOT NULL,
+    memory_hist      TEXT NOT NULL,
+    PRIMARY KEY (span, bucket, user_id, tool, tier, status)
+);
+CREATE INDEX IF NOT EXISTS rollups_by_bucket ON rollups (bucket);

@@ -14,6 +14,53 @@ pub struct Caller {
     pub user: UserId,
     pub tier: String,
     pub admin: bool,
+    /// Requests per second while a throttle holds (below the tier's rate).
+    pub throttle: Option<u32>,
+}
+
+/// A key whose user is suspended: refused with why and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspended {
+    pub user: UserId,
+    /// Unix seconds.
+    pub until: i64,
+    pub reason: String,
+}
+
+/// What a presented key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    Active(Caller),
+    Suspended(Suspended),
+    /// Unknown, or revoked (then naming its user).
+    Refused(Option<String>),
+}
+
+/// What is put on a user for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restriction {
+    Suspend,
+    /// At most this many requests per second.
+    Throttle(u32),
+}
+
+impl Restriction {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Restriction::Suspend => "suspend",
+            Restriction::Throttle(_) => "throttle",
+        }
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Unix seconds as RFC 3339.
+pub fn unix_rfc3339(secs: i64) -> String {
+    crate::report::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
 }
 
 /// A user as listed.
@@ -24,6 +71,10 @@ pub struct UserRow {
     pub admin: bool,
     pub created_at: String,
     pub active_keys: u32,
+    /// RFC 3339, while a suspension holds.
+    pub suspended_until: Option<String>,
+    /// RFC 3339, while a throttle holds.
+    pub throttled_until: Option<String>,
 }
 
 /// A freshly made key: the only time the secret exists outside its owner.
@@ -134,16 +185,20 @@ impl Store {
         self.read(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT u.id, u.tier, u.admin, u.created_at,
-                        (SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL)
+                        (SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL),
+                        (SELECT until FROM restrictions r WHERE r.user_id = u.id AND r.kind = 'suspend' AND r.until > ?1),
+                        (SELECT until FROM restrictions r WHERE r.user_id = u.id AND r.kind = 'throttle' AND r.until > ?1)
                  FROM users u ORDER BY u.id",
             )?;
-            let rows = stmt.query_map([], |r| {
+            let rows = stmt.query_map([unix_now()], |r| {
                 Ok(UserRow {
                     id: r.get(0)?,
                     tier: r.get(1)?,
                     admin: r.get(2)?,
                     created_at: r.get(3)?,
                     active_keys: r.get(4)?,
+                    suspended_until: r.get::<_, Option<i64>>(5)?.map(unix_rfc3339),
+                    throttled_until: r.get::<_, Option<i64>>(6)?.map(unix_rfc3339),
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -155,18 +210,126 @@ impl Store {
     /// # Errors
     ///
     /// A database error.
-    pub fn authenticate(&self, key: &str) -> Result<Option<Caller>, StoreError> {
+    pub fn authenticate(&self, key: &str) -> Result<KeyCheck, StoreError> {
         let hash = key_hash(key);
         self.read(|conn| {
             let row = optional(
                 conn.prepare_cached(
-                    "SELECT u.id, u.tier, u.admin FROM api_keys k JOIN users u ON u.id = k.user_id
-                     WHERE k.hash = ?1 AND k.revoked_at IS NULL",
+                    "SELECT u.id, u.tier, u.admin, k.revoked_at IS NOT NULL, s.until, s.reason, t.rate
+                     FROM api_keys k JOIN users u ON u.id = k.user_id
+                     LEFT JOIN restrictions s ON s.user_id = u.id AND s.kind = 'suspend' AND s.until > ?2
+                     LEFT JOIN restrictions t ON t.user_id = u.id AND t.kind = 'throttle' AND t.until > ?2
+                     WHERE k.hash = ?1",
                 )?
-                .query_row([&hash], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?))),
+                .query_row(params![&hash, unix_now()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, bool>(2)?,
+                        r.get::<_, bool>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, Option<u32>>(6)?,
+                    ))
+                }),
             )?;
-            Ok(row.and_then(|(id, tier, admin)| Some(Caller { user: UserId::new(&id).ok()?, tier, admin })))
+            let Some((id, tier, admin, revoked, suspended, reason, throttle)) = row else {
+                return Ok(KeyCheck::Refused(None));
+            };
+            let Ok(user) = UserId::new(&id) else { return Ok(KeyCheck::Refused(None)) };
+            Ok(match (revoked, suspended) {
+                (true, _) => KeyCheck::Refused(Some(id)),
+                (false, Some(until)) => {
+                    KeyCheck::Suspended(Suspended { user, until, reason: reason.unwrap_or_default() })
+                }
+                (false, None) => KeyCheck::Active(Caller { user, tier, admin, throttle }),
+            })
         })
+    }
+
+    /// Puts `restriction` on `user` until `until` (Unix seconds), replacing
+    /// one of the same kind; audited.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for an unknown user; [`StoreError::Conflict`]
+    /// for a suspension of the last admin not suspended (nobody could lift it
+    /// over the API).
+    pub async fn restrict(
+        &self,
+        user: UserId,
+        restriction: Restriction,
+        until: i64,
+        reason: String,
+        actor: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |w| {
+            let admin: Option<bool> =
+                optional(w.conn().query_row("SELECT admin FROM users WHERE id = ?1", [user.as_str()], |r| r.get(0)))?;
+            let Some(admin) = admin else { return Err(StoreError::NotFound(format!("no user `{user}`"))) };
+            let now = unix_now();
+            if admin && restriction == Restriction::Suspend {
+                let others: u32 = w.conn().query_row(
+                    "SELECT count(*) FROM users u WHERE u.admin AND u.id != ?1 AND NOT EXISTS
+                       (SELECT 1 FROM restrictions r WHERE r.user_id = u.id AND r.kind = 'suspend' AND r.until > ?2)",
+                    params![user.as_str(), now],
+                    |r| r.get(0),
+                )?;
+                if others == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "`{user}` is the last admin who is not suspended: suspending them would leave nobody to lift it"
+                    )));
+                }
+            }
+            let rate = match restriction {
+                Restriction::Throttle(rate) => Some(rate),
+                Restriction::Suspend => None,
+            };
+            w.conn().execute(
+                "INSERT OR REPLACE INTO restrictions (user_id, kind, until, rate, reason, by, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![user.as_str(), restriction.kind(), until, rate, reason, actor, w.now()],
+            )?;
+            let kind = match restriction {
+                Restriction::Suspend => Kind::UserSuspended,
+                Restriction::Throttle(_) => Kind::UserThrottled,
+            };
+            let detail = serde_json::json!({
+                "until": unix_rfc3339(until),
+                "for_s": until - now,
+                "requests_per_second": rate,
+                "reason": reason,
+            });
+            w.audit(&AuditEvent::new(kind, "ok").actor(actor).user(user.as_str()).detail(detail))
+        })
+        .await
+    }
+
+    /// Lifts every suspension and throttle of `user`; answers the kinds that
+    /// still held (audited when there was one).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for an unknown user.
+    pub async fn lift_restrictions(&self, user: UserId, actor: String) -> Result<Vec<String>, StoreError> {
+        self.write(move |w| {
+            if !user_exists(w, user.as_str())? {
+                return Err(StoreError::NotFound(format!("no user `{user}`")));
+            }
+            let held: Vec<String> = {
+                let mut stmt = w
+                    .conn()
+                    .prepare("SELECT kind FROM restrictions WHERE user_id = ?1 AND until > ?2 ORDER BY kind")?;
+                stmt.query_map(params![user.as_str(), unix_now()], |r| r.get(0))?.collect::<Result<_, _>>()?
+            };
+            w.conn().execute("DELETE FROM restrictions WHERE user_id = ?1", [user.as_str()])?;
+            if !held.is_empty() {
+                let detail = serde_json::json!({"lifted": held});
+                w.audit(&AuditEvent::new(Kind::UserUnsuspended, "ok").actor(actor).user(user.as_str()).detail(detail))?;
+            }
+            Ok(held)
+        })
+        .await
     }
 }
 
