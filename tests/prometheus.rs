@@ -1,0 +1,78 @@
+//! Our Prometheus side, checked by Prometheus' own tool (`promtool`, from
+//! Debian's `prometheus` package; CI installs it): the alerting rules in
+//! `deploy/prometheus/alerts.yml` load, and a real server's `/metrics`, with
+//! every family filled by real calls, passes `promtool check metrics`.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+mod server;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use server::TestServer;
+
+/// `promtool`, or `None` where it is not installed (a skip, except in CI,
+/// which sets `IMAGENTX_REQUIRE_PROMTOOL=1`).
+fn promtool() -> Option<&'static str> {
+    if Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Some("promtool");
+    }
+    let required = std::env::var_os("IMAGENTX_REQUIRE_PROMTOOL").is_some_and(|v| v == "1");
+    assert!(!required, "promtool is not installed (apt-get install prometheus), and IMAGENTX_REQUIRE_PROMTOOL=1");
+    eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+    None
+}
+
+#[test]
+fn the_alerting_rules_load_in_promtool() {
+    let Some(promtool) = promtool() else { return };
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
+    let out = Command::new(promtool).args(["check", "rules", rules]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("SUCCESS"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_servers_metrics_pass_promtool() {
+    let Some(promtool) = promtool() else { return };
+    let srv = TestServer::start_with(Default::default(), |s| s.behaviour.escape_attempts = 1).await;
+    srv.register("probe", "probe").await;
+    let alice = srv.add_user("alice", "free", false).await;
+    srv.report("probe", &alice, json!({"input": {"op": "echo"}})).await;
+    srv.report("probe", &alice, json!({"input": {"op": "sleep", "ms": 5000}, "timeout_ms": 50})).await;
+    assert_eq!(srv.get("/v1/me", "ixs_nope").await.status, StatusCode::UNAUTHORIZED);
+    // An escape: an anomaly, a suspension, and every behaviour family filled.
+    assert_eq!(srv.get("/v1/audit", &alice).await.status, StatusCode::FORBIDDEN);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = srv.request(Method::GET, "/metrics", None, Bytes::new()).await.body;
+        let text = String::from_utf8(text.to_vec()).unwrap();
+        if text.contains("imagentx_responses_total{action=\"suspend\"}") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for family in
+        ["imagentx_calls_total{", "imagentx_anomalies_total{", "imagentx_limits_hit_total", "imagentx_pool_occupancy"]
+    {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics:\n{said}");
+}
