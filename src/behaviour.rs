@@ -12,7 +12,7 @@
 //!
 //! | rule | fires when |
 //! |---|---|
-//! | `limit_probing` | in the last minute, at least `probing_hits` of the user's calls were stopped by (or ran into) a limit, they were at least half of the user's calls, and the user's long-run share of such calls is under 20 % |
+//! | `limit_probing` | in the last minute, at least `probing_hits` of the user's calls were stopped by (or ran into) a limit, more than one limit among them (code that loops, retried, hits one), they were at least half of the user's calls, and the user's long-run share of such calls is under 20 % |
 //! | `escape_attempts` | `escape_attempts` refused escapes in 5 minutes: paths that leave `/data` sent to the files API, admin routes with a user's key, native programs killed by seccomp (`SIGSYS`) |
 //! | `auth_failures` | `auth_failures` failed authentications in a minute from one source (a peer address; a revoked key names its user) |
 //! | `call_rate` | the user's calls in the last minute pass `factor` × their per-minute average and `rate_floor_per_min` |
@@ -112,6 +112,34 @@ pub struct Thresholds {
     pub cooldown_s: u64,
 }
 
+impl Thresholds {
+    /// Checks that every rule can fire and none fires on everything.
+    ///
+    /// # Errors
+    ///
+    /// What is out of range, naming the key.
+    pub fn check(&self) -> Result<(), String> {
+        let within = |key: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{key} must be between {lo} and {hi}")) }
+        };
+        within("probing_hits", self.probing_hits.into(), 2, RING as u64)?;
+        within("escape_attempts", self.escape_attempts.into(), 1, ESCAPES as u64)?;
+        within("auth_failures", self.auth_failures.into(), 1, 10_000)?;
+        within("crash_calls", self.crash_calls.into(), 1, 1000)?;
+        within("cooldown_s", self.cooldown_s, 1, 7 * 86_400)?;
+        if !(self.factor.is_finite() && self.factor >= 1.0) {
+            return Err("factor must be a number of at least 1".to_owned());
+        }
+        if !(self.cpu_floor_ms_per_min.is_finite() && self.cpu_floor_ms_per_min > 0.0) {
+            return Err("cpu_floor_ms_per_min must be a positive number".to_owned());
+        }
+        if self.rate_floor_per_min == 0 || self.write_floor_bytes_per_min == 0 {
+            return Err("rate_floor_per_min and write_floor_bytes_per_min must be positive".to_owned());
+        }
+        Ok(())
+    }
+}
+
 impl Default for Thresholds {
     fn default() -> Self {
         Self {
@@ -139,7 +167,7 @@ pub struct CallFacts<'a> {
     pub execution: &'a str,
     pub status: Status,
     /// Limits the call ran into, even ones it survived.
-    pub limits_hit: usize,
+    pub limits_hit: &'a [String],
     pub cpu_ms: f64,
     pub bytes_written: u64,
     /// The signal that ended a native program, if one did.
@@ -173,7 +201,8 @@ const ESCAPE_WINDOW: Duration = Duration::from_secs(300);
 
 struct Call {
     at: Instant,
-    limited: bool,
+    /// The limit the call was stopped by or ran into, if one.
+    limit: Option<String>,
     execution: String,
 }
 
@@ -184,6 +213,9 @@ struct LastMinute {
     slots: [f64; SLOTS as usize],
     /// Per slot.
     average: f64,
+    /// The average as it stood when each slot began: a minute is judged
+    /// against the average before it, never one it already raised.
+    before: [f64; SLOTS as usize],
 }
 
 impl LastMinute {
@@ -199,6 +231,7 @@ impl LastMinute {
         self.average *= (1.0 - SLOT_WEIGHT).powi(idle);
         for i in (from + 1)..=to.min(from + SLOTS) {
             self.slots[(i % SLOTS) as usize] = 0.0;
+            self.before[(i % SLOTS) as usize] = self.average;
         }
     }
 
@@ -210,8 +243,14 @@ impl LastMinute {
         self.slots.iter().sum()
     }
 
-    fn average_per_minute(&self) -> f64 {
-        self.average * SLOTS as f64
+    /// The average per minute before the minute that ends with slot `now`,
+    /// over the `seen` slots of history, corrected for the zero it started
+    /// from (as Adam's moving averages are).
+    fn average_per_minute(&self, now: u64, seen: u64) -> f64 {
+        let raw = self.before[((now + 1) % SLOTS) as usize];
+        let seen = seen.saturating_sub(SLOTS - 1).min(100_000) as i32;
+        let weight = 1.0 - (1.0 - SLOT_WEIGHT).powi(seen);
+        if weight <= 0.0 { 0.0 } else { raw / weight * SLOTS as f64 }
     }
 }
 
@@ -266,7 +305,7 @@ impl UserState {
         self.recent
             .iter()
             .rev()
-            .filter(|c| c.at >= since && (!only_limited || c.limited))
+            .filter(|c| c.at >= since && (!only_limited || c.limit.is_some()))
             .take(EVIDENCE)
             .map(|c| c.execution.clone())
             .collect()
@@ -329,8 +368,13 @@ impl Analyzer {
             return found;
         }
         let slot = self.slot(now);
-        let limited = facts.limits_hit > 0
-            || matches!(facts.status, Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit);
+        let limit = match facts.status {
+            Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit => {
+                Some(facts.status.as_str().to_owned())
+            }
+            _ => facts.limits_hit.first().cloned(),
+        };
+        let limited = limit.is_some();
         {
             let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
             let user = users.entry(facts.user.to_owned()).or_insert_with(|| UserState::new(slot));
@@ -344,16 +388,24 @@ impl Analyzer {
             if user.recent.len() == RING {
                 user.recent.pop_front();
             }
-            user.recent.push_back(Call { at: now, limited, execution: facts.execution.to_owned() });
+            user.recent.push_back(Call { at: now, limit, execution: facts.execution.to_owned() });
 
             let since = now.checked_sub(WINDOW).unwrap_or(self.started);
             if limited && share_before < NORMAL_LIMITED_SHARE {
                 let (mut calls, mut hits) = (0u32, 0u32);
+                let mut limits: Vec<String> = Vec::new();
                 for c in user.recent.iter().filter(|c| c.at >= since) {
                     calls += 1;
-                    hits += u32::from(c.limited);
+                    if let Some(limit) = &c.limit {
+                        hits += 1;
+                        if !limits.contains(limit) {
+                            limits.push(limit.clone());
+                        }
+                    }
                 }
+                // A probe walks the limits; code that loops, retried, hits one.
                 if hits >= t.probing_hits
+                    && limits.len() >= 2
                     && 2 * hits >= calls
                     && user.may_fire(Rule::LimitProbing, now, self.cooldown())
                 {
@@ -363,6 +415,7 @@ impl Analyzer {
                         tool: Some(facts.tool.to_owned()),
                         evidence: serde_json::json!({
                             "limited_calls": hits,
+                            "limits": limits,
                             "calls": calls,
                             "window_s": WINDOW.as_secs(),
                             "usual_limited_share": round(share_before),
@@ -377,7 +430,9 @@ impl Analyzer {
                 (Rule::CpuSpike, &user.cpu, t.cpu_floor_ms_per_min, "cpu_ms"),
                 (Rule::WriteSpike, &user.written, t.write_floor_bytes_per_min as f64, "bytes_written"),
             ]
-            .map(|(rule, window, floor, what)| (rule, window.sum(), window.average_per_minute(), floor, what));
+            .map(|(rule, window, floor, what)| {
+                (rule, window.sum(), window.average_per_minute(slot, user.slots_seen), floor, what)
+            });
             for (rule, last_minute, average, floor, what) in spikes {
                 let bar = if warm { floor.max(t.factor * average) } else { floor };
                 if last_minute >= bar && user.may_fire(rule, now, self.cooldown()) {
@@ -532,7 +587,7 @@ mod tests {
             build: Some("abc"),
             execution,
             status,
-            limits_hit: 0,
+            limits_hit: &[],
             cpu_ms: 1.0,
             bytes_written: 0,
             signal: None,
@@ -568,9 +623,16 @@ mod tests {
         // Bob's calls are always stopped by a limit (a test suite, a benchmark): his normal.
         let mut fired = 0;
         for i in 0..200 {
-            fired += a.observe_call(&facts("bob", "b", Status::Timeout), at(t0, 5.0 * f64::from(i))).len();
+            let status = if i % 2 == 0 { Status::Timeout } else { Status::MemoryLimit };
+            fired += a.observe_call(&facts("bob", "b", status), at(t0, 5.0 * f64::from(i))).len();
         }
         assert_eq!(fired, 1, "only the first burst, before his share showed it is his normal");
+
+        // Carol's code loops and her agent retries it seven times: one limit, not a probe.
+        for i in 0..7 {
+            let found = a.observe_call(&facts("carol", "r", Status::Timeout), at(t0, 10.0 * f64::from(i)));
+            assert!(found.is_empty(), "{found:?}");
+        }
     }
 
     #[test]
@@ -594,6 +656,30 @@ mod tests {
             rules.extend(a.observe_call(&f, at(t0, 600.0 + f64::from(c) * 0.5)).into_iter().map(|d| d.rule));
         }
         assert_eq!(rules, [Rule::CpuSpike, Rule::CallRate]);
+    }
+
+    #[test]
+    fn a_rate_is_judged_against_ten_times_the_users_own_average_from_five_minutes_on() {
+        let a = Analyzer::new(Thresholds { rate_floor_per_min: 50, ..Default::default() });
+        let t0 = Instant::now();
+        // Ten minutes at 30 calls a minute: the user's normal.
+        for i in 0..300 {
+            let found = a.observe_call(&facts("dave", "d", Status::Ok), at(t0, f64::from(i) * 2.0));
+            assert!(found.is_empty(), "{i}: {found:?}");
+        }
+        // 250 a minute: under ten times 30.
+        for i in 0..250 {
+            let found = a.observe_call(&facts("dave", "d", Status::Ok), at(t0, 700.0 + f64::from(i) * 0.24));
+            assert!(found.is_empty(), "{i}: {found:?}");
+        }
+        // After the cooldown, 320 in a minute: over it.
+        let mut found = Vec::new();
+        for i in 0..320 {
+            found.extend(a.observe_call(&facts("dave", "d", Status::Ok), at(t0, 1400.0 + f64::from(i) * 0.18)));
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        let usual = found[0].evidence["usual_per_minute"].as_f64().unwrap();
+        assert!((15.0..60.0).contains(&usual), "the user's own average, idle minutes counted as zero: {usual}");
     }
 
     #[test]

@@ -459,6 +459,7 @@ fn server_config(config: Option<&Path>) -> Result<(Policy, ServerSettings), Usag
             settings.response = toml::Value::Table(file.take_response())
                 .try_into()
                 .map_err(|e| UsageError(format!("{}: [response]: {e}", path.display())))?;
+            settings.behaviour.check().map_err(|e| UsageError(format!("{}: [behaviour]: {e}", path.display())))?;
             settings.response.check().map_err(|e| UsageError(format!("{}: [response]: {e}", path.display())))?;
             settings.config_path = Some(path.to_owned());
             file.apply(Policy::default())?

@@ -85,7 +85,8 @@ pub fn components(path: &str) -> Result<Vec<&str>, FsError> {
     for part in &parts {
         match *part {
             "" => return bad("empty path component"),
-            "." | ".." => return Err(FsError::Escape("`.` and `..` are not allowed".into())),
+            "." => return bad("`.` is not allowed"),
+            ".." => return Err(FsError::Escape("`..` is not allowed".into())),
             p if p.len() > 255 => return bad("a component is longer than 255 bytes"),
             p if p.starts_with(UPLOAD_PREFIX) => return bad("names starting with .imagentx-upload- are reserved"),
             _ => {}

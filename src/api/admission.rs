@@ -172,7 +172,7 @@ impl Admission {
         let bucket = buckets.entry(user.to_owned()).or_insert_with(|| Bucket::full(burst));
         bucket.take(rate, burst).map_err(|wait| Denial {
             reason: "rate",
-            message: format!("over the tier's rate of {rate} requests per second"),
+            message: format!("over your rate of {rate} requests per second (the tier's, or lower while throttled)"),
             retry_after: wait.ceil() as u64,
         })
     }

@@ -88,11 +88,14 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
             if let Some(owner) = &owner {
                 detail["revoked_key_of"] = owner.as_str().into();
             }
-            let event = AuditEvent::new(Kind::AuthFailure, "denied").detail(detail);
+            let mut event = AuditEvent::new(Kind::AuthFailure, "denied").detail(detail);
+            if let Some(owner) = &owner {
+                event = event.user(owner.as_str());
+            }
             record_refusal(state, event).await;
             let source = match (&owner, peer(parts)) {
                 (Some(owner), _) => format!("key:{owner}"),
-                (None, Some(peer)) => peer.ip().to_string(),
+                (None, Some(peer)) => source_of(peer.ip()),
                 (None, None) => "unknown".to_owned(),
             };
             if let Some(found) = state.analyzer.observe_auth_failure(&source, owner.as_deref(), Instant::now()) {
@@ -108,6 +111,21 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
         return Err(super::invoke::denied(state, &caller, None, denial).await);
     }
     Ok(caller)
+}
+
+/// Where failed keys come from, for behaviour analysis: an IPv4 address, or
+/// an IPv6 /64 (one host can hold a whole /64, and rotate through it).
+fn source_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
 }
 
 /// The address the request came from (set per connection by `api::run`).

@@ -97,6 +97,13 @@ impl ResponseConfig {
             if rule.throttle_rps == 0 {
                 return Err(format!("rules.{name}.throttle_rps must be at least 1"));
             }
+            // Whoever holds a revoked key could otherwise restrict its owner.
+            if name == Rule::AuthFailures.as_str() && rule.actions.iter().any(|a| *a != Action::Alert) {
+                return Err(format!(
+                    "rules.{name}: only `alert` (failed keys are someone else's doing: restricting the user they \
+                     name would let whoever holds a revoked key restrict its owner)"
+                ));
+            }
         }
         if let Some(url) = &self.webhook {
             webhook_target(url)?;
@@ -133,7 +140,9 @@ fn webhook_target(url: &str) -> Result<(String, u16, Uri), String> {
             "webhook `{url}`: only http:// is supported (point it at a local relay that speaks TLS onwards)"
         ));
     }
-    let host = uri.host().ok_or_else(|| format!("webhook `{url}` has no host"))?.to_owned();
+    let host = uri.host().ok_or_else(|| format!("webhook `{url}` has no host"))?;
+    // An IPv6 literal comes bracketed; the socket address wants it bare.
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
     Ok((host, uri.port_u16().unwrap_or(80), uri))
 }
 
@@ -206,8 +215,9 @@ async fn post(url: &str, body: Bytes) -> Result<hyper::StatusCode, String> {
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let authority = uri.authority().map_or_else(|| format!("{host}:{port}"), |a| a.as_str().to_owned());
     let request = hyper::Request::post(path)
-        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .header(hyper::header::HOST, authority)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(hyper::header::USER_AGENT, concat!("imagentx-sandbox/", env!("CARGO_PKG_VERSION")))
         .body(Full::new(body))
@@ -236,7 +246,17 @@ pub(super) fn anomaly_event(state: &AppState, found: &Detection) -> AuditEvent {
 
 /// Records `found` (anomaly records) and responds, on a task of its own:
 /// for detections outside a call (failed authentication, refused escapes).
+/// Detections that name nobody (failed keys from many addresses) are kept to
+/// the refusals' record rate, so an address-rotating flood cannot fill the
+/// audit trail through them.
 pub(super) fn respond_later(state: &Arc<AppState>, found: Vec<Detection>) {
+    let found: Vec<Detection> = found
+        .into_iter()
+        .filter(|d| d.user.is_some() || state.audit_throttle.admit(&format!("anomaly/{}", d.rule.as_str())).is_some())
+        .collect();
+    if found.is_empty() {
+        return;
+    }
     let state = state.clone();
     tokio::spawn(async move {
         let events = found.iter().map(|d| anomaly_event(&state, d)).collect();
@@ -313,6 +333,8 @@ mod tests {
         assert_eq!(ok.check(), Ok(()));
         assert_eq!(ok.for_rule(Rule::CpuSpike).actions, [Action::Alert]);
         assert_eq!(ok.for_rule(Rule::EscapeAttempts).actions, [Action::Alert, Action::Suspend]);
+        let restricting: ResponseConfig = toml::from_str("[rules.auth_failures]\nactions = [\"suspend\"]\n").unwrap();
+        assert!(restricting.check().unwrap_err().contains("only `alert`"));
         let unknown: ResponseConfig = toml::from_str("[rules.nope]\nactions = []\n").unwrap();
         assert!(unknown.check().unwrap_err().contains("no such rule"));
         let tls = ResponseConfig { webhook: Some("https://example.com/".into()), ..Default::default() };

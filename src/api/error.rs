@@ -57,10 +57,9 @@ impl From<StoreError> for ApiError {
 impl From<FsError> for ApiError {
     fn from(e: FsError) -> Self {
         match e {
-            FsError::Escape(_) | FsError::Symlink => {
-                Self { escape: true, ..Self::bad_request("bad_path", e.to_string()) }
-            }
-            FsError::BadPath(_) => Self::bad_request("bad_path", e.to_string()),
+            FsError::Escape(_) => Self { escape: true, ..Self::bad_request("bad_path", e.to_string()) },
+            // A link the user's own tools made is no escape attempt: it is only never followed.
+            FsError::BadPath(_) | FsError::Symlink => Self::bad_request("bad_path", e.to_string()),
             FsError::NotFound => Self::not_found("not_found", "no such file or directory"),
             FsError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
             FsError::QuotaExceeded(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", m),

@@ -285,7 +285,7 @@ fn call_facts(report: &ExecutionReport) -> crate::behaviour::CallFacts<'_> {
         build: report.tool_sha256.as_deref(),
         execution: &report.id,
         status: report.status,
-        limits_hit: report.usage.limits_hit.len(),
+        limits_hit: &report.usage.limits_hit,
         cpu_ms: report.usage.cpu_ms.unwrap_or(0.0),
         bytes_written: report.usage.bytes_written.unwrap_or(0),
         signal: report.signal.as_deref(),

@@ -162,6 +162,8 @@ pub async fn authenticate(
 /// The protocol could not start (the client's first messages were not MCP).
 pub async fn serve_stdio(state: Arc<AppState>, caller: Caller) -> Result<(), String> {
     use rmcp::ServiceExt;
+    // Usage rollups are written as under `serve` (else they pile up in memory).
+    let rollups = tokio::spawn(super::stats::keep(Arc::clone(&state)));
     let served = match McpServer::for_local(Arc::clone(&state), caller).serve(rmcp::transport::stdio()).await {
         Ok(running) => {
             let _ = running.waiting().await;
@@ -174,6 +176,9 @@ pub async fn serve_stdio(state: Arc<AppState>, caller: Caller) -> Result<(), Str
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     super::sessions::close_all(&state).await;
+    rollups.abort();
+    let _ = rollups.await;
+    state.rollup.flush(&state.store).await;
     // Warm jails (python-data's) go with their cgroups before the process does.
     let stopping = Arc::clone(&state);
     let _ = tokio::task::spawn_blocking(move || stopping.registry.stop_warm_pools(Duration::from_secs(5))).await;

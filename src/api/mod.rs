@@ -21,7 +21,7 @@ mod native;
 mod openapi;
 mod registry;
 mod sessions;
-mod stats;
+pub(crate) mod stats;
 mod tools;
 
 use std::collections::HashSet;

@@ -18,6 +18,10 @@ use crate::report::{ExecutionReport, Status};
 use crate::store::rollups::{HOUR, Key, MINUTE, Totals};
 use crate::store::{unix_now, unix_rfc3339};
 
+/// The tool of security events' rows: a name no tool can have (tool names
+/// are never empty).
+const SECURITY: &str = "";
+
 /// How often the minute rollups are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
 /// How often minutes older than a day are compacted into hours.
@@ -65,7 +69,7 @@ impl Rollup {
         let key = Key {
             bucket: minute(unix_now()),
             user: user.unwrap_or("-").to_owned(),
-            tool: "-".to_owned(),
+            tool: SECURITY.to_owned(),
             tier: tier.to_owned(),
             status: kind.to_owned(),
         };
@@ -159,7 +163,7 @@ struct Sum {
 impl Sum {
     fn add(&mut self, key: &Key, totals: &Totals) {
         self.totals.merge(totals);
-        if key.tool == "-" {
+        if key.tool == SECURITY {
             *self.security_by_kind.entry(key.status.clone()).or_default() += totals.security_events;
         } else {
             *self.by_status.entry(key.status.clone()).or_default() += totals.calls;
@@ -244,10 +248,19 @@ pub async fn stats(
         ));
     }
     state.rollup.flush(&state.store).await;
+    // Reading and summing a week of rows takes a while: off the async threads.
+    let reading = state.clone();
+    tokio::task::spawn_blocking(move || summarize(&reading, window, by, length, step))
+        .await
+        .map_err(|e| ApiError::internal("summing the rollups", &e))?
+        .map(Json)
+}
+
+fn summarize(state: &AppState, window: String, by: String, length: i64, step: i64) -> Result<Stats, ApiError> {
     let now = unix_now();
     // Whole steps: the window starts at the beginning of its first step.
     let from = (now - length) - (now - length).rem_euclid(step) + step;
-    let rows = state.store.rollups_since(from - HOUR)?;
+    let rows = state.store.rollups_since(from)?;
     let mut totals = Sum::default();
     let mut groups: HashMap<String, Sum> = HashMap::new();
     let mut series: BTreeMap<i64, (u64, u64, u64)> = (0..length / step).map(|i| (from + i * step, (0, 0, 0))).collect();
@@ -263,13 +276,14 @@ pub async fn stats(
             "status" => &row.key.status,
             _ => &row.key.tier,
         };
-        // Security events belong to users and tiers, not to a tool or a status.
-        if row.key.tool != "-" || by == "user" || by == "tier" {
+        // Security events belong to users (and to tier `-`: a refusal's tier
+        // is not looked up), not to a tool or a status.
+        if row.key.tool != SECURITY || by == "user" || by == "tier" {
             groups.entry(group.clone()).or_default().add(&row.key, &row.totals);
         }
         let point = series.entry(row.key.bucket - (row.key.bucket - from).rem_euclid(step)).or_default();
         point.0 += row.totals.calls;
-        if row.key.status != "ok" && row.key.tool != "-" {
+        if row.key.status != "ok" && row.key.tool != SECURITY {
             point.1 += row.totals.calls;
         }
         point.2 += row.totals.security_events;
@@ -281,7 +295,7 @@ pub async fn stats(
             .then(a.key.cmp(&b.key))
     });
     groups.truncate(MAX_GROUPS);
-    Ok(Json(Stats {
+    Ok(Stats {
         window,
         by,
         from: unix_rfc3339(from),
@@ -297,5 +311,5 @@ pub async fn stats(
                 security_events,
             })
             .collect(),
-    }))
+    })
 }

@@ -20,6 +20,7 @@
 //! Speed is measured here, never asserted: a suite that fails to measure
 //! records its failures in the success rate, and the harness goes on.
 
+mod behaviour;
 mod count;
 mod density;
 mod http;
@@ -76,10 +77,11 @@ pub enum Suite {
     Mcp,
     Sessions,
     Ops,
+    Behaviour,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 8] = [
+    pub const ALL: [Suite; 9] = [
         Suite::Wasm,
         Suite::Http,
         Suite::Native,
@@ -88,6 +90,7 @@ impl Suite {
         Suite::Mcp,
         Suite::Sessions,
         Suite::Ops,
+        Suite::Behaviour,
     ];
 
     fn title(self) -> &'static str {
@@ -100,6 +103,7 @@ impl Suite {
             Suite::Mcp => "MCP",
             Suite::Sessions => "code sessions",
             Suite::Ops => "operations at scale (backup, restore, quick_check)",
+            Suite::Behaviour => "behaviour analysis (labelled replay, cost per call)",
         }
     }
 }
@@ -671,6 +675,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<usize> {
             Suite::Mcp => mcp::run(&mut h),
             Suite::Sessions => sessions::run(&mut h),
             Suite::Ops => ops::run(&mut h),
+            Suite::Behaviour => behaviour::run(&mut h),
         };
         if let Err(e) = result {
             println!("  FAILED: {e:#}");

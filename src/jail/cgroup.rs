@@ -197,7 +197,7 @@ impl Cgroups {
             let dead = rest
                 .split_once('-')
                 .and_then(|(pid, _)| pid.parse::<u32>().ok())
-                .is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists());
+                .is_some_and(|pid| pid != std::process::id() && !alive(pid));
             let old = dead
                 || fs::metadata(&dir)
                     .and_then(|m| m.modified())
@@ -304,6 +304,13 @@ pub struct CgroupLimits {
     pub cpu: f64,
     /// Processes (the jail's init is not in the cgroup).
     pub pids: u32,
+}
+
+/// Whether process `pid` exists (in this pid namespace; one we may not
+/// signal, EPERM, exists too).
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
 }
 
 fn make_dir(dir: &Path) -> Result<(), CgroupError> {

@@ -90,7 +90,7 @@ impl Totals {
 }
 
 /// A row's key: the start of its minute (or hour), Unix seconds, and what it
-/// is about. Security events are rows of tool `-` and status the event's kind.
+/// is about. Security events are rows of tool `""` and status the event's kind.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
     pub bucket: i64,

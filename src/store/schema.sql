@@ -122,7 +122,7 @@ CREATE TABLE IF NOT EXISTS restrictions (
 
 -- Usage summed per minute (span 60) and, after a day, per hour (span 3600),
 -- per user, tool, tier and status (`crate::store::rollups`); security events
--- are rows of tool '-' with the event's kind as status. Histograms are JSON.
+-- are rows of tool '' with the event's kind as status. Histograms are JSON.
 CREATE TABLE IF NOT EXISTS rollups (
     span             INTEGER NOT NULL,
     bucket           INTEGER NOT NULL,

@@ -269,15 +269,19 @@ impl Store {
             let Some(admin) = admin else { return Err(StoreError::NotFound(format!("no user `{user}`"))) };
             let now = unix_now();
             if admin && restriction == Restriction::Suspend {
+                // Another admin who can sign in: an active key, not suspended.
                 let others: u32 = w.conn().query_row(
-                    "SELECT count(*) FROM users u WHERE u.admin AND u.id != ?1 AND NOT EXISTS
+                    "SELECT count(*) FROM users u WHERE u.admin AND u.id != ?1
+                       AND EXISTS (SELECT 1 FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL)
+                       AND NOT EXISTS
                        (SELECT 1 FROM restrictions r WHERE r.user_id = u.id AND r.kind = 'suspend' AND r.until > ?2)",
                     params![user.as_str(), now],
                     |r| r.get(0),
                 )?;
                 if others == 0 {
                     return Err(StoreError::Conflict(format!(
-                        "`{user}` is the last admin who is not suspended: suspending them would leave nobody to lift it"
+                        "`{user}` is the last admin who can sign in (an active key, not suspended): suspending them \
+                         would leave nobody to lift it"
                     )));
                 }
             }
@@ -285,21 +289,36 @@ impl Store {
                 Restriction::Throttle(rate) => Some(rate),
                 Restriction::Suspend => None,
             };
+            // One that holds longer is kept (a rule's 15 minutes never
+            // shorten an admin's 30 days); an expired one is replaced.
             w.conn().execute(
-                "INSERT OR REPLACE INTO restrictions (user_id, kind, until, rate, reason, by, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO restrictions (user_id, kind, until, rate, reason, by, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (user_id, kind) DO UPDATE SET
+                   until = excluded.until, rate = excluded.rate, reason = excluded.reason, by = excluded.by,
+                   at = excluded.at
+                 WHERE excluded.until >= restrictions.until",
                 params![user.as_str(), restriction.kind(), until, rate, reason, actor, w.now()],
             )?;
             let kind = match restriction {
                 Restriction::Suspend => Kind::UserSuspended,
                 Restriction::Throttle(_) => Kind::UserThrottled,
             };
-            let detail = serde_json::json!({
-                "until": unix_rfc3339(until),
-                "for_s": until - now,
+            let (held_until, held_reason): (i64, String) = w.conn().query_row(
+                "SELECT until, reason FROM restrictions WHERE user_id = ?1 AND kind = ?2",
+                params![user.as_str(), restriction.kind()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let mut detail = serde_json::json!({
+                "until": unix_rfc3339(held_until),
+                "for_s": held_until - now,
                 "requests_per_second": rate,
                 "reason": reason,
             });
+            if held_until > until {
+                // A longer one already held: it stays, and the record says so.
+                detail["kept_longer"] = serde_json::json!({"until": unix_rfc3339(held_until), "reason": held_reason});
+            }
             w.audit(&AuditEvent::new(kind, "ok").actor(actor).user(user.as_str()).detail(detail))
         })
         .await
