@@ -1,7 +1,8 @@
 //! Our Prometheus side, checked by Prometheus' own tool (`promtool`, from
 //! Debian's `prometheus` package; CI installs it): the alerting rules in
 //! `deploy/prometheus/alerts.yml` load, and a real server's `/metrics`, with
-//! every family filled by real calls, passes `promtool check metrics`.
+//! every family filled by real calls, passes `promtool check metrics` and has
+//! every metric the rules and the Grafana dashboard query.
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
@@ -75,4 +76,21 @@ async fn a_real_servers_metrics_pass_promtool() {
     let out = child.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics:\n{said}");
+
+    // Every metric the alerting rules and the Grafana dashboard query is one the server exports.
+    let exported: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    for file in ["deploy/prometheus/alerts.yml", "deploy/grafana/imagentx-sandbox.json"] {
+        let queries = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut named = 0;
+        for (i, _) in queries.match_indices("imagentx_") {
+            let name: String = queries[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if name == "imagentx_sandbox" {
+                continue; // the dashboard's own name
+            }
+            let family = name.strip_suffix("_bucket").unwrap_or(&name);
+            assert!(exported.contains(&family), "{file} queries {name}, which /metrics does not export");
+            named += 1;
+        }
+        assert!(named > 10, "{file}: {named} metrics");
+    }
 }

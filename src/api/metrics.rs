@@ -318,11 +318,9 @@ impl SharedGauges {
     }
 }
 
-/// The warm jails' lines of `/metrics`, per tool.
+/// The warm jails' lines of `/metrics`, per tool (the families are there,
+/// empty, on a server without warm jails: rules and dashboards find them).
 pub fn render_warm(out: &mut String, pools: &[Arc<crate::jail::WarmPool>]) {
-    if pools.is_empty() {
-        return;
-    }
     let head = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
