@@ -39,7 +39,7 @@ async fn serve(warm: usize) -> Option<TestServer> {
 /// waits for one to be ready).
 async fn call(srv: &TestServer, key: &str, code: &str, timeout_ms: u64) -> Value {
     let metrics = srv.get("/metrics", "").await;
-    if String::from_utf8_lossy(&metrics.body).contains("imagentx_warm_jails") {
+    if String::from_utf8_lossy(&metrics.body).contains("imagentx_warm_jails{") {
         warm_ready(srv, 1.0).await;
     }
     let body = json!({"input": {"code": code}, "timeout_ms": timeout_ms});
