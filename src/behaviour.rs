@@ -174,11 +174,30 @@ pub struct CallFacts<'a> {
     pub signal: Option<&'a str>,
 }
 
+impl<'a> CallFacts<'a> {
+    /// What `report` tells.
+    pub fn of(report: &'a crate::report::ExecutionReport) -> Self {
+        Self {
+            user: &report.user,
+            tool: &report.tool,
+            build: report.tool_sha256.as_deref(),
+            execution: &report.id,
+            status: report.status,
+            limits_hit: &report.usage.limits_hit,
+            cpu_ms: report.usage.cpu_ms.unwrap_or(0.0),
+            bytes_written: report.usage.bytes_written.unwrap_or(0),
+            signal: report.signal.as_deref(),
+        }
+    }
+}
+
 /// Calls remembered per user for the minute windows (the last ones only:
 /// a burst is judged on at most this many).
 const RING: usize = 32;
 /// Escapes remembered per user.
 const ESCAPES: usize = 16;
+/// Bytes of an escape's description kept.
+const MAX_WHAT: usize = 200;
 /// Executions named in a detection's evidence, at most.
 const EVIDENCE: usize = 8;
 /// Ten-second slots in the sliding minute.
@@ -502,7 +521,13 @@ impl Analyzer {
         self.escape_locked(state, user, what, now)
     }
 
-    fn escape_locked(&self, state: &mut UserState, user: &str, what: String, now: Instant) -> Option<Detection> {
+    fn escape_locked(&self, state: &mut UserState, user: &str, mut what: String, now: Instant) -> Option<Detection> {
+        // What a client sent (a path) goes into the evidence: a bounded part of it.
+        if what.len() > MAX_WHAT {
+            let cut = (0..=MAX_WHAT).rev().find(|i| what.is_char_boundary(*i)).unwrap_or(0);
+            what.truncate(cut);
+            what.push('…');
+        }
         if state.escapes.len() == ESCAPES {
             state.escapes.pop_front();
         }
@@ -713,8 +738,10 @@ mod tests {
         assert!(a.observe_escape("eve", "files: /etc".into(), at(t0, 100.0)).is_none());
         // The third, but six minutes after the first: two in the window.
         assert!(a.observe_escape("eve", "admin route".into(), at(t0, 360.0)).is_none());
-        let found = a.observe_escape("eve", "admin route".into(), at(t0, 361.0)).unwrap();
+        let found =
+            a.observe_escape("eve", format!("GET /{} with a user's key", "é".repeat(5000)), at(t0, 361.0)).unwrap();
         assert_eq!(found.evidence["attempts"], 3);
+        assert!(found.evidence["what"][2].as_str().unwrap().len() <= MAX_WHAT + '…'.len_utf8());
         let mut sys = facts("eve", "e", Status::Crashed);
         sys.signal = Some("SIGSYS");
         assert!(a.observe_call(&sys, at(t0, 362.0)).is_empty(), "cooldown");

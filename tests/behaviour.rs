@@ -163,6 +163,11 @@ async fn escape_attempts_suspend_the_user_until_an_admin_lifts_it_from_the_comma
         assert!(message.contains("suspended until") && message.contains("escape_attempts"), "{message}");
     }
     assert_eq!(srv.get("/v1/me", &bob).await.status, StatusCode::OK);
+    let users = srv.get("/v1/users", &srv.admin).await.json();
+    let row = |name: &str| users["users"].as_array().unwrap().iter().find(|u| u["id"] == name).unwrap().clone();
+    assert!(row("mallory")["suspended_until"].is_string(), "{users}");
+    assert!(row("bob")["suspended_until"].is_null(), "{users}");
+    assert_eq!(srv.get("/v1/users", &bob).await.status, StatusCode::FORBIDDEN);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !metrics(&srv).await.contains("imagentx_responses_total{action=\"suspend\"} 1") {
         assert!(Instant::now() < deadline, "{}", metrics(&srv).await);

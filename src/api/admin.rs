@@ -224,6 +224,16 @@ pub async fn alerts(
     query_audit(&state, audit::Query { kind: Some(Kind::Alert), limit, ..audit::Query::default() }).await
 }
 
+/// `GET /v1/users`.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct UserList {
+    pub users: Vec<crate::store::UserRow>,
+}
+
+pub async fn users(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Result<Json<UserList>, ApiError> {
+    Ok(Json(UserList { users: state.store.list_users()? }))
+}
+
 /// `POST /v1/users/{id}/suspend`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

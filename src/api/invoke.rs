@@ -256,7 +256,7 @@ impl Prepared {
             };
             let mut events = audit_events(&task_state, &caller, &report, registered.row.version, &call);
             // Behaviour analysis: its detections are recorded with the call that completed them.
-            let found = task_state.analyzer.observe_call(&call_facts(&report), Instant::now());
+            let found = task_state.analyzer.observe_call(&crate::behaviour::CallFacts::of(&report), Instant::now());
             events.extend(found.iter().map(|d| super::behaviour::anomaly_event(&task_state, d)));
             let json: Bytes =
                 serde_json::to_vec(&report).map_err(|e| ApiError::internal("encoding the report", &e))?.into();
@@ -274,21 +274,6 @@ impl Prepared {
             Ok::<_, ApiError>((report, json))
         });
         task.await.map_err(|e| ApiError::internal("the call's task", &e))?
-    }
-}
-
-/// What a finished call tells behaviour analysis.
-fn call_facts(report: &ExecutionReport) -> crate::behaviour::CallFacts<'_> {
-    crate::behaviour::CallFacts {
-        user: &report.user,
-        tool: &report.tool,
-        build: report.tool_sha256.as_deref(),
-        execution: &report.id,
-        status: report.status,
-        limits_hit: &report.usage.limits_hit,
-        cpu_ms: report.usage.cpu_ms.unwrap_or(0.0),
-        bytes_written: report.usage.bytes_written.unwrap_or(0),
-        signal: report.signal.as_deref(),
     }
 }
 

@@ -753,6 +753,15 @@ pub fn routes() -> Vec<Route> {
             ],
         ),
         r(
+            "get",
+            "/v1/users",
+            "Every user: tier, admin, active keys, and until when a suspension or a throttle holds.",
+            Admin,
+            Body::None,
+            Body::Json(json::<admin::UserList>),
+            get(admin::users),
+        ),
+        r(
             "post",
             "/v1/users/{id}/suspend",
             "Suspend a user: their keys answer 403 `suspended` until it runs out or is lifted (body \

@@ -307,17 +307,7 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         match &event.what {
             What::Call { user, tool, build, sample } => {
                 let report = sample(&s);
-                let facts = CallFacts {
-                    user,
-                    tool,
-                    build: Some(build),
-                    execution: &report.id,
-                    status: report.status,
-                    limits_hit: &report.usage.limits_hit,
-                    cpu_ms: report.usage.cpu_ms.unwrap_or(0.0),
-                    bytes_written: report.usage.bytes_written.unwrap_or(0),
-                    signal: report.signal.as_deref(),
-                };
+                let facts = CallFacts { user, tool, build: Some(build), ..CallFacts::of(report) };
                 let started = Instant::now();
                 let detected = analyzer.observe_call(&facts, now);
                 in_calls += started.elapsed();

@@ -165,24 +165,13 @@ impl Store {
         self.write(move |w| {
             let conn = w.conn();
             let before = now - KEEP_MINUTES_S;
-            let rows: Vec<(i64, Key, Totals)> = {
-                let mut stmt = conn.prepare(
-                    "SELECT rowid, bucket, user_id, tool, tier, status, calls, limit_hits, bytes_written,
-                            security_events, cpu_ms_sum, cpu_hist, memory_hist
-                     FROM rollups WHERE span = ?1 AND bucket < ?2 ORDER BY bucket LIMIT ?3",
-                )?;
-                let mapped = stmt.query_map(params![MINUTE, before, batch], |r| {
-                    let key =
-                        Key { bucket: r.get(1)?, user: r.get(2)?, tool: r.get(3)?, tier: r.get(4)?, status: r.get(5)? };
-                    Ok((r.get::<_, i64>(0)?, key, read_totals(r, 6)?))
-                })?;
-                let mut rows = Vec::new();
-                for row in mapped {
-                    let (rowid, key, totals) = row?;
-                    rows.push((rowid, key, totals?));
-                }
-                rows
-            };
+            let rows = select(
+                conn,
+                "SELECT rowid, bucket, user_id, tool, tier, status, calls, limit_hits, bytes_written,
+                        security_events, cpu_ms_sum, cpu_hist, memory_hist
+                 FROM rollups WHERE span = ?1 AND bucket < ?2 ORDER BY bucket LIMIT ?3",
+                params![MINUTE, before, batch],
+            )?;
             let mut hours: HashMap<Key, Totals> = HashMap::new();
             for (_, key, totals) in &rows {
                 let hour = Key { bucket: key.bucket - key.bucket.rem_euclid(HOUR), ..key.clone() };
@@ -208,24 +197,36 @@ impl Store {
     /// A database error.
     pub fn rollups_since(&self, since: i64) -> Result<Vec<Row>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
+            let rows = select(
+                conn,
                 "SELECT span, bucket, user_id, tool, tier, status, calls, limit_hits, bytes_written,
                         security_events, cpu_ms_sum, cpu_hist, memory_hist
                  FROM rollups WHERE bucket >= ?1",
+                params![since],
             )?;
-            let mapped = stmt.query_map([since], |r| {
-                let key =
-                    Key { bucket: r.get(1)?, user: r.get(2)?, tool: r.get(3)?, tier: r.get(4)?, status: r.get(5)? };
-                Ok((r.get::<_, i64>(0)?, key, read_totals(r, 6)?))
-            })?;
-            let mut rows = Vec::new();
-            for row in mapped {
-                let (span, key, totals) = row?;
-                rows.push(Row { key, span, totals: totals? });
-            }
-            Ok(rows)
+            Ok(rows.into_iter().map(|(span, key, totals)| Row { key, span, totals }).collect())
         })
     }
+}
+
+/// The rows of `sql`, which selects a number (the rowid or the span), the
+/// key's five columns, then the totals' seven.
+fn select(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<(i64, Key, Totals)>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mapped = stmt.query_map(params, |r| {
+        let key = Key { bucket: r.get(1)?, user: r.get(2)?, tool: r.get(3)?, tier: r.get(4)?, status: r.get(5)? };
+        Ok((r.get::<_, i64>(0)?, key, read_totals(r, 6)?))
+    })?;
+    let mut rows = Vec::new();
+    for row in mapped {
+        let (number, key, totals) = row?;
+        rows.push((number, key, totals?));
+    }
+    Ok(rows)
 }
 
 /// The totals of a row that selects `calls, limit_hits, bytes_written,

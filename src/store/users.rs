@@ -64,7 +64,7 @@ pub fn unix_rfc3339(secs: i64) -> String {
 }
 
 /// A user as listed.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct UserRow {
     pub id: String,
     pub tier: String,
