@@ -602,21 +602,28 @@ impl Drop for RunCgroup {
 mod tests {
     use super::*;
 
+    /// The cgroup2 mount, when there is one and this is root (a test that
+    /// needs both is skipped otherwise, but never where root is required).
+    fn v2_as_root(what: &str) -> Option<PathBuf> {
+        let Ok(Mounts { v2: Some(mount), .. }) = mounts() else {
+            eprintln!("SKIPPED: no cgroup2 hierarchy on this host");
+            return None;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            let required = std::env::var_os("IMAGENTX_REQUIRE_PRIVILEGED_TESTS").is_some_and(|v| v == "1");
+            assert!(!required, "{what} needs root, and IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1");
+            eprintln!("SKIPPED: {what} needs root");
+            return None;
+        }
+        Some(mount)
+    }
+
     /// The v2 file operations, on this host's cgroup2 hierarchy even when it
     /// has no controllers (limits cannot be set there; membership, CPU time,
     /// `cgroup.kill` and removal can). Skipped without root or cgroup2.
     #[test]
     fn a_v2_run_cgroup_tracks_kills_and_removes_its_processes() {
-        let Ok(Mounts { v2: Some(mount), .. }) = mounts() else {
-            eprintln!("SKIPPED: no cgroup2 hierarchy on this host");
-            return;
-        };
-        if !nix::unistd::geteuid().is_root() {
-            let required = std::env::var_os("IMAGENTX_REQUIRE_PRIVILEGED_TESTS").is_some_and(|v| v == "1");
-            assert!(!required, "the cgroup v2 test needs root, and IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1");
-            eprintln!("SKIPPED: the cgroup v2 test needs root");
-            return;
-        }
+        let Some(mount) = v2_as_root("the cgroup v2 test") else { return };
         let own = own_path(None).unwrap_or_default();
         let dir = mount.join(own.trim_start_matches('/')).join(format!("imagentx-test-{}", std::process::id()));
         make_dir(&dir).expect("a cgroup2 directory");
@@ -638,16 +645,7 @@ mod tests {
     /// process's), an unnamed one still young and other names stay.
     #[test]
     fn a_sweep_removes_a_dead_servers_cgroups_at_once() {
-        let Ok(Mounts { v2: Some(mount), .. }) = mounts() else {
-            eprintln!("SKIPPED: no cgroup2 hierarchy on this host");
-            return;
-        };
-        if !nix::unistd::geteuid().is_root() {
-            let required = std::env::var_os("IMAGENTX_REQUIRE_PRIVILEGED_TESTS").is_some_and(|v| v == "1");
-            assert!(!required, "the cgroup sweep test needs root, and IMAGENTX_REQUIRE_PRIVILEGED_TESTS=1");
-            eprintln!("SKIPPED: the cgroup sweep test needs root");
-            return;
-        }
+        let Some(mount) = v2_as_root("the cgroup sweep test") else { return };
         let own = own_path(None).unwrap_or_default();
         let parent = mount.join(own.trim_start_matches('/')).join(format!("imagentx-sweep-{}", std::process::id()));
         let mut gone = std::process::Command::new("/bin/true").spawn().expect("a child");
