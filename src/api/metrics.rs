@@ -360,6 +360,11 @@ pub fn render_warm(out: &mut String, pools: &[Arc<crate::jail::WarmPool>]) {
             stats.missed.load(Ordering::Relaxed)
         );
     }
+    head(out, "imagentx_warm_started_total", "counter", "Warm jails started, by tool (each serves one call at most).");
+    for pool in pools {
+        let started = pool.stats.started.load(Ordering::Relaxed);
+        let _ = writeln!(out, "imagentx_warm_started_total{{tool=\"{}\"}} {started}", pool.tool());
+    }
     head(out, "imagentx_warm_failures_total", "counter", "Warm jails that ended before their call, by tool.");
     for pool in pools {
         let _ = writeln!(

@@ -38,7 +38,8 @@ use std::time::Duration;
 
 pub use cgroup::{CgroupError, CgroupMode};
 pub use rootfs::{Layout, LayoutError};
-pub use warm::{NativeSession, READY_LINE, WarmPool, WarmSpec, WarmStats};
+pub use supervise::READY_LINE;
+pub use warm::{NativeSession, WarmPool, WarmSpec, WarmStats};
 
 use crate::policy::Limits;
 use crate::report::Status;

@@ -2,7 +2,7 @@
 //! before its call arrives, used for exactly one call.
 //!
 //! A warm jail is an ordinary run (`supervise`) whose `/data` is an empty
-//! directory and whose program, once ready, writes [`READY_LINE`] on
+//! directory and whose program, once ready, writes [`super::READY_LINE`] on
 //! stderr and blocks reading its input. When a call comes:
 //!
 //! 1. the run's cgroup gets the call's limits (refused when the jail
@@ -48,8 +48,6 @@ use super::session::StepJob;
 use super::supervise::{self, WarmCall};
 use super::{Jail, Layout, NativeOutcome, NativeRun, sys};
 use crate::policy::Limits;
-
-pub use super::supervise::READY_LINE;
 
 /// The cgroup owner of warm jails (not a valid user id).
 const OWNER: &str = "@warm";
@@ -220,11 +218,6 @@ impl WarmPool {
                 let _ = thread.join();
             }
         }
-    }
-
-    /// Jails kept warm.
-    pub fn size(&self) -> usize {
-        self.size
     }
 
     /// Prepares a user's directory for a jail's `/data` ([`Jail::prepare_data_dir`]).
