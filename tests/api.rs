@@ -547,3 +547,51 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     s.assert_healthy().await;
     s.stop().await;
 }
+
+/// A module damaged on disk (its bytes no longer its SHA-256) or gone is
+/// never run: the restarted server leaves it out, says so in an alert and a
+/// metric, and answers its callers 503 `tool_unavailable` with why; the
+/// other tools serve as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_or_missing_module_is_refused_at_start_and_its_callers_are_told() {
+    let s = TestServer::start().await;
+    let damaged = s.register("probe", "damaged").await;
+    let missing = s.register("word-stats", "missing").await;
+    // (Blobs are content-addressed: `fine` must be another module.)
+    s.register("sdk-probe", "fine").await;
+    let alice = s.add_user("alice", "free", false).await;
+    let dir = s.stop_keeping_data().await;
+    let blob = |row: &Value| dir.path().join(format!("blobs/{}.wasm", row["sha256"].as_str().unwrap()));
+    // Another valid module in its place (what a bit flip or a tamperer leaves), and one deleted.
+    std::fs::write(blob(&damaged), common::guest_bytes("sdk-probe")).unwrap();
+    std::fs::remove_file(blob(&missing)).unwrap();
+
+    let settings = imagentx_sandbox::api::ServerSettings {
+        data_dir: dir.path().to_owned(),
+        max_instances: 32,
+        ..Default::default()
+    };
+    let s = TestServer::start_in(dir, Policy::default(), settings).await;
+    for (tool, says) in [("damaged", "does not match its sha256"), ("missing", "cannot be read")] {
+        let a = s.invoke(tool, &alice, json!({"input": {"op": "echo"}})).await;
+        assert_eq!((a.status, a.error_code()), (StatusCode::SERVICE_UNAVAILABLE, "tool_unavailable".to_owned()));
+        let message = a.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says) && message.contains("version 1"), "{message}");
+    }
+    assert_eq!(s.report("fine", &alice, json!({"input": {"op": "echo", "text": "hi"}})).await["status"], "ok");
+    let alerts = s.get("/v1/alerts", &s.admin).await.json();
+    let tools: Vec<&str> = alerts["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["outcome"] == "tool_unloadable")
+        .map(|r| r["tool"].as_str().unwrap())
+        .collect();
+    assert_eq!(tools.len(), 2, "{alerts}");
+    assert!(tools.contains(&"damaged") && tools.contains(&"missing"));
+    let metrics =
+        String::from_utf8(s.request(Method::GET, "/metrics", None, Bytes::new()).await.body.to_vec()).unwrap();
+    assert!(metrics.contains("imagentx_tools_unloadable 2"), "{metrics}");
+    // An unknown tool is still a 404.
+    assert_eq!(s.invoke("nothing", &alice, json!({})).await.error_code(), "unknown_tool");
+}

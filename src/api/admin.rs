@@ -110,6 +110,14 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     };
     let mut text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap(), &shared);
     super::metrics::render_warm(&mut text, &state.registry.warm_pools());
+    let _ = std::fmt::Write::write_fmt(
+        &mut text,
+        format_args!(
+            "# HELP imagentx_tools_unloadable Registered tools that could not be loaded at start (a module missing \
+             or damaged).\n# TYPE imagentx_tools_unloadable gauge\nimagentx_tools_unloadable {}\n",
+            state.registry.unloadable_count()
+        ),
+    );
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }
 

@@ -69,6 +69,16 @@ pub(super) fn missing_tool(state: &AppState, name: &str) -> ApiError {
         loading.retry_after = Some(2);
         return loading;
     }
+    if let Some((version, why)) = state.registry.unloadable(name) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "tool_unavailable",
+            format!(
+                "tool `{name}` (version {version}) is registered but could not be loaded when the server started: \
+                 {why}; an admin can register it again"
+            ),
+        );
+    }
     ApiError::not_found("unknown_tool", format!("no tool `{name}`"))
 }
 

@@ -416,7 +416,20 @@ impl AppState {
             sessions: sessions::Sessions::new(max_sessions),
             audit_throttle: AuditThrottle::default(),
         });
-        state.registry.load_all(&state.store, &state.sandbox, &state.blobs, state.jail.as_deref().ok()).await?;
+        let failed =
+            state.registry.load_all(&state.store, &state.sandbox, &state.blobs, state.jail.as_deref().ok()).await?;
+        // A damaged or missing module is loud: an alert each, and 503 `tool_unavailable` to its callers.
+        let alerts: Vec<crate::audit::AuditEvent> = failed
+            .into_iter()
+            .map(|(tool, version, why)| {
+                state.metrics.alert("tool_unloadable");
+                let detail = serde_json::json!({"rule": "tool_unloadable", "version": version, "reason": why});
+                crate::audit::AuditEvent::new(crate::audit::Kind::Alert, "tool_unloadable").tool(tool).detail(detail)
+            })
+            .collect();
+        if !alerts.is_empty() {
+            state.store.audit(alerts).await?;
+        }
         Ok(state)
     }
 

@@ -35,11 +35,14 @@ pub struct Registry {
     tools: RwLock<HashMap<String, BTreeMap<u32, Arc<Registered>>>>,
     /// Bumped at every registration and retirement (MCP's `list_changed`).
     changes: tokio::sync::watch::Sender<u64>,
+    /// Registered tools that could not be loaded at start, by name: the
+    /// version and why (a module missing, or not matching its SHA-256).
+    unloadable: RwLock<HashMap<String, (u32, String)>>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { tools: RwLock::default(), changes: tokio::sync::watch::Sender::new(0) }
+        Self { tools: RwLock::default(), changes: tokio::sync::watch::Sender::new(0), unloadable: RwLock::default() }
     }
 }
 
@@ -138,45 +141,50 @@ impl Registry {
 
     /// Loads every active tool of the database from its blob, from the
     /// artifact cache when it can (no recompiling after a restart). A tool
-    /// that cannot be loaded is logged and left out, not fatal.
+    /// that cannot be loaded (its module missing, damaged: not matching its
+    /// SHA-256, or refused) is logged, kept in [`Registry::unloadable`] and
+    /// answered, not fatal; the failures are answered for the caller to
+    /// record: `(name, version, why)`.
     pub async fn load_all(
         &self,
         store: &Store,
         sandbox: &Sandbox,
         blobs: &Path,
         jail: Option<&crate::jail::Jail>,
-    ) -> Result<(), crate::store::StoreError> {
+    ) -> Result<Vec<(String, u32, String)>, crate::store::StoreError> {
         let rows = store.active_tools()?;
         let started = std::time::Instant::now();
         let (mut loaded, mut from_cache, total) = (0, 0, rows.len());
+        let mut failed = Vec::new();
         for row in rows {
-            if row.kind == NATIVE_KIND {
-                match super::native::load(blobs, &row, jail) {
-                    Ok(tool) => {
-                        self.insert(Registered { row, runnable: Runnable::Native(tool) });
-                        loaded += 1;
-                    }
-                    Err(e) => tracing::error!(tool = %row.name, error = %e, "native tool could not be loaded"),
-                }
-                continue;
-            }
-            let path = blob_path(blobs, &row.sha256);
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(tool = %row.name, version = row.version, path = %path.display(), error = %e, "tool module missing");
-                    continue;
+            let outcome = if row.kind == NATIVE_KIND {
+                super::native::load(blobs, &row, jail).map(Runnable::Native)
+            } else {
+                let path = blob_path(blobs, &row.sha256);
+                match std::fs::read(&path) {
+                    Err(e) => Err(format!("its module {} cannot be read: {e}", path.display())),
+                    Ok(bytes) => match sandbox.load(&bytes, &row.name).await {
+                        Ok(mut tool) if tool.sha256() == row.sha256 => {
+                            tool.rename(&row.name);
+                            from_cache += usize::from(tool.loaded_from_cache());
+                            Ok(Runnable::Wasm(tool))
+                        }
+                        Ok(_) => Err(format!("its module {} does not match its sha256 (damaged)", path.display())),
+                        Err(e) => Err(format!("its module could not be loaded: {e}")),
+                    },
                 }
             };
-            match sandbox.load(&bytes, &row.name).await {
-                Ok(mut tool) if tool.sha256() == row.sha256 => {
-                    tool.rename(&row.name);
-                    from_cache += usize::from(tool.loaded_from_cache());
-                    self.insert(Registered { row, runnable: Runnable::Wasm(tool) });
+            match outcome {
+                Ok(runnable) => {
+                    self.insert(Registered { row, runnable });
                     loaded += 1;
                 }
-                Ok(_) => tracing::error!(tool = %row.name, "tool module does not match its sha256; not loaded"),
-                Err(e) => tracing::error!(tool = %row.name, error = %e, "tool could not be loaded"),
+                Err(why) => {
+                    tracing::error!(tool = %row.name, version = row.version, error = %why, "registered tool not loaded");
+                    let entry = (row.version, why.clone());
+                    self.unloadable.write().unwrap_or_else(PoisonError::into_inner).insert(row.name.clone(), entry);
+                    failed.push((row.name, row.version, why));
+                }
             }
         }
         tracing::info!(
@@ -186,7 +194,18 @@ impl Registry {
             ms = started.elapsed().as_millis() as u64,
             "registered tools loaded"
         );
-        Ok(())
+        Ok(failed)
+    }
+
+    /// Why registered tool `name` could not be loaded at start, if it could
+    /// not: its version and the reason.
+    pub fn unloadable(&self, name: &str) -> Option<(u32, String)> {
+        self.unloadable.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+    }
+
+    /// How many registered tools could not be loaded at start.
+    pub fn unloadable_count(&self) -> usize {
+        self.unloadable.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 
     /// Registers the built-in interpreter tools found in `dir` (see
