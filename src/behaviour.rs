@@ -387,10 +387,13 @@ impl Analyzer {
             return found;
         }
         let slot = self.slot(now);
+        // Named as `usage.limits_hit` names them, whether the limit stopped
+        // the call or the call survived it.
         let limit = match facts.status {
-            Status::Timeout | Status::CpuLimit | Status::MemoryLimit | Status::PidsLimit => {
-                Some(facts.status.as_str().to_owned())
-            }
+            Status::Timeout => Some("timeout".to_owned()),
+            Status::CpuLimit => Some("cpu".to_owned()),
+            Status::MemoryLimit => Some("memory".to_owned()),
+            Status::PidsLimit => Some("pids".to_owned()),
             _ => facts.limits_hit.first().cloned(),
         };
         let limited = limit.is_some();
@@ -398,6 +401,8 @@ impl Analyzer {
             let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
             let user = users.entry(facts.user.to_owned()).or_insert_with(|| UserState::new(slot));
             user.advance(slot);
+            // A call that took its time before the lock is counted in the user's current slot.
+            let slot = slot.max(user.slot);
             // The share before this call: a burst is judged against the past.
             let share_before = user.limited_share;
             user.limited_share += CALL_WEIGHT * (f64::from(u8::from(limited)) - user.limited_share);
@@ -697,7 +702,7 @@ mod tests {
             let found = a.observe_call(&facts("dave", "d", Status::Ok), at(t0, 700.0 + f64::from(i) * 0.24));
             assert!(found.is_empty(), "{i}: {found:?}");
         }
-        // After the cooldown, 320 in a minute: over it.
+        // Later, 320 in a minute: over ten times the average.
         let mut found = Vec::new();
         for i in 0..320 {
             found.extend(a.observe_call(&facts("dave", "d", Status::Ok), at(t0, 1400.0 + f64::from(i) * 0.18)));

@@ -574,10 +574,15 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
             }
             let (store, _) = open_store(&state)?;
             let until = crate::store::unix_now() + duration.as_secs().max(1) as i64;
-            store
+            let held = store
                 .restrict(UserId::new(&name)?, crate::store::Restriction::Suspend, until, reason, CLI_ACTOR.into())
                 .await?;
-            eprintln!("user `{name}` is suspended until {}", crate::store::unix_rfc3339(until));
+            let kept = if held.kept_longer { " (a longer suspension already held, and stays)" } else { "" };
+            eprintln!(
+                "user `{name}` is suspended until {}{kept}: {}",
+                crate::store::unix_rfc3339(held.until),
+                held.reason
+            );
         }
         UserCommand::Unsuspend { name, state } => {
             let (store, _) = open_store(&state)?;

@@ -594,4 +594,17 @@ async fn a_damaged_or_missing_module_is_refused_at_start_and_its_callers_are_tol
     assert!(metrics.contains("imagentx_tools_unloadable 2"), "{metrics}");
     // An unknown tool is still a 404.
     assert_eq!(s.invoke("nothing", &alice, json!({})).await.error_code(), "unknown_tool");
+
+    // Registered again, the damaged one is mended (its blob replaced); retired, the missing one is gone.
+    let again = s.register("probe", "damaged").await;
+    assert_eq!(again["version"], 2);
+    assert_eq!(s.report("damaged", &alice, json!({"input": {"op": "echo"}})).await["status"], "ok");
+    let blob = std::fs::read(s.dir.path().join(format!("blobs/{}.wasm", again["sha256"].as_str().unwrap()))).unwrap();
+    assert_eq!(blob, common::guest_bytes("probe"));
+    let retired = s.request(Method::DELETE, "/v1/tools/missing", Some(&s.admin), Bytes::new()).await;
+    assert_eq!(retired.status, StatusCode::OK, "{}", String::from_utf8_lossy(&retired.body));
+    assert_eq!(s.invoke("missing", &alice, json!({})).await.error_code(), "unknown_tool");
+    let metrics =
+        String::from_utf8(s.request(Method::GET, "/metrics", None, Bytes::new()).await.body.to_vec()).unwrap();
+    assert!(metrics.contains("imagentx_tools_unloadable 0"), "{metrics}");
 }

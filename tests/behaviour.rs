@@ -93,7 +93,7 @@ async fn a_burst_of_limit_hits_is_probing_the_user_is_throttled_and_an_admin_lif
     let record = &found[0];
     assert_eq!(record["user"], "alice");
     assert_eq!(record["detail"]["evidence"]["limited_calls"], 5);
-    assert_eq!(record["detail"]["evidence"]["limits"], json!(["timeout", "memory_limit"]));
+    assert_eq!(record["detail"]["evidence"]["limits"], json!(["timeout", "memory"]));
     let evidence: Vec<&str> =
         record["detail"]["evidence"]["executions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     for id in &ids {

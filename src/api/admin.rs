@@ -252,7 +252,7 @@ pub struct SuspendRequest {
     pub reason: Option<String>,
 }
 
-/// A suspension put on a user.
+/// The suspension that holds on a user (a longer one already there stays).
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct Suspension {
     pub user: String,
@@ -294,8 +294,8 @@ pub async fn suspend(
     }
     let id = UserId::new(&user).map_err(|e| ApiError::not_found("not_found", format!("no user `{user}`: {e}")))?;
     let until = crate::store::unix_now() + for_s as i64;
-    state.store.restrict(id, Restriction::Suspend, until, reason.clone(), admin.user.to_string()).await?;
-    Ok(Json(Suspension { user, suspended_until: crate::store::unix_rfc3339(until), reason }))
+    let held = state.store.restrict(id, Restriction::Suspend, until, reason, admin.user.to_string()).await?;
+    Ok(Json(Suspension { user, suspended_until: crate::store::unix_rfc3339(held.until), reason: held.reason }))
 }
 
 pub async fn unsuspend(

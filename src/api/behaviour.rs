@@ -140,6 +140,11 @@ fn webhook_target(url: &str) -> Result<(String, u16, Uri), String> {
             "webhook `{url}`: only http:// is supported (point it at a local relay that speaks TLS onwards)"
         ));
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "webhook `{url}`: credentials in the URL are not supported (put a token in its path or query)"
+        ));
+    }
     let host = uri.host().ok_or_else(|| format!("webhook `{url}` has no host"))?;
     // An IPv6 literal comes bracketed; the socket address wants it bare.
     let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
@@ -246,21 +251,30 @@ pub(super) fn anomaly_event(state: &AppState, found: &Detection) -> AuditEvent {
 
 /// Records `found` (anomaly records) and responds, on a task of its own:
 /// for detections outside a call (failed authentication, refused escapes).
-/// Detections that name nobody (failed keys from many addresses) are kept to
-/// the refusals' record rate, so an address-rotating flood cannot fill the
-/// audit trail through them.
+/// The records of detections that name nobody (failed keys from many
+/// addresses) are kept to the refusals' record rate, so an address-rotating
+/// flood cannot fill the audit trail through them (the next record says how
+/// many were left out); the metric, log and webhook see every one.
 pub(super) fn respond_later(state: &Arc<AppState>, found: Vec<Detection>) {
-    let found: Vec<Detection> = found
-        .into_iter()
-        .filter(|d| d.user.is_some() || state.audit_throttle.admit(&format!("anomaly/{}", d.rule.as_str())).is_some())
-        .collect();
-    if found.is_empty() {
-        return;
-    }
     let state = state.clone();
     tokio::spawn(async move {
-        let events = found.iter().map(|d| anomaly_event(&state, d)).collect();
-        if let Err(e) = state.store.audit(events).await {
+        let events: Vec<AuditEvent> = found
+            .iter()
+            .filter_map(|d| {
+                let mut event = anomaly_event(&state, d);
+                if d.user.is_some() {
+                    return Some(event);
+                }
+                let skipped = state.audit_throttle.admit(&format!("anomaly/{}", d.rule.as_str()))?;
+                if skipped > 0 {
+                    event.detail["skipped_before"] = skipped.into();
+                }
+                Some(event)
+            })
+            .collect();
+        if !events.is_empty()
+            && let Err(e) = state.store.audit(events).await
+        {
             tracing::error!(error = %e, "anomaly records could not be written");
         }
         act(&state, found).await;
@@ -309,7 +323,10 @@ pub(super) async fn act(state: &Arc<AppState>, found: Vec<Detection>) {
             let Some(user) = detection.user.as_deref().and_then(|u| UserId::new(u).ok()) else { continue };
             let reason = format!("behaviour rule `{rule}`");
             match state.store.restrict(user.clone(), restriction, until, reason, "behaviour".to_owned()).await {
-                Ok(()) => {
+                Ok(held) if held.kept_longer => {
+                    tracing::info!(rule, user = %user, action = restriction.kind(), "a longer restriction already holds");
+                }
+                Ok(_) => {
                     state.metrics.response(restriction.kind());
                     tracing::warn!(rule, user = %user, action = restriction.kind(), for_s = response.for_s, "user restricted");
                 }

@@ -69,17 +69,26 @@ pub(super) fn missing_tool(state: &AppState, name: &str) -> ApiError {
         loading.retry_after = Some(2);
         return loading;
     }
-    if let Some((version, why)) = state.registry.unloadable(name) {
-        return ApiError::new(
+    if let Err(unavailable) = unavailable(state, name, None) {
+        return unavailable;
+    }
+    ApiError::not_found("unknown_tool", format!("no tool `{name}`"))
+}
+
+/// 503 `tool_unavailable` when the version of `name` a call would run was
+/// registered but could not be loaded at start (its module damaged or gone).
+fn unavailable(state: &AppState, name: &str, version: Option<u32>) -> Result<(), ApiError> {
+    match state.registry.unloadable(name, version) {
+        None => Ok(()),
+        Some((version, why)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "tool_unavailable",
             format!(
                 "tool `{name}` (version {version}) is registered but could not be loaded when the server started: \
                  {why}; an admin can register it again"
             ),
-        );
+        )),
     }
-    ApiError::not_found("unknown_tool", format!("no tool `{name}`"))
 }
 
 /// The wall-clock budget `timeout_ms` asks for, checked against the policy.
@@ -186,6 +195,7 @@ impl Prepared {
         name: &str,
         request: &InvokeRequest,
     ) -> Result<Self, ApiError> {
+        unavailable(state, name, request.version)?;
         let Some(registered) = state.registry.get(name, request.version) else {
             return Err(match request.version {
                 Some(v) if state.registry.get(name, None).is_some() => {

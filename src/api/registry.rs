@@ -35,9 +35,9 @@ pub struct Registry {
     tools: RwLock<HashMap<String, BTreeMap<u32, Arc<Registered>>>>,
     /// Bumped at every registration and retirement (MCP's `list_changed`).
     changes: tokio::sync::watch::Sender<u64>,
-    /// Registered tools that could not be loaded at start, by name: the
-    /// version and why (a module missing, or not matching its SHA-256).
-    unloadable: RwLock<HashMap<String, (u32, String)>>,
+    /// Registered tool versions that could not be loaded at start, by name
+    /// and version: why (a module missing, or not matching its SHA-256).
+    unloadable: RwLock<HashMap<String, BTreeMap<u32, String>>>,
 }
 
 impl Default for Registry {
@@ -93,9 +93,18 @@ impl Registry {
 
     pub fn insert(&self, registered: Registered) {
         let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
-        let row = &registered.row;
-        tools.entry(row.name.clone()).or_default().insert(row.version, Arc::new(registered));
+        let (name, version) = (registered.row.name.clone(), registered.row.version);
+        tools.entry(name.clone()).or_default().insert(version, Arc::new(registered));
         drop(tools);
+        // A version that loads supersedes the older ones that did not.
+        let mut unloadable = self.unloadable.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(broken) = unloadable.get_mut(&name) {
+            broken.retain(|v, _| *v > version);
+            if broken.is_empty() {
+                unloadable.remove(&name);
+            }
+        }
+        drop(unloadable);
         self.changes.send_modify(|n| *n += 1);
     }
 
@@ -136,6 +145,14 @@ impl Registry {
             }
         }
         drop(tools);
+        let mut unloadable = self.unloadable.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(broken) = unloadable.get_mut(name) {
+            broken.retain(|v, _| !versions.contains(v));
+            if broken.is_empty() {
+                unloadable.remove(name);
+            }
+        }
+        drop(unloadable);
         self.changes.send_modify(|n| *n += 1);
     }
 
@@ -163,6 +180,10 @@ impl Registry {
                 let path = blob_path(blobs, &row.sha256);
                 match std::fs::read(&path) {
                     Err(e) => Err(format!("its module {} cannot be read: {e}", path.display())),
+                    // Checked before anything compiles it.
+                    Ok(bytes) if crate::engine::sha256_hex(&bytes) != row.sha256 => {
+                        Err(format!("its module {} does not match its sha256 (damaged)", path.display()))
+                    }
                     Ok(bytes) => match sandbox.load(&bytes, &row.name).await {
                         Ok(mut tool) if tool.sha256() == row.sha256 => {
                             tool.rename(&row.name);
@@ -181,8 +202,9 @@ impl Registry {
                 }
                 Err(why) => {
                     tracing::error!(tool = %row.name, version = row.version, error = %why, "registered tool not loaded");
-                    let entry = (row.version, why.clone());
-                    self.unloadable.write().unwrap_or_else(PoisonError::into_inner).insert(row.name.clone(), entry);
+                    let mut unloadable = self.unloadable.write().unwrap_or_else(PoisonError::into_inner);
+                    unloadable.entry(row.name.clone()).or_default().insert(row.version, why.clone());
+                    drop(unloadable);
                     failed.push((row.name, row.version, why));
                 }
             }
@@ -197,15 +219,27 @@ impl Registry {
         Ok(failed)
     }
 
-    /// Why registered tool `name` could not be loaded at start, if it could
-    /// not: its version and the reason.
-    pub fn unloadable(&self, name: &str) -> Option<(u32, String)> {
-        self.unloadable.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+    /// A version of `name` that could not be loaded at start and that a
+    /// call asking for `version` would run — that version, or with none the
+    /// newest, when it is newer than every version that loaded (never a
+    /// silent fall back to an older build): the version and why.
+    pub fn unloadable(&self, name: &str, version: Option<u32>) -> Option<(u32, String)> {
+        let unloadable = self.unloadable.read().unwrap_or_else(PoisonError::into_inner);
+        let broken = unloadable.get(name)?;
+        match version {
+            Some(v) => broken.get(&v).map(|why| (v, why.clone())),
+            None => {
+                let (v, why) = broken.last_key_value()?;
+                let newest_loaded = self.get(name, None).map_or(0, |t| t.row.version);
+                (*v > newest_loaded).then(|| (*v, why.clone()))
+            }
+        }
     }
 
-    /// How many registered tools could not be loaded at start.
+    /// Registered tool versions that could not be loaded at start (and were
+    /// not since superseded or retired).
     pub fn unloadable_count(&self) -> usize {
-        self.unloadable.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.unloadable.read().unwrap_or_else(PoisonError::into_inner).values().map(BTreeMap::len).sum()
     }
 
     /// Registers the built-in interpreter tools found in `dir` (see
@@ -461,7 +495,9 @@ pub fn write_blob(blobs: &Path, sha256: &str, bytes: &[u8]) -> std::io::Result<(
 ///
 /// The write's failure.
 pub fn write_new(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if path.exists() {
+    // Content-addressed: one already there is these bytes, unless it was
+    // damaged since (then it is replaced, which is how a re-registration mends it).
+    if std::fs::read(path).is_ok_and(|there| there == bytes) {
         return Ok(());
     }
     let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::now_v7().simple()));

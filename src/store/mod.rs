@@ -29,7 +29,7 @@ use crate::report::rfc3339;
 pub use executions::{ExecutionPage, ExecutionRow, IdempotentHit};
 pub use sessions::SessionRow;
 pub use tools::ToolRow;
-pub use users::{Caller, KeyCheck, NewKey, Restriction, Suspended, UserRow, unix_now, unix_rfc3339};
+pub use users::{Caller, KeyCheck, NewKey, Restricted, Restriction, Suspended, UserRow, unix_now, unix_rfc3339};
 
 /// Writes committed together at most; more wait for the next commit.
 const MAX_BATCH: usize = 512;

@@ -53,6 +53,18 @@ impl Restriction {
     }
 }
 
+/// A restriction as it holds after [`Store::restrict`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restricted {
+    /// Unix seconds.
+    pub until: i64,
+    pub reason: String,
+    /// A throttle's requests per second.
+    pub rate: Option<u32>,
+    /// A longer one already held, and stays (not the one asked for).
+    pub kept_longer: bool,
+}
+
 /// Now, in Unix seconds.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
@@ -247,8 +259,9 @@ impl Store {
         })
     }
 
-    /// Puts `restriction` on `user` until `until` (Unix seconds), replacing
-    /// one of the same kind; audited.
+    /// Puts `restriction` on `user` until `until` (Unix seconds), unless one
+    /// of the same kind already holds longer (that one stays); audited.
+    /// Answers what holds now.
     ///
     /// # Errors
     ///
@@ -262,7 +275,7 @@ impl Store {
         until: i64,
         reason: String,
         actor: String,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Restricted, StoreError> {
         self.write(move |w| {
             let admin: Option<bool> =
                 optional(w.conn().query_row("SELECT admin FROM users WHERE id = ?1", [user.as_str()], |r| r.get(0)))?;
@@ -304,22 +317,28 @@ impl Store {
                 Restriction::Suspend => Kind::UserSuspended,
                 Restriction::Throttle(_) => Kind::UserThrottled,
             };
-            let (held_until, held_reason): (i64, String) = w.conn().query_row(
-                "SELECT until, reason FROM restrictions WHERE user_id = ?1 AND kind = ?2",
+            let held: Restricted = w.conn().query_row(
+                "SELECT until, reason, rate FROM restrictions WHERE user_id = ?1 AND kind = ?2",
                 params![user.as_str(), restriction.kind()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok(Restricted { until: r.get(0)?, reason: r.get(1)?, rate: r.get(2)?, kept_longer: false }),
             )?;
+            let kept_longer = held.until > until;
             let mut detail = serde_json::json!({
-                "until": unix_rfc3339(held_until),
-                "for_s": held_until - now,
+                "until": unix_rfc3339(until),
+                "for_s": until - now,
                 "requests_per_second": rate,
                 "reason": reason,
             });
-            if held_until > until {
+            if kept_longer {
                 // A longer one already held: it stays, and the record says so.
-                detail["kept_longer"] = serde_json::json!({"until": unix_rfc3339(held_until), "reason": held_reason});
+                detail["kept_longer"] = serde_json::json!({
+                    "until": unix_rfc3339(held.until),
+                    "requests_per_second": held.rate,
+                    "reason": held.reason,
+                });
             }
-            w.audit(&AuditEvent::new(kind, "ok").actor(actor).user(user.as_str()).detail(detail))
+            w.audit(&AuditEvent::new(kind, "ok").actor(actor).user(user.as_str()).detail(detail))?;
+            Ok(Restricted { kept_longer, ..held })
         })
         .await
     }
