@@ -559,6 +559,11 @@ async fn a_damaged_or_missing_module_is_refused_at_start_and_its_callers_are_tol
     let missing = s.register("word-stats", "missing").await;
     // (Blobs are content-addressed: `fine` must be another module.)
     s.register("sdk-probe", "fine").await;
+    // A text module is stored as sent and known by its binary form's hash: it loads again.
+    let text = r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                   (memory (export "memory") 1) (func (export "_start") (call $exit (i32.const 0))))"#;
+    let registered = s.request(Method::POST, "/v1/tools?name=text", Some(&s.admin), text).await;
+    assert_eq!(registered.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&registered.body));
     let alice = s.add_user("alice", "free", false).await;
     let dir = s.stop_keeping_data().await;
     let blob = |row: &Value| dir.path().join(format!("blobs/{}.wasm", row["sha256"].as_str().unwrap()));
@@ -579,6 +584,7 @@ async fn a_damaged_or_missing_module_is_refused_at_start_and_its_callers_are_tol
         assert!(message.contains(says) && message.contains("version 1"), "{message}");
     }
     assert_eq!(s.report("fine", &alice, json!({"input": {"op": "echo", "text": "hi"}})).await["status"], "ok");
+    assert_eq!(s.report("text", &alice, json!({})).await["status"], "ok");
     let alerts = s.get("/v1/alerts", &s.admin).await.json();
     let tools: Vec<&str> = alerts["records"]
         .as_array()

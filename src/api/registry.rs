@@ -180,17 +180,16 @@ impl Registry {
                 let path = blob_path(blobs, &row.sha256);
                 match std::fs::read(&path) {
                     Err(e) => Err(format!("its module {} cannot be read: {e}", path.display())),
-                    // Checked before anything compiles it.
-                    Ok(bytes) if crate::engine::sha256_hex(&bytes) != row.sha256 => {
+                    // Checked before anything compiles it (a text module: its binary form).
+                    Ok(bytes) if crate::engine::module_sha256(&bytes).ok().as_ref() != Some(&row.sha256) => {
                         Err(format!("its module {} does not match its sha256 (damaged)", path.display()))
                     }
                     Ok(bytes) => match sandbox.load(&bytes, &row.name).await {
-                        Ok(mut tool) if tool.sha256() == row.sha256 => {
+                        Ok(mut tool) => {
                             tool.rename(&row.name);
                             from_cache += usize::from(tool.loaded_from_cache());
                             Ok(Runnable::Wasm(tool))
                         }
-                        Ok(_) => Err(format!("its module {} does not match its sha256 (damaged)", path.display())),
                         Err(e) => Err(format!("its module could not be loaded: {e}")),
                     },
                 }

@@ -31,7 +31,7 @@ pub use fair::CpuGate;
 pub use fs::DescriptorPool;
 pub use limiter::{DEFAULT_MEMORY_SHARE, MemoryPool, MemoryReservation};
 pub use session::{LiveError, LiveInstance, LiveSetup};
-pub use tool::{LoadError, Tool, ToolInfo, ToolKind, sha256_hex};
+pub use tool::{LoadError, Tool, ToolInfo, ToolKind, module_sha256, sha256_hex};
 pub use wasi::{DATA_DIR, TMP_DIR};
 
 use cache::{ArtifactCache, CacheMiss};

@@ -136,6 +136,16 @@ pub fn sha256_hex(wasm: &[u8]) -> String {
     hex::encode(Sha256::digest(wasm))
 }
 
+/// A module's identity as a loaded tool has it: the SHA-256 of its binary
+/// form (a text module, `.wat`, is converted first), without compiling it.
+///
+/// # Errors
+///
+/// [`LoadError::NotWasm`] for bytes that are neither.
+pub fn module_sha256(bytes: &[u8]) -> Result<String, LoadError> {
+    Ok(sha256_hex(&to_binary(bytes)?.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
