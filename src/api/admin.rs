@@ -243,7 +243,7 @@ pub async fn users(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Resul
 }
 
 /// `POST /v1/users/{id}/suspend`.
-#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SuspendRequest {
     /// Seconds, 1 to 2592000 (30 days); default 3600.
@@ -279,11 +279,8 @@ pub async fn suspend(
     body: axum::body::Body,
 ) -> Result<Json<Suspension>, ApiError> {
     let body = read_body(&headers, body, 16 << 10).await?;
-    let request: SuspendRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        SuspendRequest { for_s: None, reason: None }
-    } else {
-        parse_json(&body)?
-    };
+    let request: SuspendRequest =
+        if body.iter().all(u8::is_ascii_whitespace) { SuspendRequest::default() } else { parse_json(&body)? };
     let for_s = request.for_s.unwrap_or(3600);
     if !(1..=MAX_SUSPENSION_S).contains(&for_s) {
         return Err(ApiError::bad_request("bad_request", "for_s must be between 1 and 2592000 (30 days)"));

@@ -233,7 +233,6 @@ async fn post(url: &str, body: Bytes) -> Result<hyper::StatusCode, String> {
 
 /// The `anomaly` audit record of `found`, naming the actions its rule takes.
 pub(super) fn anomaly_event(state: &AppState, found: &Detection) -> AuditEvent {
-    state.rollup.security_event(found.user.as_deref(), "-", "anomaly");
     let response = state.settings.response.for_rule(found.rule);
     let mut event = AuditEvent::new(Kind::Anomaly, found.rule.as_str()).actor("behaviour").detail(serde_json::json!({
         "rule": found.rule,
@@ -287,6 +286,7 @@ pub(super) async fn act(state: &Arc<AppState>, found: Vec<Detection>) {
         let rule = detection.rule.as_str();
         let response = state.settings.response.for_rule(detection.rule);
         state.metrics.anomaly(rule);
+        state.rollup.security_event(detection.user.as_deref(), "-", "anomaly");
         tracing::warn!(
             rule,
             user = detection.user.as_deref().unwrap_or("-"),
