@@ -25,30 +25,10 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The Python of a virtual environment holding the official SDK: made once
-/// (pip from PyPI), kept in `target/`.
+/// The Python of a virtual environment holding the official SDK.
 fn sdk_python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            let venv = repo().join("target/mcp-venv");
-            let python = venv.join("bin/python");
-            let has_sdk = |python: &Path| {
-                let probe = format!("import importlib.metadata as m; assert m.version('mcp') == '{}'", &MCP_SDK[5..]);
-                Command::new(python).args(["-c", &probe]).output().is_ok_and(|o| o.status.success())
-            };
-            if !has_sdk(&python) {
-                let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).output().expect("python3 -m venv");
-                assert!(made.status.success(), "python3 -m venv: {}", String::from_utf8_lossy(&made.stderr));
-                let pip = Command::new(&python)
-                    .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", MCP_SDK])
-                    .output()
-                    .expect("pip");
-                assert!(pip.status.success(), "pip install {MCP_SDK}: {}", String::from_utf8_lossy(&pip.stderr));
-            }
-            python
-        })
-        .clone()
+    PYTHON.get_or_init(|| common::venv_python("mcp-venv", MCP_SDK)).clone()
 }
 
 /// The client, started with `args`; `calls` (`[[tool, arguments], ...]`) on

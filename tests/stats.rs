@@ -64,11 +64,18 @@ async fn stats_count_every_call_and_security_event_by_every_grouping() {
     let by_status = srv.get("/v1/stats?window=7d&by=status", &srv.admin).await.json();
     assert_eq!(group(&by_status, "ok")["calls"], 4);
     assert_eq!(by_status["series"].as_array().unwrap().len(), 168);
+    // One user's rows only.
+    let bobs = srv.get("/v1/stats?window=1h&by=tool&user=bob", &srv.admin).await.json();
+    assert_eq!((bobs["user"].as_str(), bobs["totals"]["calls"].as_u64()), (Some("bob"), Some(2)), "{bobs}");
+    assert_eq!(bobs["totals"]["security_events"], 1);
+    assert_eq!(group(&bobs, "probe")["calls"], 2);
+    let nobody = srv.get("/v1/stats?user=carol", &srv.admin).await.json();
+    assert_eq!(nobody["totals"]["calls"], 0, "{nobody}");
     let by_tier = srv.get("/v1/stats?by=tier", &srv.admin).await.json();
     assert_eq!((by_tier["window"].as_str(), group(&by_tier, "free")["calls"].as_u64()), (Some("24h"), Some(2)));
 
     // Bad input: 400 naming what is allowed; a user: 403; no key: 401.
-    for query in ["window=2h", "window=", "by=day", "limit=5"] {
+    for query in ["window=2h", "window=", "by=day", "limit=5", "user=a%2Fb", "user="] {
         let a = srv.get(&format!("/v1/stats?{query}"), &srv.admin).await;
         assert_eq!((a.status, a.error_code()), (StatusCode::BAD_REQUEST, "bad_query".to_owned()), "{query}");
     }
@@ -91,4 +98,37 @@ async fn stats_count_every_call_and_security_event_by_every_grouping() {
     let again = TestServer::start_in(dir, Default::default(), settings).await;
     let after = again.get("/v1/stats?window=1h", &again.admin).await.json();
     assert_eq!(after["totals"]["calls"], 6, "{after}");
+}
+
+/// `GET /v1/live` lists a call while it runs (who, what, for how long) and
+/// the pool's occupancy, and forgets it when it ends; users get 403.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_lists_the_calls_in_flight_and_forgets_them_when_they_end() {
+    let srv = std::sync::Arc::new(TestServer::start().await);
+    srv.register("probe", "probe").await;
+    let alice = srv.add_user("alice", "standard", false).await;
+    let idle = srv.get("/v1/live", &srv.admin).await.json();
+    assert_eq!((idle["in_flight"].as_u64(), idle["calls"].as_array().map(Vec::len)), (Some(0), Some(0)), "{idle}");
+    assert_eq!(idle["capacity"], 32);
+    assert!(idle["memory_budget_bytes"].as_u64().unwrap() > 0, "{idle}");
+
+    let calling = {
+        let (srv, alice) = (srv.clone(), alice.clone());
+        tokio::spawn(async move { srv.report("probe", &alice, json!({"input": {"op": "sleep", "ms": 1500}})).await })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let live = loop {
+        let live = srv.get("/v1/live", &srv.admin).await.json();
+        if live["in_flight"] == 1 || std::time::Instant::now() > deadline {
+            break live;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let call = &live["calls"][0];
+    assert_eq!((call["user"].as_str(), call["tool"].as_str()), (Some("alice"), Some("probe")), "{live}");
+    assert!(call["running_ms"].as_u64().unwrap() < 5000 && call["started"].as_str().unwrap().ends_with('Z'), "{live}");
+    assert_eq!(calling.await.unwrap()["status"], "ok");
+    let after = srv.get("/v1/live", &srv.admin).await.json();
+    assert_eq!((after["in_flight"].as_u64(), after["calls"].as_array().map(Vec::len)), (Some(0), Some(0)), "{after}");
+    assert_eq!(srv.get("/v1/live", &alice).await.status, StatusCode::FORBIDDEN);
 }

@@ -242,6 +242,64 @@ pub async fn users(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Resul
     Ok(Json(UserList { users: state.store.list_users()? }))
 }
 
+/// A tool's warm jails now.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct WarmNow {
+    pub tool: String,
+    pub ready: u64,
+    pub warming: u64,
+    pub memory_bytes: u64,
+}
+
+/// `GET /v1/live`: what the server is doing this moment.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Live {
+    /// Calls running now, and the instance pool's places for calls.
+    pub in_flight: u32,
+    pub capacity: u32,
+    /// Places held by code sessions' live instances.
+    pub session_slots: u32,
+    pub sessions_open: u64,
+    pub sessions_memory_bytes: u64,
+    /// The guests' memory against the server's budget for calls.
+    pub memory_in_use_bytes: u64,
+    pub memory_budget_bytes: u64,
+    /// Host descriptors WASM guests hold, against their budget.
+    pub descriptors_in_use: u64,
+    pub descriptors_max: u64,
+    /// Longest running first.
+    pub calls: Vec<super::admission::Running>,
+    /// Native tools' warm jails.
+    pub warm: Vec<WarmNow>,
+}
+
+pub async fn live(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Json<Live> {
+    let (sessions_open, sessions_memory_bytes) = state.sessions.gauges();
+    let shared = super::metrics::SharedGauges::of(&state.sandbox);
+    let warm = state
+        .registry
+        .warm_pools()
+        .iter()
+        .map(|pool| {
+            let (ready, warming, memory_bytes) = pool.counts();
+            WarmNow { tool: pool.tool().to_owned(), ready: ready as u64, warming: warming as u64, memory_bytes }
+        })
+        .collect();
+    Json(Live {
+        in_flight: state.admission.in_flight(),
+        capacity: state.admission.global_cap(),
+        session_slots: state.admission.session_slots(),
+        sessions_open,
+        sessions_memory_bytes,
+        memory_in_use_bytes: shared.memory_in_use_bytes,
+        memory_budget_bytes: shared.memory_budget_bytes,
+        descriptors_in_use: shared.descriptors_in_use,
+        descriptors_max: shared.descriptors_max,
+        calls: state.admission.running(),
+        warm,
+    })
+}
+
 /// `POST /v1/users/{id}/suspend`.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -13,7 +13,7 @@
 //! never passes the budget either way.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -89,14 +89,36 @@ pub struct Admission {
     in_flight: AtomicU32,
     /// Instance-pool slots held by code sessions' live instances.
     sessions: AtomicU32,
-    per_user: Mutex<HashMap<String, u32>>,
+    places: Mutex<Places>,
+    next_call: AtomicU64,
     buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+/// Who holds the places: calls per user, and each call in flight.
+#[derive(Default)]
+struct Places {
+    per_user: HashMap<String, u32>,
+    running: HashMap<u64, Running>,
+}
+
+/// A call in flight, as the operator console lists it.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct Running {
+    pub user: String,
+    pub tool: String,
+    /// RFC 3339: when it was admitted (filled in when listed).
+    pub started: String,
+    #[serde(skip)]
+    since: Instant,
+    /// Filled in when listed.
+    pub running_ms: u64,
 }
 
 /// A call's place; given back when dropped.
 pub struct Permit {
     admission: Arc<Admission>,
     user: String,
+    call: u64,
     _memory: Option<MemoryReservation>,
 }
 
@@ -109,11 +131,12 @@ impl std::fmt::Debug for Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.admission.in_flight.fetch_sub(1, Ordering::AcqRel);
-        let mut per_user = self.admission.per_user.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = per_user.get_mut(&self.user) {
+        let mut places = self.admission.places.lock().unwrap_or_else(PoisonError::into_inner);
+        places.running.remove(&self.call);
+        if let Some(n) = places.per_user.get_mut(&self.user) {
             *n -= 1;
             if *n == 0 {
-                per_user.remove(&self.user);
+                places.per_user.remove(&self.user);
             }
         }
     }
@@ -126,7 +149,8 @@ impl Admission {
             memory,
             in_flight: AtomicU32::new(0),
             sessions: AtomicU32::new(0),
-            per_user: Mutex::default(),
+            places: Mutex::default(),
+            next_call: AtomicU64::new(0),
             buckets: Mutex::default(),
         })
     }
@@ -138,6 +162,21 @@ impl Admission {
     /// Calls in flight now.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// The calls in flight now, longest running first.
+    pub fn running(&self) -> Vec<Running> {
+        let places = self.places.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut calls: Vec<Running> = places.running.values().cloned().collect();
+        drop(places);
+        let now = std::time::SystemTime::now();
+        for call in &mut calls {
+            let running = call.since.elapsed();
+            call.running_ms = running.as_millis() as u64;
+            call.started = crate::report::rfc3339(now - running);
+        }
+        calls.sort_by_key(|c| std::cmp::Reverse(c.running_ms));
+        calls
     }
 
     /// Takes an instance-pool slot for a code session's live instance, if
@@ -177,7 +216,7 @@ impl Admission {
         })
     }
 
-    /// A place for one call of `user`, whose tier allows `user_cap` at once,
+    /// A place for one call of `user` to `tool`, whose tier allows `user_cap` at once,
     /// holding `reserve_bytes` of the memory budget while it runs (a native
     /// run's memory limit; 0 for a WASM call, whose limiter charges as it grows).
     ///
@@ -185,9 +224,15 @@ impl Admission {
     ///
     /// A [`Denial`] when the user or the whole server is at its cap, or the
     /// host's memory budget is used up.
-    pub fn admit(self: &Arc<Self>, user: &str, user_cap: u32, reserve_bytes: u64) -> Result<Permit, Denial> {
-        let mut per_user = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
-        let mine = per_user.get(user).copied().unwrap_or(0);
+    pub fn admit(
+        self: &Arc<Self>,
+        user: &str,
+        tool: &str,
+        user_cap: u32,
+        reserve_bytes: u64,
+    ) -> Result<Permit, Denial> {
+        let mut places = self.places.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = places.per_user.get(user).copied().unwrap_or(0);
         if mine >= user_cap {
             return Err(Denial {
                 reason: "user_concurrency",
@@ -216,8 +261,17 @@ impl Admission {
                 return Err(denial);
             }
         };
-        per_user.insert(user.to_owned(), mine + 1);
-        Ok(Permit { admission: self.clone(), user: user.to_owned(), _memory: memory })
+        places.per_user.insert(user.to_owned(), mine + 1);
+        let call = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let running = Running {
+            user: user.to_owned(),
+            tool: tool.to_owned(),
+            started: String::new(),
+            since: Instant::now(),
+            running_ms: 0,
+        };
+        places.running.insert(call, running);
+        Ok(Permit { admission: self.clone(), user: user.to_owned(), call, _memory: memory })
     }
 
     fn memory_for(&self, reserve_bytes: u64) -> Result<Option<MemoryReservation>, Denial> {
@@ -249,31 +303,31 @@ mod tests {
     #[test]
     fn per_user_and_global_caps_hold_and_permits_come_back() {
         let a = Admission::new(3, MemoryPool::new(1 << 30));
-        let p1 = a.admit("alice", 2, 0).unwrap();
-        let _p2 = a.admit("alice", 2, 0).unwrap();
-        assert_eq!(a.admit("alice", 2, 0).unwrap_err().reason, "user_concurrency");
-        let _p3 = a.admit("bob", 5, 0).unwrap();
-        assert_eq!(a.admit("bob", 5, 0).unwrap_err().reason, "server_busy");
+        let p1 = a.admit("alice", "t", 2, 0).unwrap();
+        let _p2 = a.admit("alice", "t", 2, 0).unwrap();
+        assert_eq!(a.admit("alice", "t", 2, 0).unwrap_err().reason, "user_concurrency");
+        let _p3 = a.admit("bob", "t", 5, 0).unwrap();
+        assert_eq!(a.admit("bob", "t", 5, 0).unwrap_err().reason, "server_busy");
         drop(p1);
         assert_eq!(a.in_flight(), 2);
-        assert!(a.admit("alice", 2, 0).is_ok());
+        assert!(a.admit("alice", "t", 2, 0).is_ok());
     }
 
     #[test]
     fn the_memory_budget_turns_calls_away_and_native_reservations_come_back() {
         let pool = MemoryPool::new(1000);
         let a = Admission::new(10, Arc::clone(&pool));
-        let native = a.admit("alice", 5, 600).unwrap();
-        let denial = a.admit("bob", 5, 600).unwrap_err();
+        let native = a.admit("alice", "t", 5, 600).unwrap();
+        let denial = a.admit("bob", "t", 5, 600).unwrap_err();
         assert_eq!(denial.reason, "server_busy");
         assert!(denial.message.contains("memory budget"), "{}", denial.message);
         assert_eq!(a.in_flight(), 1, "a refused call kept its place");
-        assert!(a.admit("bob", 5, 0).is_ok(), "WASM calls are admitted below 90 %");
+        assert!(a.admit("bob", "t", 5, 0).is_ok(), "WASM calls are admitted below 90 %");
         assert!(pool.take(300));
-        assert_eq!(a.admit("bob", 5, 0).unwrap_err().reason, "server_busy");
+        assert_eq!(a.admit("bob", "t", 5, 0).unwrap_err().reason, "server_busy");
         drop(native);
         assert_eq!(pool.in_use_bytes(), 300);
-        assert!(a.admit("bob", 5, 0).is_ok());
+        assert!(a.admit("bob", "t", 5, 0).is_ok());
     }
 
     #[test]

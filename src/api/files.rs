@@ -34,10 +34,12 @@ pub struct Deleted {
     pub path: String,
 }
 
-/// Runs `f` on the caller's directory on a blocking thread.
+/// Runs `f` on the caller's directory on a blocking thread. `request`
+/// (e.g. `read /a/b`) names what was asked, in the evidence of a refused escape.
 pub(super) async fn with_fs<T: Send + 'static>(
     state: &Arc<AppState>,
     caller: &Caller,
+    request: &str,
     f: impl FnOnce(&UserFs) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     // A tier missing from the config is not a zero quota (a volume would be
@@ -74,7 +76,8 @@ pub(super) async fn with_fs<T: Send + 'static>(
     if let Err(e) = &done
         && e.escape
     {
-        let what = format!("files API: {}", e.message);
+        state.rollup.security_event(Some(caller.user.as_str()), caller.tier.as_str(), "escape");
+        let what = format!("{request}: {}", e.message);
         if let Some(found) = state.analyzer.observe_escape(caller.user.as_str(), what, std::time::Instant::now()) {
             super::behaviour::respond_later(state, vec![found]);
         }
@@ -102,7 +105,7 @@ pub async fn get(
     ApiPath(path): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let shown = path.clone();
-    with_fs(&state, &caller, move |fs| match fs.get(&path)? {
+    with_fs(&state, &caller, &format!("files API read {shown}"), move |fs| match fs.get(&path)? {
         Node::Dir(entries) => Ok(Json(Listing { path: shown, entries }).into_response()),
         Node::File { file, size } => {
             let bytes = read_all(file, size).map_err(|e| ApiError::internal("reading the file", &e))?;
@@ -123,7 +126,7 @@ pub async fn put(
     let body = read_body(&headers, body, state.settings.max_file_bytes).await?;
     let budget = budget(&state, &caller).await?;
     let target = path.clone();
-    let written = with_fs(&state, &caller, move |fs| {
+    let written = with_fs(&state, &caller, &format!("files API write {path}"), move |fs| {
         let _writing = budget.ledger().writer();
         Ok(fs.put(&target, &body, &budget)?)
     })
@@ -145,7 +148,7 @@ pub async fn delete(
 ) -> Result<Json<Deleted>, ApiError> {
     let budget = budget(&state, &caller).await?;
     let target = path.clone();
-    let deleted = with_fs(&state, &caller, move |fs| {
+    let deleted = with_fs(&state, &caller, &format!("files API delete {path}"), move |fs| {
         let _writing = budget.ledger().writer();
         Ok(fs.delete(&target, &budget)?)
     })

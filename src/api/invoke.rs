@@ -245,7 +245,7 @@ impl Prepared {
         }
         // A native run's cgroup limit is held for it; a WASM call is charged as it grows.
         let reserve = if matches!(registered.runnable, Runnable::Native(_)) { tier.memory_bytes } else { 0 };
-        let permit = match state.admission.admit(caller.user.as_str(), tier.concurrent_calls, reserve) {
+        let permit = match state.admission.admit(caller.user.as_str(), &name, tier.concurrent_calls, reserve) {
             Ok(permit) => permit,
             Err(denial) => return Err(denied(state, &caller, Some(&name), denial).await),
         };

@@ -454,7 +454,9 @@ impl ServerHandler for McpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
         let caller = self.caller(&context.extensions)?;
-        let files = super::files::with_fs(&self.state, &caller, |fs| Ok(walk(fs))).await.map_err(protocol_error)?;
+        let files = super::files::with_fs(&self.state, &caller, "MCP resources/list", |fs| Ok(walk(fs)))
+            .await
+            .map_err(protocol_error)?;
         let all = files
             .into_iter()
             .map(|(path, size)| {
@@ -478,7 +480,8 @@ impl ServerHandler for McpServer {
             return Err(ErrorData::invalid_params(format!("not a file:///data/ resource: {uri}"), None));
         };
         let cap = self.state.settings.max_file_bytes as u64;
-        let bytes = super::files::with_fs(&self.state, &caller, move |fs| match fs.get(&path)? {
+        let request = format!("MCP resources/read {uri}");
+        let bytes = super::files::with_fs(&self.state, &caller, &request, move |fs| match fs.get(&path)? {
             Node::File { size, .. } if size > cap => Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",

@@ -12,6 +12,7 @@ mod admin;
 mod admission;
 mod auth;
 pub mod behaviour;
+mod console;
 mod error;
 mod files;
 mod invoke;
@@ -763,7 +764,18 @@ pub fn routes() -> Vec<Route> {
             &[
                 ("window", "`1h`, `24h` (default) or `7d`."),
                 ("by", "Group by `user`, `tool` (default), `status` or `tier`."),
+                ("user", "Only this user's calls and security events."),
             ],
+        ),
+        r(
+            "get",
+            "/v1/live",
+            "What the server is doing now: calls in flight (user, tool, how long), the instance pool's \
+             occupancy, code sessions, the guests' memory and descriptors against their budgets, warm jails.",
+            Admin,
+            Body::None,
+            Body::Json(json::<admin::Live>),
+            get(admin::live),
         ),
         r(
             "get",
@@ -802,6 +814,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     for route in routes() {
         app = app.route(route.path, route.handler);
     }
+    // The operator console: static, embedded; its data come from the admin routes above.
+    app = app
+        .route("/console", get(console::page))
+        .route("/console/", get(console::page))
+        .route("/console/app.js", get(console::script))
+        .route("/console/app.css", get(console::style));
     let mcp = Router::new()
         .nest_service("/mcp", mcp::http_service(state.clone()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), mcp::authenticate));

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use super::auth::Admin;
 use super::{ApiError, AppState};
+use crate::policy::UserId;
 use crate::report::{ExecutionReport, Status};
 use crate::store::rollups::{HOUR, Key, MINUTE, Totals};
 use crate::store::{unix_now, unix_rfc3339};
@@ -63,7 +64,7 @@ impl Rollup {
         });
     }
 
-    /// A security event (`auth_failure`, `denied`, `anomaly`) about `user`
+    /// A security event (`auth_failure`, `denied`, `anomaly`, `escape`) about `user`
     /// (`-` when nobody could be named).
     pub fn security_event(&self, user: Option<&str>, tier: &str, kind: &str) {
         let key = Key {
@@ -125,6 +126,7 @@ pub(super) async fn keep(state: Arc<AppState>) {
 pub struct StatsQuery {
     window: Option<String>,
     by: Option<String>,
+    user: Option<String>,
 }
 
 /// Percentiles of a measure.
@@ -216,6 +218,9 @@ pub struct Point {
 pub struct Stats {
     pub window: String,
     pub by: String,
+    /// The one user summed, when `?user=` asked for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// RFC 3339.
     pub from: String,
     pub to: String,
@@ -247,16 +252,26 @@ pub async fn stats(
             format!("by must be one of user, tool, status, tier (not `{by}`)"),
         ));
     }
+    if q.user.as_deref().is_some_and(|u| UserId::new(u).is_err()) {
+        return Err(ApiError::bad_request("bad_query", "user is not a valid user name"));
+    }
     state.rollup.flush(&state.store).await;
     // Reading and summing a week of rows takes a while: off the async threads.
     let reading = state.clone();
-    tokio::task::spawn_blocking(move || summarize(&reading, window, by, length, step))
+    let (span, user) = ((window, length, step), q.user);
+    tokio::task::spawn_blocking(move || summarize(&reading, span, by, user.as_deref()))
         .await
         .map_err(|e| ApiError::internal("summing the rollups", &e))?
         .map(Json)
 }
 
-fn summarize(state: &AppState, window: String, by: String, length: i64, step: i64) -> Result<Stats, ApiError> {
+/// The window `(name, length, step)` summed by `by`, of one user's rows or everyone's.
+fn summarize(
+    state: &AppState,
+    (window, length, step): (String, i64, i64),
+    by: String,
+    user: Option<&str>,
+) -> Result<Stats, ApiError> {
     let now = unix_now();
     // Whole steps: the window starts at the beginning of its first step.
     let from = (now - length) - (now - length).rem_euclid(step) + step;
@@ -266,7 +281,7 @@ fn summarize(state: &AppState, window: String, by: String, length: i64, step: i6
     let mut series: BTreeMap<i64, (u64, u64, u64)> = (0..length / step).map(|i| (from + i * step, (0, 0, 0))).collect();
     for row in rows {
         // A row counts where its minute or hour starts: one that began before the window is out.
-        if row.key.bucket < from {
+        if row.key.bucket < from || user.is_some_and(|u| row.key.user != u) {
             continue;
         }
         totals.add(&row.key, &row.totals);
@@ -298,6 +313,7 @@ fn summarize(state: &AppState, window: String, by: String, length: i64, step: i6
     Ok(Stats {
         window,
         by,
+        user: user.map(str::to_owned),
         from: unix_rfc3339(from),
         to: unix_rfc3339(now),
         totals: totals.figures(),

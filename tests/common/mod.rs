@@ -164,3 +164,24 @@ impl Drop for StoppedOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The Python of a virtual environment in `target/NAME` holding
+/// `requirement` (`package==version`, pip from PyPI): made on first use,
+/// kept for the next runs.
+pub fn venv_python(name: &str, requirement: &str) -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join(name);
+    let python = venv.join("bin/python");
+    let (package, version) = requirement.split_once("==").expect("package==version");
+    let probe = format!("import importlib.metadata as m; assert m.version('{package}') == '{version}'");
+    let has_it = Command::new(&python).args(["-c", &probe]).output().is_ok_and(|o| o.status.success());
+    if !has_it {
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).output().expect("python3 -m venv");
+        assert!(made.status.success(), "python3 -m venv: {}", String::from_utf8_lossy(&made.stderr));
+        let pip = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", requirement])
+            .output()
+            .expect("pip");
+        assert!(pip.status.success(), "pip install {requirement}: {}", String::from_utf8_lossy(&pip.stderr));
+    }
+    python
+}
