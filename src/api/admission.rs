@@ -98,47 +98,52 @@ pub struct Admission {
 #[derive(Default)]
 struct Places {
     per_user: HashMap<String, u32>,
-    running: HashMap<u64, Running>,
+    running: HashMap<u64, Place>,
 }
 
-/// A call in flight, as the operator console lists it.
+/// A call's place.
+struct Place {
+    user: String,
+    tool: String,
+    since: Instant,
+    at: std::time::SystemTime,
+}
+
+/// A call in flight, as `GET /v1/live` lists it.
 #[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct Running {
     pub user: String,
     pub tool: String,
-    /// RFC 3339: when it was admitted (filled in when listed).
+    /// RFC 3339: when it was admitted.
     pub started: String,
-    #[serde(skip)]
-    since: Instant,
-    /// Filled in when listed.
     pub running_ms: u64,
 }
 
 /// A call's place; given back when dropped.
 pub struct Permit {
     admission: Arc<Admission>,
-    user: String,
     call: u64,
     _memory: Option<MemoryReservation>,
 }
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit").field("user", &self.user).finish()
+        f.debug_struct("Permit").field("call", &self.call).finish()
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.in_flight.fetch_sub(1, Ordering::AcqRel);
         let mut places = self.admission.places.lock().unwrap_or_else(PoisonError::into_inner);
-        places.running.remove(&self.call);
-        if let Some(n) = places.per_user.get_mut(&self.user) {
+        if let Some(place) = places.running.remove(&self.call)
+            && let Some(n) = places.per_user.get_mut(&place.user)
+        {
             *n -= 1;
             if *n == 0 {
-                places.per_user.remove(&self.user);
+                places.per_user.remove(&place.user);
             }
         }
+        self.admission.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -167,16 +172,19 @@ impl Admission {
     /// The calls in flight now, longest running first.
     pub fn running(&self) -> Vec<Running> {
         let places = self.places.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut calls: Vec<Running> = places.running.values().cloned().collect();
+        let mut calls: Vec<(Instant, std::time::SystemTime, String, String)> =
+            places.running.values().map(|p| (p.since, p.at, p.user.clone(), p.tool.clone())).collect();
         drop(places);
-        let now = std::time::SystemTime::now();
-        for call in &mut calls {
-            let running = call.since.elapsed();
-            call.running_ms = running.as_millis() as u64;
-            call.started = crate::report::rfc3339(now - running);
-        }
-        calls.sort_by_key(|c| std::cmp::Reverse(c.running_ms));
+        calls.sort_by_key(|(since, ..)| *since);
         calls
+            .into_iter()
+            .map(|(since, at, user, tool)| Running {
+                user,
+                tool,
+                started: crate::report::rfc3339(at),
+                running_ms: since.elapsed().as_millis() as u64,
+            })
+            .collect()
     }
 
     /// Takes an instance-pool slot for a code session's live instance, if
@@ -263,15 +271,14 @@ impl Admission {
         };
         places.per_user.insert(user.to_owned(), mine + 1);
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let running = Running {
+        let place = Place {
             user: user.to_owned(),
             tool: tool.to_owned(),
-            started: String::new(),
             since: Instant::now(),
-            running_ms: 0,
+            at: std::time::SystemTime::now(),
         };
-        places.running.insert(call, running);
-        Ok(Permit { admission: self.clone(), user: user.to_owned(), call, _memory: memory })
+        places.running.insert(call, place);
+        Ok(Permit { admission: self.clone(), call, _memory: memory })
     }
 
     fn memory_for(&self, reserve_bytes: u64) -> Result<Option<MemoryReservation>, Denial> {

@@ -42,6 +42,12 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     (headers, body).into_response()
 }
 
+/// `/console/` → `/console` (relative, so it holds behind a path prefix): the
+/// page's links are relative to where it is.
+pub async fn slash() -> axum::response::Redirect {
+    axum::response::Redirect::permanent("../console")
+}
+
 pub async fn page() -> Response {
     asset("text/html; charset=utf-8", PAGE_WITH_KINDS.as_str())
 }

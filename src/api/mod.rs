@@ -17,7 +17,7 @@ mod error;
 mod files;
 mod invoke;
 pub mod mcp;
-mod metrics;
+pub(crate) mod metrics;
 mod native;
 mod openapi;
 mod registry;
@@ -817,7 +817,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // The operator console: static, embedded; its data come from the admin routes above.
     app = app
         .route("/console", get(console::page))
-        .route("/console/", get(console::page))
+        .route("/console/", get(console::slash))
         .route("/console/app.js", get(console::script))
         .route("/console/app.css", get(console::style));
     let mcp = Router::new()

@@ -380,6 +380,7 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         "mean over the replay's calls, timed one by one",
     );
     let rollup = rollup_cost(h, &s);
+    metrics_cost(h, &s);
     h.figure(
         Suite::Behaviour,
         "a trivial call through the runner (the probe's echo), p50, same run",
@@ -405,4 +406,47 @@ fn rollup_cost(h: &mut Harness, s: &Samples) -> f64 {
     let per_call = started.elapsed().as_secs_f64() / n as f64;
     h.figure(Suite::Behaviour, "usage rollup per call (1,000 users)", per_call * 1e9, "ns", "");
     per_call
+}
+
+/// What recording a call in the Prometheus metrics costs, and rendering
+/// `/metrics` with 40 tools × 3 tiers × 4 statuses of series.
+fn metrics_cost(h: &mut Harness, s: &Samples) {
+    let metrics = crate::api::Metrics::default();
+    let statuses = [crate::report::Status::Ok, crate::report::Status::Timeout, crate::report::Status::Crashed];
+    let mut reports: Vec<ExecutionReport> = Vec::new();
+    for tool in 0..40 {
+        for tier in ["free", "standard", "premium"] {
+            for status in statuses {
+                let mut r = s.ok.clone();
+                (r.tool, r.tier, r.status) = (format!("tool{tool}"), tier.to_owned(), status);
+                reports.push(r);
+            }
+        }
+    }
+    let n = h.size.pick(1_000_000, 200_000, 20_000);
+    let started = Instant::now();
+    for i in 0..n {
+        metrics.call(&reports[i % reports.len()], 0.001);
+    }
+    let per_call = started.elapsed().as_secs_f64() / n as f64;
+    h.figure(Suite::Behaviour, "metrics: a call recorded", per_call * 1e9, "ns", "40 tools × 3 tiers × 3 statuses");
+    let shared = crate::api::metrics::SharedGauges {
+        memory_budget_bytes: 1 << 34,
+        memory_in_use_bytes: 1 << 20,
+        memory_peak_bytes: 1 << 22,
+        descriptors_max: 15_000,
+        descriptors_in_use: 3,
+        data_volumes_mounted: None,
+        sessions_open: 0,
+        sessions_memory_bytes: 0,
+    };
+    let scrapes = h.size.pick(2_000, 500, 100);
+    let started = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..scrapes {
+        bytes += metrics.render(1, 64, &shared).len();
+    }
+    let per_scrape = started.elapsed().as_secs_f64() / f64::from(scrapes);
+    let note = format!("{} bytes of text", bytes / scrapes as usize);
+    h.figure(Suite::Behaviour, "metrics: /metrics rendered", per_scrape * 1e6, "µs", &note);
 }

@@ -22,6 +22,7 @@ from selenium.common.exceptions import StaleElementReferenceException, TimeoutEx
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -171,21 +172,23 @@ def run(driver):
 
     def slow_call():
         answers["slow"] = api("POST", "/v1/tools/probe/invoke", CFG["alice"],
-                              {"input": {"op": "sleep", "ms": 6000}, "timeout_ms": 20000})
+                              {"input": {"op": "sleep", "ms": 8000}, "timeout_ms": 20000})
 
     caller = threading.Thread(target=slow_call)
     caller.start()
-    until(driver, contains("#live-calls tbody", "alice", "probe"), "alice's call in flight", seconds=5)
-    until(driver, contains("#live-cards", "1 / "), "one call in flight", seconds=5)
+    until(driver, contains("#live-calls tbody", "alice", "probe"), "alice's call in flight", seconds=7)
+    until(driver, contains("#live-cards", "1 / "), "one call in flight", seconds=7)
     shot(driver, "overview-live")
     caller.join()
     status, report = answers["slow"]
     assert status == 200 and report["status"] == "ok", (status, report)
     until(driver, contains("#live-calls tbody", "No call is running"), "the call to end")
-    # Switching the window asks for the figures at once.
+    # Switching the window asks for the figures at once (not at the next 10 s refresh).
     Select(driver.find_element(By.ID, "window")).select_by_value("1h")
-    until(driver, contains("#top-users tbody", "alice"), "alice among the top users")
-    until(driver, contains("#top-tools tbody", "probe"), "probe among the top tools")
+    until(driver, contains("#top-users tbody", "alice"), "alice among the top users", seconds=4)
+    until(driver, contains("#top-tools tbody", "probe"), "probe among the top tools", seconds=4)
+    # alice: 6 + 2 + 1 calls, the 2 stopped by their timeout the errors.
+    until(driver, contains("#top-users tbody tr:first-child", "alice\t9\t2\t2"), "alice's figures", seconds=4)
     until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart svg rect"), "the chart")
     shot(driver, "overview")
 
@@ -197,12 +200,13 @@ def run(driver):
     Select(form.find_element(By.NAME, "kind")).select_by_value("execution")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     until(driver, contains("#audit-table tbody", "execution", "probe", "ok"), "alice's execution record")
-    rows = driver.find_elements(By.CSS_SELECTOR, "#audit-table tbody tr")
-    assert all("execution" in r.text for r in rows), [r.text for r in rows]
+    shown = text(driver, "#audit-table tbody").splitlines()
+    assert len(shown) == 9 and all("execution" in r and "alice" in r for r in shown), shown
     shot(driver, "audit")
-    click(driver, "#audit-table tbody tr")
+    click(driver, "#audit-table tbody tr td:first-child")
     until(driver, contains("#record-body", '"kind": "execution"', '"user": "alice"'), "the record's detail")
-    driver.find_element(By.CSS_SELECTOR, "#record-dialog button").click()
+    driver.find_element(By.ID, "record-close").click()
+    assert not driver.execute_script("return document.getElementById('record-dialog').open")
 
     step("suspend a user: the API refuses them")
     driver.get(BASE + "/console#users")
@@ -210,13 +214,17 @@ def run(driver):
     click(driver, "tr[data-user=alice] button.suspend")
     until(driver, EC.visibility_of_element_located((By.ID, "suspend-dialog")), "the suspend dialog")
     dialog = driver.find_element(By.ID, "suspend-form")
-    Select(dialog.find_element(By.NAME, "for_s")).select_by_value("3600")
-    dialog.find_element(By.NAME, "reason").send_keys("checked by the console test")
-    driver.find_element(By.ID, "suspend-confirm").click()
+    Select(dialog.find_element(By.NAME, "for_s")).select_by_value("86400")
+    # Enter in the reason submits the dialog, as in any form.
+    dialog.find_element(By.NAME, "reason").send_keys("checked by the console test", Keys.ENTER)
     until(driver, contains("tr[data-user=alice] td.restricted", "suspended until"), "alice suspended")
     status, answer = api("GET", "/v1/me", CFG["alice"])
     assert status == 403 and answer["error"]["code"] == "suspended", (status, answer)
     assert "checked by the console test" in answer["error"]["message"], answer
+    status, users = api("GET", "/v1/users", CFG["admin"])
+    until_s = next(u["suspended_until"] for u in users["users"] if u["id"] == "alice")
+    left = driver.execute_script("return (Date.parse(arguments[0]) - Date.now()) / 1000", until_s)
+    assert 86_000 < left <= 86_400, f"a day was chosen, the suspension runs {left} s"
     shot(driver, "users")
 
     step("the last admin cannot be suspended: the dialog says why")
@@ -224,7 +232,8 @@ def run(driver):
     until(driver, EC.visibility_of_element_located((By.ID, "suspend-dialog")), "the suspend dialog")
     driver.find_element(By.ID, "suspend-confirm").click()
     until(driver, contains("#suspend-error", "409"), "the 409 for the last admin")
-    driver.find_element(By.CSS_SELECTOR, "#suspend-form button[value=cancel]").click()
+    driver.find_element(By.ID, "suspend-cancel").click()
+    assert not driver.execute_script("return document.getElementById('suspend-dialog').open")
     status, _ = api("GET", "/v1/me", CFG["admin"])
     assert status == 200, status
 
@@ -249,7 +258,11 @@ def run(driver):
     until(driver, contains("#user-title", "mallory"), "mallory's page")
     until(driver, contains("#user-info", "suspended until"), "mallory's suspension")
     until(driver, contains("#user-audit tbody", "anomaly", "user_suspended"), "mallory's records")
-    until(driver, contains("#user-totals", "Security events"), "mallory's figures")
+    # Mallory's own figures (?user=): 3 calls, and the 5 refused escapes and the anomaly.
+    until(driver, contains("#user-totals", "escape 5", "anomaly 1"), "mallory's security events")
+    calls = driver.execute_script("return document.querySelector('#user-totals .card .value').textContent")
+    assert calls == "3", calls
+    until(driver, contains("#user-tools tbody", "probe\t3"), "mallory's tools")
     shot(driver, "user")
     status, answer = api("GET", "/v1/me", CFG["mallory"])
     assert status == 403 and answer["error"]["code"] == "suspended", (status, answer)
@@ -258,9 +271,10 @@ def run(driver):
     driver.find_element(By.ID, "sign-out").click()
     until(driver, EC.visibility_of_element_located((By.ID, "sign-in-form")), "the sign-in form")
     assert stored_key(driver) is None
-    body = text(driver, "body")
-    for secret in ("alice", "mallory", "escape_attempts"):
-        assert secret not in body, f"the signed-out page still shows {secret!r}"
+    # Hidden elements included: nothing of what was shown stays in the document.
+    page = driver.execute_script("return document.body.textContent")
+    for secret in ("alice", "mallory", "escape_attempts", "probe"):
+        assert secret not in page, f"the signed-out page still holds {secret!r}"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ const KEY = 'imagentx.console.key';
 const LIVE_EVERY_MS = 2000;
 const STATS_EVERY_MS = 10000;
 const SVG = 'http://www.w3.org/2000/svg';
+// Where the API is: the console's own path less `console` (so it also works behind a prefix).
+const ROOT = location.pathname.replace(/console\/?$/, '');
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -14,7 +16,7 @@ function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(attrs)) {
     if (value === undefined || value === null || value === false) continue;
-    if (name.startsWith('on')) node.addEventListener(name.slice(2), value);
+    if (name.startsWith('on') && typeof value === 'function') node.addEventListener(name.slice(2), value);
     else if (name === 'class') node.className = value;
     else node.setAttribute(name, value === true ? '' : String(value));
   }
@@ -66,23 +68,41 @@ class ApiFailure extends Error {
   }
 }
 
+/** An answer that came back after the view changed or the console signed out: dropped. */
+class Superseded extends Error {}
+
+// Each view switch, window change and sign-out starts a new generation: the
+// requests of the previous one are aborted, and whatever they answer is dropped.
+let generation = 0;
+let inFlight = new AbortController();
+function newGeneration() {
+  generation += 1;
+  inFlight.abort();
+  inFlight = new AbortController();
+}
+
 async function api(method, path, body) {
+  const mine = generation;
   const headers = { Authorization: `Bearer ${sessionStorage.getItem(KEY) || ''}` };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   let response;
+  let data = null;
   try {
-    response = await fetch(path, {
-      method, headers, cache: 'no-store', body: body === undefined ? undefined : JSON.stringify(body),
+    response = await fetch(ROOT + path.replace(/^\//, ''), {
+      method, headers, cache: 'no-store', signal: inFlight.signal,
+      body: body === undefined ? undefined : JSON.stringify(body),
     });
+    try { data = await response.json(); } catch (_) { /* not JSON: the status says it */ }
   } catch (e) {
+    if (mine !== generation) throw new Superseded();
     throw new ApiFailure(0, 'unreachable', `the server did not answer (${e.message})`);
   }
-  let data = null;
-  try { data = await response.json(); } catch (_) { /* not JSON: the status says it */ }
+  if (mine !== generation) throw new Superseded();
   if (!response.ok) {
     const error = (data && data.error) || {};
     throw new ApiFailure(response.status, error.code || 'error', error.message || response.statusText);
   }
+  problem('');
   return data;
 }
 
@@ -94,6 +114,7 @@ function problem(text) {
 
 /** Shows a failed request; a key that stopped working signs the console out. */
 function failed(e) {
+  if (e instanceof Superseded) return;
   if (e instanceof ApiFailure && e.status === 401) {
     signOut(`Signed out: the server no longer accepts this key (${e.message}).`);
   } else if (e instanceof ApiFailure && e.status === 403) {
@@ -131,18 +152,28 @@ function started(me) {
   $('#sign-in').hidden = true;
   $('#nav').hidden = false;
   $('#who').hidden = false;
-  $('#who').textContent = `signed in as ${me.user}`;
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone || 'local time';
+  $('#who').textContent = `signed in as ${me.user} · times in ${zone}`;
   $('#sign-out').hidden = false;
+  // Setting the hash routes (hashchange); routing here too would load everything twice.
   if (!location.hash) location.hash = '#overview';
-  route();
+  else route();
 }
 
 function signOut(why) {
   sessionStorage.removeItem(KEY);
+  newGeneration();
   stopTimers();
+  for (const dialog of document.querySelectorAll('dialog[open]')) dialog.close();
   for (const view of document.querySelectorAll('.view')) view.hidden = true;
   // Nothing of what was shown stays in the page.
-  for (const body of document.querySelectorAll('.view tbody, .view .cards, .chart, #anomaly-list')) body.replaceChildren();
+  const shown = '.view tbody, .view .cards, .chart, #anomaly-list, #warm, #user-title, #user-actions, '
+    + '#record-title, #record-body, #suspend-name, #suspend-error, #updated, #who';
+  for (const node of document.querySelectorAll(shown)) node.replaceChildren();
+  for (const form of document.querySelectorAll('form')) form.reset();
+  auditQuery = null;
+  auditBefore = null;
+  suspending = null;
   $('#nav').hidden = true;
   $('#who').hidden = true;
   $('#sign-out').hidden = true;
@@ -155,19 +186,29 @@ function signOut(why) {
 
 let timers = [];
 function stopTimers() {
-  for (const t of timers) clearInterval(t);
+  for (const t of timers) clearTimeout(t);
   timers = [];
 }
+/** Runs `fn` now and again `msBetween` after each run ends (never two at once),
+ * until the generation changes; skipped while the tab is hidden. */
 function every(msBetween, fn) {
-  fn();
-  timers.push(setInterval(fn, msBetween));
+  const mine = generation;
+  const tick = async () => {
+    if (mine !== generation) return;
+    if (document.visibilityState !== 'hidden') await fn();
+    if (mine === generation) timers.push(setTimeout(tick, msBetween));
+  };
+  tick();
 }
 
 function route() {
   if (!sessionStorage.getItem(KEY)) return;
+  newGeneration();
   stopTimers();
   problem('');
-  const [name, arg] = location.hash.slice(1).split('/');
+  const [name, raw] = location.hash.slice(1).split('/');
+  let arg = raw || '';
+  try { arg = decodeURIComponent(arg); } catch (_) { /* shown as typed */ }
   const view = ['overview', 'anomalies', 'users', 'user', 'audit'].includes(name) ? name : 'overview';
   for (const section of document.querySelectorAll('.view')) section.hidden = section.id !== `view-${view}`;
   for (const link of document.querySelectorAll('#nav a')) {
@@ -181,7 +222,7 @@ function route() {
   } else if (view === 'users') {
     every(STATS_EVERY_MS, showUsers);
   } else if (view === 'user') {
-    every(STATS_EVERY_MS, () => showUser(decodeURIComponent(arg || '')));
+    every(STATS_EVERY_MS, () => showUser(arg));
   } else if (view === 'audit') {
     showAudit(false);
   }
@@ -218,7 +259,9 @@ async function showLive() {
   try { live = await api('GET', '/v1/live'); } catch (e) { failed(e); return; }
   const cards = $('#live-cards');
   cards.replaceChildren(
-    card('Calls in flight', `${live.in_flight} / ${live.capacity}`, 'instance pool', percent(live.in_flight + live.session_slots, live.capacity)),
+    card('Calls in flight', `${live.in_flight} / ${live.capacity}`,
+      `instance pool; ${live.session_slots} more places held by code sessions`,
+      percent(live.in_flight + live.session_slots, live.capacity)),
     card('Code sessions', count(live.sessions_open), `${live.session_slots} pool places, ${bytes(live.sessions_memory_bytes)}`),
     card('Guest memory', bytes(live.memory_in_use_bytes), `of ${bytes(live.memory_budget_bytes)} budget`, percent(live.memory_in_use_bytes, live.memory_budget_bytes)),
     card('Guest descriptors', count(live.descriptors_in_use), `of ${count(live.descriptors_max)}`, percent(live.descriptors_in_use, live.descriptors_max)),
@@ -317,8 +360,15 @@ async function showExecution(id) {
   try {
     showRecord(`Execution ${id}`, await api('GET', `/v1/executions/${encodeURIComponent(id)}`));
   } catch (e) {
-    showRecord(`Execution ${id}`, { error: e.message, status: e.status });
+    if (e instanceof Superseded || e.status === 401 || e.status === 403) failed(e);
+    else showRecord(`Execution ${id}`, { error: e.message, status: e.status });
   }
+}
+
+/** A row that opens `record` when clicked (not when a link or button in it is). */
+function recordRow(title, record, ...cells) {
+  const open = (event) => { if (!event.target.closest('a, button')) showRecord(title, record); };
+  return el('tr', { class: 'clickable', onclick: open }, ...cells);
 }
 
 function evidence(detail) {
@@ -333,14 +383,15 @@ function evidence(detail) {
   const executions = Array.isArray(found.executions) ? found.executions : [];
   if (executions.length) {
     list.append(el('dt', {}, 'executions'), el('dd', {}, ...executions.map((id) =>
-      el('button', { type: 'button', class: 'link execution', onclick: () => showExecution(id) }, id.slice(0, 8)))
+      el('button', { type: 'button', class: 'link execution', onclick: () => showExecution(String(id)) },
+        String(id).slice(0, 8)))
       .flatMap((b) => [b, ' '])));
   }
   return list;
 }
 
 function anomalyCard(r) {
-  const actions = (r.detail && r.detail.actions) || [];
+  const actions = Array.isArray(r.detail && r.detail.actions) ? r.detail.actions : [];
   return el('div', { class: 'anomaly', 'data-seq': r.seq },
     el('header', {},
       el('span', { class: 'rule' }, r.outcome),
@@ -364,7 +415,7 @@ async function showAnomalies() {
   list.replaceChildren(...(anomalies.records.length
     ? anomalies.records.map(anomalyCard)
     : [el('p', { class: 'muted' }, 'No anomaly has been found.')]));
-  rows($('#alert-list tbody'), alerts.records, (r) => el('tr', { class: 'clickable', onclick: () => showRecord(`Alert #${r.seq}`, r) },
+  rows($('#alert-list tbody'), alerts.records, (r) => recordRow(`Alert #${r.seq}`, r,
     el('td', {}, when(r.at)), el('td', {}, r.outcome), el('td', {}, userLink(r.user)), el('td', {}, r.tool || '–'),
     el('td', {}, summary(r.detail))), 'No alert.');
 }
@@ -405,20 +456,32 @@ function askSuspend(user, after) {
   $('#suspend-dialog').showModal();
 }
 
+/** The dialog's form was submitted (the button, or Enter in the reason). */
 async function confirmSuspend(event) {
   event.preventDefault();
   const form = $('#suspend-form');
+  const confirm = $('#suspend-confirm');
+  if (!suspending || confirm.disabled) return;
   const body = { for_s: Number(form.elements.for_s.value) };
   if (form.elements.reason.value.trim()) body.reason = form.elements.reason.value.trim();
+  const { user, after } = suspending;
+  confirm.disabled = true;
   try {
-    await api('POST', `/v1/users/${encodeURIComponent(suspending.user)}/suspend`, body);
+    await api('POST', `/v1/users/${encodeURIComponent(user)}/suspend`, body);
   } catch (e) {
-    // The last admin cannot be suspended (409): say so in the dialog.
-    $('#suspend-error').textContent = `${e.status} ${e.message}`;
+    if (e instanceof Superseded || e.status === 401 || e.status === 403) {
+      failed(e);
+    } else {
+      // The last admin cannot be suspended (409): say so in the dialog.
+      $('#suspend-error').textContent = `${e.status} ${e.message}`;
+    }
     return;
+  } finally {
+    confirm.disabled = false;
   }
   $('#suspend-dialog').close();
-  suspending.after();
+  suspending = null;
+  after();
 }
 
 async function showUsers() {
@@ -432,7 +495,7 @@ async function showUsers() {
 }
 
 function auditRow(r, withUser) {
-  return el('tr', { class: 'clickable', onclick: () => showRecord(`Audit record #${r.seq}`, r) },
+  return recordRow(`Audit record #${r.seq}`, r,
     el('td', { class: 'num' }, r.seq), el('td', {}, when(r.at)), el('td', {}, r.kind),
     withUser ? el('td', {}, userLink(r.user)) : null,
     el('td', {}, r.tool || '–'), el('td', {}, r.outcome), el('td', {}, r.actor || '–'));
@@ -468,8 +531,12 @@ async function showUser(name) {
   rows($('#user-audit tbody'), audit.records, (r) => auditRow(r, false), 'No audit record.');
 }
 
+// The filters the shown pages were asked with, and where the next page starts.
+let auditQuery = null;
 let auditBefore = null;
-function auditQuery() {
+
+/** The filters as typed; a time that is no date throws a RangeError. */
+function auditFilters() {
   const form = $('#audit-filters');
   const q = new URLSearchParams({ limit: '100' });
   for (const name of ['user', 'tool', 'kind']) {
@@ -484,22 +551,47 @@ function auditQuery() {
   return q;
 }
 
+/** The first page of the filters as typed, or (`older`) the next page of the shown ones. */
 async function showAudit(older) {
-  const q = auditQuery();
-  if (older && auditBefore !== null) q.set('before', auditBefore);
+  const tbody = $('#audit-table tbody');
+  const button = $('#audit-older');
+  let q;
+  if (older && auditQuery && auditBefore !== null) {
+    q = new URLSearchParams(auditQuery);
+    q.set('before', auditBefore);
+  } else {
+    try { q = auditFilters(); } catch (e) {
+      tbody.replaceChildren();
+      problem(`A time in the filter is not a valid date (${e.message}).`);
+      return;
+    }
+    older = false;
+  }
+  button.disabled = true;
   let page;
-  try { page = await api('GET', `/v1/audit?${q}`); } catch (e) {
-    if (e.status === 400) { problem(`The filter was refused: ${e.message}`); return; }
+  try {
+    page = await api('GET', `/v1/audit?${q}`);
+  } catch (e) {
+    button.disabled = false;
+    if (e.status === 400) {
+      tbody.replaceChildren();
+      button.hidden = true;
+      problem(`The filter was refused: ${e.message}`);
+      return;
+    }
     failed(e);
     return;
   }
-  problem('');
-  const tbody = $('#audit-table tbody');
+  button.disabled = false;
   const render = (r) => auditRow(r, true);
   if (older) tbody.append(...page.records.map(render));
   else rows(tbody, page.records, render, 'No record matches.');
+  if (!older) {
+    auditQuery = q;
+    auditQuery.delete('before');
+  }
   auditBefore = page.next_before;
-  $('#audit-older').hidden = auditBefore === null;
+  button.hidden = auditBefore === null;
 }
 
 // ---- start --------------------------------------------------------------------
@@ -510,13 +602,35 @@ document.addEventListener('DOMContentLoaded', () => {
     signIn($('#key').value.trim());
   });
   $('#sign-out').addEventListener('click', () => signOut(''));
-  $('#window').addEventListener('change', showStats);
-  $('#suspend-confirm').addEventListener('click', confirmSuspend);
+  $('#window').addEventListener('change', () => {
+    // Figures of the old window still on their way are dropped.
+    newGeneration();
+    stopTimers();
+    every(LIVE_EVERY_MS, showLive);
+    every(STATS_EVERY_MS, showStats);
+  });
+  $('#suspend-form').addEventListener('submit', confirmSuspend);
+  $('#suspend-cancel').addEventListener('click', () => { $('#suspend-dialog').close(); suspending = null; });
+  $('#record-close').addEventListener('click', () => $('#record-dialog').close());
   $('#audit-filters').addEventListener('submit', (event) => { event.preventDefault(); showAudit(false); });
-  $('#audit-filters').addEventListener('reset', () => setTimeout(() => showAudit(false)));
+  // Clearing the filters shows everything again (signing out clears them too, and shows nothing).
+  $('#audit-filters').addEventListener('reset', () => setTimeout(() => {
+    if (sessionStorage.getItem(KEY)) showAudit(false);
+  }));
   $('#audit-older').addEventListener('click', () => showAudit(true));
   window.addEventListener('hashchange', route);
-  if (sessionStorage.getItem(KEY)) {
-    api('GET', '/v1/me').then((me) => (me.admin ? started(me) : signOut('')), () => signOut(''));
-  }
+  resume();
 });
+
+/** A reloaded tab keeps its key: sign back in with it, unless the server now refuses it. */
+function resume() {
+  if (!sessionStorage.getItem(KEY)) return;
+  api('GET', '/v1/me').then((me) => (me.admin ? started(me) : signOut('')), (e) => {
+    if (e.status === 401 || e.status === 403) {
+      signOut('');
+    } else {
+      problem(`${e.message}; trying again`);
+      setTimeout(resume, 3000);
+    }
+  });
+}
