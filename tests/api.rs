@@ -284,7 +284,7 @@ async fn hostile_tools_are_stopped_with_the_right_status_and_the_server_keeps_se
         alerts["records"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
     assert!(rules.contains(&"cpu_over_90_percent"), "{alerts}");
     let metrics = String::from_utf8(s.get("/metrics", "").await.body.to_vec()).unwrap();
-    assert!(metrics.contains(r#"imagentx_calls_total{tool="probe",tier="free",status="memory_limit"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"imagentx_calls_total{status="memory_limit",tier="free",tool="probe"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"imagentx_alerts_total{rule="cpu_over_90_percent"}"#));
     assert!(metrics.contains("imagentx_active_calls 0"));
     s.stop().await;

@@ -54,7 +54,7 @@ async fn a_real_servers_metrics_pass_promtool() {
     let text = loop {
         let text = srv.request(Method::GET, "/metrics", None, Bytes::new()).await.body;
         let text = String::from_utf8(text.to_vec()).unwrap();
-        if text.contains("imagentx_responses_total{action=\"suspend\"}") {
+        if text.contains("imagentx_responses_total{action=\"suspend\"} 1") {
             break text;
         }
         assert!(std::time::Instant::now() < deadline, "{text}");
@@ -83,6 +83,7 @@ async fn a_real_servers_metrics_pass_promtool() {
     let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
     let panels = dashboard["panels"].as_array().unwrap();
     assert!(panels.iter().all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())), "a panel without a query");
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/api/metrics.rs")).unwrap();
     for file in ["deploy/prometheus/alerts.yml", "deploy/grafana/imagentx-sandbox.json"] {
         let queries = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let mut named = 0;
@@ -92,7 +93,10 @@ async fn a_real_servers_metrics_pass_promtool() {
                 continue; // the dashboard's own name
             }
             let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
-            assert!(exported.contains(&family), "{file} queries {name}, which /metrics does not export");
+            // Warm jails' series are per tool with warm jails, which this server has none of (the
+            // format has no empty family): those names are checked against what the source declares.
+            let declared = family.starts_with("imagentx_warm_") && source.contains(&format!("\"{family}\""));
+            assert!(exported.contains(&family) || declared, "{file} queries {name}, which /metrics does not export");
             named += 1;
         }
         assert!(named > 10, "{file}: {named} metrics");

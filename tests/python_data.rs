@@ -193,7 +193,7 @@ for i in range(40):
     assert_eq!(report["output"]["result"], 45, "{report}");
     srv.assert_healthy().await;
     // Every one of these calls ran in a warm jail.
-    assert_eq!(metric(&srv, r#"imagentx_warm_calls_total{tool="python-data",ran="fresh"}"#).await, 0.0);
+    assert_eq!(metric(&srv, r#"imagentx_warm_calls_total{ran="fresh",tool="python-data"}"#).await, 0.0);
 }
 
 /// A gauge or counter line of `/metrics`, by its name with labels.
@@ -205,7 +205,7 @@ async fn metric(srv: &TestServer, series: &str) -> f64 {
 
 /// Waits (up to a minute) until the pool has `n` warm jails ready.
 async fn warm_ready(srv: &TestServer, n: f64) {
-    let series = r#"imagentx_warm_jails{tool="python-data",state="ready"}"#;
+    let series = r#"imagentx_warm_jails{state="ready",tool="python-data"}"#;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while metric(srv, series).await < n {
         assert!(std::time::Instant::now() < deadline, "no {n} warm jails ready within a minute");
@@ -223,7 +223,7 @@ async fn a_warm_jail_serves_one_call_and_never_carries_a_user_over() {
     let Some(srv) = serve(2).await else { return };
     let alice = srv.add_user("alice", "free", false).await;
     let bob = srv.add_user("bob", "standard", false).await;
-    let warm = r#"imagentx_warm_calls_total{tool="python-data",ran="warm"}"#;
+    let warm = r#"imagentx_warm_calls_total{ran="warm",tool="python-data"}"#;
     warm_ready(&srv, 2.0).await;
     let before = metric(&srv, warm).await;
 

@@ -474,7 +474,12 @@ async fn memory_hungry_calls_of_several_premium_users_cannot_pass_the_host_budge
     assert_eq!(pool.in_use_bytes(), 0, "memory was not given back");
     let metrics = String::from_utf8(srv.request(Method::GET, "/metrics", None, "").await.body.to_vec()).unwrap();
     assert!(metrics.contains(&format!("imagentx_guest_memory_budget_bytes {BUDGET}")), "{metrics}");
-    let counted = |line: &str| metrics.contains(line);
+    // The series exist from the start (at zero): counted is above it.
+    let counted = |series: &str| {
+        metrics
+            .lines()
+            .any(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok()).is_some_and(|v| v > 0.0))
+    };
     assert!(stopped == 0 || counted("imagentx_limits_hit_total{limit=\"host_memory\"}"), "{metrics}");
     assert!(turned_away == 0 || counted("imagentx_admission_rejections_total{reason=\"server_busy\"}"), "{metrics}");
     // Once they are done, everyone's calls run again.

@@ -103,22 +103,20 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let (sessions_open, sessions_memory_bytes) = state.sessions.gauges();
-    let shared = super::metrics::SharedGauges {
-        sessions_open,
-        sessions_memory_bytes,
-        ..super::metrics::SharedGauges::of(&state.sandbox)
+    let warm = state.registry.warm_pools();
+    let now = super::metrics::Now {
+        active_calls: state.admission.in_flight(),
+        pool_capacity: state.admission.global_cap(),
+        shared: super::metrics::SharedGauges {
+            sessions_open,
+            sessions_memory_bytes,
+            ..super::metrics::SharedGauges::of(&state.sandbox)
+        },
+        warm: &warm,
+        tools_unloadable: state.registry.unloadable_count(),
     };
-    let mut text = state.metrics.render(state.admission.in_flight(), state.admission.global_cap(), &shared);
-    super::metrics::render_warm(&mut text, &state.registry.warm_pools());
-    let _ = std::fmt::Write::write_fmt(
-        &mut text,
-        format_args!(
-            "# HELP imagentx_tools_unloadable Registered tools that could not be loaded at start (a module missing \
-             or damaged).\n# TYPE imagentx_tools_unloadable gauge\nimagentx_tools_unloadable {}\n",
-            state.registry.unloadable_count()
-        ),
-    );
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
+    let text = state.metrics.render(&now);
+    ([(header::CONTENT_TYPE, HeaderValue::from_static(super::metrics::CONTENT_TYPE))], text).into_response()
 }
 
 /// The caller's account as the server sees it.

@@ -444,7 +444,9 @@ fn metrics_cost(h: &mut Harness, s: &Samples) {
     let started = Instant::now();
     let mut bytes = 0;
     for _ in 0..scrapes {
-        bytes += metrics.render(1, 64, &shared).len();
+        let now =
+            crate::api::metrics::Now { active_calls: 1, pool_capacity: 64, shared, warm: &[], tools_unloadable: 0 };
+        bytes += metrics.render(&now).len();
     }
     let per_scrape = started.elapsed().as_secs_f64() / f64::from(scrapes);
     let note = format!("{} bytes of text", bytes / scrapes as usize);
