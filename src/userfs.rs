@@ -46,6 +46,9 @@ pub enum FsError {
     QuotaExceeded(String),
     #[error("file system: {0}")]
     Io(String),
+    /// The filesystem holding the directory is full (ENOSPC).
+    #[error("{0}: no space left on the device")]
+    NoSpace(String),
 }
 
 fn io_error(what: &str, e: Errno) -> FsError {
@@ -56,6 +59,7 @@ fn io_error(what: &str, e: Errno) -> FsError {
         Errno::EXDEV => FsError::Escape("the path leaves the data directory".into()),
         Errno::EISDIR => FsError::Conflict("the path is a directory".into()),
         Errno::ENOTEMPTY => FsError::Conflict("the directory is not empty".into()),
+        Errno::ENOSPC => FsError::NoSpace(what.to_owned()),
         e => FsError::Io(format!("{what}: {e}")),
     }
 }
@@ -240,7 +244,10 @@ impl UserFs {
         };
         let mut file = File::from(fd);
         let written = self.chown(file.as_fd()).and_then(|()| {
-            file.write_all(bytes).and_then(|()| file.sync_data()).map_err(|e| FsError::Io(format!("writing: {e}")))
+            file.write_all(bytes).and_then(|()| file.sync_data()).map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => FsError::NoSpace("writing".to_owned()),
+                _ => FsError::Io(format!("writing: {e}")),
+            })
         });
         drop(file);
         let renamed =

@@ -37,6 +37,18 @@ impl ApiError {
         Self { retry_after: Some(retry_after.max(1)), ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message) }
     }
 
+    /// The filesystem of the data directory is full: 507, and the client may
+    /// try again once an operator has made room (logged as an error: it
+    /// needs one).
+    pub fn storage_full(what: &str) -> Self {
+        tracing::error!("{what} failed: no space left on the data directory's filesystem");
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "storage_full",
+            format!("{what} failed: the server has no space left to store it; try again later"),
+        )
+    }
+
     /// The server's own failure: logged in full, answered in general terms.
     pub fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %e, "{what}");
@@ -49,6 +61,19 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(m) => Self::not_found("not_found", m),
             StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            e if e.is_disk_full() => Self::storage_full("recording it in the database"),
+            e if e.is_busy() => {
+                tracing::error!(error = %e, "the database stayed locked by another process past the writer's patience");
+                Self {
+                    retry_after: Some(1),
+                    ..Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "database_busy",
+                        "the database is locked by another process (a backup or a manual session?); nothing was \
+                         recorded; try again shortly",
+                    )
+                }
+            }
             e => Self::internal("database", &e),
         }
     }
@@ -64,6 +89,7 @@ impl From<FsError> for ApiError {
             FsError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
             FsError::QuotaExceeded(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", m),
             FsError::Io(m) => Self::internal("file system", &m),
+            FsError::NoSpace(what) => Self::storage_full(&what),
         }
     }
 }

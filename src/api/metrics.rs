@@ -54,6 +54,7 @@ pub struct Metrics {
     sessions_opened: IntCounter,
     executions_pruned: IntCounter,
     auth_failures: IntCounter,
+    connections_refused: IntCounter,
     request_seconds: Histogram,
     wall_seconds: Histogram,
     fuel: Histogram,
@@ -164,6 +165,11 @@ impl Default for Metrics {
                 "Executions deleted by the [retention] limits.",
             ),
             auth_failures: counter(&r, "imagentx_auth_failures_total", "Requests with no key or a bad key."),
+            connections_refused: counter(
+                &r,
+                "imagentx_connections_refused_total",
+                "Connections answered 503 and closed because the server had no descriptor left.",
+            ),
             request_seconds: histogram(
                 &r,
                 "imagentx_request_duration_seconds",
@@ -251,6 +257,10 @@ impl Metrics {
 
     pub fn auth_failure(&self) {
         self.auth_failures.inc();
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// The text exposition: the registry's families and the gauges read now,

@@ -889,6 +889,7 @@ pub async fn run(
         .zip(crate::notify::Notifier::watchdog())
         .map(|(notifier, interval)| tokio::spawn(crate::notify::watchdog(notifier, interval)));
     let session_sweeper = tokio::spawn(sessions::sweep(state.clone()));
+    let mut refusing = Refusing::new();
     let pruner = tokio::spawn(prune_executions(state.clone()));
     let backups = tokio::spawn(scheduled_backup(state.clone()));
     let rollups = tokio::spawn(stats::keep(state.clone()));
@@ -908,8 +909,11 @@ pub async fn run(
                         }
                     });
                 }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    refusing.refuse_one(&listener, &state.metrics).await;
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // Anything else: back off instead of spinning.
                     tracing::warn!(error = %e, "accepting a connection failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -1140,6 +1144,54 @@ fn raise_open_file_limit() {
         },
         Ok((soft, _)) if soft < 4096 => tracing::warn!(limit = soft, "open-file limit is low for many clients"),
         _ => {}
+    }
+}
+
+/// Out of descriptors, a new connection would wait in the listen backlog,
+/// its client with it, until one is freed. Instead one descriptor is kept in
+/// reserve: given back, it lets the connection be accepted, answered 503
+/// `too_many_connections` and closed, and is then taken again.
+struct Refusing {
+    reserve: Option<std::fs::File>,
+    refused: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl Refusing {
+    fn new() -> Self {
+        Self { reserve: std::fs::File::open("/dev/null").ok(), refused: 0, logged: None }
+    }
+
+    async fn refuse_one(&mut self, listener: &tokio::net::TcpListener, metrics: &Metrics) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const BODY: &str = "{\"error\":{\"code\":\"too_many_connections\",\"message\":\"the server has no \
+                            descriptor left for a new connection; try again shortly\"}}";
+        drop(self.reserve.take());
+        let step = Duration::from_millis(20);
+        if let Ok(Ok((mut stream, _))) = tokio::time::timeout(step, listener.accept()).await {
+            // Read what the client sent first: closing on unread data would reset
+            // the connection, and the client would never see the answer.
+            let mut request = [0u8; 4096];
+            let _ = tokio::time::timeout(step, stream.read(&mut request)).await;
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+                 connection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+                BODY.len()
+            );
+            let _ = tokio::time::timeout(step, stream.write_all(answer.as_bytes())).await;
+            let _ = tokio::time::timeout(step, stream.shutdown()).await;
+            self.refused += 1;
+            metrics.connection_refused();
+        }
+        self.reserve = std::fs::File::open("/dev/null").ok();
+        if self.reserve.is_none() {
+            // Not even the reserve came back: wait for descriptors instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.logged.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
+            tracing::warn!(refused = self.refused, "out of file descriptors: new connections are answered 503");
+            self.logged = Some(std::time::Instant::now());
+        }
     }
 }
 

@@ -130,7 +130,10 @@ pub async fn register(
     tokio::task::spawn_blocking(move || write_blob(&blobs, &sha, &bytes))
         .await
         .map_err(|e| ApiError::internal("storing the module", &e))?
-        .map_err(|e| ApiError::internal("storing the module", &e))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOSPC) => ApiError::storage_full("storing the module"),
+            _ => ApiError::internal("storing the module", &e),
+        })?;
     let row = state.store.register_tool(row).await?;
     tracing::info!(tool = %row.name, version = row.version, sha256 = %row.sha256, by = %row.registered_by, "tool registered");
     state.registry.insert(Registered { row: row.clone(), runnable: Runnable::Wasm(tool) });

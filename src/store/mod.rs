@@ -50,6 +50,52 @@ pub enum StoreError {
     WriterGone,
     #[error("audit archive: {0}")]
     Archive(#[from] std::io::Error),
+    /// A batch of writes could not be committed because the filesystem is full.
+    #[error("database: no space left on its filesystem ({0})")]
+    DiskFull(String),
+    /// A batch of writes waited past the writer's patience for another
+    /// process's lock.
+    #[error("database: locked by another process ({0})")]
+    Busy(String),
+    /// A batch of writes could not be committed for another reason.
+    #[error("database: the commit failed ({0})")]
+    CommitFailed(String),
+}
+
+impl StoreError {
+    /// The database or the archive could not grow: the filesystem is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => e.code == rusqlite::ErrorCode::DiskFull,
+            StoreError::Archive(e) => e.raw_os_error() == Some(libc::ENOSPC),
+            StoreError::DiskFull(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Another process held the database past the writer's patience.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            }
+            StoreError::Busy(_) => true,
+            _ => false,
+        }
+    }
+
+    /// What each write of a batch that failed as a whole is told, keeping
+    /// whether the disk was full or the database locked.
+    fn of_batch(&self) -> StoreError {
+        let message = self.to_string();
+        if self.is_disk_full() {
+            StoreError::DiskFull(message)
+        } else if self.is_busy() {
+            StoreError::Busy(message)
+        } else {
+            StoreError::CommitFailed(message)
+        }
+    }
 }
 
 type Reply = oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>;
@@ -209,32 +255,48 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>) {
     tracing::info!(writes, commits, "database writer stopped");
 }
 
+/// Runs a batch in one transaction, each job in a savepoint of its own.
+/// When the batch fails as a whole (the lock not taken, the commit refused),
+/// every job of it is told why, those not yet run included.
 fn run_batch(conn: &mut Connection, batch: Vec<Job>) {
     let mut replies = Vec::with_capacity(batch.len());
+    let mut jobs = batch.into_iter();
     let committed = (|| -> Result<(), StoreError> {
         // IMMEDIATE: take the write lock now, so the audit head read below is
         // the head this batch appends to, even with a CLI writing beside us.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = rfc3339(SystemTime::now());
         let mut head = audit::head(&tx)?;
-        for job in batch {
+        for Job { work, reply } in jobs.by_ref() {
+            // Its reply is kept before anything can fail: a failed batch answers it too.
+            replies.push((reply, Err(StoreError::CommitFailed("not run".to_owned()))));
             // Savepoints by hand, through cached statements: rusqlite's
             // `Savepoint` parses its SQL anew for every write.
             tx.prepare_cached("SAVEPOINT job")?.execute([])?;
             let mut writer = Writer { conn: &tx, now: now.clone(), audit_head: head.clone() };
-            let result = (job.work)(&mut writer);
+            let result = work(&mut writer);
             let next_head = writer.audit_head;
-            match result {
+            let result = match result {
                 Ok(value) => {
                     tx.prepare_cached("RELEASE job")?.execute([])?;
                     head = next_head;
-                    replies.push((job.reply, Ok(value)));
+                    Ok(value)
                 }
                 Err(e) => {
-                    tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
-                    tx.prepare_cached("RELEASE job")?.execute([])?;
-                    replies.push((job.reply, Err(e)));
+                    let undone = tx
+                        .prepare_cached("ROLLBACK TO job")
+                        .and_then(|mut s| s.execute([]))
+                        .and_then(|_| tx.prepare_cached("RELEASE job").and_then(|mut s| s.execute([])));
+                    if undone.is_err() {
+                        // SQLite ended the whole transaction itself (a full disk
+                        // does): the batch fails, and every job of it hears why.
+                        return Err(e);
+                    }
+                    Err(e)
                 }
+            };
+            if let Some(last) = replies.last_mut() {
+                last.1 = result;
             }
         }
         tx.commit()?;
@@ -248,9 +310,8 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) {
         }
         Err(e) => {
             tracing::error!(error = %e, "database commit failed");
-            let message = e.to_string();
-            for (reply, _) in replies {
-                let _ = reply.send(Err(StoreError::Conflict(format!("commit failed: {message}"))));
+            for reply in replies.into_iter().map(|(reply, _)| reply).chain(jobs.map(|job| job.reply)) {
+                let _ = reply.send(Err(e.of_batch()));
             }
         }
     }
