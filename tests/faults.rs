@@ -361,3 +361,49 @@ async fn a_database_locked_by_another_process_is_answered_503_and_nothing_unreco
     let page = srv.get("/v1/executions", &alice).await.json();
     assert_eq!(page["executions"].as_array().unwrap().len(), 2, "the refused call was recorded after all: {page}");
 }
+
+/// The artifact cache cannot be written (a read-only filesystem): tools are
+/// still registered and called (compiled in memory), and a restart loads
+/// them again from their blobs.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unwritable_artifact_cache_costs_compile_time_not_service() {
+    if !is_root() {
+        common::skip_unprivileged("the read-only cache test (a tmpfs mount)");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let out =
+        Command::new("mount").args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"]).arg(cache.path()).output().unwrap();
+    assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
+    let unmount = scopeguard(cache.path().to_owned());
+    let settings = |data: &Path| ServerSettings {
+        data_dir: data.to_owned(),
+        max_instances: 8,
+        artifact_cache_dir: Some(cache.path().to_owned()),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let srv = TestServer::start_in(dir, Default::default(), s).await;
+    srv.register("probe", "probe").await;
+    let alice = srv.add_user("alice", "standard", false).await;
+    assert_eq!(srv.report("probe", &alice, json!({"input": {"op": "echo"}})).await["status"], "ok");
+    let dir = srv.stop_keeping_data().await;
+    let s = settings(dir.path());
+    let again = TestServer::start_in(dir, Default::default(), s).await;
+    assert_eq!(again.report("probe", &alice, json!({"input": {"op": "echo"}})).await["status"], "ok");
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+    drop(again);
+    drop(unmount);
+}
+
+/// Unmounts `path` when dropped (however the test ends).
+fn scopeguard(path: PathBuf) -> impl Drop {
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    Unmount(path)
+}

@@ -67,7 +67,11 @@ impl ArtifactCache {
         }
         let code = T::compile(engine, wasm).map_err(CacheMiss::Compile)?;
         let bytes = code.serialize().map_err(CacheMiss::Compile)?;
-        write_atomically(&path, &bytes).map_err(|source| CacheMiss::Write { path, source })?;
+        // The cache saves compile time; a cache that cannot be written (a full
+        // or read-only disk) costs that time at the next start, not the tool.
+        if let Err(e) = write_atomically(&path, &bytes) {
+            tracing::warn!(path = %path.display(), error = %e, "artifact not cached: it is compiled again at the next load");
+        }
         Ok(Compiled { code, from_cache: false })
     }
 }
@@ -135,13 +139,10 @@ impl Artifact for Module {
     }
 }
 
-/// Why no artifact could be had.
+/// Why no artifact could be had: the wasm did not validate or compile (the tool's fault).
 #[derive(Debug)]
 pub(crate) enum CacheMiss {
-    /// The wasm did not validate or compile: the tool's fault.
     Compile(wasmtime::Error),
-    /// The artifact could not be stored: the host's fault.
-    Write { path: PathBuf, source: io::Error },
 }
 
 /// Reads an artifact whole. The server reads artifacts, it does not map them:

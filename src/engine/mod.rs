@@ -256,12 +256,7 @@ impl Engine {
 
     fn link(&self, wasm: &[u8], binary: Binary, sha256: &str) -> Result<(Entry, ToolKind, bool), LoadError> {
         let inner = &self.inner;
-        let miss = |e: CacheMiss| match e {
-            CacheMiss::Compile(e) => LoadError::Invalid(format!("{e:#}")),
-            CacheMiss::Write { path, source } => {
-                LoadError::Host(format!("writing artifact {}: {source}", path.display()))
-            }
-        };
+        let miss = |CacheMiss::Compile(e)| LoadError::Invalid(format!("{e:#}"));
         match binary {
             Binary::Component => {
                 let compiled =
