@@ -175,12 +175,21 @@ pub struct AuditPage {
     pub next_before: Option<i64>,
 }
 
-fn check_time(t: &Option<String>) -> Result<(), ApiError> {
-    match t {
-        Some(t) if humantime::parse_rfc3339_weak(t).is_err() => {
-            Err(ApiError::bad_request("bad_query", format!("`{t}` is not an RFC 3339 time")))
-        }
-        _ => Ok(()),
+/// An RFC 3339 bound (any offset, any year), in the form the audit trail
+/// stores its times (UTC, microseconds), so that comparing the text compares
+/// the times.
+fn time_bound(t: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(t) = t else { return Ok(None) };
+    let at = chrono::DateTime::parse_from_rfc3339(&t)
+        .map_err(|e| ApiError::bad_request("bad_query", format!("`{t}` is not an RFC 3339 time ({e})")))?;
+    Ok(Some(at.with_timezone(&chrono::Utc).format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()))
+}
+
+/// A filter's value: not empty.
+fn filter(name: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.is_empty() => Err(ApiError::bad_request("bad_query", format!("{name} is empty"))),
+        v => Ok(v),
     }
 }
 
@@ -204,13 +213,17 @@ pub async fn audit(
             ApiError::bad_request("bad_query", format!("unknown kind `{k}` (known: {})", known.join(", ")))
         })?),
     };
-    check_time(&q.since)?;
-    check_time(&q.until)?;
+    let (since, until) = (time_bound(q.since)?, time_bound(q.until)?);
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("bad_query", "limit must be between 1 and 1000"));
     }
-    let q = audit::Query { user: q.user, tool: q.tool, kind, since: q.since, until: q.until, before: q.before, limit };
+    let user = filter("user", q.user)?;
+    if let Some(Err(e)) = user.as_deref().map(UserId::new) {
+        return Err(ApiError::bad_request("bad_query", e.to_string()));
+    }
+    let (tool, before) = (filter("tool", q.tool)?, q.before);
+    let q = audit::Query { user, tool, kind, since, until, before, limit };
     query_audit(&state, q).await
 }
 
@@ -226,7 +239,10 @@ pub async fn alerts(
     query: Result<Query<AlertQuery>, QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("bad_query", "limit must be between 1 and 1000"));
+    }
     query_audit(&state, audit::Query { kind: Some(Kind::Alert), limit, ..audit::Query::default() }).await
 }
 
@@ -303,6 +319,7 @@ pub async fn live(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Json<L
 #[serde(deny_unknown_fields)]
 pub struct SuspendRequest {
     /// Seconds, 1 to 2592000 (30 days); default 3600.
+    #[schemars(range(min = 1, max = 2_592_000))]
     pub for_s: Option<u64>,
     /// Why, shown to the user in the 403 (default: "suspended by an admin").
     pub reason: Option<String>,

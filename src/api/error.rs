@@ -122,6 +122,11 @@ impl IntoResponse for ApiError {
 ///
 /// [`ApiError`] 400 `bad_json`.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every request body is an object: serde would also read a struct from an
+    // array of its fields in order (`[3600, "why"]`), which nobody means.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::bad_request("bad_json", "request body: a JSON object is expected, not an array"));
+    }
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request("bad_json", format!("request body: {e}")))
 }
 

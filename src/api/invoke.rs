@@ -33,8 +33,10 @@ pub struct InvokeRequest {
     #[serde(default)]
     pub args: Vec<String>,
     /// Wall-clock budget in milliseconds (default and maximum from the policy).
+    #[schemars(range(min = 1))]
     pub timeout_ms: Option<u64>,
     /// A registered version (default: the newest).
+    #[schemars(range(min = 1))]
     pub version: Option<u32>,
 }
 

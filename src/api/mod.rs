@@ -485,14 +485,31 @@ pub enum Body {
     Raw(&'static str),
 }
 
+/// A query parameter's type, for the OpenAPI document: what the handler
+/// accepts, so a client or a fuzzer generated from it knows the bounds.
+#[derive(Clone, Copy)]
+pub enum Param {
+    Text,
+    /// An integer from the first bound to the second.
+    Int(i64, i64),
+    /// One of these words.
+    OneOf(&'static [&'static str]),
+    /// An audit record kind.
+    AuditKind,
+    /// A user's name.
+    UserName,
+    /// An RFC 3339 time.
+    Time,
+}
+
 /// One route: what the router serves and what the OpenAPI document says.
 pub struct Route {
     pub method: &'static str,
     pub path: &'static str,
     pub summary: &'static str,
     pub access: Access,
-    /// Query parameters: name and description.
-    pub query: &'static [(&'static str, &'static str)],
+    /// Query parameters: name, description and type.
+    pub query: &'static [(&'static str, &'static str, Param)],
     pub request: Body,
     pub response: Body,
     pub handler: MethodRouter<Arc<AppState>>,
@@ -505,6 +522,7 @@ fn json<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars:
 /// Every route of the service.
 pub fn routes() -> Vec<Route> {
     use Access::{Admin, Public, User};
+    use Param::{AuditKind, Int, OneOf, Text, Time, UserName};
     let r = |method, path, summary, access, request, response, handler| Route {
         method,
         path,
@@ -566,9 +584,9 @@ pub fn routes() -> Vec<Route> {
                 post(tools::register),
             ),
             &[
-                ("name", "Tool name (default: from the SDK's describe)."),
-                ("description", "Description (default: from the SDK's describe)."),
-                ("input_schema", "JSON Schema of the input, as JSON (default: from the SDK's describe)."),
+                ("name", "Tool name (default: from the SDK's describe).", Text),
+                ("description", "Description (default: from the SDK's describe).", Text),
+                ("input_schema", "JSON Schema of the input, as JSON (default: from the SDK's describe).", Text),
             ],
         ),
         q(
@@ -578,10 +596,10 @@ pub fn routes() -> Vec<Route> {
                 "List tools with their input schemas.",
                 User,
                 Body::None,
-                Body::Json(json::<tools::ToolList>),
+                Body::Json(json::<tools::ToolsAnswer>),
                 get(tools::list),
             ),
-            &[("format", "`openai`: the function-calling `tools` array LLM APIs take.")],
+            &[("format", "`openai`: the function-calling `tools` array LLM APIs take.", OneOf(&["openai"]))],
         ),
         r(
             "get",
@@ -602,7 +620,7 @@ pub fn routes() -> Vec<Route> {
                 Body::Json(json::<tools::Retired>),
                 delete(tools::retire),
             ),
-            &[("version", "Retire only this version.")],
+            &[("version", "Retire only this version.", Int(1, u32::MAX as i64))],
         ),
         r(
             "post",
@@ -623,7 +641,10 @@ pub fn routes() -> Vec<Route> {
                 Body::Json(json::<crate::store::ExecutionPage>),
                 get(invoke::list),
             ),
-            &[("limit", "Page size, 1 to 500 (default 50)."), ("before", "`next_before` of the previous page.")],
+            &[
+                ("limit", "Page size, 1 to 500 (default 50).", Int(1, 500)),
+                ("before", "`next_before` of the previous page.", Int(i64::MIN, i64::MAX)),
+            ],
         ),
         r(
             "get",
@@ -728,13 +749,13 @@ pub fn routes() -> Vec<Route> {
                 get(admin::audit),
             ),
             &[
-                ("user", "Only records about this user."),
-                ("tool", "Only records about this tool."),
-                ("kind", "Only records of this kind."),
-                ("since", "RFC 3339: records at or after."),
-                ("until", "RFC 3339: records at or before."),
-                ("before", "Only records numbered below (paging)."),
-                ("limit", "Page size, 1 to 1000 (default 100)."),
+                ("user", "Only records about this user.", UserName),
+                ("tool", "Only records about this tool.", Text),
+                ("kind", "Only records of this kind.", AuditKind),
+                ("since", "RFC 3339: records at or after.", Time),
+                ("until", "RFC 3339: records at or before.", Time),
+                ("before", "Only records numbered below (paging).", Int(i64::MIN, i64::MAX)),
+                ("limit", "Page size, 1 to 1000 (default 100).", Int(1, 1000)),
             ],
         ),
         q(
@@ -747,7 +768,7 @@ pub fn routes() -> Vec<Route> {
                 Body::Json(json::<admin::AuditPage>),
                 get(admin::alerts),
             ),
-            &[("limit", "At most this many (default 100).")],
+            &[("limit", "At most this many, 1 to 1000 (default 100).", Int(1, 1000))],
         ),
         q(
             r(
@@ -762,9 +783,13 @@ pub fn routes() -> Vec<Route> {
                 get(stats::stats),
             ),
             &[
-                ("window", "`1h`, `24h` (default) or `7d`."),
-                ("by", "Group by `user`, `tool` (default), `status` or `tier`."),
-                ("user", "Only this user's calls and security events."),
+                ("window", "`1h`, `24h` (default) or `7d`.", OneOf(&["1h", "24h", "7d"])),
+                (
+                    "by",
+                    "Group by `user`, `tool` (default), `status` or `tier`.",
+                    OneOf(&["user", "tool", "status", "tier"]),
+                ),
+                ("user", "Only this user's calls and security events.", UserName),
             ],
         ),
         r(

@@ -4,7 +4,7 @@
 use axum::Json;
 use serde_json::{Map, Value, json};
 
-use super::{Access, Body, Route};
+use super::{Access, Body, Param, Route};
 
 fn content(body: Body, generator: &mut schemars::SchemaGenerator) -> Option<Value> {
     match body {
@@ -15,6 +15,31 @@ fn content(body: Body, generator: &mut schemars::SchemaGenerator) -> Option<Valu
 }
 
 /// The document for `routes`.
+/// The JSON Schema of a path parameter: names as the server takes them,
+/// ids as it makes them.
+fn path_schema(path: &str, name: &str) -> Value {
+    match name {
+        "id" if path.starts_with("/v1/users/") => json!({"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}),
+        "id" => json!({"type": "string", "format": "uuid"}),
+        "name" => json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}),
+        _ => json!({"type": "string", "minLength": 1}),
+    }
+}
+
+/// The JSON Schema of a query parameter.
+fn schema(param: Param) -> Value {
+    match param {
+        Param::Text => json!({"type": "string", "minLength": 1}),
+        Param::Int(min, max) => json!({"type": "integer", "minimum": min, "maximum": max}),
+        Param::OneOf(words) => json!({"type": "string", "enum": words}),
+        Param::AuditKind => {
+            json!({"type": "string", "enum": crate::audit::Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>()})
+        }
+        Param::UserName => json!({"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}),
+        Param::Time => json!({"type": "string", "format": "date-time"}),
+    }
+}
+
 pub fn document(routes: &[Route]) -> Value {
     let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
     let mut paths = Map::new();
@@ -24,10 +49,10 @@ pub fn document(routes: &[Route]) -> Value {
         let mut parameters: Vec<Value> = path
             .split('/')
             .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": path_schema(&path, name)}))
             .collect();
-        parameters.extend(route.query.iter().map(|(name, description)| {
-            json!({"name": name, "in": "query", "required": false, "description": description, "schema": {"type": "string"}})
+        parameters.extend(route.query.iter().map(|(name, description, param)| {
+            json!({"name": name, "in": "query", "required": false, "description": description, "schema": schema(*param)})
         }));
         let mut op = json!({
             "summary": route.summary,

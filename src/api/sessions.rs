@@ -279,12 +279,15 @@ impl Sessions {
 #[serde(deny_unknown_fields)]
 pub struct OpenRequest {
     /// The interpreter (`python`, `javascript`) or another SDK tool.
+    #[schemars(length(min = 1, max = 64))]
     pub tool: String,
     /// Close the session after this many seconds without a step (default and
     /// maximum: the tier's `session_idle_s`).
+    #[schemars(range(min = 1))]
     pub idle_timeout_s: Option<u64>,
     /// Wall-clock budget of each step that does not ask for its own (default
     /// and maximum from the policy, as for a call).
+    #[schemars(range(min = 1))]
     pub timeout_ms: Option<u64>,
 }
 
@@ -298,6 +301,7 @@ pub struct StepRequest {
     #[serde(default = "empty_object")]
     pub args: serde_json::Value,
     /// This step's wall-clock budget (default: the session's).
+    #[schemars(range(min = 1))]
     pub timeout_ms: Option<u64>,
 }
 

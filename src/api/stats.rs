@@ -252,8 +252,8 @@ pub async fn stats(
             format!("by must be one of user, tool, status, tier (not `{by}`)"),
         ));
     }
-    if q.user.as_deref().is_some_and(|u| UserId::new(u).is_err()) {
-        return Err(ApiError::bad_request("bad_query", "user is not a valid user name"));
+    if let Some(Err(e)) = q.user.as_deref().map(UserId::new) {
+        return Err(ApiError::bad_request("bad_query", e.to_string()));
     }
     state.rollup.flush(&state.store).await;
     // Reading and summing a week of rows takes a while: off the async threads.

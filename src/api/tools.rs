@@ -25,6 +25,16 @@ pub struct RegisterQuery {
     input_schema: Option<String>,
 }
 
+/// `GET /v1/tools`: the list, or with `?format=openai` the function-calling
+/// `tools` array (for the OpenAPI document).
+#[derive(schemars::JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only its schema is used
+pub enum ToolsAnswer {
+    List(ToolList),
+    OpenAi(Vec<serde_json::Value>),
+}
+
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct ToolList {
     /// The newest active version of each tool.
