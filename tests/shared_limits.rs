@@ -453,7 +453,7 @@ async fn memory_hungry_calls_of_several_premium_users_cannot_pass_the_host_budge
     let (mut ok, mut turned_away, mut stopped) = (0, 0, 0);
     for answer in &answers {
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
-            assert_eq!(answer.error_code(), "server_busy");
+            assert!(["server_busy", "user_memory"].contains(&answer.error_code().as_str()), "{answer:?}");
             assert!(answer.headers.contains_key("retry-after"));
             turned_away += 1;
             continue;
@@ -462,7 +462,8 @@ async fn memory_hungry_calls_of_several_premium_users_cannot_pass_the_host_budge
         match report["status"].as_str().unwrap() {
             "ok" => ok += 1,
             "memory_limit" => {
-                assert_eq!(report["usage"]["limits_hit"], json!(["host_memory"]), "{report}");
+                let hit = &report["usage"]["limits_hit"];
+                assert!(hit == &json!(["host_memory"]) || hit == &json!(["user_memory"]), "{report}");
                 stopped += 1;
             }
             other => panic!("{other}: {report}"),
@@ -480,13 +481,111 @@ async fn memory_hungry_calls_of_several_premium_users_cannot_pass_the_host_budge
             .lines()
             .any(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok()).is_some_and(|v| v > 0.0))
     };
-    assert!(stopped == 0 || counted("imagentx_limits_hit_total{limit=\"host_memory\"}"), "{metrics}");
-    assert!(turned_away == 0 || counted("imagentx_admission_rejections_total{reason=\"server_busy\"}"), "{metrics}");
+    let any = |family: &str, label: &str, values: [&str; 2]| {
+        values.iter().any(|v| counted(&format!("{family}{{{label}=\"{v}\"}}")))
+    };
+    let memory_limits = ["host_memory", "user_memory"];
+    assert!(stopped == 0 || any("imagentx_limits_hit_total", "limit", memory_limits), "{metrics}");
+    let reasons = ["server_busy", "user_memory"];
+    assert!(turned_away == 0 || any("imagentx_admission_rejections_total", "reason", reasons), "{metrics}");
     // Once they are done, everyone's calls run again.
     let bob = srv.add_user("bob", "standard", false).await;
     let body = json!({"input": {"code": "result = 6 * 7"}}).to_string();
     let answer = srv.request(Method::POST, "/v1/tools/python/invoke", Some(&bob), body).await;
     assert_eq!(answer.json()["output"]["result"], 42);
+}
+
+/// The attack the soak found: premium users' calls at full concurrency, each
+/// holding a few hundred megabytes, used to fill the whole budget, and then
+/// every other user's calls were turned away (429 `server_busy`). Now each
+/// user holds at most their share, heavy users together stop short of the
+/// reserve, and a light user's calls keep being served all along.
+#[tokio::test(flavor = "multi_thread")]
+async fn premium_users_holding_memory_cannot_starve_another_users_calls() {
+    const BUDGET: u64 = 2 << 30;
+    let dir = common::interpreters::built_dir();
+    let srv = server::TestServer::start_with(Policy::default(), |s| {
+        s.interpreters_dir = dir;
+        s.artifact_cache_dir = Some(common::artifact_cache());
+        s.memory_budget_bytes = Some(BUDGET);
+    })
+    .await;
+    let pool = Arc::clone(srv.state.sandbox.engine.guest_memory());
+    assert_eq!(pool.user_max_bytes(), BUDGET / 2);
+    let hogs = [srv.add_user("hog1", "premium", false).await, srv.add_user("hog2", "premium", false).await];
+    let bob = srv.add_user("bob", "standard", false).await;
+    // Each call takes 300 MB (its tier allows 1 GiB) and holds it for 3 s;
+    // each hog sends 10, half of what premium allows in flight.
+    let hog =
+        json!({"input": {"code": "import time\nx = bytearray(300 << 20)\ntime.sleep(3)\nresult = len(x)"}}).to_string();
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watch = {
+        let (pool, watching) = (Arc::clone(&pool), Arc::clone(&watching));
+        std::thread::spawn(move || {
+            let mut most = [0, 0, 0];
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                most[0] = most[0].max(pool.held_by("hog1"));
+                most[1] = most[1].max(pool.held_by("hog2"));
+                most[2] = most[2].max(pool.in_use_bytes());
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            most
+        })
+    };
+    let calls = (0..20).map(|i| srv.request(Method::POST, "/v1/tools/python/invoke", Some(&hogs[i % 2]), hog.clone()));
+    let bobs = async {
+        // Once the hogs hold their memory, bob's small calls, one after another.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let body = json!({"input": {"code": "result = sum(range(1000))"}}).to_string();
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            answers.push(srv.request(Method::POST, "/v1/tools/python/invoke", Some(&bob), body.clone()).await);
+        }
+        answers
+    };
+    let (answers, bobs) = tokio::join!(futures::future::join_all(calls), bobs);
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let [most_hog1, most_hog2, most_in_use] = watch.join().unwrap();
+    for answer in &bobs {
+        assert_eq!(answer.status, StatusCode::OK, "bob was turned away: {answer:?}");
+        assert_eq!(answer.json()["output"]["result"], 499_500, "{}", answer.json());
+    }
+    let (mut ok, mut share) = (0, 0);
+    for answer in &answers {
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            let code = answer.error_code();
+            assert!(["user_memory", "server_busy"].contains(&code.as_str()), "{answer:?}");
+            share += usize::from(code == "user_memory");
+            continue;
+        }
+        let report = answer.json();
+        match report["status"].as_str().unwrap() {
+            "ok" => ok += 1,
+            "memory_limit" => {
+                let hit = &report["usage"]["limits_hit"];
+                assert!(hit == &json!(["user_memory"]) || hit == &json!(["host_memory"]), "{report}");
+                share += usize::from(hit == &json!(["user_memory"]));
+            }
+            other => panic!("{other}: {report}"),
+        }
+    }
+    assert!(ok >= 2 && share >= 1, "{ok} ran, {share} stopped at the user's share");
+    for most in [most_hog1, most_hog2] {
+        assert!(most <= pool.user_max_bytes(), "one user held {most} bytes, over the share {}", pool.user_max_bytes());
+    }
+    assert!(most_in_use <= BUDGET, "the calls held {most_in_use} bytes at once");
+    assert_eq!(pool.in_use_bytes(), 0, "memory was not given back");
+    let metrics = String::from_utf8(srv.request(Method::GET, "/metrics", None, "").await.body.to_vec()).unwrap();
+    let counted = |series: &str| {
+        metrics
+            .lines()
+            .any(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok()).is_some_and(|v| v > 0.0))
+    };
+    assert!(
+        counted("imagentx_limits_hit_total{limit=\"user_memory\"}")
+            || counted("imagentx_admission_rejections_total{reason=\"user_memory\"}"),
+        "{metrics}"
+    );
 }
 
 /// The attack of SECURITY.md, "Descriptors": calls that open files in a loop

@@ -9,19 +9,16 @@
 //! flight while a typical call takes 1 to 30 MB. Instead every call's memory
 //! limiter charges the same pool as it grows, and a growth that would pass
 //! the budget is refused (the call ends `memory_limit`); admission turns new
-//! calls away while the pool is above [`ADMIT_BELOW`] of its budget. The sum
-//! never passes the budget either way.
+//! calls away while the pool is nearly full. The sum never passes the budget
+//! either way, and the pool's per-user share and reserve for light users
+//! ([`MemoryPool`]) keep one user from holding it all.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use crate::engine::{MemoryPool, MemoryReservation};
-
-/// New WASM calls are admitted while the guests' memory is below this share
-/// of the budget: the rest is room for the calls in flight to grow.
-pub const ADMIT_BELOW: f64 = 0.9;
+use crate::engine::{MemoryPool, MemoryReservation, Short};
 
 /// Why a request was turned away, and when to come back (seconds).
 #[derive(Debug, Clone, PartialEq)]
@@ -262,7 +259,7 @@ impl Admission {
                 retry_after: 1,
             });
         }
-        let memory = match self.memory_for(reserve_bytes) {
+        let memory = match self.memory_for(user, reserve_bytes) {
             Ok(memory) => memory,
             Err(denial) => {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -281,25 +278,36 @@ impl Admission {
         Ok(Permit { admission: self.clone(), call, _memory: memory })
     }
 
-    fn memory_for(&self, reserve_bytes: u64) -> Result<Option<MemoryReservation>, Denial> {
+    fn memory_for(&self, user: &str, reserve_bytes: u64) -> Result<Option<MemoryReservation>, Denial> {
         let pool = &self.memory;
-        let busy = |what: String| Denial { reason: "server_busy", message: what, retry_after: 1 };
-        if reserve_bytes > 0 {
-            return pool.reserve(reserve_bytes).map(Some).ok_or_else(|| {
-                busy(format!(
-                    "the server's memory budget for calls ({} bytes) has no room for this run's {reserve_bytes}",
-                    pool.budget_bytes()
-                ))
-            });
-        }
-        if pool.in_use_bytes() as f64 >= pool.budget_bytes() as f64 * ADMIT_BELOW {
-            return Err(busy(format!(
-                "the calls in flight hold {} bytes of the server's memory budget of {}",
-                pool.in_use_bytes(),
-                pool.budget_bytes()
-            )));
-        }
-        Ok(None)
+        let answer = if reserve_bytes > 0 {
+            pool.reserve(user, reserve_bytes).map(Some)
+        } else {
+            pool.admits(user).map(|()| None)
+        };
+        answer.map_err(|short| {
+            let run = if reserve_bytes > 0 { format!("this run's {reserve_bytes}") } else { "a new call".to_owned() };
+            match short {
+                Short::UserShare { held_bytes } => Denial {
+                    reason: "user_memory",
+                    message: format!(
+                        "your calls in flight hold {held_bytes} bytes of the {} that one user's calls may hold \
+                         together (a share of the server's memory): no room for {run}",
+                        pool.user_max_bytes()
+                    ),
+                    retry_after: 1,
+                },
+                Short::Budget => Denial {
+                    reason: "server_busy",
+                    message: format!(
+                        "the calls in flight hold {} bytes of the server's memory budget of {}: no room for {run}",
+                        pool.in_use_bytes(),
+                        pool.budget_bytes()
+                    ),
+                    retry_after: 1,
+                },
+            }
+        })
     }
 }
 
@@ -322,7 +330,7 @@ mod tests {
 
     #[test]
     fn the_memory_budget_turns_calls_away_and_native_reservations_come_back() {
-        let pool = MemoryPool::new(1000);
+        let pool = MemoryPool::with_user_share(1000, 1.0);
         let a = Admission::new(10, Arc::clone(&pool));
         let native = a.admit("alice", "t", 5, 600).unwrap();
         let denial = a.admit("bob", "t", 5, 600).unwrap_err();
@@ -330,11 +338,29 @@ mod tests {
         assert!(denial.message.contains("memory budget"), "{}", denial.message);
         assert_eq!(a.in_flight(), 1, "a refused call kept its place");
         assert!(a.admit("bob", "t", 5, 0).is_ok(), "WASM calls are admitted below 90 %");
-        assert!(pool.take(300));
+        let bobs = pool.reserve("bob", 300).unwrap();
         assert_eq!(a.admit("bob", "t", 5, 0).unwrap_err().reason, "server_busy");
+        assert!(a.admit("carol", "t", 5, 0).is_ok(), "a light user was refused the reserve");
         drop(native);
         assert_eq!(pool.in_use_bytes(), 300);
         assert!(a.admit("bob", "t", 5, 0).is_ok());
+        drop(bobs);
+    }
+
+    #[test]
+    fn one_user_holding_their_share_is_refused_and_the_others_are_not() {
+        let pool = MemoryPool::new(1000);
+        let a = Admission::new(50, Arc::clone(&pool));
+        let natives: Vec<Permit> = (0..5).map(|_| a.admit("hog", "t", 20, 100).unwrap()).collect();
+        for reserve in [0, 100] {
+            let denial = a.admit("hog", "t", 20, reserve).unwrap_err();
+            assert_eq!(denial.reason, "user_memory", "{denial:?}");
+            assert!(denial.message.contains("500 bytes"), "{}", denial.message);
+        }
+        assert!(a.admit("bob", "t", 20, 100).is_ok());
+        assert!(a.admit("carol", "t", 20, 0).is_ok());
+        drop(natives);
+        assert!(a.admit("hog", "t", 20, 100).is_ok());
     }
 
     #[test]

@@ -108,14 +108,14 @@ impl Default for Metrics {
                 "imagentx_limits_hit_total",
                 "Calls that ran into a limit (usage.limits_hit), whether or not they survived it, by limit.",
                 &["limit"],
-                &["memory", "host_memory", "table", "pids", "data_quota", "data_files"],
+                &["memory", "host_memory", "user_memory", "table", "pids", "data_quota", "data_files"],
             ),
             rejections: counters(
                 &r,
                 "imagentx_admission_rejections_total",
                 "Requests turned away with 429.",
                 &["reason"],
-                &["rate", "user_concurrency", "server_busy", "user_sessions"],
+                &["rate", "user_concurrency", "server_busy", "user_memory", "user_sessions"],
             ),
             alerts: counters(&r, "imagentx_alerts_total", "Alert rules fired, by rule.", &["rule"], ALERT_RULES),
             sessions_closed: counters(

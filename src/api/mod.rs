@@ -82,6 +82,9 @@ pub struct ServerSettings {
     /// native runs' memory limits); default: 80 % of the host's memory, or of
     /// the server's cgroup limit when that is lower.
     pub memory_budget_bytes: Option<u64>,
+    /// Share of that budget that one user's calls may hold together (0 to
+    /// 1, default 0.5), so that one tenant cannot take it all.
+    pub memory_user_share: f64,
     /// Cores that WASM guests may run on at once; default: all but one
     /// (the server keeps one for its own work). Past it, turns on the CPU go
     /// round the users whose calls wait.
@@ -204,6 +207,7 @@ impl Default for ServerSettings {
             builtin_tools: true,
             interpreters_dir: crate::interpreters::default_dir(),
             memory_budget_bytes: None,
+            memory_user_share: crate::engine::DEFAULT_USER_SHARE,
             guest_cores: None,
             max_sessions: None,
             data_volumes: VolumeMode::Auto,
@@ -354,8 +358,21 @@ impl AppState {
         let cache_dir = settings.artifact_cache_dir.clone().unwrap_or_else(|| data_dir.cache_dir());
         let mut config = EngineConfig::new(cache_dir, max_memory);
         config.max_instances = settings.max_instances;
-        if let Some(budget) = settings.memory_budget_bytes {
-            config.guest_memory = MemoryPool::new(budget);
+        if !(settings.memory_user_share > 0.0 && settings.memory_user_share <= 1.0) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("memory_user_share must be above 0 and at most 1, not {}", settings.memory_user_share),
+            )
+            .into());
+        }
+        let budget = settings.memory_budget_bytes.unwrap_or_else(|| config.guest_memory.budget_bytes());
+        config.guest_memory = MemoryPool::with_user_share(budget, settings.memory_user_share);
+        if config.guest_memory.user_max_bytes() < max_memory {
+            tracing::warn!(
+                user_max_bytes = config.guest_memory.user_max_bytes(),
+                largest_tier_memory_bytes = max_memory,
+                "one user's share of the memory budget is below the largest tier's memory: such a call cannot reach its tier's limit"
+            );
         }
         if let Some(cores) = settings.guest_cores {
             config.cpu_gate = CpuGate::new(cores);
@@ -363,6 +380,7 @@ impl AppState {
         let engine = Engine::new(&config)?;
         tracing::info!(
             memory_budget_bytes = engine.guest_memory().budget_bytes(),
+            memory_per_user_bytes = engine.guest_memory().user_max_bytes(),
             guest_descriptors = engine.guest_descriptors().max(),
             guest_cores = engine.guest_cores(),
             cpu_turns = "round the users with calls waiting",

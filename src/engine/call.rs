@@ -228,6 +228,7 @@ pub(super) fn conclude(
     match limiter.refusal() {
         Some(Refusal::Memory { .. }) => outcome.limits_hit.push("memory"),
         Some(Refusal::HostMemory { .. }) => outcome.limits_hit.push("host_memory"),
+        Some(Refusal::UserMemory { .. }) => outcome.limits_hit.push("user_memory"),
         Some(Refusal::Table { .. }) => outcome.limits_hit.push("table"),
         None => {}
     }
@@ -411,6 +412,11 @@ fn refusal_message(refusal: Refusal, then: Option<String>) -> String {
         Refusal::HostMemory { requested_bytes, budget_bytes } => format!(
             "the server's memory budget for all calls ({budget_bytes} bytes) is in use: the tool's growth \
              by {requested_bytes} bytes was refused although its tier allows it"
+        ),
+        Refusal::UserMemory { requested_bytes, held_bytes, share_bytes } => format!(
+            "your calls in flight hold {held_bytes} bytes, the share of the server's memory that one user's \
+             calls may hold together ({share_bytes}): the tool's growth by {requested_bytes} bytes was refused \
+             although its tier allows it"
         ),
     };
     match then {

@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use wasmtime::component::{HasData, Resource};
@@ -39,6 +39,7 @@ use wasmtime_wasi::p2::{FsError, FsResult};
 use wasmtime_wasi_io::poll::Pollable;
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream, OutputStream, StreamError, StreamResult};
 
+use super::limiter::{PerOwner, give_back};
 use super::wasi::{DATA_DIR, TMP_DIR};
 use crate::quota::Budget;
 
@@ -91,13 +92,13 @@ pub struct DescriptorPool {
     in_use: AtomicU64,
     max: u64,
     /// Descriptors each user's calls in flight hold together.
-    users: Mutex<HashMap<Arc<str>, Arc<AtomicU64>>>,
+    users: PerOwner,
 }
 
 impl DescriptorPool {
     /// A pool of `max` descriptors.
     pub fn new(max: u64) -> Arc<Self> {
-        Arc::new(Self { in_use: AtomicU64::new(0), max, users: Mutex::default() })
+        Arc::new(Self { in_use: AtomicU64::new(0), max, users: PerOwner::default() })
     }
 
     /// A pool sized from the process's `RLIMIT_NOFILE` (soft) as it is now:
@@ -117,12 +118,7 @@ impl DescriptorPool {
 
     /// The counter of `owner`'s descriptors, shared by all their calls.
     pub(crate) fn owner(&self, owner: &str) -> Arc<AtomicU64> {
-        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
-        // Every call asks: look up before making the key.
-        if let Some(counter) = users.get(owner) {
-            return Arc::clone(counter);
-        }
-        Arc::clone(users.entry(owner.into()).or_default())
+        self.users.get(owner)
     }
 
     fn take(&self) -> bool {
@@ -136,10 +132,6 @@ impl DescriptorPool {
 
 fn take_one(counter: &AtomicU64, max: u64) -> bool {
     counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
-}
-
-fn give_back(counter: &AtomicU64, n: u64) {
-    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(n)));
 }
 
 /// What one call may hold: its own cap, its owner's, the process's.

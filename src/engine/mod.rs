@@ -29,7 +29,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 pub use call::{CallError, Invocation, Outcome};
 pub use fair::CpuGate;
 pub use fs::DescriptorPool;
-pub use limiter::{DEFAULT_MEMORY_SHARE, MemoryPool, MemoryReservation};
+pub use limiter::{DEFAULT_MEMORY_SHARE, DEFAULT_USER_SHARE, MemoryPool, MemoryReservation, Short};
 pub use session::{LiveError, LiveInstance, LiveSetup};
 pub use tool::{LoadError, Tool, ToolInfo, ToolKind, module_sha256, sha256_hex};
 pub use wasi::{DATA_DIR, TMP_DIR};

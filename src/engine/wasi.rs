@@ -50,7 +50,7 @@ impl CallState {
     /// `memory` and taking turns at `turns`; its wall-clock deadline starts now.
     pub(crate) fn new(limits: &Limits, memory: &Arc<MemoryPool>, turns: &Arc<CpuGate>, owner: &str) -> Self {
         Self {
-            limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements, Arc::clone(memory)),
+            limiter: CallLimiter::new(limits.memory_bytes, limits.table_elements, Arc::clone(memory), owner),
             deadline: Instant::now() + limits.wall_time,
             cpu_budget: limits.cpu_time,
             cpu_spent: CpuSpent::default(),

@@ -26,6 +26,7 @@ pub struct TestServer {
     pub admin: String,
 }
 
+#[derive(Debug)]
 pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
