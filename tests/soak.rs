@@ -195,6 +195,56 @@ impl Sample {
     }
 }
 
+/// The samples as four charts against time, beside the CSV: memory and
+/// descriptors, latency, the database, the load.
+fn plot(samples: &[Sample], dir: &Path, run: &str) {
+    use imagentx_sandbox::bench::svg::{Axis, Chart, Line};
+    let line = |name: &str, f: fn(&Sample) -> f64| Line {
+        name: name.to_owned(),
+        points: samples.iter().map(|s| (s.at_s / 60.0, f(s))).collect(),
+    };
+    let minutes = || Axis { label: "minutes", log: false, format: |v| format!("{v:.0}") };
+    let charts = [
+        (
+            "soak-memory.svg",
+            "server memory and descriptors",
+            Axis { label: "MiB, count", log: false, format: |v| format!("{v:.0}") },
+            vec![
+                line("RSS (MiB)", |s| s.rss_mib),
+                line("open descriptors", |s| s.fds as f64),
+                line("threads", |s| s.threads as f64),
+            ],
+        ),
+        (
+            "soak-latency.svg",
+            "echo latency per 10 s (429s included)",
+            Axis { label: "ms (log scale)", log: true, format: |v| format!("{v}") },
+            vec![line("p50", |s| s.p50_ms), line("p99", |s| s.p99_ms)],
+        ),
+        (
+            "soak-database.svg",
+            "database and write-ahead log",
+            Axis { label: "MiB", log: false, format: |v| format!("{v:.0}") },
+            vec![line("database", |s| s.db_mib), line("WAL", |s| s.wal_mib)],
+        ),
+        (
+            "soak-load.svg",
+            "load",
+            Axis { label: "count", log: false, format: |v| format!("{v:.0}") },
+            vec![
+                line("requests answered per 10 s / 10", |s| s.requests as f64 / 10.0),
+                line("calls in flight", |s| s.in_flight as f64),
+                line("scratch directories", |s| s.scratch as f64),
+                line("warm cgroups", |s| s.warm_cgroups as f64),
+            ],
+        ),
+    ];
+    for (file, what, y, lines) in charts {
+        let chart = Chart { title: format!("Soak ({run}): {what}"), x: minutes(), y, lines };
+        std::fs::write(dir.join(file), chart.svg()).unwrap();
+    }
+}
+
 fn proc_status(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix(field)?.trim().split(' ').next()?.parse().ok()).unwrap_or(0)
@@ -378,6 +428,7 @@ async fn soak_the_server_under_a_hostile_mix_and_judge_it() {
     for s in &samples {
         writeln!(csv, "{}", s.fields().join(",")).unwrap();
     }
+    plot(&samples, &out_dir, &format!("{seconds} s, {clients} clients"));
     let answers = tally.lock().unwrap().answers.clone();
     let mut summary = String::new();
     for ((op, answer), n) in &answers {

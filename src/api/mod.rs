@@ -367,11 +367,15 @@ impl AppState {
         }
         let budget = settings.memory_budget_bytes.unwrap_or_else(|| config.guest_memory.budget_bytes());
         config.guest_memory = MemoryPool::with_user_share(budget, settings.memory_user_share);
-        if config.guest_memory.user_max_bytes() < max_memory {
+        let most = config.guest_memory.heavy_max_bytes();
+        for (name, tier) in policy.tiers.iter().filter(|(_, tier)| tier.memory_bytes > most) {
             tracing::warn!(
-                user_max_bytes = config.guest_memory.user_max_bytes(),
-                largest_tier_memory_bytes = max_memory,
-                "one user's share of the memory budget is below the largest tier's memory: such a call cannot reach its tier's limit"
+                tier = %name,
+                tier_memory_bytes = tier.memory_bytes,
+                most_one_user_may_hold = most,
+                "this tier's memory is more than one user may hold of the memory budget (memory_user_share, and \
+                 90 % of memory_budget_bytes): its native runs, which reserve it whole, will always be refused \
+                 (429 user_memory or server_busy), and its WASM calls stop short of their limit"
             );
         }
         if let Some(cores) = settings.guest_cores {

@@ -30,7 +30,7 @@ mod ops;
 mod report;
 mod sessions;
 mod shared;
-mod svg;
+pub mod svg;
 mod teardown;
 pub mod wasm;
 

@@ -105,10 +105,11 @@ impl MemoryPool {
     }
 
     /// A pool of `share` of this host's memory, or of the server's cgroup
-    /// limit when that is lower.
+    /// limit when that is lower, for a process with one user (`run`, `mcp`,
+    /// the benchmarks): no per-user share. The server sets its own.
     pub fn for_this_host(share: f64) -> Arc<Self> {
         let total = crate::host::memory_bytes();
-        Self::new((total as f64 * share) as u64)
+        Self::with_user_share((total as f64 * share) as u64, 1.0)
     }
 
     pub fn budget_bytes(&self) -> u64 {
@@ -118,6 +119,12 @@ impl MemoryPool {
     /// What one user's calls may hold together.
     pub fn user_max_bytes(&self) -> u64 {
         self.user_max_bytes
+    }
+
+    /// The most one heavy user's run may reserve at once: their share, and
+    /// no further than [`RESERVE_ABOVE`] of the budget.
+    pub fn heavy_max_bytes(&self) -> u64 {
+        self.user_max_bytes.min(share(self.budget_bytes, RESERVE_ABOVE))
     }
 
     /// Below this, a user is light: the reserve above [`RESERVE_ABOVE`] is theirs.
@@ -147,6 +154,10 @@ impl MemoryPool {
     /// Charges `bytes` to `owner` (their counter) and the budget, if the
     /// user's share has room and the budget has room for them.
     pub(crate) fn take(&self, owner: &AtomicU64, bytes: u64) -> Result<(), Short> {
+        // wasmtime asks for memories that start empty too.
+        if bytes == 0 {
+            return Ok(());
+        }
         let held = owner
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
                 held.checked_add(bytes).filter(|&total| total <= self.user_max_bytes)
