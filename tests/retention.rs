@@ -70,5 +70,72 @@ async fn old_and_surplus_executions_are_pruned_newest_kept_audit_intact() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+}
+
+/// Output floods cannot fill the disk through the database: with
+/// `max_bytes`, the oldest executions go until the reports kept fit, and no
+/// more than that; the counter the bound reads is the reports' true size.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_floods_are_pruned_to_the_byte_bound_and_no_further() {
+    let max_bytes: i64 = 1 << 20;
+    let retention = Retention { max_bytes: max_bytes as u64, every_ms: 50, batch: 3, ..Retention::default() };
+    let srv = TestServer::start_with(Policy::default(), |s| {
+        s.builtin_tools = false;
+        s.retention = retention;
+    })
+    .await;
+    srv.register("probe", "probe").await;
+    let mallory = srv.add_user("mallory", "premium", false).await;
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let report = srv.report("probe", &mallory, json!({"input": {"op": "flood", "bytes": 200 << 10}})).await;
+        assert_eq!(report["status"], "ok", "{report}");
+        ids.push(report["id"].as_str().unwrap().to_owned());
+    }
+    let db = rusqlite::Connection::open(srv.dir.path().join("sandbox.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let sizes = |db: &rusqlite::Connection| -> (i64, i64, Vec<i64>) {
+        let counted: i64 = db.query_row("SELECT bytes FROM execution_bytes", [], |r| r.get(0)).unwrap();
+        let mut stmt = db.prepare("SELECT length(CAST(report AS BLOB)) FROM executions ORDER BY seq").unwrap();
+        let each: Vec<i64> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        (counted, each.iter().sum(), each)
+    };
+    eventually("pruning to the byte bound", async || sizes(&db).1 <= max_bytes).await;
+    let (counted, total, each) = sizes(&db);
+    assert_eq!(counted, total, "the counter and the reports' true size differ");
+    // The newest are kept, and no more were deleted than the bound needs:
+    // the next older one would not have fitted.
+    let kept = executions(&srv, &mallory).await;
+    assert_eq!(kept.len(), each.len());
+    let newest: Vec<String> = ids[ids.len() - kept.len()..].iter().rev().cloned().collect();
+    assert_eq!(kept, newest);
+    assert!(total + each[0] > max_bytes, "{total} + {} fits in {max_bytes}: one too many deleted", each[0]);
+    let metrics = String::from_utf8(srv.get("/metrics", "").await.body.to_vec()).unwrap();
+    assert!(metrics.contains(&format!("imagentx_execution_report_bytes {total}")), "{metrics}");
+    assert!(metrics.contains(&format!("imagentx_executions_pruned_total {}", 30 - kept.len())), "{metrics}");
+    // Serving goes on.
+    let report = srv.report("probe", &mallory, json!({"input": {"op": "flood", "bytes": 1024}})).await;
+    assert_eq!(report["status"], "ok");
+    drop(db);
+
+    // A database from before the counter: it is made from the rows there.
+    let dir = srv.stop_keeping_data().await;
+    let path = dir.path().join("sandbox.db");
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.execute_batch(
+        "DROP TRIGGER execution_bytes_added; DROP TRIGGER execution_bytes_removed;
+         DROP TRIGGER execution_bytes_changed; DROP TABLE execution_bytes;",
+    )
+    .unwrap();
+    let total: i64 =
+        db.query_row("SELECT sum(length(CAST(report AS BLOB))) FROM executions", [], |r| r.get(0)).unwrap();
+    drop(db);
+    let store = imagentx_sandbox::store::Store::open(&path).unwrap();
+    assert_eq!(store.report_bytes().unwrap(), total as u64);
 }

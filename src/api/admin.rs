@@ -114,6 +114,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         },
         warm: &warm,
         tools_unloadable: state.registry.unloadable_count(),
+        report_bytes: state.store.report_bytes().ok(),
     };
     let text = state.metrics.render(&now);
     ([(header::CONTENT_TYPE, HeaderValue::from_static(super::metrics::CONTENT_TYPE))], text).into_response()

@@ -196,6 +196,8 @@ pub struct Now<'a> {
     pub shared: SharedGauges,
     pub warm: &'a [Arc<crate::jail::WarmPool>],
     pub tools_unloadable: usize,
+    /// The stored reports' bytes (what `[retention] max_bytes` bounds).
+    pub report_bytes: Option<u64>,
 }
 
 impl Metrics {
@@ -367,6 +369,13 @@ impl Now<'_> {
                 "Registered tools that could not be loaded at start (a module missing or damaged).",
                 self.tools_unloadable as f64,
             ),
+            self.report_bytes.and_then(|bytes| {
+                gauge(
+                    "imagentx_execution_report_bytes",
+                    "Bytes of the execution reports stored now (bounded by [retention] max_bytes).",
+                    bytes as f64,
+                )
+            }),
             s.data_volumes_mounted.and_then(|mounted| {
                 gauge("imagentx_data_volumes_mounted", "Users' data volumes mounted now.", mounted as f64)
             }),

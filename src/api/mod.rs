@@ -157,8 +157,9 @@ pub fn scheduled_backups(dir: &std::path::Path) -> Vec<PathBuf> {
     found
 }
 
-/// The `[retention]` table: executions older than `days`, and all but the
-/// newest `max_executions`, are deleted in the background, `batch` rows per
+/// The `[retention]` table: executions older than `days`, all but the
+/// newest `max_executions`, and the oldest until their reports take at most
+/// `max_bytes`, are deleted in the background, `batch` rows per
 /// commit (calls' writes go between batches). Audit records older than
 /// `audit_days` move to archive segments of `audit_segment` records
 /// (`crate::audit`): out of the database, still one verifiable chain.
@@ -169,6 +170,9 @@ pub struct Retention {
     pub days: u32,
     /// Executions kept at most (0: no count limit).
     pub max_executions: u64,
+    /// Bytes of stored reports kept at most, oldest deleted first (0: no
+    /// byte limit): what keeps output floods from filling the disk.
+    pub max_bytes: u64,
     /// How often to look for executions to delete.
     pub every_ms: u64,
     /// Rows deleted per commit.
@@ -185,6 +189,7 @@ impl Default for Retention {
         Self {
             days: 30,
             max_executions: 10_000_000,
+            max_bytes: 8 << 30,
             every_ms: 60_000,
             batch: 500,
             audit_days: 30,
@@ -1093,25 +1098,30 @@ async fn run_backup(state: &AppState, dir: &std::path::Path, file: &std::path::P
 /// every `every_ms`.
 async fn prune_executions(state: Arc<AppState>) {
     let retention = state.settings.retention.clone();
-    if retention.days == 0 && retention.max_executions == 0 && retention.audit_days == 0 {
+    let prunes = retention.days > 0 || retention.max_executions > 0 || retention.max_bytes > 0;
+    if !prunes && retention.audit_days == 0 {
         return;
     }
     let mut every = tokio::time::interval(Duration::from_millis(retention.every_ms.max(10)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let cutoff = (retention.days > 0).then(|| {
-            let age = Duration::from_secs(u64::from(retention.days) * 86_400);
-            crate::report::rfc3339(std::time::SystemTime::now() - age)
-        });
+        let limits = crate::store::Prune {
+            cutoff: (retention.days > 0).then(|| {
+                let age = Duration::from_secs(u64::from(retention.days) * 86_400);
+                crate::report::rfc3339(std::time::SystemTime::now() - age)
+            }),
+            max: (retention.max_executions > 0).then_some(retention.max_executions),
+            max_bytes: (retention.max_bytes > 0).then_some(retention.max_bytes),
+            batch: retention.batch.max(1),
+        };
         archive_audit(&state, &retention).await;
         let mut pruned = 0u64;
         loop {
-            if retention.days == 0 && retention.max_executions == 0 {
+            if !prunes {
                 break;
             }
-            let max = (retention.max_executions > 0).then_some(retention.max_executions);
-            match state.store.prune_executions(cutoff.clone(), max, retention.batch.max(1)).await {
+            match state.store.prune_executions(limits.clone()).await {
                 Ok(0) => break,
                 Ok(n) => {
                     pruned += n;
@@ -1130,6 +1140,7 @@ async fn prune_executions(state: Arc<AppState>) {
                 executions = pruned,
                 days = retention.days,
                 max = retention.max_executions,
+                max_bytes = retention.max_bytes,
                 "old executions pruned"
             );
         }

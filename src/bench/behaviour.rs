@@ -444,8 +444,14 @@ fn metrics_cost(h: &mut Harness, s: &Samples) {
     let started = Instant::now();
     let mut bytes = 0;
     for _ in 0..scrapes {
-        let now =
-            crate::api::metrics::Now { active_calls: 1, pool_capacity: 64, shared, warm: &[], tools_unloadable: 0 };
+        let now = crate::api::metrics::Now {
+            active_calls: 1,
+            pool_capacity: 64,
+            shared,
+            warm: &[],
+            tools_unloadable: 0,
+            report_bytes: None,
+        };
         bytes += metrics.render(&now).len();
     }
     let per_scrape = started.elapsed().as_secs_f64() / f64::from(scrapes);

@@ -24,6 +24,19 @@ pub struct ExecutionPage {
     pub next_before: Option<i64>,
 }
 
+/// What [`Store::prune_executions`] deletes (a limit left `None` does not apply).
+#[derive(Debug, Clone)]
+pub struct Prune {
+    /// Executions that started before this (RFC 3339).
+    pub cutoff: Option<String>,
+    /// All but the newest this many.
+    pub max: Option<u64>,
+    /// The oldest, until the reports kept take at most this many bytes.
+    pub max_bytes: Option<u64>,
+    /// Rows looked at (and deleted at most) in one commit.
+    pub batch: u32,
+}
+
 /// A stored execution found by its idempotency key.
 #[derive(Debug, Clone)]
 pub struct IdempotentHit {
@@ -87,19 +100,16 @@ impl Store {
         .await
     }
 
-    /// Deletes up to `batch` executions that started before `cutoff` (RFC
-    /// 3339) or are older than the newest `max`, oldest first; answers how
-    /// many. Their audit records stay.
+    /// Deletes up to `batch` executions, oldest first, that started before
+    /// `cutoff` (RFC 3339), are older than the newest `max`, or must go for
+    /// the reports kept to fit in `max_bytes` (no more of them than that
+    /// takes); answers how many. Their audit records stay.
     ///
     /// # Errors
     ///
     /// A database error.
-    pub async fn prune_executions(
-        &self,
-        cutoff: Option<String>,
-        max: Option<u64>,
-        batch: u32,
-    ) -> Result<u64, StoreError> {
+    pub async fn prune_executions(&self, limits: Prune) -> Result<u64, StoreError> {
+        let Prune { cutoff, max, max_bytes, batch } = limits;
         self.write(move |w| {
             let conn = w.conn();
             // The count limit by sequence number: rows are numbered in order
@@ -111,17 +121,54 @@ impl Store {
                     .query_row("SELECT max(seq) FROM executions", [], |r| r.get::<_, Option<i64>>(0))?
                     .map(|newest| newest - i64::try_from(max).unwrap_or(i64::MAX)),
             };
+            // The byte limit: the oldest rows whose reports cover the excess,
+            // within the batch (the total is kept by triggers; the sizes are
+            // read from the rows' headers, not their text).
+            let over_bytes: Option<i64> = match max_bytes {
+                None => None,
+                Some(max_bytes) => {
+                    let total: i64 =
+                        conn.query_row("SELECT bytes FROM execution_bytes WHERE id = 1", [], |r| r.get(0))?;
+                    let mut excess = total - i64::try_from(max_bytes).unwrap_or(i64::MAX);
+                    let mut last = None;
+                    if excess > 0 {
+                        let mut oldest = conn
+                            .prepare_cached("SELECT seq, octet_length(report) FROM executions ORDER BY seq LIMIT ?1")?;
+                        let mut rows = oldest.query(params![batch])?;
+                        while excess > 0
+                            && let Some(row) = rows.next()?
+                        {
+                            last = Some(row.get::<_, i64>(0)?);
+                            excess -= row.get::<_, i64>(1)?;
+                        }
+                    }
+                    last
+                }
+            };
             // Only the oldest `batch` rows are looked at (the key's order is
             // time's order): each batch is cheap whatever the table's size.
             let deleted = conn
                 .prepare_cached(
                     "DELETE FROM executions WHERE seq IN (SELECT seq FROM executions ORDER BY seq LIMIT ?3)
-                       AND ((?1 IS NOT NULL AND started_at < ?1) OR (?2 IS NOT NULL AND seq <= ?2))",
+                       AND ((?1 IS NOT NULL AND started_at < ?1) OR (?2 IS NOT NULL AND seq <= ?2)
+                            OR (?4 IS NOT NULL AND seq <= ?4))",
                 )?
-                .execute(params![cutoff, over_count, batch])?;
+                .execute(params![cutoff, over_count, batch, over_bytes])?;
             Ok(deleted as u64)
         })
         .await
+    }
+
+    /// The bytes of every stored report together (what `max_bytes` bounds).
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn report_bytes(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let bytes: i64 = conn.query_row("SELECT bytes FROM execution_bytes WHERE id = 1", [], |r| r.get(0))?;
+            Ok(u64::try_from(bytes).unwrap_or(0))
+        })
     }
 
     /// Writes audit records on their own (denials, file changes, alerts).

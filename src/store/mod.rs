@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use crate::audit::{self, AuditEvent};
 use crate::report::rfc3339;
 
-pub use executions::{ExecutionPage, ExecutionRow, IdempotentHit};
+pub use executions::{ExecutionPage, ExecutionRow, IdempotentHit, Prune};
 pub use sessions::SessionRow;
 pub use tools::ToolRow;
 pub use users::{Caller, KeyCheck, NewKey, Restricted, Restriction, Suspended, UserRow, unix_now, unix_rfc3339};

@@ -50,6 +50,23 @@ CREATE INDEX IF NOT EXISTS executions_by_user ON executions (user_id, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS executions_by_idempotency_key
     ON executions (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
+-- The bytes of every stored report together (`[retention] max_bytes`), kept
+-- by triggers so that knowing it never needs a scan. Made once, from the rows
+-- already there, when a database older than this counter is first opened.
+CREATE TABLE IF NOT EXISTS execution_bytes (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    bytes  INTEGER NOT NULL
+);
+INSERT INTO execution_bytes (id, bytes)
+    SELECT 1, (SELECT coalesce(sum(octet_length(report)), 0) FROM executions)
+    WHERE NOT EXISTS (SELECT 1 FROM execution_bytes);
+CREATE TRIGGER IF NOT EXISTS execution_bytes_added AFTER INSERT ON executions
+    BEGIN UPDATE execution_bytes SET bytes = bytes + octet_length(NEW.report) WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS execution_bytes_removed AFTER DELETE ON executions
+    BEGIN UPDATE execution_bytes SET bytes = bytes - octet_length(OLD.report) WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS execution_bytes_changed AFTER UPDATE OF report ON executions
+    BEGIN UPDATE execution_bytes SET bytes = bytes - octet_length(OLD.report) + octet_length(NEW.report) WHERE id = 1; END;
+
 CREATE TABLE IF NOT EXISTS audit (
     seq        INTEGER PRIMARY KEY,
     at         TEXT NOT NULL,
