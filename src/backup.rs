@@ -543,10 +543,12 @@ fn add_file_fd<W: Write>(
 /// [`BackupError::Damaged`] naming the first member that does not match, a
 /// truncated or altered file, or a broken audit chain.
 pub fn verify(path: &Path) -> Result<Manifest, BackupError> {
-    read(path, None)
+    read(path, None, &|_| true)
 }
 
-fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
+/// Reads (and checks) the backup at `path`; with `into`, writes there the
+/// members `wanted` names (all are hashed and checked either way).
+fn read(path: &Path, into: Option<&Path>, wanted: &dyn Fn(&str) -> bool) -> Result<Manifest, BackupError> {
     let file = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
     let mut seen: Vec<Member> = Vec::new();
@@ -564,6 +566,7 @@ fn read(path: &Path, into: Option<&Path>) -> Result<Manifest, BackupError> {
             return Err(damaged(format!("{name} would land outside the data directory")));
         }
         let kind = entry.header().entry_type();
+        let into = into.filter(|_| wanted(name.trim_end_matches('/')));
         if name == MANIFEST {
             let mut text = Vec::new();
             entry.read_to_end(&mut text).map_err(|e| damaged(format!("{MANIFEST}: {e}")))?;
@@ -720,5 +723,72 @@ pub fn restore(path: &Path, data_dir: &Path, force: bool) -> Result<Manifest, Ba
             let _ = std::fs::remove_file(data_dir.join(stale));
         }
     }
-    read(path, Some(data_dir))
+    read(path, Some(data_dir), &|_| true)
+}
+
+/// Where [`restore_database`] keeps what it replaced:
+/// `<data-dir>/damaged-<time>/`.
+pub const DAMAGED_PREFIX: &str = "damaged-";
+
+/// Replaces the damaged database of `data_dir` (and its audit archive,
+/// which goes with it) by the backup's, for `serve`'s `auto_restore`. The
+/// users' files stay as they are (newer than the backup, and not what was
+/// damaged); module blobs the backup has and the directory lacks are added.
+/// The backup is checked whole before anything is replaced; what is
+/// replaced is kept in `<data-dir>/damaged-<time>/`, whose path is answered.
+/// The database is swapped last, by a rename: a crash before it leaves the
+/// damaged database in place (refused again at the next start).
+///
+/// # Errors
+///
+/// [`BackupError`]: a damaged backup, or a file that could not be moved.
+pub fn restore_database(backup: &Path, data_dir: &Path) -> Result<(Manifest, PathBuf), BackupError> {
+    let scratch = data_dir.join(".restoring");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir(&scratch).map_err(io(format!("creating {}", scratch.display())))?;
+    let archive_dir = crate::audit::ARCHIVE_DIR;
+    let wanted = |name: &str| {
+        name == DATABASE
+            || name == archive_dir
+            || name.starts_with(&format!("{archive_dir}/"))
+            || name == "blobs"
+            || name.starts_with("blobs/")
+    };
+    let restored = read(backup, Some(&scratch), &wanted).and_then(|manifest| {
+        let stamp = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string().replace(':', "-");
+        let kept = data_dir.join(format!("{DAMAGED_PREFIX}{stamp}"));
+        std::fs::create_dir(&kept).map_err(io(format!("creating {}", kept.display())))?;
+        let moved =
+            |from: &Path, to: &Path| std::fs::rename(from, to).map_err(io(format!("moving {}", from.display())));
+        let database = data_dir.join(DATABASE);
+        // A link keeps the damaged database in place until the swap.
+        std::fs::hard_link(&database, kept.join(DATABASE))
+            .or_else(|_| std::fs::copy(&database, kept.join(DATABASE)).map(|_| ()))
+            .map_err(io(format!("keeping {}", database.display())))?;
+        for stale in ["sandbox.db-wal", "sandbox.db-shm", archive_dir] {
+            if std::fs::symlink_metadata(data_dir.join(stale)).is_ok() {
+                moved(&data_dir.join(stale), &kept.join(stale))?;
+            }
+        }
+        if scratch.join(archive_dir).exists() {
+            moved(&scratch.join(archive_dir), &data_dir.join(archive_dir))?;
+        }
+        let blobs = data_dir.join("blobs");
+        std::fs::create_dir_all(&blobs).map_err(io(format!("creating {}", blobs.display())))?;
+        if let Ok(entries) = std::fs::read_dir(scratch.join("blobs")) {
+            for entry in entries.filter_map(Result::ok) {
+                let target = blobs.join(entry.file_name());
+                if std::fs::symlink_metadata(&target).is_err() {
+                    moved(&entry.path(), &target)?;
+                }
+            }
+        }
+        moved(&scratch.join(DATABASE), &database)?;
+        if let Ok(dir) = std::fs::File::open(data_dir) {
+            let _ = dir.sync_all();
+        }
+        Ok((manifest, kept))
+    });
+    let _ = std::fs::remove_dir_all(&scratch);
+    restored
 }

@@ -220,14 +220,7 @@ async fn scheduled_backups_rotate_failures_alert_and_a_damaged_database_is_refus
 
     // Damaged pages: the server refuses to start and says how to restore.
     std::fs::write(&config, format!("[backup]\ndir = \"{}\"\n", backups.display())).unwrap();
-    let db = data.join("sandbox.db");
-    let _ = std::fs::remove_file(data.join("sandbox.db-wal"));
-    let mut bytes = std::fs::read(&db).unwrap();
-    assert!(bytes.len() >= 4 * 4096, "a database of {} bytes", bytes.len());
-    for b in &mut bytes[4096..3 * 4096] {
-        *b = 0xA5;
-    }
-    std::fs::write(&db, &bytes).unwrap();
+    damage_pages(&data);
     let out = bin()
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
@@ -240,6 +233,106 @@ async fn scheduled_backups_rotate_failures_alert_and_a_damaged_database_is_refus
     assert!(stderr.contains("damaged"), "{stderr}");
     let newest = imagentx_sandbox::api::scheduled_backups(&backups).pop().unwrap();
     assert!(stderr.contains(&format!("imagentx-sandbox restore {}", newest.display())), "{stderr}");
+}
+
+/// Overwrites the second and third pages of the data directory's database
+/// (its WAL checkpointed away first, as a stopped server leaves it).
+fn damage_pages(data: &Path) {
+    let db = data.join("sandbox.db");
+    let _ = std::fs::remove_file(data.join("sandbox.db-wal"));
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() >= 4 * 4096, "a database of {} bytes", bytes.len());
+    for b in &mut bytes[4096..3 * 4096] {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+}
+
+/// `[backup] auto_restore`: a damaged database is replaced by the newest
+/// backup that verifies (a truncated newer one is passed over), the server
+/// starts on it with an alert, users' files stay, the damaged files are
+/// kept, and the audit trail verifies; what came after the backup (a user
+/// added) is gone, as documented. With no backup that verifies, the server
+/// still refuses to start, saying what it tried.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_restore_replaces_a_damaged_database_with_the_newest_good_backup() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let admin = add_user(&data, "root", &["--admin", "--tier", "premium"]);
+    let alice = add_user(&data, "alice", &["--tier", "standard"]);
+    let backups = root.path().join("backups");
+    let config = root.path().join("config.toml");
+    let schedule = |dir: &Path| format!("[backup]\ndir = \"{}\"\nevery_s = 3600\nauto_restore = true\n", dir.display());
+    std::fs::write(&config, schedule(&backups)).unwrap();
+    let server = serve_with(&data, Some(&config));
+    let addr = server.addr.clone();
+    let registered = http(&addr, Method::POST, "/v1/tools", &admin, common::guest_bytes("word-stats")).await;
+    assert_eq!(registered.status, StatusCode::CREATED);
+    let call = http(&addr, Method::POST, "/v1/tools/word-stats/invoke", &alice, r#"{"input":{"text":"before"}}"#).await;
+    let execution = call.json()["id"].as_str().unwrap().to_owned();
+    drop(server);
+    std::fs::create_dir(&backups).unwrap();
+    let good = backups.join(format!("{}2026-12-01T00-00-00.000000Z.tar.gz", imagentx_sandbox::api::BACKUP_PREFIX));
+    json_out(&bin().args(["backup", "--to"]).arg(&good).arg("--data-dir").arg(&data).output().unwrap());
+    // After the backup: a user added, a file written.
+    let late = add_user(&data, "late", &[]);
+    let server = serve_with(&data, Some(&config));
+    let put = http(&server.addr, Method::PUT, "/v1/files/after.txt", &alice, "written after the backup").await;
+    assert_eq!(put.status, StatusCode::OK);
+    drop(server);
+    // A newer backup, cut short: it must be passed over.
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = backups.join(format!("{}2026-12-02T00-00-00.000000Z.tar.gz", imagentx_sandbox::api::BACKUP_PREFIX));
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+
+    damage_pages(&data);
+    let server = serve_with(&data, Some(&config));
+    let addr = server.addr.clone();
+    let report = http(&addr, Method::GET, &format!("/v1/executions/{execution}"), &alice, "").await;
+    assert_eq!(report.status, StatusCode::OK, "alice's key and execution");
+    let again = http(&addr, Method::POST, "/v1/tools/word-stats/invoke", &alice, r#"{"input":{"text":"after"}}"#).await;
+    assert_eq!(again.json()["status"], "ok", "the tool is back");
+    let file = http(&addr, Method::GET, "/v1/files/after.txt", &alice, "").await;
+    assert_eq!(&file.body[..], b"written after the backup", "users' files stay as they were");
+    assert_eq!(http(&addr, Method::GET, "/v1/me", &late, "").await.status, StatusCode::UNAUTHORIZED);
+    let alerts = http(&addr, Method::GET, "/v1/audit?kind=alert&limit=10", &admin, "").await.json();
+    let restored = alerts["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["outcome"] == "database_restored")
+        .unwrap_or_else(|| panic!("no database_restored alert: {alerts}"))
+        .clone();
+    let detail: Value = match &restored["detail"] {
+        Value::String(text) => serde_json::from_str(text).unwrap(),
+        other => other.clone(),
+    };
+    assert_eq!(detail["backup"], good.to_str().unwrap(), "{detail}");
+    let kept = std::path::PathBuf::from(detail["damaged_files_kept_in"].as_str().unwrap());
+    assert!(kept.starts_with(&data) && kept.join("sandbox.db").is_file(), "{detail}");
+    assert_eq!(metric(&addr, "imagentx_alerts_total{rule=\"database_restored\"}").await, 1.0);
+    assert!(!data.join(".restoring").exists(), "the scratch directory was left");
+    drop(server);
+    let audit = bin().args(["audit", "verify", "--data-dir"]).arg(&data).output().unwrap();
+    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
+
+    // No backup that verifies: the server refuses to start, saying what it tried.
+    let only_bad = root.path().join("only-bad");
+    std::fs::create_dir(&only_bad).unwrap();
+    std::fs::copy(&truncated, only_bad.join(truncated.file_name().unwrap())).unwrap();
+    std::fs::write(&config, schedule(&only_bad)).unwrap();
+    damage_pages(&data);
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("damaged") && stderr.contains("auto_restore"), "{stderr}");
 }
 
 /// A crafted backup (its manifest right) whose symlink points out of the

@@ -36,6 +36,7 @@ const ALERT_RULES: &[&str] = &[
     "host_memory_over_80_percent",
     "tool_unloadable",
     "backup_failed",
+    "database_restored",
     "webhook_failed",
 ];
 

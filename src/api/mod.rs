@@ -127,11 +127,15 @@ pub struct BackupSchedule {
     pub dir: Option<PathBuf>,
     pub every_s: u64,
     pub keep: usize,
+    /// A damaged database found at start is replaced by the newest backup
+    /// in `dir` that verifies (`backup::restore_database`), and the server
+    /// starts on it with an alert, instead of refusing to start.
+    pub auto_restore: bool,
 }
 
 impl Default for BackupSchedule {
     fn default() -> Self {
-        Self { dir: None, every_s: 6 * 3600, keep: 7 }
+        Self { dir: None, every_s: 6 * 3600, keep: 7, auto_restore: false }
     }
 }
 
@@ -273,13 +277,79 @@ pub enum StartError {
 /// How long the start's `PRAGMA quick_check` may take before it is skipped.
 const QUICK_CHECK_BUDGET: Duration = Duration::from_secs(30);
 
+/// What `auto_restore` did at start: the alert the server raises once open.
+struct AutoRestored {
+    problem: String,
+    backup: PathBuf,
+    backup_made_at: String,
+    kept: PathBuf,
+}
+
 /// Refuses to serve a damaged database: `PRAGMA quick_check` (time-boxed)
 /// before anything opens it for writing. The error names the newest
-/// scheduled backup and the restore command.
-fn check_database(settings: &ServerSettings) -> Result<(), StartError> {
+/// scheduled backup and the restore command; with `[backup] auto_restore`,
+/// the newest backup that verifies replaces the database instead.
+fn check_database(settings: &ServerSettings) -> Result<Option<AutoRestored>, StartError> {
+    let problem = match damage(settings) {
+        None => return Ok(None),
+        Some(problem) => problem,
+    };
+    let path = settings.data_dir.join("sandbox.db");
+    let mut tried = Vec::new();
+    if let (true, Some(dir)) = (settings.backup.auto_restore, settings.backup.dir.as_deref()) {
+        for backup in scheduled_backups(dir).into_iter().rev() {
+            tracing::error!(problem = %problem, backup = %backup.display(), "the database is damaged: restoring a backup");
+            match crate::backup::restore_database(&backup, &settings.data_dir) {
+                Ok((manifest, kept)) => match damage(settings) {
+                    None => {
+                        tracing::error!(
+                            backup = %backup.display(),
+                            made_at = %manifest.created_at,
+                            kept = %kept.display(),
+                            "the database was restored from a backup: what was recorded after it is not in it \
+                             (users' files are as they were); the damaged files are kept"
+                        );
+                        return Ok(Some(AutoRestored { problem, backup, backup_made_at: manifest.created_at, kept }));
+                    }
+                    Some(again) => {
+                        tried.push(format!("{}: restored, and then damaged too ({again})", backup.display()))
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(backup = %backup.display(), error = %e, "this backup could not be restored");
+                    tried.push(format!("{}: {e}", backup.display()));
+                }
+            }
+        }
+        if tried.is_empty() {
+            tried.push(format!("no backup in {}", dir.display()));
+        }
+    }
+    let tried = if tried.is_empty() { String::new() } else { format!(" (auto_restore: {})", tried.join("; ")) };
+    let newest = settings.backup.dir.as_deref().map(scheduled_backups).and_then(|mut found| found.pop());
+    let advice = match newest {
+        Some(backup) => format!(
+            "restore the newest backup into a new directory and start on it: imagentx-sandbox restore {} --data-dir NEW_DIR",
+            backup.display()
+        ),
+        None => {
+            "restore a backup into a new directory and start on it: imagentx-sandbox restore BACKUP --data-dir NEW_DIR \
+                 (no [backup] dir is configured to name one)"
+                .to_owned()
+        }
+    };
+    Err(StartError::Damaged(format!(
+        "the database {} is damaged ({problem}): the server will not serve it{tried}; {advice}",
+        path.display()
+    )))
+}
+
+/// What `PRAGMA quick_check` finds wrong with the database (`None`: nothing,
+/// no database yet, or the check passed its time budget and was skipped).
+fn damage(settings: &ServerSettings) -> Option<String> {
     let path = settings.data_dir.join("sandbox.db");
     if !path.exists() {
-        return Ok(());
+        return None;
     }
     let started = std::time::Instant::now();
     let checked = (|| -> rusqlite::Result<String> {
@@ -302,34 +372,18 @@ fn check_database(settings: &ServerSettings) -> Result<(), StartError> {
         checked
     })();
     let ms = started.elapsed().as_millis() as u64;
-    let problem = match checked {
+    match checked {
         Ok(result) if result == "ok" => {
             tracing::info!(ms, "database checked (quick_check)");
-            return Ok(());
+            None
         }
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::OperationInterrupted => {
             tracing::warn!(ms, "the database's quick_check took too long and was skipped");
-            return Ok(());
+            None
         }
-        Ok(result) => result,
-        Err(e) => e.to_string(),
-    };
-    let newest = settings.backup.dir.as_deref().map(scheduled_backups).and_then(|mut found| found.pop());
-    let advice = match newest {
-        Some(backup) => format!(
-            "restore the newest backup into a new directory and start on it: imagentx-sandbox restore {} --data-dir NEW_DIR",
-            backup.display()
-        ),
-        None => {
-            "restore a backup into a new directory and start on it: imagentx-sandbox restore BACKUP --data-dir NEW_DIR \
-                 (no [backup] dir is configured to name one)"
-                .to_owned()
-        }
-    };
-    Err(StartError::Damaged(format!(
-        "the database {} is damaged ({problem}): the server will not serve it; {advice}",
-        path.display()
-    )))
+        Ok(result) => Some(result),
+        Err(e) => Some(e.to_string()),
+    }
 }
 
 impl AppState {
@@ -357,7 +411,7 @@ impl AppState {
         }
         let blobs = settings.data_dir.join("blobs");
         std::fs::create_dir_all(&blobs)?;
-        check_database(&settings)?;
+        let restored = check_database(&settings)?;
         let store = Store::open(&settings.data_dir.join("sandbox.db"))?;
         let max_memory = policy.tiers.values().map(|t| t.memory_bytes).max().unwrap_or(1 << 30);
         let cache_dir = settings.artifact_cache_dir.clone().unwrap_or_else(|| data_dir.cache_dir());
@@ -447,7 +501,7 @@ impl AppState {
         let failed =
             state.registry.load_all(&state.store, &state.sandbox, &state.blobs, state.jail.as_deref().ok()).await?;
         // A damaged or missing module is loud: an alert each, and 503 `tool_unavailable` to its callers.
-        let alerts: Vec<crate::audit::AuditEvent> = failed
+        let mut alerts: Vec<crate::audit::AuditEvent> = failed
             .into_iter()
             .map(|(tool, version, why)| {
                 state.metrics.alert("tool_unloadable");
@@ -455,6 +509,21 @@ impl AppState {
                 crate::audit::AuditEvent::new(crate::audit::Kind::Alert, "tool_unloadable").tool(tool).detail(detail)
             })
             .collect();
+        if let Some(AutoRestored { problem, backup, backup_made_at, kept }) = restored {
+            state.metrics.alert("database_restored");
+            let detail = serde_json::json!({
+                "rule": "database_restored",
+                "problem": problem,
+                "backup": backup,
+                "backup_made_at": backup_made_at,
+                "damaged_files_kept_in": kept,
+            });
+            alerts.push(
+                crate::audit::AuditEvent::new(crate::audit::Kind::Alert, "database_restored")
+                    .actor("sandbox")
+                    .detail(detail),
+            );
+        }
         if !alerts.is_empty() {
             state.store.audit(alerts).await?;
         }
