@@ -729,21 +729,46 @@ pub fn restore(path: &Path, data_dir: &Path, force: bool) -> Result<Manifest, Ba
 /// Where [`restore_database`] keeps what it replaced:
 /// `<data-dir>/damaged-<time>/`.
 pub const DAMAGED_PREFIX: &str = "damaged-";
+/// The backup's members an automatic restore unpacks, before they are moved.
+const RESTORING: &str = ".restoring";
+/// An automatic restore under way, or done and not yet alerted.
+const RESTORE_MARKER: &str = ".restoring.json";
+
+/// An automatic restore, as its marker file records it: written once the
+/// backup's members are unpacked and checked, before anything of the data
+/// directory is moved, and removed only once the server has recorded its
+/// alert ([`acknowledge_restore`]). A restore a crash interrupted is
+/// finished by the next start ([`finish_restore`]) from it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreMarker {
+    /// What was wrong with the database.
+    pub problem: String,
+    pub backup: PathBuf,
+    /// When the backup was made (its manifest's `created_at`).
+    pub backup_made_at: String,
+    /// Where the damaged database, its WAL and its audit archive are kept.
+    pub kept: PathBuf,
+    /// Whether the backup brought an audit archive.
+    pub has_archive: bool,
+    /// Whether the restored database is in place.
+    pub swapped: bool,
+}
 
 /// Replaces the damaged database of `data_dir` (and its audit archive,
 /// which goes with it) by the backup's, for `serve`'s `auto_restore`. The
 /// users' files stay as they are (newer than the backup, and not what was
 /// damaged); module blobs the backup has and the directory lacks are added.
-/// The backup is checked whole before anything is replaced; what is
-/// replaced is kept in `<data-dir>/damaged-<time>/`, whose path is answered.
-/// The database is swapped last, by a rename: a crash before it leaves the
-/// damaged database in place (refused again at the next start).
+/// The backup is unpacked and checked whole (and must not claim to be made
+/// in the future) before anything is replaced; what is replaced is kept in
+/// `<data-dir>/damaged-<time>/`. From the marker on, a crash at any step is
+/// finished by [`finish_restore`] at the next start.
 ///
 /// # Errors
 ///
-/// [`BackupError`]: a damaged backup, or a file that could not be moved.
-pub fn restore_database(backup: &Path, data_dir: &Path) -> Result<(Manifest, PathBuf), BackupError> {
-    let scratch = data_dir.join(".restoring");
+/// [`BackupError`]: a damaged or refused backup, or a file that could not
+/// be moved.
+pub fn restore_database(backup: &Path, data_dir: &Path, problem: &str) -> Result<RestoreMarker, BackupError> {
+    let scratch = data_dir.join(RESTORING);
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir(&scratch).map_err(io(format!("creating {}", scratch.display())))?;
     let archive_dir = crate::audit::ARCHIVE_DIR;
@@ -754,24 +779,93 @@ pub fn restore_database(backup: &Path, data_dir: &Path) -> Result<(Manifest, Pat
             || name == "blobs"
             || name.starts_with("blobs/")
     };
-    let restored = read(backup, Some(&scratch), &wanted).and_then(|manifest| {
+    let unpacked = read(backup, Some(&scratch), &wanted).and_then(|manifest| {
+        let made = humantime::parse_rfc3339_weak(&manifest.created_at).ok();
+        let soon = std::time::SystemTime::now() + std::time::Duration::from_secs(300);
+        if made.is_none_or(|made| made > soon) {
+            return Err(BackupError::Refused(format!(
+                "it says it was made at {}, which is not a time in the past",
+                manifest.created_at
+            )));
+        }
+        // What is moved in must be on disk before the marker says to move it.
+        for member in &manifest.members {
+            if wanted(&member.path) {
+                sync(&scratch.join(&member.path));
+            }
+        }
+        sync(&scratch.join(archive_dir));
+        sync(&scratch);
         let stamp = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string().replace(':', "-");
-        let kept = data_dir.join(format!("{DAMAGED_PREFIX}{stamp}"));
-        std::fs::create_dir(&kept).map_err(io(format!("creating {}", kept.display())))?;
+        Ok(RestoreMarker {
+            problem: problem.to_owned(),
+            backup: backup.to_owned(),
+            backup_made_at: manifest.created_at,
+            kept: data_dir.join(format!("{DAMAGED_PREFIX}{stamp}")),
+            has_archive: scratch.join(archive_dir).is_dir(),
+            swapped: false,
+        })
+    });
+    let marker = match unpacked {
+        Ok(marker) => marker,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(e);
+        }
+    };
+    write_marker(data_dir, &marker)?;
+    finish_restore(data_dir)?.ok_or_else(|| BackupError::Refused("the restore's marker went missing".to_owned()))
+}
+
+/// Finishes an automatic restore whose marker is in `data_dir` (one a crash
+/// interrupted, or the one just begun): every step is done only if it is
+/// not done yet, the database's swap (a rename) last. Answers the marker
+/// (`None`: no restore under way; then leftovers of an unpacking that never
+/// reached its marker are removed).
+///
+/// # Errors
+///
+/// [`BackupError::Io`] naming the file that could not be moved.
+pub fn finish_restore(data_dir: &Path) -> Result<Option<RestoreMarker>, BackupError> {
+    let scratch = data_dir.join(RESTORING);
+    let marker_path = data_dir.join(RESTORE_MARKER);
+    let text = match std::fs::read(&marker_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Ok(None);
+        }
+        Err(e) => return Err(io(format!("reading {}", marker_path.display()))(e)),
+    };
+    let mut marker: RestoreMarker = serde_json::from_slice(&text).map_err(|e| {
+        BackupError::Refused(format!("{} cannot be read ({e}): remove it by hand", marker_path.display()))
+    })?;
+    if !marker.swapped {
+        let (kept, archive_dir) = (&marker.kept, crate::audit::ARCHIVE_DIR);
         let moved =
             |from: &Path, to: &Path| std::fs::rename(from, to).map_err(io(format!("moving {}", from.display())));
+        std::fs::create_dir_all(kept).map_err(io(format!("creating {}", kept.display())))?;
         let database = data_dir.join(DATABASE);
-        // A link keeps the damaged database in place until the swap.
-        std::fs::hard_link(&database, kept.join(DATABASE))
-            .or_else(|_| std::fs::copy(&database, kept.join(DATABASE)).map(|_| ()))
-            .map_err(io(format!("keeping {}", database.display())))?;
-        for stale in ["sandbox.db-wal", "sandbox.db-shm", archive_dir] {
+        if !kept.join(DATABASE).exists() {
+            // A copy: the damaged database stays in place until the swap.
+            let partial = kept.join(format!("{DATABASE}.partial"));
+            std::fs::copy(&database, &partial).map_err(io(format!("keeping {}", database.display())))?;
+            sync(&partial);
+            moved(&partial, &kept.join(DATABASE))?;
+        }
+        // The WAL would be replayed over the restored database: it goes first.
+        for stale in ["sandbox.db-wal", "sandbox.db-shm"] {
             if std::fs::symlink_metadata(data_dir.join(stale)).is_ok() {
                 moved(&data_dir.join(stale), &kept.join(stale))?;
             }
         }
-        if scratch.join(archive_dir).exists() {
-            moved(&scratch.join(archive_dir), &data_dir.join(archive_dir))?;
+        let (archive, restored_archive) = (data_dir.join(archive_dir), scratch.join(archive_dir));
+        let old_archive_here = std::fs::symlink_metadata(&archive).is_ok();
+        if old_archive_here && (restored_archive.exists() || !marker.has_archive) && !kept.join(archive_dir).exists() {
+            moved(&archive, &kept.join(archive_dir))?;
+        }
+        if restored_archive.exists() {
+            moved(&restored_archive, &archive)?;
         }
         let blobs = data_dir.join("blobs");
         std::fs::create_dir_all(&blobs).map_err(io(format!("creating {}", blobs.display())))?;
@@ -783,12 +877,39 @@ pub fn restore_database(backup: &Path, data_dir: &Path) -> Result<(Manifest, Pat
                 }
             }
         }
-        moved(&scratch.join(DATABASE), &database)?;
-        if let Ok(dir) = std::fs::File::open(data_dir) {
-            let _ = dir.sync_all();
+        sync(kept);
+        sync(&blobs);
+        if scratch.join(DATABASE).exists() {
+            moved(&scratch.join(DATABASE), &database)?;
         }
-        Ok((manifest, kept))
-    });
+        sync(data_dir);
+        marker.swapped = true;
+        write_marker(data_dir, &marker)?;
+    }
     let _ = std::fs::remove_dir_all(&scratch);
-    restored
+    Ok(Some(marker))
+}
+
+/// Removes the marker of a finished restore, once its alert is recorded.
+pub fn acknowledge_restore(data_dir: &Path) {
+    let _ = std::fs::remove_file(data_dir.join(RESTORE_MARKER));
+    sync(data_dir);
+}
+
+fn write_marker(data_dir: &Path, marker: &RestoreMarker) -> Result<(), BackupError> {
+    let path = data_dir.join(RESTORE_MARKER);
+    let temp = data_dir.join(format!("{RESTORE_MARKER}.tmp"));
+    let text = serde_json::to_vec_pretty(marker).map_err(|e| BackupError::Refused(e.to_string()))?;
+    std::fs::write(&temp, text).map_err(io(format!("writing {}", temp.display())))?;
+    sync(&temp);
+    std::fs::rename(&temp, &path).map_err(io(format!("writing {}", path.display())))?;
+    sync(data_dir);
+    Ok(())
+}
+
+/// `fsync` of a file or directory, where it can be opened.
+fn sync(path: &Path) {
+    if let Ok(file) = std::fs::File::open(path) {
+        let _ = file.sync_all();
+    }
 }

@@ -236,8 +236,8 @@ async fn scheduled_backups_rotate_failures_alert_and_a_damaged_database_is_refus
 }
 
 /// Overwrites the second and third pages of the data directory's database
-/// (its WAL checkpointed away first, as a stopped server leaves it).
-fn damage_pages(data: &Path) {
+/// (its WAL removed first): answers the damaged file's bytes.
+fn damage_pages(data: &Path) -> Vec<u8> {
     let db = data.join("sandbox.db");
     let _ = std::fs::remove_file(data.join("sandbox.db-wal"));
     let mut bytes = std::fs::read(&db).unwrap();
@@ -246,6 +246,7 @@ fn damage_pages(data: &Path) {
         *b = 0xA5;
     }
     std::fs::write(&db, &bytes).unwrap();
+    bytes
 }
 
 /// `[backup] auto_restore`: a damaged database is replaced by the newest
@@ -286,7 +287,7 @@ async fn auto_restore_replaces_a_damaged_database_with_the_newest_good_backup() 
     let truncated = backups.join(format!("{}2026-12-02T00-00-00.000000Z.tar.gz", imagentx_sandbox::api::BACKUP_PREFIX));
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
 
-    damage_pages(&data);
+    let damaged = damage_pages(&data);
     let server = serve_with(&data, Some(&config));
     let addr = server.addr.clone();
     let report = http(&addr, Method::GET, &format!("/v1/executions/{execution}"), &alice, "").await;
@@ -309,10 +310,13 @@ async fn auto_restore_replaces_a_damaged_database_with_the_newest_good_backup() 
         other => other.clone(),
     };
     assert_eq!(detail["backup"], good.to_str().unwrap(), "{detail}");
-    let kept = std::path::PathBuf::from(detail["damaged_files_kept_in"].as_str().unwrap());
-    assert!(kept.starts_with(&data) && kept.join("sandbox.db").is_file(), "{detail}");
+    let kept = &detail["damaged_files_kept_in"];
+    let kept = kept.as_array().unwrap()[0].as_str().map(std::path::PathBuf::from).unwrap();
+    assert!(kept.starts_with(&data), "{detail}");
+    assert!(std::fs::read(kept.join("sandbox.db")).unwrap() == damaged, "the kept database is not the damaged one");
     assert_eq!(metric(&addr, "imagentx_alerts_total{rule=\"database_restored\"}").await, 1.0);
     assert!(!data.join(".restoring").exists(), "the scratch directory was left");
+    assert!(!data.join(".restoring.json").exists(), "the marker was left after the alert");
     drop(server);
     let audit = bin().args(["audit", "verify", "--data-dir"]).arg(&data).output().unwrap();
     assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
@@ -322,7 +326,7 @@ async fn auto_restore_replaces_a_damaged_database_with_the_newest_good_backup() 
     std::fs::create_dir(&only_bad).unwrap();
     std::fs::copy(&truncated, only_bad.join(truncated.file_name().unwrap())).unwrap();
     std::fs::write(&config, schedule(&only_bad)).unwrap();
-    damage_pages(&data);
+    let damaged_again = damage_pages(&data);
     let out = bin()
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
@@ -333,6 +337,70 @@ async fn auto_restore_replaces_a_damaged_database_with_the_newest_good_backup() 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("damaged") && stderr.contains("auto_restore"), "{stderr}");
+
+    // A good backup in a directory anyone may write to is not trusted: whoever
+    // planted it could have planted their own admin key.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::copy(&good, only_bad.join(good.file_name().unwrap())).unwrap();
+    std::fs::set_permissions(&only_bad, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("writable by its group or others"), "{stderr}");
+    assert!(std::fs::read(data.join("sandbox.db")).unwrap() == damaged_again, "the damaged database is left in place");
+}
+
+/// A restore that a crash cut short (its marker written, the backup's
+/// database unpacked beside, nothing moved yet) is finished by the next
+/// start, whatever the config says: the old WAL is moved away before the
+/// swap (never replayed over the restored database), the damaged database
+/// kept, and the alert raised.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_automatic_restore_cut_short_is_finished_at_the_next_start() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let admin = add_user(&data, "root", &["--admin"]);
+    let alice = add_user(&data, "alice", &[]);
+    let backup = root.path().join("backup.tar.gz");
+    json_out(&bin().args(["backup", "--to"]).arg(&backup).arg("--data-dir").arg(&data).output().unwrap());
+    let late = add_user(&data, "late", &[]);
+    let damaged = damage_pages(&data);
+    std::fs::write(data.join("sandbox.db-wal"), b"the damaged database's write-ahead log").unwrap();
+    // The state a crash right after the marker leaves.
+    let unpacked = root.path().join("unpacked");
+    json_out(&bin().args(["restore"]).arg(&backup).arg("--data-dir").arg(&unpacked).output().unwrap());
+    std::fs::create_dir(data.join(".restoring")).unwrap();
+    std::fs::copy(unpacked.join("sandbox.db"), data.join(".restoring/sandbox.db")).unwrap();
+    let kept = data.join("damaged-cut-short");
+    let marker = imagentx_sandbox::backup::RestoreMarker {
+        problem: "pages overwritten".into(),
+        backup: backup.clone(),
+        backup_made_at: "2026-12-01T00:00:00Z".into(),
+        kept: kept.clone(),
+        has_archive: false,
+        swapped: false,
+    };
+    std::fs::write(data.join(".restoring.json"), serde_json::to_vec(&marker).unwrap()).unwrap();
+
+    let server = serve(&data);
+    let addr = server.addr.clone();
+    assert_eq!(http(&addr, Method::GET, "/v1/me", &alice, "").await.status, StatusCode::OK);
+    assert_eq!(http(&addr, Method::GET, "/v1/me", &late, "").await.status, StatusCode::UNAUTHORIZED);
+    let alerts = http(&addr, Method::GET, "/v1/audit?kind=alert&limit=10", &admin, "").await.json();
+    assert!(alerts.to_string().contains("database_restored"), "{alerts}");
+    assert!(std::fs::read(kept.join("sandbox.db")).unwrap() == damaged, "the kept database is not the damaged one");
+    assert_eq!(std::fs::read(kept.join("sandbox.db-wal")).unwrap(), b"the damaged database's write-ahead log");
+    assert!(!data.join(".restoring").exists() && !data.join(".restoring.json").exists());
+    drop(server);
+    let audit = bin().args(["audit", "verify", "--data-dir"]).arg(&data).output().unwrap();
+    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
 }
 
 /// A crafted backup (its manifest right) whose symlink points out of the

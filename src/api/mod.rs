@@ -277,44 +277,81 @@ pub enum StartError {
 /// How long the start's `PRAGMA quick_check` may take before it is skipped.
 const QUICK_CHECK_BUDGET: Duration = Duration::from_secs(30);
 
-/// What `auto_restore` did at start: the alert the server raises once open.
+/// What `auto_restore` did at start: the alert the server raises once open
+/// (the restore's marker stays until it is recorded).
 struct AutoRestored {
-    problem: String,
-    backup: PathBuf,
-    backup_made_at: String,
-    kept: PathBuf,
+    marker: crate::backup::RestoreMarker,
+    /// Every directory where a replaced database was kept (more than one
+    /// when a restored backup turned out damaged too).
+    kept: Vec<PathBuf>,
+}
+
+/// What the start's check found.
+enum Checked {
+    Healthy,
+    /// `quick_check` named damage, or SQLite called the file corrupt or not
+    /// a database: what `auto_restore` may replace.
+    Damaged(String),
+    /// It could not be read for another reason (locked, an I/O error): the
+    /// server does not start, and nothing is replaced.
+    Unreadable(String),
 }
 
 /// Refuses to serve a damaged database: `PRAGMA quick_check` (time-boxed)
 /// before anything opens it for writing. The error names the newest
 /// scheduled backup and the restore command; with `[backup] auto_restore`,
-/// the newest backup that verifies replaces the database instead.
+/// the newest backup that verifies replaces the database instead. A restore
+/// a crash interrupted is finished first.
 fn check_database(settings: &ServerSettings) -> Result<Option<AutoRestored>, StartError> {
-    let problem = match damage(settings) {
-        None => return Ok(None),
-        Some(problem) => problem,
+    let data_dir = &settings.data_dir;
+    let unfinished = crate::backup::finish_restore(data_dir).map_err(|e| {
+        StartError::Damaged(format!("an automatic restore was interrupted and cannot be finished: {e}"))
+    })?;
+    let mut restored = unfinished.map(|marker| {
+        tracing::warn!(backup = %marker.backup.display(), "an automatic restore of the database was finished");
+        AutoRestored { kept: vec![marker.kept.clone()], marker }
+    });
+    let problem = match check(settings) {
+        Checked::Healthy => return Ok(restored),
+        Checked::Damaged(problem) => problem,
+        Checked::Unreadable(problem) => {
+            return Err(StartError::Damaged(format!(
+                "the database {} cannot be checked ({problem}): the server will not serve it",
+                data_dir.join("sandbox.db").display()
+            )));
+        }
     };
-    let path = settings.data_dir.join("sandbox.db");
     let mut tried = Vec::new();
     if let (true, Some(dir)) = (settings.backup.auto_restore, settings.backup.dir.as_deref()) {
         for backup in scheduled_backups(dir).into_iter().rev() {
+            if let Err(why) = trusted(dir).and_then(|()| trusted(&backup)) {
+                tracing::error!(backup = %backup.display(), why, "this backup is not restored automatically");
+                tried.push(format!("{}: {why}", backup.display()));
+                continue;
+            }
             tracing::error!(problem = %problem, backup = %backup.display(), "the database is damaged: restoring a backup");
-            match crate::backup::restore_database(&backup, &settings.data_dir) {
-                Ok((manifest, kept)) => match damage(settings) {
-                    None => {
-                        tracing::error!(
-                            backup = %backup.display(),
-                            made_at = %manifest.created_at,
-                            kept = %kept.display(),
-                            "the database was restored from a backup: what was recorded after it is not in it \
-                             (users' files are as they were); the damaged files are kept"
-                        );
-                        return Ok(Some(AutoRestored { problem, backup, backup_made_at: manifest.created_at, kept }));
+            match crate::backup::restore_database(&backup, data_dir, &problem) {
+                Ok(marker) => {
+                    let mut kept = restored.take().map(|r| r.kept).unwrap_or_default();
+                    kept.push(marker.kept.clone());
+                    match check(settings) {
+                        Checked::Healthy => {
+                            tracing::error!(
+                                backup = %backup.display(),
+                                made_at = %marker.backup_made_at,
+                                kept = %marker.kept.display(),
+                                "the database was restored from a backup: what it recorded after the backup is not in \
+                                 it (users, keys, tools, revocations, suspensions, executions, audit records); users' \
+                                 files are as they were; the damaged files are kept"
+                            );
+                            return Ok(Some(AutoRestored { marker, kept }));
+                        }
+                        Checked::Damaged(again) | Checked::Unreadable(again) => {
+                            tried.push(format!("{}: restored, and then damaged too ({again})", backup.display()));
+                            restored = Some(AutoRestored { marker, kept });
+                        }
                     }
-                    Some(again) => {
-                        tried.push(format!("{}: restored, and then damaged too ({again})", backup.display()))
-                    }
-                },
+                }
                 Err(e) => {
                     tracing::error!(backup = %backup.display(), error = %e, "this backup could not be restored");
                     tried.push(format!("{}: {e}", backup.display()));
@@ -340,20 +377,37 @@ fn check_database(settings: &ServerSettings) -> Result<Option<AutoRestored>, Sta
     };
     Err(StartError::Damaged(format!(
         "the database {} is damaged ({problem}): the server will not serve it{tried}; {advice}",
-        path.display()
+        data_dir.join("sandbox.db").display()
     )))
 }
 
-/// What `PRAGMA quick_check` finds wrong with the database (`None`: nothing,
-/// no database yet, or the check passed its time budget and was skipped).
-fn damage(settings: &ServerSettings) -> Option<String> {
+/// A backup, or the directory of backups, that `auto_restore` may take: owned
+/// by the server's own user and writable by no one else (whoever can plant
+/// a backup there could plant their own admin key).
+fn trusted(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(format!("{} is owned by uid {}, not this server's ({me})", path.display(), meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!("{} is writable by its group or others (mode {:o})", path.display(), meta.mode() & 0o777));
+    }
+    Ok(())
+}
+
+/// `PRAGMA quick_check` of the database, within its time budget (past it,
+/// or with no database yet, it counts as healthy).
+fn check(settings: &ServerSettings) -> Checked {
     let path = settings.data_dir.join("sandbox.db");
     if !path.exists() {
-        return None;
+        return Checked::Healthy;
     }
     let started = std::time::Instant::now();
     let checked = (|| -> rusqlite::Result<String> {
         let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
         // Past its budget, the check is interrupted from a timer thread.
         let interrupt = conn.get_interrupt_handle();
         let (done, finished) = std::sync::mpsc::channel::<()>();
@@ -375,14 +429,19 @@ fn damage(settings: &ServerSettings) -> Option<String> {
     match checked {
         Ok(result) if result == "ok" => {
             tracing::info!(ms, "database checked (quick_check)");
-            None
+            Checked::Healthy
         }
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::OperationInterrupted => {
             tracing::warn!(ms, "the database's quick_check took too long and was skipped");
-            None
+            Checked::Healthy
         }
-        Ok(result) => Some(result),
-        Err(e) => Some(e.to_string()),
+        Ok(result) => Checked::Damaged(result),
+        Err(e @ rusqlite::Error::SqliteFailure(failure, _))
+            if matches!(failure.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) =>
+        {
+            Checked::Damaged(e.to_string())
+        }
+        Err(e) => Checked::Unreadable(e.to_string()),
     }
 }
 
@@ -509,14 +568,16 @@ impl AppState {
                 crate::audit::AuditEvent::new(crate::audit::Kind::Alert, "tool_unloadable").tool(tool).detail(detail)
             })
             .collect();
-        if let Some(AutoRestored { problem, backup, backup_made_at, kept }) = restored {
+        if let Some(AutoRestored { marker, kept }) = &restored {
             state.metrics.alert("database_restored");
             let detail = serde_json::json!({
                 "rule": "database_restored",
-                "problem": problem,
-                "backup": backup,
-                "backup_made_at": backup_made_at,
+                "problem": marker.problem,
+                "backup": marker.backup,
+                "backup_made_at": marker.backup_made_at,
                 "damaged_files_kept_in": kept,
+                "lost": "what the database recorded after the backup: users, keys, tools, revocations, suspensions, \
+                         executions, audit records (readable in the kept files)",
             });
             alerts.push(
                 crate::audit::AuditEvent::new(crate::audit::Kind::Alert, "database_restored")
@@ -526,6 +587,10 @@ impl AppState {
         }
         if !alerts.is_empty() {
             state.store.audit(alerts).await?;
+        }
+        if restored.is_some() {
+            // Recorded: the next start need not raise it again.
+            crate::backup::acknowledge_restore(&state.settings.data_dir);
         }
         Ok(state)
     }

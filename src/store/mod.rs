@@ -156,7 +156,9 @@ impl Store {
         conn.pragma_update(None, "synchronous", "normal")?;
         conn.pragma_update(None, "foreign_keys", true)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.execute_batch(include_str!("schema.sql"))?;
+        // One transaction: a counter made from the rows there and the
+        // triggers that keep it from then on see the same rows.
+        conn.execute_batch(concat!("BEGIN IMMEDIATE;\n", include_str!("schema.sql"), "\nCOMMIT;"))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let writer = std::thread::Builder::new()
             .name("imagentx-db-writer".into())

@@ -53,6 +53,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS executions_by_idempotency_key
 -- The bytes of every stored report together (`[retention] max_bytes`), kept
 -- by triggers so that knowing it never needs a scan. Made once, from the rows
 -- already there, when a database older than this counter is first opened.
+-- (The triggers avoid octet_length(), which sqlite3 shells before 3.43 lack.)
 CREATE TABLE IF NOT EXISTS execution_bytes (
     id     INTEGER PRIMARY KEY CHECK (id = 1),
     bytes  INTEGER NOT NULL
@@ -61,11 +62,12 @@ INSERT INTO execution_bytes (id, bytes)
     SELECT 1, (SELECT coalesce(sum(octet_length(report)), 0) FROM executions)
     WHERE NOT EXISTS (SELECT 1 FROM execution_bytes);
 CREATE TRIGGER IF NOT EXISTS execution_bytes_added AFTER INSERT ON executions
-    BEGIN UPDATE execution_bytes SET bytes = bytes + octet_length(NEW.report) WHERE id = 1; END;
+    BEGIN UPDATE execution_bytes SET bytes = bytes + length(CAST(NEW.report AS BLOB)) WHERE id = 1; END;
 CREATE TRIGGER IF NOT EXISTS execution_bytes_removed AFTER DELETE ON executions
-    BEGIN UPDATE execution_bytes SET bytes = bytes - octet_length(OLD.report) WHERE id = 1; END;
+    BEGIN UPDATE execution_bytes SET bytes = bytes - length(CAST(OLD.report AS BLOB)) WHERE id = 1; END;
 CREATE TRIGGER IF NOT EXISTS execution_bytes_changed AFTER UPDATE OF report ON executions
-    BEGIN UPDATE execution_bytes SET bytes = bytes - octet_length(OLD.report) + octet_length(NEW.report) WHERE id = 1; END;
+    BEGIN UPDATE execution_bytes
+          SET bytes = bytes - length(CAST(OLD.report AS BLOB)) + length(CAST(NEW.report AS BLOB)) WHERE id = 1; END;
 
 CREATE TABLE IF NOT EXISTS audit (
     seq        INTEGER PRIMARY KEY,
