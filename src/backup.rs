@@ -46,16 +46,40 @@ pub struct Manifest {
     pub members: Vec<Member>,
 }
 
-/// One file of the backup.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One member of the backup: a regular file (its size and SHA-256), or
+/// (format 3 on) a directory, or a symlink (its target's length and SHA-256).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Member {
     pub path: String,
     pub bytes: u64,
     pub sha256: String,
+    /// `dir` or `symlink`; absent for a regular file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
-/// 2: with the audit archive's segments (format 1, without, is read too).
-const FORMAT: u32 = 2;
+impl Member {
+    fn file(path: &str, bytes: u64, hash: Sha256) -> Self {
+        Self { path: path.to_owned(), bytes, sha256: hex::encode(hash.finalize()), kind: None }
+    }
+
+    fn dir(path: &str) -> Self {
+        Self { path: path.trim_end_matches('/').to_owned(), bytes: 0, sha256: String::new(), kind: Some("dir".into()) }
+    }
+
+    fn symlink(path: &str, target: &[u8]) -> Self {
+        Self {
+            path: path.to_owned(),
+            bytes: target.len() as u64,
+            sha256: hex::encode(Sha256::digest(target)),
+            kind: Some("symlink".into()),
+        }
+    }
+}
+
+/// 3: the manifest lists directories and symlinks too; 2: with the audit
+/// archive's segments. Formats 1 and 2 are read too (their files checked).
+const FORMAT: u32 = 3;
 const MANIFEST: &str = "manifest.json";
 const DATABASE: &str = "sandbox.db";
 
@@ -474,6 +498,7 @@ fn add_tree<W: Write>(
         let stat = nix::sys::stat::fstat(&dir).map_err(|e| io(format!("reading {name}"))(e.into()))?;
         let mut header = header_for(&stat, tar::EntryType::Directory, 0);
         tar.append_data(&mut header, format!("{name}/"), std::io::empty()).map_err(io(format!("writing {name}")))?;
+        members.push(Member::dir(&name));
         let listing = nix::dir::Dir::from_fd(dir.try_clone().map_err(io(format!("listing {name}")))?)
             .map_err(|e| io(format!("listing {name}"))(e.into()))?;
         let mut entries: Vec<std::ffi::OsString> = listing
@@ -505,6 +530,7 @@ fn add_tree<W: Write>(
                     header.set_size(0);
                     header.set_mode(0o777);
                     tar.append_link(&mut header, &child, Path::new(&target)).map_err(io(format!("writing {child}")))?;
+                    members.push(Member::symlink(&child, target.as_bytes()));
                 }
                 // Gone meanwhile: it was not there to back up.
                 Err(nix::errno::Errno::ENOENT) => {}
@@ -530,7 +556,7 @@ fn add_file_fd<W: Write>(
     // what the archive holds.
     let mut reader = HashingReader { inner: file.take(size), left: size, hash: Sha256::new() };
     tar.append_data(&mut header, name, &mut reader).map_err(io(format!("writing {name}")))?;
-    members.push(Member { path: name.to_owned(), bytes: size, sha256: hex::encode(reader.hash.finalize()) });
+    members.push(Member::file(name, size, reader.hash));
     Ok(())
 }
 
@@ -607,8 +633,18 @@ fn read(path: &Path, into: Option<&Path>, wanted: &dyn Fn(&str) -> bool) -> Resu
                     std::fs::copy(target, check).map_err(io("copying the database to check it"))?;
                 }
             }
-            seen.push(Member { path: name, bytes: hashing.bytes, sha256: hex::encode(hashing.hash.finalize()) });
-        } else if let Some(into) = into {
+            seen.push(Member::file(&name, hashing.bytes, hashing.hash));
+        } else if kind.is_dir() {
+            seen.push(Member::dir(&name));
+        } else if kind.is_symlink() {
+            let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+            seen.push(Member::symlink(&name, &target));
+        } else {
+            return Err(damaged(format!("{name} is neither a file, a directory nor a symlink")));
+        }
+        if !kind.is_file()
+            && let Some(into) = into
+        {
             if kind.is_dir() {
                 let target = beneath(into, name.trim_end_matches('/'))?;
                 std::fs::create_dir_all(&target).map_err(io(format!("creating {}", target.display())))?;
@@ -631,13 +667,26 @@ fn read(path: &Path, into: Option<&Path>, wanted: &dyn Fn(&str) -> bool) -> Resu
             manifest.format, manifest.made_by
         )));
     }
-    if seen.len() != manifest.members.len() {
-        return Err(damaged(format!("{} members, the manifest lists {}", seen.len(), manifest.members.len())));
+    if manifest.format < 3 {
+        // Older manifests list regular files only.
+        seen.retain(|m| m.kind.is_none());
     }
     for (got, want) in seen.iter().zip(&manifest.members) {
-        if got.path != want.path || got.bytes != want.bytes || got.sha256 != want.sha256 {
-            return Err(damaged(format!("{} does not match the manifest (size or SHA-256)", want.path)));
+        if got.path != want.path {
+            return Err(damaged(format!("{} is not in the manifest where it lists {}", got.path, want.path)));
         }
+        if got != want {
+            return Err(damaged(format!("{} does not match the manifest (kind, size or SHA-256)", want.path)));
+        }
+    }
+    if seen.len() != manifest.members.len() {
+        let first = seen.get(manifest.members.len()).or_else(|| manifest.members.get(seen.len()));
+        return Err(damaged(format!(
+            "{} members, the manifest lists {} (from {})",
+            seen.len(),
+            manifest.members.len(),
+            first.map_or("?", |m| m.path.as_str())
+        )));
     }
     let conn = rusqlite::Connection::open(check_dir.path().join(DATABASE))?;
     let archive = check_dir.path().join(crate::audit::ARCHIVE_DIR);
