@@ -31,7 +31,7 @@ concurrent_calls = 100000
 requests_per_second = 10000000
 "#;
 
-const BODY: &str = r#"{"input":{"op":"echo","text":"hi"}}"#;
+pub(super) const BODY: &str = r#"{"input":{"op":"echo","text":"hi"}}"#;
 pub const RAMP: &str = "trivial SDK tool, keep-alive clients (closed loop)";
 
 pub(super) struct Server {
@@ -49,22 +49,42 @@ impl Drop for Server {
 /// Starts the server; with `interpreters`, it registers the built-in tools
 /// found there first (compiling them: tens of seconds the first time).
 pub(super) fn start(dir: &Path, interpreters: Option<&Path>) -> anyhow::Result<(Server, String, String)> {
-    let bin = super::this_binary()?;
+    let config = write_config(dir, "")?;
+    let (admin, key) = add_users(dir, &config)?;
+    Ok((serve(dir, &config, interpreters)?, admin, key))
+}
+
+/// `bench.toml` in `dir`: the load tier, then `extra` (more tables).
+pub(super) fn write_config(dir: &Path, extra: &str) -> anyhow::Result<std::path::PathBuf> {
     let config = dir.join("bench.toml");
-    std::fs::write(&config, CONFIG)?;
+    std::fs::write(&config, format!("{CONFIG}\n{extra}"))?;
+    Ok(config)
+}
+
+/// An admin (`root`) and a user of the load tier (`bench`): their keys.
+pub(super) fn add_users(dir: &Path, config: &Path) -> anyhow::Result<(String, String)> {
+    let bin = super::this_binary()?;
     let user = |args: &[&str]| -> anyhow::Result<String> {
-        let out = Command::new(&bin).args(args).arg("--data-dir").arg(dir).arg("--config").arg(&config).output()?;
+        let out = Command::new(&bin).args(args).arg("--data-dir").arg(dir).arg("--config").arg(config).output()?;
         anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     };
-    let admin = user(&["user", "add", "root", "--admin", "--tier", "premium"])?;
-    let key = user(&["user", "add", "bench", "--tier", "bench"])?;
+    Ok((
+        user(&["user", "add", "root", "--admin", "--tier", "premium"])?,
+        user(&["user", "add", "bench", "--tier", "bench"])?,
+    ))
+}
+
+/// This binary's `serve` on `dir` with `config`, once it listens (and, with
+/// `interpreters`, has registered the built-in tools).
+pub(super) fn serve(dir: &Path, config: &Path, interpreters: Option<&Path>) -> anyhow::Result<Server> {
+    let bin = super::this_binary()?;
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
     let child = Command::new(&bin)
         .args(["serve", "--listen", &addr, "--data-dir"])
         .arg(dir)
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .env(crate::interpreters::DIR_VAR, interpreters.map_or_else(|| dir.join("no-interpreters"), Path::to_owned))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -82,7 +102,16 @@ pub(super) fn start(dir: &Path, interpreters: Option<&Path>) -> anyhow::Result<(
         anyhow::ensure!(Instant::now() < deadline, "the server was not ready within {wait} s");
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok((server, admin, key))
+    Ok(server)
+}
+
+/// Registers the `sdk_probe` guest as `trivial` (what the load calls).
+pub(super) async fn register_trivial(h: &Harness, addr: &str, admin: &str) -> anyhow::Result<()> {
+    let (_, module) = super::guest(h, "sdk_probe")?;
+    let mut sender = connect(addr).await?;
+    let (status, body) = send(&mut sender, Method::POST, "/v1/tools?name=trivial", admin, module.into()).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "registering the tool: {status} {}", String::from_utf8_lossy(&body));
+    Ok(())
 }
 
 /// Whether `/readyz` answers 200 (the built-in tools registered).
@@ -125,7 +154,7 @@ pub(super) async fn send(
 }
 
 /// An answer counts when it is a 200 whose report says `ok`.
-fn answered_ok(answer: &anyhow::Result<(StatusCode, Bytes)>) -> bool {
+pub(super) fn answered_ok(answer: &anyhow::Result<(StatusCode, Bytes)>) -> bool {
     matches!(answer, Ok((StatusCode::OK, body)) if body.windows(13).any(|w| w == br#""status":"ok""#))
 }
 
@@ -151,15 +180,8 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     let pid = server.child.id();
     let addr: Arc<str> = server.addr.as_str().into();
     let key: Arc<str> = key.into();
-    let (_, module) = super::guest(h, "sdk_probe")?;
     rt.block_on(async {
-        let mut sender = connect(&addr).await?;
-        let (status, body) = send(&mut sender, Method::POST, "/v1/tools?name=trivial", &admin, module.into()).await?;
-        anyhow::ensure!(
-            status == StatusCode::CREATED,
-            "registering the tool: {status} {}",
-            String::from_utf8_lossy(&body)
-        );
+        register_trivial(h, &addr, &admin).await?;
         for _ in 0..20 {
             create_to_result(&addr, &key).await; // the first instances, the key cache
         }
@@ -290,7 +312,12 @@ async fn interpreter_rows(h: &mut Harness, addr: &str, key: &str, pid: u32) -> a
 }
 
 /// `clients` connections, each sending its next call when the last returns.
-async fn closed_loop(addr: &Arc<str>, key: &Arc<str>, clients: usize, duration: Duration) -> (Vec<Sample>, Duration) {
+pub(super) async fn closed_loop(
+    addr: &Arc<str>,
+    key: &Arc<str>,
+    clients: usize,
+    duration: Duration,
+) -> (Vec<Sample>, Duration) {
     let started = Instant::now();
     let until = started + duration;
     let progress = Arc::new(super::Progress::new(format!("{clients} clients"), clients));

@@ -27,6 +27,7 @@ mod http;
 mod mcp;
 mod native;
 mod ops;
+mod ops_load;
 mod report;
 mod sessions;
 mod shared;

@@ -26,7 +26,7 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
 
     let t = Instant::now();
-    runtime.block_on(fill_database(&data, users, executions))?;
+    runtime.block_on(fill_database(&data, users, executions, 1))?;
     let made_db = t.elapsed();
     let t = Instant::now();
     write_files(&data, users, bytes)?;
@@ -74,54 +74,78 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         "s",
         "",
     );
-    Ok(())
+    drop(runtime);
+    super::ops_load::run(h, &data)
 }
 
 /// Users (each with a key) and executions, each execution with its audit
-/// record, through the store's writer as `serve` writes them.
-async fn fill_database(data: &Path, users: usize, executions: usize) -> anyhow::Result<()> {
-    let store = Store::open(&data.join("sandbox.db"))?;
-    let names: Vec<String> = (0..users).map(|i| format!("u{i:04}")).collect();
-    for name in &names {
+/// record, through the store's writer as `serve` writes them: `in_flight`
+/// at once (1: a commit each; more share commits, as concurrent calls do).
+pub(super) async fn fill_database(
+    data: &Path,
+    users: usize,
+    executions: usize,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let store = std::sync::Arc::new(Store::open(&data.join("sandbox.db"))?);
+    let names: std::sync::Arc<[String]> = (0..users).map(|i| format!("u{i:04}")).collect();
+    for name in names.iter() {
         store.add_user(UserId::new(name)?, "standard".into(), false, "bench".into()).await?;
     }
-    let output = serde_json::json!({"stdout": "", "result": {"region": "north", "mean": 8.5, "rows": 20000}});
-    for i in 0..executions {
-        let user = &names[i % names.len()];
-        let report = ExecutionReport {
-            id: crate::report::new_execution_id(),
-            tool: "python".into(),
-            tool_sha256: Some("0".repeat(64)),
-            user: user.clone(),
-            tier: "standard".into(),
-            runtime: Runtime::Wasm,
-            status: Status::Ok,
-            exit_code: Some(0),
-            signal: None,
-            output: Some(output.clone()),
-            error: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            truncated: Truncated { stdout: false, stderr: false, output: false },
-            usage: Usage {
-                wall_ms: 2.1,
-                cpu_ms: Some(1.9),
-                fuel_consumed: Some(1_200_000),
-                peak_memory_bytes: Some(19 << 20),
-                peak_processes: Some(1),
-                bytes_written: Some(0),
-                limits_hit: Vec::new(),
-            },
-            started_at: crate::report::rfc3339(std::time::SystemTime::now()),
-            finished_at: crate::report::rfc3339(std::time::SystemTime::now()),
-            session: None,
-        };
-        let json = serde_json::to_vec(&report)?;
-        let event = AuditEvent::new(Kind::Execution, "ok").actor(user.as_str()).user(user.as_str()).tool("python");
-        store.record_execution(&report, json.into(), Some(1), None, vec![event]).await?;
+    // `in_flight` writers, each taking every `in_flight`-th execution.
+    let writers = in_flight.clamp(1, executions.max(1));
+    let mut set = tokio::task::JoinSet::new();
+    for first in 0..writers {
+        let (store, names) = (store.clone(), names.clone());
+        set.spawn(async move {
+            for i in (first..executions).step_by(writers) {
+                let user = &names[i % names.len()];
+                let (report, json) = execution(user)?;
+                let event =
+                    AuditEvent::new(Kind::Execution, "ok").actor(user.as_str()).user(user.as_str()).tool("python");
+                store.record_execution(&report, json.into(), Some(1), None, vec![event]).await?;
+            }
+            anyhow::Ok(())
+        });
     }
+    set.join_all().await.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     store.close();
     Ok(())
+}
+
+/// A small `ok` execution of `user`'s, and its JSON.
+fn execution(user: &str) -> anyhow::Result<(ExecutionReport, Vec<u8>)> {
+    let output = serde_json::json!({"stdout": "", "result": {"region": "north", "mean": 8.5, "rows": 20000}});
+    let report = ExecutionReport {
+        id: crate::report::new_execution_id(),
+        tool: "python".into(),
+        tool_sha256: Some("0".repeat(64)),
+        user: user.to_owned(),
+        tier: "standard".into(),
+        runtime: Runtime::Wasm,
+        status: Status::Ok,
+        exit_code: Some(0),
+        signal: None,
+        output: Some(output),
+        error: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        truncated: Truncated { stdout: false, stderr: false, output: false },
+        usage: Usage {
+            wall_ms: 2.1,
+            cpu_ms: Some(1.9),
+            fuel_consumed: Some(1_200_000),
+            peak_memory_bytes: Some(19 << 20),
+            peak_processes: Some(1),
+            bytes_written: Some(0),
+            limits_hit: Vec::new(),
+        },
+        started_at: crate::report::rfc3339(std::time::SystemTime::now()),
+        finished_at: crate::report::rfc3339(std::time::SystemTime::now()),
+        session: None,
+    };
+    let json = serde_json::to_vec(&report)?;
+    Ok((report, json))
 }
 
 /// `bytes` of incompressible files spread over the users' directories, a
