@@ -235,6 +235,75 @@ async fn scheduled_backups_rotate_failures_alert_and_a_damaged_database_is_refus
     assert!(stderr.contains(&format!("imagentx-sandbox restore {}", newest.display())), "{stderr}");
 }
 
+/// `kill -9` of the server and of its backup child in the middle of a
+/// scheduled backup (as a crash of the host does): the partial file is left,
+/// the next start's next backup removes it, and every backup taken before
+/// still verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_killed_mid_way_leaves_a_partial_file_the_next_start_removes() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(data.join("users/alice")).unwrap();
+    add_user(&data, "alice", &[]);
+    // Incompressible, so that the backup takes a while to write.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..24 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(data.join("users/alice/noise.bin"), &noise).unwrap();
+    let backups = root.path().join("backups");
+    let config = root.path().join("config.toml");
+    std::fs::write(&config, format!("[backup]\ndir = \"{}\"\nevery_s = 1\nkeep = 10\n", backups.display())).unwrap();
+    let partials = |dir: &Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+            .map(|e| e.path())
+            .collect()
+    };
+    let mut server = serve_with(&data, Some(&config));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while partials(&backups).is_empty() {
+        assert!(Instant::now() < deadline, "no backup was seen under way");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // The server, then its backup child (found by the backup directory in its arguments).
+    server.child.0.kill().unwrap();
+    let _ = server.child.0.wait();
+    let needle = backups.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let finished_before = imagentx_sandbox::api::scheduled_backups(&backups);
+    let left = partials(&backups);
+    assert!(!left.is_empty(), "the killed backup left no partial file (it finished first?)");
+
+    server = serve_with(&data, Some(&config));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&server.addr, "imagentx_backups_total{outcome=\"ok\"}").await < 1.0 || left.iter().any(|p| p.exists())
+    {
+        assert!(Instant::now() < deadline, "no backup after the restart, or the partial file is still there: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let newest = imagentx_sandbox::api::scheduled_backups(&backups).pop().unwrap();
+    drop(server);
+    for backup in finished_before.iter().chain([&newest]) {
+        json_out(&bin().args(["backup", "verify"]).arg(backup).output().unwrap());
+    }
+}
+
 /// Overwrites the second and third pages of the data directory's database
 /// (its WAL removed first): answers the damaged file's bytes.
 fn damage_pages(data: &Path) -> Vec<u8> {
