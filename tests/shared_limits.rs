@@ -434,16 +434,21 @@ async fn the_files_api_and_a_tool_share_one_quota() {
     assert!(apparent <= QUOTA, "the PUTs and the tool together left {apparent} bytes");
 }
 
+/// A server with the built-in interpreters and all calls' memory held to `budget`.
+async fn memory_server(budget: u64) -> server::TestServer {
+    let dir = common::interpreters::built_dir();
+    server::TestServer::start_with(Policy::default(), |s| {
+        s.interpreters_dir = dir;
+        s.artifact_cache_dir = Some(common::artifact_cache());
+        s.memory_budget_bytes = Some(budget);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_hungry_calls_of_several_premium_users_cannot_pass_the_host_budget() {
     const BUDGET: u64 = 1 << 30;
-    let dir = common::interpreters::built_dir();
-    let srv = server::TestServer::start_with(Policy::default(), |s| {
-        s.interpreters_dir = dir;
-        s.artifact_cache_dir = Some(common::artifact_cache());
-        s.memory_budget_bytes = Some(BUDGET);
-    })
-    .await;
+    let srv = memory_server(BUDGET).await;
     let keys = [srv.add_user("p1", "premium", false).await, srv.add_user("p2", "premium", false).await];
     // Each call takes 300 MB (its tier allows 1 GiB) and holds it a while.
     let hog = json!({"input": {"code": "import time\nx = bytearray(300 << 20)\ntime.sleep(0.4)\nresult = len(x)"}})
@@ -503,13 +508,7 @@ async fn memory_hungry_calls_of_several_premium_users_cannot_pass_the_host_budge
 #[tokio::test(flavor = "multi_thread")]
 async fn premium_users_holding_memory_cannot_starve_another_users_calls() {
     const BUDGET: u64 = 2 << 30;
-    let dir = common::interpreters::built_dir();
-    let srv = server::TestServer::start_with(Policy::default(), |s| {
-        s.interpreters_dir = dir;
-        s.artifact_cache_dir = Some(common::artifact_cache());
-        s.memory_budget_bytes = Some(BUDGET);
-    })
-    .await;
+    let srv = memory_server(BUDGET).await;
     let pool = Arc::clone(srv.state.sandbox.engine.guest_memory());
     assert_eq!(pool.user_max_bytes(), BUDGET / 2);
     let hogs = [srv.add_user("hog1", "premium", false).await, srv.add_user("hog2", "premium", false).await];
