@@ -221,15 +221,7 @@ async fn scheduled_backups_rotate_failures_alert_and_a_damaged_database_is_refus
     // Damaged pages: the server refuses to start and says how to restore.
     std::fs::write(&config, format!("[backup]\ndir = \"{}\"\n", backups.display())).unwrap();
     damage_pages(&data);
-    let out = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_start(&data, &config);
     assert!(stderr.contains("damaged"), "{stderr}");
     let newest = imagentx_sandbox::api::scheduled_backups(&backups).pop().unwrap();
     assert!(stderr.contains(&format!("imagentx-sandbox restore {}", newest.display())), "{stderr}");
@@ -302,6 +294,20 @@ async fn a_backup_killed_mid_way_leaves_a_partial_file_the_next_start_removes() 
     for backup in finished_before.iter().chain([&newest]) {
         json_out(&bin().args(["backup", "verify"]).arg(backup).output().unwrap());
     }
+}
+
+/// `serve` on `data` with `config`, which must refuse to start: its stderr.
+fn refused_start(data: &Path, config: &Path) -> String {
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
 }
 
 /// Overwrites the second and third pages of the data directory's database
@@ -396,15 +402,7 @@ async fn auto_restore_replaces_a_damaged_database_with_the_newest_good_backup() 
     std::fs::copy(&truncated, only_bad.join(truncated.file_name().unwrap())).unwrap();
     std::fs::write(&config, schedule(&only_bad)).unwrap();
     let damaged_again = damage_pages(&data);
-    let out = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_start(&data, &config);
     assert!(stderr.contains("damaged") && stderr.contains("auto_restore"), "{stderr}");
 
     // A good backup in a directory anyone may write to is not trusted: whoever
@@ -412,15 +410,7 @@ async fn auto_restore_replaces_a_damaged_database_with_the_newest_good_backup() 
     use std::os::unix::fs::PermissionsExt;
     std::fs::copy(&good, only_bad.join(good.file_name().unwrap())).unwrap();
     std::fs::set_permissions(&only_bad, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_start(&data, &config);
     assert!(stderr.contains("writable by its group or others"), "{stderr}");
     assert!(std::fs::read(data.join("sandbox.db")).unwrap() == damaged_again, "the damaged database is left in place");
 }

@@ -31,7 +31,7 @@ concurrent_calls = 100000
 requests_per_second = 10000000
 "#;
 
-pub(super) const BODY: &str = r#"{"input":{"op":"echo","text":"hi"}}"#;
+const BODY: &str = r#"{"input":{"op":"echo","text":"hi"}}"#;
 pub const RAMP: &str = "trivial SDK tool, keep-alive clients (closed loop)";
 
 pub(super) struct Server {
@@ -154,7 +154,7 @@ pub(super) async fn send(
 }
 
 /// An answer counts when it is a 200 whose report says `ok`.
-pub(super) fn answered_ok(answer: &anyhow::Result<(StatusCode, Bytes)>) -> bool {
+fn answered_ok(answer: &anyhow::Result<(StatusCode, Bytes)>) -> bool {
     matches!(answer, Ok((StatusCode::OK, body)) if body.windows(13).any(|w| w == br#""status":"ok""#))
 }
 
@@ -329,20 +329,8 @@ pub(super) async fn closed_loop(
             let mut sender = None;
             while Instant::now() < until {
                 let t = Instant::now();
-                if sender.is_none() {
-                    sender = connect(&addr).await.ok();
-                }
-                let answer = match sender.as_mut() {
-                    Some(s) => {
-                        send(s, Method::POST, "/v1/tools/trivial/invoke", &key, Bytes::from_static(BODY.as_bytes()))
-                            .await
-                    }
-                    None => Err(anyhow::anyhow!("could not connect")),
-                };
-                if answer.is_err() {
-                    sender = None;
-                }
-                samples.push(Sample { latency: t.elapsed(), ok: answered_ok(&answer) });
+                let ok = call_trivial(&mut sender, &addr, &key).await;
+                samples.push(Sample { latency: t.elapsed(), ok });
             }
             progress.tick();
             samples
@@ -350,6 +338,22 @@ pub(super) async fn closed_loop(
     }
     let samples = set.join_all().await.into_iter().flatten().collect();
     (samples, started.elapsed())
+}
+
+/// One call of the trivial tool on `sender` (connecting first when there is
+/// none; dropped after an error): whether it answered `ok`.
+pub(super) async fn call_trivial(sender: &mut Option<Sender>, addr: &str, key: &str) -> bool {
+    if sender.is_none() {
+        *sender = connect(addr).await.ok();
+    }
+    let answer = match sender.as_mut() {
+        Some(s) => send(s, Method::POST, "/v1/tools/trivial/invoke", key, Bytes::from_static(BODY.as_bytes())).await,
+        None => Err(anyhow::anyhow!("could not connect")),
+    };
+    if answer.is_err() {
+        *sender = None;
+    }
+    answered_ok(&answer)
 }
 
 /// `wrk -t2 -c100` on the same endpoint: its calls per second and median

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::Method;
 
-use super::http::{self, BODY, answered_ok, connect, send};
+use super::http::{self, connect, send};
 use super::{Harness, Sample, Series, Suite, Who};
 
 /// Volumes off: the suite's users' directories stay plain (moving 1,000 of
@@ -220,20 +220,8 @@ async fn paced(
             let mut due = started + every.mul_f64(client as f64 / clients as f64);
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep_until(due).await;
-                if sender.is_none() {
-                    sender = connect(&addr).await.ok();
-                }
-                let answer = match sender.as_mut() {
-                    Some(s) => {
-                        send(s, Method::POST, "/v1/tools/trivial/invoke", &key, Bytes::from_static(BODY.as_bytes()))
-                            .await
-                    }
-                    None => Err(anyhow::anyhow!("could not connect")),
-                };
-                if answer.is_err() {
-                    sender = None;
-                }
-                samples.push(Sample { latency: due.elapsed(), ok: answered_ok(&answer) });
+                let ok = http::call_trivial(&mut sender, &addr, &key).await;
+                samples.push(Sample { latency: due.elapsed(), ok });
                 due += every;
             }
             samples
