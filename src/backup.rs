@@ -67,11 +67,17 @@ impl Member {
         Self { path: path.trim_end_matches('/').to_owned(), bytes: 0, sha256: String::new(), kind: Some("dir".into()) }
     }
 
+    /// The target is taken in the form the archive keeps it: tar stores a
+    /// short target through its path components (`a//b` as `a/b`, `x/./y`
+    /// as `x/y`, `/` as `//`), a long one as it is; both sides hash the
+    /// components, so a good backup of any link verifies.
     fn symlink(path: &str, target: &[u8]) -> Self {
+        let normal: PathBuf = Path::new(std::ffi::OsStr::from_bytes(target)).components().collect();
+        let normal = normal.as_os_str().as_bytes();
         Self {
             path: path.to_owned(),
-            bytes: target.len() as u64,
-            sha256: hex::encode(Sha256::digest(target)),
+            bytes: normal.len() as u64,
+            sha256: hex::encode(Sha256::digest(normal)),
             kind: Some("symlink".into()),
         }
     }
@@ -867,7 +873,8 @@ pub fn restore_database(backup: &Path, data_dir: &Path, problem: &str) -> Result
         }
         // What is moved in must be on disk before the marker says to move it.
         for member in &manifest.members {
-            if wanted(&member.path) {
+            // Files and directories: never opened through a link.
+            if wanted(&member.path) && member.kind.as_deref() != Some("symlink") {
                 sync(&scratch.join(&member.path));
             }
         }

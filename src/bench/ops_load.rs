@@ -104,6 +104,11 @@ pub(super) fn run(h: &mut Harness, data: &Path) -> anyhow::Result<()> {
     };
     let during = rt.block_on(paced(&addr, &key, rate, clients, stop));
     let (deleted, took) = rt.block_on(watcher)?;
+    anyhow::ensure!(
+        deleted >= rows.saturating_sub(kept),
+        "retention pruned {deleted} of {} executions in {took:?}",
+        rows.saturating_sub(kept)
+    );
     h.push(series(label("while retention prunes"), clients, during));
     h.figure(
         Suite::Ops,
