@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::policy::UserId;
 use crate::quota::Ledger;
-use crate::volume::{DiskSize, VolumeHold, VolumeMode, Volumes};
+use crate::volume::{DiskSize, VolumeHold, VolumeMode, VolumeSpace, Volumes};
 
 /// A failure to prepare a directory: always the host's problem.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,13 @@ pub struct DataDirError {
     what: &'static str,
     path: PathBuf,
     source: io::Error,
+}
+
+impl DataDirError {
+    /// Whether the host's disk had no room (for a user's volume, say).
+    pub fn is_no_space(&self) -> bool {
+        self.source.kind() == io::ErrorKind::StorageFull || self.source.raw_os_error() == Some(libc::ENOSPC)
+    }
 }
 
 /// The sandbox's data directory.
@@ -100,9 +107,13 @@ impl DataDir {
     ///
     /// [`DataDirError`] when a directory cannot be created, or when `mode`
     /// demands volumes that the host cannot make.
-    pub fn open_with_volumes(root: impl Into<PathBuf>, mode: VolumeMode) -> Result<Self, DataDirError> {
+    pub fn open_with_volumes(
+        root: impl Into<PathBuf>,
+        mode: VolumeMode,
+        space: VolumeSpace,
+    ) -> Result<Self, DataDirError> {
         let mut this = Self::open(root)?;
-        let volumes = Volumes::open(&this.root, mode).map_err(|why| DataDirError {
+        let volumes = Volumes::open(&this.root, mode, space).map_err(|why| DataDirError {
             what: "opening",
             path: this.root.join("volumes"),
             source: io::Error::other(why),
@@ -133,7 +144,13 @@ impl DataDir {
                     tokio::task::spawn_blocking(move || volumes.hold(&name, Some(size)))
                         .await
                         .map_err(io::Error::other)
-                        .and_then(|held| held.map_err(io::Error::other))
+                        .and_then(|held| {
+                            held.map_err(|e| {
+                                let kind =
+                                    if e.is_no_space() { io::ErrorKind::StorageFull } else { io::ErrorKind::Other };
+                                io::Error::new(kind, e)
+                            })
+                        })
                         .map_err(|source| DataDirError {
                             what: "preparing the volume of",
                             path: self.root.join("users").join(user.as_str()),

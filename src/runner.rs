@@ -159,7 +159,7 @@ impl Sandbox {
     ) -> Result<CodeSession, (Status, String)> {
         let limits = self.policy.resolve(tier, timeout).map_err(|e| (Status::InvalidInput, e.to_string()))?;
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
-        let user_dir = self.data_dir.open_user(user, disk_size(&limits)).await.map_err(|e| internal(&e))?;
+        let user_dir = self.data_dir.open_user(user, disk_size(&limits)).await.map_err(user_dir_failed)?;
         let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
         let call = ToolCall { user: user.clone(), tier: tier.to_owned(), input: Vec::new(), args: Vec::new(), timeout };
         let (data_budget, _, _) = self.data_access(&call, &limits, true).await;
@@ -204,7 +204,7 @@ impl Sandbox {
         };
         let limits = self.policy.resolve(tier, timeout).map_err(|e| (Status::InvalidInput, e.to_string()))?;
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
-        let user_dir = self.data_dir.open_user(user, disk_size(&limits)).await.map_err(|e| internal(&e))?;
+        let user_dir = self.data_dir.open_user(user, disk_size(&limits)).await.map_err(user_dir_failed)?;
         pool.prepare_data_dir(user_dir.path()).map_err(|e| internal(&e))?;
         let call = ToolCall { user: user.clone(), tier: tier.to_owned(), input: Vec::new(), args: Vec::new(), timeout };
         let charged = self.data_dir.volumes().is_some();
@@ -364,7 +364,7 @@ impl Sandbox {
         let (limits, input) = self.admit(call)?;
         let input = if call.input.is_empty() { Vec::new() } else { input.as_bytes().to_vec() };
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
-        let user_dir = self.data_dir.open_user(&call.user, disk_size(&limits)).await.map_err(|e| internal(&e))?;
+        let user_dir = self.data_dir.open_user(&call.user, disk_size(&limits)).await.map_err(user_dir_failed)?;
         let data_dir = user_dir.path().to_owned();
         jail.prepare_data_dir(&data_dir).map_err(|e| internal(&format!("preparing {}: {e}", data_dir.display())))?;
         // A volume refuses writes past the quota as they happen, like the WASM
@@ -428,7 +428,7 @@ impl Sandbox {
         let (limits, input) = self.admit(call)?;
 
         let internal = |e: &dyn std::fmt::Display| (Status::InternalError, e.to_string());
-        let user_dir = self.data_dir.open_user(&call.user, disk_size(&limits)).await.map_err(|e| internal(&e))?;
+        let user_dir = self.data_dir.open_user(&call.user, disk_size(&limits)).await.map_err(user_dir_failed)?;
         let data_dir = user_dir.path();
         let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
         let env: &BTreeMap<String, String> = &self.policy.env;
@@ -589,6 +589,18 @@ fn native_report(started: Started, tool: String, call: &ToolCall, outcome: Nativ
         );
     }
     report
+}
+
+/// The status and message of a user's directory that could not be made
+/// ready: a full host disk is said as such (the operator's problem, logged
+/// in full), without the host's paths.
+fn user_dir_failed(e: crate::data_dir::DataDirError) -> (Status, String) {
+    if e.is_no_space() {
+        tracing::error!(error = %e, "a user's data volume: no space left on the host's disk");
+        let said = "the server's disk has no room for your data volume; try again later";
+        return (Status::InternalError, said.to_owned());
+    }
+    (Status::InternalError, e.to_string())
 }
 
 /// What a user's volume must hold for a call under `limits`.

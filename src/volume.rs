@@ -65,6 +65,27 @@ pub enum VolumeMode {
     Off,
 }
 
+/// How users' images hold their blocks on the host's disk (`[server]
+/// data_volume_space`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeSpace {
+    /// Sparse images: the host's disk holds what users' files hold (and
+    /// gets it back when they delete: the volumes are mounted with
+    /// `discard`). The quotas may add up to more than the disk. When the
+    /// disk fills, writes into volumes fail at the kernel's writeback, some
+    /// after the tool was told they succeeded, and a volume whose journal
+    /// cannot be written turns read-only; it is checked (`e2fsck`) and
+    /// mounted again at its user's next call once space is back.
+    #[default]
+    Sparse,
+    /// Each image's whole size is allocated on the host's disk when it is
+    /// made or mounted (`fallocate`): a user's quota is theirs whatever
+    /// fills the disk. Costs the sum of the active users' quotas; a volume
+    /// for which the disk has no room is refused, with that said.
+    Reserved,
+}
+
 /// What a user's volume must hold: the tier's caps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskSize {
@@ -78,6 +99,15 @@ pub struct DiskSize {
 pub struct VolumeError {
     user: String,
     what: String,
+    /// The host's disk had no room for it.
+    no_space: bool,
+}
+
+impl VolumeError {
+    /// Whether the host's disk had no room for the volume.
+    pub fn is_no_space(&self) -> bool {
+        self.no_space
+    }
 }
 
 /// Every user's volume in one data directory.
@@ -92,6 +122,8 @@ pub struct Volumes {
     mounted: AtomicUsize,
     /// Set by [`Volumes::unmount_all`]: nothing is mounted again.
     closed: std::sync::atomic::AtomicBool,
+    /// Whether images are sparse or reserved on the host's disk.
+    space: VolumeSpace,
     /// `volumes/@lock`, held while this lives: one process at a time mounts
     /// a data directory's volumes (two mounts of one image corrupt it).
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -112,6 +144,34 @@ struct State {
     size: Option<DiskSize>,
     /// When the last hold was dropped (or the volume mounted).
     last_used: Option<Instant>,
+    /// The mounted filesystem's error count (`/sys/fs/ext4/<device>/errors_count`)
+    /// and its figure when mounted: one more error and ext4 has stopped
+    /// writing it (`errors=remount-ro`).
+    errors: Option<(PathBuf, u64)>,
+}
+
+impl State {
+    /// Whether the mounted volume stopped taking writes: ext4 does at an
+    /// error (a journal it cannot write: the host's disk full under a sparse
+    /// image, a failing disk). Older kernels mark the mount read-only; newer
+    /// ones (6.x: `emergency_ro`) do not, but count the error.
+    fn broken(&self, dir: &Path) -> bool {
+        let read_only =
+            nix::sys::statvfs::statvfs(dir).is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+        read_only
+            || self.errors.as_ref().is_some_and(|(path, at_mount)| read_count(path).is_some_and(|n| n > *at_mount))
+    }
+}
+
+/// The ext4 error counter in sysfs of the filesystem mounted on `dir`.
+fn errors_counter(dir: &Path) -> Option<PathBuf> {
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let link = std::fs::read_link(format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev))).ok()?;
+    Some(Path::new("/sys/fs/ext4").join(link.file_name()?).join("errors_count"))
+}
+
+fn read_count(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Keeps a user's volume mounted while it lives: take one before touching
@@ -147,7 +207,7 @@ impl Volumes {
     /// # Errors
     ///
     /// What failed, when `mode` is [`VolumeMode::Ext4Image`].
-    pub fn open(root: &Path, mode: VolumeMode) -> Result<Option<Self>, String> {
+    pub fn open(root: &Path, mode: VolumeMode, space: VolumeSpace) -> Result<Option<Self>, String> {
         if mode == VolumeMode::Off {
             return Ok(None);
         }
@@ -160,6 +220,7 @@ impl Volumes {
             volumes: Mutex::default(),
             mounted: AtomicUsize::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
+            space,
             _lock: lock,
         };
         match volumes.probe() {
@@ -215,9 +276,9 @@ impl Volumes {
         let _ = unmount(&at);
         let _ = std::fs::remove_dir(&at);
         let result = (|| {
-            make_image(&image, DiskSize { bytes: 1 << 20, files: 16 })?;
+            make_image(&image, DiskSize { bytes: 1 << 20, files: 16 }, self.space)?;
             std::fs::create_dir(&at)?;
-            mount(&image, &at)?;
+            self.mount(&image, &at)?;
             unmount(&at)
         })();
         let _ = std::fs::remove_dir(&at);
@@ -259,22 +320,40 @@ impl Volumes {
             std::thread::sleep(Duration::from_millis(5));
             state = volume.state.lock().unwrap_or_else(PoisonError::into_inner);
         }
-        // Mounted for another size (a tier change, or a measurement): mount
-        // again, resized, when nothing holds it; else at a later call.
-        if state.mounted && size.is_some() && state.size != size && volume.holds.load(Ordering::Acquire) == 0 {
+        // Mounted for another size (a tier change, or a measurement), or
+        // turned read-only by an I/O error: mount again (resized, checked)
+        // when nothing holds it; else at a later call.
+        let unused = volume.holds.load(Ordering::Acquire) == 0;
+        let other_size = size.is_some() && state.size != size;
+        if state.mounted && unused && (other_size || state.broken(&self.users.join(user))) {
+            if !other_size {
+                tracing::warn!(
+                    user,
+                    "the user's data volume stopped taking writes after an error (was the host's disk full?): \
+                     checking it and mounting it again"
+                );
+            }
             match unmount(&self.users.join(user)) {
                 Ok(()) => {
                     state.mounted = false;
                     self.mounted.fetch_sub(1, Ordering::Relaxed);
                 }
-                Err(e) => tracing::warn!(user, error = %e, "could not unmount a data volume to resize it"),
+                Err(e) => tracing::warn!(user, error = %e, "could not unmount a data volume to mount it again"),
             }
         }
         if !state.mounted {
             let image = self.image(user);
-            let fail = |what: String| VolumeError { user: user.to_owned(), what };
+            let fail = |what: String, e: &io::Error| VolumeError {
+                user: user.to_owned(),
+                what: format!("{what}: {e}"),
+                no_space: is_no_space(e),
+            };
             if self.closed.load(Ordering::Acquire) {
-                return Err(fail("the data directory is closing".into()));
+                return Err(VolumeError {
+                    user: user.to_owned(),
+                    what: "the data directory is closing".into(),
+                    no_space: false,
+                });
             }
             let dir = self.users.join(user);
             match size {
@@ -283,17 +362,18 @@ impl Volumes {
                 _ if is_mount_point(&dir).unwrap_or(false) => {}
                 None => {}
                 Some(size) => {
-                    self.recover(user).map_err(|e| fail(format!("finishing an interrupted migration: {e}")))?;
+                    self.recover(user).map_err(|e| fail("finishing an interrupted migration".into(), &e))?;
                     if image.exists() {
                         let staging = self.images.join(format!("{user}.staging"));
-                        resize(&image, size, &staging)
-                            .map_err(|e| fail(format!("resizing {}: {e}", image.display())))?;
+                        resize(&image, size, &staging, self.space)
+                            .map_err(|e| fail(format!("resizing {}", image.display()), &e))?;
                     } else {
-                        self.create(user, size).map_err(|e| fail(format!("making {}: {e}", image.display())))?;
+                        self.create(user, size).map_err(|e| fail(format!("making {}", image.display()), &e))?;
                     }
                 }
             }
-            self.mount_on(&image, &dir).map_err(|e| fail(format!("mounting on {}: {e}", dir.display())))?;
+            self.mount_on(&image, &dir).map_err(|e| fail(format!("mounting on {}", dir.display()), &e))?;
+            state.errors = errors_counter(&dir).and_then(|path| read_count(&path).map(|n| (path, n)));
             state.mounted = true;
             state.size = size;
             self.mounted.fetch_add(1, Ordering::Relaxed);
@@ -309,7 +389,7 @@ impl Volumes {
     pub fn hold_if_mounted(&self, user: &str, size: DiskSize) -> Option<VolumeHold> {
         let volume = self.volume(user);
         let mut state = volume.state.try_lock().ok()?;
-        if !state.mounted || state.size != Some(size) {
+        if !state.mounted || state.size != Some(size) || state.broken(&self.users.join(user)) {
             return None;
         }
         state.last_used = Some(Instant::now());
@@ -339,7 +419,17 @@ impl Volumes {
                 image.display()
             )));
         }
-        mount(image, dir)
+        self.mount(image, dir)
+    }
+
+    /// Checks `image` (`e2fsck`), reserves its blocks on the host's disk
+    /// when volumes are [`VolumeSpace::Reserved`], and mounts it on `at`.
+    fn mount(&self, image: &Path, at: &Path) -> io::Result<()> {
+        check(image)?;
+        if self.space == VolumeSpace::Reserved {
+            reserve(image)?;
+        }
+        mount(image, at, self.space)
     }
 
     /// Makes `user`'s volume, with the files of their plain directory in it.
@@ -366,12 +456,12 @@ impl Volumes {
             size
         };
         let fresh = self.images.join(format!("{user}.ext4.new"));
-        make_image(&fresh, size)?;
+        make_image(&fresh, size, self.space)?;
         if plain {
             let staging = self.images.join(format!("{user}.staging"));
             let _ = unmount(&staging);
             std::fs::create_dir_all(&staging)?;
-            mount(&fresh, &staging)?;
+            self.mount(&fresh, &staging)?;
             let copied = copy_tree(&dir, &staging);
             unmount(&staging)?;
             std::fs::remove_dir(&staging)?;
@@ -508,16 +598,20 @@ fn journal_mib(size: DiskSize) -> u64 {
 }
 
 /// A sparse file formatted as ext4 for `size`, with its tool-usable blocks set.
-fn make_image(path: &Path, size: DiskSize) -> io::Result<()> {
+fn make_image(path: &Path, size: DiskSize, space: VolumeSpace) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
     std::fs::File::create(path)?.set_len(image_blocks(size) * BLOCK)?;
-    let made = run(Command::new(tool("mkfs.ext4"))
-        .args(["-q", "-F", "-m", "0", "-b", "4096", "-N"])
-        .arg(inodes(size).to_string())
-        .arg("-J")
-        .arg(format!("size={}", journal_mib(size)))
-        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", "-L", "imagentx-data"])
-        .arg(path));
+    // Reserved first: a disk without room for it refuses before any work.
+    let reserved = if space == VolumeSpace::Reserved { reserve(path) } else { Ok(()) };
+    let made = reserved.and_then(|()| {
+        run(Command::new(tool("mkfs.ext4"))
+            .args(["-q", "-F", "-m", "0", "-b", "4096", "-N"])
+            .arg(inodes(size).to_string())
+            .arg("-J")
+            .arg(format!("size={}", journal_mib(size)))
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", "-L", "imagentx-data"])
+            .arg(path))
+    });
     // mkfs's lost+found would show in the user's /data (and cost 4 blocks).
     let made = made.and_then(|()| run(Command::new(tool("debugfs")).args(["-w", "-R", "rmdir lost+found"]).arg(path)));
     made.and_then(|()| set_reserve(path, size)).inspect_err(|_| {
@@ -528,7 +622,7 @@ fn make_image(path: &Path, size: DiskSize) -> io::Result<()> {
 /// Resizes an unmounted image to `size` if it was made for another one.
 /// `staging`: an empty directory to mount it on once, for the kernel to
 /// write the figure that `resize2fs` drops (the filesystem's overhead).
-fn resize(path: &Path, size: DiskSize, staging: &Path) -> io::Result<()> {
+fn resize(path: &Path, size: DiskSize, staging: &Path, space: VolumeSpace) -> io::Result<()> {
     let blocks = image_blocks(size);
     let sb = Superblock::read(path)?;
     if sb.blocks == blocks {
@@ -559,7 +653,7 @@ fn resize(path: &Path, size: DiskSize, staging: &Path) -> io::Result<()> {
     // would count as the user's.
     if Superblock::read(path)?.overhead == 0 {
         std::fs::create_dir_all(staging)?;
-        mount(path, staging)?;
+        mount(path, staging, space)?;
         unmount(staging)?;
         let _ = std::fs::remove_dir(staging);
     }
@@ -614,7 +708,54 @@ impl Superblock {
     }
 }
 
-fn mount(image: &Path, at: &Path) -> io::Result<()> {
+/// Checks an unmounted image with `e2fsck`: a clean one in milliseconds
+/// (its superblock's state), fully one that the kernel marked with errors
+/// (a journal that could not be written: a full host disk under a sparse
+/// image, a failing disk), repairing what it finds. Logged when it repaired.
+fn check(image: &Path) -> io::Result<()> {
+    let preen = Command::new(tool("e2fsck")).arg("-p").arg(image).output()?;
+    let said = |out: &std::process::Output| {
+        (String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)).trim().to_owned()
+    };
+    // 0: clean; 1: errors corrected; 2: corrected, "reboot" (for a root filesystem).
+    let code = match preen.status.code() {
+        Some(code @ (0..=2)) => code,
+        // 4: errors `-p` may not repair on its own.
+        Some(4) => {
+            let fixed = Command::new(tool("e2fsck")).args(["-f", "-y"]).arg(image).output()?;
+            match fixed.status.code() {
+                Some(code @ (0..=2)) => code,
+                _ => return Err(io::Error::other(format!("e2fsck could not repair it: {}", said(&fixed)))),
+            }
+        }
+        _ => return Err(io::Error::other(format!("e2fsck: {}", said(&preen)))),
+    };
+    if code != 0 {
+        tracing::warn!(image = %image.display(), said = %said(&preen), "a data volume had errors: e2fsck repaired it");
+    }
+    Ok(())
+}
+
+/// Allocates every block of `image` on the host's disk ([`VolumeSpace::Reserved`]):
+/// the filesystem's own writes into it can then never find the disk full.
+/// Quick where they are allocated already.
+fn reserve(image: &Path) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new().write(true).open(image)?;
+    let len = i64::try_from(file.metadata()?.len()).map_err(io::Error::other)?;
+    nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, len).map_err(|e| {
+        io::Error::new(io::Error::from(e).kind(), format!("reserving its {} MiB on the host's disk: {e}", len >> 20))
+    })
+}
+
+/// Whether `e` says the host's disk is full (the error of a system call,
+/// or the message of a program that ran into it).
+fn is_no_space(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC)
+        || e.kind() == io::ErrorKind::StorageFull
+        || e.to_string().contains("No space left on device")
+}
+
+fn mount(image: &Path, at: &Path, space: VolumeSpace) -> io::Result<()> {
     // A loop device in direct-I/O mode: the image's data is cached once (in
     // the volume), not a second time as the image file's pages.
     let attached = Command::new(tool("losetup")).args(["--find", "--show", "--direct-io=on"]).arg(image).output()?;
@@ -622,9 +763,13 @@ fn mount(image: &Path, at: &Path) -> io::Result<()> {
         return Err(io::Error::other(format!("losetup: {}", String::from_utf8_lossy(&attached.stderr).trim())));
     }
     let device = String::from_utf8_lossy(&attached.stdout).trim().to_owned();
-    let mounted = run(Command::new(tool("mount"))
-        .args(["-t", "ext4", "-o", "nosuid,nodev,noatime,noinit_itable,errors=remount-ro", &device])
-        .arg(at));
+    // Sparse images get the blocks of deleted files back (the loop device
+    // punches holes); reserved ones must keep them.
+    let options = match space {
+        VolumeSpace::Sparse => "nosuid,nodev,noatime,noinit_itable,errors=remount-ro,discard",
+        VolumeSpace::Reserved => "nosuid,nodev,noatime,noinit_itable,errors=remount-ro",
+    };
+    let mounted = run(Command::new(tool("mount")).args(["-t", "ext4", "-o", options, &device]).arg(at));
     // Detached at once: the device goes away with the mount (or now, if the
     // mount failed), however the process ends.
     if let Err(e) = run(Command::new(tool("losetup")).arg("-d").arg(&device)) {

@@ -10,7 +10,7 @@ mod common;
 mod server;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,50 +27,6 @@ fn bin() -> Command {
 
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
-}
-
-/// A size-capped tmpfs, unmounted when dropped.
-struct SmallFs(tempfile::TempDir);
-
-impl SmallFs {
-    fn new(bytes: u64) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    /// Fills the filesystem with a file until it has no room left; answers the file.
-    fn fill(&self) -> PathBuf {
-        let path = self.path().join("ballast");
-        let mut file = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0xa5u8; 64 << 10];
-        loop {
-            match file.write(&chunk) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-                Err(e) => panic!("filling: {e}"),
-            }
-        }
-        // The last partial block too.
-        while file.write(&[0xa5]).is_ok_and(|n| n == 1) {}
-        path
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).output();
-    }
 }
 
 /// The answer is the report of a call (200) or a clear refusal for want of
@@ -92,7 +48,7 @@ async fn a_full_disk_is_answered_507_loses_nothing_and_service_returns_when_spac
         common::skip_unprivileged("the full-disk test (a tmpfs mount)");
         return;
     }
-    let fs = SmallFs::new(64 << 20);
+    let fs = common::SmallFs::new(64 << 20);
     let dir = tempfile::tempdir_in(fs.path()).unwrap();
     let data = dir.path().to_owned();
     let settings = ServerSettings {

@@ -20,6 +20,7 @@ use imagentx_sandbox::jail::{ExtraBind, Jail, JailConfig};
 use imagentx_sandbox::policy::UserId;
 use imagentx_sandbox::report::{ExecutionReport, Status};
 use imagentx_sandbox::runner::{NativeTool, Sandbox, ToolCall};
+use imagentx_sandbox::volume::VolumeSpace;
 
 struct Setup {
     jail: Arc<Jail>,
@@ -727,10 +728,14 @@ struct Volumed {
 
 /// With tiers `small` and `larger` (see [`volume_policy`]).
 fn volumed() -> Volumed {
+    volumed_in(tempfile::tempdir().unwrap(), VolumeSpace::Sparse)
+}
+
+/// Volumes in `dir`, sparse or reserved on its filesystem.
+fn volumed_in(dir: tempfile::TempDir, space: VolumeSpace) -> Volumed {
     use imagentx_sandbox::data_dir::DataDir;
     use imagentx_sandbox::volume::VolumeMode;
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = DataDir::open_with_volumes(dir.path(), VolumeMode::Ext4Image).expect("volumes, as root");
+    let data_dir = DataDir::open_with_volumes(dir.path(), VolumeMode::Ext4Image, space).expect("volumes, as root");
     Volumed { sb: Sandbox { policy: volume_policy(), engine: common::engine(), data_dir }, dir }
 }
 
@@ -921,6 +926,161 @@ async fn plain_files_move_into_the_volume_which_idles_out_and_grows_with_the_tie
     assert!((3 * VOL_QUOTA..=3 * VOL_QUOTA + MIB).contains(&held), "carol holds {held}: {}", report.stderr);
 }
 
+/// Whether the filesystem at `dir` refuses writes (`EROFS`: ext4 after an
+/// error, `emergency_ro` on 6.x kernels, which statvfs does not show).
+fn refuses_writes(dir: &Path) -> bool {
+    let probe = dir.join(".probe");
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            std::fs::remove_file(probe).unwrap();
+            false
+        }
+        Err(e) => e.raw_os_error() == Some(libc::EROFS),
+    }
+}
+
+/// `e2fsck -f -n` of a user's unmounted image: whether it is clean.
+fn image_is_clean(v: &Volumed, user: &str) -> bool {
+    v.sb.data_dir.volumes().unwrap().unmount_all();
+    let image = v.dir.path().join(format!("volumes/{user}.ext4"));
+    let out = Command::new("e2fsck").args(["-f", "-n"]).arg(&image).output().unwrap();
+    eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out.status.success()
+}
+
+/// The host's disk fills under sparse volumes (the default): a tool's
+/// synced write fails, and a volume whose journal cannot be written turns
+/// read-only. Whether the kernel's journal hits an unallocated block of the
+/// image depends on which it had written before, so the test then makes
+/// sure of it the kernel's way (`remount,abort`). Once space is back, the
+/// user's next call finds the volume checked (`e2fsck`) and mounted again:
+/// writable, the file synced before the fault whole. A sparse volume gives
+/// the host back the blocks of deleted files.
+#[tokio::test]
+async fn a_full_host_disk_under_sparse_volumes_fails_writes_then_the_volume_is_repaired() {
+    let setup = setup_or_skip!();
+    let host = common::SmallFs::new(64 * MIB);
+    let v = volumed_in(tempfile::tempdir_in(host.path()).unwrap(), VolumeSpace::Sparse);
+    let home = v.home("alice");
+    let report = small(sh("printf kept > /data/kept && sync && echo '{}'"), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    let empty = v.host_bytes("alice");
+    let report = small(sh("dd if=/dev/zero of=/data/big bs=1M count=12 conv=fsync 2>/dev/null && echo '{}'"), "alice")
+        .run(&v.sb, setup)
+        .await;
+    assert_status(&report, Status::Ok);
+    assert!(v.host_bytes("alice") >= empty + 12 * MIB, "{} bytes on the host", v.host_bytes("alice"));
+    let report = small(sh("rm /data/big && sync && echo '{}'"), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert!(v.host_bytes("alice") < empty + MIB, "deleted, yet {} bytes on the host", v.host_bytes("alice"));
+
+    let ballast = host.fill();
+    let script = "dd if=/dev/urandom of=/data/lost bs=1M count=8 conv=fsync 2>/dev/null; echo \"{\\\"dd\\\": $?}\"";
+    let report = small(sh(script), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_ne!(report.output.as_ref().unwrap()["dd"], 0, "a synced write succeeded on a full disk: {report:?}");
+    if !refuses_writes(&home) {
+        let aborted = Command::new("mount").args(["-o", "remount,abort"]).arg(&home).output().unwrap();
+        assert!(aborted.status.success(), "{}", String::from_utf8_lossy(&aborted.stderr));
+    }
+    // The kernel turns it read-only from a work queue: soon, not at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !refuses_writes(&home) {
+        assert!(std::time::Instant::now() < deadline, "the volume never turned read-only");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // While the disk is full, a call is refused cleanly, never a hang.
+    let report = small(sh("echo '{}'"), "alice").run(&v.sb, setup).await;
+    assert!(matches!(report.status, Status::Ok | Status::InternalError), "{report:?}");
+
+    std::fs::remove_file(ballast).unwrap();
+    let script = "rm -f /data/lost; dd if=/dev/urandom of=/data/again bs=1M count=4 conv=fsync 2>/dev/null && \
+                  echo \"{\\\"kept\\\": \\\"$(cat /data/kept)\\\"}\"";
+    let report = small(sh(script), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.output, Some(serde_json::json!({"kept": "kept"})), "{}", report.stderr);
+    assert!(!refuses_writes(&home), "the volume was not mounted again");
+    assert!(image_is_clean(&v, "alice"), "the image is not clean after the repair");
+}
+
+/// Reserved volumes (`data_volume_space = "reserved"`): each image's whole
+/// size is allocated on the host's disk, so a tool writes its quota while
+/// the disk is full and the data reads back whole; a volume that the disk
+/// has no room for is refused, saying so.
+#[tokio::test]
+async fn reserved_volumes_keep_their_quota_when_the_host_disk_is_full() {
+    use sha2::Digest as _;
+    let setup = setup_or_skip!();
+    let host = common::SmallFs::new(48 * MIB);
+    let v = volumed_in(tempfile::tempdir_in(host.path()).unwrap(), VolumeSpace::Reserved);
+    let report = small(sh("echo '{}'"), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert!(v.host_bytes("alice") >= VOL_QUOTA, "{} bytes reserved", v.host_bytes("alice"));
+    // carol's larger tier (48 MiB) does not fit in what is left.
+    let mut carol = small(sh("echo '{}'"), "carol");
+    carol.tier = "larger";
+    let report = carol.run(&v.sb, setup).await;
+    assert_status(&report, Status::InternalError);
+    let said = report.error.clone().unwrap_or_default();
+    assert!(said.contains("no room for your data volume") && !said.contains(host.path().to_str().unwrap()), "{said}");
+
+    let ballast = host.fill();
+    let script = "dd if=/dev/urandom of=/data/x bs=1M count=15 conv=fsync 2>/dev/null; echo \"{\\\"dd\\\": $?}\"";
+    let report = small(sh(script), "alice").run(&v.sb, setup).await;
+    assert_status(&report, Status::Ok);
+    assert_eq!(report.output, Some(serde_json::json!({"dd": 0})), "{}", report.stderr);
+    assert!(!refuses_writes(&v.home("alice")));
+    // Read back through the volume, not from its cache: what the tool wrote.
+    let report =
+        small(sh("sha256sum /data/x | cut -c1-64 | sed 's/.*/{\"sha\": \"&\"}/'"), "alice").run(&v.sb, setup).await;
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let read = std::fs::read(v.home("alice").join("x")).unwrap();
+    assert_eq!(read.len() as u64, 15 * MIB);
+    let sha = format!("{:x}", sha2::Sha256::digest(&read));
+    assert_eq!(report.output, Some(serde_json::json!({ "sha": sha })), "{}", report.stderr);
+    std::fs::remove_file(ballast).unwrap();
+    assert!(image_is_clean(&v, "alice"));
+}
+
+/// Over HTTP, a reserved volume that the host's disk has no room for: the
+/// user's file request is answered 507 `storage_full`, their call's report
+/// says why, and a user whose volume fits is served.
+#[tokio::test]
+async fn over_http_a_volume_the_host_disk_has_no_room_for_is_refused_clearly() {
+    use hyper::{Method, StatusCode};
+    use imagentx_sandbox::volume::VolumeMode;
+    let setup = setup_or_skip!();
+    let host = common::SmallFs::new(64 * MIB);
+    let dir = tempfile::tempdir_in(host.path()).unwrap();
+    let mut settings = imagentx_sandbox::api::ServerSettings {
+        data_dir: dir.path().to_owned(),
+        max_instances: 8,
+        data_volumes: VolumeMode::Ext4Image,
+        data_volume_space: VolumeSpace::Reserved,
+        ..Default::default()
+    };
+    bind_test_programs(&mut settings.jail, &setup.bin);
+    let srv = server::TestServer::start_in(dir, volume_policy(), settings).await;
+    let spec = native_spec("hello", &["/bin/sh", "-c", "echo '{}'"]);
+    let json = [("content-type", "application/json")];
+    let answer = srv.request_with(Method::POST, "/v1/tools", Some(&srv.admin), spec.to_string(), &json).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&answer.body));
+    let erin = srv.add_user("erin", "small", false).await;
+    let carol = srv.add_user("carol", "larger", false).await;
+    // erin's 16 MiB fit; carol's 48 MiB do not, beside them and the database.
+    assert_eq!(srv.request(Method::PUT, "/v1/files/a.txt", Some(&erin), "fits").await.status, StatusCode::OK);
+    let refused = srv.request(Method::PUT, "/v1/files/a.txt", Some(&carol), "too big").await;
+    assert_eq!(refused.status, StatusCode::INSUFFICIENT_STORAGE, "{}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(refused.error_code(), "storage_full");
+    let report = srv.request(Method::POST, "/v1/tools/hello/invoke", Some(&carol), "{}").await.json();
+    assert_eq!(report["status"], "internal_error", "{report}");
+    assert_eq!(report["error"], "the server's disk has no room for your data volume; try again later", "{report}");
+    let report = srv.request(Method::POST, "/v1/tools/hello/invoke", Some(&erin), "{}").await.json();
+    assert_eq!(report["status"], "ok", "{report}");
+    srv.assert_healthy().await;
+    srv.stop().await;
+}
+
 /// One process at a time mounts a data directory's volumes (two mounts of
 /// one image corrupt it); a process without volumes does not write into a
 /// user's directory whose files are in a volume.
@@ -933,7 +1093,7 @@ async fn a_second_process_cannot_mount_the_same_volumes_nor_write_under_them() {
     let report = small(sh("echo kept > /data/a"), "erin").run(&v.sb, setup).await;
     assert_status(&report, Status::Ok);
     for mode in [VolumeMode::Auto, VolumeMode::Ext4Image] {
-        let err = DataDir::open_with_volumes(v.dir.path(), mode).unwrap_err();
+        let err = DataDir::open_with_volumes(v.dir.path(), mode, VolumeSpace::Sparse).unwrap_err();
         assert!(err.to_string().contains("another imagentx-sandbox process"), "{err}");
     }
     let plain = DataDir::open(v.dir.path()).unwrap();

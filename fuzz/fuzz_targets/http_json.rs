@@ -88,7 +88,7 @@ fn server() -> &'static Server {
             let (admin, user) = (key("root", true).await, key("alice", false).await);
             let module = wat::parse_str(ECHO).unwrap();
             let (uri, wasm) = ("/v1/tools?name=echo", "application/wasm");
-            let answer = send_as(&state, Method::POST, uri, Some(&admin), module, None, wasm).await.unwrap();
+            let answer = send(&state, Method::POST, uri, Some(&admin), module, None, wasm).await.unwrap();
             assert_eq!(answer.0, StatusCode::CREATED, "registering the tool: {}", String::from_utf8_lossy(&answer.1));
             (state, admin, user)
         });
@@ -96,18 +96,10 @@ fn server() -> &'static Server {
     })
 }
 
-async fn send(
-    state: &Arc<AppState>,
-    method: Method,
-    uri: &str,
-    key: Option<&str>,
-    body: Vec<u8>,
-    idempotency_key: Option<&str>,
-) -> Option<(StatusCode, Vec<u8>)> {
-    send_as(state, method, uri, key, body, idempotency_key, "application/json").await
-}
+const JSON: &str = "application/json";
 
-async fn send_as(
+/// The answer of the router to one request (`None`: a header no client could send).
+async fn send(
     state: &Arc<AppState>,
     method: Method,
     uri: &str,
@@ -155,31 +147,33 @@ fuzz_target!(|call: Call| {
         match &call {
             Call::Invoke { body, idempotency_key } => {
                 let key = idempotency_key.as_deref();
-                send(&s.state, Method::POST, "/v1/tools/echo/invoke", user, body.clone(), key).await
+                send(&s.state, Method::POST, "/v1/tools/echo/invoke", user, body.clone(), key, JSON).await
             }
             Call::Files { method: m, path, body } => {
                 let uri = format!("/v1/files/{}", escape(path));
-                send(&s.state, method(*m), &uri, user, body.clone(), None).await
+                send(&s.state, method(*m), &uri, user, body.clone(), None, JSON).await
             }
             Call::Audit { query } => {
                 let uri = format!("/v1/audit?{}", escape(query));
-                send(&s.state, Method::GET, &uri, admin, Vec::new(), None).await
+                send(&s.state, Method::GET, &uri, admin, Vec::new(), None, JSON).await
             }
             Call::Suspend { body } => {
-                send(&s.state, Method::POST, "/v1/users/alice/suspend", admin, body.clone(), None).await
+                send(&s.state, Method::POST, "/v1/users/alice/suspend", admin, body.clone(), None, JSON).await
             }
-            Call::Session { body } => send(&s.state, Method::POST, "/v1/sessions", user, body.clone(), None).await,
+            Call::Session { body } => {
+                send(&s.state, Method::POST, "/v1/sessions", user, body.clone(), None, JSON).await
+            }
             Call::Register { query, body, json } => {
                 let uri = format!("/v1/tools?{}", escape(query));
                 let content_type = if *json { "application/json" } else { "application/wasm" };
-                send_as(&s.state, Method::POST, &uri, admin, body.clone(), None, content_type).await
+                send(&s.state, Method::POST, &uri, admin, body.clone(), None, content_type).await
             }
             // As the admin, only reads: a fuzzed DELETE would retire `echo`
             // or revoke a key, and every later input would test less.
             Call::Any { method: m, path, body, admin: as_admin } => {
                 let uri = format!("/{}", escape(path));
                 let (key, m) = if *as_admin { (admin, Method::GET) } else { (user, method(*m)) };
-                send(&s.state, m, &uri, key, body.clone(), None).await
+                send(&s.state, m, &uri, key, body.clone(), None, JSON).await
             }
         }
     });
@@ -203,7 +197,8 @@ fuzz_target!(|call: Call| {
     }
     // A suspended alice would make every later call a 403: lift it.
     if matches!(call, Call::Suspend { .. }) && status.is_success() {
-        let lifted = s.rt.block_on(send(&s.state, Method::POST, "/v1/users/alice/unsuspend", admin, Vec::new(), None));
+        let lifted =
+            s.rt.block_on(send(&s.state, Method::POST, "/v1/users/alice/unsuspend", admin, Vec::new(), None, JSON));
         assert_eq!(lifted.map(|(status, _)| status), Some(StatusCode::OK), "lifting the suspension");
     }
 });

@@ -52,12 +52,14 @@ pub(super) async fn with_fs<T: Send + 'static>(
         )
     })?;
     let size = DiskSize { bytes: tier.data_quota_bytes, files: tier.data_files };
-    let dir = state
-        .sandbox
-        .data_dir
-        .open_user(&caller.user, size)
-        .await
-        .map_err(|e| ApiError::internal("the data directory", &e))?;
+    let dir = state.sandbox.data_dir.open_user(&caller.user, size).await.map_err(|e| {
+        if e.is_no_space() {
+            tracing::error!(error = %e, "a user's data volume");
+            ApiError::storage_full("preparing your data volume")
+        } else {
+            ApiError::internal("the data directory", &e)
+        }
+    })?;
     // Files made here belong to the native jail's uid, so native tools can write them.
     let jail = state.jail.as_ref().ok().cloned();
     let done = tokio::task::spawn_blocking(move || {

@@ -48,7 +48,7 @@ use crate::jail::{Jail, JailConfig};
 use crate::policy::Policy;
 use crate::runner::Sandbox;
 use crate::store::Store;
-use crate::volume::VolumeMode;
+use crate::volume::{VolumeMode, VolumeSpace};
 
 /// Settings of `serve`: the config file's `[server]` table, then the
 /// command line and environment over it.
@@ -97,6 +97,11 @@ pub struct ServerSettings {
     /// `auto` (where the host can mount them and native tools can run),
     /// `ext4-image` (required) or `off`.
     pub data_volumes: VolumeMode,
+    /// How the volumes' images hold their blocks on the host's disk:
+    /// `sparse` (what users wrote; quotas may add up to more than the disk)
+    /// or `reserved` (each volume's whole size, so that a full disk never
+    /// fails a write within a user's quota).
+    pub data_volume_space: VolumeSpace,
     /// The native jailer's settings: the config file's `[jail]` table.
     #[serde(skip)]
     pub jail: JailConfig,
@@ -220,6 +225,7 @@ impl Default for ServerSettings {
             guest_cores: None,
             max_sessions: None,
             data_volumes: VolumeMode::Auto,
+            data_volume_space: VolumeSpace::Sparse,
             jail: JailConfig::default(),
             retention: Retention::default(),
             backup: BackupSchedule::default(),
@@ -463,7 +469,7 @@ impl AppState {
             VolumeMode::Auto if jail.is_err() => VolumeMode::Off,
             mode => mode,
         };
-        let data_dir = DataDir::open_with_volumes(&settings.data_dir, volumes)?;
+        let data_dir = DataDir::open_with_volumes(&settings.data_dir, volumes, settings.data_volume_space)?;
         let swept = data_dir.sweep_scratch();
         if swept > 0 {
             tracing::info!(directories = swept, "removed scratch directories left by an earlier run");

@@ -412,10 +412,10 @@ fn warm_python_data(
 /// chunks into its volume beside the same write into a plain directory on the
 /// same file system, alternating runs.
 fn volumes(h: &mut Harness, jailer: &Jailer) -> anyhow::Result<()> {
-    use crate::volume::{DiskSize, VolumeMode, Volumes};
+    use crate::volume::{DiskSize, VolumeMode, VolumeSpace, Volumes};
     let root = tempfile::tempdir_in(h.scratch.path())?;
     std::fs::create_dir_all(root.path().join("users"))?;
-    let volumes = match Volumes::open(root.path(), VolumeMode::Ext4Image) {
+    let volumes = match Volumes::open(root.path(), VolumeMode::Ext4Image, VolumeSpace::Sparse) {
         Ok(Some(v)) => v,
         Ok(None) | Err(_) => {
             h.skip("data volumes: this host cannot mount them");

@@ -185,3 +185,48 @@ pub fn venv_python(name: &str, requirement: &str) -> PathBuf {
     }
     python
 }
+
+/// A size-capped tmpfs, unmounted when dropped.
+pub struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    pub fn new(bytes: u64) -> Self {
+        let dir = tempfile::tempdir().expect("a directory to mount on");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("running mount");
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Fills the filesystem with a file until it has no room left; answers the file.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.path().join("ballast");
+        let mut file = std::fs::File::create(&path).expect("creating the ballast");
+        let chunk = vec![0xa5u8; 64 << 10];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling: {e}"),
+            }
+        }
+        // The last partial block too.
+        while file.write(&[0xa5]).is_ok_and(|n| n == 1) {}
+        path
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).output();
+    }
+}
