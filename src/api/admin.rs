@@ -321,6 +321,7 @@ pub async fn live(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Json<L
 pub struct SuspendRequest {
     /// Seconds, 1 to 2592000 (30 days); default 3600.
     #[schemars(range(min = 1, max = 2_592_000))]
+    #[serde(default, deserialize_with = "super::error::whole_number")]
     pub for_s: Option<u64>,
     /// Why, shown to the user in the 403 (default: "suspended by an admin").
     pub reason: Option<String>,

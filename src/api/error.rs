@@ -5,6 +5,8 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use serde::Deserialize as _;
+
 use crate::store::StoreError;
 use crate::userfs::FsError;
 
@@ -114,6 +116,30 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Reads an optional whole number of a request body: JSON Schema's
+/// `integer`, which includes a number written with a zero fraction
+/// (`5000.0`, as Python's `json.dumps` writes a float). A fraction, a
+/// negative number or one past `T` is refused with what was expected.
+/// For `#[serde(default, deserialize_with = "whole_number")]`.
+///
+/// # Errors
+///
+/// Serde's error for any other value.
+pub fn whole_number<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error as _;
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else { return Ok(None) };
+    let whole = number.as_u64().or_else(|| {
+        // Below 2^53 every whole number is exact in an f64.
+        number.as_f64().filter(|f| f.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(f)).map(|f| f as u64)
+    });
+    let whole = whole.ok_or_else(|| D::Error::custom(format!("invalid value {number}, expected a whole number")))?;
+    T::try_from(whole).map(Some).map_err(|_| D::Error::custom(format!("{whole} is too large for this field")))
 }
 
 /// Parses a JSON request body into `T`, answering 400 with serde's message.

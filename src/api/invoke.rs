@@ -34,9 +34,11 @@ pub struct InvokeRequest {
     pub args: Vec<String>,
     /// Wall-clock budget in milliseconds (default and maximum from the policy).
     #[schemars(range(min = 1))]
+    #[serde(default, deserialize_with = "super::error::whole_number")]
     pub timeout_ms: Option<u64>,
     /// A registered version (default: the newest).
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4_294_967_295u32))]
+    #[serde(default, deserialize_with = "super::error::whole_number")]
     pub version: Option<u32>,
 }
 

@@ -39,7 +39,7 @@ use serde::Deserialize;
 pub use admission::{Admission, AuditThrottle, Denial};
 pub use error::ApiError;
 pub use metrics::Metrics;
-pub use openapi::document as openapi_document;
+pub use openapi::{PolicyBounds, document as openapi_document};
 pub use registry::{Registered, Registry};
 
 use crate::data_dir::DataDir;

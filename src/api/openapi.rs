@@ -14,7 +14,6 @@ fn content(body: Body, generator: &mut schemars::SchemaGenerator) -> Option<Valu
     }
 }
 
-/// The document for `routes`.
 /// The JSON Schema of a path parameter: names as the server takes them,
 /// ids as it makes them.
 fn path_schema(path: &str, name: &str) -> Value {
@@ -40,7 +39,27 @@ fn schema(param: Param) -> Value {
     }
 }
 
-pub fn document(routes: &[Route]) -> Value {
+/// Bounds of request fields that the policy sets, not the types.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyBounds {
+    /// `[limits] max_timeout_ms`: any `timeout_ms`.
+    pub max_timeout_ms: u64,
+    /// The largest tier's `session_idle_s`: a session's `idle_timeout_s`
+    /// (a caller's own tier may allow less).
+    pub max_session_idle_s: u64,
+}
+
+impl PolicyBounds {
+    pub fn of(policy: &crate::policy::Policy) -> Self {
+        Self {
+            max_timeout_ms: u64::try_from(policy.max_wall_time.as_millis()).unwrap_or(u64::MAX),
+            max_session_idle_s: policy.tiers.values().map(|t| t.session_idle_s).max().unwrap_or(1),
+        }
+    }
+}
+
+/// The document for `routes`, with the bounds of the server's policy.
+pub fn document(routes: &[Route], bounds: PolicyBounds) -> Value {
     let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
     let mut paths = Map::new();
     for route in routes {
@@ -78,6 +97,29 @@ pub fn document(routes: &[Route]) -> Value {
         entry[route.method] = op;
     }
     let mut schemas = generator.take_definitions(true);
+    // Bounds that live in the policy, not in the types.
+    for schema in schemas.values_mut() {
+        for (field, max) in [("timeout_ms", bounds.max_timeout_ms), ("idle_timeout_s", bounds.max_session_idle_s)] {
+            if let Some(field) = schema.pointer_mut(&format!("/properties/{field}")).and_then(Value::as_object_mut) {
+                field.insert("maximum".into(), max.into());
+            }
+        }
+    }
+    // A body with fields it cannot go without is required (an empty one is refused).
+    for op in paths.values_mut().filter_map(Value::as_object_mut).flat_map(|methods| methods.values_mut()) {
+        let named = op
+            .pointer("/requestBody/content/application~1json/schema/$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/components/schemas/"));
+        let needs_fields = named
+            .and_then(|name| schemas.get(name))
+            .and_then(|schema| schema.get("required"))
+            .and_then(Value::as_array)
+            .is_some_and(|required| !required.is_empty());
+        if needs_fields {
+            op["requestBody"]["required"] = Value::Bool(true);
+        }
+    }
     schemas.insert(
         "Error".into(),
         json!({
@@ -103,6 +145,6 @@ pub fn document(routes: &[Route]) -> Value {
     })
 }
 
-pub async fn serve() -> Json<Value> {
-    Json(document(&super::routes()))
+pub async fn serve(axum::extract::State(state): axum::extract::State<std::sync::Arc<super::AppState>>) -> Json<Value> {
+    Json(document(&super::routes(), PolicyBounds::of(&state.sandbox.policy)))
 }

@@ -284,10 +284,12 @@ pub struct OpenRequest {
     /// Close the session after this many seconds without a step (default and
     /// maximum: the tier's `session_idle_s`).
     #[schemars(range(min = 1))]
+    #[serde(default, deserialize_with = "super::error::whole_number")]
     pub idle_timeout_s: Option<u64>,
     /// Wall-clock budget of each step that does not ask for its own (default
     /// and maximum from the policy, as for a call).
     #[schemars(range(min = 1))]
+    #[serde(default, deserialize_with = "super::error::whole_number")]
     pub timeout_ms: Option<u64>,
 }
 
@@ -302,6 +304,7 @@ pub struct StepRequest {
     pub args: serde_json::Value,
     /// This step's wall-clock budget (default: the session's).
     #[schemars(range(min = 1))]
+    #[serde(default, deserialize_with = "super::error::whole_number")]
     pub timeout_ms: Option<u64>,
 }
 
