@@ -454,7 +454,8 @@ fn add_archive<W: Write>(
         if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(BackupError::Refused(format!("{} is not a regular file", path.display())));
         }
-        add_file_fd(tar, members, file, &stat, &format!("{}/{name}", crate::audit::ARCHIVE_DIR))?;
+        let member = format!("{}/{name}", crate::audit::ARCHIVE_DIR);
+        add_file_fd(tar, members, file, &stat, &member, Path::new(&member))?;
     }
     Ok(())
 }
@@ -468,7 +469,7 @@ fn add_file<W: Write>(
 ) -> Result<(), BackupError> {
     let file = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
     let stat = nix::sys::stat::fstat(&file).map_err(|e| io(format!("reading {}", path.display()))(e.into()))?;
-    add_file_fd(tar, members, file, &stat, name)
+    add_file_fd(tar, members, file, &stat, name, Path::new(name))
 }
 
 /// A member's header: its kind, size, and the mode, owner and time of `stat`.
@@ -527,11 +528,15 @@ fn add_tree<W: Write>(
     let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
     let top = nix::fcntl::open(root, flags | OFlag::O_DIRECTORY, Mode::empty())
         .map_err(|e| io(format!("opening {}", root.display()))(e.into()))?;
-    let mut stack = vec![(top, prefix.to_owned())];
-    while let Some((dir, name)) = stack.pop() {
+    // Each entry's name as the manifest lists it (UTF-8, lossy) and as the
+    // archive keeps it (the bytes the file system gave: restored as they were).
+    let mut stack = vec![(top, prefix.to_owned(), PathBuf::from(prefix))];
+    while let Some((dir, name, raw)) = stack.pop() {
         let stat = nix::sys::stat::fstat(&dir).map_err(|e| io(format!("reading {name}"))(e.into()))?;
         let mut header = header_for(&stat, tar::EntryType::Directory, 0);
-        tar.append_data(&mut header, format!("{name}/"), std::io::empty()).map_err(io(format!("writing {name}")))?;
+        let mut raw_dir = raw.clone().into_os_string();
+        raw_dir.push("/");
+        tar.append_data(&mut header, raw_dir, std::io::empty()).map_err(io(format!("writing {name}")))?;
         members.push(Member::dir(&name));
         let listing = nix::dir::Dir::from_fd(dir.try_clone().map_err(io(format!("listing {name}")))?)
             .map_err(|e| io(format!("listing {name}"))(e.into()))?;
@@ -544,6 +549,7 @@ fn add_tree<W: Write>(
         entries.sort();
         for entry in entries {
             let child = format!("{name}/{}", entry.to_string_lossy());
+            let raw_child = raw.join(&entry);
             if child.ends_with("/lost+found") && name.matches('/').count() == 1 {
                 continue;
             }
@@ -551,8 +557,10 @@ fn add_tree<W: Write>(
                 Ok(fd) => {
                     let stat = nix::sys::stat::fstat(&fd).map_err(|e| io(format!("reading {child}"))(e.into()))?;
                     match stat.st_mode & libc::S_IFMT {
-                        libc::S_IFDIR => stack.push((fd, child)),
-                        libc::S_IFREG => add_file_fd(tar, members, std::fs::File::from(fd), &stat, &child)?,
+                        libc::S_IFDIR => stack.push((fd, child, raw_child)),
+                        libc::S_IFREG => {
+                            add_file_fd(tar, members, std::fs::File::from(fd), &stat, &child, &raw_child)?;
+                        }
                         _ => {} // FIFOs, sockets, devices: not a user's data
                     }
                 }
@@ -563,7 +571,8 @@ fn add_tree<W: Write>(
                     header.set_entry_type(tar::EntryType::Symlink);
                     header.set_size(0);
                     header.set_mode(0o777);
-                    tar.append_link(&mut header, &child, Path::new(&target)).map_err(io(format!("writing {child}")))?;
+                    tar.append_link(&mut header, &raw_child, Path::new(&target))
+                        .map_err(io(format!("writing {child}")))?;
                     members.push(Member::symlink(&child, target.as_bytes()));
                 }
                 // Gone meanwhile: it was not there to back up.
@@ -575,13 +584,15 @@ fn add_tree<W: Write>(
     Ok(())
 }
 
-/// Adds the opened regular file `file` (its `stat`) as `name`.
+/// Adds the opened regular file `file` (its `stat`) as `raw` in the archive,
+/// `name` in the manifest.
 fn add_file_fd<W: Write>(
     tar: &mut tar::Builder<W>,
     members: &mut Vec<Member>,
     file: std::fs::File,
     stat: &nix::sys::stat::FileStat,
     name: &str,
+    raw: &Path,
 ) -> Result<(), BackupError> {
     let size = u64::try_from(stat.st_size).unwrap_or(0);
     let mut header = header_for(stat, tar::EntryType::Regular, size);
@@ -589,7 +600,7 @@ fn add_file_fd<W: Write>(
     // keeps the size it had (cut, or padded with zeros), and the hash is of
     // what the archive holds.
     let mut reader = HashingReader { inner: file.take(size), left: size, hash: Sha256::new() };
-    tar.append_data(&mut header, name, &mut reader).map_err(io(format!("writing {name}")))?;
+    tar.append_data(&mut header, raw, &mut reader).map_err(io(format!("writing {name}")))?;
     members.push(Member::file(name, size, reader.hash));
     Ok(())
 }
@@ -613,12 +624,15 @@ fn read(path: &Path, into: Option<&Path>, wanted: &dyn Fn(&str) -> bool) -> Resu
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
     let mut seen: Vec<Member> = Vec::new();
     let mut manifest: Option<Manifest> = None;
+    let mut directories: Vec<(PathBuf, tar::Header)> = Vec::new();
     let check_dir = tempfile::tempdir().map_err(io("a scratch directory"))?;
     let damaged = |what: String| BackupError::Damaged(what);
     let entries = archive.entries().map_err(|e| damaged(format!("not a backup archive: {e}")))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| damaged(format!("after {}: {e}", last(&seen))))?;
-        let name = entry.path().map_err(|e| damaged(format!("a member's name: {e}")))?.to_string_lossy().into_owned();
+        // Checked by its name in UTF-8 (the manifest's), written by its bytes.
+        let raw = entry.path().map_err(|e| damaged(format!("a member's name: {e}")))?.into_owned();
+        let name = raw.to_string_lossy().into_owned();
         if manifest.is_some() {
             return Err(damaged(format!("{name} comes after the manifest")));
         }
@@ -636,11 +650,11 @@ fn read(path: &Path, into: Option<&Path>, wanted: &dyn Fn(&str) -> bool) -> Resu
         if kind.is_file() {
             // Written where it goes (the database also where it is checked), hashed on the way.
             let target = match into {
-                Some(into) => Some(beneath(into, &name)?),
+                Some(into) => Some(beneath(into, &raw)?),
                 None if name == DATABASE => Some(check_dir.path().join(DATABASE)),
                 // Archive segments are checked with the database, as one chain.
                 None if name.starts_with(&format!("{}/", crate::audit::ARCHIVE_DIR)) => {
-                    Some(beneath(check_dir.path(), &name)?)
+                    Some(beneath(check_dir.path(), &raw)?)
                 }
                 None => None,
             };
@@ -660,7 +674,7 @@ fn read(path: &Path, into: Option<&Path>, wanted: &dyn Fn(&str) -> bool) -> Resu
             if let (Some(target), Some(_)) = (&target, into) {
                 own(target, entry.header());
                 if name == DATABASE || name.starts_with(&format!("{}/", crate::audit::ARCHIVE_DIR)) {
-                    let check = beneath(check_dir.path(), &name)?;
+                    let check = beneath(check_dir.path(), &raw)?;
                     if let Some(parent) = check.parent() {
                         std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
                     }
@@ -680,19 +694,24 @@ fn read(path: &Path, into: Option<&Path>, wanted: &dyn Fn(&str) -> bool) -> Resu
             && let Some(into) = into
         {
             if kind.is_dir() {
-                let target = beneath(into, name.trim_end_matches('/'))?;
+                let target = beneath(into, &raw)?;
                 std::fs::create_dir_all(&target).map_err(io(format!("creating {}", target.display())))?;
-                own(&target, entry.header());
+                // Its mode once everything under it is written: a read-only
+                // directory would refuse its own files (to a restore not run as root).
+                directories.push((target, entry.header().clone()));
             } else if kind.is_symlink()
                 && let Ok(Some(link)) = entry.link_name()
             {
-                let target = beneath(into, &name)?;
+                let target = beneath(into, &raw)?;
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
                 }
                 std::os::unix::fs::symlink(&*link, &target).map_err(io(format!("linking {}", target.display())))?;
             }
         }
+    }
+    for (directory, header) in directories.iter().rev() {
+        own(directory, header);
     }
     let manifest = manifest.ok_or_else(|| damaged(format!("no manifest: the file ends after {}", last(&seen))))?;
     if manifest.format == 0 || manifest.format > FORMAT {
@@ -737,12 +756,21 @@ fn read(path: &Path, into: Option<&Path>, wanted: &dyn Fn(&str) -> bool) -> Resu
 /// Where member `name` lands under `into`, refused when a symlink already
 /// there (one the backup itself made) is on the way or in the place: a
 /// crafted backup's `link -> /etc` then `link/passwd` must not write outside.
-fn beneath(into: &Path, name: &str) -> Result<PathBuf, BackupError> {
+fn beneath(into: &Path, name: &Path) -> Result<PathBuf, BackupError> {
     let mut at = into.to_owned();
-    for part in name.split('/').filter(|p| !p.is_empty()) {
-        at.push(part);
+    for part in name.components() {
+        match part {
+            std::path::Component::Normal(part) => at.push(part),
+            std::path::Component::CurDir => {}
+            // `read` refuses these before anything is written; never here.
+            _ => return Err(BackupError::Damaged(format!("{} would land outside", name.display()))),
+        }
         if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(BackupError::Damaged(format!("{name} would be written through a symlink ({})", at.display())));
+            return Err(BackupError::Damaged(format!(
+                "{} would be written through a symlink ({})",
+                name.display(),
+                at.display()
+            )));
         }
     }
     Ok(at)

@@ -545,6 +545,64 @@ fn a_symlink_added_to_a_backup_is_found() {
     }
 }
 
+/// Names that are not UTF-8 (a native tool can make them) come back as the
+/// same bytes, even two that read the same once made UTF-8 (both `\xfe` and
+/// `\xff` are U+FFFD); a read-only directory comes back read-only with its
+/// files, also from a restore that does not run as root.
+#[test]
+fn odd_names_and_read_only_directories_are_restored_as_they_were() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    mode(root.path(), 0o755);
+    let data = root.path().join("data");
+    let alice = data.join("users/alice");
+    std::fs::create_dir_all(&alice).unwrap();
+    add_user(&data, "alice", &[]);
+    std::fs::create_dir(alice.join(OsStr::from_bytes(b"\xff"))).unwrap();
+    std::fs::write(alice.join(OsStr::from_bytes(b"\xff")).join("inside.txt"), "in the odd directory").unwrap();
+    std::fs::write(alice.join(OsStr::from_bytes(b"\xfe")), "an odd file").unwrap();
+    std::fs::create_dir(alice.join("frozen")).unwrap();
+    std::fs::write(alice.join("frozen/kept.txt"), "kept").unwrap();
+    mode(&alice.join("frozen"), 0o555);
+    let backup = root.path().join("backup.tar.gz");
+    json_out(&bin().args(["backup", "--to"]).arg(&backup).arg("--data-dir").arg(&data).output().unwrap());
+    json_out(&bin().args(["backup", "verify"]).arg(&backup).output().unwrap());
+
+    let check = |restored: &Path| {
+        let alice = restored.join("users/alice");
+        let inside = alice.join(OsStr::from_bytes(b"\xff")).join("inside.txt");
+        assert_eq!(std::fs::read_to_string(inside).unwrap(), "in the odd directory");
+        assert_eq!(std::fs::read_to_string(alice.join(OsStr::from_bytes(b"\xfe"))).unwrap(), "an odd file");
+        assert_eq!(std::fs::read_to_string(alice.join("frozen/kept.txt")).unwrap(), "kept");
+        let frozen = std::fs::metadata(alice.join("frozen")).unwrap().permissions().mode();
+        assert_eq!(frozen & 0o777, 0o555);
+    };
+    let restored = root.path().join("restored");
+    json_out(&bin().args(["restore"]).arg(&backup).arg("--data-dir").arg(&restored).output().unwrap());
+    check(&restored);
+    if nix::unistd::geteuid().is_root() {
+        // As nobody, into a directory nobody owns.
+        mode(&backup, 0o644);
+        let by_nobody = root.path().join("by-nobody");
+        std::fs::create_dir(&by_nobody).unwrap();
+        std::os::unix::fs::chown(&by_nobody, Some(65534), Some(65534)).unwrap();
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_imagentx-sandbox"))
+            .arg("restore")
+            .arg(&backup)
+            .arg("--data-dir")
+            .arg(&by_nobody)
+            .output()
+            .unwrap();
+        json_out(&out);
+        check(&by_nobody);
+    }
+}
+
 /// A crafted backup (its manifest right) whose symlink points out of the
 /// data directory, then a file "under" it: restore refuses it and writes
 /// nothing outside.
