@@ -49,7 +49,38 @@ pub struct CodeSession {
     live: Live,
     name: String,
     sha256: Option<String>,
-    user_dir: UserDir,
+    /// `None` only while dropping.
+    user_dir: Option<UserDir>,
+}
+
+/// How long a closed native session's directory stays held for its jail to
+/// be reaped (its thread polls every 100 ms).
+const JAIL_REAPED_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Drop for CodeSession {
+    /// A native session's jail keeps the user's directory mounted in its own
+    /// namespace until its thread has killed and reaped it: the hold on the
+    /// user's volume (which keeps it from being unmounted, checked or
+    /// resized) is given back only then, from a thread of its own.
+    fn drop(&mut self) {
+        let Live::Native { session, .. } = &self.live else { return };
+        session.close();
+        let alive = session.alive_flag();
+        let Some(dir) = self.user_dir.take() else { return };
+        if !alive.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let waited = std::thread::Builder::new().name("session-hold".into()).spawn(move || {
+            let deadline = std::time::Instant::now() + JAIL_REAPED_WITHIN;
+            while alive.load(std::sync::atomic::Ordering::Acquire) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            drop(dir);
+        });
+        if let Err(e) = waited {
+            tracing::warn!(error = %e, "could not wait for a native session's jail before giving its volume back");
+        }
+    }
 }
 
 /// What runs a session's steps.
@@ -79,7 +110,7 @@ impl CodeSession {
 
     /// The host directory that is the session's `/data`.
     pub fn data_dir(&self) -> &std::path::Path {
-        self.user_dir.path()
+        self.user_dir.as_ref().map_or(std::path::Path::new(""), UserDir::path)
     }
 }
 
@@ -180,7 +211,7 @@ impl Sandbox {
             live: Live::Wasm { instance: live, data_budget, _scratch: scratch },
             name: tool.name().to_owned(),
             sha256: Some(tool.sha256().to_owned()),
-            user_dir,
+            user_dir: Some(user_dir),
         })
     }
 
@@ -214,7 +245,7 @@ impl Sandbox {
             live: Live::Native { session, data_writable, note },
             name: tool.name.clone(),
             sha256: None,
-            user_dir,
+            user_dir: Some(user_dir),
         })
     }
 
@@ -591,14 +622,17 @@ fn native_report(started: Started, tool: String, call: &ToolCall, outcome: Nativ
     report
 }
 
+/// What a call or a session is told when the host's disk has no room for
+/// the user's volume (an `internal_error`; the HTTP API's 507 for sessions).
+pub const NO_ROOM_FOR_VOLUME: &str = "the server's disk has no room for your data volume; try again later";
+
 /// The status and message of a user's directory that could not be made
 /// ready: a full host disk is said as such (the operator's problem, logged
 /// in full), without the host's paths.
 fn user_dir_failed(e: crate::data_dir::DataDirError) -> (Status, String) {
     if e.is_no_space() {
         tracing::error!(error = %e, "a user's data volume: no space left on the host's disk");
-        let said = "the server's disk has no room for your data volume; try again later";
-        return (Status::InternalError, said.to_owned());
+        return (Status::InternalError, NO_ROOM_FOR_VOLUME.to_owned());
     }
     (Status::InternalError, e.to_string())
 }

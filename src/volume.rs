@@ -80,9 +80,11 @@ pub enum VolumeSpace {
     #[default]
     Sparse,
     /// Each image's whole size is allocated on the host's disk when it is
-    /// made or mounted (`fallocate`): a user's quota is theirs whatever
-    /// fills the disk. Costs the sum of the active users' quotas; a volume
-    /// for which the disk has no room is refused, with that said.
+    /// made, grown or mounted (`fallocate`): a user's quota is theirs
+    /// whatever fills the disk (on a host filesystem that keeps allocated
+    /// blocks allocated: not a copy-on-write one). Costs the quota of every
+    /// user who has a volume, idle or not; a volume for which the disk has
+    /// no room is refused, with that said.
     Reserved,
 }
 
@@ -124,6 +126,8 @@ pub struct Volumes {
     closed: std::sync::atomic::AtomicBool,
     /// Whether images are sparse or reserved on the host's disk.
     space: VolumeSpace,
+    /// Said once: a volume without an ext4 error counter in sysfs.
+    no_error_counter: std::sync::atomic::AtomicBool,
     /// `volumes/@lock`, held while this lives: one process at a time mounts
     /// a data directory's volumes (two mounts of one image corrupt it).
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -221,6 +225,7 @@ impl Volumes {
             mounted: AtomicUsize::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
             space,
+            no_error_counter: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         };
         match volumes.probe() {
@@ -364,6 +369,8 @@ impl Volumes {
                 Some(size) => {
                     self.recover(user).map_err(|e| fail("finishing an interrupted migration".into(), &e))?;
                     if image.exists() {
+                        // Resizing reads and rewrites the superblock's counts: repaired first.
+                        check(&image).map_err(|e| fail(format!("checking {}", image.display()), &e))?;
                         let staging = self.images.join(format!("{user}.staging"));
                         resize(&image, size, &staging, self.space)
                             .map_err(|e| fail(format!("resizing {}", image.display()), &e))?;
@@ -374,6 +381,14 @@ impl Volumes {
             }
             self.mount_on(&image, &dir).map_err(|e| fail(format!("mounting on {}", dir.display()), &e))?;
             state.errors = errors_counter(&dir).and_then(|path| read_count(&path).map(|n| (path, n)));
+            if state.errors.is_none() && !self.no_error_counter.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    user,
+                    "no ext4 error counter in /sys/fs/ext4 for this volume: on kernels that keep a failed \
+                     volume mounted read-write (6.x, emergency_ro), one that stopped taking writes is noticed \
+                     only at its next mount"
+                );
+            }
             state.mounted = true;
             state.size = size;
             self.mounted.fetch_add(1, Ordering::Relaxed);
@@ -604,7 +619,7 @@ fn make_image(path: &Path, size: DiskSize, space: VolumeSpace) -> io::Result<()>
     // Reserved first: a disk without room for it refuses before any work.
     let reserved = if space == VolumeSpace::Reserved { reserve(path) } else { Ok(()) };
     let made = reserved.and_then(|()| {
-        run(Command::new(tool("mkfs.ext4"))
+        run(command("mkfs.ext4")
             .args(["-q", "-F", "-m", "0", "-b", "4096", "-N"])
             .arg(inodes(size).to_string())
             .arg("-J")
@@ -613,7 +628,7 @@ fn make_image(path: &Path, size: DiskSize, space: VolumeSpace) -> io::Result<()>
             .arg(path))
     });
     // mkfs's lost+found would show in the user's /data (and cost 4 blocks).
-    let made = made.and_then(|()| run(Command::new(tool("debugfs")).args(["-w", "-R", "rmdir lost+found"]).arg(path)));
+    let made = made.and_then(|()| run(command("debugfs").args(["-w", "-R", "rmdir lost+found"]).arg(path)));
     made.and_then(|()| set_reserve(path, size)).inspect_err(|_| {
         let _ = std::fs::remove_file(path);
     })
@@ -630,15 +645,19 @@ fn resize(path: &Path, size: DiskSize, staging: &Path, space: VolumeSpace) -> io
     }
     if blocks > sb.blocks {
         std::fs::OpenOptions::new().write(true).open(path)?.set_len(blocks * BLOCK)?;
+        // Reserved first, as when made: a disk without room refuses before resize2fs writes.
+        if space == VolumeSpace::Reserved {
+            reserve(path)?;
+        }
     }
     // resize2fs wants a freshly checked filesystem. Exit 1: errors corrected
     // (free counts that the kernel leaves to be recounted): fine.
-    let checked = Command::new(tool("e2fsck")).args(["-f", "-p"]).arg(path).output()?;
+    let checked = command("e2fsck").args(["-f", "-p"]).arg(path).output()?;
     if !matches!(checked.status.code(), Some(0 | 1)) {
         let said = String::from_utf8_lossy(&checked.stdout).into_owned() + &String::from_utf8_lossy(&checked.stderr);
         return Err(io::Error::other(format!("e2fsck: {}", said.trim())));
     }
-    let resized = run(Command::new(tool("resize2fs")).arg(path).arg(blocks.to_string()));
+    let resized = run(command("resize2fs").arg(path).arg(blocks.to_string()));
     if let Err(e) = resized {
         // A shrink below what the user holds: keep the size; the ledger and the
         // reserve below hold them to the new quota.
@@ -647,7 +666,7 @@ fn resize(path: &Path, size: DiskSize, staging: &Path, space: VolumeSpace) -> io
         std::fs::OpenOptions::new().write(true).open(path)?.set_len(blocks * BLOCK)?;
     }
     // e2fsck makes a lost+found again, which would show in /data.
-    let _ = run(Command::new(tool("debugfs")).args(["-w", "-R", "rmdir lost+found"]).arg(path));
+    let _ = run(command("debugfs").args(["-w", "-R", "rmdir lost+found"]).arg(path));
     // resize2fs leaves "Overhead clusters" out; the kernel counts it again
     // at a mount and writes it back. Without it every block of metadata
     // would count as the user's.
@@ -675,7 +694,7 @@ fn set_reserve(path: &Path, size: DiskSize) -> io::Result<()> {
     if reserve == sb.reserved {
         return Ok(());
     }
-    run(Command::new(tool("tune2fs")).arg("-r").arg(reserve.to_string()).arg(path))
+    run(command("tune2fs").arg("-r").arg(reserve.to_string()).arg(path))
 }
 
 /// The figures of an unmounted image's superblock that sizing needs.
@@ -689,7 +708,7 @@ struct Superblock {
 
 impl Superblock {
     fn read(path: &Path) -> io::Result<Self> {
-        let out = Command::new(tool("dumpe2fs")).arg("-h").arg(path).output()?;
+        let out = command("dumpe2fs").arg("-h").arg(path).output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!("dumpe2fs: {}", String::from_utf8_lossy(&out.stderr).trim())));
         }
@@ -712,26 +731,45 @@ impl Superblock {
 /// (its superblock's state), fully one that the kernel marked with errors
 /// (a journal that could not be written: a full host disk under a sparse
 /// image, a failing disk), repairing what it finds. Logged when it repaired.
+/// Never repaired while the host's disk refuses writes: `e2fsck -y` would
+/// ignore the write errors and mark the image clean, half repaired; it is
+/// refused (no space) until there is room, and checked then.
 fn check(image: &Path) -> io::Result<()> {
-    let preen = Command::new(tool("e2fsck")).arg("-p").arg(image).output()?;
     let said = |out: &std::process::Output| {
         (String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)).trim().to_owned()
     };
-    // 0: clean; 1: errors corrected; 2: corrected, "reboot" (for a root filesystem).
-    let code = match preen.status.code() {
-        Some(code @ (0..=2)) => code,
-        // 4: errors `-p` may not repair on its own.
-        Some(4) => {
-            let fixed = Command::new(tool("e2fsck")).args(["-f", "-y"]).arg(image).output()?;
-            match fixed.status.code() {
-                Some(code @ (0..=2)) => code,
-                _ => return Err(io::Error::other(format!("e2fsck could not repair it: {}", said(&fixed)))),
-            }
+    let failed = |out: &std::process::Output, what: &str| {
+        let said = said(out);
+        let kind = if said.contains("Error writing") || said.contains("No space left on device") {
+            io::ErrorKind::StorageFull
+        } else {
+            io::ErrorKind::Other
+        };
+        io::Error::new(kind, format!("{what}: {said}"))
+    };
+    let preen = command("e2fsck").arg("-p").arg(image).output()?;
+    // Exit bits: 1 errors corrected, 2 corrected ("reboot", for a root
+    // filesystem), 4 errors left, 8 and up: e2fsck itself failed.
+    let code = preen.status.code().unwrap_or(8);
+    let (code, repair) = if code & !3 == 0 {
+        (code, preen)
+    } else if code & !7 == 0 {
+        if failed(&preen, "").kind() == io::ErrorKind::StorageFull {
+            return Err(failed(&preen, "e2fsck could not write its repairs"));
         }
-        _ => return Err(io::Error::other(format!("e2fsck: {}", said(&preen)))),
+        // Errors `-p` may not repair on its own.
+        let fixed = command("e2fsck").args(["-f", "-y"]).arg(image).output()?;
+        match fixed.status.code() {
+            Some(code @ 0..=3) => (code, fixed),
+            _ => return Err(failed(&fixed, "e2fsck could not repair it")),
+        }
+    } else {
+        return Err(failed(&preen, "e2fsck"));
     };
     if code != 0 {
-        tracing::warn!(image = %image.display(), said = %said(&preen), "a data volume had errors: e2fsck repaired it");
+        tracing::warn!(image = %image.display(), said = %said(&repair), "a data volume had errors: e2fsck repaired it");
+        // A full check makes a lost+found, which would show in the user's /data.
+        let _ = run(command("debugfs").args(["-w", "-R", "rmdir lost+found"]).arg(image));
     }
     Ok(())
 }
@@ -758,7 +796,7 @@ fn is_no_space(e: &io::Error) -> bool {
 fn mount(image: &Path, at: &Path, space: VolumeSpace) -> io::Result<()> {
     // A loop device in direct-I/O mode: the image's data is cached once (in
     // the volume), not a second time as the image file's pages.
-    let attached = Command::new(tool("losetup")).args(["--find", "--show", "--direct-io=on"]).arg(image).output()?;
+    let attached = command("losetup").args(["--find", "--show", "--direct-io=on"]).arg(image).output()?;
     if !attached.status.success() {
         return Err(io::Error::other(format!("losetup: {}", String::from_utf8_lossy(&attached.stderr).trim())));
     }
@@ -769,10 +807,10 @@ fn mount(image: &Path, at: &Path, space: VolumeSpace) -> io::Result<()> {
         VolumeSpace::Sparse => "nosuid,nodev,noatime,noinit_itable,errors=remount-ro,discard",
         VolumeSpace::Reserved => "nosuid,nodev,noatime,noinit_itable,errors=remount-ro",
     };
-    let mounted = run(Command::new(tool("mount")).args(["-t", "ext4", "-o", options, &device]).arg(at));
+    let mounted = run(command("mount").args(["-t", "ext4", "-o", options, &device]).arg(at));
     // Detached at once: the device goes away with the mount (or now, if the
     // mount failed), however the process ends.
-    if let Err(e) = run(Command::new(tool("losetup")).arg("-d").arg(&device)) {
+    if let Err(e) = run(command("losetup").arg("-d").arg(&device)) {
         tracing::warn!(device, error = %e, "loop device not set to go away with its mount");
     }
     mounted
@@ -793,6 +831,14 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     let mut source = from.as_os_str().to_owned();
     source.push("/.");
     run(Command::new("cp").arg("-a").arg("--").arg(source).arg(to))
+}
+
+/// A command of e2fsprogs or util-linux, speaking English whatever the
+/// locale (its errors are read: see [`is_no_space`]).
+fn command(name: &str) -> Command {
+    let mut command = Command::new(tool(name));
+    command.env("LC_ALL", "C");
+    command
 }
 
 /// The program at /sbin or /usr/sbin when PATH (a service's may be short) lacks it.

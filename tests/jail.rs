@@ -914,13 +914,14 @@ async fn plain_files_move_into_the_volume_which_idles_out_and_grows_with_the_tie
 
     // The larger tier: all of its quota is the tool's (resize2fs's lost
     // metadata figure is counted again), and no lost+found appears.
-    let script = "df -B1 /data >&2; dd if=/dev/zero of=/data/big bs=1M count=60 2>/dev/null; ls -A /data";
+    let script = "df -B1 /data >&2; dd if=/dev/zero of=/data/big bs=1M count=60 2>/dev/null; ls -A /data; \
+                  ls -laR /data/lost+found >&2 2>&1 || true";
     let mut big = sh(script);
     big.user = "carol";
     big.tier = "larger";
     let report = big.run(&v.sb, setup).await;
     assert_status(&report, Status::Ok);
-    assert_eq!(report.stdout, "big\nnotes\n");
+    assert_eq!(report.stdout, "big\nnotes\n", "{}", report.stderr);
     assert!(report.usage.limits_hit.contains(&"data_quota".to_owned()), "{:?}", report.usage.limits_hit);
     let held = v.held("carol");
     assert!((3 * VOL_QUOTA..=3 * VOL_QUOTA + MIB).contains(&held), "carol holds {held}: {}", report.stderr);
@@ -1043,8 +1044,8 @@ async fn reserved_volumes_keep_their_quota_when_the_host_disk_is_full() {
 }
 
 /// Over HTTP, a reserved volume that the host's disk has no room for: the
-/// user's file request is answered 507 `storage_full`, their call's report
-/// says why, and a user whose volume fits is served.
+/// user's file request and code session are answered 507 `storage_full`,
+/// their call's report says why, and a user whose volume fits is served.
 #[tokio::test]
 async fn over_http_a_volume_the_host_disk_has_no_room_for_is_refused_clearly() {
     use hyper::{Method, StatusCode};
@@ -1075,6 +1076,10 @@ async fn over_http_a_volume_the_host_disk_has_no_room_for_is_refused_clearly() {
     let report = srv.request(Method::POST, "/v1/tools/hello/invoke", Some(&carol), "{}").await.json();
     assert_eq!(report["status"], "internal_error", "{report}");
     assert_eq!(report["error"], "the server's disk has no room for your data volume; try again later", "{report}");
+    // A code session needs the volume too: 507 as well.
+    srv.register("sdk-probe", "sdkp").await;
+    let session = srv.request(Method::POST, "/v1/sessions", Some(&carol), r#"{"tool": "sdkp"}"#).await;
+    assert_eq!(session.status, StatusCode::INSUFFICIENT_STORAGE, "{}", String::from_utf8_lossy(&session.body));
     let report = srv.request(Method::POST, "/v1/tools/hello/invoke", Some(&erin), "{}").await.json();
     assert_eq!(report["status"], "ok", "{report}");
     srv.assert_healthy().await;

@@ -134,12 +134,17 @@ where
 {
     use serde::de::Error as _;
     let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else { return Ok(None) };
-    let whole = number.as_u64().or_else(|| {
-        // Below 2^53 every whole number is exact in an f64.
-        number.as_f64().filter(|f| f.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(f)).map(|f| f as u64)
-    });
-    let whole = whole.ok_or_else(|| D::Error::custom(format!("invalid value {number}, expected a whole number")))?;
-    T::try_from(whole).map(Some).map_err(|_| D::Error::custom(format!("{whole} is too large for this field")))
+    let too_large = || D::Error::custom(format!("{number} is too large for this field"));
+    let whole = match number.as_u64() {
+        Some(whole) => whole,
+        None => match number.as_f64() {
+            // Below 2^53 every whole number is exact in an f64.
+            Some(f) if f.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(&f) => f as u64,
+            Some(f) if f.fract() == 0.0 && f > 0.0 => return Err(too_large()),
+            _ => return Err(D::Error::custom(format!("invalid value {number}, expected a whole number"))),
+        },
+    };
+    T::try_from(whole).map(Some).map_err(|_| too_large())
 }
 
 /// Parses a JSON request body into `T`, answering 400 with serde's message.

@@ -97,27 +97,31 @@ pub fn document(routes: &[Route], bounds: PolicyBounds) -> Value {
         entry[route.method] = op;
     }
     let mut schemas = generator.take_definitions(true);
-    // Bounds that live in the policy, not in the types.
-    for schema in schemas.values_mut() {
+    let mut request_schemas = Vec::new();
+    for op in paths.values_mut().filter_map(Value::as_object_mut).flat_map(|methods| methods.values_mut()) {
+        let Some(name) = op
+            .pointer("/requestBody/content/application~1json/schema/$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/components/schemas/"))
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        // A body with fields it cannot go without is required (an empty one is refused).
+        let required = schemas.get(&name).and_then(|schema| schema.get("required")).and_then(Value::as_array);
+        if required.is_some_and(|required| !required.is_empty()) {
+            op["requestBody"]["required"] = Value::Bool(true);
+        }
+        request_schemas.push(name);
+    }
+    // Bounds that live in the policy, not in the types: on what requests send
+    // (an answer may carry what an earlier policy allowed).
+    for name in request_schemas {
+        let Some(schema) = schemas.get_mut(&name) else { continue };
         for (field, max) in [("timeout_ms", bounds.max_timeout_ms), ("idle_timeout_s", bounds.max_session_idle_s)] {
             if let Some(field) = schema.pointer_mut(&format!("/properties/{field}")).and_then(Value::as_object_mut) {
                 field.insert("maximum".into(), max.into());
             }
-        }
-    }
-    // A body with fields it cannot go without is required (an empty one is refused).
-    for op in paths.values_mut().filter_map(Value::as_object_mut).flat_map(|methods| methods.values_mut()) {
-        let named = op
-            .pointer("/requestBody/content/application~1json/schema/$ref")
-            .and_then(Value::as_str)
-            .and_then(|r| r.strip_prefix("#/components/schemas/"));
-        let needs_fields = named
-            .and_then(|name| schemas.get(name))
-            .and_then(|schema| schema.get("required"))
-            .and_then(Value::as_array)
-            .is_some_and(|required| !required.is_empty());
-        if needs_fields {
-            op["requestBody"]["required"] = Value::Bool(true);
         }
     }
     schemas.insert(

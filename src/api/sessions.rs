@@ -429,6 +429,9 @@ pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenR
     };
     let session = opened.map_err(|(status, message)| match status {
         Status::InvalidTool => ApiError::bad_request("not_sessionable", message),
+        Status::InternalError if message == crate::runner::NO_ROOM_FOR_VOLUME => {
+            ApiError::storage_full("opening a session (the user's data volume)")
+        }
         Status::InternalError => ApiError::internal("opening a session", &message),
         _ => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

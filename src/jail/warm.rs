@@ -616,6 +616,12 @@ impl NativeSession {
         self.memory.load(Ordering::Relaxed)
     }
 
+    /// Down once the jail's supervising thread has killed and reaped it:
+    /// until then its mount namespace still holds the user's directory.
+    pub fn alive_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.alive)
+    }
+
     /// Whether the session can run no more steps.
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire) || !self.alive.load(Ordering::Acquire)
