@@ -735,6 +735,7 @@ impl Superblock {
 /// ignore the write errors and mark the image clean, half repaired; it is
 /// refused (no space) until there is room, and checked then.
 fn check(image: &Path) -> io::Result<()> {
+    wait_released(image)?;
     let said = |out: &std::process::Output| {
         (String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)).trim().to_owned()
     };
@@ -772,6 +773,40 @@ fn check(image: &Path) -> io::Result<()> {
         let _ = run(command("debugfs").args(["-w", "-R", "rmdir lost+found"]).arg(image));
     }
     Ok(())
+}
+
+/// How long an image may stay attached to a loop device after its last
+/// mount here is gone.
+const RELEASE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits until no loop device is backed by `image`. Our unmount is not the
+/// last word: a native tool's jail had the volume mounted in its own mount
+/// namespace, which the kernel tears down after the jail's last process
+/// exits. Until then the filesystem is live, and an offline `e2fsck` or
+/// `resize2fs` would work on a live image (and its changes be overwritten
+/// when the kernel lets go of it).
+fn wait_released(image: &Path) -> io::Result<()> {
+    let image = std::fs::canonicalize(image)?;
+    let deadline = Instant::now() + RELEASE_WITHIN;
+    while attached(&image) {
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "still attached to a loop device {}s after its last mount here (a jail that has not ended?)",
+                RELEASE_WITHIN.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Whether a loop device is backed by the file at `image` (a canonical path).
+fn attached(image: &Path) -> bool {
+    let Ok(devices) = std::fs::read_dir("/sys/block") else { return false };
+    devices.flatten().filter(|d| d.file_name().as_encoded_bytes().starts_with(b"loop")).any(|d| {
+        std::fs::read(d.path().join("loop/backing_file"))
+            .is_ok_and(|file| file.strip_suffix(b"\n").unwrap_or(&file) == image.as_os_str().as_encoded_bytes())
+    })
 }
 
 /// Allocates every block of `image` on the host's disk ([`VolumeSpace::Reserved`]):
