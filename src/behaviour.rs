@@ -15,13 +15,26 @@
 //! | `limit_probing` | in the last minute, at least `probing_hits` of the user's calls were stopped by (or ran into) a limit, more than one limit among them (code that loops, retried, hits one), they were at least half of the user's calls, and the user's long-run share of such calls is under 20 % |
 //! | `escape_attempts` | `escape_attempts` refused escapes in 5 minutes: paths that leave `/data` sent to the files API, admin routes with a user's key, native programs killed by seccomp (`SIGSYS`) |
 //! | `auth_failures` | `auth_failures` failed authentications in a minute from one source (a peer address; a revoked key names its user) |
-//! | `call_rate` | the user's calls in the last minute pass `factor` × their per-minute average and `rate_floor_per_min` |
+//! | `call_rate` | the user's calls in the last minute pass `factor` × their per-minute average and `rate_floor_per_min`, and the call is not from one of the user's usual networks (below) |
 //! | `cpu_spike` | CPU in the last minute passes `factor` × the user's average and `cpu_floor_ms_per_min` |
-//! | `write_spike` | bytes written in the last minute pass `factor` × the user's average and `write_floor_bytes_per_min` |
+//! | `write_spike` | bytes written in the last minute pass `factor` × the user's average and `write_floor_bytes_per_min`, and the call is not from one of the user's usual networks |
 //! | `crashing_tool` | the first `crash_calls` calls of a tool build (by its SHA-256) all crashed |
 //!
 //! A rule fires at most once per `cooldown_s` for the same user (or source,
 //! or tool build): one incident, one detection.
+//!
+//! **Networks.** A call's network is its client's IPv4 /24 or IPv6 /48
+//! (`crate::api::client`: the peer, or the address a trusted proxy
+//! forwarded). A network is one of the user's *usual* ones once the user
+//! has called from it for `network_settle_s`. A burst of calls or writes
+//! from a usual network is the user's own work (a new batch job, an
+//! export), which volume alone cannot tell from misuse; the same burst
+//! from a network new to the user is what a leaked key looks like. So
+//! `call_rate` and `write_spike` do not fire on calls from a usual network.
+//! A network that [`SHARED_BY`] or more users call from (an agent
+//! platform's backend, a NAT, a proxy not listed as trusted) says nothing
+//! of who calls, and counts as unknown: with no known network, those two
+//! rules judge by volume alone, as before networks were seen.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -110,6 +123,9 @@ pub struct Thresholds {
     pub crash_calls: u32,
     /// The least time between two detections of one rule for one subject.
     pub cooldown_s: u64,
+    /// How long a user calls from a network before it is one of their
+    /// usual ones (a spike from a usual network is their own work).
+    pub network_settle_s: u64,
 }
 
 impl Thresholds {
@@ -127,6 +143,7 @@ impl Thresholds {
         within("auth_failures", self.auth_failures.into(), 1, 10_000)?;
         within("crash_calls", self.crash_calls.into(), 1, 1000)?;
         within("cooldown_s", self.cooldown_s, 1, 7 * 86_400)?;
+        within("network_settle_s", self.network_settle_s, 1, 30 * 86_400)?;
         if !(self.factor.is_finite() && self.factor >= 1.0) {
             return Err("factor must be a number of at least 1".to_owned());
         }
@@ -153,6 +170,7 @@ impl Default for Thresholds {
             write_floor_bytes_per_min: 256 << 20,
             crash_calls: 5,
             cooldown_s: 600,
+            network_settle_s: 1800,
         }
     }
 }
@@ -172,6 +190,8 @@ pub struct CallFacts<'a> {
     pub bytes_written: u64,
     /// The signal that ended a native program, if one did.
     pub signal: Option<&'a str>,
+    /// The client's network (`crate::api::client::network_of`), when known.
+    pub network: Option<&'a str>,
 }
 
 impl<'a> CallFacts<'a> {
@@ -187,6 +207,7 @@ impl<'a> CallFacts<'a> {
             cpu_ms: report.usage.cpu_ms.unwrap_or(0.0),
             bytes_written: report.usage.bytes_written.unwrap_or(0),
             signal: report.signal.as_deref(),
+            network: None,
         }
     }
 }
@@ -215,6 +236,13 @@ const NORMAL_LIMITED_SHARE: f64 = 0.2;
 /// Sources of failed authentication remembered at most (a flood from many
 /// addresses forgets the oldest).
 const MAX_SOURCES: usize = 10_000;
+/// Users after which a network is shared: it no longer tells who calls.
+pub const SHARED_BY: usize = 3;
+const _: () = assert!(SHARED_BY > 1, "one user's network is never shared");
+/// Networks remembered per user (the least recently used is forgotten).
+const USER_NETWORKS: usize = 8;
+/// Networks remembered in all (past it, the unshared ones are forgotten).
+const MAX_NETWORKS: usize = 100_000;
 const WINDOW: Duration = Duration::from_secs(60);
 const ESCAPE_WINDOW: Duration = Duration::from_secs(300);
 
@@ -283,6 +311,9 @@ struct UserState {
     recent: VecDeque<Call>,
     escapes: VecDeque<(Instant, String)>,
     fired: [Option<Instant>; Rule::ALL.len()],
+    /// The networks the user calls from: each with the slots it was first
+    /// and last seen in.
+    networks: Vec<(String, u64, u64)>,
 }
 
 impl UserState {
@@ -297,6 +328,7 @@ impl UserState {
             recent: VecDeque::with_capacity(RING),
             escapes: VecDeque::with_capacity(ESCAPES),
             fired: [None; Rule::ALL.len()],
+            networks: Vec::new(),
         }
     }
 
@@ -308,6 +340,23 @@ impl UserState {
             self.slots_seen += slot - self.slot;
             self.slot = slot;
         }
+    }
+
+    /// Notes a call from `network` in `slot` and answers whether the user
+    /// had called from it for `settle` slots or more: one of their usual
+    /// networks.
+    fn usual_network(&mut self, network: &str, slot: u64, settle: u64) -> bool {
+        if let Some(seen) = self.networks.iter_mut().find(|(n, _, _)| n == network) {
+            seen.2 = slot;
+            return seen.1 + settle <= slot;
+        }
+        if self.networks.len() == USER_NETWORKS
+            && let Some(oldest) = (0..self.networks.len()).min_by_key(|i| self.networks[*i].2)
+        {
+            self.networks.swap_remove(oldest);
+        }
+        self.networks.push((network.to_owned(), slot, slot));
+        false
     }
 
     /// Whether `rule` may fire now (and marks it fired if so).
@@ -353,6 +402,10 @@ pub struct Analyzer {
     users: Mutex<HashMap<String, UserState>>,
     tools: Mutex<HashMap<String, ToolState>>,
     sources: Mutex<HashMap<String, Source>>,
+    /// Per network, the users seen calling from it (hashes of their ids),
+    /// up to [`SHARED_BY`].
+    networks: Mutex<HashMap<String, Vec<u64>>>,
+    hasher: std::hash::RandomState,
 }
 
 impl Analyzer {
@@ -363,7 +416,32 @@ impl Analyzer {
             users: Mutex::default(),
             tools: Mutex::default(),
             sources: Mutex::default(),
+            networks: Mutex::default(),
+            hasher: std::hash::RandomState::new(),
         }
+    }
+
+    /// Notes that `user` calls from `network` and answers whether the
+    /// network is shared by [`SHARED_BY`] users or more (and so tells
+    /// nothing of who calls).
+    fn shared_network(&self, network: &str, user: &str) -> bool {
+        use std::hash::BuildHasher;
+        let id = self.hasher.hash_one(user);
+        let mut networks = self.networks.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(users) = networks.get_mut(network) {
+            if users.len() < SHARED_BY && !users.contains(&id) {
+                users.push(id);
+            }
+            return users.len() >= SHARED_BY;
+        }
+        if networks.len() >= MAX_NETWORKS {
+            networks.retain(|_, users| users.len() >= SHARED_BY);
+            if networks.len() >= MAX_NETWORKS {
+                networks.clear();
+            }
+        }
+        networks.insert(network.to_owned(), vec![id]);
+        false
     }
 
     pub fn thresholds(&self) -> &Thresholds {
@@ -397,6 +475,9 @@ impl Analyzer {
             _ => facts.limits_hit.first().cloned(),
         };
         let limited = limit.is_some();
+        // A shared network tells nothing of who calls: as if unknown.
+        let network = facts.network.filter(|n| !self.shared_network(n, facts.user));
+        let settle = self.thresholds.network_settle_s.div_ceil(SLOT.as_secs());
         {
             let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
             let user = users.entry(facts.user.to_owned()).or_insert_with(|| UserState::new(slot));
@@ -413,6 +494,7 @@ impl Analyzer {
                 user.recent.pop_front();
             }
             user.recent.push_back(Call { at: now, limit, execution: facts.execution.to_owned() });
+            let usual_network = network.map(|n| user.usual_network(n, slot, settle));
 
             let since = now.checked_sub(WINDOW).unwrap_or(self.started);
             if limited && share_before < NORMAL_LIMITED_SHARE {
@@ -458,6 +540,10 @@ impl Analyzer {
                 (rule, window.sum(), window.average_per_minute(slot, user.slots_seen), floor, what)
             });
             for (rule, last_minute, average, floor, what) in spikes {
+                // A burst from the user's usual network is their own work.
+                if usual_network == Some(true) && matches!(rule, Rule::CallRate | Rule::WriteSpike) {
+                    continue;
+                }
                 let bar = if warm { floor.max(t.factor * average) } else { floor };
                 if last_minute >= bar && user.may_fire(rule, now, self.cooldown()) {
                     found.push(Detection {
@@ -470,6 +556,12 @@ impl Analyzer {
                             "usual_per_minute": round(average),
                             "minutes_of_history": user.slots_seen / SLOTS,
                             "threshold": round(bar),
+                            "network": match (facts.network, usual_network) {
+                                (None, _) => "unknown",
+                                (Some(_), None) => "shared by several users",
+                                (Some(n), Some(_)) => n,
+                            },
+                            "usual_network": usual_network == Some(true),
                             "executions": user.recent_executions(false, since),
                         }),
                     });
@@ -621,6 +713,7 @@ mod tests {
             cpu_ms: 1.0,
             bytes_written: 0,
             signal: None,
+            network: None,
         }
     }
 
@@ -686,6 +779,54 @@ mod tests {
             rules.extend(a.observe_call(&f, at(t0, 600.0 + f64::from(c) * 0.5)).into_iter().map(|d| d.rule));
         }
         assert_eq!(rules, [Rule::CpuSpike, Rule::CallRate]);
+    }
+
+    #[test]
+    fn a_burst_from_the_users_usual_network_is_their_own_work_and_from_a_new_one_fires() {
+        let thresholds = Thresholds {
+            rate_floor_per_min: 50,
+            write_floor_bytes_per_min: 1 << 20,
+            network_settle_s: 600,
+            ..Default::default()
+        };
+        let a = Analyzer::new(thresholds);
+        let t0 = Instant::now();
+        let call = |user: &'static str, network: &'static str, written: u64, secs: f64| {
+            let f = CallFacts { network: Some(network), bytes_written: written, ..facts(user, "e", Status::Ok) };
+            a.observe_call(&f, at(t0, secs)).into_iter().map(|d| (d.rule, d.evidence)).collect::<Vec<_>>()
+        };
+        // Erin calls from her office now and then for twenty minutes.
+        for m in 0..20 {
+            assert!(call("erin", "198.51.100.0/24", 0, 60.0 * f64::from(m)).is_empty());
+        }
+        // A new batch job from there: 100 calls writing 100 MiB in a minute.
+        for c in 0..100 {
+            let found = call("erin", "198.51.100.0/24", 1 << 20, 1200.0 + f64::from(c) * 0.5);
+            assert!(found.is_empty(), "a burst from her usual network: {found:?}");
+        }
+        // Her key from a network she never used: the same burst fires both.
+        let mut found = Vec::new();
+        for c in 0..100 {
+            found.extend(call("erin", "203.0.113.0/24", 1 << 20, 1300.0 + f64::from(c) * 0.5));
+        }
+        let rules: Vec<Rule> = found.iter().map(|(rule, _)| *rule).collect();
+        assert_eq!(rules, [Rule::WriteSpike, Rule::CallRate], "{found:?}");
+        assert_eq!(found[1].1["network"], "203.0.113.0/24");
+        assert_eq!(found[1].1["usual_network"], false);
+
+        // A network three users call from (a platform's backend) tells
+        // nothing: Frank's burst from it is judged by volume alone.
+        for (i, user) in ["frank", "grace", "heidi"].into_iter().enumerate() {
+            for m in 0..20 {
+                assert!(call(user, "10.1.2.0/24", 0, 60.0 * f64::from(m) + i as f64).is_empty());
+            }
+        }
+        let mut found = Vec::new();
+        for c in 0..100 {
+            found.extend(call("frank", "10.1.2.0/24", 0, 1500.0 + f64::from(c) * 0.5));
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].0, found[0].1["network"].as_str()), (Rule::CallRate, Some("shared by several users")));
     }
 
     #[test]

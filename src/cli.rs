@@ -461,6 +461,8 @@ fn server_config(config: Option<&Path>) -> Result<(Policy, ServerSettings), Usag
                 .map_err(|e| UsageError(format!("{}: [response]: {e}", path.display())))?;
             settings.behaviour.check().map_err(|e| UsageError(format!("{}: [behaviour]: {e}", path.display())))?;
             settings.response.check().map_err(|e| UsageError(format!("{}: [response]: {e}", path.display())))?;
+            crate::api::client::TrustedProxies::parse(&settings.trusted_proxies)
+                .map_err(|e| UsageError(format!("{}: [server]: {e}", path.display())))?;
             settings.config_path = Some(path.to_owned());
             file.apply(Policy::default())?
         }
@@ -505,7 +507,7 @@ async fn mcp(args: McpArgs) -> Result<ExitCode, UsageError> {
         let tool = state.sandbox.load(&bytes, &name).await.map_err(|e| UsageError(format!("tool {name}: {e}")))?;
         state.registry.insert_local(tool);
     }
-    let caller = crate::store::Caller { user, tier: args.tier, admin: false, throttle: None };
+    let caller = crate::store::Caller { user, tier: args.tier, admin: false, throttle: None, network: None };
     match crate::api::mcp::serve_stdio(state, caller).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {

@@ -283,6 +283,77 @@ async fn a_call_rate_far_above_the_users_own_is_an_anomaly() {
     assert_eq!(burst_until_refused(&srv, &alice, 10).await, (10, 0));
 }
 
+/// Behind a reverse proxy listed in `trusted_proxies` (the test is the
+/// proxy, on loopback): a burst from the user's usual network is their own
+/// work, the same key bursting from a network it never used is an anomaly,
+/// and failed keys are counted per forwarded client, not per proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_a_burst_from_a_new_network_is_an_anomaly_and_from_the_usual_one_is_not() {
+    let srv = TestServer::start_with(Default::default(), |s| {
+        s.trusted_proxies = vec!["127.0.0.1".into()];
+        s.behaviour.rate_floor_per_min = 20;
+        s.behaviour.network_settle_s = 1;
+    })
+    .await;
+    srv.register("probe", "probe").await;
+    let alice = srv.add_user("alice", "standard", false).await;
+    let echo = json!({"input": {"op": "echo"}}).to_string();
+    let call_from = |client: &'static str| {
+        let headers = [("x-forwarded-for", client)];
+        let (alice, echo) = (alice.clone(), echo.clone());
+        let srv = &srv;
+        async move {
+            let a = srv.request_with(Method::POST, "/v1/tools/probe/invoke", Some(&alice), echo, &headers).await;
+            assert_eq!(a.status, StatusCode::OK, "{}", String::from_utf8_lossy(&a.body));
+        }
+    };
+    // Alice calls from her office; a slot (10 s) later it is her usual network.
+    call_from("198.51.100.7").await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    // A new batch job from there: past the floor, and her own work.
+    for _ in 0..25 {
+        call_from("198.51.100.8").await;
+    }
+    assert!(anomalies(&srv, "call_rate").await.is_empty(), "a burst from her usual network");
+    // Her key from a network it never used, in the same minute: an anomaly.
+    call_from("203.0.113.50").await;
+    let found = anomalies(&srv, "call_rate").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let evidence = &found[0]["detail"]["evidence"];
+    assert_eq!(evidence["network"], "203.0.113.0/24");
+    assert_eq!(evidence["usual_network"], false);
+    assert!(evidence["last_minute"].as_f64().unwrap() >= 20.0, "{evidence}");
+
+    // Failed keys: 19 from each of two clients behind the proxy are two
+    // sources under the threshold (20), not one over it.
+    let refused = |client: &'static str| {
+        let srv = &srv;
+        async move {
+            let headers = [("x-forwarded-for", client)];
+            let a = srv.request_with(Method::GET, "/v1/me", Some("imx_not_a_key"), Bytes::new(), &headers).await;
+            assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        }
+    };
+    for _ in 0..19 {
+        refused("192.0.2.1").await;
+        refused("192.0.2.2").await;
+    }
+    refused("192.0.2.1").await;
+    // A detection of failed keys is recorded just after the request: wait
+    // for it, then check it is the only one (none for the proxy's address).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut found = anomalies(&srv, "auth_failures").await;
+    while found.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        found = anomalies(&srv, "auth_failures").await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let found = anomalies(&srv, "auth_failures").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["detail"]["evidence"]["source"], "192.0.2.1");
+    assert_eq!(found[0]["detail"]["evidence"]["failures"], 20);
+}
+
 /// A webhook receiver: answers `status` to every POST and hands over the bodies.
 async fn receiver(status: StatusCode) -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -420,6 +491,8 @@ fn a_config_with_an_unknown_rule_or_an_https_webhook_is_refused_at_start() {
         ("[behaviour]\nescape_attempts = 99\n", "escape_attempts must be between 1 and 16"),
         ("[response.rules.auth_failures]\nactions = [\"alert\", \"suspend\"]\n", "only `alert`"),
         ("[response.rules.cpu_spike]\nactions = [\"ban\"]\n", "unknown variant"),
+        ("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.local\"]\n", "`proxy.local` is neither"),
+        ("[behaviour]\nnetwork_settle_s = 0\n", "network_settle_s must be between 1 and"),
     ] {
         let config = dir.path().join("config.toml");
         std::fs::write(&config, text).unwrap();

@@ -2,11 +2,10 @@
 //! rate, as extractors: a handler that takes [`Authed`] or [`Admin`] never
 //! runs for a caller that is not allowed.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 
@@ -61,8 +60,9 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
         Ok(key) => state.store.authenticate(key)?,
         Err(_) => KeyCheck::Refused(None),
     };
+    let client = state.proxies.client(parts);
     let caller = match check {
-        KeyCheck::Active(caller) => caller,
+        KeyCheck::Active(caller) => Caller { network: client.map(super::client::network_of), ..caller },
         KeyCheck::Suspended(suspended) => {
             let event = AuditEvent::new(Kind::Denied, "suspended")
                 .actor(suspended.user.as_str())
@@ -93,9 +93,9 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
                 event = event.user(owner.as_str());
             }
             record_refusal(state, event).await;
-            let source = match (&owner, peer(parts)) {
+            let source = match (&owner, client) {
                 (Some(owner), _) => format!("key:{owner}"),
-                (None, Some(peer)) => source_of(peer.ip()),
+                (None, Some(client)) => super::client::source_of(client),
                 (None, None) => "unknown".to_owned(),
             };
             if let Some(found) = state.analyzer.observe_auth_failure(&source, owner.as_deref(), Instant::now()) {
@@ -111,26 +111,6 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
         return Err(super::invoke::denied(state, &caller, None, denial).await);
     }
     Ok(caller)
-}
-
-/// Where failed keys come from, for behaviour analysis: an IPv4 address, or
-/// an IPv6 /64 (one host can hold a whole /64, and rotate through it).
-fn source_of(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-        },
-    }
-}
-
-/// The address the request came from (set per connection by `api::run`).
-fn peer(parts: &Parts) -> Option<SocketAddr> {
-    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 
 /// Writes the audit record of a refused request, unless that caller's refusals

@@ -280,7 +280,11 @@ impl Prepared {
             };
             let mut events = audit_events(&task_state, &caller, &report, registered.row.version, &call);
             // Behaviour analysis: its detections are recorded with the call that completed them.
-            let found = task_state.analyzer.observe_call(&crate::behaviour::CallFacts::of(&report), Instant::now());
+            let facts = crate::behaviour::CallFacts {
+                network: caller.network.as_deref(),
+                ..crate::behaviour::CallFacts::of(&report)
+            };
+            let found = task_state.analyzer.observe_call(&facts, Instant::now());
             events.extend(found.iter().map(|d| super::behaviour::anomaly_event(&task_state, d)));
             let json: Bytes =
                 serde_json::to_vec(&report).map_err(|e| ApiError::internal("encoding the report", &e))?.into();

@@ -12,6 +12,7 @@ mod admin;
 mod admission;
 mod auth;
 pub mod behaviour;
+pub mod client;
 mod console;
 mod error;
 mod files;
@@ -102,6 +103,11 @@ pub struct ServerSettings {
     /// or `reserved` (each volume's whole size, so that a full disk never
     /// fails a write within a user's quota).
     pub data_volume_space: VolumeSpace,
+    /// Reverse proxies whose `X-Forwarded-For` names the client
+    /// (addresses or networks, e.g. `["127.0.0.1", "10.0.0.0/8"]`); from any
+    /// other peer the header is ignored. Only behaviour analysis uses the
+    /// client's address.
+    pub trusted_proxies: Vec<String>,
     /// The native jailer's settings: the config file's `[jail]` table.
     #[serde(skip)]
     pub jail: JailConfig,
@@ -226,6 +232,7 @@ impl Default for ServerSettings {
             max_sessions: None,
             data_volumes: VolumeMode::Auto,
             data_volume_space: VolumeSpace::Sparse,
+            trusted_proxies: Vec::new(),
             jail: JailConfig::default(),
             retention: Retention::default(),
             backup: BackupSchedule::default(),
@@ -259,6 +266,8 @@ pub struct AppState {
     pub(crate) audit_throttle: AuditThrottle,
     /// Behaviour analysis (`crate::behaviour`), fed by every call.
     pub analyzer: crate::behaviour::Analyzer,
+    /// Whose `X-Forwarded-For` names the client (`[server] trusted_proxies`).
+    pub(crate) proxies: client::TrustedProxies,
     /// Usage rollups not yet written (`GET /v1/stats`).
     pub(crate) rollup: stats::Rollup,
     /// The alert webhook's queue, when `[response] webhook` is set.
@@ -482,6 +491,8 @@ impl AppState {
         let cache_dir = settings.artifact_cache_dir.clone().unwrap_or_else(|| data_dir.cache_dir());
         let mut config = EngineConfig::new(cache_dir, max_memory);
         config.max_instances = settings.max_instances;
+        let proxies = client::TrustedProxies::parse(&settings.trusted_proxies)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         if !(settings.memory_user_share > 0.0 && settings.memory_user_share <= 1.0) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -546,6 +557,7 @@ impl AppState {
         };
         let state = Arc::new_cyclic(|me| Self {
             analyzer: crate::behaviour::Analyzer::new(settings.behaviour.clone()),
+            proxies,
             rollup: stats::Rollup::default(),
             webhook: behaviour::Webhook::start(me.clone(), &settings.response),
             sandbox: Sandbox { policy, engine, data_dir },

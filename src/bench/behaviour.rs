@@ -16,6 +16,16 @@
 //! a flaky one that does not always). A detection matching an incident's rule
 //! and subject within ten minutes of its start is a true positive; every
 //! other detection is a false one.
+//!
+//! Every call comes from a network, as the server sees it: each agent and
+//! batch user from one of their own, except one agent in four, whose calls
+//! all come through one shared gateway (an agent platform's backend, where
+//! the network tells nothing). The benign bursts come from their users' own
+//! networks; the leaked key used far above its owner's rate and the
+//! exfiltration come from a network new to the user. A burst from a user's
+//! usual network is labelled benign: that is what the network lets the
+//! analysis tell apart, and an insider's burst from there goes unseen by
+//! `call_rate` and `write_spike` by design.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -60,7 +70,7 @@ struct Samples {
 }
 
 enum What {
-    Call { user: String, tool: String, build: String, sample: fn(&Samples) -> &ExecutionReport },
+    Call { user: String, network: String, tool: String, build: String, sample: fn(&Samples) -> &ExecutionReport },
     Escape { user: String },
     AuthFailure { source: String, user: Option<String> },
 }
@@ -139,12 +149,22 @@ fn traffic(users: usize, hours: f64, incidents_per_rule: usize) -> (Vec<Event>, 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let end = hours * 3600.0;
     let mut events = Vec::new();
-    let call = |user: &str, tool: &str, sample: fn(&Samples) -> &ExecutionReport| What::Call {
+    // The network a user's calls come from: their own, or the shared
+    // gateway for one agent in four.
+    let network = |user: &str| match user.strip_prefix("agent").and_then(|n| n.parse::<usize>().ok()) {
+        Some(n) if n % 4 == 3 => "10.255.0.0/24".to_owned(),
+        Some(n) => format!("10.{}.{}.0/24", n / 250, n % 250),
+        None => format!("10.254.{}.0/24", user.len() % 250),
+    };
+    let call_from = |user: &str, network: String, tool: &str, sample: fn(&Samples) -> &ExecutionReport| What::Call {
         user: user.to_owned(),
+        network,
         tool: tool.to_owned(),
         build: format!("{tool}-v1"),
         sample,
     };
+    let call =
+        |user: &str, tool: &str, sample: fn(&Samples) -> &ExecutionReport| call_from(user, network(user), tool, sample);
     // Interactive agents: a session every 20 minutes on average, 5 to 40
     // calls over 1 to 5 minutes; 1.5 % of calls hit a limit (a loop left
     // running), 0.5 % crash, 5 % do some work; now and then a mistyped key.
@@ -191,10 +211,11 @@ fn traffic(users: usize, hours: f64, incidents_per_rule: usize) -> (Vec<Event>, 
     // Batch users: steady work all along, 100 to 500 calls a minute.
     for b in 0..(users / 20).max(1) {
         let user = format!("batch{b}");
+        let own = format!("10.254.{b}.0/24");
         let per_minute = 100.0 + rng.unit() * 400.0;
         let mut t = 0.0;
         while t < end {
-            events.push(Event { at: t, what: call(&user, "etl", |s| &s.ok) });
+            events.push(Event { at: t, what: call_from(&user, own.clone(), "etl", |s| &s.ok) });
             t += 60.0 / per_minute;
         }
     }
@@ -257,11 +278,14 @@ fn traffic(users: usize, hours: f64, incidents_per_rule: usize) -> (Vec<Event>, 
         }
         incidents.push(Incident { rule: Rule::AuthFailures, subject: format!("key:{owner}"), at });
 
-        // A valid key used far above its owner's rate: 1,500 calls in a minute.
+        // A leaked key used far above its owner's rate, from elsewhere:
+        // 1,500 calls in a minute.
         let user = format!("agent{}", (i * 7 + 4) % users);
         let at = when(&mut rng);
+        let elsewhere = format!("203.0.{}.0/24", i % 250);
         for k in 0..1500 {
-            events.push(Event { at: at + k as f64 * 0.04, what: call(&user, "word-stats", |s| &s.ok) });
+            let what = call_from(&user, elsewhere.clone(), "word-stats", |s| &s.ok);
+            events.push(Event { at: at + k as f64 * 0.04, what });
         }
         incidents.push(Incident { rule: Rule::CallRate, subject: user, at });
 
@@ -273,11 +297,13 @@ fn traffic(users: usize, hours: f64, incidents_per_rule: usize) -> (Vec<Event>, 
         }
         incidents.push(Incident { rule: Rule::CpuSpike, subject: user, at });
 
-        // An exfiltration-style writer: eight 64 MiB writes in a minute.
+        // An exfiltration-style writer with a stolen key: eight 64 MiB
+        // writes in a minute, from elsewhere.
         let user = format!("agent{}", (i * 7 + 6) % users);
         let at = when(&mut rng);
         for k in 0..8 {
-            events.push(Event { at: at + k as f64 * 7.0, what: call(&user, "python", |s| &s.writer) });
+            let what = call_from(&user, format!("198.18.{}.0/24", i % 250), "python", |s| &s.writer);
+            events.push(Event { at: at + k as f64 * 7.0, what });
         }
         incidents.push(Incident { rule: Rule::WriteSpike, subject: user, at });
 
@@ -305,9 +331,10 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     for event in &events {
         let now = t0 + Duration::from_secs_f64(event.at);
         match &event.what {
-            What::Call { user, tool, build, sample } => {
+            What::Call { user, network, tool, build, sample } => {
                 let report = sample(&s);
-                let facts = CallFacts { user, tool, build: Some(build), ..CallFacts::of(report) };
+                let facts =
+                    CallFacts { user, tool, build: Some(build), network: Some(network), ..CallFacts::of(report) };
                 let started = Instant::now();
                 let detected = analyzer.observe_call(&facts, now);
                 in_calls += started.elapsed();

@@ -16,6 +16,9 @@ pub struct Caller {
     pub admin: bool,
     /// Requests per second while a throttle holds (below the tier's rate).
     pub throttle: Option<u32>,
+    /// The network the request came from (`crate::api::client`), for
+    /// behaviour analysis; set by the API, `None` where it is not known.
+    pub network: Option<String>,
 }
 
 /// A key whose user is suspended: refused with why and until when.
@@ -254,7 +257,7 @@ impl Store {
                 (false, Some(until)) => {
                     KeyCheck::Suspended(Suspended { user, until, reason: reason.unwrap_or_default() })
                 }
-                (false, None) => KeyCheck::Active(Caller { user, tier, admin, throttle }),
+                (false, None) => KeyCheck::Active(Caller { user, tier, admin, throttle, network: None }),
             })
         })
     }
