@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `limit_probing` | in the last minute, at least `probing_hits` of the user's calls were stopped by (or ran into) a limit, more than one limit among them (code that loops, retried, hits one), they were at least half of the user's calls, and the user's long-run share of such calls is under 20 % |
 //! | `escape_attempts` | `escape_attempts` refused escapes in 5 minutes: paths that leave `/data` sent to the files API, admin routes with a user's key, native programs killed by seccomp (`SIGSYS`) |
-//! | `auth_failures` | `auth_failures` failed authentications in a minute from one source (a peer address; a revoked key names its user) |
+//! | `auth_failures` | `auth_failures` failed authentications in a minute from one source (a client address; a revoked key names its user) |
 //! | `call_rate` | the user's calls in the last minute pass `factor` × their per-minute average and `rate_floor_per_min`, and the call is not from one of the user's usual networks (below) |
 //! | `cpu_spike` | CPU in the last minute passes `factor` × the user's average and `cpu_floor_ms_per_min` |
 //! | `write_spike` | bytes written in the last minute pass `factor` × the user's average and `write_floor_bytes_per_min`, and the call is not from one of the user's usual networks |
@@ -25,8 +25,13 @@
 //!
 //! **Networks.** A call's network is its client's IPv4 /24 or IPv6 /48
 //! (`crate::api::client`: the peer, or the address a trusted proxy
-//! forwarded). A network is one of the user's *usual* ones once the user
-//! has called from it for `network_settle_s`. A burst of calls or writes
+//! forwarded). The user's calls from a network are counted in periods of
+//! `network_settle_s`: the network is one of the user's *usual* ones when,
+//! over its last full period, at least [`USUAL_SHARE`] of the user's calls
+//! came from it (a period with no call of the user's keeps the verdict).
+//! So a new network is never usual in its first period, and one call from
+//! a network, made to prime it, does not make it usual for a user who
+//! calls from elsewhere: its share is too small. A burst of calls or writes
 //! from a usual network is the user's own work (a new batch job, an
 //! export), which volume alone cannot tell from misuse; the same burst
 //! from a network new to the user is what a leaked key looks like. So
@@ -123,8 +128,9 @@ pub struct Thresholds {
     pub crash_calls: u32,
     /// The least time between two detections of one rule for one subject.
     pub cooldown_s: u64,
-    /// How long a user calls from a network before it is one of their
-    /// usual ones (a spike from a usual network is their own work).
+    /// The period over which a network's share of a user's calls makes it
+    /// one of their usual ones (a burst from a usual network is their own
+    /// work). Counted in ten-second slots.
     pub network_settle_s: u64,
 }
 
@@ -241,6 +247,8 @@ pub const SHARED_BY: usize = 3;
 const _: () = assert!(SHARED_BY > 1, "one user's network is never shared");
 /// Networks remembered per user (the least recently used is forgotten).
 const USER_NETWORKS: usize = 8;
+/// The share of a user's calls in a period that makes a network usual.
+pub const USUAL_SHARE: f64 = 0.1;
 /// Networks remembered in all (past it, the unshared ones are forgotten).
 const MAX_NETWORKS: usize = 100_000;
 const WINDOW: Duration = Duration::from_secs(60);
@@ -311,9 +319,25 @@ struct UserState {
     recent: VecDeque<Call>,
     escapes: VecDeque<(Instant, String)>,
     fired: [Option<Instant>; Rule::ALL.len()],
-    /// The networks the user calls from: each with the slots it was first
-    /// and last seen in.
-    networks: Vec<(String, u64, u64)>,
+    /// The user's calls so far, from anywhere.
+    calls_total: u64,
+    /// The networks the user calls from (at most [`USER_NETWORKS`]).
+    networks: Vec<SeenNetwork>,
+}
+
+/// A network a user calls from, counted in periods of `network_settle_s`.
+struct SeenNetwork {
+    network: String,
+    /// The slot the current period began in.
+    period: u64,
+    /// The user's calls from this network in the current period.
+    calls: u64,
+    /// The user's calls from anywhere before the current period began.
+    user_calls_before: u64,
+    /// The verdict of the last full period: at least [`USUAL_SHARE`] of the
+    /// user's calls came from here.
+    usual: bool,
+    last_seen: u64,
 }
 
 impl UserState {
@@ -328,6 +352,7 @@ impl UserState {
             recent: VecDeque::with_capacity(RING),
             escapes: VecDeque::with_capacity(ESCAPES),
             fired: [None; Rule::ALL.len()],
+            calls_total: 0,
             networks: Vec::new(),
         }
     }
@@ -342,21 +367,44 @@ impl UserState {
         }
     }
 
-    /// Notes a call from `network` in `slot` and answers whether the user
-    /// had called from it for `settle` slots or more: one of their usual
-    /// networks.
+    /// Notes the user's call (already in `calls_total`) from `network` in
+    /// `slot` and answers whether the network is one of their usual ones,
+    /// by the last full period of `settle` slots before this call.
     fn usual_network(&mut self, network: &str, slot: u64, settle: u64) -> bool {
-        if let Some(seen) = self.networks.iter_mut().find(|(n, _, _)| n == network) {
-            seen.2 = slot;
-            return seen.1 + settle <= slot;
+        let before_this = self.calls_total.saturating_sub(1);
+        let found = self.networks.iter().position(|seen| seen.network == network);
+        let seen = match found {
+            Some(i) => &mut self.networks[i],
+            None => {
+                if self.networks.len() == USER_NETWORKS
+                    && let Some(oldest) = (0..self.networks.len()).min_by_key(|i| self.networks[*i].last_seen)
+                {
+                    self.networks.swap_remove(oldest);
+                }
+                self.networks.push(SeenNetwork {
+                    network: network.to_owned(),
+                    period: slot,
+                    calls: 0,
+                    user_calls_before: before_this,
+                    usual: false,
+                    last_seen: slot,
+                });
+                self.networks.last_mut().expect("just pushed")
+            }
+        };
+        if slot >= seen.period + settle {
+            // The period ends: its share of the user's calls (those after it
+            // ended and before this one too: a verdict that errs toward
+            // unusual) is the verdict until the next.
+            let user_calls = before_this - seen.user_calls_before;
+            if user_calls > 0 {
+                seen.usual = seen.calls as f64 >= USUAL_SHARE * user_calls as f64;
+            }
+            (seen.period, seen.calls, seen.user_calls_before) = (slot, 0, before_this);
         }
-        if self.networks.len() == USER_NETWORKS
-            && let Some(oldest) = (0..self.networks.len()).min_by_key(|i| self.networks[*i].2)
-        {
-            self.networks.swap_remove(oldest);
-        }
-        self.networks.push((network.to_owned(), slot, slot));
-        false
+        seen.calls += 1;
+        seen.last_seen = slot;
+        seen.usual
     }
 
     /// Whether `rule` may fire now (and marks it fired if so).
@@ -488,6 +536,7 @@ impl Analyzer {
             let share_before = user.limited_share;
             user.limited_share += CALL_WEIGHT * (f64::from(u8::from(limited)) - user.limited_share);
             user.calls.add(slot, 1.0);
+            user.calls_total += 1;
             user.cpu.add(slot, facts.cpu_ms);
             user.written.add(slot, facts.bytes_written as f64);
             if user.recent.len() == RING {
@@ -813,6 +862,19 @@ mod tests {
         assert_eq!(rules, [Rule::WriteSpike, Rule::CallRate], "{found:?}");
         assert_eq!(found[1].1["network"], "203.0.113.0/24");
         assert_eq!(found[1].1["usual_network"], false);
+
+        // A thief primes a network with one call, waits a period while Ivan
+        // works from his office, then bursts: one call in 121 is not usual.
+        assert!(call("ivan", "192.0.2.0/24", 0, 0.0).is_empty());
+        for c in 0..120 {
+            assert!(call("ivan", "198.51.100.0/24", 0, 1.0 + f64::from(c) * 20.0).is_empty());
+        }
+        let mut found = Vec::new();
+        for c in 0..100 {
+            found.extend(call("ivan", "192.0.2.0/24", 0, 2500.0 + f64::from(c) * 0.5));
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].0, found[0].1["usual_network"].as_bool()), (Rule::CallRate, Some(false)));
 
         // A network three users call from (a platform's backend) tells
         // nothing: Frank's burst from it is judged by volume alone.

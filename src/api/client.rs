@@ -5,7 +5,8 @@
 //! else (no limit, no permission) depends on it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::http::request::Parts;
@@ -13,36 +14,43 @@ use ipnet::IpNet;
 
 const FORWARDED_FOR: &str = "x-forwarded-for";
 
+/// How often the warning about a header from an unlisted peer is logged.
+const WARN_EVERY: Duration = Duration::from_secs(3600);
+
 /// The proxies whose `X-Forwarded-For` is believed.
 #[derive(Debug, Default)]
 pub struct TrustedProxies {
     nets: Vec<IpNet>,
-    /// Whether the warning about an unlisted proxy was logged (once).
-    warned: AtomicBool,
+    /// When the warning about an unlisted peer was last logged.
+    warned: Mutex<Option<Instant>>,
 }
 
 impl TrustedProxies {
     /// Parses `[server] trusted_proxies`: addresses (`10.0.0.7`, `::1`) and
-    /// networks (`10.0.0.0/8`, `fd00::/8`).
+    /// networks (`10.0.0.0/24`, `fd00::/64`).
     ///
     /// # Errors
     ///
-    /// The first entry that is neither, named.
+    /// The first entry that is neither, or an IPv4 one written as IPv6
+    /// (`::ffff:10.0.0.7`: addresses are compared as IPv4), named.
     pub fn parse(entries: &[String]) -> Result<Self, String> {
         let nets = entries
             .iter()
             .map(|entry| {
                 let entry = entry.trim();
-                entry
-                    .parse::<IpNet>()
-                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                    .map(|net| net.trunc())
-                    .map_err(|_| {
-                        format!("trusted_proxies: `{entry}` is neither an IP address nor a network such as 10.0.0.0/8")
-                    })
+                let net =
+                    entry.parse::<IpNet>().or_else(|_| entry.parse::<IpAddr>().map(IpNet::from)).map_err(|_| {
+                        format!("trusted_proxies: `{entry}` is neither an IP address nor a network such as 10.0.0.0/24")
+                    })?;
+                if let IpNet::V6(v6) = net
+                    && v6.network().to_ipv4_mapped().is_some()
+                {
+                    return Err(format!("trusted_proxies: write `{entry}` as an IPv4 address or network"));
+                }
+                Ok(net.trunc())
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { nets, warned: AtomicBool::new(false) })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { nets, warned: Mutex::new(None) })
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -59,7 +67,7 @@ impl TrustedProxies {
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>()?.0.ip();
         let forwarded = || parts.headers.get_all(FORWARDED_FOR).iter();
         if !self.trusts(peer) {
-            if forwarded().next().is_some() && !self.warned.swap(true, Ordering::Relaxed) {
+            if forwarded().next().is_some() && self.time_to_warn() {
                 tracing::warn!(
                     peer = %peer,
                     "a request carries X-Forwarded-For from a peer that [server] trusted_proxies does not list: \
@@ -69,19 +77,33 @@ impl TrustedProxies {
             }
             return Some(canonical(peer));
         }
-        // Several headers are one list, in order.
-        let mut hops: Vec<&str> = Vec::new();
+        // Several headers are one list, in order. Each hop is read only if
+        // the walk reaches it: what a client wrote on the left, however
+        // malformed, cannot hide the address the proxy added.
+        let mut hops: Vec<&[u8]> = Vec::new();
         for value in forwarded() {
-            hops.extend(value.to_str().ok()?.split(',').map(str::trim));
+            hops.extend(value.as_bytes().split(|b| *b == b','));
         }
         let mut client = canonical(peer);
         for hop in hops.iter().rev() {
-            client = canonical(parse_hop(hop)?);
+            let hop = std::str::from_utf8(hop).ok()?;
+            client = canonical(parse_hop(hop.trim())?);
             if !self.trusts(client) {
                 break;
             }
         }
         Some(client)
+    }
+
+    /// Whether the warning about an unlisted peer is due (once an hour).
+    fn time_to_warn(&self) -> bool {
+        let mut warned = self.warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if warned.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            return false;
+        }
+        *warned = Some(now);
+        true
     }
 }
 
@@ -170,6 +192,13 @@ mod tests {
         // A hop that cannot be read before an untrusted one: unknown.
         assert_eq!(client(&["10.0.0.7"], proxy, &["198.51.100.1, unknown"]), None);
         assert_eq!(client(&["10.0.0.7"], proxy, &["unknown, 198.51.100.1"]).as_deref(), Some("198.51.100.1"));
+        // Bytes that are not text, written by the client on the left (the
+        // proxy appends its peer to what it got), hide nothing.
+        let value = axum::http::HeaderValue::from_bytes(b"\xc3\xa9\xff, 198.51.100.1").expect("a header value");
+        let mut request = parts(proxy, &[]);
+        request.headers.insert(FORWARDED_FOR, value);
+        let proxies = TrustedProxies::parse(&["10.0.0.7".into()]).expect("valid proxies");
+        assert_eq!(proxies.client(&request).map(|ip| ip.to_string()).as_deref(), Some("198.51.100.1"));
     }
 
     #[test]
@@ -178,6 +207,8 @@ mod tests {
         let err = TrustedProxies::parse(&["10.0.0.0/8".into(), "proxy.local".into()]).expect_err("a name");
         assert!(err.contains("`proxy.local`"), "{err}");
         assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
+        let err = TrustedProxies::parse(&["::ffff:10.0.0.0/104".into()]).expect_err("IPv4 written as IPv6");
+        assert!(err.contains("as an IPv4"), "{err}");
     }
 
     #[test]

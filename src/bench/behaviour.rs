@@ -406,6 +406,26 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         "ns",
         "mean over the replay's calls, timed one by one",
     );
+    // The same calls again on a fresh analysis that is told no network:
+    // what knowing the network costs, in the same run.
+    let blind = Analyzer::new(Thresholds::default());
+    let mut in_blind = Duration::ZERO;
+    for event in &events {
+        if let What::Call { user, tool, build, sample, .. } = &event.what {
+            let facts = CallFacts { user, tool, build: Some(build), ..CallFacts::of(sample(&s)) };
+            let now = t0 + Duration::from_secs_f64(event.at);
+            let started = Instant::now();
+            std::hint::black_box(blind.observe_call(&facts, now));
+            in_blind += started.elapsed();
+        }
+    }
+    h.figure(
+        Suite::Behaviour,
+        "analysis per call, the same calls with no network known",
+        in_blind.as_secs_f64() / calls.max(1) as f64 * 1e9,
+        "ns",
+        "a second pass, fresh baselines",
+    );
     let rollup = rollup_cost(h, &s);
     metrics_cost(h, &s);
     h.figure(
