@@ -5,8 +5,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use imagentx_sandbox::data_dir::DataDir;
-use imagentx_sandbox::engine::{Engine, EngineConfig};
+use imagentx_sandbox::engine::{Engine, EngineConfig, ToolKind};
 use imagentx_sandbox::policy::{Policy, UserId};
+use imagentx_sandbox::report::Status;
 use imagentx_sandbox::runner::{Sandbox, ToolCall};
 
 /// The fuzz tier: 32 MiB of memory, a 100 ms call.
@@ -46,11 +47,12 @@ fn harness() -> &'static Harness {
 /// Loads `bytes` as a tool (any loader error is fine: it must only not
 /// panic) and, when it loads, runs it once under the fuzz tier: the call
 /// ends by its deadline, stays within its memory, and gives the server's
-/// memory and descriptors back.
-pub fn load_and_run(bytes: &[u8]) {
+/// memory and descriptors back. Answers the kind it loaded as and how the
+/// call ended, or `None` when it did not load.
+pub fn load_and_run(bytes: &[u8]) -> Option<(ToolKind, Status)> {
     let h = harness();
     h.rt.block_on(async {
-        let Ok(tool) = h.sandbox.load(bytes, "fuzz").await else { return };
+        let tool = h.sandbox.load(bytes, "fuzz").await.ok()?;
         let call = ToolCall {
             user: UserId::new("fuzz").expect("a user id"),
             tier: "fuzz".into(),
@@ -68,5 +70,6 @@ pub fn load_and_run(bytes: &[u8]) {
         let engine = &h.sandbox.engine;
         assert_eq!(engine.guest_memory().in_use_bytes(), 0, "memory was not given back: {report:?}");
         assert_eq!(engine.guest_descriptors().in_use(), 0, "descriptors were not given back: {report:?}");
-    });
+        Some((tool.kind(), report.status))
+    })
 }

@@ -8,4 +8,6 @@ use libfuzzer_sys::fuzz_target;
 #[path = "harness.rs"]
 mod harness;
 
-fuzz_target!(|bytes: &[u8]| harness::load_and_run(bytes));
+fuzz_target!(|bytes: &[u8]| {
+    harness::load_and_run(bytes);
+});

@@ -1,19 +1,31 @@
-//! Valid core modules from wasm-smith that import WASI preview 1 functions
-//! and export `_start` and `memory`, so that they load as commands and run:
-//! whatever they compute and whatever they ask of the host, the call ends by
-//! its deadline and within its limits, and the process lives on.
+//! Valid core modules from wasm-smith, run as tools in both shapes a
+//! module can take:
+//! - a WASI preview 1 command: the module imports preview 1 functions and
+//!   exports `_start` and `memory`;
+//! - the same kind of module inside a component that exports
+//!   `wasi:cli/run`, its `run` lifted from the module's `run`, so that the
+//!   component path (instantiation, the canonical ABI's result, the
+//!   command's stdio) runs whatever the module computes. (wasm-smith's own
+//!   component generator is off by default and behind the component model:
+//!   its components rarely export anything a host can call.)
+//!
+//! Whatever they compute and whatever they ask of the host, the call ends
+//! by its deadline and within its limits, and the process lives on.
 
 #![no_main]
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
 
 use arbitrary::Unstructured;
+use imagentx_sandbox::engine::ToolKind;
+use imagentx_sandbox::report::Status;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "harness.rs"]
 mod harness;
 
-/// The host functions a generated module may import: the ones that touch
+/// The host functions a generated command may import: the ones that touch
 /// files, time, memory and output.
 const IMPORTS: &str = r#"(module
   (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
@@ -33,15 +45,27 @@ const IMPORTS: &str = r#"(module
 )"#;
 
 /// What a command exports.
-const EXPORTS: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+const COMMAND_EXPORTS: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
 
-fn config() -> wasm_smith::Config {
-    static SHAPE: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
-    let (imports, exports) = SHAPE
-        .get_or_init(|| (wat::parse_str(IMPORTS).expect("the imports"), wat::parse_str(EXPORTS).expect("the exports")));
-    wasm_smith::Config {
-        available_imports: Some(imports.clone()),
-        exports: Some(exports.clone()),
+/// What the module inside a component exports: `run`, whose `i32` is the
+/// discriminant of `wasi:cli/run`'s `result` (0 ok, 1 error, anything else
+/// a trap the host must survive).
+const COMPONENT_EXPORTS: &str =
+    r#"(module (memory (export "memory") 1) (func (export "run") (result i32) i32.const 0))"#;
+
+/// How a module is run.
+#[derive(Clone, Copy)]
+enum Shape {
+    Command,
+    InComponent,
+}
+
+fn config(shape: Shape) -> wasm_smith::Config {
+    static SHAPES: OnceLock<[Vec<u8>; 3]> = OnceLock::new();
+    let [imports, command, component] = SHAPES.get_or_init(|| {
+        [IMPORTS, COMMAND_EXPORTS, COMPONENT_EXPORTS].map(|text| wat::parse_str(text).expect("a module shape"))
+    });
+    let base = wasm_smith::Config {
         max_memories: 2,
         max_memory32_bytes: 64 << 20,
         memory64_enabled: false,
@@ -49,11 +73,62 @@ fn config() -> wasm_smith::Config {
         gc_enabled: false,
         custom_page_sizes_enabled: false,
         ..wasm_smith::Config::default()
+    };
+    match shape {
+        Shape::Command => {
+            wasm_smith::Config { available_imports: Some(imports.clone()), exports: Some(command.clone()), ..base }
+        }
+        // A component instantiates the module with nothing to import.
+        Shape::InComponent => wasm_smith::Config { max_imports: 0, exports: Some(component.clone()), ..base },
+    }
+}
+
+/// The component that exports `wasi:cli/run` (the version real guests built
+/// for wasm32-wasip2 export) with the module's `run` behind it.
+fn component_around(module: &[u8]) -> Option<Vec<u8>> {
+    let text = wasmprinter::print_bytes(module).ok()?;
+    let body = text.trim_start().strip_prefix("(module")?;
+    let component = format!(
+        "(component
+           (core module $m {body}
+           (core instance $i (instantiate $m))
+           (func $run (result (result)) (canon lift (core func $i \"run\")))
+           (instance $cli (export \"run\" (func $run)))
+           (export \"wasi:cli/run@0.2.0\" (instance $cli)))"
+    );
+    Some(wat::parse_str(&component).expect("a valid module makes a valid component"))
+}
+
+/// How the components made so far ended, printed now and then: a target
+/// whose components never load or never run would test nothing, and say so.
+fn tally(ended: Option<Status>) {
+    static TALLY: Mutex<(u64, BTreeMap<String, u64>)> = Mutex::new((0, BTreeMap::new()));
+    let mut tally = TALLY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    tally.0 += 1;
+    let key = ended.map_or_else(|| "not loaded".to_owned(), |status| format!("{status:?}"));
+    *tally.1.entry(key).or_default() += 1;
+    if tally.0.is_power_of_two() {
+        eprintln!("smith_module: {} components, ended: {:?}", tally.0, tally.1);
     }
 }
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let Ok(module) = wasm_smith::Module::new(config(), &mut u) else { return };
-    harness::load_and_run(&module.to_bytes());
+    let Ok(in_component) = u.arbitrary::<bool>() else { return };
+    let shape = if in_component { Shape::InComponent } else { Shape::Command };
+    let Ok(module) = wasm_smith::Module::new(config(shape), &mut u) else { return };
+    let module = module.to_bytes();
+    match shape {
+        Shape::Command => {
+            harness::load_and_run(&module);
+        }
+        Shape::InComponent => {
+            let Some(component) = component_around(&module) else { return };
+            let ran = harness::load_and_run(&component);
+            if let Some((kind, _)) = ran {
+                assert_eq!(kind, ToolKind::WasiCommand, "the component loaded as another kind");
+            }
+            tally(ran.map(|(_, status)| status));
+        }
+    }
 });
