@@ -808,13 +808,15 @@ pub fn restore(path: &Path, data_dir: &Path, force: bool) -> Result<Manifest, Ba
             data_dir.display()
         )));
     }
-    // Never under a running server, nor over users' volumes (their images
-    // would be mounted over the files restored beside them).
-    let lock = data_dir.join("volumes").join("@lock");
-    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&lock)
-        && nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
-    {
-        return Err(BackupError::Refused(format!("a server is running on {}: stop it first", data_dir.display())));
+    // Never under a running server (its lock, and its volumes' lock), nor
+    // over users' volumes (their images would be mounted over the files
+    // restored beside them).
+    for lock in [data_dir.join("serve.lock"), data_dir.join("volumes").join("@lock")] {
+        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&lock)
+            && nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+        {
+            return Err(BackupError::Refused(format!("a server is running on {}: stop it first", data_dir.display())));
+        }
     }
     let has_volumes = std::fs::read_dir(data_dir.join("volumes"))
         .map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".ext4")))

@@ -293,3 +293,44 @@ async fn serve_listens_before_the_builtins_are_compiled_and_says_so() {
     assert_eq!(answer.json()["output"]["result"], 42, "{}", answer.json());
     assert_eq!(ready_after, StatusCode::OK);
 }
+
+/// One server per data directory, with volumes or without: a second
+/// `serve` or `mcp` on it is refused with who holds it, a restore over it
+/// is refused, and once the first has stopped the directory serves again.
+#[test]
+fn a_second_server_on_a_data_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _logs) = start(dir.path(), &free_port());
+    let first = common::StoppedOnDrop(first);
+    let pid = first.0.id();
+    let refused = |args: &[&str]| {
+        let out = bin()
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("IMAGENTX_INTERPRETERS", dir.path().join("no-interpreters"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let says = format!("another imagentx-sandbox server (pid {pid}) is using the data directory");
+    for args in [&["serve", "--listen", &free_port()][..], &["mcp"][..]] {
+        let (code, stderr) = refused(args);
+        assert!(matches!(code, Some(1 | 2)), "{args:?}: {code:?} {stderr}");
+        assert!(stderr.contains(&says), "{args:?}: {stderr}");
+    }
+    // A backup of it, then a restore over it: refused while it runs.
+    let backup = dir.path().join("b.tar.gz");
+    let out = bin().args(["backup", "--to"]).arg(&backup).arg("--data-dir").arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, stderr) = refused(&["restore", backup.to_str().unwrap(), "--force"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("a server is running on"), "{stderr}");
+
+    drop(first);
+    let addr = free_port();
+    let (second, _logs) = start(dir.path(), &addr);
+    let _second = common::StoppedOnDrop(second);
+    assert_eq!(std::fs::read_to_string(dir.path().join("serve.lock")).unwrap().trim(), _second.0.id().to_string());
+}
