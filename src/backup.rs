@@ -808,15 +808,20 @@ pub fn restore(path: &Path, data_dir: &Path, force: bool) -> Result<Manifest, Ba
             data_dir.display()
         )));
     }
-    // Never under a running server (its lock, and its volumes' lock), nor
-    // over users' volumes (their images would be mounted over the files
-    // restored beside them).
-    for lock in [data_dir.join("serve.lock"), data_dir.join("volumes").join("@lock")] {
-        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&lock)
-            && nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
-        {
-            return Err(BackupError::Refused(format!("a server is running on {}: stop it first", data_dir.display())));
+    // Never under a running server (held for the whole restore, so that
+    // none starts on a half-written directory), nor over users' volumes
+    // (their images would be mounted over the files restored beside them).
+    let _held = crate::data_dir::lock(data_dir).map_err(|e| match e {
+        crate::data_dir::LockError::InUse(why) => {
+            BackupError::Refused(format!("a server is running on {}: stop it first ({why})", data_dir.display()))
         }
+        crate::data_dir::LockError::Io(why) => BackupError::Refused(why),
+    })?;
+    let lock = data_dir.join("volumes").join("@lock");
+    if let Ok(file) = std::fs::OpenOptions::new().read(true).open(&lock)
+        && nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+    {
+        return Err(BackupError::Refused(format!("a server is running on {}: stop it first", data_dir.display())));
     }
     let has_volumes = std::fs::read_dir(data_dir.join("volumes"))
         .map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".ext4")))

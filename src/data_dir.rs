@@ -7,6 +7,7 @@
 //!   volumes/<user>.ext4  a user's volume (see crate::volume)
 //!   scratch/<id>/     one call's /tmp: emptied when the call ends, then reused
 //!   cache/            precompiled artifacts (the sandbox's own; never shown to tools)
+//!   serve.lock        held by the one process serving the directory (see [`lock`])
 //! ```
 
 use std::collections::HashMap;
@@ -31,6 +32,72 @@ impl DataDirError {
     /// Whether the host's disk had no room (for a user's volume, say).
     pub fn is_no_space(&self) -> bool {
         self.source.kind() == io::ErrorKind::StorageFull || self.source.raw_os_error() == Some(libc::ENOSPC)
+    }
+}
+
+/// Why the data directory's lock could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("{0}")]
+    InUse(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The data directory's lock file.
+pub const LOCK_FILE: &str = "serve.lock";
+
+/// Takes `<dir>/serve.lock` (an exclusive `flock`, the holder's pid
+/// written in it) for as long as the answer lives: one process serves or
+/// restores a data directory at a time. Two servers would sweep each
+/// other's scratch directories, restore over each other and count quotas
+/// apart. On a filesystem that takes no locks (NFS without its lock
+/// service, some FUSE), a warning and `None`: nothing would refuse a second
+/// process there.
+///
+/// # Errors
+///
+/// [`LockError::InUse`] naming the holder's pid, or what could not be done
+/// with its path.
+pub fn lock(dir: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, LockError> {
+    use nix::errno::Errno;
+    use std::io::Write;
+    std::fs::create_dir_all(dir).map_err(|e| LockError::Io(format!("creating {}: {e}", dir.display())))?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| LockError::Io(format!("opening {}: {e}", path.display())))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            // Who holds it, for the next one's message (not worth failing over).
+            let _ = lock.set_len(0);
+            let _ = (&*lock).write_all(format!("{}\n", std::process::id()).as_bytes());
+            Ok(Some(lock))
+        }
+        Err((_, Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let pid = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+            Err(LockError::InUse(format!(
+                "another imagentx-sandbox process{pid} is using the data directory {}: stop it first, or give \
+                 this one its own --data-dir",
+                dir.display()
+            )))
+        }
+        Err((_, e @ (Errno::ENOLCK | Errno::EOPNOTSUPP))) => {
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "the data directory's filesystem takes no locks: a second server on it would not be refused"
+            );
+            Ok(None)
+        }
+        Err((_, e)) => Err(LockError::Io(format!("locking {}: {e}", path.display()))),
     }
 }
 

@@ -314,7 +314,7 @@ fn a_second_server_on_a_data_directory_in_use_is_refused() {
             .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let says = format!("another imagentx-sandbox server (pid {pid}) is using the data directory");
+    let says = format!("another imagentx-sandbox process (pid {pid}) is using the data directory");
     for args in [&["serve", "--listen", &free_port()][..], &["mcp"][..]] {
         let (code, stderr) = refused(args);
         assert!(matches!(code, Some(1 | 2)), "{args:?}: {code:?} {stderr}");

@@ -5,7 +5,8 @@
 //! - the same kind of module inside a component that exports
 //!   `wasi:cli/run`, its `run` lifted from the module's `run`, so that the
 //!   component path (instantiation, the canonical ABI's result, the
-//!   command's stdio) runs whatever the module computes. (wasm-smith's own
+//!   command's stdio, which the module itself cannot reach: it imports
+//!   nothing) runs whatever the module computes. (wasm-smith's own
 //!   component generator is off by default and behind the component model:
 //!   its components rarely export anything a host can call.)
 //!
@@ -72,6 +73,9 @@ fn config(shape: Shape) -> wasm_smith::Config {
         threads_enabled: false,
         gc_enabled: false,
         custom_page_sizes_enabled: false,
+        // The engine is built without exceptions: such modules would only
+        // ever be refused (load_bytes covers refusals).
+        exceptions_enabled: false,
         ..wasm_smith::Config::default()
     };
     match shape {
@@ -84,15 +88,29 @@ fn config(shape: Shape) -> wasm_smith::Config {
 }
 
 /// The component that exports `wasi:cli/run` (the version real guests built
-/// for wasm32-wasip2 export) with the module's `run` behind it.
-fn component_around(module: &[u8]) -> Option<Vec<u8>> {
+/// for wasm32-wasip2 export) with the module's `run` behind it; `masked`:
+/// through a module that keeps the low bit of what `run` answers, so that
+/// the call ends ok or in error rather than trapping on a bad discriminant.
+fn component_around(module: &[u8], masked: bool) -> Option<Vec<u8>> {
     let text = wasmprinter::print_bytes(module).ok()?;
     let body = text.trim_start().strip_prefix("(module")?;
+    let (mask, from) = if masked {
+        (
+            "(core module $mask
+               (import \"m\" \"run\" (func $run (result i32)))
+               (func (export \"run\") (result i32) (i32.and (call $run) (i32.const 1))))
+             (core instance $j (instantiate $mask (with \"m\" (instance $i))))",
+            "$j",
+        )
+    } else {
+        ("", "$i")
+    };
     let component = format!(
         "(component
            (core module $m {body}
            (core instance $i (instantiate $m))
-           (func $run (result (result)) (canon lift (core func $i \"run\")))
+           {mask}
+           (func $run (result (result)) (canon lift (core func {from} \"run\")))
            (instance $cli (export \"run\" (func $run)))
            (export \"wasi:cli/run@0.2.0\" (instance $cli)))"
     );
@@ -114,8 +132,13 @@ fn tally(ended: Option<Status>) {
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let Ok(in_component) = u.arbitrary::<bool>() else { return };
-    let shape = if in_component { Shape::InComponent } else { Shape::Command };
+    let Ok(shape_byte) = u.arbitrary::<u8>() else { return };
+    // Half commands; of the components, three in four masked.
+    let (shape, masked) = match shape_byte % 8 {
+        0..4 => (Shape::Command, false),
+        4 => (Shape::InComponent, false),
+        _ => (Shape::InComponent, true),
+    };
     let Ok(module) = wasm_smith::Module::new(config(shape), &mut u) else { return };
     let module = module.to_bytes();
     match shape {
@@ -123,7 +146,7 @@ fuzz_target!(|data: &[u8]| {
             harness::load_and_run(&module);
         }
         Shape::InComponent => {
-            let Some(component) = component_around(&module) else { return };
+            let Some(component) = component_around(&module, masked) else { return };
             let ran = harness::load_and_run(&component);
             if let Some((kind, _)) = ran {
                 assert_eq!(kind, ToolKind::WasiCommand, "the component loaded as another kind");

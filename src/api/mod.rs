@@ -272,37 +272,9 @@ pub struct AppState {
     pub(crate) rollup: stats::Rollup,
     /// The alert webhook's queue, when `[response] webhook` is set.
     pub(crate) webhook: Option<behaviour::Webhook>,
-    /// `<data-dir>/serve.lock`, held while the server lives.
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-/// Takes `<data-dir>/serve.lock` (an exclusive `flock`, with the holder's
-/// pid in it): one server process per data directory, volumes or not. Two
-/// would sweep each other's scratch directories, restore over each other
-/// and count quotas apart.
-fn lock_data_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, StartError> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join("serve.lock");
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => {
-            lock.set_len(0)?;
-            (&*lock).write_all(format!("{}\n", std::process::id()).as_bytes())?;
-            Ok(lock)
-        }
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = holder.trim();
-            let pid = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
-            Err(StartError::InUse(format!(
-                "another imagentx-sandbox server{pid} is using the data directory {}: stop it first, or give \
-                 this one its own --data-dir",
-                dir.display()
-            )))
-        }
-        Err((_, e)) => Err(std::io::Error::from(e).into()),
-    }
+    /// `<data-dir>/serve.lock`, held while the server lives (`None` where
+    /// the filesystem takes no locks).
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 /// Why the service could not start.
@@ -319,7 +291,7 @@ pub enum StartError {
     #[error("{0}")]
     Damaged(String),
     #[error("{0}")]
-    InUse(String),
+    Lock(#[from] crate::data_dir::LockError),
 }
 
 /// How long the start's `PRAGMA quick_check` may take before it is skipped.
@@ -511,7 +483,7 @@ impl AppState {
             VolumeMode::Auto if jail.is_err() => VolumeMode::Off,
             mode => mode,
         };
-        let lock = lock_data_dir(&settings.data_dir)?;
+        let lock = crate::data_dir::lock(&settings.data_dir)?;
         let data_dir = DataDir::open_with_volumes(&settings.data_dir, volumes, settings.data_volume_space)?;
         let swept = data_dir.sweep_scratch();
         if swept > 0 {
