@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use std::sync::Arc;
 
 use crate::data_dir::{DataDir, Scratch, UserDir};
-use crate::engine::{Engine, Invocation, LiveError, LiveInstance, LiveSetup, LoadError, Outcome, Tool, ToolKind};
+use crate::engine::{Engine, Invocation, LiveError, LiveInstance, LiveSetup, LoadError, Outcome, Tool};
 use crate::jail::{self, Jail, Layout, NativeOutcome, NativeRun};
 use crate::policy::{Limits, Policy, UserId};
 use crate::quota::Budget;
@@ -157,8 +157,8 @@ impl Sandbox {
             (Ok(tool), Some(cancel)) => tokio::select! {
                 outcome = self.execute(tool, call) => outcome,
                 () = cancel.cancelled() => {
-                    // What it wrote before it was stopped is measured again
-                    // (a preview 1 module's writes are not charged as they happen).
+                    // What it wrote before it was stopped is measured again: a
+                    // write cut off between its charge and the disk is not lost.
                     self.data_dir.usage_changed(&call.user);
                     Err((Status::Cancelled, "cancelled by the caller before it finished".into()))
                 }
@@ -345,11 +345,11 @@ impl Sandbox {
     /// writable at all, with the note for the report when it is not.
     ///
     /// `charged`: the runtime charges every write to the budget as it happens
-    /// (WASM components), so `/data` stays writable at any usage: writes that
+    /// (WASM tools), so `/data` stays writable at any usage: writes that
     /// would pass the quota are refused one by one and deletes still work.
-    /// So do native tools' volumes, in the kernel. Otherwise (preview 1
-    /// modules, native tools without volumes) `/data` is read-only once the
-    /// quota is used up, checked before the call.
+    /// So do native tools' volumes, in the kernel. Otherwise (native tools
+    /// without volumes) `/data` is read-only once the quota is used up,
+    /// checked before the call.
     async fn data_access(&self, call: &ToolCall, limits: &Limits, charged: bool) -> (Budget, bool, Option<String>) {
         let Some(ledger) = self.data_dir.ledger(&call.user).await else {
             let note = "/data was read-only for this call: the user's data directory cannot be measured".to_owned();
@@ -463,8 +463,8 @@ impl Sandbox {
         let data_dir = user_dir.path();
         let scratch = self.data_dir.scratch().map_err(|e| internal(&e))?;
         let env: &BTreeMap<String, String> = &self.policy.env;
-        let charged = tool.kind() != ToolKind::WasiP1Module;
-        let (data_budget, data_writable, note) = self.data_access(call, &limits, charged).await;
+        // Every write of a WASM tool is charged as it happens (see engine::fs).
+        let (data_budget, data_writable, note) = self.data_access(call, &limits, true).await;
         // While the call may write, a walk of the directory must not replace
         // the ledger's figures (they hold this call's charges).
         let writing = data_budget.ledger().writer();
@@ -484,9 +484,9 @@ impl Sandbox {
             internal(&e)
         })?;
         drop(writing);
-        // A preview 1 module wrote past the ledger; a call that ran into the
-        // quota may have been refused over bytes the ledger over-counted.
-        if data_writable && (!charged || outcome.limits_hit.iter().any(|l| l.starts_with("data_"))) {
+        // A call that ran into the quota may have been refused over bytes the
+        // ledger over-counted.
+        if data_writable && outcome.limits_hit.iter().any(|l| l.starts_with("data_")) {
             self.data_dir.usage_changed(&call.user);
         }
         add_note(&mut outcome.error, note);

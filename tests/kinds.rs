@@ -143,6 +143,30 @@ async fn p1_module_that_spins_is_stopped_and_one_that_exits_nonzero_is_a_tool_er
     assert_eq!(report.exit_code, Some(4));
 }
 
+/// A preview 1 module that also imports something the adapter cannot provide
+/// runs on wasmtime's preview 1 host, whose writes nothing charges: it gets no
+/// directories at all. This one exits with what `fd_prestat_get(3)` answers:
+/// EBADF (8), no preopen; a module that got `/data` would exit 0.
+#[tokio::test]
+async fn a_p1_module_the_adapter_cannot_take_runs_without_directories() {
+    let (sb, _dir) = sandbox();
+    let tool = sb
+        .load(
+            br#"(module
+                (import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
+                (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                (import "env" "not_wasi" (func))
+                (memory (export "memory") 1)
+                (func (export "_start") (call $exit (call $prestat (i32.const 3) (i32.const 16)))))"#,
+            "mixed",
+        )
+        .await
+        .unwrap();
+    assert_eq!(tool.kind(), ToolKind::WasiP1Module);
+    let report = run(&sb, &tool, &call("alice", "free", json!(null))).await;
+    assert_eq!((report.status, report.exit_code), (Status::ToolError, Some(8)), "{report:?}");
+}
+
 async fn load_err(bytes: &[u8]) -> LoadError {
     let (sb, _dir) = sandbox();
     match sb.load(bytes, "bad").await {

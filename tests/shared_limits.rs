@@ -384,6 +384,119 @@ async fn all_calls_together_hold_no_more_descriptors_than_the_pool_and_give_them
     assert_eq!(pool.in_use(), 0, "descriptors were not given back");
 }
 
+/// A WASI preview 1 module, as TinyGo, Zig or wasi-sdk emit, that opens
+/// `name` (created) in the preopen whose path is `area`, writes `chunks` writes
+/// of 64 KiB to it (or, with `open_loop`, opens it again and again), stops at
+/// the first error, and prints `{"errno":E,"count":N}` (E = 0 when nothing was
+/// refused). Preview 1's errno numbers: 19 EDQUOT, 48 ENOMEM, 51 ENOSPC.
+fn p1_filler(area: &str, chunks: u32, open_loop: bool) -> String {
+    let (area_len, open_loop) = (area.len(), i32::from(open_loop));
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 3)
+  (data (i32.const 512) "big")
+  (data (i32.const 600) "{{\"errno\":,\"count\":}}")
+  ;; The preopen whose name is {area_len} bytes long.
+  (func $dir (result i32)
+    (local $fd i32)
+    (local.set $fd (i32.const 3))
+    (loop $next
+      (if (i32.eqz (call $prestat (local.get $fd) (i32.const 256)))
+        (then (if (i32.eq (i32.load (i32.const 260)) (i32.const {area_len})) (then (return (local.get $fd))))))
+      (local.set $fd (i32.add (local.get $fd) (i32.const 1)))
+      (br_if $next (i32.lt_u (local.get $fd) (i32.const 16))))
+    (unreachable))
+  (func $open_big (param $dir i32) (param $oflags i32) (result i32)
+    (call $open (local.get $dir) (i32.const 0) (i32.const 512) (i32.const 3) (local.get $oflags)
+      (i64.const -1) (i64.const -1) (i32.const 0) (i32.const 300)))
+  ;; Writes $v in decimal at $at; answers where it ended.
+  (func $num (param $v i32) (param $at i32) (result i32)
+    (local $div i32)
+    (local.set $div (i32.const 1))
+    (block $big (loop $grow
+      (br_if $big (i32.lt_u (i32.div_u (local.get $v) (local.get $div)) (i32.const 10)))
+      (local.set $div (i32.mul (local.get $div) (i32.const 10)))
+      (br $grow)))
+    (loop $digit
+      (i32.store8 (local.get $at)
+        (i32.add (i32.const 48) (i32.rem_u (i32.div_u (local.get $v) (local.get $div)) (i32.const 10))))
+      (local.set $at (i32.add (local.get $at) (i32.const 1)))
+      (local.set $div (i32.div_u (local.get $div) (i32.const 10)))
+      (br_if $digit (local.get $div)))
+    (local.get $at))
+  (func (export "_start")
+    (local $dir i32) (local $fd i32) (local $err i32) (local $n i32) (local $at i32)
+    (local.set $dir (call $dir))
+    (local.set $err (call $open_big (local.get $dir) (i32.const 1)))
+    (if (local.get $err) (then (call $exit (i32.const 99))))
+    (local.set $fd (i32.load (i32.const 300)))
+    (i32.store (i32.const 0) (i32.const 65536))
+    (i32.store (i32.const 4) (i32.const 65536))
+    (block $stop (loop $more
+      (br_if $stop (i32.ge_u (local.get $n) (i32.const {chunks})))
+      (if (i32.const {open_loop})
+        (then (local.set $err (call $open_big (local.get $dir) (i32.const 0))))
+        (else (local.set $err (call $write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8)))))
+      (br_if $stop (local.get $err))
+      (local.set $n (i32.add (local.get $n) (i32.const 1)))
+      (br $more)))
+    ;; {{"errno":E,"count":N}}
+    (memory.copy (i32.const 1024) (i32.const 600) (i32.const 9))
+    (local.set $at (call $num (local.get $err) (i32.const 1033)))
+    (memory.copy (local.get $at) (i32.const 609) (i32.const 9))
+    (local.set $at (call $num (local.get $n) (i32.add (local.get $at) (i32.const 9))))
+    (i32.store8 (local.get $at) (i32.const 125))
+    (i32.store (i32.const 16) (i32.const 1024))
+    (i32.store (i32.const 20) (i32.sub (i32.add (local.get $at) (i32.const 1)) (i32.const 1024)))
+    (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))))"#
+    )
+}
+
+/// Preview 1 modules (TinyGo, Zig, C) once wrote past every cap: wasmtime's
+/// preview 1 host writes to files directly. Run through the adapter, they are
+/// held like components, at each write and each open.
+#[tokio::test]
+async fn a_wasi_preview1_module_is_held_to_the_same_limits() {
+    let (sandbox, _dir) = common::sandbox_with(tiny_policy());
+    let run = async |area: &str, chunks: u32, open_loop: bool| {
+        let tool = sandbox.load(p1_filler(area, chunks, open_loop).as_bytes(), "filler").await.unwrap();
+        assert_eq!(tool.kind(), imagentx_sandbox::engine::ToolKind::WasiP1Module);
+        let r = common::run(&sandbox, &tool, &common::call("mallory", "tiny", json!(null))).await;
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        (r.output.clone().unwrap(), r)
+    };
+    // Under the quota: 16 writes of 64 KiB, all there, all counted.
+    let (out, r) = run("/data", 16, false).await;
+    assert_eq!(out, json!({"errno": 0, "count": 16}), "{r:?}");
+    assert_eq!(r.usage.bytes_written, Some(MIB));
+    assert!(r.usage.limits_hit.is_empty(), "{:?}", r.usage.limits_hit);
+    // 64 MiB against an 8 MiB quota: refused at the quota with EDQUOT, and the
+    // module goes on to print its answer.
+    let (out, r) = run("/data", 1024, false).await;
+    assert_eq!(out["errno"], 19, "{r:?}");
+    assert!(out["count"].as_u64().unwrap() <= 128, "{out}");
+    assert_eq!(r.usage.limits_hit, ["data_quota"]);
+    assert_within_quota(&sandbox, "mallory");
+    // /tmp: ENOSPC at the tier's size, /data untouched by it.
+    let (out, r) = run("/tmp", 1024, false).await;
+    assert_eq!(out["errno"], 51, "{r:?}");
+    assert!(out["count"].as_u64().unwrap() * 64 * 1024 <= TMP, "{out}");
+    assert_eq!(r.usage.limits_hit, ["tmp"]);
+    // Opening in a loop stops at the tier's descriptors (ENOMEM: WASI 0.2 has
+    // no EMFILE), and they are all given back.
+    let (out, r) = run("/tmp", 100_000, true).await;
+    assert_eq!(out["errno"], 48, "{r:?}");
+    assert!(out["count"].as_u64().unwrap() < NOFILE, "{out}");
+    assert_eq!(r.usage.limits_hit, ["nofile"]);
+    assert_eq!(sandbox.engine.guest_descriptors().in_use(), 0);
+    assert_within_quota(&sandbox, "mallory");
+}
+
 /// A server with the built-in interpreters and the tiny tier.
 async fn server() -> server::TestServer {
     let dir = common::interpreters::built_dir();

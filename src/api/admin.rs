@@ -44,12 +44,12 @@ pub fn disk_limits(volumes: bool) -> DiskLimits {
     let wasm_components = "every write: /data quota (bytes and files) shared by the user's calls and the files API, \
                            /tmp per call, open files per call and across calls";
     let files_api = "every write, on the same ledger as the WASM calls";
+    const PREVIEW1: &str = "as components: they run through wasmtime's preview 1 adapter; a module it cannot \
+                            adapt (non-WASI imports) gets no /data and no /tmp";
     if volumes {
         DiskLimits {
             wasm_components,
-            wasm_preview1_modules: "/data: the user's volume, whose size is the quota plus ext4's metadata and \
-                                    reserve (a few percent; the sandbox writes for them as root, which may use \
-                                    the reserve); /tmp unbounded",
+            wasm_preview1_modules: PREVIEW1,
             native_tools: "every write: /data is the user's own ext4 volume, its blocks past the quota reserved \
                            from tools (ENOSPC at the quota, counted in 4 KiB blocks) and its inodes the tier's \
                            files; /tmp is a tmpfs of the tier's size",
@@ -58,8 +58,7 @@ pub fn disk_limits(volumes: bool) -> DiskLimits {
     } else {
         DiskLimits {
             wasm_components,
-            wasm_preview1_modules: "before each call only: /data is read-only while the user is at or over the \
-                                    quota; /tmp unbounded",
+            wasm_preview1_modules: PREVIEW1,
             native_tools: "before each call only: /data is read-only while the user is at or over the quota (no \
                            per-write cap: this host has no per-user volumes, see the start-up log); /tmp is a \
                            tmpfs of the tier's size",

@@ -115,6 +115,26 @@ impl Artifact for Component {
     }
 }
 
+/// A WASI preview 1 core module made a component by wasmtime's preview 1
+/// adapter (see [`super::preview1`]); cached as the component it becomes.
+pub(crate) struct AdaptedModule(pub Component);
+
+impl Artifact for AdaptedModule {
+    const KIND: &'static str = "p1-component";
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {
+        Component::new(engine, super::preview1::adapt(wasm)?).map(Self)
+    }
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Component::serialize(&self.0)
+    }
+    fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Self> {
+        <Component as Artifact>::deserialize(engine, artifact).map(Self)
+    }
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        <Component as Artifact>::deserialize_file(engine, path).map(Self)
+    }
+}
+
 impl Artifact for Module {
     const KIND: &'static str = "module";
     fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {

@@ -35,10 +35,8 @@ pub struct Invocation<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// Host directory shown as `/data`.
     pub data_dir: &'a Path,
-    /// Whether `/data` may be written at all. Components' writes are charged
-    /// to `data_budget` as they happen; a preview 1 module's cannot be (see
-    /// [`super::fs`]), so the caller makes `/data` read-only for one once the
-    /// user's quota is used up.
+    /// Whether `/data` may be written at all (writes are charged to
+    /// `data_budget` as they happen, see [`super::fs`]).
     pub data_writable: bool,
     /// The user's `/data` budget: their ledger under their tier's caps.
     pub data_budget: Budget,
@@ -63,8 +61,7 @@ pub struct Outcome {
     pub fuel_consumed: Option<u64>,
     pub peak_memory_bytes: Option<u64>,
     pub cpu_time: Option<Duration>,
-    /// Bytes the call added to files under `/data` and `/tmp`; `None` for a
-    /// preview 1 module, whose writes the host cannot see.
+    /// Bytes the call added to files under `/data` and `/tmp`.
     pub bytes_written: Option<u64>,
     /// Limits the call ran into, whether or not it survived them.
     pub limits_hit: Vec<&'static str>,
@@ -166,6 +163,9 @@ impl Engine {
                 .await?
             }
             Entry::Module(pre) => {
+                // Preview 1's file functions cannot be charged: a module that
+                // the adapter could not make a component gets no directories.
+                let view = GuestView { data_dir: None, scratch_dir: None, ..view };
                 let host = view.module_host(state()).map_err(CallError::Context)?;
                 drive(
                     &mut Store::new(engine, host),
@@ -183,10 +183,7 @@ impl Engine {
             }
         };
 
-        let written = match tool.entry {
-            Entry::Module(_) => None,
-            _ => Some(counters.written.load(std::sync::atomic::Ordering::Relaxed)),
-        };
+        let written = Some(counters.written.load(std::sync::atomic::Ordering::Relaxed));
         let spent = Spent { fuel_consumed, limiter, bytes_written: written, limits_hit: counters.limits_hit() };
         let is_sdk = matches!(tool.entry, Entry::Sdk { .. });
         conclude(ended, spent, (stdout.take(), stderr.take()), is_sdk, limits)

@@ -24,6 +24,11 @@
 //!   (EXDEV), as they would between two mounts: a file cannot change budgets
 //!   by being moved.
 //!
+//! WASI preview 1 modules reach this code too: they run as components, through
+//! wasmtime's preview 1 adapter (see [`super::preview1`]), which asks
+//! `filesystem-error-code` for a refused stream write, so a preview 1 program
+//! sees EDQUOT or ENOSPC where wasi-libc's WASI 0.2 programs see EIO.
+//!
 //! Everything else is wasmtime-wasi's code, called as it is.
 
 use std::collections::HashMap;

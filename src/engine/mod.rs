@@ -15,6 +15,7 @@ mod fair;
 mod fs;
 mod limiter;
 mod output;
+mod preview1;
 mod session;
 mod tool;
 mod wasi;
@@ -34,7 +35,7 @@ pub use session::{LiveError, LiveInstance, LiveSetup};
 pub use tool::{LoadError, Tool, ToolInfo, ToolKind, module_sha256, sha256_hex};
 pub use wasi::{DATA_DIR, TMP_DIR};
 
-use cache::{ArtifactCache, CacheMiss};
+use cache::{AdaptedModule, ArtifactCache, CacheMiss};
 use deadline::EpochTicker;
 use tool::{Binary, Entry};
 use wasi::{ComponentHost, ModuleHost};
@@ -261,20 +262,21 @@ impl Engine {
             Binary::Component => {
                 let compiled =
                     inner.cache.get::<wasmtime::component::Component>(&inner.wasmtime, sha256, wasm).map_err(miss)?;
-                let component = compiled.code;
-                let mut linker = inner.component_linker.clone();
-                wasi::stub_unprovided_imports(&mut linker, &component, &inner.wasmtime)
-                    .map_err(|e| LoadError::Link(format!("{e:#}")))?;
-                let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
-                let describe = component.get_export_index(None, "describe");
-                let call = component.get_export_index(None, "call");
-                if let (Some(_), Some(call)) = (describe, call) {
-                    return Ok((Entry::Sdk { pre, call }, ToolKind::Sdk, compiled.from_cache));
-                }
-                let command = CommandPre::new(pre).map_err(|_| LoadError::NoEntryPoint)?;
-                Ok((Entry::Command(command), ToolKind::WasiCommand, compiled.from_cache))
+                let (entry, kind) = self.link_component(&compiled.code)?;
+                Ok((entry, kind, compiled.from_cache))
             }
             Binary::CoreModule => {
+                // A preview 1 command runs as the component the adapter makes
+                // of it, so that everything it does with files is charged
+                // like a component's (see `fs`).
+                let adapted = inner.cache.get::<AdaptedModule>(&inner.wasmtime, sha256, wasm);
+                let not_adapted = match adapted {
+                    Ok(compiled) => {
+                        let command = self.link_component(&compiled.code.0)?.0;
+                        return Ok((command, ToolKind::WasiP1Module, compiled.from_cache));
+                    }
+                    Err(CacheMiss::Compile(e)) => e,
+                };
                 let compiled = inner.cache.get::<wasmtime::Module>(&inner.wasmtime, sha256, wasm).map_err(miss)?;
                 let module = compiled.code;
                 if module.get_export("_start").is_none() {
@@ -286,12 +288,37 @@ impl Engine {
                         "a WASI preview 1 module must export its linear memory as `memory`".into(),
                     ));
                 }
+                if uses_wasi {
+                    tracing::warn!(
+                        sha256,
+                        reason = %not_adapted,
+                        "a WASI preview 1 module that the adapter cannot make a component runs without /data and /tmp"
+                    );
+                }
                 let mut linker = inner.module_linker.clone();
                 linker.define_unknown_imports_as_traps(&module).map_err(|e| LoadError::Link(format!("{e:#}")))?;
                 let pre = linker.instantiate_pre(&module).map_err(|e| LoadError::Link(format!("{e:#}")))?;
                 Ok((Entry::Module(pre), ToolKind::WasiP1Module, compiled.from_cache))
             }
         }
+    }
+
+    /// Links `component` against WASI (what the sandbox does not provide
+    /// stubbed) as an SDK tool when it exports `describe` and `call`, else as a
+    /// command.
+    fn link_component(&self, component: &wasmtime::component::Component) -> Result<(Entry, ToolKind), LoadError> {
+        let inner = &self.inner;
+        let mut linker = inner.component_linker.clone();
+        wasi::stub_unprovided_imports(&mut linker, component, &inner.wasmtime)
+            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let pre = linker.instantiate_pre(component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let describe = component.get_export_index(None, "describe");
+        let call = component.get_export_index(None, "call");
+        if let (Some(_), Some(call)) = (describe, call) {
+            return Ok((Entry::Sdk { pre, call }, ToolKind::Sdk));
+        }
+        let command = CommandPre::new(pre).map_err(|_| LoadError::NoEntryPoint)?;
+        Ok((Entry::Command(command), ToolKind::WasiCommand))
     }
 
     /// Cores that guests may run on at once.

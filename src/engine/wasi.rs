@@ -93,7 +93,9 @@ impl ComponentHost {
     }
 }
 
-/// Store data of a core-module call (WASI preview 1 commands).
+/// Store data of a core-module call: a module without WASI imports, or a
+/// preview 1 module the adapter cannot make a component (see
+/// [`super::preview1`]), which then gets no directories.
 pub(crate) struct ModuleHost {
     pub call: CallState,
     pub wasi: WasiP1Ctx,
@@ -188,6 +190,7 @@ pub(crate) fn component_linker(
     p2::random::insecure::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
     p2::random::insecure_seed::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
     p2::cli::exit::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
+    super::preview1::add_exit_to_linker(l)?;
     p2::cli::environment::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
     p2::cli::stdin::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
     p2::cli::stdout::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
@@ -210,7 +213,8 @@ pub(crate) fn module_linker(engine: &wasmtime::Engine) -> wasmtime::Result<wasmt
 
 /// Interface packages the component linker provides (at WASI 0.2.x; guests
 /// importing an older 0.2 version are matched by semver).
-const PROVIDED_PACKAGES: &[&str] = &["wasi:io/", "wasi:clocks/", "wasi:filesystem/", "wasi:random/", "wasi:cli/"];
+const PROVIDED_PACKAGES: &[&str] =
+    &["wasi:io/", "wasi:clocks/", "wasi:filesystem/", "wasi:random/", "wasi:cli/", "imagentx:preview1/"];
 
 /// Links every import of `component` from a package the sandbox does not
 /// provide (`wasi:sockets`, `wasi:http`, anything else) to a stub that stops the
