@@ -141,6 +141,32 @@ async fn p1_module_that_spins_is_stopped_and_one_that_exits_nonzero_is_a_tool_er
     let report = run(&sb, &exit, &call("alice", "free", json!(null))).await;
     assert_eq!(report.status, Status::ToolError);
     assert_eq!(report.exit_code, Some(4));
+    // Codes of 126 and up are not a program's to give (wasmtime's rule).
+    let exit = sb
+        .load(
+            br#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                (memory (export "memory") 1)
+                (func (export "_start") (call $exit (i32.const 200))))"#,
+            "exit200",
+        )
+        .await
+        .unwrap();
+    let report = run(&sb, &exit, &call("alice", "free", json!(null))).await;
+    assert_eq!((report.status, report.exit_code), (Status::Crashed, None), "{report:?}");
+    assert!(report.error.unwrap().contains("invalid exit status"));
+}
+
+/// A module whose memory cannot grow (Emscripten's default, or a maximum set
+/// to the initial size) still runs: the adapter's pages are added to its
+/// maximum.
+#[tokio::test]
+async fn a_p1_module_with_a_fixed_memory_runs() {
+    let (sb, _dir) = sandbox();
+    let fixed = P1_CAT.replace(r#"(memory (export "memory") 2)"#, r#"(memory (export "memory") 2 2)"#);
+    let tool = sb.load(fixed.as_bytes(), "cat").await.unwrap();
+    let report = run(&sb, &tool, &call("alice", "free", json!([1, 2]))).await;
+    assert_eq!(report.status, Status::Ok, "{report:?}");
+    assert_eq!(report.output, Some(json!([1, 2])));
 }
 
 /// A preview 1 module that also imports something the adapter cannot provide

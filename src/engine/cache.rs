@@ -120,7 +120,9 @@ impl Artifact for Component {
 pub(crate) struct AdaptedModule(pub Component);
 
 impl Artifact for AdaptedModule {
-    const KIND: &'static str = "p1-component";
+    /// Versioned: a change to how modules are prepared for the adapter
+    /// (`preview1::prepare`) must change it, or old artifacts are used.
+    const KIND: &'static str = "p1-component-1";
     fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {
         Component::new(engine, super::preview1::adapt(wasm)?).map(Self)
     }

@@ -262,7 +262,7 @@ impl Engine {
             Binary::Component => {
                 let compiled =
                     inner.cache.get::<wasmtime::component::Component>(&inner.wasmtime, sha256, wasm).map_err(miss)?;
-                let (entry, kind) = self.link_component(&compiled.code)?;
+                let (entry, kind) = self.link_component(&compiled.code, false)?;
                 Ok((entry, kind, compiled.from_cache))
             }
             Binary::CoreModule => {
@@ -271,10 +271,12 @@ impl Engine {
                 // like a component's (see `fs`).
                 let adapted = inner.cache.get::<AdaptedModule>(&inner.wasmtime, sha256, wasm);
                 let not_adapted = match adapted {
-                    Ok(compiled) => {
-                        let command = self.link_component(&compiled.code.0)?.0;
-                        return Ok((command, ToolKind::WasiP1Module, compiled.from_cache));
-                    }
+                    Ok(compiled) => match self.link_component(&compiled.code.0, true)? {
+                        (command @ Entry::Command(_), _) => {
+                            return Ok((command, ToolKind::WasiP1Module, compiled.from_cache));
+                        }
+                        _ => wasmtime::format_err!("the adapted module is not a command"),
+                    },
                     Err(CacheMiss::Compile(e)) => e,
                 };
                 let compiled = inner.cache.get::<wasmtime::Module>(&inner.wasmtime, sha256, wasm).map_err(miss)?;
@@ -292,7 +294,8 @@ impl Engine {
                     tracing::warn!(
                         sha256,
                         reason = %not_adapted,
-                        "a WASI preview 1 module that the adapter cannot make a component runs without /data and /tmp"
+                        "a WASI preview 1 module that the adapter cannot make a component (see the reason) runs \
+                         without /data and /tmp"
                     );
                 }
                 let mut linker = inner.module_linker.clone();
@@ -305,13 +308,22 @@ impl Engine {
 
     /// Links `component` against WASI (what the sandbox does not provide
     /// stubbed) as an SDK tool when it exports `describe` and `call`, else as a
-    /// command.
-    fn link_component(&self, component: &wasmtime::component::Component) -> Result<(Entry, ToolKind), LoadError> {
+    /// command. An adapted preview 1 module (`preview1`) gets its `proc_exit`.
+    fn link_component(
+        &self,
+        component: &wasmtime::component::Component,
+        preview1: bool,
+    ) -> Result<(Entry, ToolKind), LoadError> {
         let inner = &self.inner;
         let mut linker = inner.component_linker.clone();
-        wasi::stub_unprovided_imports(&mut linker, component, &inner.wasmtime)
-            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        let pre = linker.instantiate_pre(component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let link_error = |e: wasmtime::Error| LoadError::Link(format!("{e:#}"));
+        wasi::stub_unprovided_imports(&mut linker, component, &inner.wasmtime).map_err(link_error)?;
+        if preview1 {
+            // Over the stub made for it above.
+            linker.allow_shadowing(true);
+            preview1::add_exit_to_linker(&mut linker).map_err(link_error)?;
+        }
+        let pre = linker.instantiate_pre(component).map_err(link_error)?;
         let describe = component.get_export_index(None, "describe");
         let call = component.get_export_index(None, "call");
         if let (Some(_), Some(call)) = (describe, call) {

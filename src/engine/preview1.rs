@@ -2,16 +2,26 @@
 //!
 //! wasmtime's preview 1 host writes to files directly, where nothing can
 //! charge the writes or count the descriptors (see [`super::fs`]). So a
-//! preview 1 command (TinyGo, Zig, C with wasi-sdk, Rust's `wasm32-wasip1`) is
+//! preview 1 command (Zig, C with wasi-sdk, Rust's `wasm32-wasip1`) is
 //! made a component when it is loaded: wasmtime's own preview 1 adapter, linked
 //! in by `wit-component`, implements preview 1's functions on WASI 0.2's
 //! interfaces, which the sandbox charges like any component's.
 //!
-//! One thing the adapter loses: `proc_exit` with a code other than 0 reaches
-//! the host as 1 (`wasi:cli/exit`'s `exit` carries only success or failure). To
-//! keep the code a preview 1 program exits with, as `wasmtime run` reports it,
-//! the module's `proc_exit` import is renamed to [`EXIT_INTERFACE`]'s
-//! `proc-exit`, which the host implements (see [`add_exit_to_linker`]).
+//! Two things the module is changed in before it is adapted (see
+//! [`prepare`]):
+//! - `proc_exit` with a code other than 0 would reach the host as 1 through the
+//!   adapter (`wasi:cli/exit`'s `exit` carries only success or failure). To
+//!   keep the code, as wasmtime's own preview 1 host reports it, the module's
+//!   `proc_exit` import is renamed to [`EXIT_INTERFACE`]'s `proc-exit`, which
+//!   the host implements for adapted modules only ([`add_exit_to_linker`]).
+//! - The adapter takes a few pages of the module's memory for its stack and
+//!   state (`memory.grow`): a memory whose maximum is its size would trap at
+//!   the first call, so the maximum is raised by [`ADAPTER_PAGES`]. The tier's
+//!   memory limit still holds the whole.
+//!
+//! TinyGo's preview 1 output is known not to live with the adapter (its heap
+//! takes memory the adapter grows: fastly/Viceroy#491); TinyGo builds
+//! components itself (`-target=wasip2`), which run as they are.
 
 use std::convert::Infallible;
 
@@ -42,13 +52,13 @@ world module {
 
 /// The component of a preview 1 command module: the module linked to the
 /// adapter, exporting `wasi:cli/run` (which calls the module's `_start`). A
-/// module that imports anything but preview 1, or does not export its memory,
-/// cannot be adapted: the error says why.
+/// module the adapter cannot take (it imports anything but preview 1, imports
+/// its memory, has several) is refused: the error says why.
 pub(crate) fn adapt(module: &[u8]) -> wasmtime::Result<Vec<u8>> {
     use wasi_preview1_component_adapter_provider::{
         WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
     };
-    let encoded = with_host_exit(module).and_then(|module| {
+    let encoded = prepare(module).and_then(|module| {
         wit_component::ComponentEncoder::default()
             .module(&module)?
             .adapter(WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER)?
@@ -58,31 +68,51 @@ pub(crate) fn adapt(module: &[u8]) -> wasmtime::Result<Vec<u8>> {
     encoded.map_err(|e| wasmtime::format_err!("{e:#}"))
 }
 
+/// Pages by which a memory's maximum is raised for the adapter's stack and state.
+pub(crate) const ADAPTER_PAGES: u64 = 8;
+
 /// `module` with its `proc_exit` import (if any) taken from [`EXIT_INTERFACE`]
-/// instead, and the component-type section that declares that interface.
-fn with_host_exit(module: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut renamed = Module::new();
-    let mut rename = RenameProcExit { renamed: false };
-    rename
-        .parse_core_module(&mut renamed, wasmparser::Parser::new(0), module)
-        .map_err(|e| anyhow::anyhow!("reading the module: {e}"))?;
-    if !rename.renamed {
+/// and the component-type section that declares that interface, and its
+/// memory's maximum (if any) raised by [`ADAPTER_PAGES`]. A module with
+/// neither is returned as it is.
+fn prepare(module: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let (mut exits, mut capped) = (false, false);
+    for payload in wasmparser::Parser::new(0).parse_all(module) {
+        match payload? {
+            wasmparser::Payload::ImportSection(imports) => {
+                for import in imports.into_imports() {
+                    let import = import?;
+                    exits |= import.module == PREVIEW1 && import.name == "proc_exit";
+                }
+            }
+            wasmparser::Payload::MemorySection(memories) => {
+                for memory in memories {
+                    capped |= memory?.maximum.is_some();
+                }
+            }
+            _ => {}
+        }
+    }
+    if !exits && !capped {
         return Ok(module.to_vec());
     }
-    let mut bytes = renamed.finish();
-    let mut resolve = wit_parser::Resolve::default();
-    let package = resolve.push_str("preview1-exit.wit", EXIT_WIT)?;
-    let world = resolve.select_world(&[package], Some("module"))?;
-    wit_component::embed_component_metadata(&mut bytes, &resolve, world, wit_component::StringEncoding::UTF8)?;
+    let mut prepared = Module::new();
+    Prepare.parse_core_module(&mut prepared, wasmparser::Parser::new(0), module).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut bytes = prepared.finish();
+    if exits {
+        let mut resolve = wit_parser::Resolve::default();
+        let package = resolve.push_str("preview1-exit.wit", EXIT_WIT)?;
+        let world = resolve.select_world(&[package], Some("module"))?;
+        wit_component::embed_component_metadata(&mut bytes, &resolve, world, wit_component::StringEncoding::UTF8)?;
+    }
     Ok(bytes)
 }
 
-/// Re-encodes a module as it is but for the import of `proc_exit`.
-struct RenameProcExit {
-    renamed: bool,
-}
+/// Re-encodes a module as it is but for the import of `proc_exit` and the
+/// maximum of its memories.
+struct Prepare;
 
-impl RenameProcExit {
+impl Prepare {
     fn import(
         &mut self,
         section: &mut ImportSection,
@@ -92,7 +122,6 @@ impl RenameProcExit {
     ) -> Result<(), ReencodeError<Infallible>> {
         let ty = self.entity_type(ty)?;
         if module == PREVIEW1 && name == "proc_exit" {
-            self.renamed = true;
             section.import(EXIT_INTERFACE, "proc-exit", ty);
         } else {
             section.import(module, name, ty);
@@ -101,7 +130,7 @@ impl RenameProcExit {
     }
 }
 
-impl Reencode for RenameProcExit {
+impl Reencode for Prepare {
     type Error = Infallible;
 
     fn parse_imports(
@@ -121,14 +150,27 @@ impl Reencode for RenameProcExit {
             }),
         }
     }
+
+    fn memory_type(
+        &mut self,
+        memory: wasmparser::MemoryType,
+    ) -> Result<wasm_encoder::MemoryType, ReencodeError<Infallible>> {
+        let mut ty = wasm_encoder::reencode::utils::memory_type(self, memory);
+        let pages = if ty.memory64 { u64::MAX } else { 1 << 16 };
+        ty.maximum = ty.maximum.map(|max| max.saturating_add(ADAPTER_PAGES).min(pages));
+        Ok(ty)
+    }
 }
 
 /// Implements [`EXIT_INTERFACE`]: the program ends with its exact code.
 pub(crate) fn add_exit_to_linker<T: 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     linker.instance(EXIT_INTERFACE)?.func_wrap("proc-exit", |_, (code,): (u32,)| -> wasmtime::Result<()> {
-        // Preview 1's exit code is a u32; the report's is an i32, as
-        // wasmtime's own preview 1 host makes it.
-        Err(I32Exit(code.cast_signed()).into())
+        // wasmtime's preview 1 host's rule: codes of 126 and up (the shell's
+        // for "not run" and signals) are not a program's to give.
+        match i32::try_from(code) {
+            Ok(code) if code < 126 => Err(I32Exit(code).into()),
+            _ => Err(wasmtime::format_err!("exit with invalid exit status outside of [0..126)")),
+        }
     })
 }
 
@@ -146,7 +188,7 @@ mod tests {
                 (func (export "_start")))"#,
         )
         .unwrap();
-        let renamed = with_host_exit(&module).unwrap();
+        let renamed = prepare(&module).unwrap();
         let imports: Vec<(String, String)> = wasmparser::Parser::new(0)
             .parse_all(&renamed)
             .filter_map(|p| match p.unwrap() {
@@ -160,6 +202,16 @@ mod tests {
             [(PREVIEW1.to_owned(), "fd_write".to_owned()), (EXIT_INTERFACE.to_owned(), "proc-exit".to_owned())]
         );
         let without = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap();
-        assert_eq!(with_host_exit(&without).unwrap(), without);
+        assert_eq!(prepare(&without).unwrap(), without);
+        let capped = wat::parse_str(r#"(module (memory (export "memory") 1 1) (func (export "_start")))"#).unwrap();
+        let maxima: Vec<Option<u64>> = wasmparser::Parser::new(0)
+            .parse_all(&prepare(&capped).unwrap())
+            .filter_map(|p| match p.unwrap() {
+                wasmparser::Payload::MemorySection(s) => Some(s),
+                _ => None,
+            })
+            .flat_map(|s| s.into_iter().map(|m| m.unwrap().maximum))
+            .collect();
+        assert_eq!(maxima, [Some(1 + ADAPTER_PAGES)]);
     }
 }

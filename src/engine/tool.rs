@@ -16,7 +16,7 @@ pub enum ToolKind {
     Sdk,
     /// A component exporting `wasi:cli/run`: JSON on stdin, JSON on stdout.
     WasiCommand,
-    /// A WASI preview 1 core module with `_start` (TinyGo, Zig, C/wasi-sdk...).
+    /// A WASI preview 1 core module with `_start` (Zig, C/wasi-sdk, Rust's `wasm32-wasip1`...).
     WasiP1Module,
 }
 

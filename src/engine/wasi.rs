@@ -190,7 +190,6 @@ pub(crate) fn component_linker(
     p2::random::insecure::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
     p2::random::insecure_seed::add_to_linker::<_, WasiRandom>(l, |h| h.wasi.random())?;
     p2::cli::exit::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
-    super::preview1::add_exit_to_linker(l)?;
     p2::cli::environment::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
     p2::cli::stdin::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
     p2::cli::stdout::add_to_linker::<_, WasiCli>(l, ComponentHost::cli)?;
@@ -213,8 +212,7 @@ pub(crate) fn module_linker(engine: &wasmtime::Engine) -> wasmtime::Result<wasmt
 
 /// Interface packages the component linker provides (at WASI 0.2.x; guests
 /// importing an older 0.2 version are matched by semver).
-const PROVIDED_PACKAGES: &[&str] =
-    &["wasi:io/", "wasi:clocks/", "wasi:filesystem/", "wasi:random/", "wasi:cli/", "imagentx:preview1/"];
+const PROVIDED_PACKAGES: &[&str] = &["wasi:io/", "wasi:clocks/", "wasi:filesystem/", "wasi:random/", "wasi:cli/"];
 
 /// Links every import of `component` from a package the sandbox does not
 /// provide (`wasi:sockets`, `wasi:http`, anything else) to a stub that stops the
