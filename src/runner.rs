@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use crate::data_dir::{DataDir, Scratch, UserDir};
 use crate::engine::{Engine, Invocation, LiveError, LiveInstance, LiveSetup, LoadError, Outcome, Tool};
@@ -375,8 +376,21 @@ impl Sandbox {
         tool: &NativeTool,
         call: &ToolCall,
     ) -> ExecutionReport {
+        self.run_native_cancellable(jail, tool, call, None).await
+    }
+
+    /// [`Sandbox::run_native`], killed with status `cancelled` when `cancel`
+    /// fires first (within the supervisor's 10 ms check); the run is still
+    /// reaped and measured, and its report says so.
+    pub async fn run_native_cancellable(
+        &self,
+        jail: Result<&Arc<Jail>, &str>,
+        tool: &NativeTool,
+        call: &ToolCall,
+        cancel: Option<&tokio_util::sync::CancellationToken>,
+    ) -> ExecutionReport {
         let started = Started { id: new_execution_id(), at: SystemTime::now(), clock: Instant::now() };
-        let outcome = match self.execute_native(&started.id, jail, tool, call).await {
+        let outcome = match self.execute_native(&started.id, jail, tool, call, cancel).await {
             Ok(outcome) => outcome,
             Err((status, message)) => NativeOutcome::failed(status, message, started.clock.elapsed()),
         };
@@ -389,6 +403,7 @@ impl Sandbox {
         jail: Result<&Arc<Jail>, &str>,
         tool: &NativeTool,
         call: &ToolCall,
+        cancel: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<NativeOutcome, (Status, String)> {
         let jail =
             jail.map_err(|why| (Status::InternalError, format!("native tools cannot run on this host: {why}")))?;
@@ -402,8 +417,11 @@ impl Sandbox {
         // path's ledger: /data stays writable (deletes work) at any usage.
         let charged = self.data_dir.volumes().is_some();
         let (_, data_writable, note) = self.data_access(call, &limits, charged).await;
+        // Raised when the caller cancels: the supervisor kills the run.
+        let cancelled = Arc::new(AtomicBool::new(false));
         if let Some(pool) = tool.warm.as_ref().filter(|_| call.args.is_empty()) {
-            let served = pool.serve(&data_dir, data_writable, &limits, &input, Instant::now()).await;
+            let serve = pool.serve(&data_dir, data_writable, &limits, &input, Instant::now(), Some(cancelled.clone()));
+            let served = until_cancelled(serve, cancel, &cancelled).await;
             if let Some(outcome) = served {
                 return Ok(self.after_native(call, user_dir, data_writable, note, outcome));
             }
@@ -411,7 +429,8 @@ impl Sandbox {
         let env = jail::environment(&[&self.policy.env, &tool.env]);
         let argv: Vec<String> = tool.argv.iter().chain(&call.args).cloned().collect();
         let (jail, layout, id, owner) = (Arc::clone(jail), tool.layout.clone(), id.to_owned(), call.user.clone());
-        let outcome = tokio::task::spawn_blocking(move || {
+        let flag = Arc::clone(&cancelled);
+        let run = tokio::task::spawn_blocking(move || {
             jail.run(&NativeRun {
                 id: &id,
                 owner: owner.as_str(),
@@ -422,10 +441,12 @@ impl Sandbox {
                 data_writable,
                 limits: &limits,
                 layout: layout.as_deref(),
+                cancel: Some(&flag),
             })
-        })
-        .await
-        .map_err(|e| internal(&format!("the jail's supervisor failed: {e}")))?;
+        });
+        let outcome = until_cancelled(run, cancel, &cancelled)
+            .await
+            .map_err(|e| internal(&format!("the jail's supervisor failed: {e}")))?;
         Ok(self.after_native(call, user_dir, data_writable, note, outcome))
     }
 
@@ -513,6 +534,27 @@ impl Sandbox {
             );
         }
         Ok(outcome)
+    }
+}
+
+/// Runs `run` to its end. When `cancel` fires first, `flag` is raised (a
+/// native run's supervisor kills the run when it sees it) and the run is still
+/// awaited: its processes are reaped and its report is whole.
+async fn until_cancelled<T>(
+    run: impl Future<Output = T>,
+    cancel: Option<&tokio_util::sync::CancellationToken>,
+    flag: &AtomicBool,
+) -> T {
+    let Some(cancel) = cancel else {
+        return run.await;
+    };
+    let mut run = std::pin::pin!(run);
+    tokio::select! {
+        out = &mut run => out,
+        () = cancel.cancelled() => {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+            run.await
+        }
     }
 }
 

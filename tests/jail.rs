@@ -21,6 +21,7 @@ use imagentx_sandbox::policy::UserId;
 use imagentx_sandbox::report::{ExecutionReport, Status};
 use imagentx_sandbox::runner::{NativeTool, Sandbox, ToolCall};
 use imagentx_sandbox::volume::VolumeSpace;
+use tokio_util::sync::CancellationToken;
 
 struct Setup {
     jail: Arc<Jail>,
@@ -103,6 +104,16 @@ impl Call<'_> {
     async fn run(&self, sb: &Sandbox, setup: &Setup) -> ExecutionReport {
         let tool =
             NativeTool { name: "test".into(), argv: self.argv.clone(), env: BTreeMap::new(), layout: None, warm: None };
+        self.run_tool(sb, setup, &tool, None).await
+    }
+
+    async fn run_tool(
+        &self,
+        sb: &Sandbox,
+        setup: &Setup,
+        tool: &NativeTool,
+        cancel: Option<&CancellationToken>,
+    ) -> ExecutionReport {
         let call = ToolCall {
             user: UserId::new(self.user).unwrap(),
             tier: self.tier.into(),
@@ -110,7 +121,7 @@ impl Call<'_> {
             args: Vec::new(),
             timeout: self.timeout,
         };
-        let report = sb.run_native(Ok(&setup.jail), &tool, &call).await;
+        let report = sb.run_native_cancellable(Ok(&setup.jail), tool, &call, cancel).await;
         // Whatever happened, the run's cgroup is gone afterwards.
         for dir in setup.jail.cgroup_paths(&report.id, self.user) {
             assert!(!dir.exists(), "cgroup {} left behind", dir.display());
@@ -1161,4 +1172,77 @@ async fn over_http_a_native_tool_and_the_files_api_share_the_users_volume() {
     let metrics = String::from_utf8_lossy(&srv.get("/metrics", "").await.body).into_owned();
     assert!(metrics.contains("imagentx_limits_hit_total{limit=\"data_quota\"} 3"), "{metrics}");
     assert!(metrics.contains("imagentx_data_volumes_mounted 2"), "{metrics}");
+}
+
+/// Processes whose command line holds `marker`.
+fn processes_with(marker: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
+        .count()
+}
+
+/// A token cancelled `after` from now.
+fn cancelled_after(after: Duration) -> CancellationToken {
+    let token = CancellationToken::new();
+    let canceller = token.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        canceller.cancel();
+    });
+    token
+}
+
+/// A caller's cancellation (MCP's `notifications/cancelled`) kills a native
+/// run at once, fresh or warm: status `cancelled`, its processes reaped, its
+/// cgroup gone, what it printed kept. A run whose caller does not cancel ends
+/// as it would have.
+#[tokio::test]
+async fn a_cancelled_native_run_is_killed_and_reaped_fresh_or_warm() {
+    let setup = setup_or_skip!();
+    let (sb, _dir) = common::sandbox();
+    let script = "echo started; sleep 31.25 & sleep 31.25; wait";
+    let fresh = NativeTool {
+        name: "sleeper".into(),
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::new(),
+        layout: None,
+        warm: None,
+    };
+    let started = std::time::Instant::now();
+    let report = sh(script).run_tool(&sb, setup, &fresh, Some(&cancelled_after(Duration::from_millis(400)))).await;
+    assert_eq!(report.status, Status::Cancelled, "{report:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "cancelled after {:?}", started.elapsed());
+    assert_eq!(report.stdout, "started\n");
+    assert_eq!(processes_with("31.25"), 0, "the run's processes outlived its cancellation");
+    // Not cancelled (the token is there, it does not fire): the run ends by itself.
+    let quick = NativeTool { argv: vec!["/bin/sh".into(), "-c".into(), "echo done".into()], ..fresh.clone() };
+    let report = sh("echo done").run_tool(&sb, setup, &quick, Some(&CancellationToken::new())).await;
+    assert_eq!((report.status, report.stdout.as_str()), (Status::Ok, "done\n"), "{report:?}");
+
+    // A warm jail: its program says it is ready, then takes its call.
+    let limits = sb.policy.resolve("standard", None).unwrap();
+    let warm_script = "printf 'imagentx-warm-ready\\n' >&2; read -r limits; echo started; sleep 31.5 & sleep 31.5";
+    let spec = imagentx_sandbox::jail::WarmSpec {
+        tool: "sleeper".into(),
+        argv: vec!["/bin/sh".into(), "-c".into(), warm_script.into()],
+        env: imagentx_sandbox::jail::environment(&[]),
+        layout: None,
+        limits,
+    };
+    let pool = imagentx_sandbox::jail::WarmPool::new(Arc::clone(&setup.jail), spec, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pool.counts().0 == 0 {
+        assert!(std::time::Instant::now() < deadline, "the warm jail never got ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let warm = NativeTool { warm: Some(Arc::clone(&pool)), ..fresh };
+    let started = std::time::Instant::now();
+    let report = sh(script).run_tool(&sb, setup, &warm, Some(&cancelled_after(Duration::from_millis(400)))).await;
+    assert_eq!(report.status, Status::Cancelled, "{report:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "cancelled after {:?}", started.elapsed());
+    assert_eq!(report.stdout, "started\n", "the call did not run in the warm jail: {report:?}");
+    pool.stop(Duration::from_secs(5));
+    assert_eq!(processes_with("31.5"), 0, "the warm run's processes outlived its cancellation");
 }

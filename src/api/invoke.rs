@@ -228,7 +228,8 @@ impl Prepared {
     /// Admits the call (or answers 429), runs it in a task of its own, records
     /// its execution, audit and metrics, and answers the report and its JSON.
     /// A caller that goes away does not stop it: it still finishes and is
-    /// recorded. `cancel` stops a WASM call (status `cancelled`, recorded).
+    /// recorded. `cancel` stops a WASM call or a native run (status `cancelled`,
+    /// recorded).
     pub(crate) async fn run(
         self,
         state: &Arc<AppState>,
@@ -272,10 +273,9 @@ impl Prepared {
                 (Runnable::Wasm(tool), Runs::Call(cancel)) => {
                     task_state.sandbox.run_cancellable(Ok(tool), &call, cancel.as_ref()).await
                 }
-                // A native run goes on to its end: its supervisor does not take a cancellation yet.
-                (Runnable::Native(tool), Runs::Call(_)) => {
+                (Runnable::Native(tool), Runs::Call(cancel)) => {
                     let jail = task_state.jail.as_ref().map_err(String::as_str);
-                    task_state.sandbox.run_native(jail, tool, &call).await
+                    task_state.sandbox.run_native_cancellable(jail, tool, &call, cancel.as_ref()).await
                 }
             };
             let mut events = audit_events(&task_state, &caller, &report, registered.row.version, &call);

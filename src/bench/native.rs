@@ -61,6 +61,7 @@ impl Jailer {
             data_writable: true,
             limits,
             layout: None,
+            cancel: None,
         })
     }
 }
@@ -227,6 +228,7 @@ fn python_data(h: &mut Harness, jailer: &Jailer, bwrap_bin: Option<&Path>) -> an
             data_writable: true,
             limits: &limits,
             layout: Some(&layout),
+            cancel: None,
         });
         outcome.status == Status::Ok && ok_with_image(&outcome.stdout)
     });
@@ -386,7 +388,7 @@ fn warm_python_data(
         ready(&pool);
         memory.push(pool.counts().2 / pool.counts().0.max(1) as u64);
         let t = Instant::now();
-        let served = runtime.block_on(pool.serve(jailer.data.path(), true, limits, input, t));
+        let served = runtime.block_on(pool.serve(jailer.data.path(), true, limits, input, t, None));
         let latency = t.elapsed();
         busy += latency;
         let ok = served.is_some_and(|o| o.status == Status::Ok && o.stdout.windows(9).any(|w| w == br#""images":"#));

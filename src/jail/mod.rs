@@ -150,6 +150,8 @@ pub struct NativeRun<'a> {
     pub limits: &'a Limits,
     /// A tool's own root instead of the host's system directories.
     pub layout: Option<&'a Layout>,
+    /// Set when the caller cancels: the run is killed (status `cancelled`).
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// How a native run ended, with what it used.

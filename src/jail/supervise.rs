@@ -21,6 +21,8 @@ use crate::report::Status;
 enum Stopped {
     Wall,
     Cpu,
+    /// The caller cancelled the call.
+    Cancelled,
 }
 
 /// Stack size of the jail's init and of the tool before its exec.
@@ -117,6 +119,8 @@ pub(super) struct WarmCall {
     pub arrived: Instant,
     /// A session's steps instead of one call (`super::session`).
     pub session: Option<super::session::Link>,
+    /// Set when the caller cancels the call.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The line a warm jail's program writes on stderr once it is ready to
@@ -262,6 +266,9 @@ fn prepare_and_run(
         call = Some(next);
     }
     let session = call.as_mut().and_then(|call| call.session.take());
+    // A warm call's own flag, or the fresh run's.
+    let call_cancel = call.as_ref().and_then(|call| call.cancel.clone());
+    let cancel = call_cancel.as_deref().or(req.cancel);
     let (limits, input, clock) = match &mut call {
         Some(call) => {
             // The program lowers its own resource limits to the call's first.
@@ -299,7 +306,7 @@ fn prepare_and_run(
             limits,
             cpu_base,
             input,
-            clock,
+            (clock, cancel),
             &pidfd,
             stdin_w,
             stdout_r,
@@ -490,7 +497,7 @@ fn pump(
     limits: &crate::policy::Limits,
     cpu_base: Duration,
     input: &[u8],
-    started: Instant,
+    (started, cancel): (Instant, Option<&std::sync::atomic::AtomicBool>),
     pidfd: &OwnedFd,
     stdin_w: OwnedFd,
     stdout_r: OwnedFd,
@@ -528,6 +535,8 @@ fn pump(
         if stopped.is_none() && exited_at.is_none() {
             if now >= deadline {
                 stopped = Some(Stopped::Wall);
+            } else if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire)) {
+                stopped = Some(Stopped::Cancelled);
             } else if now >= next_cpu_check {
                 next_cpu_check = now + CPU_POLL;
                 if cgroup.cpu().is_some_and(|cpu| cpu.saturating_sub(cpu_base) > limits.cpu_time) {
@@ -547,6 +556,7 @@ fn pump(
         let in_slot = stdin.as_ref().map(|f| push(f.as_raw_fd(), libc::POLLOUT));
         let out_slot = out.as_ref().map(|f| push(f.as_raw_fd(), libc::POLLIN));
         let err_slot = err.as_ref().map(|f| push(f.as_raw_fd(), libc::POLLIN));
+        // The CPU check's period also bounds how long a cancellation waits.
         let wake = if exited_at.is_some() {
             Duration::from_millis(20)
         } else {
@@ -644,6 +654,8 @@ fn classify(
         (Status::CpuLimit, format!("CPU time budget of {} ms used up", limits.cpu_time.as_millis()))
     } else if stopped == Some(Stopped::Wall) {
         (Status::Timeout, format!("wall-clock budget of {} ms ran out", limits.wall_time.as_millis()))
+    } else if stopped == Some(Stopped::Cancelled) {
+        (Status::Cancelled, "cancelled by the caller before it finished".to_owned())
     } else if let Some(signal) = &outcome.signal {
         (Status::Crashed, format!("the tool was killed by {signal}"))
     } else if let Some(code) = outcome.exit_code {

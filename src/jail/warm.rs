@@ -254,6 +254,7 @@ impl WarmPool {
         limits: &Limits,
         input: &[u8],
         arrived: Instant,
+        cancel: Option<Arc<AtomicBool>>,
     ) -> Option<NativeOutcome> {
         // The jail's /tmp was made at its start, and its program can only
         // lower its resource limits: other calls start fresh.
@@ -280,6 +281,7 @@ impl WarmPool {
             input: input.to_vec(),
             arrived,
             session: None,
+            cancel,
         };
         let sent = jail.calls.send(Job { call, answer }).is_ok();
         drop(jail);
@@ -351,6 +353,7 @@ impl WarmPool {
             input: Vec::new(),
             arrived: Instant::now(),
             session: Some(link),
+            cancel: None,
         };
         let (answer, answered) = tokio::sync::oneshot::channel();
         let alive = Arc::clone(&jail.alive);
@@ -478,6 +481,7 @@ impl WarmPool {
                 data_writable: false,
                 limits: &spec.limits,
                 layout: spec.layout.as_deref(),
+                cancel: None,
             };
             let result = supervise::run_warm(&jail, &run, &mut warm);
             let became_ready = ready_flag.load(Ordering::Acquire);
