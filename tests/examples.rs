@@ -14,6 +14,9 @@ async fn word_stats_counts_a_text() {
     let tool = load(&sb, "word-stats").await;
     assert_eq!(tool.name(), "word-stats");
     assert!(tool.info().input_schema.as_ref().unwrap()["properties"]["text"].is_object());
+    // Its output type derives JsonSchema: the SDK describes it too.
+    let output = tool.info().output_schema.as_ref().unwrap();
+    assert_eq!(output["properties"]["sentences"]["type"], "integer", "{output}");
     let text = "The cat sat. The cat ran!\nA dog? The end";
     let report = run(&sb, &tool, &call("alice", "free", json!({"text": text, "top": 2}))).await;
     assert_eq!(report.status, Status::Ok, "{report:?}");
@@ -30,6 +33,8 @@ async fn word_stats_counts_a_text() {
 async fn notes_keeps_state_in_data_between_calls() {
     let (sb, dir) = sandbox();
     let tool = load(&sb, "notes").await;
+    // Its output type has no JsonSchema: described without an output schema.
+    assert_eq!(tool.info().output_schema, None);
     let add =
         |title: &str, tags: &[&str]| call("alice", "free", json!({"action": "add", "title": title, "tags": tags}));
     for (title, tags) in [("Buy milk", &["home"][..]), ("Call Bob", &["work"]), ("Milk the goat", &["farm"])] {

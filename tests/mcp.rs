@@ -113,6 +113,15 @@ fn check_tools(seen: &Value) {
     assert!(description.contains("/data") && description.contains("tabulate"), "{description}");
     // A command tool without a schema of its own takes `input` and `args`.
     assert!(tools["probe"]["inputSchema"]["properties"]["args"].is_object(), "{}", tools["probe"]);
+    // An SDK tool's output type is its outputSchema (the client checks each
+    // call's structured content against it); tools without one declare none.
+    let output = &tools["word-stats"]["outputSchema"];
+    assert_eq!(output["type"], "object", "{}", tools["word-stats"]);
+    assert_eq!(output["properties"]["words"]["type"], "integer", "{output}");
+    assert!(output["properties"]["top_words"].is_object(), "{output}");
+    for name in ["probe", "python", "javascript"] {
+        assert!(tools[name].get("outputSchema").is_none(), "{name}: {}", tools[name]);
+    }
 }
 
 /// The user's file, written by `python` above, as a resource; no path

@@ -132,21 +132,72 @@ impl From<serde_json::Error> for ToolError {
 }
 
 /// The `describe` export: the tool's name, version, description and the JSON
-/// Schema of its input type, derived from the handler's signature.
+/// Schema of its input type, derived from the handler's signature; and the
+/// schema of its output when [`export_tool!`] found one (see [`__OutputOf`]).
 #[doc(hidden)]
-pub fn __describe<I, O, E, F>(_handler: &F, name: &str, version: &str, description: &str) -> String
+pub fn __describe<I, O, E, F>(
+    _handler: &F,
+    name: &str,
+    version: &str,
+    description: &str,
+    output_schema: Option<serde_json::Value>,
+) -> String
 where
     F: Fn(I) -> Result<O, E>,
     I: schemars::JsonSchema,
 {
     let schema = schemars::schema_for!(I);
-    let info = serde_json::json!({
+    let mut info = serde_json::json!({
         "name": name,
         "version": version,
         "description": description,
         "input_schema": schema,
     });
+    if let Some(output_schema) = output_schema {
+        info["output_schema"] = output_schema;
+    }
     info.to_string()
+}
+
+/// The output type of a handler, to ask whether it has a JSON Schema.
+///
+/// An output type that derives `schemars::JsonSchema` gets its schema
+/// described (MCP clients see it as the tool's `outputSchema`); one that does
+/// not still works, without. [`export_tool!`] asks with
+/// `(&__output_of(&handler)).__output_schema()`: method lookup tries
+/// [`__OutputSchema`] (on the type itself, where `O: JsonSchema`) before
+/// [`__NoOutputSchema`] (on a reference, for any `O`).
+#[doc(hidden)]
+pub struct __OutputOf<O>(std::marker::PhantomData<O>);
+
+#[doc(hidden)]
+pub fn __output_of<I, O, E, F>(_handler: &F) -> __OutputOf<O>
+where
+    F: Fn(I) -> Result<O, E>,
+{
+    __OutputOf(std::marker::PhantomData)
+}
+
+#[doc(hidden)]
+pub trait __OutputSchema {
+    fn __output_schema(&self) -> Option<serde_json::Value>;
+}
+
+impl<O: schemars::JsonSchema> __OutputSchema for __OutputOf<O> {
+    fn __output_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(O).to_value())
+    }
+}
+
+#[doc(hidden)]
+pub trait __NoOutputSchema {
+    fn __output_schema(&self) -> Option<serde_json::Value>;
+}
+
+impl<O> __NoOutputSchema for &__OutputOf<O> {
+    fn __output_schema(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// The `call` export: decode the input, run the handler, encode the outcome.
@@ -185,7 +236,11 @@ macro_rules! export_tool {
 
         impl $crate::bindings::Guest for __ImagentxTool {
             fn describe() -> ::std::string::String {
-                $crate::__describe(&$handler, $name, env!("CARGO_PKG_VERSION"), $description)
+                #[allow(unused_imports)]
+                use $crate::{__NoOutputSchema as _, __OutputSchema as _};
+                #[allow(clippy::needless_borrow)]
+                let output_schema = (&$crate::__output_of(&$handler)).__output_schema();
+                $crate::__describe(&$handler, $name, env!("CARGO_PKG_VERSION"), $description, output_schema)
             }
 
             fn call(
@@ -225,10 +280,32 @@ mod tests {
     #[test]
     fn describe_derives_the_input_schema_from_the_handler() {
         let info: serde_json::Value =
-            serde_json::from_str(&__describe(&count, "count", "1.0.0", "Counts words.")).unwrap();
+            serde_json::from_str(&__describe(&count, "count", "1.0.0", "Counts words.", None)).unwrap();
         assert_eq!(info["name"], "count");
         assert_eq!(info["input_schema"]["properties"]["text"]["type"], "string");
         assert_eq!(info["input_schema"]["required"][0], "text");
+        assert!(info.get("output_schema").is_none());
+    }
+
+    #[derive(Serialize, schemars::JsonSchema)]
+    struct Described {
+        /// How many words.
+        words: usize,
+    }
+
+    fn count_described(input: Input) -> Result<Described, ToolError> {
+        Ok(Described { words: input.text.split_whitespace().count() })
+    }
+
+    #[test]
+    fn an_output_type_with_a_schema_is_described_and_one_without_is_not() {
+        // The borrows choose the method (see `__OutputOf`): they are not needless.
+        #[allow(clippy::needless_borrow)]
+        let with = (&__output_of(&count_described)).__output_schema().unwrap();
+        assert_eq!(with["properties"]["words"]["type"], "integer");
+        #[allow(clippy::needless_borrow)]
+        let without = (&__output_of(&count)).__output_schema();
+        assert_eq!(without, None);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 
 use super::invoke::{InvokeRequest, Prepared};
-use super::registry::{BUILTIN_REGISTRAR, Registered};
+use super::registry::{BUILTIN_REGISTRAR, Registered, Runnable};
 use super::{ApiError, AppState};
 use crate::report::{ExecutionReport, Status};
 use crate::store::Caller;
@@ -324,7 +324,6 @@ impl McpServer {
 
 /// Whether calls of `registered` may ask for a session: the built-in interpreters.
 fn takes_session(registered: &Registered) -> bool {
-    use super::registry::Runnable;
     registered.row.registered_by == BUILTIN_REGISTRAR
         && match &registered.runnable {
             Runnable::Wasm(t) => t.kind() == crate::engine::ToolKind::Sdk,
@@ -520,9 +519,29 @@ fn mcp_tool(registered: &Registered) -> Tool {
     // Nothing a tool does leaves the sandbox (no network): a closed world. It
     // may write the caller's /data: neither read-only nor idempotent.
     let annotations = ToolAnnotations::new().read_only(false).open_world(false).idempotent(false);
-    Tool::new(row.name.clone(), description, Arc::new(input_schema(registered)))
+    let tool = Tool::new(row.name.clone(), description, Arc::new(input_schema(registered)))
         .with_title(row.name.clone())
-        .with_annotations(annotations)
+        .with_annotations(annotations);
+    match output_schema(registered) {
+        Some(schema) => tool.with_raw_output_schema(Arc::new(schema)),
+        None => tool,
+    }
+}
+
+/// A tool's `outputSchema`: an SDK tool's output schema (from its output
+/// type, see `imagentx_tool::export_tool!`) when it describes an object, which
+/// is then the call's structured content as it is ([`tool_result`]). Other
+/// outputs are structured content under `result`, and declared by no schema.
+fn output_schema(registered: &Registered) -> Option<JsonObject> {
+    let Runnable::Wasm(tool) = &registered.runnable else {
+        return None;
+    };
+    match tool.info().output_schema.as_deref() {
+        Some(Value::Object(schema)) if schema.get("type").and_then(Value::as_str) == Some("object") => {
+            Some(schema.clone())
+        }
+        _ => None,
+    }
 }
 
 /// What a model should know about the built-in interpreters beyond their own

@@ -243,6 +243,7 @@ impl Engine {
                 version: None,
                 description: None,
                 input_schema: None,
+                output_schema: None,
                 kind,
                 sha256,
             },
@@ -357,6 +358,7 @@ impl Engine {
             version: Option<String>,
             description: Option<String>,
             input_schema: Option<serde_json::Value>,
+            output_schema: Option<serde_json::Value>,
         }
         let d: Described = serde_json::from_str(&text)
             .map_err(|e| LoadError::Describe(format!("answer is not the documented JSON object: {e}")))?;
@@ -367,6 +369,7 @@ impl Engine {
         tool.info.version = d.version;
         tool.info.description = d.description;
         tool.info.input_schema = d.input_schema;
+        tool.info.output_schema = d.output_schema.map(Box::new);
         Ok(())
     }
 }

@@ -28,6 +28,9 @@ pub struct ToolInfo {
     pub description: Option<String>,
     /// JSON Schema of the input; `None` for tools that do not describe themselves.
     pub input_schema: Option<serde_json::Value>,
+    /// JSON Schema of an SDK tool's output, when its output type has one
+    /// (boxed: most tools have none, and a tool is held in every registry entry).
+    pub output_schema: Option<Box<serde_json::Value>>,
     pub kind: ToolKind,
     pub sha256: String,
 }

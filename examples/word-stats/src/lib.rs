@@ -19,7 +19,8 @@ fn default_top() -> usize {
     5
 }
 
-#[derive(Serialize)]
+/// What the text holds (its JSON Schema is the tool's `outputSchema` over MCP).
+#[derive(Serialize, JsonSchema)]
 struct Output {
     words: usize,
     unique_words: usize,
@@ -30,7 +31,7 @@ struct Output {
     top_words: Vec<WordCount>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 struct WordCount {
     word: String,
     count: usize,
