@@ -62,24 +62,12 @@ pub const LOCK_FILE: &str = "serve.lock";
 /// with its path.
 pub fn lock(dir: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, LockError> {
     use nix::errno::Errno;
-    use std::io::Write;
     std::fs::create_dir_all(dir).map_err(|e| LockError::Io(format!("creating {}: {e}", dir.display())))?;
     let path = dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| LockError::Io(format!("opening {}: {e}", path.display())))?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => {
-            // Who holds it, for the next one's message (not worth failing over).
-            let _ = lock.set_len(0);
-            let _ = (&*lock).write_all(format!("{}\n", std::process::id()).as_bytes());
-            Ok(Some(lock))
-        }
-        Err((_, Errno::EWOULDBLOCK)) => {
+    match lock_with_pid(&path) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(PidLockError::Open(e)) => Err(LockError::Io(format!("opening {}: {e}", path.display()))),
+        Err(PidLockError::Lock(Errno::EWOULDBLOCK)) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             let holder = holder.trim();
             let pid = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
@@ -89,7 +77,7 @@ pub fn lock(dir: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, Lock
                 dir.display()
             )))
         }
-        Err((_, e @ (Errno::ENOLCK | Errno::EOPNOTSUPP))) => {
+        Err(PidLockError::Lock(e @ (Errno::ENOLCK | Errno::EOPNOTSUPP))) => {
             tracing::warn!(
                 path = %path.display(),
                 error = %e,
@@ -97,8 +85,34 @@ pub fn lock(dir: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, Lock
             );
             Ok(None)
         }
-        Err((_, e)) => Err(LockError::Io(format!("locking {}: {e}", path.display()))),
+        Err(PidLockError::Lock(e)) => Err(LockError::Io(format!("locking {}: {e}", path.display()))),
     }
+}
+
+/// Why [`lock_with_pid`] could not lock.
+pub(crate) enum PidLockError {
+    Open(std::io::Error),
+    Lock(nix::errno::Errno),
+}
+
+/// `path` (created if need be) locked exclusively, without waiting, with this
+/// process's pid written in it: for the message of the next process refused,
+/// and for a backup that reads the holder's mounts (`/proc/<pid>/root`).
+/// Writing the pid is best effort (a full disk does not fail the lock).
+pub(crate) fn lock_with_pid(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, PidLockError> {
+    use std::io::Write;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(PidLockError::Open)?;
+    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| PidLockError::Lock(e))?;
+    let _ = lock.set_len(0);
+    let _ = (&*lock).write_all(format!("{}\n", std::process::id()).as_bytes());
+    Ok(lock)
 }
 
 /// The sandbox's data directory.

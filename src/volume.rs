@@ -30,7 +30,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -244,26 +243,19 @@ impl Volumes {
 
     /// The data directory's volume lock, or why it cannot be had.
     fn lock(images: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+        use crate::data_dir::PidLockError;
         std::fs::create_dir_all(images).map_err(|e| format!("creating {}: {e}", images.display()))?;
         let path = images.join(LOCK);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| format!("opening {}: {e}", path.display()))?;
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-            format!(
-                "another imagentx-sandbox process serves this data directory's volumes ({}: {e}); \
-                 give each process its own --data-dir",
+        // The holder's pid in it: a backup reads the mounted volumes through
+        // this process's mount namespace (`/proc/<pid>/root`).
+        crate::data_dir::lock_with_pid(&path).map_err(|e| match e {
+            PidLockError::Open(e) => format!("opening {}: {e}", path.display()),
+            PidLockError::Lock(e) => format!(
+                "another imagentx-sandbox process serves this data directory's volumes ({}: {e}); give each \
+                 process its own --data-dir",
                 path.display()
-            )
-        })?;
-        // Who holds it: a backup reads the mounted volumes through this
-        // process's mount namespace (`/proc/<pid>/root`).
-        let _ = lock.set_len(0);
-        let _ = (&*lock).write_all(std::process::id().to_string().as_bytes());
-        Ok(lock)
+            ),
+        })
     }
 
     /// Makes, mounts and unmounts a 16 MiB volume.
