@@ -87,6 +87,34 @@ async fn command_tool_exit_codes_are_reported() {
     assert_eq!(report.exit_code, Some(0));
 }
 
+/// A WASI 0.2 command that ends with `wasi:cli/exit`'s `exit-with-code`
+/// (WASI 0.2.12; what wasi-libc calls where it may) reports its real code, as
+/// `wasmtime run` does; `exit` with an error stays 1.
+#[tokio::test]
+async fn a_command_that_exits_with_a_code_reports_it() {
+    let (sb, _dir) = sandbox();
+    let command = |code: u8| {
+        format!(
+            r#"(component
+                 (import "wasi:cli/exit@0.2.12" (instance $exit (export "exit-with-code" (func (param "status-code" u8)))))
+                 (core func $code (canon lower (func $exit "exit-with-code")))
+                 (core module $m
+                   (import "exit" "code" (func $code (param i32)))
+                   (func (export "run") (result i32) (call $code (i32.const {code})) (i32.const 0)))
+                 (core instance $i (instantiate $m (with "exit" (instance (export "code" (func $code))))))
+                 (func $run (result (result)) (canon lift (core func $i "run")))
+                 (instance $cli (export "run" (func $run)))
+                 (export "wasi:cli/run@0.2.0" (instance $cli)))"#
+        )
+    };
+    for (code, status) in [(7, Status::ToolError), (0, Status::Ok)] {
+        let tool = sb.load(command(code).as_bytes(), "exits").await.unwrap();
+        assert_eq!(tool.kind(), ToolKind::WasiCommand);
+        let report = run(&sb, &tool, &call("alice", "free", json!(null))).await;
+        assert_eq!((report.status, report.exit_code), (status, Some(i32::from(code))), "{report:?}");
+    }
+}
+
 /// A hand-written WASI preview 1 module, as TinyGo or C toolchains emit:
 /// copies stdin to stdout with `fd_read`/`fd_write`.
 const P1_CAT: &str = r#"
