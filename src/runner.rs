@@ -425,6 +425,10 @@ impl Sandbox {
             if let Some(outcome) = served {
                 return Ok(self.after_native(call, user_dir, data_writable, note, outcome));
             }
+            // No warm jail took it, and the caller has gone meanwhile: no fresh one.
+            if cancelled.load(std::sync::atomic::Ordering::Acquire) {
+                return Err((Status::Cancelled, "cancelled by the caller before it started".into()));
+            }
         }
         let env = jail::environment(&[&self.policy.env, &tool.env]);
         let argv: Vec<String> = tool.argv.iter().chain(&call.args).cloned().collect();

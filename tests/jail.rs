@@ -1242,7 +1242,9 @@ async fn a_cancelled_native_run_is_killed_and_reaped_fresh_or_warm() {
     let report = sh(script).run_tool(&sb, setup, &warm, Some(&cancelled_after(Duration::from_millis(400)))).await;
     assert_eq!(report.status, Status::Cancelled, "{report:?}");
     assert!(started.elapsed() < Duration::from_secs(3), "cancelled after {:?}", started.elapsed());
-    assert_eq!(report.stdout, "started\n", "the call did not run in the warm jail: {report:?}");
+    assert_eq!(report.stdout, "started\n", "{report:?}");
+    let served = pool.stats.served.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(served, 1, "the call did not run in the warm jail");
     pool.stop(Duration::from_secs(5));
     assert_eq!(processes_with("31.5"), 0, "the warm run's processes outlived its cancellation");
 }

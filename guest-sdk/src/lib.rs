@@ -185,7 +185,10 @@ pub trait __OutputSchema {
 
 impl<O: schemars::JsonSchema> __OutputSchema for __OutputOf<O> {
     fn __output_schema(&self) -> Option<serde_json::Value> {
-        Some(schemars::schema_for!(O).to_value())
+        // As the output is serialized (skipped and renamed fields as sent),
+        // not as it would be read back.
+        let generator = schemars::generate::SchemaSettings::default().for_serialize().into_generator();
+        Some(generator.into_root_schema_for::<O>().to_value())
     }
 }
 
@@ -291,10 +294,13 @@ mod tests {
     struct Described {
         /// How many words.
         words: usize,
+        /// Sent only when there are some: not required.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        long_words: Vec<String>,
     }
 
     fn count_described(input: Input) -> Result<Described, ToolError> {
-        Ok(Described { words: input.text.split_whitespace().count() })
+        Ok(Described { words: input.text.split_whitespace().count(), long_words: Vec::new() })
     }
 
     #[test]
@@ -303,6 +309,7 @@ mod tests {
         #[allow(clippy::needless_borrow)]
         let with = (&__output_of(&count_described)).__output_schema().unwrap();
         assert_eq!(with["properties"]["words"]["type"], "integer");
+        assert_eq!(with["required"], serde_json::json!(["words"]), "{with}");
         #[allow(clippy::needless_borrow)]
         let without = (&__output_of(&count)).__output_schema();
         assert_eq!(without, None);

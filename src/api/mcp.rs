@@ -313,7 +313,8 @@ impl McpServer {
         };
         drop(opening);
         match super::sessions::run_step(&self.state, caller, live, step, arrived).await {
-            Ok((report, _)) => Ok(tool_result(&report).into()),
+            // Sessions are the built-in interpreters': no output schema.
+            Ok((report, _)) => Ok(tool_result(&report, false).into()),
             Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status == StatusCode::CONFLICT => {
                 Ok(refusal(&e).into())
             }
@@ -411,6 +412,7 @@ impl ServerHandler for McpServer {
             }
         }
         let invoke = invoke_request(prepared.registered(), arguments)?;
+        let declares_output = output_schema(prepared.registered()).is_some();
         // A client that asked for progress hears every second that the call runs on.
         let progress = context.meta.get_progress_token().map(|token| {
             let peer = context.peer.clone();
@@ -439,7 +441,7 @@ impl ServerHandler for McpServer {
             progress.abort();
         }
         match ran {
-            Ok((report, _)) => Ok(tool_result(&report).into()),
+            Ok((report, _)) => Ok(tool_result(&report, declares_output).into()),
             Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status == StatusCode::SERVICE_UNAVAILABLE => {
                 Ok(refusal(&e).into())
             }
@@ -657,7 +659,12 @@ fn split_images(output: &Value) -> (std::borrow::Cow<'_, Value>, Vec<String>) {
     (std::borrow::Cow::Owned(output), data)
 }
 
-fn tool_result(report: &ExecutionReport) -> CallToolResult {
+///
+/// `declares_output`: the tool lists an `outputSchema` (see [`output_schema`]):
+/// its output is the structured content as it is, and an `ok` call without
+/// one (over the output cap) is an error result, since a client checks that
+/// content against the schema.
+fn tool_result(report: &ExecutionReport, declares_output: bool) -> CallToolResult {
     let mut meta = json!({
         "execution": report.id,
         "status": report.status,
@@ -665,6 +672,23 @@ fn tool_result(report: &ExecutionReport) -> CallToolResult {
     });
     if let Some(session) = &report.session {
         meta["session"] = session.as_str().into();
+    }
+    if report.status == Status::Ok && declares_output && !matches!(report.output, Some(Value::Object(_))) {
+        let why = if report.truncated.output || report.truncated.stdout {
+            "its output passed the tier's output cap and was dropped"
+        } else {
+            "it answered no object of its output schema"
+        };
+        let mut result =
+            CallToolResult::error(vec![ContentBlock::text(format!("the tool call ended `ok`, but {why}"))]);
+        result.structured_content = Some(json!({
+            "status": report.status,
+            "error": why,
+            "execution": report.id,
+            "truncated": report.truncated,
+        }));
+        result.meta = serde_json::from_value(json!({ "imagentx": meta })).ok();
+        return result;
     }
     if report.status == Status::Ok {
         let mut content = Vec::new();
@@ -675,7 +699,9 @@ fn tool_result(report: &ExecutionReport) -> CallToolResult {
             Some(output) => {
                 // Pictures (python-data's figures) are image content; the
                 // text and structured content keep only what describes them.
-                let (output, images) = split_images(output);
+                // Not for a tool with an output schema: its output stays as declared.
+                let (output, images) =
+                    if declares_output { (Cow::Borrowed(output), Vec::new()) } else { split_images(output) };
                 content.push(ContentBlock::text(output.to_string()));
                 content.extend(images.into_iter().map(|data| ContentBlock::image(data, "image/png")));
                 let mut result = CallToolResult::success(content);
@@ -837,6 +863,33 @@ mod tests {
         }
         assert_eq!(resource_path("file:///data/a%2"), None);
         assert_eq!(resource_path("file:///etc/passwd"), None);
+    }
+
+    fn report(output: Value, truncated: bool) -> ExecutionReport {
+        serde_json::from_value(json!({
+            "id": "e1", "tool": "t", "tool_sha256": null, "user": "u", "tier": "free", "runtime": "wasm",
+            "status": "ok", "exit_code": null, "signal": null, "output": output, "error": null,
+            "stdout": "", "stderr": "",
+            "truncated": {"stdout": false, "stderr": false, "output": truncated},
+            "usage": {"wall_ms": 1.0}, "started_at": "", "finished_at": "",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_tool_with_an_output_schema_answers_its_object_or_an_error() {
+        // Its output, images and all, is the structured content as it is.
+        let output = json!({"images": [{"format": "png", "data": "AAAA"}]});
+        let result = tool_result(&report(output.clone(), false), true);
+        assert_eq!((result.is_error, result.structured_content.as_ref()), (Some(false), Some(&output)));
+        // Without a schema, images become image content.
+        let result = tool_result(&report(output, false), false);
+        assert_eq!(result.structured_content.unwrap()["images"][0]["image_block"], 0);
+        // Dropped over the output cap: no object to check against the schema,
+        // so an error result saying why (a success would fail the client's check).
+        let result = tool_result(&report(Value::Null, true), true);
+        assert_eq!(result.is_error, Some(true));
+        assert!(result.structured_content.unwrap()["error"].as_str().unwrap().contains("output cap"));
     }
 
     #[test]

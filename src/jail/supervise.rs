@@ -646,7 +646,11 @@ fn classify(
             outcome.signal = Some(signal_name(libc::WTERMSIG(status)));
         }
     }
-    let (status, message) = if stats.oom_kills > 0 {
+    // A run the caller cancelled ended for that, whatever its processes ran
+    // into before (`limits_hit` still says so).
+    let (status, message) = if stopped == Some(Stopped::Cancelled) {
+        (Status::Cancelled, "cancelled by the caller before it finished".to_owned())
+    } else if stats.oom_kills > 0 {
         (Status::MemoryLimit, memory())
     } else if stats.pids_refused > 0 && (stopped.is_some() || tool.is_some()) {
         (Status::PidsLimit, pids())
@@ -654,8 +658,6 @@ fn classify(
         (Status::CpuLimit, format!("CPU time budget of {} ms used up", limits.cpu_time.as_millis()))
     } else if stopped == Some(Stopped::Wall) {
         (Status::Timeout, format!("wall-clock budget of {} ms ran out", limits.wall_time.as_millis()))
-    } else if stopped == Some(Stopped::Cancelled) {
-        (Status::Cancelled, "cancelled by the caller before it finished".to_owned())
     } else if let Some(signal) = &outcome.signal {
         (Status::Crashed, format!("the tool was killed by {signal}"))
     } else if let Some(code) = outcome.exit_code {
