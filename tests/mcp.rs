@@ -293,6 +293,27 @@ async fn streamable_http_with_the_official_python_sdk_and_keys() {
         assert!(std::time::Instant::now() < deadline, "the code session outlived its MCP session");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+
+    // Cancelling a step of a code session (notifications/cancelled) stops
+    // the step and ends its session, recorded so; the next call says so, the
+    // one after opens a new session.
+    let seen = finish_client(start_client(&["http", &url, &bob, "--cancel-session"], &json!([])));
+    let steps = seen["cancel_session"].as_array().unwrap();
+    assert_ne!(steps[0], "answered", "{steps:?}");
+    assert_eq!(steps[1]["isError"], true, "{steps:?}");
+    let said = steps[1]["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(said.contains("session ended") && said.contains("start a new one"), "{said}");
+    assert_eq!(steps[2]["structuredContent"]["result"], 2, "{steps:?}");
+    let executions = srv.get("/v1/executions?limit=50", &bob).await.json();
+    let spun = executions["executions"].as_array().unwrap().iter().find(|e| e["status"] == "cancelled");
+    let spun = spun.unwrap_or_else(|| panic!("no cancelled step recorded: {executions}"));
+    let spun = srv.get(&format!("/v1/executions/{}", spun["id"].as_str().unwrap()), &bob).await.json();
+    let audit = srv.get("/v1/audit?kind=session_closed&user=bob", &srv.admin).await.json();
+    let closed = audit["records"].as_array().unwrap();
+    assert!(
+        closed.iter().any(|c| c["outcome"] == "cancelled" && c["detail"]["session"] == spun["session"]),
+        "{spun} {closed:?}"
+    );
 }
 
 /// Bad input over HTTP: each gets the protocol's error or a 4xx, never a 5xx

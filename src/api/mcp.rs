@@ -276,6 +276,7 @@ impl McpServer {
     async fn call_in_session(
         &self,
         caller: Caller,
+        request: RequestId,
         tool: &str,
         arguments: Option<JsonObject>,
         arrived: Instant,
@@ -288,12 +289,7 @@ impl McpServer {
         let live = match known {
             Some(id) => match super::sessions::find(&self.state, &caller, &id) {
                 Ok(live) => live,
-                Err(e) => {
-                    // It ended (idle, a limit): say so once; the next call opens a new one.
-                    self.code.ids.lock().unwrap_or_else(PoisonError::into_inner).remove(tool);
-                    let text = format!("{} ({id}); call again with `session: true` to start a new one", e.message);
-                    return Ok(CallToolResult::error(vec![ContentBlock::text(text)]).into());
-                }
+                Err(e) => return Ok(self.session_ended(tool, &id, &e)),
             },
             None => {
                 let open =
@@ -312,14 +308,39 @@ impl McpServer {
             }
         };
         drop(opening);
-        match super::sessions::run_step(&self.state, caller, live, step, arrived).await {
+        // A step cannot be stopped and resumed (an interpreter stopped
+        // mid-step cannot go on): cancelling it closes its session, which
+        // stops the step; the next `session: true` call opens a new one.
+        let cancel = tokio_util::sync::CancellationToken::new();
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(request.clone(), cancel.clone());
+        let step = super::sessions::run_step(&self.state, caller, Arc::clone(&live), step, arrived);
+        tokio::pin!(step);
+        let ran = tokio::select! {
+            ran = &mut step => ran,
+            () = cancel.cancelled() => {
+                let reason = super::sessions::Reason::Stopped(Status::Cancelled);
+                super::sessions::close(&self.state, &live, reason).await;
+                step.await
+            }
+        };
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).remove(&request);
+        match ran {
             // Sessions are the built-in interpreters': no output schema.
             Ok((report, _)) => Ok(tool_result(&report, false).into()),
             Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status == StatusCode::CONFLICT => {
                 Ok(refusal(&e).into())
             }
+            Err(e) if e.status == StatusCode::GONE => Ok(self.session_ended(tool, live.id(), &e)),
             Err(e) => Err(protocol_error(e)),
         }
+    }
+
+    /// The code session of `tool` ended (idle, a limit, a cancelled step):
+    /// says so once; the next `session: true` call opens a new one.
+    fn session_ended(&self, tool: &str, id: &str, e: &ApiError) -> CallToolResponse {
+        self.code.ids.lock().unwrap_or_else(PoisonError::into_inner).remove(tool);
+        let text = format!("{} ({id}); call again with `session: true` to start a new one", e.message);
+        CallToolResult::error(vec![ContentBlock::text(text)]).into()
     }
 }
 
@@ -406,7 +427,9 @@ impl ServerHandler for McpServer {
             && let Some(session) = arguments.as_mut().and_then(|a| a.remove("session"))
         {
             match session {
-                Value::Bool(true) => return self.call_in_session(caller, &name, arguments, arrived).await,
+                Value::Bool(true) => {
+                    return self.call_in_session(caller, context.id.clone(), &name, arguments, arrived).await;
+                }
                 Value::Bool(false) | Value::Null => {}
                 _ => return Err(ErrorData::invalid_params("`session` must be true or false", None)),
             }

@@ -524,21 +524,26 @@ pub(crate) async fn run_step(
     step: StepRequest,
     arrived: Instant,
 ) -> Result<(ExecutionReport, Bytes), ApiError> {
-    let Ok(guard) = Arc::clone(&live.session).try_lock_owned() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "session_busy",
-            "a step of this session is still running: a session runs one step at a time; retry when it has finished",
-        ));
+    let guard = match Arc::clone(&live.session).try_lock_owned() {
+        Ok(guard) => Some(guard),
+        // Closing: the step still running is being stopped.
+        Err(_) if live.closed.is_cancelled() => None,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "session_busy",
+                "a step of this session is still running: a session runs one step at a time; retry when it has \
+                 finished",
+            ));
+        }
     };
-    if guard.is_none() || live.closed.is_cancelled() {
+    let Some(guard) = guard.filter(|g| g.is_some() && !live.closed.is_cancelled()) else {
         // Answer once the close is done, so the caller may open another
         // session in its place straight away.
-        drop(guard);
         live.recorded.cancelled().await;
         let why = ended_because(live.ended.get().map(|r| r.as_str()));
         return Err(ApiError::new(StatusCode::GONE, "session_ended", format!("session ended: {why}")));
-    }
+    };
     let timeout = step.timeout_ms.map(Duration::from_millis).or(live.timeout);
     let request = InvokeRequest {
         input: serde_json::json!({"code": step.code, "args": step.args}),

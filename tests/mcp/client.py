@@ -66,6 +66,20 @@ async def scenario(session, seen, notes):
         except Exception as e:
             seen["cancel"] = str(e)
 
+    if "--cancel-session" in sys.argv:
+        # A code session's step abandoned after half a second: the step is
+        # stopped, its session with it; the next call says so, the one after
+        # opens a new session.
+        steps = seen["cancel_session"] = []
+        await session.call_tool("python", {"code": "x = 41", "session": True})
+        try:
+            await session.call_tool("python", {"code": "while True:\n    pass", "session": True}, read_timeout_seconds=0.5)
+            steps.append("answered")
+        except Exception as e:
+            steps.append(str(e))
+        for code in ["x + 1", "y = 2\ny"]:
+            steps.append(dump(await session.call_tool("python", {"code": code, "session": True})))
+
     resources = await session.list_resources()
     seen["resources"] = [dump(r) for r in resources.resources]
     if resources.resources:
