@@ -31,7 +31,7 @@
 //!
 //! Everything else is wasmtime-wasi's code, called as it is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -217,13 +217,19 @@ pub(crate) struct CallFs {
     tmp: Budget,
     /// The area of each live descriptor, by its resource handle.
     areas: HashMap<u32, Area>,
+    /// Descriptors of files this call created and has not yet written
+    /// through: their size is known to be 0 without asking the kernel
+    /// (growth through another handle meanwhile is charged again, the safe
+    /// side, as for any stream).
+    fresh: HashSet<u32>,
     files: HeldFiles,
     counters: Arc<CallCounters>,
 }
 
 impl CallFs {
     pub(crate) fn new(data: Budget, tmp: Budget, files: DescriptorCaps, counters: Arc<CallCounters>) -> Self {
-        Self { data, tmp, areas: HashMap::new(), files: HeldFiles { held: Vec::new(), caps: files }, counters }
+        let files = HeldFiles { held: Vec::new(), caps: files };
+        Self { data, tmp, areas: HashMap::new(), fresh: HashSet::new(), files, counters }
     }
 }
 
@@ -329,8 +335,14 @@ impl ChargedFs<'_> {
     /// exists it cannot (see [`ChargedStream`]). The same for a stream that
     /// starts past the end, when the hole alone (a sparse write at 100 GiB)
     /// could never fit. Answers the file's size.
-    fn refuse_a_full_stream(&self, area: Area, file: &std::fs::File, offset: Option<u64>) -> FsResult<u64> {
-        let size = file.metadata().map_err(ErrorCode::from)?.len();
+    fn refuse_a_full_stream(
+        &mut self,
+        fd: &Resource<Descriptor>,
+        file: &std::fs::File,
+        offset: Option<u64>,
+    ) -> FsResult<u64> {
+        let area = self.area(fd);
+        let size = if self.call.fresh.remove(&fd.rep()) { 0 } else { file.metadata().map_err(ErrorCode::from)?.len() };
         // The growth of the stream's first byte.
         let first_byte = offset.map_or(1, |offset| (offset + 1).saturating_sub(size));
         if first_byte > self.budget(area).room() { Err(self.refuse(area, false)) } else { Ok(size) }
@@ -416,6 +428,7 @@ impl HostDescriptor for ChargedFs<'_> {
     }
 
     async fn set_size(&mut self, fd: Resource<Descriptor>, size: types::Filesize) -> FsResult<()> {
+        self.call.fresh.remove(&fd.rep());
         let area = self.area(&fd);
         let current = self.file(&fd)?.metadata().map_err(ErrorCode::from)?.len();
         if size > current {
@@ -467,6 +480,7 @@ impl HostDescriptor for ChargedFs<'_> {
         mut buf: Vec<u8>,
         offset: types::Filesize,
     ) -> FsResult<types::Filesize> {
+        self.call.fresh.remove(&fd.rep());
         let area = self.area(&fd);
         let size = self.file(&fd)?.metadata().map_err(ErrorCode::from)?.len();
         let end = offset.saturating_add(buf.len() as u64);
@@ -605,6 +619,9 @@ impl HostDescriptor for ChargedFs<'_> {
         };
         self.call.files.opened(&file);
         self.call.areas.insert(opened.rep(), area);
+        if created {
+            self.call.fresh.insert(opened.rep());
+        }
         if truncating && !created {
             // As for `set-size`: one truncation's refund at a time.
             let ledger = Arc::clone(self.budget(area).ledger());
@@ -627,6 +644,7 @@ impl HostDescriptor for ChargedFs<'_> {
 
     fn drop(&mut self, fd: Resource<Descriptor>) -> wasmtime::Result<()> {
         self.call.areas.remove(&fd.rep());
+        self.call.fresh.remove(&fd.rep());
         HostDescriptor::drop(&mut self.fs, fd)
     }
 
@@ -703,14 +721,14 @@ impl HostDescriptor for ChargedFs<'_> {
         offset: types::Filesize,
     ) -> FsResult<Resource<DynOutputStream>> {
         let (area, file) = (self.area(&fd), self.file(&fd)?);
-        let size = self.refuse_a_full_stream(area, &file, Some(offset))?;
+        let size = self.refuse_a_full_stream(&fd, &file, Some(offset))?;
         let stream = HostDescriptor::write_via_stream(&mut self.fs, fd, offset)?;
         self.charged_stream(stream, (file, size), area, Some(offset))
     }
 
     fn append_via_stream(&mut self, fd: Resource<Descriptor>) -> FsResult<Resource<DynOutputStream>> {
         let (area, file) = (self.area(&fd), self.file(&fd)?);
-        let size = self.refuse_a_full_stream(area, &file, None)?;
+        let size = self.refuse_a_full_stream(&fd, &file, None)?;
         let stream = HostDescriptor::append_via_stream(&mut self.fs, fd)?;
         self.charged_stream(stream, (file, size), area, None)
     }
