@@ -230,6 +230,14 @@ async fn streamable_http_with_the_official_python_sdk_and_keys() {
     assert!(status.success(), "the MCP client failed:\n{rest:?}\n{stderr}");
     let seen: Value = serde_json::from_str(rest.last().unwrap()).unwrap();
     check_tools(&seen);
+    // The HTTP API's tool rows carry the same output schema; a tool that
+    // declares none has no such field.
+    let listed = srv.get("/v1/tools", &alice).await.json();
+    let row = |name: &str| listed["tools"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap().clone();
+    assert_eq!(row("word-stats")["output_schema"], seen["tools"]["word-stats"]["outputSchema"], "{listed}");
+    assert!(row("probe").get("output_schema").is_none(), "{listed}");
+    let versions = srv.get("/v1/tools/word-stats", &alice).await.json();
+    assert_eq!(versions["versions"][0]["output_schema"], row("word-stats")["output_schema"], "{versions}");
     check_calls(&seen);
     check_resources(&seen);
     let notes = seen["notifications"].as_array().unwrap();

@@ -766,7 +766,7 @@ pub fn routes() -> Vec<Route> {
                  `Content-Type: application/json`); a name registered again gets a new version.",
                 Admin,
                 Body::Raw("application/wasm"),
-                Body::Json(json::<crate::store::ToolRow>),
+                Body::Json(json::<tools::ToolView>),
                 post(tools::register),
             ),
             &[

@@ -38,14 +38,37 @@ pub enum ToolsAnswer {
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct ToolList {
     /// The newest active version of each tool.
-    pub tools: Vec<ToolRow>,
+    pub tools: Vec<ToolView>,
 }
 
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct ToolVersions {
     pub name: String,
     /// Active versions, oldest first; invoking the name takes the last.
-    pub versions: Vec<ToolRow>,
+    pub versions: Vec<ToolView>,
+}
+
+/// A tool version as the API shows it: its registry row, and what its
+/// module declares beyond it.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct ToolView {
+    #[serde(flatten)]
+    pub row: ToolRow,
+    /// JSON Schema of the tool's output (the `output` of its reports), when
+    /// its module declares one: an SDK tool whose output type derives
+    /// `JsonSchema`. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<serde_json::Value>,
+}
+
+impl ToolView {
+    pub(crate) fn of(registered: &Registered) -> Self {
+        let output_schema = match &registered.runnable {
+            Runnable::Wasm(tool) => tool.info().output_schema.as_deref().cloned(),
+            Runnable::Native(_) => None,
+        };
+        Self { row: registered.row.clone(), output_schema }
+    }
 }
 
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
@@ -146,8 +169,10 @@ pub async fn register(
         })?;
     let row = state.store.register_tool(row).await?;
     tracing::info!(tool = %row.name, version = row.version, sha256 = %row.sha256, by = %row.registered_by, "tool registered");
-    state.registry.insert(Registered { row: row.clone(), runnable: Runnable::Wasm(tool) });
-    Ok((StatusCode::CREATED, Json(row)).into_response())
+    let registered = Registered { row, runnable: Runnable::Wasm(tool) };
+    let view = ToolView::of(&registered);
+    state.registry.insert(registered);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,12 +187,15 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let tools: Vec<ToolRow> = state.registry.newest().iter().map(|t| t.row.clone()).collect();
+    let newest = state.registry.newest();
     match q.format.as_deref() {
-        None | Some("native") => Ok(Json(ToolList { tools }).into_response()),
+        None | Some("native") => {
+            Ok(Json(ToolList { tools: newest.iter().map(|t| ToolView::of(t)).collect() }).into_response())
+        }
         Some("openai") => {
-            let functions: Vec<serde_json::Value> = tools
-                .into_iter()
+            let functions: Vec<serde_json::Value> = newest
+                .iter()
+                .map(|t| t.row.clone())
                 .map(|t| {
                     serde_json::json!({
                         "type": "function",
@@ -192,7 +220,7 @@ pub async fn show(
     Authed(_): Authed,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ToolVersions>, ApiError> {
-    let versions: Vec<ToolRow> = state.registry.versions(&name).iter().map(|t| t.row.clone()).collect();
+    let versions: Vec<ToolView> = state.registry.versions(&name).iter().map(|t| ToolView::of(t)).collect();
     if versions.is_empty() {
         return Err(ApiError::not_found("unknown_tool", format!("no tool `{name}`")));
     }
