@@ -324,6 +324,51 @@ async fn streamable_http_with_the_official_python_sdk_and_keys() {
     );
 }
 
+/// A client of the 2026-07-28 revision (no `initialize`: `server/discover`,
+/// then metadata on every request) lists and calls tools over HTTP with its
+/// key, cancels a call by closing its stream, is told that code sessions
+/// need an MCP session, and hears of a registration on its
+/// `subscriptions/listen` stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_2026_07_28_client_calls_tools_and_listens_for_tool_changes() {
+    let srv = server::TestServer::start_with(imagentx_sandbox::policy::Policy::default(), |s| {
+        s.builtin_tools = true;
+        s.interpreters_dir = common::interpreters::built_dir();
+        s.artifact_cache_dir = Some(common::artifact_cache());
+    })
+    .await;
+    let carol = srv.add_user("carol", "standard", false).await;
+    let url = format!("http://{}/mcp", srv.addr);
+    let mut child = start_client(&["modern", &url, &carol], &json!([]));
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (first, lines) = tokio::task::spawn_blocking(move || (lines.next(), lines)).await.unwrap();
+    let mut stderr = String::new();
+    if !matches!(&first, Some(Ok(line)) if line == "READY") {
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        panic!("the client did not get to listening: {first:?}\n{stderr}");
+    }
+    srv.register("word-stats", "word-stats").await;
+    let rest: Vec<String> = tokio::task::spawn_blocking(move || lines.map_while(Result::ok).collect()).await.unwrap();
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "the MCP client failed:\n{rest:?}\n{stderr}");
+    let seen: Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    assert_eq!(seen["protocol"], "2026-07-28", "{seen}");
+    assert!(seen["tools"].as_array().unwrap().iter().any(|t| t == "python"), "{seen}");
+    assert_eq!(seen["call"]["structuredContent"]["result"], 42, "{seen}");
+    assert_eq!(seen["honored"]["toolsListChanged"], true, "{seen}");
+    assert_eq!(seen["event"], "ToolsListChanged", "{seen}");
+    assert_ne!(seen["cancel"], "answered", "{seen}");
+    // Code sessions need an MCP session, which this revision has not over HTTP: said so.
+    assert!(seen["session"].as_str().unwrap().contains("needs an MCP session"), "{seen}");
+    // The calls went the one invoke path, recorded for carol: the abandoned
+    // one stopped (before its CPU limit) and recorded `cancelled`.
+    let executions = srv.get("/v1/executions", &carol).await.json();
+    let statuses: Vec<&str> =
+        executions["executions"].as_array().unwrap().iter().map(|e| e["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["cancelled", "ok"], "{executions}");
+}
+
 /// Bad input over HTTP: each gets the protocol's error or a 4xx, never a 5xx
 /// or a hang; another user's session id is worth nothing; sessions opened
 /// and abandoned stop at the user's cap and cost others nothing; the server

@@ -27,9 +27,9 @@ use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelledNotificationParam, ContentBlock, ErrorCode,
     Extensions, Implementation, JsonObject, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
     ProgressNotificationParam, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, RequestId,
-    Resource, ResourceContents, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
+    Resource, ResourceContents, ServerCapabilities, ServerConfig, SubscriptionFilter, Tool, ToolAnnotations,
 };
-use rmcp::service::{NotificationContext, RequestContext};
+use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -268,6 +268,16 @@ impl McpServer {
             .cloned()
             .ok_or_else(|| ErrorData::invalid_request("the request carries no authenticated caller", None))
     }
+
+    /// Whether this handler lives for one HTTP request only: a request of the
+    /// 2026-07-28 revision, which has no MCP session (no `Mcp-Session-Id`).
+    /// Such a request is cancelled by closing its response stream.
+    fn per_request(&self, extensions: &Extensions) -> bool {
+        self.local.is_none()
+            && extensions
+                .get::<axum::http::request::Parts>()
+                .is_some_and(|parts| !parts.headers.contains_key("mcp-session-id"))
+    }
 }
 
 impl McpServer {
@@ -394,6 +404,32 @@ impl ServerHandler for McpServer {
         });
     }
 
+    /// `subscriptions/listen` (2026-07-28): tool list changes are all we
+    /// announce (the resources are the caller's files, which change with
+    /// every call that writes; a client lists them when it needs them).
+    fn accepted_subscription_filter(&self, _requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+        Some(SubscriptionFilter::builder().tools_list_changed().build())
+    }
+
+    /// One listen stream: `notifications/tools/list_changed` on it whenever a
+    /// tool is registered or retired, until the client cancels it, the
+    /// connection goes, or the server stops (then a graceful end).
+    async fn listen(&self, subscription: SubscriptionContext) -> Result<(), ErrorData> {
+        self.caller(&subscription.request_context().extensions)?;
+        let mut changes = self.state.registry.subscribe();
+        loop {
+            tokio::select! {
+                () = subscription.cancelled() => return Ok(()),
+                () = self.state.mcp.closing.cancelled() => return Ok(()),
+                changed = changes.changed() => {
+                    if changed.is_err() || subscription.sink().notify_tool_list_changed().await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
     async fn on_cancelled(&self, notification: CancelledNotificationParam, _context: NotificationContext<RoleServer>) {
         let calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(cancel) = notification.request_id.as_ref().and_then(|id| calls.get(id)) {
@@ -427,6 +463,14 @@ impl ServerHandler for McpServer {
             && let Some(session) = arguments.as_mut().and_then(|a| a.remove("session"))
         {
             match session {
+                Value::Bool(true) if self.per_request(&context.extensions) => {
+                    return Err(ErrorData::invalid_params(
+                        "`session: true` needs an MCP session, which requests of the 2026-07-28 revision over \
+                         HTTP do not have: connect with the initialize handshake (2025-11-25), or use the HTTP \
+                         API's code sessions (POST /v1/sessions)",
+                        None,
+                    ));
+                }
                 Value::Bool(true) => {
                     return self.call_in_session(caller, context.id.clone(), &name, arguments, arrived).await;
                 }
@@ -457,8 +501,20 @@ impl ServerHandler for McpServer {
         // `on_cancelled`) does, and the call is recorded `cancelled`.
         let cancel = tokio_util::sync::CancellationToken::new();
         self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(context.id.clone(), cancel.clone());
+        // In the 2026-07-28 revision over HTTP, closing the response stream
+        // is the cancellation (the request's token, cancelled by rmcp).
+        let closed = self.per_request(&context.extensions).then(|| {
+            let (request, cancel) = (context.ct.clone(), cancel.clone());
+            tokio::spawn(async move {
+                request.cancelled().await;
+                cancel.cancel()
+            })
+        });
         let ran =
             prepared.run(&self.state, caller, invoke, None, arrived, super::invoke::Runs::Call(Some(cancel))).await;
+        if let Some(closed) = closed {
+            closed.abort();
+        }
         self.calls.lock().unwrap_or_else(PoisonError::into_inner).remove(&context.id);
         if let Some(progress) = progress {
             progress.abort();

@@ -5,6 +5,7 @@ steps named on the command line, and prints one JSON object of what it saw
 
     client.py stdio  DATA_DIR -- COMMAND [ARGS...]
     client.py http   URL KEY
+    client.py modern URL KEY     (the 2026-07-28 revision, see `modern`)
 """
 
 import asyncio
@@ -100,7 +101,50 @@ async def scenario(session, seen, notes):
     seen["notifications"] = notes
 
 
+async def modern(url, key):
+    """The 2026-07-28 revision: no initialize (server/discover, then
+    per-request metadata); tool list changes on a `subscriptions/listen`
+    stream. The test registers a tool once it reads READY."""
+    import anyio
+    import mcp_types
+    from mcp.client.subscriptions import listen
+
+    seen = {}
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write):
+            async with ClientSession(read, write) as session:
+                raw = await session.send_discover("2026-07-28")
+                session.adopt(mcp_types.DiscoverResult.model_validate(raw))
+                seen["protocol"] = session.protocol_version
+                tools = await session.list_tools()
+                seen["tools"] = [t.name for t in tools.tools]
+                seen["call"] = dump(await session.call_tool("python", {"code": "6 * 7"}))
+                # Abandoned after half a second: at 2026-07-28 the SDK closes
+                # the request's response stream, which is its cancellation.
+                try:
+                    await session.call_tool("python", {"code": "while True:\n    pass"}, read_timeout_seconds=0.5)
+                    seen["cancel"] = "answered"
+                except Exception as e:
+                    seen["cancel"] = str(e)
+                try:
+                    await session.call_tool("python", {"code": "x = 1", "session": True})
+                    seen["session"] = "answered"
+                except Exception as e:
+                    seen["session"] = str(e)
+                async with listen(session, tools_list_changed=True) as subscription:
+                    seen["honored"] = dump(subscription.honored)
+                    print("READY", flush=True)
+                    with anyio.fail_after(15):
+                        async for event in subscription:
+                            seen["event"] = type(event).__name__
+                            break
+    print(json.dumps(seen))
+
+
 async def main():
+    if sys.argv[1] == "modern":
+        await modern(sys.argv[2], sys.argv[3])
+        return
     seen = {}
     notes = []
 
