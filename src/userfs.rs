@@ -8,6 +8,21 @@
 //! is followed at all. Nothing is opened by a path string from the host's
 //! root. Writes go to a temporary file beside the target and are renamed
 //! over it, so a reader sees the old file or the new one, never half.
+//!
+//! Why not `cap-std` (which the engine uses, through wasmtime-wasi, for the
+//! guests' own preopens): a `cap_std::fs::Dir` keeps a path beneath its
+//! directory, but follows symlinks on the way as long as they resolve inside
+//! it; `cap_fs_ext`'s `FollowSymlinks::No` covers only a path's last
+//! component ("if `foo` or `bar` are symlinks, they will always be
+//! followed", its documentation says). Here no symlink may be followed at
+//! all: a tool can plant `a -> b` in `/data`, and the files API must not
+//! let a request for `a/x` read or replace `b/x` behind its quota walk or
+//! its listing. Keeping that with cap-std would mean opening each
+//! component apart with `open_dir_nofollow`, a syscall per component
+//! rewriting by hand what one `openat2` with `RESOLVE_NO_SYMLINKS` has the
+//! kernel enforce. Either way a FIFO is opened without blocking
+//! (`O_NONBLOCK`) and nothing but files and directories is read (the type is
+//! checked on the descriptor).
 
 use std::fs::File;
 use std::io::{Read, Write};
