@@ -91,10 +91,11 @@ impl Registry {
         }
     }
 
-    pub fn insert(&self, registered: Registered) {
+    pub fn insert(&self, registered: impl Into<Arc<Registered>>) {
+        let registered = registered.into();
         let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
         let (name, version) = (registered.row.name.clone(), registered.row.version);
-        tools.entry(name.clone()).or_default().insert(version, Arc::new(registered));
+        tools.entry(name.clone()).or_default().insert(version, registered);
         drop(tools);
         // A version that loads supersedes the older ones that did not.
         let mut unloadable = self.unloadable.write().unwrap_or_else(PoisonError::into_inner);
@@ -111,21 +112,10 @@ impl Registry {
     /// Offers `tool` for this process only (`mcp --tool`), as the newest
     /// version of its name; not stored.
     pub fn insert_local(&self, tool: Tool) {
-        let info = tool.info();
-        let name = tool.name().to_owned();
-        let version = self.get(&name, None).map_or(1, |t| t.row.version + 1);
-        let row = ToolRow {
-            name,
-            version,
-            label: info.version.clone(),
-            sha256: info.sha256.clone(),
-            kind: super::tools::kind_name(info.kind).to_owned(),
-            description: info.description.clone(),
-            input_schema: info.input_schema.clone(),
-            registered_by: LOCAL_REGISTRAR.to_owned(),
-            registered_at: crate::report::rfc3339(std::time::SystemTime::now()),
-            retired_at: None,
-        };
+        let how = WasmRegistration { registered_by: LOCAL_REGISTRAR.to_owned(), description: None, input_schema: None };
+        let mut row = wasm_row(&tool, how);
+        row.version = self.get(&row.name, None).map_or(1, |t| t.row.version + 1);
+        row.registered_at = crate::report::rfc3339(std::time::SystemTime::now());
         self.insert(Registered { row, runnable: Runnable::Wasm(tool) });
     }
 
@@ -284,39 +274,86 @@ impl Registry {
                 }
             };
             tool.rename(name);
-            let info = tool.info();
-            let row = ToolRow {
-                name: name.to_owned(),
-                version: 0,
-                label: info.version.clone(),
-                sha256: info.sha256.clone(),
-                kind: super::tools::kind_name(info.kind).to_owned(),
-                description: info.description.clone(),
-                input_schema: info.input_schema.clone(),
-                registered_by: BUILTIN_REGISTRAR.to_owned(),
-                registered_at: String::new(),
-                retired_at: None,
-            };
-            let stored = write_blob(blobs, &row.sha256, &bytes).map_err(|e| e.to_string());
-            let registered = match stored {
-                Ok(()) => store.register_tool(row).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            match registered {
-                Ok(row) => {
-                    tracing::info!(
-                        tool = name,
-                        version = row.version,
-                        sha256 = %row.sha256,
-                        compiled = !tool.loaded_from_cache(),
-                        ms = started.elapsed().as_millis() as u64,
-                        "built-in tool registered (new build)"
-                    );
-                    self.insert(Registered { row, runnable: Runnable::Wasm(tool) });
-                }
+            let compiled = !tool.loaded_from_cache();
+            let how =
+                WasmRegistration { registered_by: BUILTIN_REGISTRAR.to_owned(), description: None, input_schema: None };
+            match self.register_wasm(store, blobs, (tool, bytes.into()), how).await {
+                Ok(registered) => tracing::info!(
+                    tool = name,
+                    version = registered.row.version,
+                    sha256 = %registered.row.sha256,
+                    compiled,
+                    ms = started.elapsed().as_millis() as u64,
+                    "built-in tool registered (new build)"
+                ),
                 Err(e) => tracing::error!(tool = name, error = %e, "built-in tool could not be stored; not registered"),
             }
         }
+    }
+}
+
+/// Why a WASM tool could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreToolError {
+    #[error("storing the module: {0}")]
+    Blob(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What registering a loaded WASM tool takes beyond the tool: who registers
+/// it, and a description and input schema that override the module's own.
+pub(crate) struct WasmRegistration {
+    pub registered_by: String,
+    pub description: Option<String>,
+    pub input_schema: Option<serde_json::Value>,
+}
+
+/// A loaded WASM tool's row, before the store numbers its version and
+/// stamps its time.
+fn wasm_row(tool: &Tool, how: WasmRegistration) -> ToolRow {
+    let info = tool.info();
+    ToolRow {
+        name: tool.name().to_owned(),
+        version: 0,
+        label: info.version.clone(),
+        sha256: info.sha256.clone(),
+        kind: super::tools::kind_name(info.kind).to_owned(),
+        description: how.description.or_else(|| info.description.clone()),
+        input_schema: how.input_schema.or_else(|| info.input_schema.clone()),
+        registered_by: how.registered_by,
+        registered_at: String::new(),
+        retired_at: None,
+    }
+}
+
+impl Registry {
+    /// Registers a loaded WASM tool (already renamed to its registry name) as
+    /// the next version of its name: the module stored content-addressed
+    /// (off the runtime's threads), then its row, then the live registry.
+    /// The one way a WASM tool is registered: the admin's `POST /v1/tools`
+    /// and the built-ins at start both come here.
+    ///
+    /// # Errors
+    ///
+    /// The blob or the row could not be stored; nothing is registered.
+    pub(crate) async fn register_wasm(
+        &self,
+        store: &Store,
+        blobs: &Path,
+        (tool, bytes): (Tool, bytes::Bytes),
+        how: WasmRegistration,
+    ) -> Result<Arc<Registered>, StoreToolError> {
+        let row = wasm_row(&tool, how);
+        let (blobs, sha) = (blobs.to_owned(), row.sha256.clone());
+        tokio::task::spawn_blocking(move || write_blob(&blobs, &sha, &bytes))
+            .await
+            .map_err(|e| StoreToolError::Blob(std::io::Error::other(e)))?
+            .map_err(StoreToolError::Blob)?;
+        let row = store.register_tool(row).await?;
+        let registered = Arc::new(Registered { row, runnable: Runnable::Wasm(tool) });
+        self.insert(Arc::clone(&registered));
+        Ok(registered)
     }
 }
 

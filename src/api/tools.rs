@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::auth::{Admin, Authed, record};
 use super::error::{ApiPath, read_body};
-use super::registry::{Registered, Runnable, write_blob};
+use super::registry::{Registered, Runnable, StoreToolError, WasmRegistration};
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, Kind};
 use crate::engine::ToolKind;
@@ -145,33 +145,18 @@ pub async fn register(
     let name = q.name.unwrap_or_else(|| tool.name().to_owned());
     check_name(&name)?;
     tool.rename(&name);
-    let info = tool.info();
-    let row = ToolRow {
-        name,
-        version: 0,
-        label: info.version.clone(),
-        sha256: info.sha256.clone(),
-        kind: kind_name(info.kind).to_owned(),
-        description: q.description.or_else(|| info.description.clone()),
-        input_schema: input_schema.or_else(|| info.input_schema.clone()),
-        registered_by: caller.user.to_string(),
-        registered_at: String::new(),
-        retired_at: None,
-    };
-    let blobs = state.blobs.clone();
-    let sha = row.sha256.clone();
-    tokio::task::spawn_blocking(move || write_blob(&blobs, &sha, &bytes))
-        .await
-        .map_err(|e| ApiError::internal("storing the module", &e))?
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOSPC) => ApiError::storage_full("storing the module"),
-            _ => ApiError::internal("storing the module", &e),
+    let how = WasmRegistration { registered_by: caller.user.to_string(), description: q.description, input_schema };
+    let registered =
+        state.registry.register_wasm(&state.store, &state.blobs, (tool, bytes), how).await.map_err(|e| match e {
+            StoreToolError::Blob(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                ApiError::storage_full("storing the module")
+            }
+            StoreToolError::Blob(e) => ApiError::internal("storing the module", &e),
+            StoreToolError::Store(e) => e.into(),
         })?;
-    let row = state.store.register_tool(row).await?;
+    let row = &registered.row;
     tracing::info!(tool = %row.name, version = row.version, sha256 = %row.sha256, by = %row.registered_by, "tool registered");
-    let registered = Registered { row, runnable: Runnable::Wasm(tool) };
     let view = ToolView::of(&registered);
-    state.registry.insert(registered);
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
