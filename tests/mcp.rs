@@ -339,6 +339,12 @@ async fn a_2026_07_28_client_calls_tools_and_listens_for_tool_changes() {
     .await;
     let carol = srv.add_user("carol", "standard", false).await;
     let url = format!("http://{}/mcp", srv.addr);
+    // The built-ins registered first, so the one tool change is ours.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while srv.get("/readyz", "").await.status != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "the server never got ready");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let mut child = start_client(&["modern", &url, &carol], &json!([]));
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (first, lines) = tokio::task::spawn_blocking(move || (lines.next(), lines)).await.unwrap();
@@ -358,6 +364,7 @@ async fn a_2026_07_28_client_calls_tools_and_listens_for_tool_changes() {
     assert_eq!(seen["call"]["structuredContent"]["result"], 42, "{seen}");
     assert_eq!(seen["honored"]["toolsListChanged"], true, "{seen}");
     assert_eq!(seen["event"], "ToolsListChanged", "{seen}");
+    assert!(seen["after_event"].as_array().unwrap().iter().any(|t| t == "word-stats"), "{seen}");
     assert_ne!(seen["cancel"], "answered", "{seen}");
     // Code sessions need an MCP session, which this revision has not over HTTP: said so.
     assert!(seen["session"].as_str().unwrap().contains("needs an MCP session"), "{seen}");

@@ -252,7 +252,12 @@ impl Prepared {
         let reserve = if matches!(registered.runnable, Runnable::Native(_)) { tier.memory_bytes } else { 0 };
         let permit = match state.admission.admit(caller.user.as_str(), &name, tier.concurrent_calls, reserve) {
             Ok(permit) => permit,
-            Err(denial) => return Err(denied(state, &caller, Some(&name), denial).await),
+            Err(denial) => {
+                // A step's session lock goes before the refusal is recorded:
+                // a close waiting for it must not wait on the database too.
+                drop(runs);
+                return Err(denied(state, &caller, Some(&name), denial).await);
+            }
         };
         let input = serde_json::to_vec(&request.input).map_err(|e| ApiError::internal("encoding the input", &e))?;
         let call =

@@ -164,7 +164,7 @@ pub async fn serve_stdio(state: Arc<AppState>, caller: Caller) -> Result<(), Str
     use rmcp::ServiceExt;
     // Usage rollups are written as under `serve` (else they pile up in memory).
     let rollups = tokio::spawn(super::stats::keep(Arc::clone(&state)));
-    let served = match McpServer::for_local(Arc::clone(&state), caller).serve(rmcp::transport::stdio()).await {
+    let served = match McpServer::for_local(Arc::clone(&state), caller).serve(rmcp::transport::stdio_pipes()).await {
         Ok(running) => {
             let _ = running.waiting().await;
             Ok(())
@@ -270,13 +270,11 @@ impl McpServer {
     }
 
     /// Whether this handler lives for one HTTP request only: a request of the
-    /// 2026-07-28 revision, which has no MCP session (no `Mcp-Session-Id`).
-    /// Such a request is cancelled by closing its response stream.
-    fn per_request(&self, extensions: &Extensions) -> bool {
-        self.local.is_none()
-            && extensions
-                .get::<axum::http::request::Parts>()
-                .is_some_and(|parts| !parts.headers.contains_key("mcp-session-id"))
+    /// 2026-07-28 revision (no `initialize`), which rmcp serves without an
+    /// MCP session whatever its headers say. Such a request is cancelled by
+    /// closing its response stream.
+    fn per_request(&self, context: &RequestContext<RoleServer>) -> bool {
+        self.local.is_none() && context.protocol_version().is_some_and(|v| !v.has_initialize())
     }
 }
 
@@ -294,12 +292,29 @@ impl McpServer {
         let step: super::sessions::StepRequest =
             serde_json::from_value(Value::Object(arguments.unwrap_or_default()))
                 .map_err(|e| ErrorData::invalid_params(format!("arguments: {e}"), None))?;
+        // Registered before the session is looked up or opened (an open
+        // takes a while): a cancel meanwhile is not lost.
+        let cancel = tokio_util::sync::CancellationToken::new();
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(request.clone(), cancel.clone());
+        let answered = self.step_in_session(caller, tool, step, arrived, &cancel).await;
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).remove(&request);
+        answered
+    }
+
+    async fn step_in_session(
+        &self,
+        caller: Caller,
+        tool: &str,
+        step: super::sessions::StepRequest,
+        arrived: Instant,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<CallToolResponse, ErrorData> {
         let opening = self.code.opening.lock().await;
         let known = self.code.ids.lock().unwrap_or_else(PoisonError::into_inner).get(tool).cloned();
         let live = match known {
             Some(id) => match super::sessions::find(&self.state, &caller, &id) {
                 Ok(live) => live,
-                Err(e) => return Ok(self.session_ended(tool, &id, &e)),
+                Err(e) => return Ok(self.session_ended(tool, &id, &e, cancel)),
             },
             None => {
                 let open =
@@ -320,35 +335,48 @@ impl McpServer {
         drop(opening);
         // A step cannot be stopped and resumed (an interpreter stopped
         // mid-step cannot go on): cancelling it closes its session, which
-        // stops the step; the next `session: true` call opens a new one.
-        let cancel = tokio_util::sync::CancellationToken::new();
-        self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(request.clone(), cancel.clone());
+        // stops the step; the next `session: true` call is told, and the
+        // one after opens a new session. The close waits for the step to
+        // let the session go, so the step is polled alongside it.
+        let reason = super::sessions::Reason::Stopped(Status::Cancelled);
         let step = super::sessions::run_step(&self.state, caller, Arc::clone(&live), step, arrived);
         tokio::pin!(step);
         let ran = tokio::select! {
+            biased;
             ran = &mut step => ran,
             () = cancel.cancelled() => {
-                let reason = super::sessions::Reason::Stopped(Status::Cancelled);
-                super::sessions::close(&self.state, &live, reason).await;
-                step.await
+                let ((), ran) = tokio::join!(super::sessions::close(&self.state, &live, reason), &mut step);
+                ran
             }
         };
-        self.calls.lock().unwrap_or_else(PoisonError::into_inner).remove(&request);
         match ran {
             // Sessions are the built-in interpreters': no output schema.
             Ok((report, _)) => Ok(tool_result(&report, false).into()),
             Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS || e.status == StatusCode::CONFLICT => {
                 Ok(refusal(&e).into())
             }
-            Err(e) if e.status == StatusCode::GONE => Ok(self.session_ended(tool, live.id(), &e)),
+            Err(e) if e.status == StatusCode::GONE => Ok(self.session_ended(tool, live.id(), &e, cancel)),
             Err(e) => Err(protocol_error(e)),
         }
     }
 
-    /// The code session of `tool` ended (idle, a limit, a cancelled step):
-    /// says so once; the next `session: true` call opens a new one.
-    fn session_ended(&self, tool: &str, id: &str, e: &ApiError) -> CallToolResponse {
-        self.code.ids.lock().unwrap_or_else(PoisonError::into_inner).remove(tool);
+    /// The code session `id` of `tool` ended (idle, a limit, a cancelled
+    /// step): says so once, and the next `session: true` call opens a new
+    /// one. A cancelled call's answer is never read, so it leaves the
+    /// telling to the next call.
+    fn session_ended(
+        &self,
+        tool: &str,
+        id: &str,
+        e: &ApiError,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> CallToolResponse {
+        if !cancel.is_cancelled() {
+            let mut ids = self.code.ids.lock().unwrap_or_else(PoisonError::into_inner);
+            if ids.get(tool).is_some_and(|known| known == id) {
+                ids.remove(tool);
+            }
+        }
         let text = format!("{} ({id}); call again with `session: true` to start a new one", e.message);
         CallToolResult::error(vec![ContentBlock::text(text)]).into()
     }
@@ -416,6 +444,14 @@ impl ServerHandler for McpServer {
     /// connection goes, or the server stops (then a graceful end).
     async fn listen(&self, subscription: SubscriptionContext) -> Result<(), ErrorData> {
         self.caller(&subscription.request_context().extensions)?;
+        if subscription.sink().accepted().tools_list_changed != Some(true) {
+            // Nothing asked for that we send: hold the stream open until it ends.
+            tokio::select! {
+                () = subscription.cancelled() => {}
+                () = self.state.mcp.closing.cancelled() => {}
+            }
+            return Ok(());
+        }
         let mut changes = self.state.registry.subscribe();
         loop {
             tokio::select! {
@@ -463,7 +499,7 @@ impl ServerHandler for McpServer {
             && let Some(session) = arguments.as_mut().and_then(|a| a.remove("session"))
         {
             match session {
-                Value::Bool(true) if self.per_request(&context.extensions) => {
+                Value::Bool(true) if self.per_request(&context) => {
                     return Err(ErrorData::invalid_params(
                         "`session: true` needs an MCP session, which requests of the 2026-07-28 revision over \
                          HTTP do not have: connect with the initialize handshake (2025-11-25), or use the HTTP \
@@ -502,12 +538,15 @@ impl ServerHandler for McpServer {
         let cancel = tokio_util::sync::CancellationToken::new();
         self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(context.id.clone(), cancel.clone());
         // In the 2026-07-28 revision over HTTP, closing the response stream
-        // is the cancellation (the request's token, cancelled by rmcp).
-        let closed = self.per_request(&context.extensions).then(|| {
-            let (request, cancel) = (context.ct.clone(), cancel.clone());
+        // is the cancellation (the request's token, cancelled by rmcp). A
+        // server shutting down closes it too; that lets the call finish.
+        let closed = self.per_request(&context).then(|| {
+            let (request, cancel, closing) = (context.ct.clone(), cancel.clone(), self.state.mcp.closing.clone());
             tokio::spawn(async move {
                 request.cancelled().await;
-                cancel.cancel()
+                if !closing.is_cancelled() {
+                    cancel.cancel();
+                }
             })
         });
         let ran =

@@ -137,6 +137,7 @@ async def modern(url, key):
                     with anyio.fail_after(15):
                         async for event in subscription:
                             seen["event"] = type(event).__name__
+                            seen["after_event"] = [t.name for t in (await session.list_tools()).tools]
                             break
     print(json.dumps(seen))
 
