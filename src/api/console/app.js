@@ -534,6 +534,10 @@ async function showUser(name) {
 // The filters the shown pages were asked with, and where the next page starts.
 let auditQuery = null;
 let auditBefore = null;
+// The last page asked for: an answer to an earlier one (the section's first
+// load overtaken by a filter, say) is dropped, so the table is always the
+// answer to the filters as last submitted.
+let auditAsked = 0;
 
 /** The filters as typed; a time that is no date throws a RangeError. */
 function auditFilters() {
@@ -568,10 +572,12 @@ async function showAudit(older) {
     older = false;
   }
   button.disabled = true;
+  const mine = ++auditAsked;
   let page;
   try {
     page = await api('GET', `/v1/audit?${q}`);
   } catch (e) {
+    if (mine !== auditAsked) return;
     button.disabled = false;
     if (e.status === 400) {
       tbody.replaceChildren();
@@ -582,6 +588,7 @@ async function showAudit(older) {
     failed(e);
     return;
   }
+  if (mine !== auditAsked) return;
   button.disabled = false;
   const render = (r) => auditRow(r, true);
   if (older) tbody.append(...page.records.map(render));
