@@ -665,7 +665,7 @@ fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
     // A running server's archiver waits meanwhile: no record is seen moving.
     let _lock = crate::audit::lock_archive(&archive, false)
         .map_err(|e| UsageError(format!("locking {}: {e}", archive.display())))?;
-    let verification = store.read(|conn| crate::audit::verify_all(conn, &archive))?;
+    let verification = store.verify_audit(&archive)?;
     say(serde_json::to_string_pretty(&verification)?);
     Ok(if verification.first_broken.is_none() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -178,3 +178,23 @@ fn a_reader_that_goes_away_is_no_panic() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_database_a_newer_build_migrated_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sandbox.db");
+    imagentx_sandbox::store::Store::open(&db).unwrap().close();
+    let newer = imagentx_sandbox::store::SCHEMA_VERSION + 7;
+    rusqlite::Connection::open(&db).unwrap().pragma_update(None, "user_version", newer).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("schema is at version {newer}, written by a newer imagentx-sandbox")), "{stderr}");
+    let version: i64 =
+        rusqlite::Connection::open(&db).unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert_eq!(version, newer, "the database was changed");
+}

@@ -77,7 +77,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
     }
     state
         .store
-        .read(|conn| Ok(conn.query_row("SELECT count(*) FROM tools", [], |r| r.get::<_, i64>(0))?))
+        .ping()
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string()))?;
     if !state.builtins_ready() {
         let mut loading = ApiError::new(
@@ -195,7 +195,7 @@ fn filter(name: &str, value: Option<String>) -> Result<Option<String>, ApiError>
 
 async fn query_audit(state: &AppState, q: audit::Query) -> Result<Json<AuditPage>, ApiError> {
     let limit = q.limit;
-    let records = state.store.read(|conn| audit::query(conn, &q))?;
+    let records = state.store.audit_records(&q)?;
     let next_before = if records.len() == limit as usize { records.last().map(|r| r.seq) } else { None };
     Ok(Json(AuditPage { records, next_before }))
 }

@@ -234,6 +234,16 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         h.push(series.memory(peak_rss(pid), "server process"));
     }
 
+    // An open loop: calls due at a fixed rate whether or not the last ones
+    // have answered, the way independent agents arrive.
+    let (clients, rate) = (h.size.pick(100, 100, 4), h.size.pick(5_000.0, 5_000.0, 100.0));
+    reset_peak(pid);
+    let (samples, elapsed) = rt.block_on(open_loop(&addr, &key, clients, rate, Duration::from_secs_f64(seconds)));
+    let case = format!("trivial SDK tool, open loop at {rate} calls/s (latency from when due)");
+    let series = Series { samples, elapsed, ..Series::new(Suite::Http, case, Who::Ours, clients) };
+    answered += series.samples.iter().filter(|s| s.ok).count();
+    h.push(series.memory(peak_rss(pid), "server process"));
+
     // Durability: every call answered `ok` is in the database (counted
     // before wrk adds its own).
     let conn = rusqlite::Connection::open(dir.join("sandbox.db"))?;
@@ -331,6 +341,41 @@ pub(super) async fn closed_loop(
                 let t = Instant::now();
                 let ok = call_trivial(&mut sender, &addr, &key).await;
                 samples.push(Sample { latency: t.elapsed(), ok });
+            }
+            progress.tick();
+            samples
+        });
+    }
+    let samples = set.join_all().await.into_iter().flatten().collect();
+    (samples, started.elapsed())
+}
+
+/// `clients` keep-alive connections sharing one schedule of `rate` calls per
+/// second: call `k` is due `k / rate` after the start, on connection
+/// `k % clients`. A call's latency counts from when it was due, not from when
+/// its connection was free to send it, so a server that falls behind is
+/// charged for the queue it causes (no coordinated omission).
+pub(super) async fn open_loop(
+    addr: &Arc<str>,
+    key: &Arc<str>,
+    clients: usize,
+    rate: f64,
+    duration: Duration,
+) -> (Vec<Sample>, Duration) {
+    let total = (rate * duration.as_secs_f64()) as usize;
+    let started = Instant::now();
+    let progress = Arc::new(super::Progress::new(format!("{rate} calls/s"), clients));
+    let mut set = tokio::task::JoinSet::new();
+    for first in 0..clients {
+        let (addr, key, progress) = (addr.clone(), key.clone(), progress.clone());
+        set.spawn(async move {
+            let mut samples = Vec::new();
+            let mut sender = None;
+            for k in (first..total).step_by(clients) {
+                let due = started + Duration::from_secs_f64(k as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let ok = call_trivial(&mut sender, &addr, &key).await;
+                samples.push(Sample { latency: due.elapsed(), ok });
             }
             progress.tick();
             samples

@@ -57,6 +57,13 @@ pub enum StoreError {
     /// process's lock.
     #[error("database: locked by another process ({0})")]
     Busy(String),
+    /// The database was migrated by a newer build to a schema this one does
+    /// not know.
+    #[error(
+        "the database's schema is at version {found}, written by a newer imagentx-sandbox; this build knows versions \
+         up to {known}: run the newer build, or restore a backup made with this one"
+    )]
+    NewerSchema { found: i64, known: i64 },
     /// A batch of writes could not be committed for another reason.
     #[error("database: the commit failed ({0})")]
     CommitFailed(String),
@@ -134,6 +141,50 @@ impl Writer<'_> {
     }
 }
 
+/// The schema's versions, in order: each script takes the database from the
+/// version before it to its own, in one transaction, and is never edited
+/// once released (a change is a new script). The version a database is at is
+/// its `PRAGMA user_version`. The first script creates only what is missing,
+/// so a database made before versions were recorded (version 0) adopts it.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_schema.sql"))];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// Brings the database to [`SCHEMA_VERSION`]; refuses one that a newer build
+/// has already taken further, rather than write to a schema it does not know.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version = |conn: &Connection| conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0));
+    if version(conn)? == SCHEMA_VERSION {
+        return Ok(()); // the usual case: no write lock taken
+    }
+    for &(to, script) in MIGRATIONS {
+        // One transaction per step, the version checked under the write lock:
+        // two processes opening the database at once migrate it once.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let step = (|| {
+            let at = version(conn)?;
+            if at > SCHEMA_VERSION {
+                return Err(StoreError::NewerSchema { found: at, known: SCHEMA_VERSION });
+            }
+            if at < to {
+                conn.execute_batch(script)?;
+                conn.pragma_update(None, "user_version", to)?;
+                tracing::info!(from = at, to, "database schema migrated");
+            }
+            Ok(())
+        })();
+        match step {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The database. Cheap to share behind an `Arc`.
 pub struct Store {
     path: PathBuf,
@@ -156,9 +207,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "normal")?;
         conn.pragma_update(None, "foreign_keys", true)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        // One transaction: a counter made from the rows there and the
-        // triggers that keep it from then on see the same rows.
-        conn.execute_batch(concat!("BEGIN IMMEDIATE;\n", include_str!("schema.sql"), "\nCOMMIT;"))?;
+        migrate(&conn)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let writer = std::thread::Builder::new()
             .name("imagentx-db-writer".into())
@@ -223,6 +272,35 @@ impl Store {
             readers.push(conn);
         }
         result
+    }
+
+    /// Whether the database answers a read (the readiness probe's check).
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be read.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.read(|conn| Ok(conn.query_row("SELECT count(*) FROM tools", [], |r| r.get::<_, i64>(0)).map(drop)?))
+    }
+
+    /// One page of the audit trail, newest first, as `q` filters it.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn audit_records(&self, q: &audit::Query) -> Result<Vec<audit::Record>, StoreError> {
+        self.read(|conn| audit::query(conn, q))
+    }
+
+    /// Recomputes the whole audit chain: the archived segments under
+    /// `archive`, then the table (the caller holds the archive's lock, so no
+    /// record moves meanwhile).
+    ///
+    /// # Errors
+    ///
+    /// A database error; a break in the chain is the verification's answer.
+    pub fn verify_audit(&self, archive: &Path) -> Result<audit::Verification, StoreError> {
+        self.read(|conn| audit::verify_all(conn, archive))
     }
 
     /// Stops the writer after it has committed everything already submitted.
@@ -322,4 +400,62 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) {
 /// `query_row` that answers `None` for no row.
 pub(crate) fn optional<T>(r: rusqlite::Result<T>) -> Result<Option<T>, StoreError> {
     Ok(r.optional()?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+mod tests {
+    use super::*;
+
+    fn version(path: &Path) -> i64 {
+        Connection::open(path).unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_new_database_is_at_the_latest_schema_version_and_reopening_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sandbox.db");
+        Store::open(&path).unwrap().close();
+        assert_eq!(version(&path), SCHEMA_VERSION);
+        Store::open(&path).unwrap().close();
+        assert_eq!(version(&path), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_database_from_before_schema_versions_adopts_them_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sandbox.db");
+        {
+            // What a build before versions left: the tables, version 0.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0].1).unwrap();
+            conn.execute("INSERT INTO users (id, tier, created_at) VALUES ('alice', 'free', 'then')", []).unwrap();
+        }
+        assert_eq!(version(&path), 0);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(version(&path), SCHEMA_VERSION);
+        let tier: String =
+            store.read(|c| Ok(c.query_row("SELECT tier FROM users WHERE id = 'alice'", [], |r| r.get(0))?)).unwrap();
+        assert_eq!(tier, "free");
+    }
+
+    #[test]
+    fn a_database_a_newer_build_migrated_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sandbox.db");
+        Store::open(&path).unwrap().close();
+        let newer = SCHEMA_VERSION + 1;
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE from_a_newer_build (x)").unwrap();
+            conn.pragma_update(None, "user_version", newer).unwrap();
+        }
+        let Err(e) = Store::open(&path) else { panic!("a newer schema was opened") };
+        assert!(
+            matches!(e, StoreError::NewerSchema { found, known } if found == newer && known == SCHEMA_VERSION),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("written by a newer imagentx-sandbox"), "{e}");
+        assert_eq!(version(&path), newer);
+    }
 }
