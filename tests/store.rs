@@ -1,0 +1,242 @@
+//! The store's contract, through its public methods only, against a real
+//! database file: users and keys, restrictions, the registry, executions and
+//! idempotency keys, code sessions, and the audit chain all of them extend.
+//! Issue 19 puts a second backend (PostgreSQL) behind the same methods; this
+//! is the suite both must pass.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use imagentx_sandbox::audit::{AuditEvent, Kind};
+use imagentx_sandbox::policy::UserId;
+use imagentx_sandbox::report::{ExecutionReport, Runtime, Status, Truncated, Usage, new_execution_id};
+use imagentx_sandbox::store::{KeyCheck, Restriction, Store, StoreError, ToolRow, unix_now};
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("sandbox.db")).unwrap();
+    (dir, store)
+}
+
+fn id(name: &str) -> UserId {
+    UserId::new(name).unwrap()
+}
+
+/// The chain verifies whole and holds `records` records.
+fn chain_holds(store: &Store, dir: &tempfile::TempDir, records: u64) {
+    let check = store.verify_audit(&dir.path().join("no-archive")).unwrap();
+    assert_eq!(check.first_broken, None, "{check:?}");
+    assert_eq!(check.records, records, "{check:?}");
+}
+
+fn report(user: &str, tool: &str) -> ExecutionReport {
+    ExecutionReport {
+        id: new_execution_id(),
+        tool: tool.to_owned(),
+        tool_sha256: None,
+        user: user.to_owned(),
+        tier: "free".to_owned(),
+        runtime: Runtime::Wasm,
+        status: Status::Ok,
+        exit_code: None,
+        signal: None,
+        output: Some(serde_json::json!({"n": 1})),
+        error: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        truncated: Truncated::default(),
+        usage: Usage::default(),
+        started_at: "2026-12-07T00:00:00.000000Z".to_owned(),
+        finished_at: "2026-12-07T00:00:00.001000Z".to_owned(),
+        session: None,
+    }
+}
+
+#[tokio::test]
+async fn a_key_signs_its_user_in_until_it_is_revoked_and_only_its_hash_is_kept() {
+    let (dir, store) = open();
+    let first = store.add_user(id("alice"), "free".into(), false, "test".into()).await.unwrap();
+    let second = store.issue_key(id("alice"), "test".into()).await.unwrap();
+    assert_ne!(first.key, second.key);
+    for key in [&first.key, &second.key] {
+        let KeyCheck::Active(caller) = store.authenticate(key).unwrap() else { panic!("{key} refused") };
+        assert_eq!((caller.user.as_str(), caller.tier.as_str(), caller.admin), ("alice", "free", false));
+    }
+    assert!(matches!(store.authenticate("ixs_not-a-key").unwrap(), KeyCheck::Refused(_)));
+    // The same user twice, a key for nobody: refused, nothing added.
+    let again = store.add_user(id("alice"), "pro".into(), false, "test".into()).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    let nobody = store.issue_key(id("nobody"), "test".into()).await;
+    assert!(matches!(nobody, Err(StoreError::NotFound(_))), "{nobody:?}");
+
+    store.set_tier(id("alice"), "pro".into(), "test".into()).await.unwrap();
+    let KeyCheck::Active(caller) = store.authenticate(&first.key).unwrap() else { panic!("refused") };
+    assert_eq!(caller.tier, "pro");
+    assert_eq!(store.revoke_keys(id("alice"), "test".into()).await.unwrap(), 2);
+    for key in [&first.key, &second.key] {
+        assert!(matches!(store.authenticate(key).unwrap(), KeyCheck::Refused(_)), "{key} still signs in");
+    }
+    let users = store.list_users().unwrap();
+    let alice = users.iter().find(|u| u.id == "alice").unwrap();
+    assert_eq!((alice.tier.as_str(), alice.active_keys), ("pro", 0));
+
+    // No key is stored, only what identifies it.
+    let file = std::fs::read(dir.path().join("sandbox.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("sandbox.db-wal")).unwrap_or_default();
+    for key in [&first.key, &second.key] {
+        let secret = &key.as_bytes()[12..];
+        assert!(!file.windows(secret.len()).any(|w| w == secret), "a key is in the database file");
+        assert!(!wal.windows(secret.len()).any(|w| w == secret), "a key is in the WAL");
+    }
+    // user added, 2 keys issued, tier changed, keys revoked.
+    chain_holds(&store, &dir, 5);
+}
+
+#[tokio::test]
+async fn a_suspended_user_is_refused_until_lifted_and_the_last_admin_cannot_be_suspended() {
+    let (dir, store) = open();
+    let root = store.add_user(id("root"), "premium".into(), true, "test".into()).await.unwrap();
+    let bob = store.add_user(id("bob"), "free".into(), false, "test".into()).await.unwrap();
+    let until = unix_now() + 3600;
+    let held = store.restrict(id("bob"), Restriction::Suspend, until, "probing".into(), "root".into()).await.unwrap();
+    assert_eq!(held.until, until);
+    let KeyCheck::Suspended(s) = store.authenticate(&bob.key).unwrap() else { panic!("bob not suspended") };
+    assert_eq!((s.user.as_str(), s.until, s.reason.as_str()), ("bob", until, "probing"));
+
+    let last = store.restrict(id("root"), Restriction::Suspend, until, "oops".into(), "root".into()).await;
+    assert!(matches!(last, Err(StoreError::Conflict(_))), "{last:?}");
+    assert!(matches!(store.authenticate(&root.key).unwrap(), KeyCheck::Active(_)));
+    let nobody = store.restrict(id("nobody"), Restriction::Suspend, until, "x".into(), "root".into()).await;
+    assert!(matches!(nobody, Err(StoreError::NotFound(_))), "{nobody:?}");
+
+    let throttled = store.restrict(id("bob"), Restriction::Throttle(2), until, "busy".into(), "root".into()).await;
+    assert_eq!(throttled.unwrap().rate, Some(2));
+    let lifted = store.lift_restrictions(id("bob"), "root".into()).await.unwrap();
+    assert_eq!(lifted.len(), 2, "{lifted:?}");
+    assert!(matches!(store.authenticate(&bob.key).unwrap(), KeyCheck::Active(c) if c.throttle.is_none()));
+    // 2 users, 2 keys, suspended, throttled, lifted.
+    chain_holds(&store, &dir, 7);
+}
+
+#[tokio::test]
+async fn a_name_registered_again_is_a_new_version_and_a_retired_one_is_no_longer_active() {
+    let (dir, store) = open();
+    let row = |sha: &str| ToolRow {
+        name: "probe".into(),
+        version: 0,
+        label: None,
+        sha256: sha.into(),
+        kind: "sdk".into(),
+        description: Some("a probe".into()),
+        input_schema: Some(serde_json::json!({"type": "object"})),
+        registered_by: "root".into(),
+        registered_at: String::new(),
+        retired_at: None,
+    };
+    let one = store.register_tool(row(&"a".repeat(64))).await.unwrap();
+    let two = store.register_tool(row(&"b".repeat(64))).await.unwrap();
+    assert_eq!((one.version, two.version), (1, 2));
+    assert!(!two.registered_at.is_empty());
+    let active: Vec<(String, u32)> = store.active_tools().unwrap().into_iter().map(|t| (t.name, t.version)).collect();
+    assert_eq!(active, [("probe".to_owned(), 1), ("probe".to_owned(), 2)]);
+    assert_eq!(store.active_tools().unwrap()[1].input_schema, Some(serde_json::json!({"type": "object"})));
+
+    assert_eq!(store.retire_tool("probe".into(), Some(1), "root".into()).await.unwrap(), [1]);
+    let active: Vec<u32> = store.active_tools().unwrap().into_iter().map(|t| t.version).collect();
+    assert_eq!(active, [2]);
+    let unknown = store.retire_tool("nothing".into(), None, "root".into()).await;
+    assert!(matches!(unknown, Err(StoreError::NotFound(_))), "{unknown:?}");
+    // Registered twice, retired once.
+    chain_holds(&store, &dir, 3);
+}
+
+#[tokio::test]
+async fn an_execution_is_found_by_its_owner_and_its_idempotency_key_is_taken_once() {
+    let (dir, store) = open();
+    store.add_user(id("alice"), "free".into(), false, "test".into()).await.unwrap();
+    store.add_user(id("eve"), "free".into(), false, "test".into()).await.unwrap();
+    let first = report("alice", "probe");
+    let json = bytes::Bytes::from(serde_json::to_vec(&first).unwrap());
+    let audit =
+        |r: &ExecutionReport| vec![AuditEvent::new(Kind::Execution, "ok").actor("alice").user("alice").tool(&r.tool)];
+    let key = Some(("k-1".to_owned(), "request-hash".to_owned()));
+    store.record_execution(&first, json.clone(), Some(1), key.clone(), audit(&first)).await.unwrap();
+
+    let stored = store.execution(&first.id, Some("alice")).unwrap().unwrap();
+    assert_eq!(stored.as_bytes(), &json[..]);
+    assert_eq!(store.execution(&first.id, Some("eve")).unwrap(), None, "another user's execution was found");
+    let hit = store.idempotent("alice", "k-1").unwrap().unwrap();
+    assert_eq!((hit.request_hash.as_deref(), hit.report.as_bytes()), (Some("request-hash"), &json[..]));
+    assert!(store.idempotent("eve", "k-1").unwrap().is_none(), "keys are per user");
+
+    // The same key again: refused, and nothing of the second call is kept.
+    let second = report("alice", "probe");
+    let json2 = bytes::Bytes::from(serde_json::to_vec(&second).unwrap());
+    let again = store.record_execution(&second, json2, Some(1), key, audit(&second)).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(store.execution(&second.id, None).unwrap(), None);
+
+    // Pages, newest first.
+    for _ in 0..4 {
+        let r = report("alice", "probe");
+        let j = bytes::Bytes::from(serde_json::to_vec(&r).unwrap());
+        store.record_execution(&r, j, Some(1), None, audit(&r)).await.unwrap();
+    }
+    let page = store.executions("alice", 3, None).unwrap();
+    assert_eq!(page.executions.len(), 3);
+    let rest = store.executions("alice", 3, page.next_before).unwrap();
+    assert_eq!(rest.executions.len(), 2);
+    assert_eq!(rest.next_before, None);
+    assert_eq!(rest.executions[1].id, first.id, "the oldest comes last");
+    assert!(store.executions("eve", 10, None).unwrap().executions.is_empty());
+    // 2 users, 2 keys, 5 executions recorded (the refused one left nothing).
+    chain_holds(&store, &dir, 9);
+}
+
+#[tokio::test]
+async fn a_session_is_its_owners_and_one_left_open_is_ended_with_a_reason() {
+    let (dir, store) = open();
+    let opened = |user: &str| AuditEvent::new(Kind::SessionOpened, "ok").user(user);
+    store.session_opened("s-1".into(), "alice".into(), "python".into(), opened("alice")).await.unwrap();
+    store.session_opened("s-2".into(), "alice".into(), "python".into(), opened("alice")).await.unwrap();
+    let row = store.session("s-1", "alice").unwrap().unwrap();
+    assert_eq!((row.tool.as_str(), row.closed_at.as_deref()), ("python", None));
+    assert!(store.session("s-1", "eve").unwrap().is_none(), "another user's session was found");
+
+    let closed = AuditEvent::new(Kind::SessionClosed, "ok").user("alice");
+    store.session_closed("s-1".into(), "closed".into(), 3, closed).await.unwrap();
+    let row = store.session("s-1", "alice").unwrap().unwrap();
+    assert_eq!((row.reason.as_deref(), row.steps), (Some("closed"), Some(3)));
+    assert!(row.closed_at.is_some());
+
+    assert_eq!(store.end_open_sessions("restart").await.unwrap(), 1);
+    let row = store.session("s-2", "alice").unwrap().unwrap();
+    assert_eq!(row.reason.as_deref(), Some("restart"));
+    assert_eq!(store.end_open_sessions("restart").await.unwrap(), 0);
+    // Opened twice, closed once (ending at a restart writes no record).
+    chain_holds(&store, &dir, 3);
+}
+
+#[tokio::test]
+async fn writes_from_many_tasks_at_once_each_land_once_in_one_chain() {
+    let (dir, store) = open();
+    let store = std::sync::Arc::new(store);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let event = AuditEvent::new(Kind::Alert, "ok").tool(format!("t{i}"));
+            store.audit(vec![event]).await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap().unwrap();
+    }
+    chain_holds(&store, &dir, 200);
+    let page = store
+        .audit_records(&imagentx_sandbox::audit::Query { limit: 500, ..imagentx_sandbox::audit::Query::default() })
+        .unwrap();
+    let mut tools: Vec<String> = page.into_iter().filter_map(|r| r.tool).collect();
+    tools.sort();
+    tools.dedup();
+    assert_eq!(tools.len(), 200, "a write was lost or doubled");
+}
