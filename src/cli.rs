@@ -384,10 +384,10 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
         }
     };
     let tool = tool.map(|path| builtin_or_path(path)).transpose()?;
-    let bytes = match &tool {
-        Some(path) => Some(std::fs::read(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?),
-        None => None,
-    };
+    if let Some(path) = &tool {
+        // Said now, before the input is read: a missing file is a usage error.
+        std::fs::metadata(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?;
+    }
     let mut input = Vec::new();
     if !std::io::stdin().is_terminal() {
         std::io::stdin().take(policy.input_bytes as u64 + 1).read_to_end(&mut input)?;
@@ -395,16 +395,20 @@ async fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
     // No users' volumes: one call per process would mount one per call. A
     // native run's /data is checked against the quota before the run only.
     let sandbox = sandbox(policy, &args.data_dir)?;
-    let report = match (tool, bytes) {
-        (Some(path), Some(bytes)) => {
+    let report = match tool {
+        Some(path) => {
             let name = tool_name(&path);
             let call = ToolCall { user, tier: args.tier, input, args: args.args, timeout };
-            match sandbox.load(&bytes, &name).await {
+            let loaded = sandbox
+                .load_file(&path, &name)
+                .await
+                .map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?;
+            match loaded {
                 Ok(tool) => sandbox.run(Ok(&tool), &call).await,
                 Err(e) => sandbox.run(Err((&name, &e)), &call).await,
             }
         }
-        _ => {
+        None => {
             // A host that cannot run the jail (not root, no cgroups) gets a
             // report saying so, like any run that could not happen.
             let jail = Jail::new(jail_config).map(Arc::new).map_err(|e| e.to_string());

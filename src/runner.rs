@@ -132,6 +132,20 @@ impl Sandbox {
         self.engine.load(bytes, self.policy.module_bytes, fallback_name).await
     }
 
+    /// [`Sandbox::load`] of a file, for one-call processes (see
+    /// [`Engine::load_file`]).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read (the outer error), or a [`LoadError`].
+    pub async fn load_file(
+        &self,
+        path: &std::path::Path,
+        fallback_name: &str,
+    ) -> std::io::Result<Result<Tool, LoadError>> {
+        self.engine.load_file(path, self.policy.module_bytes, fallback_name).await
+    }
+
     /// Runs `call` with `tool`, or reports why the tool could not be loaded.
     pub async fn run(&self, tool: Result<&Tool, (&str, &LoadError)>, call: &ToolCall) -> ExecutionReport {
         self.run_cancellable(tool, call, None).await

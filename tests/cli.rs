@@ -198,3 +198,54 @@ fn a_database_a_newer_build_migrated_is_refused_with_what_to_do() {
         rusqlite::Connection::open(&db).unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
     assert_eq!(version, newer, "the database was changed");
 }
+
+/// The hex SHA-256 of `bytes`, as reports name a tool's module.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The `(entry, sha256)` pairs of the data directory's file stamps.
+fn stamps(data: &std::path::Path) -> Vec<(std::path::PathBuf, String)> {
+    let Ok(entries) = std::fs::read_dir(data.join("cache/by-file")) else { return Vec::new() };
+    entries.map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap())).collect()
+}
+
+#[test]
+fn a_tool_file_seen_before_is_loaded_by_its_stamp_and_a_changed_one_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = dir.path().join("tool.wasm");
+    let (a, b, c) = (common::guest_bytes("word-stats"), common::guest_bytes("notes"), common::guest_bytes("csv-stats"));
+    std::fs::write(&file, &a).unwrap();
+    let run = |path: &std::path::Path| {
+        let out = sandbox_cmd(&["run", path.to_str().unwrap()], &data, r#"{"text": "one two two"}"#);
+        report(&out)["tool_sha256"].as_str().unwrap().to_owned()
+    };
+    // Just written: read and hashed, and not remembered (it may still be changing).
+    assert_eq!(run(&file), sha256_hex(&a));
+    assert!(stamps(&data).iter().all(|(_, sha)| *sha != sha256_hex(&a)), "a file changed just now was stamped");
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    assert_eq!(run(&file), sha256_hex(&a));
+    let stamped: Vec<_> = stamps(&data).into_iter().filter(|(_, sha)| *sha == sha256_hex(&a)).collect();
+    assert_eq!(stamped.len(), 1, "{stamped:?}");
+
+    // The stamp answers for the file: pointed at another cached tool, the run
+    // loads that one (the file was neither read nor hashed).
+    assert_eq!(run(&common::guest("notes")), sha256_hex(&b));
+    std::fs::write(&stamped[0].0, sha256_hex(&b)).unwrap();
+    assert_eq!(run(&file), sha256_hex(&b));
+
+    // Rewritten in place (same name, same inode): its stamp changed, so it is
+    // read again, whatever the old stamp said.
+    std::fs::OpenOptions::new().write(true).truncate(true).open(&file).unwrap().write_all(&c).unwrap();
+    assert_eq!(run(&file), sha256_hex(&c));
+    // Replaced by a rename, and its times set back: the inode and the status
+    // change time differ all the same.
+    let replacement = dir.path().join("replacement.wasm");
+    std::fs::write(&replacement, &a).unwrap();
+    std::fs::rename(&replacement, &file).unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(old).unwrap();
+    assert_eq!(run(&file), sha256_hex(&a));
+}

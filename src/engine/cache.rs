@@ -76,6 +76,86 @@ impl ArtifactCache {
     }
 }
 
+impl ArtifactCache {
+    /// The artifact for `sha256` if the cache has one; never compiles.
+    pub(crate) fn cached<T: Artifact>(&self, engine: &Engine, sha256: &str) -> Option<Compiled<T>> {
+        let path = self.path(sha256, T::KIND);
+        let code = if self.map {
+            T::deserialize_file(engine, &path).ok()?
+        } else {
+            T::deserialize(engine, &read_artifact(&path)?).ok()?
+        };
+        Some(Compiled { code, from_cache: true })
+    }
+
+    /// The sha256 recorded for the file `stamp` describes, if any (see
+    /// [`FileStamp`]).
+    pub(crate) fn known(&self, stamp: &FileStamp) -> Option<String> {
+        let sha256 = std::fs::read_to_string(self.stamp_path(stamp)).ok()?;
+        (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit())).then_some(sha256)
+    }
+
+    /// Records that the file `stamp` describes hashes to `sha256`, unless it
+    /// changed too recently for its stamp to tell a later change apart.
+    pub(crate) fn remember(&self, stamp: &FileStamp, sha256: &str) {
+        if !stamp.settled() {
+            return;
+        }
+        let path = self.stamp_path(stamp);
+        let written = std::fs::create_dir_all(path.parent().unwrap_or(&self.dir))
+            .and_then(|()| write_atomically(&path, sha256.as_bytes()));
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "file stamp not recorded: the file is hashed again next time");
+        }
+    }
+
+    fn stamp_path(&self, stamp: &FileStamp) -> PathBuf {
+        self.dir.join("by-file").join(&stamp.key)
+    }
+}
+
+/// What identifies one version of a file without reading it: device, inode,
+/// size, modification and status-change times (nanoseconds). The status
+/// change time (`ctime`) moves with every write, rename onto the name, or
+/// `utimensat`, and no one but the clock sets it; so, as ccache's direct mode
+/// does, a stamp seen again is the same bytes. The one gap is a change within
+/// the filesystem's timestamp granularity after the stamp was taken: a file
+/// changed in the last [`FileStamp::SETTLE`] is never recorded.
+pub(crate) struct FileStamp {
+    key: String,
+    changed: std::time::SystemTime,
+}
+
+impl FileStamp {
+    const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
+        use sha2::Digest;
+        use std::os::unix::fs::MetadataExt;
+        let fields = format!(
+            "{} {} {} {}.{} {}.{}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec()
+        );
+        let at = |secs: i64, nanos: i64| {
+            std::time::UNIX_EPOCH
+                + std::time::Duration::new(u64::try_from(secs).unwrap_or(0), u32::try_from(nanos).unwrap_or(0))
+        };
+        let changed = at(meta.mtime(), meta.mtime_nsec()).max(at(meta.ctime(), meta.ctime_nsec()));
+        Self { key: hex::encode(sha2::Sha256::digest(fields.as_bytes())), changed }
+    }
+
+    /// Whether the file's last change is far enough in the past.
+    fn settled(&self) -> bool {
+        std::time::SystemTime::now().duration_since(self.changed).is_ok_and(|age| age >= Self::SETTLE)
+    }
+}
+
 /// What the cache stores: wasmtime's components and core modules.
 pub(crate) trait Artifact: Sized {
     const KIND: &'static str;

@@ -237,6 +237,60 @@ impl Engine {
         let (entry, kind, from_cache) = tokio::task::spawn_blocking(move || this.link(&wasm, binary, &digest))
             .await
             .map_err(|e| LoadError::Host(format!("compile task: {e}")))??;
+        self.loaded(entry, kind, sha256, fallback_name, from_cache).await
+    }
+
+    /// [`Engine::load`] of the file at `path`, for processes that make one
+    /// call (`imagentx-sandbox run`): a component whose file has the same
+    /// [`cache::FileStamp`] as when it was last loaded is taken from its
+    /// artifact without the file being read and hashed again (a 27 MB
+    /// interpreter costs ~34 ms to read and hash).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read (the outer error), or a [`LoadError`].
+    pub async fn load_file(
+        &self,
+        path: &std::path::Path,
+        max_bytes: usize,
+        fallback_name: &str,
+    ) -> std::io::Result<Result<Tool, LoadError>> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        let stamp = cache::FileStamp::of(&meta);
+        let cache = &self.inner.cache;
+        if meta.len() <= max_bytes as u64
+            && let Some(sha256) = cache.known(&stamp)
+            && let Some(compiled) = cache.cached::<wasmtime::component::Component>(&self.inner.wasmtime, &sha256)
+        {
+            let loaded = match self.link_component(&compiled.code, false) {
+                Ok((entry, kind)) => self.loaded(entry, kind, sha256, fallback_name, true).await,
+                Err(e) => Err(e),
+            };
+            return Ok(loaded);
+        }
+        // The bytes of the file stamped, read through the same descriptor.
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        file.read_to_end(&mut bytes)?;
+        let loaded = self.load(&bytes, max_bytes, fallback_name).await;
+        if let Ok(tool) = &loaded
+            && bytes.starts_with(&tool::COMPONENT_PREAMBLE)
+        {
+            cache.remember(&stamp, tool.sha256());
+        }
+        Ok(loaded)
+    }
+
+    /// The tool made of a linked `entry`, described when it is an SDK tool.
+    async fn loaded(
+        &self,
+        entry: Entry,
+        kind: ToolKind,
+        sha256: String,
+        fallback_name: &str,
+        from_cache: bool,
+    ) -> Result<Tool, LoadError> {
         let mut tool = Tool {
             info: ToolInfo {
                 name: fallback_name.to_owned(),

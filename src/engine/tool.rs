@@ -115,7 +115,7 @@ pub(crate) enum Binary {
 }
 
 const CORE_PREAMBLE: [u8; 8] = *b"\0asm\x01\0\0\0";
-const COMPONENT_PREAMBLE: [u8; 8] = *b"\0asm\x0d\0\x01\0";
+pub(crate) const COMPONENT_PREAMBLE: [u8; 8] = *b"\0asm\x0d\0\x01\0";
 
 /// Turns the uploaded bytes into a wasm binary and its kind. WAT text is accepted
 /// and converted, so hand-written test tools need no toolchain.
