@@ -118,9 +118,13 @@ impl ArtifactCache {
 /// size, modification and status-change times (nanoseconds). The status
 /// change time (`ctime`) moves with every write, rename onto the name, or
 /// `utimensat`, and no one but the clock sets it; so, as ccache's direct mode
-/// does, a stamp seen again is the same bytes. The one gap is a change within
-/// the filesystem's timestamp granularity after the stamp was taken: a file
-/// changed in the last [`FileStamp::SETTLE`] is never recorded.
+/// does, a stamp seen again is the same bytes. A change within the
+/// filesystem's timestamp granularity after the stamp was taken could keep
+/// it, so a file changed in the last [`FileStamp::SETTLE`] is never
+/// recorded. What no stamp sees: a file kept open and written through a
+/// shared memory mapping, whose times move only at the first write to each
+/// clean page (the same gap as ccache's and make's); tool files are written
+/// and renamed, not edited in place like that.
 pub(crate) struct FileStamp {
     key: String,
     changed: std::time::SystemTime,
