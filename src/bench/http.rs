@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -238,7 +239,8 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     // have answered, the way independent agents arrive.
     let (clients, rate) = (h.size.pick(100, 100, 4), h.size.pick(5_000.0, 5_000.0, 100.0));
     reset_peak(pid);
-    let (samples, elapsed) = rt.block_on(open_loop(&addr, &key, clients, rate, Duration::from_secs_f64(seconds)));
+    let stop = stop_after(Duration::from_secs_f64(seconds));
+    let (samples, elapsed) = rt.block_on(paced(&addr, &key, rate, clients, stop));
     let case = format!("trivial SDK tool, open loop at {rate} calls/s (latency from when due)");
     let series = Series { samples, elapsed, ..Series::new(Suite::Http, case, Who::Ours, clients) };
     answered += series.samples.iter().filter(|s| s.ok).count();
@@ -350,34 +352,44 @@ pub(super) async fn closed_loop(
     (samples, started.elapsed())
 }
 
-/// `clients` keep-alive connections sharing one schedule of `rate` calls per
-/// second: call `k` is due `k / rate` after the start, on connection
-/// `k % clients`. A call's latency counts from when it was due, not from when
-/// its connection was free to send it, so a server that falls behind is
-/// charged for the queue it causes (no coordinated omission).
-pub(super) async fn open_loop(
+/// A flag that turns true `window` from now (what stops a [`paced`] load).
+pub(super) fn stop_after(window: Duration) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let set = stop.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(window);
+        set.store(true, Ordering::Relaxed);
+    });
+    stop
+}
+
+/// `clients` keep-alive connections, together sending `rate` calls a second
+/// at fixed times until `stop` (an open loop). A call's latency counts from
+/// when it was due, not from when its connection was free to send it, so a
+/// server that falls behind is charged for the queue it causes (no
+/// coordinated omission).
+pub(super) async fn paced(
     addr: &Arc<str>,
     key: &Arc<str>,
-    clients: usize,
     rate: f64,
-    duration: Duration,
+    clients: usize,
+    stop: Arc<AtomicBool>,
 ) -> (Vec<Sample>, Duration) {
-    let total = (rate * duration.as_secs_f64()) as usize;
-    let started = Instant::now();
-    let progress = Arc::new(super::Progress::new(format!("{rate} calls/s"), clients));
+    let started = tokio::time::Instant::now();
+    let every = Duration::from_secs_f64(clients as f64 / rate);
     let mut set = tokio::task::JoinSet::new();
-    for first in 0..clients {
-        let (addr, key, progress) = (addr.clone(), key.clone(), progress.clone());
+    for client in 0..clients {
+        let (addr, key, stop) = (addr.clone(), key.clone(), stop.clone());
         set.spawn(async move {
             let mut samples = Vec::new();
             let mut sender = None;
-            for k in (first..total).step_by(clients) {
-                let due = started + Duration::from_secs_f64(k as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
+            let mut due = started + every.mul_f64(client as f64 / clients as f64);
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep_until(due).await;
                 let ok = call_trivial(&mut sender, &addr, &key).await;
                 samples.push(Sample { latency: due.elapsed(), ok });
+                due += every;
             }
-            progress.tick();
             samples
         });
     }

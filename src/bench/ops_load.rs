@@ -42,7 +42,7 @@ pub(super) fn run(h: &mut Harness, data: &Path) -> anyhow::Result<()> {
     // Each window starts with nothing of earlier steps left to write back
     // (the suite's restore leaves a gigabyte of dirty pages).
     nix::unistd::sync();
-    let alone = rt.block_on(paced(&addr, &key, rate, clients, stop_after(window)));
+    let alone = rt.block_on(http::paced(&addr, &key, rate, clients, http::stop_after(window)));
     h.push(series(label("alone"), clients, alone));
 
     // A backup as the schedule takes it: this binary's `backup`, niced.
@@ -68,14 +68,14 @@ pub(super) fn run(h: &mut Harness, data: &Path) -> anyhow::Result<()> {
             (out, started.elapsed())
         })
     };
-    let during = rt.block_on(paced(&addr, &key, rate, clients, stop));
+    let during = rt.block_on(http::paced(&addr, &key, rate, clients, stop));
     let (out, took) = backup.join().map_err(|_| anyhow::anyhow!("the backup thread panicked"))?;
     let out = out?;
     anyhow::ensure!(out.status.success(), "the backup failed: {}", String::from_utf8_lossy(&out.stderr));
     h.push(series(label("during a backup"), clients, during));
     h.figure(Suite::Ops, "backup under the paced load (niced CLI)", took.as_secs_f64(), "s", "");
     nix::unistd::sync();
-    let after = rt.block_on(paced(&addr, &key, rate, clients, stop_after(window)));
+    let after = rt.block_on(http::paced(&addr, &key, rate, clients, http::stop_after(window)));
     h.push(series(label("alone, after the backup"), clients, after));
     let _ = std::fs::remove_file(&file);
     drop(server);
@@ -102,7 +102,7 @@ pub(super) fn run(h: &mut Harness, data: &Path) -> anyhow::Result<()> {
             (pruned(&addr).await, started.elapsed())
         })
     };
-    let during = rt.block_on(paced(&addr, &key, rate, clients, stop));
+    let during = rt.block_on(http::paced(&addr, &key, rate, clients, stop));
     let (deleted, took) = rt.block_on(watcher)?;
     anyhow::ensure!(
         deleted >= rows.saturating_sub(kept),
@@ -193,47 +193,6 @@ fn after_a_million(h: &mut Harness) -> anyhow::Result<()> {
 
 fn series(case: String, clients: usize, (samples, elapsed): (Vec<Sample>, Duration)) -> Series {
     Series { samples, elapsed, ..Series::new(Suite::Ops, case, Who::Ours, clients) }
-}
-
-fn stop_after(window: Duration) -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let set = stop.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(window);
-        set.store(true, Ordering::Relaxed);
-    });
-    stop
-}
-
-/// `clients` connections, together sending `rate` calls a second at fixed
-/// times until `stop`; each call is timed from when it was due.
-async fn paced(
-    addr: &Arc<str>,
-    key: &Arc<str>,
-    rate: f64,
-    clients: usize,
-    stop: Arc<AtomicBool>,
-) -> (Vec<Sample>, Duration) {
-    let started = tokio::time::Instant::now();
-    let every = Duration::from_secs_f64(clients as f64 / rate);
-    let mut set = tokio::task::JoinSet::new();
-    for client in 0..clients {
-        let (addr, key, stop) = (addr.clone(), key.clone(), stop.clone());
-        set.spawn(async move {
-            let mut samples = Vec::new();
-            let mut sender = None;
-            let mut due = started + every.mul_f64(client as f64 / clients as f64);
-            while !stop.load(Ordering::Relaxed) {
-                tokio::time::sleep_until(due).await;
-                let ok = http::call_trivial(&mut sender, &addr, &key).await;
-                samples.push(Sample { latency: due.elapsed(), ok });
-                due += every;
-            }
-            samples
-        });
-    }
-    let samples = set.join_all().await.into_iter().flatten().collect();
-    (samples, started.elapsed())
 }
 
 /// `imagentx_executions_pruned_total` of the server at `addr` (0 when it
