@@ -236,6 +236,24 @@ fn a_tool_file_seen_before_is_loaded_by_its_stamp_and_a_changed_one_is_read_agai
     std::fs::write(&stamped[0].0, sha256_hex(&b)).unwrap();
     assert_eq!(run(&file), sha256_hex(&b));
 
+    // Rewritten in place with bytes of the same size and its modification
+    // time put back exactly: device, inode, size and mtime are as stamped, and
+    // only the status-change time tells; the file is read again.
+    use std::os::unix::fs::MetadataExt;
+    let before = std::fs::metadata(&file).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20)); // past the clock's tick
+    let handle = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    (&handle).write_all(&a).unwrap();
+    handle.set_modified(before.modified().unwrap()).unwrap();
+    drop(handle);
+    let after = std::fs::metadata(&file).unwrap();
+    assert_eq!(
+        (after.ino(), after.len(), after.modified().unwrap()),
+        (before.ino(), before.len(), before.modified().unwrap())
+    );
+    assert_ne!((after.ctime(), after.ctime_nsec()), (before.ctime(), before.ctime_nsec()));
+    assert_eq!(run(&file), sha256_hex(&a), "a file whose ctime changed was taken by its old stamp");
+
     // Rewritten in place (same name, same inode): its stamp changed, so it is
     // read again, whatever the old stamp said.
     std::fs::OpenOptions::new().write(true).truncate(true).open(&file).unwrap().write_all(&c).unwrap();

@@ -96,9 +96,10 @@ impl ArtifactCache {
     }
 
     /// Records that the file `stamp` describes hashes to `sha256`, unless it
-    /// changed too recently for its stamp to tell a later change apart.
+    /// had changed too recently, when it was stamped, for its stamp to tell a
+    /// later change apart.
     pub(crate) fn remember(&self, stamp: &FileStamp, sha256: &str) {
-        if !stamp.settled() {
+        if !stamp.settled {
             return;
         }
         let path = self.stamp_path(stamp);
@@ -115,25 +116,30 @@ impl ArtifactCache {
 }
 
 /// What identifies one version of a file without reading it: device, inode,
-/// size, modification and status-change times (nanoseconds). The status
-/// change time (`ctime`) moves with every write, rename onto the name, or
-/// `utimensat`, and no one but the clock sets it; so, as ccache's direct mode
-/// does, a stamp seen again is the same bytes. A change within the
-/// filesystem's timestamp granularity after the stamp was taken could keep
-/// it, so a file changed in the last [`FileStamp::SETTLE`] is never
-/// recorded. What no stamp sees: a file kept open and written through a
-/// shared memory mapping, whose times move only at the first write to each
-/// clean page (the same gap as ccache's and make's); tool files are written
-/// and renamed, not edited in place like that.
+/// size, modification and status-change times (nanoseconds). On Linux's own
+/// filesystems (ext4, XFS, btrfs, tmpfs) the status change time (`ctime`)
+/// moves with every write, rename onto the name, or `utimensat`, and no one
+/// but the clock sets it; so, as ccache's direct mode does, a stamp seen again
+/// is the same bytes. A change within the filesystem's timestamp granularity
+/// after the stamp was taken could keep it, so a file that had changed less
+/// than [`FileStamp::SETTLE`] before it was stamped is never recorded. What no
+/// stamp sees: a file kept open and written through a shared memory mapping,
+/// whose times move only at the first write to each clean page (the same gap
+/// as ccache's and make's), and filesystems whose times are set elsewhere
+/// (vfat's ctime is its creation time; NFS's come from the server's clock).
 pub(crate) struct FileStamp {
     key: String,
-    changed: std::time::SystemTime,
+    /// Whether the file's last change was [`FileStamp::SETTLE`] or more
+    /// before `now` as given to [`FileStamp::of`].
+    settled: bool,
 }
 
 impl FileStamp {
     const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
-    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
+    /// The stamp of the file `meta` describes, read at `now` (taken before
+    /// the file was opened).
+    pub(crate) fn of(meta: &std::fs::Metadata, now: std::time::SystemTime) -> Self {
         use sha2::Digest;
         use std::os::unix::fs::MetadataExt;
         let fields = format!(
@@ -151,12 +157,8 @@ impl FileStamp {
                 + std::time::Duration::new(u64::try_from(secs).unwrap_or(0), u32::try_from(nanos).unwrap_or(0))
         };
         let changed = at(meta.mtime(), meta.mtime_nsec()).max(at(meta.ctime(), meta.ctime_nsec()));
-        Self { key: hex::encode(sha2::Sha256::digest(fields.as_bytes())), changed }
-    }
-
-    /// Whether the file's last change is far enough in the past.
-    fn settled(&self) -> bool {
-        std::time::SystemTime::now().duration_since(self.changed).is_ok_and(|age| age >= Self::SETTLE)
+        let settled = now.duration_since(changed).is_ok_and(|age| age >= Self::SETTLE);
+        Self { key: hex::encode(sha2::Sha256::digest(fields.as_bytes())), settled }
     }
 }
 

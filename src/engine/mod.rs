@@ -256,9 +256,12 @@ impl Engine {
         fallback_name: &str,
     ) -> std::io::Result<Result<Tool, LoadError>> {
         use std::io::Read;
-        let mut file = std::fs::File::open(path)?;
+        // The clock before the file is opened: a change after this moment
+        // cannot be older than the settling time the stamp asks for.
+        let now = std::time::SystemTime::now();
+        let file = std::fs::File::open(path)?;
         let meta = file.metadata()?;
-        let stamp = cache::FileStamp::of(&meta);
+        let stamp = cache::FileStamp::of(&meta, now);
         let cache = &self.inner.cache;
         if meta.len() <= max_bytes as u64
             && let Some(sha256) = cache.known(&stamp)
@@ -270,9 +273,11 @@ impl Engine {
             };
             return Ok(loaded);
         }
-        // The bytes of the file stamped, read through the same descriptor.
-        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-        file.read_to_end(&mut bytes)?;
+        // The bytes of the file stamped, read through the same descriptor; one
+        // byte over the limit is enough for `load` to refuse it as too large.
+        let limit = max_bytes.saturating_add(1);
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(limit).min(limit));
+        file.take(limit as u64).read_to_end(&mut bytes)?;
         let loaded = self.load(&bytes, max_bytes, fallback_name).await;
         if let Ok(tool) = &loaded
             && bytes.starts_with(&tool::COMPONENT_PREAMBLE)

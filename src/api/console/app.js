@@ -565,6 +565,7 @@ async function showAudit(older) {
     q.set('before', auditBefore);
   } else {
     try { q = auditFilters(); } catch (e) {
+      auditAsked += 1; // an answer still on its way is not drawn over this
       tbody.replaceChildren();
       problem(`A time in the filter is not a valid date (${e.message}).`);
       return;
