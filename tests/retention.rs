@@ -131,13 +131,14 @@ async fn output_floods_are_pruned_to_the_byte_bound_and_no_further() {
     assert_eq!(report["status"], "ok");
     drop(db);
 
-    // A database from before the counter: it is made from the rows there.
+    // A database from before the counter (and so from before schema
+    // versions, version 0): the counter is made from the rows there.
     let dir = srv.stop_keeping_data().await;
     let path = dir.path().join("sandbox.db");
     let db = rusqlite::Connection::open(&path).unwrap();
     db.execute_batch(
         "DROP TRIGGER execution_bytes_added; DROP TRIGGER execution_bytes_removed;
-         DROP TRIGGER execution_bytes_changed; DROP TABLE execution_bytes;",
+         DROP TRIGGER execution_bytes_changed; DROP TABLE execution_bytes; PRAGMA user_version = 0;",
     )
     .unwrap();
     let total: i64 =
