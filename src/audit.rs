@@ -16,6 +16,7 @@
 //! as one chain, and names the segment of the first break.
 
 use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, params};
@@ -199,19 +200,21 @@ pub(crate) fn append(conn: &Connection, head: &Head, at: &str, event: &AuditEven
     Ok(Head { seq, hash })
 }
 
-struct RecordFields<'a> {
-    seq: i64,
-    at: &'a str,
-    kind: &'a str,
-    actor: Option<&'a str>,
-    user: Option<&'a str>,
-    tool: Option<&'a str>,
-    outcome: &'a str,
-    detail: &'a str,
+/// A record's hashed fields (every backend appends through [`RecordFields::hash`]).
+pub(crate) struct RecordFields<'a> {
+    pub(crate) seq: i64,
+    pub(crate) at: &'a str,
+    pub(crate) kind: &'a str,
+    pub(crate) actor: Option<&'a str>,
+    pub(crate) user: Option<&'a str>,
+    pub(crate) tool: Option<&'a str>,
+    pub(crate) outcome: &'a str,
+    pub(crate) detail: &'a str,
 }
 
 impl RecordFields<'_> {
-    fn hash(&self, prev_hash: &str) -> String {
+    /// The record's hash, chained to `prev_hash`.
+    pub(crate) fn hash(&self, prev_hash: &str) -> String {
         let mut h = Sha256::new();
         let mut field = |bytes: Option<&[u8]>| match bytes {
             // A missing field and an empty one hash differently.
@@ -339,33 +342,63 @@ impl Chain {
 ///
 /// A database error while reading.
 pub fn verify(conn: &Connection) -> Result<Verification, StoreError> {
-    verify_table(conn, Chain::new(), 0, &std::collections::HashMap::new())
+    verify_table(conn, TableWalk::new())
 }
 
-/// The table's records after `chain`; those still there that were also
-/// archived (in `archived_hashes`, the last segment's) must be the same.
-fn verify_table(
-    conn: &Connection,
-    mut chain: Chain,
-    archived: u64,
-    archived_hashes: &std::collections::HashMap<i64, String>,
-) -> Result<Verification, StoreError> {
+/// The table's records, walked after the archive's (see [`TableWalk`]).
+fn verify_table(conn: &Connection, mut walk: TableWalk) -> Result<Verification, StoreError> {
     let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM audit ORDER BY seq"))?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
-        let record = StoredRecord::from_row(r)?;
-        if record.seq < chain.next_seq {
-            if archived_hashes.get(&record.seq) == Some(&record.hash) {
-                continue;
-            }
-            let reason = "differs from its archived copy".to_owned();
-            return Ok(Verification { archived, ..chain.broken(record.seq, reason, None) });
-        }
-        if let Some(reason) = chain.check(&record) {
-            return Ok(Verification { archived, ..chain.broken(record.seq, reason, None) });
+        if let Some(broken) = walk.check(&StoredRecord::from_row(r)?) {
+            return Ok(broken);
         }
     }
-    Ok(Verification { records: chain.records, first_broken: None, reason: None, archived, segment: None })
+    Ok(walk.unbroken())
+}
+
+/// The table's part of a verification, fed its records in order by
+/// whichever backend reads them: it goes on from the archive's chain, and
+/// the records still in the table that were also archived (those of the last
+/// segment, after a crash between its write and their delete) must be the
+/// same as their archived copies.
+pub(crate) struct TableWalk {
+    chain: Chain,
+    archived: u64,
+    archived_hashes: std::collections::HashMap<i64, String>,
+}
+
+impl TableWalk {
+    /// A walk of the table alone, from the first record.
+    pub(crate) fn new() -> Self {
+        Self { chain: Chain::new(), archived: 0, archived_hashes: std::collections::HashMap::new() }
+    }
+
+    /// Checks the table's next record: the answer, when it breaks the chain
+    /// (then the walk is over).
+    pub(crate) fn check(&mut self, record: &StoredRecord) -> Option<Verification> {
+        let archived = self.archived;
+        if record.seq < self.chain.next_seq {
+            if self.archived_hashes.get(&record.seq) == Some(&record.hash) {
+                return None;
+            }
+            let reason = "differs from its archived copy".to_owned();
+            return Some(Verification { archived, ..self.chain.broken(record.seq, reason, None) });
+        }
+        let reason = self.chain.check(record)?;
+        Some(Verification { archived, ..self.chain.broken(record.seq, reason, None) })
+    }
+
+    /// The answer once every record was checked and none broke the chain.
+    pub(crate) fn unbroken(&self) -> Verification {
+        Verification {
+            records: self.chain.records,
+            first_broken: None,
+            reason: None,
+            archived: self.archived,
+            segment: None,
+        }
+    }
 }
 
 /// Where archive segments go, under a data directory.
@@ -536,20 +569,35 @@ pub(crate) fn delete_archived(conn: &Connection, first: i64, last: i64) -> Resul
 /// A database error; an archive segment that cannot be read is reported as
 /// the break, not as an error.
 pub fn verify_all(conn: &Connection, archive: &Path) -> Result<Verification, StoreError> {
+    match walk_archive(archive) {
+        ControlFlow::Continue(walk) => verify_table(conn, walk),
+        ControlFlow::Break(broken) => Ok(broken),
+    }
+}
+
+/// Verifies the archive segments in `archive` (oldest first): the walk of the
+/// table that goes on from them, or the answer when the chain breaks in them
+/// (an archive segment that cannot be read is such a break). Reads files:
+/// blocking.
+pub(crate) fn walk_archive(archive: &Path) -> ControlFlow<Verification, TableWalk> {
     let mut chain = Chain::new();
     let found = match segments(archive) {
         Ok(found) => found,
-        Err(e) => return Ok(chain.broken(1, format!("the archive {} cannot be read: {e}", archive.display()), None)),
+        Err(e) => {
+            let reason = format!("the archive {} cannot be read: {e}", archive.display());
+            return ControlFlow::Break(chain.broken(1, reason, None));
+        }
     };
     // The hashes of the last segment's records: after a crash between a
     // segment's write and its records' delete, the table still holds them.
     let mut last_segment = std::collections::HashMap::new();
     for (first, path) in found {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let broken = |chain: &Chain, seq: i64, reason: String| chain.broken(seq, reason, name.clone());
+        let broken =
+            |chain: &Chain, seq: i64, reason: String| ControlFlow::Break(chain.broken(seq, reason, name.clone()));
         let file = match open_regular(&path) {
             Ok(file) => file,
-            Err(e) => return Ok(broken(&chain, first, format!("the segment cannot be read: {e}"))),
+            Err(e) => return broken(&chain, first, format!("the segment cannot be read: {e}")),
         };
         // Every gzip member: text appended after the first is read, and refused.
         let lines = std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file)).lines();
@@ -559,10 +607,10 @@ pub fn verify_all(conn: &Connection, archive: &Path) -> Result<Verification, Sto
         for line in lines {
             let line = match line {
                 Ok(line) => line,
-                Err(e) => return Ok(broken(&chain, chain.next_seq, format!("the segment is damaged: {e}"))),
+                Err(e) => return broken(&chain, chain.next_seq, format!("the segment is damaged: {e}")),
             };
             if ended {
-                return Ok(broken(&chain, chain.next_seq, "a line follows the segment's end".into()));
+                return broken(&chain, chain.next_seq, "a line follows the segment's end".into());
             }
             if let Ok(end) = serde_json::from_str::<End>(&line) {
                 let e = end.end;
@@ -574,31 +622,27 @@ pub fn verify_all(conn: &Connection, archive: &Path) -> Result<Verification, Sto
                     || e.last_hash != chain.prev
                     || !named
                 {
-                    return Ok(broken(
-                        &chain,
-                        e.last_seq,
-                        "the segment's end does not match its records or name".into(),
-                    ));
+                    return broken(&chain, e.last_seq, "the segment's end does not match its records or name".into());
                 }
                 ended = true;
                 continue;
             }
             let record: StoredRecord = match serde_json::from_str(&line) {
                 Ok(record) => record,
-                Err(e) => return Ok(broken(&chain, chain.next_seq, format!("a line is not a record: {e}"))),
+                Err(e) => return broken(&chain, chain.next_seq, format!("a line is not a record: {e}")),
             };
             in_segment += 1;
             if let Some(reason) = chain.check(&record) {
-                return Ok(broken(&chain, record.seq, reason));
+                return broken(&chain, record.seq, reason);
             }
             last_segment.insert(record.seq, record.hash);
         }
         if !ended {
-            return Ok(broken(&chain, chain.next_seq, "the segment has no end line (cut short)".into()));
+            return broken(&chain, chain.next_seq, "the segment has no end line (cut short)".into());
         }
     }
     let archived = chain.records;
-    verify_table(conn, chain, archived, &last_segment)
+    ControlFlow::Continue(TableWalk { chain, archived, archived_hashes: last_segment })
 }
 
 /// Opens `path` if it is a regular file, never through a symlink, without

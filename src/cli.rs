@@ -295,7 +295,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Mcp(args) => mcp(args).await,
             Command::User(command) => user(command).await,
-            Command::Audit(AuditCommand::Verify { state }) => audit_verify(&state),
+            Command::Audit(AuditCommand::Verify { state }) => audit_verify(&state).await,
             Command::Backup(args) => backup(args),
             Command::Restore(args) => restore(&args),
         }
@@ -548,7 +548,7 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
         UserCommand::List { state } => {
             let (store, _) = open_store(&state)?;
             say(format!("{:<24} {:<10} {:<6} {:<5} {:<27} restricted", "user", "tier", "admin", "keys", "created"));
-            for u in store.list_users()? {
+            for u in store.list_users().await? {
                 let mut restricted = Vec::new();
                 if let Some(until) = &u.suspended_until {
                     restricted.push(format!("suspended until {until}"));
@@ -659,7 +659,7 @@ fn backup_answer(
     }
 }
 
-fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
+async fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
     let path = state.data_dir.join("sandbox.db");
     if !path.exists() {
         return Err(UsageError(format!("no database at {}", path.display())));
@@ -669,7 +669,7 @@ fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
     // A running server's archiver waits meanwhile: no record is seen moving.
     let _lock = crate::audit::lock_archive(&archive, false)
         .map_err(|e| UsageError(format!("locking {}: {e}", archive.display())))?;
-    let verification = store.verify_audit(&archive)?;
+    let verification = store.verify_audit(&archive).await?;
     say(serde_json::to_string_pretty(&verification)?);
     Ok(if verification.first_broken.is_none() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

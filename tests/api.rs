@@ -499,7 +499,7 @@ async fn shutdown_lets_calls_in_flight_finish_and_records_them() {
     assert_eq!(in_flight, 1);
     assert_eq!(answer.json()["status"], "ok", "the call in flight finished after the stop was asked");
     s.stop().await;
-    let page = state.store.executions("alice", 10, None).unwrap();
+    let page = state.store.executions("alice", 10, None).await.unwrap();
     assert_eq!(page.executions.len(), 1, "and it was recorded");
 }
 

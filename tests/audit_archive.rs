@@ -61,12 +61,7 @@ async fn archive_all(srv: &TestServer, per_segment: u32) -> u64 {
     let dir = srv.state.settings.data_dir.join(ARCHIVE_DIR);
     let mut moved = 0;
     loop {
-        let (state, dir) = (srv.state.clone(), dir.clone());
-        let n =
-            tokio::task::spawn_blocking(move || state.store.archive_audit(&dir, "9999-12-31T00:00:00Z", per_segment))
-                .await
-                .unwrap()
-                .unwrap();
+        let n = srv.state.store.archive_audit(dir.clone(), "9999-12-31T00:00:00Z".into(), per_segment).await.unwrap();
         if n == 0 {
             return moved;
         }
@@ -91,7 +86,7 @@ async fn archived_segments_and_the_table_verify_as_one_chain_and_a_break_is_name
         srv.state.store.read(|c| Ok(c.query_row("SELECT count(*) FROM audit", [], |r| r.get(0))?)).unwrap();
     assert_eq!(in_table, 1);
     let archive = dir.join(ARCHIVE_DIR);
-    let check = srv.state.store.verify_audit(&archive).unwrap();
+    let check = srv.state.store.verify_audit(&archive).await.unwrap();
     assert_eq!((check.records, check.archived, check.first_broken), (total, total - 1, None), "{check:?}");
     // The server goes on writing: the chain goes on from the record it kept.
     let put = srv.request(Method::PUT, "/v1/files/after.txt", Some(&alice), "y").await;
@@ -170,12 +165,12 @@ async fn a_crash_mid_move_heals_and_appended_or_linked_segments_are_refused() {
     let records = srv.state.store.read(|c| imagentx_sandbox::audit::archivable(c, "9999-12-31T00:00:00Z", 4)).unwrap();
     assert_eq!(records.len(), 4);
     imagentx_sandbox::audit::write_segment(&archive, &records).unwrap();
-    let check = srv.state.store.verify_audit(&archive).unwrap();
+    let check = srv.state.store.verify_audit(&archive).await.unwrap();
     assert_eq!(check.first_broken, None, "a segment whose records are still in the table: {check:?}");
     // The next run replaces it and deletes them.
     let moved = archive_all(&srv, 4).await;
     assert!(moved >= 4);
-    let check = srv.state.store.verify_audit(&archive).unwrap();
+    let check = srv.state.store.verify_audit(&archive).await.unwrap();
     assert_eq!(check.first_broken, None, "{check:?}");
     let keep = srv.stop_keeping_data().await;
     let dir = keep.path();

@@ -145,5 +145,5 @@ async fn output_floods_are_pruned_to_the_byte_bound_and_no_further() {
         db.query_row("SELECT sum(length(CAST(report AS BLOB))) FROM executions", [], |r| r.get(0)).unwrap();
     drop(db);
     let store = imagentx_sandbox::store::Store::open(&path).unwrap();
-    assert_eq!(store.report_bytes().unwrap(), total as u64);
+    assert_eq!(store.report_bytes().await.unwrap(), total as u64);
 }

@@ -22,8 +22,8 @@ fn id(name: &str) -> UserId {
 }
 
 /// The chain verifies whole and holds `records` records.
-fn chain_holds(store: &Store, dir: &tempfile::TempDir, records: u64) {
-    let check = store.verify_audit(&dir.path().join("no-archive")).unwrap();
+async fn chain_holds(store: &Store, dir: &tempfile::TempDir, records: u64) {
+    let check = store.verify_audit(&dir.path().join("no-archive")).await.unwrap();
     assert_eq!(check.first_broken, None, "{check:?}");
     assert_eq!(check.records, records, "{check:?}");
 }
@@ -58,10 +58,10 @@ async fn a_key_signs_its_user_in_until_it_is_revoked_and_only_its_hash_is_kept()
     let second = store.issue_key(id("alice"), "test".into()).await.unwrap();
     assert_ne!(first.key, second.key);
     for key in [&first.key, &second.key] {
-        let KeyCheck::Active(caller) = store.authenticate(key).unwrap() else { panic!("{key} refused") };
+        let KeyCheck::Active(caller) = store.authenticate(key).await.unwrap() else { panic!("{key} refused") };
         assert_eq!((caller.user.as_str(), caller.tier.as_str(), caller.admin), ("alice", "free", false));
     }
-    assert!(matches!(store.authenticate("ixs_not-a-key").unwrap(), KeyCheck::Refused(_)));
+    assert!(matches!(store.authenticate("ixs_not-a-key").await.unwrap(), KeyCheck::Refused(_)));
     // The same user twice, a key for nobody: refused, nothing added.
     let again = store.add_user(id("alice"), "pro".into(), false, "test".into()).await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
@@ -69,13 +69,13 @@ async fn a_key_signs_its_user_in_until_it_is_revoked_and_only_its_hash_is_kept()
     assert!(matches!(nobody, Err(StoreError::NotFound(_))), "{nobody:?}");
 
     store.set_tier(id("alice"), "pro".into(), "test".into()).await.unwrap();
-    let KeyCheck::Active(caller) = store.authenticate(&first.key).unwrap() else { panic!("refused") };
+    let KeyCheck::Active(caller) = store.authenticate(&first.key).await.unwrap() else { panic!("refused") };
     assert_eq!(caller.tier, "pro");
     assert_eq!(store.revoke_keys(id("alice"), "test".into()).await.unwrap(), 2);
     for key in [&first.key, &second.key] {
-        assert!(matches!(store.authenticate(key).unwrap(), KeyCheck::Refused(_)), "{key} still signs in");
+        assert!(matches!(store.authenticate(key).await.unwrap(), KeyCheck::Refused(_)), "{key} still signs in");
     }
-    let users = store.list_users().unwrap();
+    let users = store.list_users().await.unwrap();
     let alice = users.iter().find(|u| u.id == "alice").unwrap();
     assert_eq!((alice.tier.as_str(), alice.active_keys), ("pro", 0));
 
@@ -88,7 +88,7 @@ async fn a_key_signs_its_user_in_until_it_is_revoked_and_only_its_hash_is_kept()
         assert!(!wal.windows(secret.len()).any(|w| w == secret), "a key is in the WAL");
     }
     // user added, 2 keys issued, tier changed, keys revoked.
-    chain_holds(&store, &dir, 5);
+    chain_holds(&store, &dir, 5).await;
 }
 
 #[tokio::test]
@@ -99,12 +99,12 @@ async fn a_suspended_user_is_refused_until_lifted_and_the_last_admin_cannot_be_s
     let until = unix_now() + 3600;
     let held = store.restrict(id("bob"), Restriction::Suspend, until, "probing".into(), "root".into()).await.unwrap();
     assert_eq!(held.until, until);
-    let KeyCheck::Suspended(s) = store.authenticate(&bob.key).unwrap() else { panic!("bob not suspended") };
+    let KeyCheck::Suspended(s) = store.authenticate(&bob.key).await.unwrap() else { panic!("bob not suspended") };
     assert_eq!((s.user.as_str(), s.until, s.reason.as_str()), ("bob", until, "probing"));
 
     let last = store.restrict(id("root"), Restriction::Suspend, until, "oops".into(), "root".into()).await;
     assert!(matches!(last, Err(StoreError::Conflict(_))), "{last:?}");
-    assert!(matches!(store.authenticate(&root.key).unwrap(), KeyCheck::Active(_)));
+    assert!(matches!(store.authenticate(&root.key).await.unwrap(), KeyCheck::Active(_)));
     let nobody = store.restrict(id("nobody"), Restriction::Suspend, until, "x".into(), "root".into()).await;
     assert!(matches!(nobody, Err(StoreError::NotFound(_))), "{nobody:?}");
 
@@ -112,9 +112,9 @@ async fn a_suspended_user_is_refused_until_lifted_and_the_last_admin_cannot_be_s
     assert_eq!(throttled.unwrap().rate, Some(2));
     let lifted = store.lift_restrictions(id("bob"), "root".into()).await.unwrap();
     assert_eq!(lifted.len(), 2, "{lifted:?}");
-    assert!(matches!(store.authenticate(&bob.key).unwrap(), KeyCheck::Active(c) if c.throttle.is_none()));
+    assert!(matches!(store.authenticate(&bob.key).await.unwrap(), KeyCheck::Active(c) if c.throttle.is_none()));
     // 2 users, 2 keys, suspended, throttled, lifted.
-    chain_holds(&store, &dir, 7);
+    chain_holds(&store, &dir, 7).await;
 }
 
 #[tokio::test]
@@ -136,17 +136,18 @@ async fn a_name_registered_again_is_a_new_version_and_a_retired_one_is_no_longer
     let two = store.register_tool(row(&"b".repeat(64))).await.unwrap();
     assert_eq!((one.version, two.version), (1, 2));
     assert!(!two.registered_at.is_empty());
-    let active: Vec<(String, u32)> = store.active_tools().unwrap().into_iter().map(|t| (t.name, t.version)).collect();
+    let active: Vec<(String, u32)> =
+        store.active_tools().await.unwrap().into_iter().map(|t| (t.name, t.version)).collect();
     assert_eq!(active, [("probe".to_owned(), 1), ("probe".to_owned(), 2)]);
-    assert_eq!(store.active_tools().unwrap()[1].input_schema, Some(serde_json::json!({"type": "object"})));
+    assert_eq!(store.active_tools().await.unwrap()[1].input_schema, Some(serde_json::json!({"type": "object"})));
 
     assert_eq!(store.retire_tool("probe".into(), Some(1), "root".into()).await.unwrap(), [1]);
-    let active: Vec<u32> = store.active_tools().unwrap().into_iter().map(|t| t.version).collect();
+    let active: Vec<u32> = store.active_tools().await.unwrap().into_iter().map(|t| t.version).collect();
     assert_eq!(active, [2]);
     let unknown = store.retire_tool("nothing".into(), None, "root".into()).await;
     assert!(matches!(unknown, Err(StoreError::NotFound(_))), "{unknown:?}");
     // Registered twice, retired once.
-    chain_holds(&store, &dir, 3);
+    chain_holds(&store, &dir, 3).await;
 }
 
 #[tokio::test]
@@ -161,19 +162,19 @@ async fn an_execution_is_found_by_its_owner_and_its_idempotency_key_is_taken_onc
     let key = Some(("k-1".to_owned(), "request-hash".to_owned()));
     store.record_execution(&first, json.clone(), Some(1), key.clone(), audit(&first)).await.unwrap();
 
-    let stored = store.execution(&first.id, Some("alice")).unwrap().unwrap();
+    let stored = store.execution(&first.id, Some("alice")).await.unwrap().unwrap();
     assert_eq!(stored.as_bytes(), &json[..]);
-    assert_eq!(store.execution(&first.id, Some("eve")).unwrap(), None, "another user's execution was found");
-    let hit = store.idempotent("alice", "k-1").unwrap().unwrap();
+    assert_eq!(store.execution(&first.id, Some("eve")).await.unwrap(), None, "another user's execution was found");
+    let hit = store.idempotent("alice", "k-1").await.unwrap().unwrap();
     assert_eq!((hit.request_hash.as_deref(), hit.report.as_bytes()), (Some("request-hash"), &json[..]));
-    assert!(store.idempotent("eve", "k-1").unwrap().is_none(), "keys are per user");
+    assert!(store.idempotent("eve", "k-1").await.unwrap().is_none(), "keys are per user");
 
     // The same key again: refused, and nothing of the second call is kept.
     let second = report("alice", "probe");
     let json2 = bytes::Bytes::from(serde_json::to_vec(&second).unwrap());
     let again = store.record_execution(&second, json2, Some(1), key, audit(&second)).await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
-    assert_eq!(store.execution(&second.id, None).unwrap(), None);
+    assert_eq!(store.execution(&second.id, None).await.unwrap(), None);
 
     // Pages, newest first.
     for _ in 0..4 {
@@ -181,15 +182,15 @@ async fn an_execution_is_found_by_its_owner_and_its_idempotency_key_is_taken_onc
         let j = bytes::Bytes::from(serde_json::to_vec(&r).unwrap());
         store.record_execution(&r, j, Some(1), None, audit(&r)).await.unwrap();
     }
-    let page = store.executions("alice", 3, None).unwrap();
+    let page = store.executions("alice", 3, None).await.unwrap();
     assert_eq!(page.executions.len(), 3);
-    let rest = store.executions("alice", 3, page.next_before).unwrap();
+    let rest = store.executions("alice", 3, page.next_before).await.unwrap();
     assert_eq!(rest.executions.len(), 2);
     assert_eq!(rest.next_before, None);
     assert_eq!(rest.executions[1].id, first.id, "the oldest comes last");
-    assert!(store.executions("eve", 10, None).unwrap().executions.is_empty());
+    assert!(store.executions("eve", 10, None).await.unwrap().executions.is_empty());
     // 2 users, 2 keys, 5 executions recorded (the refused one left nothing).
-    chain_holds(&store, &dir, 9);
+    chain_holds(&store, &dir, 9).await;
 }
 
 #[tokio::test]
@@ -198,22 +199,22 @@ async fn a_session_is_its_owners_and_one_left_open_is_ended_with_a_reason() {
     let opened = |user: &str| AuditEvent::new(Kind::SessionOpened, "ok").user(user);
     store.session_opened("s-1".into(), "alice".into(), "python".into(), opened("alice")).await.unwrap();
     store.session_opened("s-2".into(), "alice".into(), "python".into(), opened("alice")).await.unwrap();
-    let row = store.session("s-1", "alice").unwrap().unwrap();
+    let row = store.session("s-1", "alice").await.unwrap().unwrap();
     assert_eq!((row.tool.as_str(), row.closed_at.as_deref()), ("python", None));
-    assert!(store.session("s-1", "eve").unwrap().is_none(), "another user's session was found");
+    assert!(store.session("s-1", "eve").await.unwrap().is_none(), "another user's session was found");
 
     let closed = AuditEvent::new(Kind::SessionClosed, "ok").user("alice");
     store.session_closed("s-1".into(), "closed".into(), 3, closed).await.unwrap();
-    let row = store.session("s-1", "alice").unwrap().unwrap();
+    let row = store.session("s-1", "alice").await.unwrap().unwrap();
     assert_eq!((row.reason.as_deref(), row.steps), (Some("closed"), Some(3)));
     assert!(row.closed_at.is_some());
 
     assert_eq!(store.end_open_sessions("restart").await.unwrap(), 1);
-    let row = store.session("s-2", "alice").unwrap().unwrap();
+    let row = store.session("s-2", "alice").await.unwrap().unwrap();
     assert_eq!(row.reason.as_deref(), Some("restart"));
     assert_eq!(store.end_open_sessions("restart").await.unwrap(), 0);
     // Opened twice, closed once (ending at a restart writes no record).
-    chain_holds(&store, &dir, 3);
+    chain_holds(&store, &dir, 3).await;
 }
 
 #[tokio::test]
@@ -231,9 +232,10 @@ async fn writes_from_many_tasks_at_once_each_land_once_in_one_chain() {
     while let Some(done) = tasks.join_next().await {
         done.unwrap().unwrap();
     }
-    chain_holds(&store, &dir, 200);
+    chain_holds(&store, &dir, 200).await;
     let page = store
         .audit_records(&imagentx_sandbox::audit::Query { limit: 500, ..imagentx_sandbox::audit::Query::default() })
+        .await
         .unwrap();
     let mut tools: Vec<String> = page.into_iter().filter_map(|r| r.tool).collect();
     tools.sort();

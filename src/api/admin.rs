@@ -78,6 +78,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, 
     state
         .store
         .ping()
+        .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string()))?;
     if !state.builtins_ready() {
         let mut loading = ApiError::new(
@@ -113,7 +114,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         },
         warm: &warm,
         tools_unloadable: state.registry.unloadable_count(),
-        report_bytes: state.store.report_bytes().ok(),
+        report_bytes: state.store.report_bytes().await.ok(),
     };
     let text = state.metrics.render(&now);
     ([(header::CONTENT_TYPE, HeaderValue::from_static(super::metrics::CONTENT_TYPE))], text).into_response()
@@ -195,7 +196,7 @@ fn filter(name: &str, value: Option<String>) -> Result<Option<String>, ApiError>
 
 async fn query_audit(state: &AppState, q: audit::Query) -> Result<Json<AuditPage>, ApiError> {
     let limit = q.limit;
-    let records = state.store.audit_records(&q)?;
+    let records = state.store.audit_records(&q).await?;
     let next_before = if records.len() == limit as usize { records.last().map(|r| r.seq) } else { None };
     Ok(Json(AuditPage { records, next_before }))
 }
@@ -253,7 +254,7 @@ pub struct UserList {
 }
 
 pub async fn users(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Result<Json<UserList>, ApiError> {
-    Ok(Json(UserList { users: state.store.list_users()? }))
+    Ok(Json(UserList { users: state.store.list_users().await? }))
 }
 
 /// A tool's warm jails now.

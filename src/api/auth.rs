@@ -57,7 +57,7 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
         },
     };
     let check = match key {
-        Ok(key) => state.store.authenticate(key)?,
+        Ok(key) => state.store.authenticate(key).await?,
         Err(_) => KeyCheck::Refused(None),
     };
     let client = state.proxies.client(parts);

@@ -148,7 +148,7 @@ pub async fn invoke(
     let _key_guard = match &idempotency {
         None => None,
         Some((key, request_hash)) => {
-            if let Some(hit) = state.store.idempotent(caller.user.as_str(), key)? {
+            if let Some(hit) = state.store.idempotent(caller.user.as_str(), key).await? {
                 if hit.request_hash.as_deref() != Some(request_hash) {
                     return Err(ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,
@@ -447,7 +447,7 @@ pub async fn list(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::bad_request("bad_query", "limit must be between 1 and 500"));
     }
-    Ok(Json(state.store.executions(caller.user.as_str(), limit, q.before)?))
+    Ok(Json(state.store.executions(caller.user.as_str(), limit, q.before).await?))
 }
 
 pub async fn show(
@@ -457,7 +457,7 @@ pub async fn show(
 ) -> Result<Response, ApiError> {
     // Another user's execution is answered exactly like one that does not exist.
     let owner = if caller.admin { None } else { Some(caller.user.as_str()) };
-    match state.store.execution(&id, owner)? {
+    match state.store.execution(&id, owner).await? {
         Some(json) => Ok(stored_report(json)),
         None => Err(ApiError::not_found("unknown_execution", format!("no execution `{id}`"))),
     }

@@ -312,7 +312,7 @@ impl McpServer {
         let opening = self.code.opening.lock().await;
         let known = self.code.ids.lock().unwrap_or_else(PoisonError::into_inner).get(tool).cloned();
         let live = match known {
-            Some(id) => match super::sessions::find(&self.state, &caller, &id) {
+            Some(id) => match super::sessions::find(&self.state, &caller, &id).await {
                 Ok(live) => live,
                 Err(e) => return Ok(self.session_ended(tool, &id, &e, cancel)),
             },

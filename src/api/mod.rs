@@ -1048,7 +1048,7 @@ pub async fn serve(policy: Policy, settings: ServerSettings) -> Result<(), Start
     // Listen first: compiling a new build of the built-in tools takes seconds
     // (tens the first time), and other tools can be served meanwhile.
     let state = AppState::open_without_builtins(policy, settings).await?;
-    if state.store.list_users()?.is_empty() {
+    if state.store.list_users().await?.is_empty() {
         tracing::warn!(
         data_dir = %state.settings.data_dir.display(),
         "no users yet: add an admin with `imagentx-sandbox user add NAME --admin --data-dir DIR` \
@@ -1317,17 +1317,12 @@ async fn archive_audit(state: &Arc<AppState>, retention: &Retention) {
     let dir = state.settings.data_dir.join(crate::audit::ARCHIVE_DIR);
     let mut moved = 0u64;
     loop {
-        let (state, dir, cutoff) = (Arc::clone(state), dir.clone(), cutoff.clone());
         let max = retention.audit_segment.max(1);
-        match tokio::task::spawn_blocking(move || state.store.archive_audit(&dir, &cutoff, max)).await {
-            Ok(Ok(0)) => break,
-            Ok(Ok(n)) => moved += n,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "archiving audit records failed; trying again later");
-                break;
-            }
+        match state.store.archive_audit(dir.clone(), cutoff.clone(), max).await {
+            Ok(0) => break,
+            Ok(n) => moved += n,
             Err(e) => {
-                tracing::warn!(error = %e, "the audit archiver stopped");
+                tracing::warn!(error = %e, "archiving audit records failed; trying again later");
                 break;
             }
         }

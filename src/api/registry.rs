@@ -159,7 +159,7 @@ impl Registry {
         blobs: &Path,
         jail: Option<&crate::jail::Jail>,
     ) -> Result<Vec<(String, u32, String)>, crate::store::StoreError> {
-        let rows = store.active_tools()?;
+        let rows = store.active_tools().await?;
         let started = std::time::Instant::now();
         let (mut loaded, mut from_cache, total) = (0, 0, rows.len());
         let mut failed = Vec::new();

@@ -486,11 +486,11 @@ fn not_sessionable(tool: &str, why: &str) -> ApiError {
 
 /// The caller's open session `id`, or the error a step or a look at it gets:
 /// 410 for one of theirs that ended (with why), 404 for anything else.
-pub(crate) fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Live>, ApiError> {
+pub(crate) async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Live>, ApiError> {
     if let Some(live) = state.sessions.get(id).filter(|l| l.user == caller.user) {
         return Ok(live);
     }
-    match state.store.session(id, caller.user.as_str())? {
+    match state.store.session(id, caller.user.as_str()).await? {
         Some(row) if row.closed_at.is_some() => Err(ApiError::new(
             StatusCode::GONE,
             "session_ended",
@@ -511,7 +511,7 @@ pub async fn run(
     let limit = state.sandbox.policy.input_bytes.saturating_add(super::invoke::INVOKE_ENVELOPE_BYTES);
     let body = read_body(&headers, body, limit).await?;
     let step: StepRequest = parse_json(&body)?;
-    let live = find(&state, &caller, &id)?;
+    let live = find(&state, &caller, &id).await?;
     let (_, json) = run_step(&state, caller, live, step, arrived).await?;
     Ok(stored_report(json))
 }
@@ -585,18 +585,19 @@ pub async fn show(
     Authed(caller): Authed,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    match find(&state, &caller, &id) {
+    match find(&state, &caller, &id).await {
         Ok(live) => Ok(Json(live.info())),
-        Err(e) if e.status == StatusCode::GONE => ended_info(&state, &caller, &id).map(Json),
+        Err(e) if e.status == StatusCode::GONE => ended_info(&state, &caller, &id).await.map(Json),
         Err(e) => Err(e),
     }
 }
 
 /// What the database says of the caller's ended session `id`.
-fn ended_info(state: &AppState, caller: &Caller, id: &str) -> Result<SessionInfo, ApiError> {
+async fn ended_info(state: &AppState, caller: &Caller, id: &str) -> Result<SessionInfo, ApiError> {
     let row = state
         .store
-        .session(id, caller.user.as_str())?
+        .session(id, caller.user.as_str())
+        .await?
         .ok_or_else(|| ApiError::not_found("unknown_session", format!("no session `{id}`")))?;
     Ok(SessionInfo::ended(id.to_owned(), row.tool, row.reason, row.opened_at, row.steps))
 }
@@ -606,13 +607,13 @@ pub async fn delete(
     Authed(caller): Authed,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    match find(&state, &caller, &id) {
+    match find(&state, &caller, &id).await {
         Ok(live) => {
             close(&state, &live, Reason::User).await;
             Ok(Json(live.info()))
         }
         // Closing an ended session again answers how it ended.
-        Err(e) if e.status == StatusCode::GONE => ended_info(&state, &caller, &id).map(Json),
+        Err(e) if e.status == StatusCode::GONE => ended_info(&state, &caller, &id).await.map(Json),
         Err(e) => Err(e),
     }
 }

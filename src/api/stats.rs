@@ -16,7 +16,7 @@ use super::auth::Admin;
 use super::{ApiError, AppState};
 use crate::policy::UserId;
 use crate::report::{ExecutionReport, Status};
-use crate::store::rollups::{HOUR, Key, MINUTE, Totals};
+use crate::store::rollups::{HOUR, Key, MINUTE, Row, Totals};
 use crate::store::{unix_now, unix_rfc3339};
 
 /// The tool of security events' rows: a name no tool can have (tool names
@@ -256,26 +256,27 @@ pub async fn stats(
         return Err(ApiError::bad_request("bad_query", e.to_string()));
     }
     state.rollup.flush(&state.store).await;
-    // Reading and summing a week of rows takes a while: off the async threads.
-    let reading = state.clone();
+    let now = unix_now();
+    // Whole steps: the window starts at the beginning of its first step.
+    let from = (now - length) - (now - length).rem_euclid(step) + step;
+    let rows = state.store.rollups_since(from).await?;
+    // Summing a week of rows takes a while: off the async threads.
     let (span, user) = ((window, length, step), q.user);
-    tokio::task::spawn_blocking(move || summarize(&reading, span, by, user.as_deref()))
+    tokio::task::spawn_blocking(move || summarize(rows, span, (from, now), by, user.as_deref()))
         .await
         .map_err(|e| ApiError::internal("summing the rollups", &e))?
         .map(Json)
 }
 
-/// The window `(name, length, step)` summed by `by`, of one user's rows or everyone's.
+/// The window `(name, length, step)` from `from` to `now`, summed by `by`,
+/// of one user's `rows` or everyone's.
 fn summarize(
-    state: &AppState,
+    rows: Vec<Row>,
     (window, length, step): (String, i64, i64),
+    (from, now): (i64, i64),
     by: String,
     user: Option<&str>,
 ) -> Result<Stats, ApiError> {
-    let now = unix_now();
-    // Whole steps: the window starts at the beginning of its first step.
-    let from = (now - length) - (now - length).rem_euclid(step) + step;
-    let rows = state.store.rollups_since(from)?;
     let mut totals = Sum::default();
     let mut groups: HashMap<String, Sum> = HashMap::new();
     let mut series: BTreeMap<i64, (u64, u64, u64)> = (0..length / step).map(|i| (from + i * step, (0, 0, 0))).collect();

@@ -62,7 +62,7 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     let t = Instant::now();
     let store = Store::open(&restored.join("sandbox.db"))?;
     let archive = restored.join(crate::audit::ARCHIVE_DIR);
-    let verification = store.verify_audit(&archive)?;
+    let verification = runtime.block_on(store.verify_audit(&archive))?;
     anyhow::ensure!(verification.first_broken.is_none(), "the restored audit chain breaks: {verification:?}");
     let verify = t.elapsed();
     h.figure(Suite::Ops, "restore into an empty directory", restore.as_secs_f64(), "s", "");

@@ -2,7 +2,7 @@
 
 use rusqlite::params;
 
-use super::{Store, StoreError, optional};
+use super::{Sqlite, StoreError, optional};
 use crate::audit::AuditEvent;
 use crate::report::ExecutionReport;
 
@@ -44,14 +44,9 @@ pub struct IdempotentHit {
     pub report: String,
 }
 
-impl Store {
-    /// Stores a finished execution and its audit records in one commit.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Conflict`] when the idempotency key was taken meanwhile.
-    /// `json` is the report as answered, serialized once for both.
-    pub async fn record_execution(
+impl Sqlite {
+    /// SQLite: see [`Store::record_execution`].
+    pub(super) async fn record_execution(
         &self,
         report: &ExecutionReport,
         json: bytes::Bytes,
@@ -100,15 +95,8 @@ impl Store {
         .await
     }
 
-    /// Deletes up to `batch` executions, oldest first, that started before
-    /// `cutoff` (RFC 3339), are older than the newest `max`, or must go for
-    /// the reports kept to fit in `max_bytes` (no more of them than that
-    /// takes); answers how many. Their audit records stay.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub async fn prune_executions(&self, limits: Prune) -> Result<u64, StoreError> {
+    /// SQLite: see [`Store::prune_executions`].
+    pub(super) async fn prune_executions(&self, limits: Prune) -> Result<u64, StoreError> {
         let Prune { cutoff, max, max_bytes, batch } = limits;
         self.write(move |w| {
             let conn = w.conn();
@@ -173,34 +161,21 @@ impl Store {
         .await
     }
 
-    /// The bytes of every stored report together (what `max_bytes` bounds).
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn report_bytes(&self) -> Result<u64, StoreError> {
+    /// SQLite: see [`Store::report_bytes`].
+    pub(super) async fn report_bytes(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
             let bytes: i64 = conn.query_row("SELECT bytes FROM execution_bytes WHERE id = 1", [], |r| r.get(0))?;
             Ok(u64::try_from(bytes).unwrap_or(0))
         })
     }
 
-    /// Writes audit records on their own (denials, file changes, alerts).
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+    /// SQLite: see [`Store::audit`].
+    pub(super) async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
         self.write(move |w| events.iter().try_for_each(|e| w.audit(e))).await
     }
 
-    /// The report of execution `id` if it belongs to `user` (any user's when
-    /// `user` is `None`), as stored JSON.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn execution(&self, id: &str, user: Option<&str>) -> Result<Option<String>, StoreError> {
+    /// SQLite: see [`Store::execution`].
+    pub(super) async fn execution(&self, id: &str, user: Option<&str>) -> Result<Option<String>, StoreError> {
         self.read(|conn| {
             optional(
                 conn.prepare_cached("SELECT report FROM executions WHERE id = ?1 AND (?2 IS NULL OR user_id = ?2)")?
@@ -209,12 +184,8 @@ impl Store {
         })
     }
 
-    /// The execution `user` stored under idempotency key `key`.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn idempotent(&self, user: &str, key: &str) -> Result<Option<IdempotentHit>, StoreError> {
+    /// SQLite: see [`Store::idempotent`].
+    pub(super) async fn idempotent(&self, user: &str, key: &str) -> Result<Option<IdempotentHit>, StoreError> {
         self.read(|conn| {
             optional(
                 conn.prepare_cached(
@@ -225,12 +196,13 @@ impl Store {
         })
     }
 
-    /// `user`'s executions, newest first, `limit` at most, older than `before`.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn executions(&self, user: &str, limit: u32, before: Option<i64>) -> Result<ExecutionPage, StoreError> {
+    /// SQLite: see [`Store::executions`].
+    pub(super) async fn executions(
+        &self,
+        user: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<ExecutionPage, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, id, tool, tool_version, status, started_at FROM executions
@@ -255,18 +227,9 @@ impl Store {
     }
 }
 
-impl Store {
-    /// Moves up to `max` audit records written before `cutoff` (RFC 3339)
-    /// into one archive segment in `archive` (`crate::audit`), then deletes
-    /// them from the table; answers how many moved. Holds the archive's lock
-    /// from the read to the delete (a backup holds it while it copies).
-    /// Blocking: call it from a blocking thread.
-    ///
-    /// # Errors
-    ///
-    /// A database error, or the segment's write failure (then nothing is
-    /// deleted).
-    pub fn archive_audit(&self, archive: &std::path::Path, cutoff: &str, max: u32) -> Result<u64, StoreError> {
+impl Sqlite {
+    /// SQLite: see [`Store::archive_audit`] (synchronous: it syncs a file).
+    pub(super) fn archive_audit(&self, archive: &std::path::Path, cutoff: &str, max: u32) -> Result<u64, StoreError> {
         let _lock = crate::audit::lock_archive(archive, true)?;
         let records = self.read(|conn| crate::audit::archivable(conn, cutoff, max))?;
         let (Some(first), Some(last)) = (records.first().map(|r| r.seq), records.last().map(|r| r.seq)) else {

@@ -15,16 +15,18 @@ mod tools;
 mod users;
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use crate::audit::{self, AuditEvent};
-use crate::report::rfc3339;
+use crate::policy::UserId;
+use crate::report::{ExecutionReport, rfc3339};
 
 pub use executions::{ExecutionPage, ExecutionRow, IdempotentHit, Prune};
 pub use sessions::SessionRow;
@@ -185,15 +187,381 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The database. Cheap to share behind an `Arc`.
+/// The service's database, on one of its backends. Cheap to share behind an
+/// `Arc`. Every method means the same on both; `tests/store.rs` is the
+/// contract each passes.
 pub struct Store {
+    backend: Backend,
+}
+
+enum Backend {
+    /// One file beside the data (the default).
+    Sqlite(Arc<Sqlite>),
+}
+
+/// Calls the backend's method of the same name.
+macro_rules! dispatch {
+    ($self:ident.$method:ident($($arg:expr),*)) => {
+        match &$self.backend {
+            Backend::Sqlite(db) => db.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path`.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be opened, its schema created, or it is a newer build's.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self { backend: Backend::Sqlite(Arc::new(Sqlite::open(path)?)) })
+    }
+
+    /// Runs `f` on a read-only connection to the SQLite file: for tests and
+    /// tools that look under the methods.
+    ///
+    /// # Errors
+    ///
+    /// What `f` returned, or the connection's failure to open.
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(db) => db.read(f),
+        }
+    }
+
+    /// Stops the backend after it has committed everything already submitted.
+    pub fn close(&self) {
+        match &self.backend {
+            Backend::Sqlite(db) => db.close(),
+        }
+    }
+
+    /// Whether the database answers a read (the readiness probe's check).
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be read.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self.ping())
+    }
+
+    /// One page of the audit trail, newest first, as `q` filters it.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn audit_records(&self, q: &audit::Query) -> Result<Vec<audit::Record>, StoreError> {
+        dispatch!(self.audit_records(q))
+    }
+
+    /// Recomputes the whole audit chain: the archived segments under
+    /// `archive`, then the table (the caller holds the archive's lock, so no
+    /// record moves meanwhile).
+    ///
+    /// # Errors
+    ///
+    /// A database error; a break in the chain is the verification's answer.
+    pub async fn verify_audit(&self, archive: &Path) -> Result<audit::Verification, StoreError> {
+        dispatch!(self.verify_audit(archive))
+    }
+
+    /// Moves up to `max` audit records written before `cutoff` (RFC 3339)
+    /// into one archive segment in `archive` (`crate::audit`), then deletes
+    /// them from the table; answers how many moved. Holds the archive's lock
+    /// from the read to the delete (a backup holds it while it copies).
+    ///
+    /// # Errors
+    ///
+    /// A database error, or the segment's write failure (then nothing is
+    /// deleted).
+    pub async fn archive_audit(&self, archive: PathBuf, cutoff: String, max: u32) -> Result<u64, StoreError> {
+        let stopped = |e: tokio::task::JoinError| StoreError::Conflict(format!("the audit archiver stopped: {e}"));
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                // It syncs a file and holds a lock: off the runtime's threads.
+                let db = Arc::clone(db);
+                tokio::task::spawn_blocking(move || db.archive_audit(&archive, &cutoff, max)).await.map_err(stopped)?
+            }
+        }
+    }
+
+    /// Adds a user with one key.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Conflict`] when the user exists.
+    pub async fn add_user(&self, user: UserId, tier: String, admin: bool, actor: String) -> Result<NewKey, StoreError> {
+        dispatch!(self.add_user(user, tier, admin, actor))
+    }
+
+    /// Makes another key for an existing user.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for an unknown user.
+    pub async fn issue_key(&self, user: UserId, actor: String) -> Result<NewKey, StoreError> {
+        dispatch!(self.issue_key(user, actor))
+    }
+
+    /// Moves a user to another tier.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for an unknown user.
+    pub async fn set_tier(&self, user: UserId, tier: String, actor: String) -> Result<(), StoreError> {
+        dispatch!(self.set_tier(user, tier, actor))
+    }
+
+    /// Revokes every key of a user; answers how many were active.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for an unknown user.
+    pub async fn revoke_keys(&self, user: UserId, actor: String) -> Result<usize, StoreError> {
+        dispatch!(self.revoke_keys(user, actor))
+    }
+
+    /// Every user, by id.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        dispatch!(self.list_users())
+    }
+
+    /// The caller a key belongs to, or `None` for an unknown or revoked key.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn authenticate(&self, key: &str) -> Result<KeyCheck, StoreError> {
+        dispatch!(self.authenticate(key))
+    }
+
+    /// Puts `restriction` on `user` until `until` (Unix seconds), unless one
+    /// of the same kind already holds longer (that one stays); audited.
+    /// Answers what holds now.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for an unknown user; [`StoreError::Conflict`]
+    /// for a suspension of the last admin not suspended (nobody could lift it
+    /// over the API).
+    pub async fn restrict(
+        &self,
+        user: UserId,
+        restriction: Restriction,
+        until: i64,
+        reason: String,
+        actor: String,
+    ) -> Result<Restricted, StoreError> {
+        dispatch!(self.restrict(user, restriction, until, reason, actor))
+    }
+
+    /// Lifts every suspension and throttle of `user`; answers the kinds that
+    /// still held (audited when there was one).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for an unknown user.
+    pub async fn lift_restrictions(&self, user: UserId, actor: String) -> Result<Vec<String>, StoreError> {
+        dispatch!(self.lift_restrictions(user, actor))
+    }
+
+    /// Registers a new version of `row.name` (its `version`, timestamps and
+    /// retirement are set here); answers the stored row.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn register_tool(&self, row: ToolRow) -> Result<ToolRow, StoreError> {
+        dispatch!(self.register_tool(row))
+    }
+
+    /// Retires `name` (one version, or all when `version` is `None`); answers
+    /// the versions retired.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when nothing active matches.
+    pub async fn retire_tool(&self, name: String, version: Option<u32>, actor: String) -> Result<Vec<u32>, StoreError> {
+        dispatch!(self.retire_tool(name, version, actor))
+    }
+
+    /// Every version not retired, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn active_tools(&self) -> Result<Vec<ToolRow>, StoreError> {
+        dispatch!(self.active_tools())
+    }
+
+    /// Stores a finished execution and its audit records in one commit.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Conflict`] when the idempotency key was taken meanwhile.
+    /// `json` is the report as answered, serialized once for both.
+    pub async fn record_execution(
+        &self,
+        report: &ExecutionReport,
+        json: bytes::Bytes,
+        tool_version: Option<u32>,
+        idempotency: Option<(String, String)>,
+        events: Vec<AuditEvent>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self.record_execution(report, json, tool_version, idempotency, events))
+    }
+
+    /// Deletes up to `batch` executions, oldest first, that started before
+    /// `cutoff` (RFC 3339), are older than the newest `max`, or must go for
+    /// the reports kept to fit in `max_bytes` (no more of them than that
+    /// takes); answers how many. Their audit records stay.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn prune_executions(&self, limits: Prune) -> Result<u64, StoreError> {
+        dispatch!(self.prune_executions(limits))
+    }
+
+    /// The bytes of every stored report together (what `max_bytes` bounds).
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn report_bytes(&self) -> Result<u64, StoreError> {
+        dispatch!(self.report_bytes())
+    }
+
+    /// Writes audit records on their own (denials, file changes, alerts).
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+        dispatch!(self.audit(events))
+    }
+
+    /// The report of execution `id` if it belongs to `user` (any user's when
+    /// `user` is `None`), as stored JSON.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn execution(&self, id: &str, user: Option<&str>) -> Result<Option<String>, StoreError> {
+        dispatch!(self.execution(id, user))
+    }
+
+    /// The execution `user` stored under idempotency key `key`.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn idempotent(&self, user: &str, key: &str) -> Result<Option<IdempotentHit>, StoreError> {
+        dispatch!(self.idempotent(user, key))
+    }
+
+    /// `user`'s executions, newest first, `limit` at most, older than `before`.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn executions(&self, user: &str, limit: u32, before: Option<i64>) -> Result<ExecutionPage, StoreError> {
+        dispatch!(self.executions(user, limit, before))
+    }
+
+    /// Records that `user` opened session `id` on `tool`, with its audit record.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn session_opened(
+        &self,
+        id: String,
+        user: String,
+        tool: String,
+        event: AuditEvent,
+    ) -> Result<String, StoreError> {
+        dispatch!(self.session_opened(id, user, tool, event))
+    }
+
+    /// Records that session `id` ended for `reason`, with its audit record.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn session_closed(
+        &self,
+        id: String,
+        reason: String,
+        steps: u64,
+        event: AuditEvent,
+    ) -> Result<(), StoreError> {
+        dispatch!(self.session_closed(id, reason, steps, event))
+    }
+
+    /// Marks every session still open as ended for `reason` (at start: their
+    /// instances died with the process before). Answers how many.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn end_open_sessions(&self, reason: &'static str) -> Result<usize, StoreError> {
+        dispatch!(self.end_open_sessions(reason))
+    }
+
+    /// Session `id` if it is `user`'s.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn session(&self, id: &str, user: &str) -> Result<Option<SessionRow>, StoreError> {
+        dispatch!(self.session(id, user))
+    }
+
+    /// Adds `rows` to the minute rollups (one commit).
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn add_rollups(&self, rows: HashMap<rollups::Key, rollups::Totals>) -> Result<(), StoreError> {
+        dispatch!(self.add_rollups(rows))
+    }
+
+    /// Compacts minute rows older than [`rollups::KEEP_MINUTES_S`] before `now` into
+    /// hour rows, at most `batch` minute rows per call, and deletes hour rows
+    /// older than [`rollups::KEEP_HOURS_S`]; answers the minute rows compacted.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn compact_rollups(&self, now: i64, batch: u32) -> Result<usize, StoreError> {
+        dispatch!(self.compact_rollups(now, batch))
+    }
+
+    /// Every row whose bucket starts at or after `since` (minute and hour rows).
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn rollups_since(&self, since: i64) -> Result<Vec<rollups::Row>, StoreError> {
+        dispatch!(self.rollups_since(since))
+    }
+}
+
+/// The SQLite backend: one file, one writer thread, a few readers.
+pub(crate) struct Sqlite {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
 }
 
-impl Store {
+impl Sqlite {
     /// Opens (creating if needed) the database at `path` and starts its writer.
     ///
     /// # Errors
@@ -219,10 +587,6 @@ impl Store {
             writer: Mutex::new(Some(writer)),
             readers: Mutex::new(Vec::new()),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Runs `work` in the writer thread and waits until it is committed.
@@ -274,32 +638,18 @@ impl Store {
         result
     }
 
-    /// Whether the database answers a read (the readiness probe's check).
-    ///
-    /// # Errors
-    ///
-    /// The database cannot be read.
-    pub fn ping(&self) -> Result<(), StoreError> {
+    /// SQLite: see [`Store::ping`].
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
         self.read(|conn| Ok(conn.query_row("SELECT count(*) FROM tools", [], |r| r.get::<_, i64>(0)).map(drop)?))
     }
 
-    /// One page of the audit trail, newest first, as `q` filters it.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn audit_records(&self, q: &audit::Query) -> Result<Vec<audit::Record>, StoreError> {
+    /// SQLite: see [`Store::audit_records`].
+    pub(super) async fn audit_records(&self, q: &audit::Query) -> Result<Vec<audit::Record>, StoreError> {
         self.read(|conn| audit::query(conn, q))
     }
 
-    /// Recomputes the whole audit chain: the archived segments under
-    /// `archive`, then the table (the caller holds the archive's lock, so no
-    /// record moves meanwhile).
-    ///
-    /// # Errors
-    ///
-    /// A database error; a break in the chain is the verification's answer.
-    pub fn verify_audit(&self, archive: &Path) -> Result<audit::Verification, StoreError> {
+    /// SQLite: see [`Store::verify_audit`].
+    pub(super) async fn verify_audit(&self, archive: &Path) -> Result<audit::Verification, StoreError> {
         self.read(|conn| audit::verify_all(conn, archive))
     }
 
@@ -312,7 +662,7 @@ impl Store {
     }
 }
 
-impl Drop for Store {
+impl Drop for Sqlite {
     fn drop(&mut self) {
         self.close();
     }

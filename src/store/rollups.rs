@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError};
+use super::{Sqlite, StoreError};
 
 /// A minute's rows.
 pub const MINUTE: i64 = 60;
@@ -141,27 +141,17 @@ fn upsert(conn: &rusqlite::Connection, span: i64, key: &Key, add: &Totals) -> Re
     Ok(())
 }
 
-impl Store {
-    /// Adds `rows` to the minute rollups (one commit).
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub async fn add_rollups(&self, rows: HashMap<Key, Totals>) -> Result<(), StoreError> {
+impl Sqlite {
+    /// SQLite: see [`Store::add_rollups`].
+    pub(super) async fn add_rollups(&self, rows: HashMap<Key, Totals>) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
         self.write(move |w| rows.iter().try_for_each(|(key, totals)| upsert(w.conn(), MINUTE, key, totals))).await
     }
 
-    /// Compacts minute rows older than [`KEEP_MINUTES_S`] before `now` into
-    /// hour rows, at most `batch` minute rows per call, and deletes hour rows
-    /// older than [`KEEP_HOURS_S`]; answers the minute rows compacted.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub async fn compact_rollups(&self, now: i64, batch: u32) -> Result<usize, StoreError> {
+    /// SQLite: see [`Store::compact_rollups`].
+    pub(super) async fn compact_rollups(&self, now: i64, batch: u32) -> Result<usize, StoreError> {
         self.write(move |w| {
             let conn = w.conn();
             let before = now - KEEP_MINUTES_S;
@@ -190,12 +180,8 @@ impl Store {
         .await
     }
 
-    /// Every row whose bucket starts at or after `since` (minute and hour rows).
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn rollups_since(&self, since: i64) -> Result<Vec<Row>, StoreError> {
+    /// SQLite: see [`Store::rollups_since`].
+    pub(super) async fn rollups_since(&self, since: i64) -> Result<Vec<Row>, StoreError> {
         self.read(|conn| {
             let rows = select(
                 conn,
@@ -252,6 +238,7 @@ fn read_totals(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     #[test]
     fn a_histograms_quantiles_are_within_a_bucket() {
@@ -297,7 +284,7 @@ mod tests {
             compacted += n;
         }
         assert_eq!(compacted, 120);
-        let all = store.rollups_since(0).unwrap();
+        let all = store.rollups_since(0).await.unwrap();
         assert_eq!(all.len(), 2, "two hours");
         assert!(all.iter().all(|r| r.span == HOUR));
         let calls: u64 = all.iter().map(|r| r.totals.calls).sum();
@@ -305,6 +292,6 @@ mod tests {
         assert_eq!(all[0].totals.cpu.count(), 120);
         // A month later the hours are gone too.
         store.compact_rollups(now + KEEP_HOURS_S + HOUR, 50).await.unwrap();
-        assert!(store.rollups_since(0).unwrap().is_empty());
+        assert!(store.rollups_since(0).await.unwrap().is_empty());
     }
 }

@@ -2,7 +2,7 @@
 
 use rusqlite::params;
 
-use super::{Store, StoreError, optional};
+use super::{Sqlite, StoreError, optional};
 use crate::audit::AuditEvent;
 
 /// A session as the database knows it.
@@ -16,13 +16,9 @@ pub struct SessionRow {
     pub steps: Option<u64>,
 }
 
-impl Store {
-    /// Records that `user` opened session `id` on `tool`, with its audit record.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub async fn session_opened(
+impl Sqlite {
+    /// SQLite: see [`Store::session_opened`].
+    pub(super) async fn session_opened(
         &self,
         id: String,
         user: String,
@@ -40,12 +36,8 @@ impl Store {
         .await
     }
 
-    /// Records that session `id` ended for `reason`, with its audit record.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub async fn session_closed(
+    /// SQLite: see [`Store::session_closed`].
+    pub(super) async fn session_closed(
         &self,
         id: String,
         reason: String,
@@ -64,13 +56,8 @@ impl Store {
         .await
     }
 
-    /// Marks every session still open as ended for `reason` (at start: their
-    /// instances died with the process before). Answers how many.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub async fn end_open_sessions(&self, reason: &'static str) -> Result<usize, StoreError> {
+    /// SQLite: see [`Store::end_open_sessions`].
+    pub(super) async fn end_open_sessions(&self, reason: &'static str) -> Result<usize, StoreError> {
         self.write(move |w| {
             let now = w.now().to_owned();
             Ok(w.conn()
@@ -80,12 +67,8 @@ impl Store {
         .await
     }
 
-    /// Session `id` if it is `user`'s.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn session(&self, id: &str, user: &str) -> Result<Option<SessionRow>, StoreError> {
+    /// SQLite: see [`Store::session`].
+    pub(super) async fn session(&self, id: &str, user: &str) -> Result<Option<SessionRow>, StoreError> {
         self.read(|conn| {
             optional(
                 conn.prepare_cached(

@@ -3,7 +3,7 @@
 
 use rusqlite::params;
 
-use super::{Store, StoreError};
+use super::{Sqlite, StoreError};
 use crate::audit::{AuditEvent, Kind};
 
 /// One registered version of a tool.
@@ -43,14 +43,9 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ToolRow> {
 const COLUMNS: &str =
     "name, version, label, sha256, kind, description, input_schema, registered_by, registered_at, retired_at";
 
-impl Store {
-    /// Registers a new version of `row.name` (its `version`, timestamps and
-    /// retirement are set here); answers the stored row.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub async fn register_tool(&self, mut row: ToolRow) -> Result<ToolRow, StoreError> {
+impl Sqlite {
+    /// SQLite: see [`Store::register_tool`].
+    pub(super) async fn register_tool(&self, mut row: ToolRow) -> Result<ToolRow, StoreError> {
         self.write(move |w| {
             let last: Option<u32> =
                 w.conn().query_row("SELECT max(version) FROM tools WHERE name = ?1", [&row.name], |r| r.get(0))?;
@@ -84,13 +79,13 @@ impl Store {
         .await
     }
 
-    /// Retires `name` (one version, or all when `version` is `None`); answers
-    /// the versions retired.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`] when nothing active matches.
-    pub async fn retire_tool(&self, name: String, version: Option<u32>, actor: String) -> Result<Vec<u32>, StoreError> {
+    /// SQLite: see [`Store::retire_tool`].
+    pub(super) async fn retire_tool(
+        &self,
+        name: String,
+        version: Option<u32>,
+        actor: String,
+    ) -> Result<Vec<u32>, StoreError> {
         self.write(move |w| {
             let mut stmt = w.conn().prepare(
                 "UPDATE tools SET retired_at = ?1 WHERE name = ?2 AND (?3 IS NULL OR version = ?3)
@@ -109,12 +104,8 @@ impl Store {
         .await
     }
 
-    /// Every version not retired, oldest first.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn active_tools(&self) -> Result<Vec<ToolRow>, StoreError> {
+    /// SQLite: see [`Store::active_tools`].
+    pub(super) async fn active_tools(&self) -> Result<Vec<ToolRow>, StoreError> {
         self.read(|conn| {
             let mut stmt =
                 conn.prepare(&format!("SELECT {COLUMNS} FROM tools WHERE retired_at IS NULL ORDER BY name, version"))?;

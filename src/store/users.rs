@@ -4,7 +4,7 @@
 use rusqlite::params;
 use sha2::{Digest, Sha256};
 
-use super::{Store, StoreError, Writer, optional};
+use super::{Sqlite, StoreError, Writer, optional};
 use crate::audit::{AuditEvent, Kind};
 use crate::policy::UserId;
 
@@ -126,22 +126,20 @@ fn user_exists(w: &Writer<'_>, user: &str) -> Result<bool, StoreError> {
     Ok(optional(w.conn().query_row("SELECT 1 FROM users WHERE id = ?1", [user], |_| Ok(())))?.is_some())
 }
 
-impl Store {
-    /// Adds a user with one key.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Conflict`] when the user exists.
-    pub async fn add_user(&self, user: UserId, tier: String, admin: bool, actor: String) -> Result<NewKey, StoreError> {
+impl Sqlite {
+    /// SQLite: see [`Store::add_user`].
+    pub(super) async fn add_user(
+        &self,
+        user: UserId,
+        tier: String,
+        admin: bool,
+        actor: String,
+    ) -> Result<NewKey, StoreError> {
         self.write(move |w| add_user(w, &user, &tier, admin, &actor)).await
     }
 
-    /// Makes another key for an existing user.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`] for an unknown user.
-    pub async fn issue_key(&self, user: UserId, actor: String) -> Result<NewKey, StoreError> {
+    /// SQLite: see [`Store::issue_key`].
+    pub(super) async fn issue_key(&self, user: UserId, actor: String) -> Result<NewKey, StoreError> {
         self.write(move |w| {
             if !user_exists(w, user.as_str())? {
                 return Err(StoreError::NotFound(format!("no user `{user}`")));
@@ -153,12 +151,8 @@ impl Store {
         .await
     }
 
-    /// Moves a user to another tier.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`] for an unknown user.
-    pub async fn set_tier(&self, user: UserId, tier: String, actor: String) -> Result<(), StoreError> {
+    /// SQLite: see [`Store::set_tier`].
+    pub(super) async fn set_tier(&self, user: UserId, tier: String, actor: String) -> Result<(), StoreError> {
         self.write(move |w| {
             let old: Option<String> =
                 optional(w.conn().query_row("SELECT tier FROM users WHERE id = ?1", [user.as_str()], |r| r.get(0)))?;
@@ -170,12 +164,8 @@ impl Store {
         .await
     }
 
-    /// Revokes every key of a user; answers how many were active.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`] for an unknown user.
-    pub async fn revoke_keys(&self, user: UserId, actor: String) -> Result<usize, StoreError> {
+    /// SQLite: see [`Store::revoke_keys`].
+    pub(super) async fn revoke_keys(&self, user: UserId, actor: String) -> Result<usize, StoreError> {
         self.write(move |w| {
             if !user_exists(w, user.as_str())? {
                 return Err(StoreError::NotFound(format!("no user `{user}`")));
@@ -191,12 +181,8 @@ impl Store {
         .await
     }
 
-    /// Every user, by id.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+    /// SQLite: see [`Store::list_users`].
+    pub(super) async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT u.id, u.tier, u.admin, u.created_at,
@@ -220,12 +206,8 @@ impl Store {
         })
     }
 
-    /// The caller a key belongs to, or `None` for an unknown or revoked key.
-    ///
-    /// # Errors
-    ///
-    /// A database error.
-    pub fn authenticate(&self, key: &str) -> Result<KeyCheck, StoreError> {
+    /// SQLite: see [`Store::authenticate`].
+    pub(super) async fn authenticate(&self, key: &str) -> Result<KeyCheck, StoreError> {
         let hash = key_hash(key);
         self.read(|conn| {
             let row = optional(
@@ -262,16 +244,8 @@ impl Store {
         })
     }
 
-    /// Puts `restriction` on `user` until `until` (Unix seconds), unless one
-    /// of the same kind already holds longer (that one stays); audited.
-    /// Answers what holds now.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`] for an unknown user; [`StoreError::Conflict`]
-    /// for a suspension of the last admin not suspended (nobody could lift it
-    /// over the API).
-    pub async fn restrict(
+    /// SQLite: see [`Store::restrict`].
+    pub(super) async fn restrict(
         &self,
         user: UserId,
         restriction: Restriction,
@@ -346,13 +320,8 @@ impl Store {
         .await
     }
 
-    /// Lifts every suspension and throttle of `user`; answers the kinds that
-    /// still held (audited when there was one).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::NotFound`] for an unknown user.
-    pub async fn lift_restrictions(&self, user: UserId, actor: String) -> Result<Vec<String>, StoreError> {
+    /// SQLite: see [`Store::lift_restrictions`].
+    pub(super) async fn lift_restrictions(&self, user: UserId, actor: String) -> Result<Vec<String>, StoreError> {
         self.write(move |w| {
             if !user_exists(w, user.as_str())? {
                 return Err(StoreError::NotFound(format!("no user `{user}`")));

@@ -94,7 +94,7 @@ impl TestServer {
             admin: String::new(),
         };
         // A restarted server's database already has `root`.
-        let admin = if server.state.store.list_users().unwrap().iter().any(|u| u.id.as_str() == "root") {
+        let admin = if server.state.store.list_users().await.unwrap().iter().any(|u| u.id.as_str() == "root") {
             "root-again"
         } else {
             "root"
