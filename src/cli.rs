@@ -322,12 +322,6 @@ fn jail_config(file: &mut PolicyFile, path: &Path) -> Result<JailConfig, UsageEr
     toml::Value::Table(file.take_jail()).try_into().map_err(|e| UsageError(format!("{}: [jail]: {e}", path.display())))
 }
 
-fn load_policy(config: Option<&Path>) -> Result<Policy, UsageError> {
-    let Some(path) = config else { return Ok(Policy::default()) };
-    let text = std::fs::read_to_string(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?;
-    Ok(PolicyFile::parse(&text)?.apply(Policy::default())?)
-}
-
 fn sandbox(policy: Policy, data_dir: &Path) -> Result<Sandbox, UsageError> {
     let data_dir = DataDir::open(data_dir)?;
     let max_memory = policy.tiers.values().map(|t| t.memory_bytes).max().unwrap_or(1 << 30);
@@ -463,6 +457,9 @@ fn server_config(config: Option<&Path>) -> Result<(Policy, ServerSettings), Usag
             settings.response = toml::Value::Table(file.take_response())
                 .try_into()
                 .map_err(|e| UsageError(format!("{}: [response]: {e}", path.display())))?;
+            settings.store = toml::Value::Table(file.take_store())
+                .try_into()
+                .map_err(|e| UsageError(format!("{}: [store]: {e}", path.display())))?;
             settings.behaviour.check().map_err(|e| UsageError(format!("{}: [behaviour]: {e}", path.display())))?;
             settings.response.check().map_err(|e| UsageError(format!("{}: [response]: {e}", path.display())))?;
             crate::api::client::TrustedProxies::parse(&settings.trusted_proxies)
@@ -472,6 +469,7 @@ fn server_config(config: Option<&Path>) -> Result<(Policy, ServerSettings), Usag
         }
     };
     settings.jail = jail;
+    settings.store.from_env().map_err(|e| UsageError(e.to_string()))?;
     Ok((policy, settings))
 }
 
@@ -521,11 +519,11 @@ async fn mcp(args: McpArgs) -> Result<ExitCode, UsageError> {
     }
 }
 
-fn open_store(state: &StateArgs) -> Result<(Store, Policy), UsageError> {
-    let policy = load_policy(state.config.as_deref())?;
+async fn open_store(state: &StateArgs) -> Result<(Store, Policy), UsageError> {
+    let (policy, settings) = server_config(state.config.as_deref())?;
     std::fs::create_dir_all(&state.data_dir)
         .map_err(|e| UsageError(format!("creating {}: {e}", state.data_dir.display())))?;
-    let store = Store::open(&state.data_dir.join("sandbox.db"))?;
+    let store = Store::open_configured(&settings.store, &state.data_dir).await?;
     Ok((store, policy))
 }
 
@@ -535,7 +533,7 @@ const CLI_ACTOR: &str = "cli";
 async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
     match command {
         UserCommand::Add { name, tier, admin, state } => {
-            let (store, policy) = open_store(&state)?;
+            let (store, policy) = open_store(&state).await?;
             policy.tier(&tier)?;
             let key = store.add_user(UserId::new(&name)?, tier.clone(), admin, CLI_ACTOR.into()).await?;
             eprintln!(
@@ -546,7 +544,7 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
             say(&key.key);
         }
         UserCommand::List { state } => {
-            let (store, _) = open_store(&state)?;
+            let (store, _) = open_store(&state).await?;
             say(format!("{:<24} {:<10} {:<6} {:<5} {:<27} restricted", "user", "tier", "admin", "keys", "created"));
             for u in store.list_users().await? {
                 let mut restricted = Vec::new();
@@ -564,13 +562,13 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
             }
         }
         UserCommand::SetTier { name, tier, state } => {
-            let (store, policy) = open_store(&state)?;
+            let (store, policy) = open_store(&state).await?;
             policy.tier(&tier)?;
             store.set_tier(UserId::new(&name)?, tier.clone(), CLI_ACTOR.into()).await?;
             eprintln!("user `{name}` is now in tier {tier}");
         }
         UserCommand::Revoke { name, state } => {
-            let (store, _) = open_store(&state)?;
+            let (store, _) = open_store(&state).await?;
             let n = store.revoke_keys(UserId::new(&name)?, CLI_ACTOR.into()).await?;
             eprintln!("revoked {n} key(s) of user `{name}`");
         }
@@ -578,7 +576,7 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
             if duration.is_zero() || duration.as_secs() > 30 * 86_400 {
                 return Err(UsageError("--for must be between 1 second and 30 days".to_owned()));
             }
-            let (store, _) = open_store(&state)?;
+            let (store, _) = open_store(&state).await?;
             let until = crate::store::unix_now() + duration.as_secs().max(1) as i64;
             let held = store
                 .restrict(UserId::new(&name)?, crate::store::Restriction::Suspend, until, reason, CLI_ACTOR.into())
@@ -591,7 +589,7 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
             );
         }
         UserCommand::Unsuspend { name, state } => {
-            let (store, _) = open_store(&state)?;
+            let (store, _) = open_store(&state).await?;
             let lifted = store.lift_restrictions(UserId::new(&name)?, CLI_ACTOR.into()).await?;
             if lifted.is_empty() {
                 eprintln!("user `{name}` was neither suspended nor throttled");
@@ -600,7 +598,7 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
             }
         }
         UserCommand::Key { name, state } => {
-            let (store, _) = open_store(&state)?;
+            let (store, _) = open_store(&state).await?;
             let key = store.issue_key(UserId::new(&name)?, CLI_ACTOR.into()).await?;
             eprintln!("new API key for user `{}`, shown only now:", key.user);
             say(&key.key);
@@ -661,10 +659,11 @@ fn backup_answer(
 
 async fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
     let path = state.data_dir.join("sandbox.db");
-    if !path.exists() {
+    let (_, settings) = server_config(state.config.as_deref())?;
+    if settings.store.url.is_none() && !path.exists() {
         return Err(UsageError(format!("no database at {}", path.display())));
     }
-    let (store, _) = open_store(state)?;
+    let (store, _) = open_store(state).await?;
     let archive = state.data_dir.join(crate::audit::ARCHIVE_DIR);
     // A running server's archiver waits meanwhile: no record is seen moving.
     let _lock = crate::audit::lock_archive(&archive, false)

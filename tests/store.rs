@@ -1,29 +1,103 @@
-//! The store's contract, through its public methods only, against a real
-//! database file: users and keys, restrictions, the registry, executions and
-//! idempotency keys, code sessions, and the audit chain all of them extend.
-//! Issue 19 puts a second backend (PostgreSQL) behind the same methods; this
-//! is the suite both must pass.
+//! The store's contract, through its public methods only: users and keys,
+//! restrictions, the registry, executions and idempotency keys, code
+//! sessions, and the audit chain all of them extend. Every test runs on both
+//! backends: a real SQLite file, and a real PostgreSQL server (`postgres/`).
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod postgres;
+
+use std::sync::Arc;
 
 use imagentx_sandbox::audit::{AuditEvent, Kind};
 use imagentx_sandbox::policy::UserId;
 use imagentx_sandbox::report::{ExecutionReport, Runtime, Status, Truncated, Usage, new_execution_id};
 use imagentx_sandbox::store::{KeyCheck, Restriction, Store, StoreError, ToolRow, unix_now};
 
-fn open() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("sandbox.db")).unwrap();
-    (dir, store)
+/// A store on one backend, and where its files are.
+struct Db {
+    store: Arc<Store>,
+    dir: tempfile::TempDir,
+    /// The PostgreSQL database's URL; `None` for SQLite.
+    url: Option<String>,
 }
+
+impl Db {
+    async fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("sandbox.db")).unwrap());
+        Db { store, dir, url: None }
+    }
+
+    /// `None` when PostgreSQL is not here (and not required).
+    async fn postgres() -> Option<Db> {
+        let url = postgres::database().await?;
+        let store = Arc::new(Store::connect(&url).await.unwrap());
+        Some(Db { store, dir: tempfile::tempdir().unwrap(), url: Some(url) })
+    }
+
+    /// Everything the database holds, as bytes: the SQLite file and its WAL,
+    /// or every row of every table as text.
+    async fn at_rest(&self) -> Vec<u8> {
+        let Some(url) = &self.url else {
+            let mut bytes = std::fs::read(self.dir.path().join("sandbox.db")).unwrap();
+            bytes.extend(std::fs::read(self.dir.path().join("sandbox.db-wal")).unwrap_or_default());
+            return bytes;
+        };
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let tables = client.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'", &[]).await.unwrap();
+        let mut bytes = Vec::new();
+        for table in tables {
+            let name: String = table.get(0);
+            for row in client.query(&format!("SELECT t::text FROM {name} t"), &[]).await.unwrap() {
+                bytes.extend(row.get::<_, String>(0).into_bytes());
+            }
+        }
+        bytes
+    }
+}
+
+/// Runs each named contract on both backends: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(db) = super::Db::postgres().await {
+                        super::$name(db).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    a_key_signs_its_user_in_until_it_is_revoked_and_only_its_hash_is_kept,
+    a_suspended_user_is_refused_until_lifted_and_the_last_admin_cannot_be_suspended,
+    a_name_registered_again_is_a_new_version_and_a_retired_one_is_no_longer_active,
+    an_execution_is_found_by_its_owner_and_its_idempotency_key_is_taken_once,
+    a_session_is_its_owners_and_one_left_open_is_ended_with_a_reason,
+    writes_from_many_tasks_at_once_each_land_once_in_one_chain,
+);
 
 fn id(name: &str) -> UserId {
     UserId::new(name).unwrap()
 }
 
 /// The chain verifies whole and holds `records` records.
-async fn chain_holds(store: &Store, dir: &tempfile::TempDir, records: u64) {
-    let check = store.verify_audit(&dir.path().join("no-archive")).await.unwrap();
+async fn chain_holds(db: &Db, records: u64) {
+    let check = db.store.verify_audit(&db.dir.path().join("no-archive")).await.unwrap();
     assert_eq!(check.first_broken, None, "{check:?}");
     assert_eq!(check.records, records, "{check:?}");
 }
@@ -51,9 +125,8 @@ fn report(user: &str, tool: &str) -> ExecutionReport {
     }
 }
 
-#[tokio::test]
-async fn a_key_signs_its_user_in_until_it_is_revoked_and_only_its_hash_is_kept() {
-    let (dir, store) = open();
+async fn a_key_signs_its_user_in_until_it_is_revoked_and_only_its_hash_is_kept(db: Db) {
+    let store = &db.store;
     let first = store.add_user(id("alice"), "free".into(), false, "test".into()).await.unwrap();
     let second = store.issue_key(id("alice"), "test".into()).await.unwrap();
     assert_ne!(first.key, second.key);
@@ -80,20 +153,18 @@ async fn a_key_signs_its_user_in_until_it_is_revoked_and_only_its_hash_is_kept()
     assert_eq!((alice.tier.as_str(), alice.active_keys), ("pro", 0));
 
     // No key is stored, only what identifies it.
-    let file = std::fs::read(dir.path().join("sandbox.db")).unwrap();
-    let wal = std::fs::read(dir.path().join("sandbox.db-wal")).unwrap_or_default();
+    let at_rest = db.at_rest().await;
+    assert!(at_rest.len() > 1000, "the database read as {} bytes", at_rest.len());
     for key in [&first.key, &second.key] {
         let secret = &key.as_bytes()[12..];
-        assert!(!file.windows(secret.len()).any(|w| w == secret), "a key is in the database file");
-        assert!(!wal.windows(secret.len()).any(|w| w == secret), "a key is in the WAL");
+        assert!(!at_rest.windows(secret.len()).any(|w| w == secret), "a key is in the database");
     }
     // user added, 2 keys issued, tier changed, keys revoked.
-    chain_holds(&store, &dir, 5).await;
+    chain_holds(&db, 5).await;
 }
 
-#[tokio::test]
-async fn a_suspended_user_is_refused_until_lifted_and_the_last_admin_cannot_be_suspended() {
-    let (dir, store) = open();
+async fn a_suspended_user_is_refused_until_lifted_and_the_last_admin_cannot_be_suspended(db: Db) {
+    let store = &db.store;
     let root = store.add_user(id("root"), "premium".into(), true, "test".into()).await.unwrap();
     let bob = store.add_user(id("bob"), "free".into(), false, "test".into()).await.unwrap();
     let until = unix_now() + 3600;
@@ -114,12 +185,11 @@ async fn a_suspended_user_is_refused_until_lifted_and_the_last_admin_cannot_be_s
     assert_eq!(lifted.len(), 2, "{lifted:?}");
     assert!(matches!(store.authenticate(&bob.key).await.unwrap(), KeyCheck::Active(c) if c.throttle.is_none()));
     // 2 users, 2 keys, suspended, throttled, lifted.
-    chain_holds(&store, &dir, 7).await;
+    chain_holds(&db, 7).await;
 }
 
-#[tokio::test]
-async fn a_name_registered_again_is_a_new_version_and_a_retired_one_is_no_longer_active() {
-    let (dir, store) = open();
+async fn a_name_registered_again_is_a_new_version_and_a_retired_one_is_no_longer_active(db: Db) {
+    let store = &db.store;
     let row = |sha: &str| ToolRow {
         name: "probe".into(),
         version: 0,
@@ -147,12 +217,11 @@ async fn a_name_registered_again_is_a_new_version_and_a_retired_one_is_no_longer
     let unknown = store.retire_tool("nothing".into(), None, "root".into()).await;
     assert!(matches!(unknown, Err(StoreError::NotFound(_))), "{unknown:?}");
     // Registered twice, retired once.
-    chain_holds(&store, &dir, 3).await;
+    chain_holds(&db, 3).await;
 }
 
-#[tokio::test]
-async fn an_execution_is_found_by_its_owner_and_its_idempotency_key_is_taken_once() {
-    let (dir, store) = open();
+async fn an_execution_is_found_by_its_owner_and_its_idempotency_key_is_taken_once(db: Db) {
+    let store = &db.store;
     store.add_user(id("alice"), "free".into(), false, "test".into()).await.unwrap();
     store.add_user(id("eve"), "free".into(), false, "test".into()).await.unwrap();
     let first = report("alice", "probe");
@@ -190,12 +259,11 @@ async fn an_execution_is_found_by_its_owner_and_its_idempotency_key_is_taken_onc
     assert_eq!(rest.executions[1].id, first.id, "the oldest comes last");
     assert!(store.executions("eve", 10, None).await.unwrap().executions.is_empty());
     // 2 users, 2 keys, 5 executions recorded (the refused one left nothing).
-    chain_holds(&store, &dir, 9).await;
+    chain_holds(&db, 9).await;
 }
 
-#[tokio::test]
-async fn a_session_is_its_owners_and_one_left_open_is_ended_with_a_reason() {
-    let (dir, store) = open();
+async fn a_session_is_its_owners_and_one_left_open_is_ended_with_a_reason(db: Db) {
+    let store = &db.store;
     let opened = |user: &str| AuditEvent::new(Kind::SessionOpened, "ok").user(user);
     store.session_opened("s-1".into(), "alice".into(), "python".into(), opened("alice")).await.unwrap();
     store.session_opened("s-2".into(), "alice".into(), "python".into(), opened("alice")).await.unwrap();
@@ -214,16 +282,14 @@ async fn a_session_is_its_owners_and_one_left_open_is_ended_with_a_reason() {
     assert_eq!(row.reason.as_deref(), Some("restart"));
     assert_eq!(store.end_open_sessions("restart").await.unwrap(), 0);
     // Opened twice, closed once (ending at a restart writes no record).
-    chain_holds(&store, &dir, 3).await;
+    chain_holds(&db, 3).await;
 }
 
-#[tokio::test]
-async fn writes_from_many_tasks_at_once_each_land_once_in_one_chain() {
-    let (dir, store) = open();
-    let store = std::sync::Arc::new(store);
+async fn writes_from_many_tasks_at_once_each_land_once_in_one_chain(db: Db) {
+    let store = &db.store;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..200 {
-        let store = store.clone();
+        let store = Arc::clone(store);
         tasks.spawn(async move {
             let event = AuditEvent::new(Kind::Alert, "ok").tool(format!("t{i}"));
             store.audit(vec![event]).await
@@ -232,7 +298,7 @@ async fn writes_from_many_tasks_at_once_each_land_once_in_one_chain() {
     while let Some(done) = tasks.join_next().await {
         done.unwrap().unwrap();
     }
-    chain_holds(&store, &dir, 200).await;
+    chain_holds(&db, 200).await;
     let page = store
         .audit_records(&imagentx_sandbox::audit::Query { limit: 500, ..imagentx_sandbox::audit::Query::default() })
         .await
@@ -241,4 +307,84 @@ async fn writes_from_many_tasks_at_once_each_land_once_in_one_chain() {
     tools.sort();
     tools.dedup();
     assert_eq!(tools.len(), 200, "a write was lost or doubled");
+}
+
+/// Several nodes on one PostgreSQL: each a store of its own on the same
+/// database, as `serve` processes on different hosts would be.
+mod nodes {
+    use super::*;
+
+    async fn nodes(n: usize) -> Option<(String, Vec<Arc<Store>>)> {
+        let url = postgres::database().await?;
+        // Started at once, as a deployment's replicas are: the schema is made once.
+        let opened = futures::future::join_all((0..n).map(|_| Store::connect(&url))).await;
+        Some((url, opened.into_iter().map(|s| Arc::new(s.unwrap())).collect()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_from_three_nodes_at_once_land_once_each_in_one_chain() {
+        let Some((_, nodes)) = nodes(3).await else { return };
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..300 {
+            let node = Arc::clone(&nodes[i % 3]);
+            tasks
+                .spawn(async move { node.audit(vec![AuditEvent::new(Kind::Alert, "ok").tool(format!("t{i}"))]).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for node in &nodes {
+            // Every node verifies the same whole chain.
+            let check = node.verify_audit(&dir.path().join("no-archive")).await.unwrap();
+            assert_eq!((check.first_broken, check.records), (None, 300), "{check:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_racing_on_one_idempotency_key_store_one_execution() {
+        let Some((_, nodes)) = nodes(2).await else { return };
+        nodes[0].add_user(id("alice"), "free".into(), false, "test".into()).await.unwrap();
+        for round in 0..20 {
+            let key = format!("k-{round}");
+            let racers = nodes.iter().map(|node| {
+                let (node, key) = (Arc::clone(node), key.clone());
+                async move {
+                    let r = report("alice", "probe");
+                    let json = bytes::Bytes::from(serde_json::to_vec(&r).unwrap());
+                    let events = vec![AuditEvent::new(Kind::Execution, "ok").user("alice").tool("probe")];
+                    node.record_execution(&r, json, Some(1), Some((key, "h".into())), events).await
+                }
+            });
+            let results = futures::future::join_all(racers).await;
+            let stored = results.iter().filter(|r| r.is_ok()).count();
+            let refused = results.iter().filter(|r| matches!(r, Err(StoreError::Conflict(_)))).count();
+            assert_eq!((stored, refused), (1, 1), "round {round}: {results:?}");
+            // Either node replays the one that was stored.
+            for node in &nodes {
+                assert!(node.idempotent("alice", &key).await.unwrap().is_some());
+            }
+        }
+        let page = nodes[1].executions("alice", 100, None).await.unwrap();
+        assert_eq!(page.executions.len(), 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_a_newer_build_migrated_is_refused_and_left_as_it_was() {
+        let Some((url, nodes)) = nodes(1).await else { return };
+        nodes[0].add_user(id("alice"), "free".into(), false, "test".into()).await.unwrap();
+        nodes[0].close();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let version =
+            || async { client.query_one("SELECT version FROM schema_version", &[]).await.unwrap().get::<_, i64>(0) };
+        let newer = version().await + 1;
+        client.execute("UPDATE schema_version SET version = $1", &[&newer]).await.unwrap();
+        let Err(e) = Store::connect(&url).await else { panic!("a newer schema was opened") };
+        assert!(matches!(e, StoreError::NewerSchema { found, .. } if found == newer), "{e:?}");
+        assert!(e.to_string().contains("written by a newer imagentx-sandbox"), "{e}");
+        assert_eq!(version().await, newer);
+        let users: i64 = client.query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+        assert_eq!(users, 1);
+    }
 }

@@ -123,6 +123,9 @@ pub struct ServerSettings {
     /// What each behaviour rule's detection does: the `[response]` table.
     #[serde(skip)]
     pub response: behaviour::ResponseConfig,
+    /// Which database: the config file's `[store]` table.
+    #[serde(skip)]
+    pub store: crate::store::StoreSettings,
     /// The config file the server was started with (backups include it).
     #[serde(skip)]
     pub config_path: Option<PathBuf>,
@@ -238,6 +241,7 @@ impl Default for ServerSettings {
             backup: BackupSchedule::default(),
             behaviour: crate::behaviour::Thresholds::default(),
             response: behaviour::ResponseConfig::default(),
+            store: crate::store::StoreSettings::default(),
             config_path: None,
         }
     }
@@ -491,8 +495,9 @@ impl AppState {
         }
         let blobs = settings.data_dir.join("blobs");
         std::fs::create_dir_all(&blobs)?;
-        let restored = check_database(&settings)?;
-        let store = Store::open(&settings.data_dir.join("sandbox.db"))?;
+        // A shared PostgreSQL is its operator's to check and restore.
+        let restored = if settings.store.url.is_none() { check_database(&settings)? } else { None };
+        let store = Store::open_configured(&settings.store, &settings.data_dir).await?;
         let max_memory = policy.tiers.values().map(|t| t.memory_bytes).max().unwrap_or(1 << 30);
         let cache_dir = settings.artifact_cache_dir.clone().unwrap_or_else(|| data_dir.cache_dir());
         let mut config = EngineConfig::new(cache_dir, max_memory);
@@ -543,7 +548,9 @@ impl AppState {
             );
         }
         let engine_memory = &Arc::clone(engine.guest_memory());
-        let ended = store.end_open_sessions("restart").await?;
+        // On a shared store, the sessions still open may be other nodes'
+        // (which node owns a session is not recorded yet: issue 19).
+        let ended = if store.is_sqlite() { store.end_open_sessions("restart").await? } else { 0 };
         if ended > 0 {
             tracing::info!(sessions = ended, "code sessions of the previous run ended: they do not survive a restart");
         }

@@ -71,6 +71,9 @@ pub struct PolicyFile {
     behaviour: toml::Table,
     #[serde(default)]
     response: toml::Table,
+    /// The `[store]` table: which database (see `store::StoreSettings`).
+    #[serde(default)]
+    store: toml::Table,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +120,10 @@ impl PolicyFile {
 
     pub fn take_retention(&mut self) -> toml::Table {
         std::mem::take(&mut self.retention)
+    }
+
+    pub fn take_store(&mut self) -> toml::Table {
+        std::mem::take(&mut self.store)
     }
 
     pub fn take_server(&mut self) -> toml::Table {

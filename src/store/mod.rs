@@ -9,6 +9,7 @@
 //! the writer.
 
 mod executions;
+mod postgres;
 pub mod rollups;
 mod sessions;
 mod tools;
@@ -66,6 +67,11 @@ pub enum StoreError {
          up to {known}: run the newer build, or restore a backup made with this one"
     )]
     NewerSchema { found: i64, known: i64 },
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection to PostgreSQL could be had from the pool.
+    #[error("database: no connection: {0}")]
+    Pool(String),
     /// A batch of writes could not be committed for another reason.
     #[error("database: the commit failed ({0})")]
     CommitFailed(String),
@@ -187,6 +193,54 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The `[store]` table: which database holds the service's state.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `postgres://user:password@host:port/database`: a PostgreSQL database
+    /// shared by every node. None (the default): the SQLite file
+    /// `sandbox.db` in the data directory. `$IMAGENTX_STORE_URL` overrides it
+    /// (so that a secret need not be in the config file).
+    pub url: Option<String>,
+}
+
+/// The variable that carries the store's URL, over the config file's.
+pub const STORE_URL_VAR: &str = "IMAGENTX_STORE_URL";
+
+impl StoreSettings {
+    /// Takes [`STORE_URL_VAR`] over the file's `url`, and checks the URL's scheme.
+    ///
+    /// # Errors
+    ///
+    /// A URL that is not `postgres://` or `postgresql://`.
+    pub fn from_env(&mut self) -> Result<(), StoreError> {
+        if let Some(url) = std::env::var(STORE_URL_VAR).ok().filter(|u| !u.is_empty()) {
+            self.url = Some(url);
+        }
+        match &self.url {
+            Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
+                Err(StoreError::Conflict(format!(
+                    "[store] url must start with postgres:// or postgresql:// (SQLite needs no url), not `{}`",
+                    redacted(url)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A database URL without its password, to log or show.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return "<not a url>".to_owned() };
+    match rest.split_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(name, _)| name);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// The service's database, on one of its backends. Cheap to share behind an
 /// `Arc`. Every method means the same on both; `tests/store.rs` is the
 /// contract each passes.
@@ -197,6 +251,8 @@ pub struct Store {
 enum Backend {
     /// One file beside the data (the default).
     Sqlite(Arc<Sqlite>),
+    /// A server shared by several nodes.
+    Postgres(postgres::Postgres),
 }
 
 /// Calls the backend's method of the same name.
@@ -204,6 +260,7 @@ macro_rules! dispatch {
     ($self:ident.$method:ident($($arg:expr),*)) => {
         match &$self.backend {
             Backend::Sqlite(db) => db.$method($($arg),*).await,
+            Backend::Postgres(db) => db.$method($($arg),*).await,
         }
     };
 }
@@ -218,6 +275,39 @@ impl Store {
         Ok(Self { backend: Backend::Sqlite(Arc::new(Sqlite::open(path)?)) })
     }
 
+    /// Connects to the PostgreSQL database at `url` and brings its schema up
+    /// to date.
+    ///
+    /// # Errors
+    ///
+    /// The server cannot be reached, refuses the login, or holds a newer
+    /// build's schema.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Ok(Self { backend: Backend::Postgres(postgres::Postgres::connect(url).await?) })
+    }
+
+    /// The store `settings` name: PostgreSQL at its URL, else the SQLite file
+    /// in `data_dir`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::open`] or [`Store::connect`].
+    pub async fn open_configured(settings: &StoreSettings, data_dir: &Path) -> Result<Self, StoreError> {
+        match &settings.url {
+            Some(url) => {
+                let store = Self::connect(url).await?;
+                tracing::info!(url = %redacted(url), "store: PostgreSQL");
+                Ok(store)
+            }
+            None => Self::open(&data_dir.join("sandbox.db")),
+        }
+    }
+
+    /// Whether this is the SQLite file (one node) rather than a shared server.
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self.backend, Backend::Sqlite(_))
+    }
+
     /// Runs `f` on a read-only connection to the SQLite file: for tests and
     /// tools that look under the methods.
     ///
@@ -227,6 +317,7 @@ impl Store {
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         match &self.backend {
             Backend::Sqlite(db) => db.read(f),
+            Backend::Postgres(_) => Err(StoreError::Conflict("raw SQLite reads on a PostgreSQL store".to_owned())),
         }
     }
 
@@ -234,6 +325,7 @@ impl Store {
     pub fn close(&self) {
         match &self.backend {
             Backend::Sqlite(db) => db.close(),
+            Backend::Postgres(db) => db.close(),
         }
     }
 
@@ -283,6 +375,7 @@ impl Store {
                 let db = Arc::clone(db);
                 tokio::task::spawn_blocking(move || db.archive_audit(&archive, &cutoff, max)).await.map_err(stopped)?
             }
+            Backend::Postgres(db) => db.archive_audit(&archive, &cutoff, max).await,
         }
     }
 

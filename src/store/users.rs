@@ -99,10 +99,10 @@ pub struct NewKey {
     pub key: String,
 }
 
-const KEY_PREFIX: &str = "ixs_";
+pub(super) const KEY_PREFIX: &str = "ixs_";
 
 /// A new random key: 32 bytes from the OS, hex.
-fn generate_key() -> Result<String, StoreError> {
+pub(super) fn generate_key() -> Result<String, StoreError> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| StoreError::Conflict(format!("no randomness for a key: {e}")))?;
     Ok(format!("{KEY_PREFIX}{}", hex::encode(bytes)))
