@@ -12,7 +12,8 @@ use std::sync::Arc;
 use imagentx_sandbox::audit::{AuditEvent, Kind};
 use imagentx_sandbox::policy::UserId;
 use imagentx_sandbox::report::{ExecutionReport, Runtime, Status, Truncated, Usage, new_execution_id};
-use imagentx_sandbox::store::{KeyCheck, Restriction, Store, StoreError, ToolRow, unix_now};
+use imagentx_sandbox::store::rollups::{HOUR, KEEP_HOURS_S, KEEP_MINUTES_S, Key, MINUTE, Totals};
+use imagentx_sandbox::store::{KeyCheck, Prune, Restriction, Store, StoreError, ToolRow, unix_now};
 
 /// A store on one backend, and where its files are.
 struct Db {
@@ -89,6 +90,9 @@ on_both_backends!(
     an_execution_is_found_by_its_owner_and_its_idempotency_key_is_taken_once,
     a_session_is_its_owners_and_one_left_open_is_ended_with_a_reason,
     writes_from_many_tasks_at_once_each_land_once_in_one_chain,
+    old_executions_go_by_age_count_and_bytes_and_their_audit_records_stay,
+    minutes_are_compacted_into_hours_and_nothing_is_lost,
+    audit_records_archived_leave_the_database_and_the_chain_still_verifies_whole,
 );
 
 fn id(name: &str) -> UserId {
@@ -307,6 +311,126 @@ async fn writes_from_many_tasks_at_once_each_land_once_in_one_chain(db: Db) {
     tools.sort();
     tools.dedup();
     assert_eq!(tools.len(), 200, "a write was lost or doubled");
+}
+
+async fn old_executions_go_by_age_count_and_bytes_and_their_audit_records_stay(db: Db) {
+    let store = &db.store;
+    store.add_user(id("alice"), "free".into(), false, "test".into()).await.unwrap();
+    let mut sizes = Vec::new();
+    for day in 1..=9 {
+        let mut r = report("alice", "probe");
+        r.started_at = format!("2026-12-0{day}T00:00:00.000000Z");
+        let json = bytes::Bytes::from(serde_json::to_vec(&r).unwrap());
+        sizes.push(json.len() as u64);
+        let events = vec![AuditEvent::new(Kind::Execution, "ok").user("alice").tool("probe")];
+        store.record_execution(&r, json, Some(1), None, events).await.unwrap();
+    }
+    assert_eq!(store.report_bytes().await.unwrap(), sizes.iter().sum::<u64>());
+    let prune = |cutoff: Option<&str>, max: Option<u64>, max_bytes: Option<u64>| Prune {
+        cutoff: cutoff.map(str::to_owned),
+        max,
+        max_bytes,
+        batch: 100,
+    };
+    let kept = || async { store.executions("alice", 100, None).await.unwrap().executions.len() };
+    // Started before the 3rd: days 1 and 2 go.
+    assert_eq!(store.prune_executions(prune(Some("2026-12-03"), None, None)).await.unwrap(), 2);
+    assert_eq!(kept().await, 7);
+    // The newest 5 stay.
+    assert_eq!(store.prune_executions(prune(None, Some(5), None)).await.unwrap(), 2);
+    assert_eq!(kept().await, 5);
+    // What the newest 3 take: the oldest 2 more go, no more than that.
+    let three: u64 = sizes[6..].iter().sum();
+    assert_eq!(store.prune_executions(prune(None, None, Some(three))).await.unwrap(), 2);
+    assert_eq!(kept().await, 3);
+    assert_eq!(store.report_bytes().await.unwrap(), three);
+    let page = store.executions("alice", 100, None).await.unwrap();
+    let newest: Vec<&str> = page.executions.iter().map(|e| e.started_at.as_str()).collect();
+    assert_eq!(newest, ["2026-12-09T00:00:00.000000Z", "2026-12-08T00:00:00.000000Z", "2026-12-07T00:00:00.000000Z"]);
+    // Nothing matches: nothing goes.
+    assert_eq!(store.prune_executions(prune(Some("2026-12-01"), Some(10), None)).await.unwrap(), 0);
+    // The user and key, and all 9 executions' records: pruning keeps the trail whole.
+    chain_holds(&db, 11).await;
+}
+
+async fn minutes_are_compacted_into_hours_and_nothing_is_lost(db: Db) {
+    let store = &db.store;
+    let day = 86_400 * 20_000;
+    let key = |minute: i64, status: &str| Key {
+        bucket: day + minute * MINUTE,
+        user: "alice".into(),
+        tool: "t".into(),
+        tier: "free".into(),
+        status: status.into(),
+    };
+    let mut rows = std::collections::HashMap::new();
+    for minute in 0..120 {
+        let mut totals = Totals { calls: 2, limit_hits: 1, cpu_ms_sum: 3.0, ..Default::default() };
+        totals.cpu.add(3000.0);
+        rows.insert(key(minute, "ok"), totals);
+    }
+    store.add_rollups(rows.clone()).await.unwrap();
+    // Added again: summed, not replaced.
+    store.add_rollups(rows).await.unwrap();
+    assert_eq!(store.rollups_since(day + 119 * MINUTE).await.unwrap()[0].totals.calls, 4);
+    let now = day + 2 * HOUR + KEEP_MINUTES_S;
+    let mut compacted = 0;
+    loop {
+        let n = store.compact_rollups(now, 50).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        compacted += n;
+    }
+    assert_eq!(compacted, 120);
+    let all = store.rollups_since(0).await.unwrap();
+    assert_eq!(all.len(), 2, "two hours");
+    assert!(all.iter().all(|r| r.span == HOUR));
+    let calls: u64 = all.iter().map(|r| r.totals.calls).sum();
+    assert_eq!(calls, 480);
+    assert_eq!(all[0].totals.cpu.count(), 120);
+    assert!((all.iter().map(|r| r.totals.cpu_ms_sum).sum::<f64>() - 720.0).abs() < 1e-9);
+    // A month later the hours are gone too.
+    store.compact_rollups(now + KEEP_HOURS_S + HOUR, 50).await.unwrap();
+    assert!(store.rollups_since(0).await.unwrap().is_empty());
+}
+
+async fn audit_records_archived_leave_the_database_and_the_chain_still_verifies_whole(db: Db) {
+    let store = &db.store;
+    let archive = db.dir.path().join("audit-archive");
+    for i in 0..10 {
+        store.audit(vec![AuditEvent::new(Kind::Alert, "ok").tool(format!("t{i}"))]).await.unwrap();
+    }
+    let mut moved = 0;
+    loop {
+        let n = store.archive_audit(archive.clone(), "9999-12-31T00:00:00Z".into(), 4).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        moved += n;
+    }
+    // All but the newest, which the next record chains to.
+    assert_eq!(moved, 9);
+    let segments = || {
+        let mut found: Vec<_> = std::fs::read_dir(&archive)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".jsonl.gz"))
+            .collect();
+        found.sort();
+        found
+    };
+    assert_eq!(segments().len(), 3, "segments of at most 4 records");
+    let everything = imagentx_sandbox::audit::Query { limit: 100, ..imagentx_sandbox::audit::Query::default() };
+    let left = store.audit_records(&everything).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), [10]);
+    store.audit(vec![AuditEvent::new(Kind::Alert, "ok").tool("after")]).await.unwrap();
+    let check = store.verify_audit(&archive).await.unwrap();
+    assert_eq!((check.first_broken, check.records), (None, 11), "{check:?}");
+    // A segment gone from the archive breaks the chain there.
+    std::fs::remove_file(&segments()[1]).unwrap();
+    let check = store.verify_audit(&archive).await.unwrap();
+    assert!(check.first_broken.is_some(), "a missing segment went unnoticed: {check:?}");
 }
 
 /// Several nodes on one PostgreSQL: each a store of its own on the same

@@ -238,7 +238,6 @@ fn read_totals(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
 
     #[test]
     fn a_histograms_quantiles_are_within_a_bucket() {
@@ -251,47 +250,5 @@ mod tests {
             assert!(got >= exact && got <= exact * 1.19, "{q}: {got} vs {exact}");
         }
         assert_eq!(Histogram::default().quantile(0.5), None);
-    }
-
-    #[tokio::test]
-    async fn minutes_are_compacted_into_hours_and_nothing_is_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
-        let day = 86_400 * 20_000;
-        let key = |minute: i64, status: &str| Key {
-            bucket: day + minute * MINUTE,
-            user: "alice".into(),
-            tool: "t".into(),
-            tier: "free".into(),
-            status: status.into(),
-        };
-        let mut rows = HashMap::new();
-        for minute in 0..120 {
-            let mut totals = Totals { calls: 2, limit_hits: 1, cpu_ms_sum: 3.0, ..Default::default() };
-            totals.cpu.add(3000.0);
-            rows.insert(key(minute, "ok"), totals);
-        }
-        store.add_rollups(rows.clone()).await.unwrap();
-        // Added again: summed, not replaced.
-        store.add_rollups(rows).await.unwrap();
-        let now = day + 2 * HOUR + KEEP_MINUTES_S;
-        let mut compacted = 0;
-        loop {
-            let n = store.compact_rollups(now, 50).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            compacted += n;
-        }
-        assert_eq!(compacted, 120);
-        let all = store.rollups_since(0).await.unwrap();
-        assert_eq!(all.len(), 2, "two hours");
-        assert!(all.iter().all(|r| r.span == HOUR));
-        let calls: u64 = all.iter().map(|r| r.totals.calls).sum();
-        assert_eq!(calls, 480);
-        assert_eq!(all[0].totals.cpu.count(), 120);
-        // A month later the hours are gone too.
-        store.compact_rollups(now + KEEP_HOURS_S + HOUR, 50).await.unwrap();
-        assert!(store.rollups_since(0).await.unwrap().is_empty());
     }
 }
