@@ -608,6 +608,13 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
 }
 
 fn backup(args: BackupArgs) -> Result<ExitCode, UsageError> {
+    if let (None, Some(url)) = (&args.check, server_config(args.state.config.as_deref())?.1.store.url) {
+        return Err(UsageError(format!(
+            "the store is PostgreSQL ({}): back it up with pg_dump or your provider's snapshots; `backup` copies a \
+             SQLite store with its data directory",
+            crate::store::redacted(&url)
+        )));
+    }
     let (file, outcome) = match (args.check, args.to) {
         (Some(BackupCommand::Verify { file }), _) => {
             let outcome = crate::backup::verify(&file);

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod common;
+mod postgres;
 mod server;
 
 use std::io::{BufRead, BufReader};
@@ -42,9 +43,15 @@ fn free_port() -> String {
 
 /// Starts `serve`; answers the child and its log lines (read on a thread).
 fn start(dir: &Path, addr: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    start_with(dir, addr, &[])
+}
+
+/// `start`, with these environment variables.
+fn start_with(dir: &Path, addr: &str, env: &[(&str, &str)]) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut child = bin()
         .args(["--log-format", "json", "serve", "--listen", addr, "--data-dir"])
         .arg(dir)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         // The built-in interpreters (compiled for seconds) are tests/interpreters.rs's.
         .env("IMAGENTX_INTERPRETERS", dir.join("no-interpreters"))
@@ -333,4 +340,65 @@ fn a_second_server_on_a_data_directory_in_use_is_refused() {
     let (second, _logs) = start(dir.path(), &addr);
     let _second = common::StoppedOnDrop(second);
     assert_eq!(std::fs::read_to_string(dir.path().join("serve.lock")).unwrap().trim(), _second.0.id().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_postgresql_the_state_is_in_the_database_not_the_data_directory() {
+    let Some(url) = postgres::database().await else { return };
+    let env = [("IMAGENTX_STORE_URL", url.as_str())];
+    let cli_with = |args: &[&str], dir: &Path| bin().args(args).arg("--data-dir").arg(dir).envs(env).output().unwrap();
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let made = cli_with(&["user", "add", "alice", "--tier", "premium"], first.path());
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let alice = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let made = cli_with(&["user", "add", "root", "--admin"], first.path());
+    let root = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+
+    let addr = free_port();
+    let (server, logs) = start_with(first.path(), &addr, &env);
+    let server = common::StoppedOnDrop(server);
+    let said = log_line(&logs, "store: PostgreSQL");
+    assert!(!said.to_string().contains("postgres@"), "the URL's user is logged: {said}");
+    log_line(&logs, "serving");
+    let r = http(&addr, Method::POST, "/v1/tools?name=probe", &root, common::guest_bytes("probe")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let call = http(&addr, Method::POST, "/v1/tools/probe/invoke", &alice, r#"{"input":{"op":"echo"}}"#).await.json();
+    assert_eq!(call["status"], "ok", "{call}");
+    assert_eq!(http(&addr, Method::GET, "/readyz", "", "").await.status, StatusCode::OK);
+    drop(server);
+
+    // Another node, with nothing in its data directory: the same users, the
+    // same executions, one audit chain.
+    let (server, logs) = start_with(second.path(), &addr, &env);
+    let _server = common::StoppedOnDrop(server);
+    log_line(&logs, "serving");
+    let id = call["id"].as_str().unwrap();
+    let again = http(&addr, Method::GET, &format!("/v1/executions/{id}"), &alice, "").await;
+    assert_eq!(again.json(), call);
+    let users = http(&addr, Method::GET, "/v1/users", &root, "").await.json();
+    assert_eq!(users["users"].as_array().unwrap().len(), 2, "{users}");
+    // A key revoked from any node is refused by every node at its next request.
+    let revoked = cli_with(&["user", "revoke", "alice"], first.path());
+    assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
+    assert_eq!(http(&addr, Method::GET, "/v1/tools", &alice, "").await.status, StatusCode::UNAUTHORIZED);
+    let verify = cli_with(&["audit", "verify"], first.path());
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let verification: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert!(verification["records"].as_u64().unwrap() >= 6, "{verification}");
+    for dir in [first.path(), second.path()] {
+        assert!(!dir.join("sandbox.db").exists(), "a SQLite file in {}", dir.display());
+    }
+    // A backup of a data directory is not one of the database: said so.
+    let backup = cli_with(&["backup", "--to", "/tmp/never.tar.gz"], first.path());
+    assert_eq!(backup.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&backup.stderr).contains("pg_dump"), "{}", String::from_utf8_lossy(&backup.stderr));
+    // A URL that is not PostgreSQL's: a usage error, not a SQLite file somewhere.
+    let bad = bin()
+        .args(["user", "list", "--data-dir"])
+        .arg(first.path())
+        .env("IMAGENTX_STORE_URL", "mysql://x")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("postgres://"), "{}", String::from_utf8_lossy(&bad.stderr));
 }

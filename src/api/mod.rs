@@ -1188,6 +1188,14 @@ pub async fn run(
 async fn scheduled_backup(state: Arc<AppState>) {
     let schedule = state.settings.backup.clone();
     let Some(dir) = schedule.dir.clone() else { return };
+    if !state.store.is_sqlite() {
+        tracing::warn!(
+            dir = %dir.display(),
+            "[backup] dir is set but the store is PostgreSQL: no scheduled backups (back the database up with \
+             pg_dump or your provider's snapshots; `backup` copies a SQLite store with its data directory)"
+        );
+        return;
+    }
     let mut every = tokio::time::interval(Duration::from_secs(schedule.every_s.max(1)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await; // the first one comes after a whole interval
