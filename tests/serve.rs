@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use server::http;
+use server::{http, http_with};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_imagentx-sandbox"))
@@ -342,60 +342,90 @@ fn a_second_server_on_a_data_directory_in_use_is_refused() {
     assert_eq!(std::fs::read_to_string(dir.path().join("serve.lock")).unwrap().trim(), _second.0.id().to_string());
 }
 
+/// Polls `check` every 100 ms for up to 20 s; answers whether it held.
+async fn within_20_s(mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn on_postgresql_the_state_is_in_the_database_not_the_data_directory() {
+async fn two_nodes_on_one_postgresql_share_users_tools_executions_and_one_audit_chain() {
     let Some(url) = postgres::database().await else { return };
     let env = [("IMAGENTX_STORE_URL", url.as_str())];
     let cli_with = |args: &[&str], dir: &Path| bin().args(args).arg("--data-dir").arg(dir).envs(env).output().unwrap();
-    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let made = cli_with(&["user", "add", "alice", "--tier", "premium"], first.path());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let made = cli_with(&["user", "add", "alice", "--tier", "premium"], dir_a.path());
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let alice = String::from_utf8(made.stdout).unwrap().trim().to_owned();
-    let made = cli_with(&["user", "add", "root", "--admin"], first.path());
+    let made = cli_with(&["user", "add", "root", "--admin"], dir_b.path());
     let root = String::from_utf8(made.stdout).unwrap().trim().to_owned();
 
-    let addr = free_port();
-    let (server, logs) = start_with(first.path(), &addr, &env);
-    let server = common::StoppedOnDrop(server);
-    let said = log_line(&logs, "store: PostgreSQL");
+    let (a, b) = (free_port(), free_port());
+    let (node_a, logs_a) = start_with(dir_a.path(), &a, &env);
+    let _node_a = common::StoppedOnDrop(node_a);
+    let said = log_line(&logs_a, "store: PostgreSQL");
     assert!(!said.to_string().contains("postgres@"), "the URL's user is logged: {said}");
-    log_line(&logs, "serving");
-    let r = http(&addr, Method::POST, "/v1/tools?name=probe", &root, common::guest_bytes("probe")).await;
-    assert_eq!(r.status, StatusCode::CREATED);
-    let call = http(&addr, Method::POST, "/v1/tools/probe/invoke", &alice, r#"{"input":{"op":"echo"}}"#).await.json();
-    assert_eq!(call["status"], "ok", "{call}");
-    assert_eq!(http(&addr, Method::GET, "/readyz", "", "").await.status, StatusCode::OK);
-    drop(server);
+    let (node_b, logs_b) = start_with(dir_b.path(), &b, &env);
+    let _node_b = common::StoppedOnDrop(node_b);
+    log_line(&logs_a, "serving");
+    log_line(&logs_b, "serving");
 
-    // Another node, with nothing in its data directory: the same users, the
-    // same executions, one audit chain.
-    let (server, logs) = start_with(second.path(), &addr, &env);
-    let _server = common::StoppedOnDrop(server);
-    log_line(&logs, "serving");
-    let id = call["id"].as_str().unwrap();
-    let again = http(&addr, Method::GET, &format!("/v1/executions/{id}"), &alice, "").await;
-    assert_eq!(again.json(), call);
-    let users = http(&addr, Method::GET, "/v1/users", &root, "").await.json();
-    assert_eq!(users["users"].as_array().unwrap().len(), 2, "{users}");
+    // Registered on A: B fetches the module from the store and runs it.
+    let r = http(&a, Method::POST, "/v1/tools?name=probe", &root, common::guest_bytes("probe")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let echo = r#"{"input":{"op":"echo"}}"#;
+    let reached = within_20_s(async || {
+        http(&b, Method::POST, "/v1/tools/probe/invoke", &alice, echo).await.status == StatusCode::OK
+    })
+    .await;
+    assert!(reached, "a tool registered on A never ran on B");
+    log_line(&logs_b, "module fetched from the store");
+
+    // An idempotency key used on B replays on A.
+    let key = [("idempotency-key", "order-17")];
+    let first = http_with(&b, Method::POST, "/v1/tools/probe/invoke", &alice, echo, &key).await.json();
+    assert_eq!(first["status"], "ok", "{first}");
+    let replay = http_with(&a, Method::POST, "/v1/tools/probe/invoke", &alice, echo, &key).await;
+    assert_eq!(replay.json()["id"], first["id"], "the key ran again on the other node");
+    let id = first["id"].as_str().unwrap();
+    let read = http(&a, Method::GET, &format!("/v1/executions/{id}"), &alice, "").await;
+    assert_eq!(read.json(), first);
+
+    // Retired on B: A stops offering it.
+    assert_eq!(http(&b, Method::DELETE, "/v1/tools/probe", &root, "").await.status, StatusCode::OK);
+    let dropped = within_20_s(async || {
+        http(&a, Method::POST, "/v1/tools/probe/invoke", &alice, echo).await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+    assert!(dropped, "a tool retired on B still ran on A");
+
     // A key revoked from any node is refused by every node at its next request.
-    let revoked = cli_with(&["user", "revoke", "alice"], first.path());
+    let revoked = cli_with(&["user", "revoke", "alice"], dir_b.path());
     assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
-    assert_eq!(http(&addr, Method::GET, "/v1/tools", &alice, "").await.status, StatusCode::UNAUTHORIZED);
-    let verify = cli_with(&["audit", "verify"], first.path());
+    for node in [&a, &b] {
+        assert_eq!(http(node, Method::GET, "/v1/tools", &alice, "").await.status, StatusCode::UNAUTHORIZED);
+    }
+    let verify = cli_with(&["audit", "verify"], dir_a.path());
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     let verification: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
-    assert!(verification["records"].as_u64().unwrap() >= 6, "{verification}");
-    for dir in [first.path(), second.path()] {
+    assert!(verification["records"].as_u64().unwrap() >= 8, "{verification}");
+    for dir in [dir_a.path(), dir_b.path()] {
         assert!(!dir.join("sandbox.db").exists(), "a SQLite file in {}", dir.display());
     }
     // A backup of a data directory is not one of the database: said so.
-    let backup = cli_with(&["backup", "--to", "/tmp/never.tar.gz"], first.path());
+    let backup = cli_with(&["backup", "--to", "/tmp/never.tar.gz"], dir_a.path());
     assert_eq!(backup.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&backup.stderr).contains("pg_dump"), "{}", String::from_utf8_lossy(&backup.stderr));
     // A URL that is not PostgreSQL's: a usage error, not a SQLite file somewhere.
     let bad = bin()
         .args(["user", "list", "--data-dir"])
-        .arg(first.path())
+        .arg(dir_a.path())
         .env("IMAGENTX_STORE_URL", "mysql://x")
         .output()
         .unwrap();

@@ -1111,6 +1111,7 @@ pub async fn run(
     let pruner = tokio::spawn(prune_executions(state.clone()));
     let backups = tokio::spawn(scheduled_backup(state.clone()));
     let rollups = tokio::spawn(stats::keep(state.clone()));
+    let registry_sync = tokio::spawn(sync_registry(state.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -1166,7 +1167,7 @@ pub async fn run(
     if waited.is_err() {
         tracing::warn!(calls_in_flight = state.admission.in_flight(), "stopping with calls still running");
     }
-    for task in [session_sweeper, pruner, backups, rollups] {
+    for task in [session_sweeper, pruner, backups, rollups, registry_sync] {
         task.abort();
         let _ = task.await;
     }
@@ -1185,6 +1186,28 @@ pub async fn run(
 /// Takes a backup every `[backup] every_s` into `dir`, keeping the newest
 /// `keep`: a child process of this binary (`backup --to`, under `nice`),
 /// one at a time. Each is an audit record; a failed one is also an alert.
+/// How often a node sharing its store looks for tools registered or retired
+/// by the other nodes.
+const REGISTRY_SYNC: Duration = Duration::from_secs(2);
+
+/// On a shared store (PostgreSQL), keeps this node's tools the store's:
+/// what another node registered is loaded here within [`REGISTRY_SYNC`] (and
+/// the time to load it), what another retired is dropped.
+async fn sync_registry(state: Arc<AppState>) {
+    if state.store.is_sqlite() {
+        return; // one node: every change is made here
+    }
+    let mut every = tokio::time::interval(REGISTRY_SYNC);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let jail = state.jail.as_deref().ok();
+        if let Err(e) = state.registry.sync(&state.store, &state.sandbox, &state.blobs, jail).await {
+            tracing::warn!(error = %e, "reading the registry's changes from the store failed; trying again");
+        }
+    }
+}
+
 async fn scheduled_backup(state: Arc<AppState>) {
     let schedule = state.settings.backup.clone();
     let Some(dir) = schedule.dir.clone() else { return };

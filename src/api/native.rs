@@ -57,7 +57,7 @@ pub struct NativeSpec {
 /// A spec is small: a few arguments and variables.
 const MAX_SPEC_BYTES: usize = 64 * 1024;
 
-fn spec_path(blobs: &Path, sha256: &str) -> PathBuf {
+pub(super) fn spec_path(blobs: &Path, sha256: &str) -> PathBuf {
     blobs.join(format!("{sha256}.json"))
 }
 
@@ -162,11 +162,13 @@ pub async fn register(
     let canonical = serde_json::to_vec_pretty(&spec).map_err(|e| ApiError::internal("encoding the spec", &e))?;
     let sha256 = hex::encode(Sha256::digest(&canonical));
     let path = spec_path(&state.blobs, &sha256);
-    let blobs = state.blobs.clone();
+    let (blobs, kept) = (state.blobs.clone(), bytes::Bytes::from(canonical.clone()));
     tokio::task::spawn_blocking(move || write_new(&blobs, &path, &canonical))
         .await
         .map_err(|e| ApiError::internal("storing the spec", &e))?
         .map_err(|e| ApiError::internal("storing the spec", &e))?;
+    // In the store before its row: a node that sees the row finds the spec.
+    state.store.put_blob(format!("{sha256}.json"), kept).await?;
     let row = ToolRow {
         name: spec.name.clone(),
         version: 0,

@@ -164,36 +164,14 @@ impl Registry {
         let (mut loaded, mut from_cache, total) = (0, 0, rows.len());
         let mut failed = Vec::new();
         for row in rows {
-            let outcome = if row.kind == NATIVE_KIND {
-                super::native::load(blobs, &row, jail).map(Runnable::Native)
-            } else {
-                let path = blob_path(blobs, &row.sha256);
-                match std::fs::read(&path) {
-                    Err(e) => Err(format!("its module {} cannot be read: {e}", path.display())),
-                    // Checked before anything compiles it (a text module: its binary form).
-                    Ok(bytes) if crate::engine::module_sha256(&bytes).ok().as_ref() != Some(&row.sha256) => {
-                        Err(format!("its module {} does not match its sha256 (damaged)", path.display()))
-                    }
-                    Ok(bytes) => match sandbox.load(&bytes, &row.name).await {
-                        Ok(mut tool) => {
-                            tool.rename(&row.name);
-                            from_cache += usize::from(tool.loaded_from_cache());
-                            Ok(Runnable::Wasm(tool))
-                        }
-                        Err(e) => Err(format!("its module could not be loaded: {e}")),
-                    },
-                }
-            };
-            match outcome {
-                Ok(runnable) => {
+            match self.load_row(store, sandbox, blobs, jail, &row).await {
+                Ok((runnable, cached)) => {
                     self.insert(Registered { row, runnable });
                     loaded += 1;
+                    from_cache += usize::from(cached);
                 }
                 Err(why) => {
-                    tracing::error!(tool = %row.name, version = row.version, error = %why, "registered tool not loaded");
-                    let mut unloadable = self.unloadable.write().unwrap_or_else(PoisonError::into_inner);
-                    unloadable.entry(row.name.clone()).or_default().insert(row.version, why.clone());
-                    drop(unloadable);
+                    self.not_loaded(&row, &why);
                     failed.push((row.name, row.version, why));
                 }
             }
@@ -206,6 +184,105 @@ impl Registry {
             "registered tools loaded"
         );
         Ok(failed)
+    }
+
+    /// Brings this node's tools to the store's, for nodes that share one
+    /// (PostgreSQL): versions registered by another node are loaded (their
+    /// modules fetched from the store), versions retired by another node are
+    /// dropped. Tools offered on the command line only are left alone.
+    /// Answers how many versions were loaded and dropped.
+    ///
+    /// # Errors
+    ///
+    /// The store could not be read; nothing changed.
+    pub async fn sync(
+        &self,
+        store: &Store,
+        sandbox: &Sandbox,
+        blobs: &Path,
+        jail: Option<&crate::jail::Jail>,
+    ) -> Result<(usize, usize), crate::store::StoreError> {
+        let rows = store.active_tools().await?;
+        let active: std::collections::HashSet<(&str, u32)> =
+            rows.iter().map(|r| (r.name.as_str(), r.version)).collect();
+        let gone: Vec<(String, u32)> = {
+            let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
+            tools
+                .iter()
+                .flat_map(|(name, versions)| versions.iter().map(move |(v, t)| (name, *v, t)))
+                .filter(|(name, v, t)| t.row.registered_by != LOCAL_REGISTRAR && !active.contains(&(name.as_str(), *v)))
+                .map(|(name, v, _)| (name.clone(), v))
+                .collect()
+        };
+        for (name, version) in &gone {
+            tracing::info!(tool = %name, version, "tool retired on another node: dropped");
+            self.retire(name, &[*version]);
+        }
+        let mut loaded = 0;
+        for row in rows {
+            let known = self.get(&row.name, Some(row.version)).is_some()
+                || self
+                    .unloadable
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&row.name)
+                    .is_some_and(|v| v.contains_key(&row.version));
+            if known {
+                continue;
+            }
+            match self.load_row(store, sandbox, blobs, jail, &row).await {
+                Ok((runnable, _)) => {
+                    tracing::info!(tool = %row.name, version = row.version, "tool registered on another node: loaded");
+                    self.insert(Registered { row, runnable });
+                    loaded += 1;
+                }
+                Err(why) => self.not_loaded(&row, &why),
+            }
+        }
+        Ok((loaded, gone.len()))
+    }
+
+    /// Keeps why a registered version could not be loaded.
+    fn not_loaded(&self, row: &ToolRow, why: &str) {
+        tracing::error!(tool = %row.name, version = row.version, error = %why, "registered tool not loaded");
+        let mut unloadable = self.unloadable.write().unwrap_or_else(PoisonError::into_inner);
+        unloadable.entry(row.name.clone()).or_default().insert(row.version, why.to_owned());
+    }
+
+    /// Loads one registered version from its file in `blobs`, fetched from
+    /// the store first when this node has none (another node registered it);
+    /// answers it and whether its compiled form came from the artifact cache.
+    async fn load_row(
+        &self,
+        store: &Store,
+        sandbox: &Sandbox,
+        blobs: &Path,
+        jail: Option<&crate::jail::Jail>,
+        row: &ToolRow,
+    ) -> Result<(Runnable, bool), String> {
+        let native = row.kind == NATIVE_KIND;
+        let path = if native { super::native::spec_path(blobs, &row.sha256) } else { blob_path(blobs, &row.sha256) };
+        if !path.exists() {
+            fetch(store, blobs, &path).await?;
+        }
+        if native {
+            return super::native::load(blobs, row, jail).map(|tool| (Runnable::Native(tool), false));
+        }
+        match std::fs::read(&path) {
+            Err(e) => Err(format!("its module {} cannot be read: {e}", path.display())),
+            // Checked before anything compiles it (a text module: its binary form).
+            Ok(bytes) if crate::engine::module_sha256(&bytes).ok().as_ref() != Some(&row.sha256) => {
+                Err(format!("its module {} does not match its sha256 (damaged)", path.display()))
+            }
+            Ok(bytes) => match sandbox.load(&bytes, &row.name).await {
+                Ok(mut tool) => {
+                    tool.rename(&row.name);
+                    let cached = tool.loaded_from_cache();
+                    Ok((Runnable::Wasm(tool), cached))
+                }
+                Err(e) => Err(format!("its module could not be loaded: {e}")),
+            },
+        }
     }
 
     /// A version of `name` that could not be loaded at start and that a
@@ -345,11 +422,13 @@ impl Registry {
         how: WasmRegistration,
     ) -> Result<Arc<Registered>, StoreToolError> {
         let row = wasm_row(&tool, how);
-        let (blobs, sha) = (blobs.to_owned(), row.sha256.clone());
+        let (blobs, sha, kept) = (blobs.to_owned(), row.sha256.clone(), bytes.clone());
         tokio::task::spawn_blocking(move || write_blob(&blobs, &sha, &bytes))
             .await
             .map_err(|e| StoreToolError::Blob(std::io::Error::other(e)))?
             .map_err(StoreToolError::Blob)?;
+        // In the store before its row: a node that sees the row finds the module.
+        store.put_blob(format!("{}.wasm", row.sha256), kept).await?;
         let row = store.register_tool(row).await?;
         let registered = Arc::new(Registered { row, runnable: Runnable::Wasm(tool) });
         self.insert(Arc::clone(&registered));
@@ -455,9 +534,12 @@ impl Registry {
             registered_at: String::new(),
             retired_at: None,
         };
-        let path = blobs.join(format!("{sha256}.json"));
+        let path = super::native::spec_path(blobs, &sha256);
         let stored = match write_new(blobs, &path, &canonical) {
-            Ok(()) => store.register_tool(row).await.map_err(|e| e.to_string()),
+            Ok(()) => match store.put_blob(format!("{sha256}.json"), canonical.into()).await {
+                Ok(()) => store.register_tool(row).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(e.to_string()),
         };
         match stored {
@@ -509,6 +591,26 @@ fn warm_pool(
 
 /// Memory a warm jail may use while it warms up and waits.
 const WARM_MEMORY: u64 = 512 << 20;
+
+/// Writes the store's copy of the file `path` of `blobs` (a module or spec
+/// another node registered) into `blobs`; none in the store is left for the
+/// read that follows to report missing.
+async fn fetch(store: &Store, blobs: &Path, path: &Path) -> Result<(), String> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let bytes = match store.blob(&name).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("its module could not be fetched from the store: {e}")),
+    };
+    let size = bytes.len();
+    let (dir, file) = (blobs.to_owned(), path.to_owned());
+    tokio::task::spawn_blocking(move || write_new(&dir, &file, &bytes))
+        .await
+        .map_err(|e| format!("writing its module: {e}"))?
+        .map_err(|e| format!("writing its module {}: {e}", path.display()))?;
+    tracing::info!(blob = %name, bytes = size, "module fetched from the store");
+    Ok(())
+}
 
 pub fn blob_path(blobs: &Path, sha256: &str) -> PathBuf {
     blobs.join(format!("{sha256}.wasm"))

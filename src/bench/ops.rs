@@ -75,7 +75,8 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
         "",
     );
     drop(runtime);
-    super::ops_load::run(h, &data)
+    super::ops_load::run(h, &data)?;
+    super::stores::run(h)
 }
 
 /// Users (each with a key) and executions, each execution with its audit
@@ -114,7 +115,7 @@ pub(super) async fn fill_database(
 }
 
 /// A small `ok` execution of `user`'s, and its JSON.
-fn execution(user: &str) -> anyhow::Result<(ExecutionReport, Vec<u8>)> {
+pub(super) fn execution(user: &str) -> anyhow::Result<(ExecutionReport, Vec<u8>)> {
     let output = serde_json::json!({"stdout": "", "result": {"region": "north", "mean": 8.5, "rows": 20000}});
     let report = ExecutionReport {
         id: crate::report::new_execution_id(),

@@ -379,6 +379,34 @@ impl Store {
         }
     }
 
+    /// Keeps a tool's module (or a native tool's spec) where every node can
+    /// fetch it, under its content-addressed file name (`<sha256>.wasm`,
+    /// `<sha256>.json`). SQLite: nothing to do (one node: the data
+    /// directory's `blobs/` is where modules are).
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn put_blob(&self, name: String, bytes: bytes::Bytes) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(db) => db.put_blob(name, bytes).await,
+        }
+    }
+
+    /// A module kept by [`Store::put_blob`]; `None` when there is none
+    /// (always, on SQLite).
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub async fn blob(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(db) => db.blob(name).await,
+        }
+    }
+
     /// Adds a user with one key.
     ///
     /// # Errors

@@ -251,6 +251,26 @@ impl Postgres {
     }
 }
 
+// Tools' modules, shared by the nodes.
+impl Postgres {
+    /// PostgreSQL: see [`Store::put_blob`].
+    pub(super) async fn put_blob(&self, name: String, bytes: bytes::Bytes) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("INSERT INTO blobs (name, bytes) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .await?;
+        client.execute(&stmt, &[&name, &bytes.as_ref()]).await?;
+        Ok(())
+    }
+
+    /// PostgreSQL: see [`Store::blob`].
+    pub(super) async fn blob(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT bytes FROM blobs WHERE name = $1").await?;
+        Ok(client.query_opt(&stmt, &[&name]).await?.map(|row| row.try_get::<_, Vec<u8>>(0)).transpose()?)
+    }
+}
+
 // Users and keys (`super::users`).
 impl Postgres {
     /// PostgreSQL: see [`Store::add_user`].

@@ -195,13 +195,27 @@ impl TestServer {
 
 /// One request to a server run as a separate process.
 pub async fn http(addr: &str, method: Method, path: &str, key: &str, body: impl Into<Bytes>) -> Answer {
+    http_with(addr, method, path, key, body, &[]).await
+}
+
+/// `http`, with these headers too.
+pub async fn http_with(
+    addr: &str,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: impl Into<Bytes>,
+    headers: &[(&str, &str)],
+) -> Answer {
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"))
-        .header("authorization", format!("Bearer {key}"))
-        .body(Full::new(body.into()))
-        .unwrap();
+        .header("authorization", format!("Bearer {key}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
     let response = client.request(req).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();

@@ -254,3 +254,11 @@ CREATE TABLE rollups (
     PRIMARY KEY (span, bucket, user_id, tool, tier, status)
 );
 CREATE INDEX rollups_by_bucket ON rollups (bucket);
+
+-- Tools' modules and native specs, named as in a node's blobs/ directory
+-- (`<sha256>.wasm`, `<sha256>.json`): a node that lacks one fetches it from
+-- here and checks it against its row's sha256 before it runs it.
+CREATE TABLE blobs (
+    name   TEXT PRIMARY KEY,
+    bytes  BYTEA NOT NULL
+);
