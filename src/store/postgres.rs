@@ -1,6 +1,11 @@
 //! The PostgreSQL backend (issue 19): several nodes share one database.
 //!
-//! Every public write is one transaction on a pooled connection. A write
+//! The writes every call makes (an execution and its records, audit records
+//! on their own) go through one writer task per node that commits them in
+//! batches, each in a savepoint of its own, under one taking of the chain's
+//! lock: as the SQLite writer does, and for the same reason — one lock and one
+//! WAL flush per batch instead of per call. Every other public write is one
+//! transaction on a pooled connection. A write
 //! that appends audit records takes the audit chain's advisory lock
 //! ([`AUDIT_CHAIN_LOCK`]) as its first statement and holds it to its commit,
 //! so the chain grows one write at a time across the cluster, each write
@@ -16,6 +21,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction};
 use tokio_postgres::error::SqlState;
@@ -69,6 +76,36 @@ const TOOL_COLUMNS: &str =
 /// nodes may share.
 pub(super) struct Postgres {
     pool: Pool,
+    /// The batching writer's queue.
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+/// Writes committed together at most; more wait for the next commit.
+const MAX_BATCH: usize = 512;
+
+/// A write of the calls' path, batched with others.
+enum Batched {
+    Execution(Box<ExecutionRecord>),
+    Audit(Vec<AuditEvent>),
+}
+
+/// An execution as `record_execution` stores it.
+struct ExecutionRecord {
+    id: String,
+    user: String,
+    tool: String,
+    tool_version: Option<i64>,
+    status: &'static str,
+    started_at: String,
+    report: String,
+    key: Option<String>,
+    request_hash: Option<String>,
+    events: Vec<AuditEvent>,
+}
+
+struct Job {
+    write: Batched,
+    reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
 impl Postgres {
@@ -89,8 +126,10 @@ impl Postgres {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let db = Self { pool };
+        let (jobs, queue) = mpsc::unbounded_channel();
+        let db = Self { pool: pool.clone(), jobs };
         db.migrate().await?;
+        tokio::spawn(write_loop(pool, queue));
         Ok(db)
     }
 
@@ -98,6 +137,13 @@ impl Postgres {
     /// and no new one is handed out (the calls after it fail).
     pub(super) fn close(&self) {
         self.pool.close();
+    }
+
+    /// Hands `write` to the batching writer and waits until it is committed.
+    async fn batched(&self, write: Batched) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job { write, reply }).map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
     }
 
     /// A connection from the pool.
@@ -611,46 +657,22 @@ impl Postgres {
         idempotency: Option<(String, String)>,
         events: Vec<AuditEvent>,
     ) -> Result<(), StoreError> {
-        let text = std::str::from_utf8(&json)
+        let report_text = std::str::from_utf8(&json)
             .map_err(|e| StoreError::Json(<serde_json::Error as serde::de::Error>::custom(e)))?;
         let (key, request_hash) = idempotency.unzip();
-        let mut client = self.client().await?;
-        let mut w = ChainedWrite::begin(&mut client).await?;
-        let insert =
-            w.tx.prepare_cached(
-                "INSERT INTO executions (seq, id, user_id, tool, tool_version, status, started_at, report,
-                                         idempotency_key, request_hash)
-                 VALUES ((SELECT coalesce(max(seq), 0) + 1 FROM executions), $1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .await?;
-        let inserted =
-            w.tx.execute(
-                &insert,
-                &[
-                    &report.id,
-                    &report.user,
-                    &report.tool,
-                    &tool_version.map(i64::from),
-                    &report.status.as_str(),
-                    &report.started_at,
-                    &text,
-                    &key,
-                    &request_hash,
-                ],
-            )
-            .await;
-        match inserted {
-            // The key (or the id) is taken: the transaction is rolled back
-            // whole, so nothing of this call is kept.
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                return Err(StoreError::Conflict("idempotency key already used".into()));
-            }
-            other => other?,
+        let record = ExecutionRecord {
+            id: report.id.clone(),
+            user: report.user.clone(),
+            tool: report.tool.clone(),
+            tool_version: tool_version.map(i64::from),
+            status: report.status.as_str(),
+            started_at: report.started_at.clone(),
+            report: report_text.to_owned(),
+            key,
+            request_hash,
+            events,
         };
-        for event in &events {
-            w.audit(event).await?;
-        }
-        w.commit().await
+        self.batched(Batched::Execution(Box::new(record))).await
     }
 
     /// PostgreSQL: see [`Store::prune_executions`].
@@ -741,12 +763,7 @@ impl Postgres {
         if events.is_empty() {
             return Ok(()); // nothing to chain: the cluster's lock is not taken for it
         }
-        let mut client = self.client().await?;
-        let mut w = ChainedWrite::begin(&mut client).await?;
-        for event in &events {
-            w.audit(event).await?;
-        }
-        w.commit().await
+        self.batched(Batched::Audit(events)).await
     }
 
     /// PostgreSQL: see [`Store::execution`].
@@ -1178,4 +1195,93 @@ fn totals_of(row: &Row, offset: usize) -> Result<Totals, StoreError> {
 /// (clamped, never wrapped).
 fn to_u32(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
+/// The batching writer: takes what is queued (up to [`MAX_BATCH`]) and
+/// commits it together, until the store is dropped.
+async fn write_loop(pool: Pool, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&pool, batch).await;
+    }
+}
+
+/// One transaction for the batch under the chain's lock, each write in a
+/// savepoint: one write refused (an idempotency key taken) leaves the others
+/// in. A batch that fails as a whole tells every write of it why.
+async fn run_batch(pool: &Pool, batch: Vec<Job>) {
+    let mut results = Vec::with_capacity(batch.len());
+    let committed = async {
+        let mut client = pool.get().await.map_err(|e| StoreError::Pool(e.to_string()))?;
+        let mut w = ChainedWrite::begin(&mut client).await?;
+        for job in &batch {
+            w.tx.batch_execute("SAVEPOINT job").await?;
+            let head = w.head.clone();
+            let result = match &job.write {
+                Batched::Execution(record) => insert_execution(&mut w, record).await,
+                Batched::Audit(events) => append_all(&mut w, events).await,
+            };
+            if result.is_ok() {
+                w.tx.batch_execute("RELEASE SAVEPOINT job").await?;
+            } else {
+                w.tx.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job").await?;
+                w.head = head;
+            }
+            results.push(result);
+        }
+        w.commit().await
+    }
+    .await;
+    match committed {
+        Ok(()) => {
+            for (job, result) in batch.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "database commit failed");
+            for job in batch {
+                let _ = job.reply.send(Err(e.of_batch()));
+            }
+        }
+    }
+}
+
+/// Stores an execution and appends its records.
+async fn insert_execution(w: &mut ChainedWrite<'_>, r: &ExecutionRecord) -> Result<(), StoreError> {
+    let insert =
+        w.tx.prepare_cached(
+            "INSERT INTO executions (seq, id, user_id, tool, tool_version, status, started_at, report,
+                                     idempotency_key, request_hash)
+             VALUES ((SELECT coalesce(max(seq), 0) + 1 FROM executions), $1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .await?;
+    let inserted =
+        w.tx.execute(
+            &insert,
+            &[&r.id, &r.user, &r.tool, &r.tool_version, &r.status, &r.started_at, &r.report, &r.key, &r.request_hash],
+        )
+        .await;
+    match inserted {
+        // The key (or the id) is taken: its savepoint is rolled back, so
+        // nothing of this call is kept.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            return Err(StoreError::Conflict("idempotency key already used".into()));
+        }
+        other => other?,
+    };
+    append_all(w, &r.events).await
+}
+
+async fn append_all(w: &mut ChainedWrite<'_>, events: &[AuditEvent]) -> Result<(), StoreError> {
+    for event in events {
+        w.audit(event).await?;
+    }
+    Ok(())
 }
