@@ -93,6 +93,7 @@ on_both_backends!(
     old_executions_go_by_age_count_and_bytes_and_their_audit_records_stay,
     minutes_are_compacted_into_hours_and_nothing_is_lost,
     audit_records_archived_leave_the_database_and_the_chain_still_verifies_whole,
+    a_write_refused_at_once_with_others_leaves_the_others_in,
 );
 
 fn id(name: &str) -> UserId {
@@ -431,6 +432,35 @@ async fn audit_records_archived_leave_the_database_and_the_chain_still_verifies_
     std::fs::remove_file(&segments()[1]).unwrap();
     let check = store.verify_audit(&archive).await.unwrap();
     assert!(check.first_broken.is_some(), "a missing segment went unnoticed: {check:?}");
+}
+
+async fn a_write_refused_at_once_with_others_leaves_the_others_in(db: Db) {
+    let store = &db.store;
+    store.add_user(id("alice"), "free".into(), false, "test".into()).await.unwrap();
+    // 50 at once (they share commits): every 5th reuses one idempotency key.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let store = Arc::clone(store);
+        tasks.spawn(async move {
+            let r = report("alice", "probe");
+            let json = bytes::Bytes::from(serde_json::to_vec(&r).unwrap());
+            let key = (i % 5 == 0).then(|| ("same".to_owned(), "h".to_owned()));
+            let events = vec![AuditEvent::new(Kind::Execution, "ok").user("alice").tool("probe")];
+            store.record_execution(&r, json, Some(1), key, events).await
+        });
+    }
+    let (mut stored, mut refused) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap() {
+            Ok(()) => stored += 1,
+            Err(StoreError::Conflict(_)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((stored, refused), (41, 9));
+    assert_eq!(store.executions("alice", 100, None).await.unwrap().executions.len(), 41);
+    // The user and key, and one record per execution stored.
+    chain_holds(&db, 43).await;
 }
 
 /// Several nodes on one PostgreSQL: each a store of its own on the same

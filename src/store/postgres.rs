@@ -2,8 +2,9 @@
 //!
 //! The writes every call makes (an execution and its records, audit records
 //! on their own) go through one writer task per node that commits them in
-//! batches, each in a savepoint of its own, under one taking of the chain's
-//! lock: as the SQLite writer does, and for the same reason — one lock and one
+//! batches (a write that may be refused alone, one with an idempotency key, in
+//! a savepoint of its own) under one taking of the chain's lock: as the
+//! SQLite writer does, and for the same reason — one lock and one
 //! WAL flush per batch instead of per call. Every other public write is one
 //! transaction on a pooled connection. A write
 //! that appends audit records takes the audit chain's advisory lock
@@ -1212,28 +1213,41 @@ async fn write_loop(pool: Pool, mut jobs: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
-/// One transaction for the batch under the chain's lock, each write in a
-/// savepoint: one write refused (an idempotency key taken) leaves the others
-/// in. A batch that fails as a whole tells every write of it why.
+/// One transaction for the batch under the chain's lock; a write with an
+/// idempotency key in a savepoint of its own, so that one refused (the key
+/// taken) leaves the others in. Any other failure fails the batch, and every
+/// write of it is told why.
 async fn run_batch(pool: &Pool, batch: Vec<Job>) {
     let mut results = Vec::with_capacity(batch.len());
     let committed = async {
         let mut client = pool.get().await.map_err(|e| StoreError::Pool(e.to_string()))?;
         let mut w = ChainedWrite::begin(&mut client).await?;
         for job in &batch {
-            w.tx.batch_execute("SAVEPOINT job").await?;
+            // Only a write with an idempotency key can be refused while the
+            // others go in (the key taken): only it pays for a savepoint.
+            let guarded = matches!(&job.write, Batched::Execution(r) if r.key.is_some());
+            if guarded {
+                w.tx.batch_execute("SAVEPOINT job").await?;
+            }
             let head = w.head.clone();
             let result = match &job.write {
                 Batched::Execution(record) => insert_execution(&mut w, record).await,
                 Batched::Audit(events) => append_all(&mut w, events).await,
             };
-            if result.is_ok() {
-                w.tx.batch_execute("RELEASE SAVEPOINT job").await?;
-            } else {
-                w.tx.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job").await?;
-                w.head = head;
+            match result {
+                Ok(()) if guarded => w.tx.batch_execute("RELEASE SAVEPOINT job").await?,
+                Ok(()) => {}
+                Err(e) if guarded => {
+                    w.tx.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job").await?;
+                    w.head = head;
+                    results.push(Err(e));
+                    continue;
+                }
+                // The transaction is aborted: the batch fails whole (a COMMIT
+                // now would roll back and answer as if it had not).
+                Err(e) => return Err(e),
             }
-            results.push(result);
+            results.push(Ok(()));
         }
         w.commit().await
     }
