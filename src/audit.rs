@@ -674,6 +674,24 @@ pub struct Record {
     pub hash: String,
 }
 
+impl From<StoredRecord> for Record {
+    /// The record as answered: its detail parsed (kept as a string if it is not JSON).
+    fn from(stored: StoredRecord) -> Self {
+        Record {
+            seq: stored.seq,
+            at: stored.at,
+            kind: stored.kind,
+            actor: stored.actor,
+            user: stored.user,
+            tool: stored.tool,
+            outcome: stored.outcome,
+            detail: serde_json::from_str(&stored.detail).unwrap_or(serde_json::Value::String(stored.detail)),
+            prev_hash: stored.prev_hash,
+            hash: stored.hash,
+        }
+    }
+}
+
 /// Filters of an audit query; all optional.
 #[derive(Debug, Clone, Default)]
 pub struct Query {
@@ -700,21 +718,9 @@ pub fn query(conn: &Connection, q: &Query) -> Result<Vec<Record>, StoreError> {
            AND (?4 IS NULL OR at >= ?4) AND (?5 IS NULL OR at <= ?5) AND (?6 IS NULL OR seq < ?6)
          ORDER BY seq DESC LIMIT ?7",
     )?;
-    let rows =
-        stmt.query_map(params![q.user, q.tool, q.kind.map(Kind::as_str), q.since, q.until, q.before, q.limit], |r| {
-            let stored = StoredRecord::from_row(r)?;
-            Ok(Record {
-                seq: stored.seq,
-                at: stored.at,
-                kind: stored.kind,
-                actor: stored.actor,
-                user: stored.user,
-                tool: stored.tool,
-                outcome: stored.outcome,
-                detail: serde_json::from_str(&stored.detail).unwrap_or(serde_json::Value::String(stored.detail)),
-                prev_hash: stored.prev_hash,
-                hash: stored.hash,
-            })
+    let rows = stmt
+        .query_map(params![q.user, q.tool, q.kind.map(Kind::as_str), q.since, q.until, q.before, q.limit], |r| {
+            Ok(Record::from(StoredRecord::from_row(r)?))
         })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

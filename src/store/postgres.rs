@@ -32,8 +32,8 @@ use tokio_postgres::{IsolationLevel, NoTls, Row};
 use super::rollups::{self, HOUR, KEEP_HOURS_S, KEEP_MINUTES_S, Key, MINUTE, Totals};
 use super::users::{KEY_PREFIX, generate_key, key_hash};
 use super::{
-    Caller, ExecutionPage, ExecutionRow, IdempotentHit, KeyCheck, NewKey, Prune, Restricted, Restriction, SessionRow,
-    StoreError, Suspended, ToolRow, UserRow, unix_now, unix_rfc3339,
+    ExecutionPage, ExecutionRow, IdempotentHit, KeyCheck, NewKey, Prune, Restricted, Restriction, SessionRow,
+    StoreError, ToolRow, UserRow, unix_now, unix_rfc3339,
 };
 use crate::audit::{self, AuditEvent, Kind, StoredRecord};
 use crate::policy::UserId;
@@ -207,23 +207,7 @@ impl Postgres {
                 &[&q.user, &q.tool, &q.kind.map(Kind::as_str), &q.since, &q.until, &q.before, &i64::from(q.limit)],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                let stored = stored_record(row)?;
-                Ok(audit::Record {
-                    seq: stored.seq,
-                    at: stored.at,
-                    kind: stored.kind,
-                    actor: stored.actor,
-                    user: stored.user,
-                    tool: stored.tool,
-                    outcome: stored.outcome,
-                    detail: serde_json::from_str(&stored.detail).unwrap_or(serde_json::Value::String(stored.detail)),
-                    prev_hash: stored.prev_hash,
-                    hash: stored.hash,
-                })
-            })
-            .collect()
+        rows.iter().map(|row| Ok(audit::Record::from(stored_record(row)?))).collect()
     }
 
     /// PostgreSQL: see [`Store::verify_audit`].
@@ -440,12 +424,14 @@ impl Postgres {
         let suspended: Option<i64> = row.try_get(4)?;
         let reason: Option<String> = row.try_get(5)?;
         let throttle = row.try_get::<_, Option<i64>>(6)?.map(to_u32);
-        let Ok(user) = UserId::new(&id) else { return Ok(KeyCheck::Refused(None)) };
-        Ok(match (revoked, suspended) {
-            (true, _) => KeyCheck::Refused(Some(id)),
-            (false, Some(until)) => KeyCheck::Suspended(Suspended { user, until, reason: reason.unwrap_or_default() }),
-            (false, None) => KeyCheck::Active(Caller { user, tier, admin, throttle, network: None }),
-        })
+        Ok(KeyCheck::of_key(
+            id,
+            tier,
+            admin,
+            revoked,
+            suspended.map(|until| (until, reason.unwrap_or_default())),
+            throttle,
+        ))
     }
 
     /// PostgreSQL: see [`Store::restrict`].

@@ -39,6 +39,27 @@ pub enum KeyCheck {
     Refused(Option<String>),
 }
 
+impl KeyCheck {
+    /// What a key found in the database says: its user `id`, their `tier`
+    /// and role, whether the key was revoked, the suspension that holds
+    /// (until, why) and the throttle's rate, if any.
+    pub(super) fn of_key(
+        id: String,
+        tier: String,
+        admin: bool,
+        revoked: bool,
+        suspended: Option<(i64, String)>,
+        throttle: Option<u32>,
+    ) -> KeyCheck {
+        let Ok(user) = UserId::new(&id) else { return KeyCheck::Refused(None) };
+        match (revoked, suspended) {
+            (true, _) => KeyCheck::Refused(Some(id)),
+            (false, Some((until, reason))) => KeyCheck::Suspended(Suspended { user, until, reason }),
+            (false, None) => KeyCheck::Active(Caller { user, tier, admin, throttle, network: None }),
+        }
+    }
+}
+
 /// What is put on a user for a while.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restriction {
@@ -233,14 +254,14 @@ impl Sqlite {
             let Some((id, tier, admin, revoked, suspended, reason, throttle)) = row else {
                 return Ok(KeyCheck::Refused(None));
             };
-            let Ok(user) = UserId::new(&id) else { return Ok(KeyCheck::Refused(None)) };
-            Ok(match (revoked, suspended) {
-                (true, _) => KeyCheck::Refused(Some(id)),
-                (false, Some(until)) => {
-                    KeyCheck::Suspended(Suspended { user, until, reason: reason.unwrap_or_default() })
-                }
-                (false, None) => KeyCheck::Active(Caller { user, tier, admin, throttle, network: None }),
-            })
+            Ok(KeyCheck::of_key(
+                id,
+                tier,
+                admin,
+                revoked,
+                suspended.map(|until| (until, reason.unwrap_or_default())),
+                throttle,
+            ))
         })
     }
 
