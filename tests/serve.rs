@@ -432,3 +432,141 @@ async fn two_nodes_on_one_postgresql_share_users_tools_executions_and_one_audit_
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("postgres://"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+/// A tier's calls at once and requests per second are the tier's across the
+/// nodes, not the tier's times the nodes; what a node holds comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_calls_at_once_and_requests_per_second_hold_across_two_nodes() {
+    let Some(url) = postgres::database().await else { return };
+    let env = [("IMAGENTX_STORE_URL", url.as_str())];
+    let cli_with = |args: &[&str], dir: &Path| bin().args(args).arg("--data-dir").arg(dir).envs(env).output().unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The free tier: 2 calls at once, 20 requests per second (bursts of 40).
+    let made = cli_with(&["user", "add", "carol", "--tier", "free"], dir_a.path());
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let carol = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let root = String::from_utf8(cli_with(&["user", "add", "root", "--admin"], dir_a.path()).stdout).unwrap();
+    let root = root.trim().to_owned();
+    let (a, b) = (free_port(), free_port());
+    let (node_a, logs_a) = start_with(dir_a.path(), &a, &env);
+    let _node_a = common::StoppedOnDrop(node_a);
+    let (node_b, logs_b) = start_with(dir_b.path(), &b, &env);
+    let _node_b = common::StoppedOnDrop(node_b);
+    log_line(&logs_a, "joined the nodes sharing the store");
+    log_line(&logs_b, "joined the nodes sharing the store");
+    let r = http(&a, Method::POST, "/v1/tools?name=probe", &root, common::guest_bytes("probe")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let echo = r#"{"input":{"op":"echo"}}"#;
+    let loaded = within_20_s(async || {
+        http(&b, Method::POST, "/v1/tools/probe/invoke", &root, echo).await.status == StatusCode::OK
+    })
+    .await;
+    assert!(loaded, "the tool never loaded on B");
+
+    let sleeps = |n: usize| {
+        let (a, b, carol) = (a.clone(), b.clone(), carol.clone());
+        futures::future::join_all((0..n).map(move |i| {
+            let (node, carol) = (if i % 2 == 0 { a.clone() } else { b.clone() }, carol.clone());
+            async move {
+                let slow = r#"{"input":{"op":"sleep","ms":1500}}"#;
+                http(&node, Method::POST, "/v1/tools/probe/invoke", &carol, slow).await
+            }
+        }))
+    };
+    // Under the cap: one call on each node, both run.
+    for answer in sleeps(2).await {
+        assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
+    }
+    // Over it: six at once, three on each node. Each node alone would run two.
+    let answers = sleeps(6).await;
+    let ran = answers.iter().filter(|r| r.status == StatusCode::OK).count();
+    let refused: Vec<_> = answers.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert_eq!((ran, refused.len()), (2, 4), "{:?}", answers.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(refused.iter().all(|r| r.error_code() == "user_concurrency"), "{:?}", refused[0].json());
+    assert!(refused.iter().any(|r| r.json()["error"]["message"].as_str().unwrap().contains("across the nodes")));
+
+    // Requests per second: 80 at once, half on each node. One shared bucket
+    // passes its burst of 40 and what it refills meanwhile (20 a second);
+    // each node's own would pass 40, 80 in all.
+    tokio::time::sleep(Duration::from_secs(3)).await; // a full bucket
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..80).map(|i| {
+        let node = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let carol = carol.clone();
+        async move { http(&node, Method::GET, "/v1/tools", &carol, "").await }
+    }))
+    .await;
+    let took = started.elapsed().as_secs_f64();
+    let passed = answers.iter().filter(|r| r.status == StatusCode::OK).count();
+    let limited =
+        answers.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS && r.error_code() == "rate").count();
+    assert_eq!(passed + limited, 80);
+    let most = 40 + (20.0 * took).ceil() as usize;
+    assert!((40..=most).contains(&passed), "{passed} passed in {took:.2} s: more than one bucket's {most}");
+
+    // Both nodes keep serving, and every place came back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in [&a, &b] {
+        assert_eq!(http(node, Method::POST, "/v1/tools/probe/invoke", &carol, echo).await.status, StatusCode::OK);
+    }
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let settled = within_20_s(async || {
+        let places: i64 = client.query_one("SELECT count(*) FROM places", &[]).await.unwrap().get(0);
+        places == 0
+    })
+    .await;
+    assert!(settled, "places left in the store after every call ended");
+    let nodes: i64 = client.query_one("SELECT count(*) FROM nodes", &[]).await.unwrap().get(0);
+    assert_eq!(nodes, 2);
+}
+
+/// A node that loses its database refuses calls at once (503 and a
+/// `Retry-After`, never a hang), says it is not ready, and serves again by
+/// itself when the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_postgresql_answers_503_fast_and_comes_back_by_itself() {
+    let Some(url) = postgres::database().await else { return };
+    let env = [("IMAGENTX_STORE_URL", url.as_str())];
+    let dir = tempfile::tempdir().unwrap();
+    let made = bin().args(["user", "add", "dave", "--data-dir"]).arg(dir.path()).envs(env).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let dave = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let addr = free_port();
+    let (node, logs) = start_with(dir.path(), &addr, &env);
+    let _node = common::StoppedOnDrop(node);
+    log_line(&logs, "joined the nodes sharing the store");
+    assert_eq!(http(&addr, Method::GET, "/v1/tools", &dave, "").await.status, StatusCode::OK);
+
+    // The database stops taking this node's connections, and ends the open ones.
+    // (From the server's own database: one cannot lock itself out.)
+    let (base, db) = url.rsplit_once('/').unwrap();
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute(&format!(r#"ALTER DATABASE "{db}" WITH ALLOW_CONNECTIONS false"#)).await.unwrap();
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db],
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = http(&addr, Method::GET, "/v1/tools", &dave, "").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.error_code(), "database_unavailable");
+        assert_eq!(r.headers["retry-after"], "1");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    }
+    let ready = http(&addr, Method::GET, "/readyz", "", "").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Back: the node serves again with nothing done to it.
+    client.batch_execute(&format!(r#"ALTER DATABASE "{db}" WITH ALLOW_CONNECTIONS true"#)).await.unwrap();
+    let back =
+        within_20_s(async || http(&addr, Method::GET, "/v1/tools", &dave, "").await.status == StatusCode::OK).await;
+    assert!(back, "the node did not serve again once the database was back");
+    assert_eq!(http(&addr, Method::GET, "/readyz", "", "").await.status, StatusCode::OK);
+}

@@ -467,6 +467,11 @@ async fn a_write_refused_at_once_with_others_leaves_the_others_in(db: Db) {
 /// database, as `serve` processes on different hosts would be.
 mod nodes {
     use super::*;
+    use imagentx_sandbox::store::Beat;
+    use std::time::Duration;
+
+    /// The lease the tests' nodes hold their rows for, unless a test shortens it.
+    const LEASE: Duration = Duration::from_secs(10);
 
     async fn nodes(n: usize) -> Option<(String, Vec<Arc<Store>>)> {
         let url = postgres::database().await?;
@@ -540,5 +545,102 @@ mod nodes {
         assert_eq!(version().await, newer);
         let users: i64 = client.query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
         assert_eq!(users, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_users_calls_at_once_are_capped_across_nodes_and_places_come_back() {
+        let Some((_, nodes)) = nodes(3).await else { return };
+        let lives: Vec<_> = nodes.iter().map(|n| n.live().unwrap()).collect();
+        for (i, live) in lives.iter().enumerate() {
+            live.heartbeat(&format!("n{i}"), "test", &[], &[], LEASE).await.unwrap();
+        }
+        // 30 calls of alice at once, spread over three nodes, with a cap of 3.
+        let tries = (0..30).map(|i| {
+            let live = lives[i % 3].clone();
+            async move { (i, live.take_place(&format!("n{}#{i}", i % 3), "alice", &format!("n{}", i % 3), 3).await) }
+        });
+        let results = futures::future::join_all(tries).await;
+        let taken: Vec<usize> = results.iter().filter(|(_, r)| matches!(r, Ok(Ok(())))).map(|(i, _)| *i).collect();
+        assert_eq!(taken.len(), 3, "{results:?}");
+        assert!(results.iter().all(|(_, r)| matches!(r, Ok(Ok(()) | Err(3)))), "{results:?}");
+        assert_eq!(lives[1].running("alice").await.unwrap(), 3);
+        // Another user's calls are not alice's.
+        assert_eq!(lives[2].take_place("n2#bob", "bob", "n2", 3).await.unwrap(), Ok(()));
+        // One place given back (on any node) makes room for one more, on another node.
+        lives[0].give_place(&format!("n{}#{}", taken[0] % 3, taken[0])).await.unwrap();
+        lives[0].give_place(&format!("n{}#{}", taken[0] % 3, taken[0])).await.unwrap(); // given twice: once
+        assert_eq!(lives[1].running("alice").await.unwrap(), 2);
+        assert_eq!(lives[1].take_place("n1#again", "alice", "n1", 3).await.unwrap(), Ok(()));
+        assert_eq!(lives[2].take_place("n2#more", "alice", "n2", 3).await.unwrap(), Err(3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_nodes_places_come_back_after_its_lease_and_a_node_that_returns_writes_its_own_back() {
+        let Some((url, nodes)) = nodes(2).await else { return };
+        let (a, b) = (nodes[0].live().unwrap(), nodes[1].live().unwrap());
+        a.heartbeat("a", "10.0.0.1:8080", &[], &[], LEASE).await.unwrap();
+        b.heartbeat("b", "10.0.0.2:8080", &[], &[], LEASE).await.unwrap();
+        for call in ["a#1", "a#2"] {
+            assert_eq!(a.take_place(call, "alice", "a", 2).await.unwrap(), Ok(()));
+        }
+        assert_eq!(b.take_place("b#1", "alice", "b", 2).await.unwrap(), Err(2));
+        let held: Vec<(String, String)> =
+            ["a#1", "a#2"].iter().map(|c| ((*c).to_owned(), "alice".to_owned())).collect();
+        let keep: Vec<String> = held.iter().map(|(c, _)| c.clone()).collect();
+        // Within the lease, nothing of a's is touched.
+        let beat = b.heartbeat("b", "10.0.0.2:8080", &[], &[], LEASE).await.unwrap();
+        assert_eq!(beat, Beat { nodes: 2, reaped_nodes: 0, reaped_places: 0 });
+        // a goes silent past a (short) lease: b gives its places back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let beat = b.heartbeat("b", "10.0.0.2:8080", &[], &[], Duration::from_millis(200)).await.unwrap();
+        assert_eq!(beat, Beat { nodes: 1, reaped_nodes: 1, reaped_places: 2 });
+        assert_eq!(b.nodes().await.unwrap(), vec![("b".to_owned(), "10.0.0.2:8080".to_owned())]);
+        assert_eq!(b.running("alice").await.unwrap(), 0);
+        assert_eq!(b.take_place("b#1", "alice", "b", 2).await.unwrap(), Ok(()));
+        // a was only cut off: it comes back still running its two calls and
+        // writes them back (alice is over her cap until they end).
+        let beat = a.heartbeat("a", "10.0.0.1:8080", &held, &keep, LEASE).await.unwrap();
+        assert_eq!(beat.nodes, 2);
+        assert_eq!(a.running("alice").await.unwrap(), 3);
+        assert_eq!(a.take_place("a#3", "alice", "a", 2).await.unwrap(), Err(3));
+        // A crash of the database empties the live tables: each node's next
+        // heartbeat writes back what it holds.
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.batch_execute("TRUNCATE nodes, places, user_load, rate_buckets").await.unwrap();
+        assert_eq!(a.running("alice").await.unwrap(), 0);
+        a.heartbeat("a", "10.0.0.1:8080", &held, &keep, LEASE).await.unwrap();
+        assert_eq!(a.running("alice").await.unwrap(), 2);
+        // A call that ended while its release could not reach the database:
+        // the node no longer holds it, and its heartbeat removes its place.
+        a.heartbeat("a", "10.0.0.1:8080", &held[..1], &keep[..1], LEASE).await.unwrap();
+        assert_eq!(a.running("alice").await.unwrap(), 1);
+        // A node that stops gives back what it still holds.
+        a.leave("a", LEASE).await.unwrap();
+        assert_eq!(a.running("alice").await.unwrap(), 0);
+        let places: i64 = client.query_one("SELECT count(*) FROM places", &[]).await.unwrap().get(0);
+        assert_eq!(places, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_users_requests_per_second_are_one_bucket_across_nodes() {
+        let Some((_, nodes)) = nodes(2).await else { return };
+        let lives: Vec<_> = nodes.iter().map(|n| n.live().unwrap()).collect();
+        // A rate of 1 per second, bursts of 2: of 20 requests at once on two
+        // nodes, 2 pass (each node alone would pass 2).
+        let started = std::time::Instant::now();
+        let tries = (0..20).map(|i| {
+            let live = lives[i % 2].clone();
+            async move { live.take_token("alice", 1.0, 2.0).await.unwrap() }
+        });
+        let results = futures::future::join_all(tries).await;
+        assert!(started.elapsed() < Duration::from_secs(1), "too slow to count the burst alone");
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2, "{results:?}");
+        let waits: Vec<f64> = results.iter().filter_map(|r| r.err()).collect();
+        assert!(waits.iter().all(|w| *w > 0.0 && *w <= 1.0), "{waits:?}");
+        assert_eq!(lives[0].take_token("bob", 1.0, 2.0).await.unwrap(), Ok(()));
+        // The bucket refills by the database's clock.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(lives[1].take_token("alice", 1.0, 2.0).await.unwrap(), Ok(()));
     }
 }

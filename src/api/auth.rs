@@ -110,6 +110,13 @@ pub(super) async fn authenticate(parts: &Parts, state: &Arc<AppState>) -> Result
     if let Err(denial) = state.admission.rate(caller.user.as_str(), rate) {
         return Err(super::invoke::denied(state, &caller, None, denial).await);
     }
+    // Across the nodes (PostgreSQL): this node's bucket never refuses what the
+    // shared one admits, so it goes first, at no round trip.
+    if let Some(node) = &state.node
+        && let Err(denial) = node.take_token(caller.user.as_str(), rate).await?
+    {
+        return Err(super::invoke::denied(state, &caller, None, denial).await);
+    }
     Ok(caller)
 }
 

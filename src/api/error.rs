@@ -76,6 +76,17 @@ impl From<StoreError> for ApiError {
                     )
                 }
             }
+            e if e.is_unreachable() => {
+                tracing::error!(error = %e, "the database cannot be reached");
+                Self {
+                    retry_after: Some(1),
+                    ..Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "database_unavailable",
+                        "the database cannot be reached from this node; try again shortly (or on another node)",
+                    )
+                }
+            }
             e => Self::internal("database", &e),
         }
     }

@@ -259,12 +259,24 @@ impl Prepared {
                 return Err(denied(state, &caller, Some(&name), denial).await);
             }
         };
+        // Across the nodes (PostgreSQL): the user's calls on every node.
+        let place = match &state.node {
+            None => None,
+            Some(node) => match node.take_place(caller.user.as_str(), tier.concurrent_calls).await {
+                Ok(Ok(place)) => Some(place),
+                Ok(Err(denial)) => {
+                    drop((permit, runs));
+                    return Err(denied(state, &caller, Some(&name), denial).await);
+                }
+                Err(unavailable) => return Err(unavailable),
+            },
+        };
         let input = serde_json::to_vec(&request.input).map_err(|e| ApiError::internal("encoding the input", &e))?;
         let call =
             ToolCall { user: caller.user.clone(), tier: caller.tier.clone(), input, args: request.args, timeout };
         let task_state = state.clone();
         let task = tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, place);
             let report = match (&registered.runnable, runs) {
                 (_, Runs::Step(mut guard, live)) => {
                     let Some(session) = guard.as_mut() else {

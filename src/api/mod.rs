@@ -13,6 +13,7 @@ mod admission;
 mod auth;
 pub mod behaviour;
 pub mod client;
+mod cluster;
 mod console;
 mod error;
 mod files;
@@ -268,6 +269,8 @@ pub struct AppState {
     /// Code sessions (`/v1/sessions`).
     pub(crate) sessions: sessions::Sessions,
     pub(crate) audit_throttle: AuditThrottle,
+    /// This node among the nodes sharing a PostgreSQL store; `None` on SQLite.
+    pub(crate) node: Option<Arc<cluster::Node>>,
     /// Behaviour analysis (`crate::behaviour`), fed by every call.
     pub analyzer: crate::behaviour::Analyzer,
     /// Whose `X-Forwarded-For` names the client (`[server] trusted_proxies`).
@@ -568,7 +571,14 @@ impl AppState {
         } else {
             max_sessions
         };
+        let node = store.live().map(|live| cluster::Node::new(live, settings.listen.to_string()));
+        if let Some(node) = &node {
+            // Before a call can take a place: a place of a node not in the table is given back.
+            node.beat().await?;
+            tracing::info!(node = %node.id, "joined the nodes sharing the store");
+        }
         let state = Arc::new_cyclic(|me| Self {
+            node,
             analyzer: crate::behaviour::Analyzer::new(settings.behaviour.clone()),
             proxies,
             rollup: stats::Rollup::default(),
@@ -1112,6 +1122,7 @@ pub async fn run(
     let backups = tokio::spawn(scheduled_backup(state.clone()));
     let rollups = tokio::spawn(stats::keep(state.clone()));
     let registry_sync = tokio::spawn(sync_registry(state.clone()));
+    let heartbeat = state.node.clone().map(|node| tokio::spawn(cluster::heartbeat(node)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -1167,9 +1178,15 @@ pub async fn run(
     if waited.is_err() {
         tracing::warn!(calls_in_flight = state.admission.in_flight(), "stopping with calls still running");
     }
-    for task in [session_sweeper, pruner, backups, rollups, registry_sync] {
+    for task in [Some(session_sweeper), Some(pruner), Some(backups), Some(rollups), Some(registry_sync), heartbeat]
+        .into_iter()
+        .flatten()
+    {
         task.abort();
         let _ = task.await;
+    }
+    if let Some(node) = &state.node {
+        node.leave().await;
     }
     sessions::close_all(&state).await;
     state.rollup.flush(&state.store).await;

@@ -48,6 +48,26 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
             "",
         );
     }
+    // What exact limits across the nodes cost a call: a token from the
+    // user's bucket, a place among the user's calls, the place given back.
+    for nodes in [1, 3] {
+        let (rate, p50_us) = runtime.block_on(async {
+            let url = server.database().await?;
+            let mut stores = Vec::new();
+            for _ in 0..nodes {
+                stores.push(Arc::new(Store::connect(&url).await?));
+            }
+            admissions(&stores, executions, in_flight).await
+        })?;
+        let what = format!("{executions} calls, {in_flight} in flight, one user each");
+        h.figure(
+            Suite::Ops,
+            format!("store: calls admitted/s across nodes (token, place, place back), {nodes} node(s) ({what})"),
+            rate,
+            "/s",
+            &format!("median {p50_us:.0} µs a call"),
+        );
+    }
     let rate = runtime.block_on(plain_commits(&server, executions, in_flight))?;
     h.figure(Suite::Ops, format!("peer: plain one-row commits/s, same PostgreSQL ({what})"), rate, "/s", "");
     Ok(())
@@ -83,6 +103,44 @@ async fn record(stores: &[Arc<Store>], executions: usize, in_flight: usize) -> a
         store.close();
     }
     Ok(rate)
+}
+
+/// `calls` admissions through `stores` in turn from `in_flight` tasks, each
+/// the calls of a user of its own: a token, a place, the place given back, as
+/// `serve` takes them for a call on a shared store. Answers calls per second
+/// and the median time of one call's three statements.
+async fn admissions(stores: &[Arc<Store>], calls: usize, in_flight: usize) -> anyhow::Result<(f64, f64)> {
+    let lives: Vec<_> = stores.iter().filter_map(|s| s.live()).collect();
+    anyhow::ensure!(lives.len() == stores.len(), "not PostgreSQL stores");
+    for (i, live) in lives.iter().enumerate() {
+        live.heartbeat(&format!("bench-{i}"), "bench", &[], &[], std::time::Duration::from_secs(60)).await?;
+    }
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for first in 0..in_flight {
+        let (node, live) = (format!("bench-{}", first % lives.len()), lives[first % lives.len()].clone());
+        set.spawn(async move {
+            let user = format!("user-{first}");
+            let mut took = Vec::new();
+            for n in (first..calls).step_by(in_flight) {
+                let one = Instant::now();
+                let call = format!("{node}#{n}");
+                anyhow::ensure!(live.take_token(&user, 1e6, 2e6).await?.is_ok(), "a token refused");
+                anyhow::ensure!(live.take_place(&call, &user, &node, 1000).await?.is_ok(), "a place refused");
+                live.give_place(&call).await?;
+                took.push(one.elapsed().as_secs_f64() * 1e6);
+            }
+            anyhow::Ok(took)
+        });
+    }
+    let mut took: Vec<f64> = set.join_all().await.into_iter().collect::<anyhow::Result<Vec<_>>>()?.concat();
+    let rate = calls as f64 / started.elapsed().as_secs_f64();
+    took.sort_by(f64::total_cmp);
+    let p50 = took.get(took.len() / 2).copied().unwrap_or(0.0);
+    for store in stores {
+        store.close();
+    }
+    Ok((rate, p50))
 }
 
 /// `executions` one-row commits of the same reports into a plain table,

@@ -9,6 +9,7 @@
 //! the writer.
 
 mod executions;
+mod live;
 mod postgres;
 pub mod rollups;
 mod sessions;
@@ -30,6 +31,7 @@ use crate::policy::UserId;
 use crate::report::{ExecutionReport, rfc3339};
 
 pub use executions::{ExecutionPage, ExecutionRow, IdempotentHit, Prune};
+pub use live::{Beat, Live};
 pub use sessions::SessionRow;
 pub use tools::ToolRow;
 pub use users::{Caller, KeyCheck, NewKey, Restricted, Restriction, Suspended, UserRow, unix_now, unix_rfc3339};
@@ -84,6 +86,23 @@ impl StoreError {
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => e.code == rusqlite::ErrorCode::DiskFull,
             StoreError::Archive(e) => e.raw_os_error() == Some(libc::ENOSPC),
             StoreError::DiskFull(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The database server could not be reached, or went away (PostgreSQL
+    /// stopping, restarting, or out of the network's reach): worth trying
+    /// again shortly.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Pool(_) => true,
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || e.code().is_some_and(|code| {
+                        let code = code.code();
+                        code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+                    })
+            }
             _ => false,
         }
     }
@@ -306,6 +325,16 @@ impl Store {
     /// Whether this is the SQLite file (one node) rather than a shared server.
     pub fn is_sqlite(&self) -> bool {
         matches!(self.backend, Backend::Sqlite(_))
+    }
+
+    /// The live state the nodes sharing this store keep in it (calls in
+    /// flight, request buckets); `None` on SQLite, where the one node's
+    /// memory is the whole truth.
+    pub fn live(&self) -> Option<Live> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(db) => Some(db.live()),
+        }
     }
 
     /// Runs `f` on a read-only connection to the SQLite file: for tests and

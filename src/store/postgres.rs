@@ -43,7 +43,8 @@ use crate::report::{ExecutionReport, rfc3339};
 /// script takes the database from the version before it to its own, and is
 /// never edited once released. The version a database is at is the one row
 /// of its `schema_version` table.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres/0001_schema.sql"))];
+const MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("migrations/postgres/0001_schema.sql")), (2, include_str!("migrations/postgres/0002_live.sql"))];
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -138,6 +139,11 @@ impl Postgres {
     /// and no new one is handed out (the calls after it fail).
     pub(super) fn close(&self) {
         self.pool.close();
+    }
+
+    /// The nodes' live state, on the same pool.
+    pub(super) fn live(&self) -> super::Live {
+        super::Live::new(self.pool.clone())
     }
 
     /// Hands `write` to the batching writer and waits until it is committed.

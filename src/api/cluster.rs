@@ -1,0 +1,203 @@
+//! This node among the nodes sharing a PostgreSQL store (issue 19): its
+//! name, its heartbeat, and the admissions that must count every node's
+//! calls — a user's calls in flight and requests per second are held to the
+//! tier's across the nodes ([`crate::store::Live`]). On SQLite there is one
+//! node and none of this runs: [`super::admission`] alone decides.
+//!
+//! A node admits locally first (its own caps and memory, no round trip),
+//! then takes the user's place in the store. It keeps the calls it holds
+//! places for, so its heartbeat can write them back after the database lost
+//! them, and remove those whose release did not reach it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use super::admission::Denial;
+use super::error::ApiError;
+use crate::store::{Live, StoreError};
+
+/// How often a node says it is alive and writes back what it holds.
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node unseen for this long is taken for dead: its calls' places are given
+/// back. A node that was only cut off from the database for longer writes its
+/// places back when it returns (until then its users may run more calls than
+/// their tier's across the nodes).
+pub(crate) const LEASE: Duration = Duration::from_secs(10);
+
+pub(crate) struct Node {
+    /// Unique per process start: `<host>/<random>`.
+    pub(crate) id: String,
+    /// Where it listens, for the nodes table.
+    address: String,
+    live: Live,
+    next: AtomicU64,
+    /// Calls with a place being taken (`false`) or held (`true`), and whose.
+    calls: Mutex<HashMap<String, (String, bool)>>,
+}
+
+/// A call's place across the nodes; given back when dropped.
+pub(crate) struct Place {
+    node: Arc<Node>,
+    call: String,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let node = Arc::clone(&self.node);
+        let call = std::mem::take(&mut self.call);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime left: the place goes with the node's lease.
+            node.forget(&call);
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(e) = node.live.give_place(&call).await {
+                // The next heartbeat removes it: the call is no longer held here.
+                tracing::warn!(error = %e, call, "giving back a call's place in the store failed");
+            }
+            node.forget(&call);
+        });
+    }
+}
+
+impl Node {
+    pub(crate) fn new(live: Live, address: String) -> Arc<Self> {
+        let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+        let mut random = [0u8; 6];
+        let _ = getrandom::fill(&mut random);
+        let id = format!("{host}/{}", hex::encode(random));
+        Arc::new(Self { id, address, live, next: AtomicU64::new(0), calls: Mutex::default() })
+    }
+
+    fn forget(&self, call: &str) {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).remove(call);
+    }
+
+    /// A place for a call of `user`, whose tier allows `cap` calls at once
+    /// across the nodes.
+    ///
+    /// # Errors
+    ///
+    /// `Ok(Err(denial))` when the user's calls on all nodes are at the cap;
+    /// `Err` (503) when the database cannot be reached.
+    pub(crate) async fn take_place(self: &Arc<Self>, user: &str, cap: u32) -> Result<Result<Place, Denial>, ApiError> {
+        let call = format!("{}#{}", self.id, self.next.fetch_add(1, Ordering::Relaxed));
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(call.clone(), (user.to_owned(), false));
+        let taken = self.live.take_place(&call, user, &self.id, cap).await;
+        match taken {
+            Ok(Ok(())) => {
+                if let Some(entry) = self.calls.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&call) {
+                    entry.1 = true;
+                }
+                Ok(Ok(Place { node: Arc::clone(self), call }))
+            }
+            Ok(Err(running)) => {
+                self.forget(&call);
+                Ok(Err(Denial {
+                    reason: "user_concurrency",
+                    message: format!("{running} calls already running across the nodes, the tier's limit"),
+                    retry_after: 1,
+                }))
+            }
+            Err(e) => {
+                self.forget(&call);
+                Err(unreachable(e))
+            }
+        }
+    }
+
+    /// Takes one request from `user`'s bucket shared by the nodes (`rate`
+    /// per second, bursts of twice that).
+    ///
+    /// # Errors
+    ///
+    /// `Ok(Err(denial))` when the bucket is empty; `Err` (503) when the
+    /// database cannot be reached.
+    pub(crate) async fn take_token(&self, user: &str, rate: u32) -> Result<Result<(), Denial>, ApiError> {
+        let rate = f64::from(rate.max(1));
+        match self.live.take_token(user, rate, 2.0 * rate).await {
+            Ok(Ok(())) => Ok(Ok(())),
+            Ok(Err(wait)) => Ok(Err(Denial {
+                reason: "rate",
+                message: format!(
+                    "over your rate of {rate} requests per second across the nodes (the tier's, or lower while \
+                     throttled)"
+                ),
+                retry_after: wait.ceil() as u64,
+            })),
+            Err(e) => Err(unreachable(e)),
+        }
+    }
+
+    /// Says this node is alive, writes back the places it holds, and gives
+    /// back dead nodes' places.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be reached.
+    pub(crate) async fn beat(&self) -> Result<crate::store::Beat, StoreError> {
+        let (held, keep) = {
+            let calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+            let held: Vec<(String, String)> =
+                calls.iter().filter(|(_, (_, held))| *held).map(|(c, (u, _))| (c.clone(), u.clone())).collect();
+            (held, calls.keys().cloned().collect::<Vec<_>>())
+        };
+        self.live.heartbeat(&self.id, &self.address, &held, &keep, LEASE).await
+    }
+
+    /// Leaves the nodes' table, giving back any place still held.
+    pub(crate) async fn leave(&self) {
+        if let Err(e) = self.live.leave(&self.id, LEASE).await {
+            tracing::warn!(error = %e, node = %self.id, "leaving the nodes' table failed: the lease will end it");
+        }
+    }
+}
+
+/// A database that cannot be reached while admitting: 503, try again.
+fn unreachable(e: StoreError) -> ApiError {
+    let mut error = ApiError::from(e);
+    if error.status == axum::http::StatusCode::INTERNAL_SERVER_ERROR {
+        // Any failure to count the user's calls refuses the call: never admit blind.
+        error = ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "this node could not count your calls across the nodes; try again shortly",
+        );
+    }
+    error.retry_after = error.retry_after.or(Some(1));
+    error
+}
+
+/// Keeps this node's row alive and its places right, every [`HEARTBEAT`].
+pub(crate) async fn heartbeat(node: Arc<Node>) {
+    let mut every = tokio::time::interval(HEARTBEAT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        every.tick().await;
+        match node.beat().await {
+            Ok(beat) => {
+                if failing {
+                    tracing::info!(node = %node.id, "the database answers the heartbeat again");
+                }
+                failing = false;
+                if beat.reaped_nodes > 0 || beat.reaped_places > 0 {
+                    tracing::warn!(
+                        nodes = beat.reaped_nodes,
+                        places = beat.reaped_places,
+                        lease_s = LEASE.as_secs(),
+                        "nodes unseen for the lease taken for dead: their calls' places given back"
+                    );
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, node = %node.id, "the heartbeat did not reach the database");
+                }
+                failing = true;
+            }
+        }
+    }
+}
