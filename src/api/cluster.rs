@@ -43,8 +43,20 @@ pub(crate) struct Place {
     call: String,
 }
 
+impl Place {
+    /// Gives the place back now (the call has ended), so that the caller's
+    /// next call finds it free; dropped instead, it goes back soon after.
+    pub(crate) async fn give_back(mut self) {
+        let call = std::mem::take(&mut self.call);
+        self.node.release(&call).await;
+    }
+}
+
 impl Drop for Place {
     fn drop(&mut self) {
+        if self.call.is_empty() {
+            return; // given back
+        }
         let node = Arc::clone(&self.node);
         let call = std::mem::take(&mut self.call);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -52,13 +64,7 @@ impl Drop for Place {
             node.forget(&call);
             return;
         };
-        runtime.spawn(async move {
-            if let Err(e) = node.live.give_place(&call).await {
-                // The next heartbeat removes it: the call is no longer held here.
-                tracing::warn!(error = %e, call, "giving back a call's place in the store failed");
-            }
-            node.forget(&call);
-        });
+        runtime.spawn(async move { node.release(&call).await });
     }
 }
 
@@ -69,6 +75,15 @@ impl Node {
         let _ = getrandom::fill(&mut random);
         let id = format!("{host}/{}", hex::encode(random));
         Arc::new(Self { id, address, live, next: AtomicU64::new(0), calls: Mutex::default() })
+    }
+
+    /// Gives back `call`'s place in the store, and forgets it.
+    async fn release(&self, call: &str) {
+        if let Err(e) = self.live.give_place(call).await {
+            // The next heartbeat removes it: the call is no longer held here.
+            tracing::warn!(error = %e, call, "giving back a call's place in the store failed");
+        }
+        self.forget(call);
     }
 
     fn forget(&self, call: &str) {

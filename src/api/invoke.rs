@@ -276,7 +276,7 @@ impl Prepared {
             ToolCall { user: caller.user.clone(), tier: caller.tier.clone(), input, args: request.args, timeout };
         let task_state = state.clone();
         let task = tokio::spawn(async move {
-            let _permit = (permit, place);
+            let _permit = permit;
             let report = match (&registered.runnable, runs) {
                 (_, Runs::Step(mut guard, live)) => {
                     let Some(session) = guard.as_mut() else {
@@ -309,6 +309,10 @@ impl Prepared {
                 .store
                 .record_execution(&report, json.clone(), Some(registered.row.version), idempotency, events)
                 .await;
+            // Given back before the answer: the caller's next call must find it free.
+            if let Some(place) = place {
+                place.give_back().await;
+            }
             task_state.metrics.call(&report, arrived.elapsed().as_secs_f64());
             task_state.rollup.call(&report);
             stored?;
