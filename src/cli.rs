@@ -608,11 +608,19 @@ async fn user(command: UserCommand) -> Result<ExitCode, UsageError> {
 }
 
 fn backup(args: BackupArgs) -> Result<ExitCode, UsageError> {
-    if let (None, Some(url)) = (&args.check, server_config(args.state.config.as_deref())?.1.store.url) {
+    let settings = server_config(args.state.config.as_deref())?.1;
+    if let (None, Some(url)) = (&args.check, &settings.store.url) {
         return Err(UsageError(format!(
             "the store is PostgreSQL ({}): back it up with pg_dump or your provider's snapshots; `backup` copies a \
              SQLite store with its data directory",
-            crate::store::redacted(&url)
+            crate::store::redacted(url)
+        )));
+    }
+    if let (None, Some(shared)) = (&args.check, &settings.shared_dir) {
+        return Err(UsageError(format!(
+            "users' directories are in shared_dir ({}): back that filesystem up with its own tools; `backup` copies \
+             a data directory that holds them",
+            shared.display()
         )));
     }
     let (file, outcome) = match (args.check, args.to) {
@@ -671,7 +679,7 @@ async fn audit_verify(state: &StateArgs) -> Result<ExitCode, UsageError> {
         return Err(UsageError(format!("no database at {}", path.display())));
     }
     let (store, _) = open_store(state).await?;
-    let archive = state.data_dir.join(crate::audit::ARCHIVE_DIR);
+    let archive = ServerSettings { data_dir: state.data_dir.clone(), ..settings }.archive_dir();
     // A running server's archiver waits meanwhile: no record is seen moving.
     let _lock = crate::audit::lock_archive(&archive, false)
         .map_err(|e| UsageError(format!("locking {}: {e}", archive.display())))?;

@@ -119,6 +119,9 @@ pub(crate) fn lock_with_pid(path: &Path) -> Result<nix::fcntl::Flock<std::fs::Fi
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    /// Users' directories: `<root>/users`, or a shared filesystem's
+    /// ([`DataDir::with_users_dir`]).
+    users: PathBuf,
     /// Emptied scratch directories ready for another call. Creating and
     /// removing a directory per call cost ~250 µs on ext4 with discard
     /// (BENCHMARKS.md); checking that one is empty costs a few.
@@ -178,7 +181,8 @@ impl DataDir {
         let images_present = std::fs::read_dir(root.join("volumes"))
             .map(|entries| entries.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".ext4")))
             .unwrap_or(false);
-        Ok(Self { root, spare_scratch: Arc::default(), disks: Arc::default(), volumes: None, images_present })
+        let users = root.join("users");
+        Ok(Self { root, users, spare_scratch: Arc::default(), disks: Arc::default(), volumes: None, images_present })
     }
 
     /// Opens the data directory at `root` with users' volumes as `mode` asks
@@ -201,6 +205,27 @@ impl DataDir {
         })?;
         this.volumes = volumes.map(Arc::new);
         Ok(this)
+    }
+
+    /// Keeps users' directories in `users` (created if needed) rather than
+    /// under the data directory: a filesystem every node mounts.
+    ///
+    /// # Errors
+    ///
+    /// [`DataDirError`] when it cannot be created, or the data directory
+    /// has volumes (one host's: they cannot be shared).
+    pub fn with_users_dir(mut self, users: PathBuf) -> Result<Self, DataDirError> {
+        if self.volumes.is_some() {
+            let source = io::Error::other("users' volumes are one host's: they cannot be on a shared directory");
+            return Err(DataDirError { what: "sharing", path: users, source });
+        }
+        std::fs::create_dir_all(&users).map_err(|source| DataDirError {
+            what: "creating",
+            path: users.clone(),
+            source,
+        })?;
+        self.users = users;
+        Ok(self)
     }
 
     /// The users' volumes, when there are.
@@ -234,7 +259,7 @@ impl DataDir {
                         })
                         .map_err(|source| DataDirError {
                             what: "preparing the volume of",
-                            path: self.root.join("users").join(user.as_str()),
+                            path: self.users.join(user.as_str()),
                             source,
                         })?
                 }
@@ -258,7 +283,7 @@ impl DataDir {
     /// [`DataDirError`] when it cannot be created, or when something other than
     /// a directory (a symlink, a file) stands at its path.
     pub fn user_dir(&self, user: &UserId) -> Result<PathBuf, DataDirError> {
-        let path = self.root.join("users").join(user.as_str());
+        let path = self.users.join(user.as_str());
         if self.volumes.is_none() && self.images_present {
             let image = self.root.join("volumes").join(format!("{user}.ext4"));
             if image.exists() {

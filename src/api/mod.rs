@@ -59,6 +59,13 @@ use crate::volume::{VolumeMode, VolumeSpace};
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// A directory every node sharing a PostgreSQL store mounts (NFS, CephFS,
+    /// EFS: README, "More than one machine"): users' `/data` go to
+    /// `<shared_dir>/users` and the audit archive to
+    /// `<shared_dir>/audit-archive`, so that any node serves any user. The
+    /// data directory keeps what is the node's own (compiled tools, scratch
+    /// space, fetched modules). Default: none, everything in the data directory.
+    pub shared_dir: Option<PathBuf>,
     /// Instances the engine's pool holds; also the global cap on calls in flight.
     pub max_instances: u32,
     /// Largest file accepted by `PUT /v1/files/...`.
@@ -217,11 +224,26 @@ impl Default for Retention {
     }
 }
 
+impl ServerSettings {
+    /// Where users' `/data` directories are: `<shared_dir>/users`, else
+    /// `<data_dir>/users`.
+    pub fn users_dir(&self) -> PathBuf {
+        self.shared_dir.as_ref().unwrap_or(&self.data_dir).join("users")
+    }
+
+    /// Where archived audit records go: `<shared_dir>/audit-archive`, else
+    /// `<data_dir>/audit-archive`.
+    pub fn archive_dir(&self) -> PathBuf {
+        self.shared_dir.as_ref().unwrap_or(&self.data_dir).join(crate::audit::ARCHIVE_DIR)
+    }
+}
+
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./sandbox-data"),
+            shared_dir: None,
             max_instances: 1000,
             max_file_bytes: 64 << 20,
             shutdown_grace_ms: 30_000,
@@ -486,12 +508,24 @@ impl AppState {
             e.to_string()
         });
         // Volumes hold native tools' writes: without the jail, `auto` spares their cost.
+        // A volume is one host's loop device: users' directories on a shared
+        // filesystem cannot be volumes.
         let volumes = match settings.data_volumes {
-            VolumeMode::Auto if jail.is_err() => VolumeMode::Off,
+            VolumeMode::Auto if jail.is_err() || settings.shared_dir.is_some() => VolumeMode::Off,
+            VolumeMode::Ext4Image if settings.shared_dir.is_some() => {
+                return Err(StartError::Damaged(
+                    "data_volumes = \"ext4-image\" and shared_dir cannot go together: a volume is mounted on one \
+                     host, users' directories on the shared filesystem are every node's; set data_volumes = \"off\""
+                        .to_owned(),
+                ));
+            }
             mode => mode,
         };
         let lock = crate::data_dir::lock(&settings.data_dir)?;
-        let data_dir = DataDir::open_with_volumes(&settings.data_dir, volumes, settings.data_volume_space)?;
+        let mut data_dir = DataDir::open_with_volumes(&settings.data_dir, volumes, settings.data_volume_space)?;
+        if settings.shared_dir.is_some() {
+            data_dir = data_dir.with_users_dir(settings.users_dir())?;
+        }
         let swept = data_dir.sweep_scratch();
         if swept > 0 {
             tracing::info!(directories = swept, "removed scratch directories left by an earlier run");
@@ -1369,7 +1403,15 @@ async fn archive_audit(state: &Arc<AppState>, retention: &Retention) {
     }
     let age = Duration::from_secs(u64::from(retention.audit_days) * 86_400);
     let cutoff = crate::report::rfc3339(std::time::SystemTime::now() - age);
-    let dir = state.settings.data_dir.join(crate::audit::ARCHIVE_DIR);
+    if !state.store.is_sqlite() && state.settings.shared_dir.is_none() {
+        // Each node would keep a part of the chain's archive: none can verify it.
+        tracing::warn!(
+            "[retention] audit_days is set but records are not archived: on PostgreSQL the archive must be one \
+             directory every node mounts (`[server] shared_dir`)"
+        );
+        return;
+    }
+    let dir = state.settings.archive_dir();
     let mut moved = 0u64;
     loop {
         let max = retention.audit_segment.max(1);
