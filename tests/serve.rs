@@ -438,7 +438,11 @@ async fn two_nodes_on_one_postgresql_share_users_tools_executions_and_one_audit_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_users_calls_at_once_and_requests_per_second_hold_across_two_nodes() {
     let Some(url) = postgres::database().await else { return };
-    let env = [("IMAGENTX_STORE_URL", url.as_str())];
+    // Users' files on a directory both nodes mount.
+    let (shared, config_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config = config_dir.path().join("config.toml");
+    std::fs::write(&config, format!("[server]\nshared_dir = {:?}\n", shared.path())).unwrap();
+    let env = [("IMAGENTX_STORE_URL", url.as_str()), ("IMAGENTX_CONFIG", config.to_str().unwrap())];
     let cli_with = |args: &[&str], dir: &Path| bin().args(args).arg("--data-dir").arg(dir).envs(env).output().unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The free tier: 2 calls at once, 20 requests per second (bursts of 40).
@@ -473,9 +477,16 @@ async fn a_users_calls_at_once_and_requests_per_second_hold_across_two_nodes() {
             }
         }))
     };
-    // Under the cap: one call on each node, both run.
+    // Under the cap: one call on each node, both run; and at the cap one
+    // after another, each finding the place its last call gave back.
     for answer in sleeps(2).await {
         assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
+    }
+    for _ in 0..10 {
+        let pair = [&a, &b].map(|node| http(node, Method::POST, "/v1/tools/probe/invoke", &carol, echo));
+        for answer in futures::future::join_all(pair).await {
+            assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
+        }
     }
     // Over it: six at once, three on each node. Each node alone would run two.
     let answers = sleeps(6).await;
@@ -506,6 +517,11 @@ async fn a_users_calls_at_once_and_requests_per_second_hold_across_two_nodes() {
 
     // Both nodes keep serving, and every place came back.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // A file written through one node is read through the other.
+    let put = http(&a, Method::PUT, "/v1/files/plan.txt", &carol, "one /data for every node").await;
+    assert!(put.status.is_success(), "{}", String::from_utf8_lossy(&put.body));
+    let got = http(&b, Method::GET, "/v1/files/plan.txt", &carol, "").await;
+    assert_eq!((got.status, &got.body[..]), (StatusCode::OK, &b"one /data for every node"[..]));
     for node in [&a, &b] {
         assert_eq!(http(node, Method::POST, "/v1/tools/probe/invoke", &carol, echo).await.status, StatusCode::OK);
     }
@@ -569,4 +585,114 @@ async fn a_node_cut_off_from_postgresql_answers_503_fast_and_comes_back_by_itsel
         within_20_s(async || http(&addr, Method::GET, "/v1/tools", &dave, "").await.status == StatusCode::OK).await;
     assert!(back, "the node did not serve again once the database was back");
     assert_eq!(http(&addr, Method::GET, "/readyz", "", "").await.status, StatusCode::OK);
+}
+
+/// The Kubernetes manifests (`deploy/kubernetes/`): valid for the API's
+/// schemas (kubernetes-validate from PyPI, strict: a field the API does not
+/// know fails), and true of this build — a node started with the pods'
+/// config file on PostgreSQL answers the probes' paths, exports the
+/// autoscaler's metric, keeps users' files in the shared directory, and
+/// stops within the pods' grace period. No cluster runs them here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_manifests_pass_the_api_schemas_and_hold_for_this_build() {
+    let python = common::venv_python("kubernetes-venv", "kubernetes-validate==1.37.0");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut manifests: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
+        .collect();
+    manifests.sort();
+    assert!(manifests.len() >= 5, "{manifests:?}");
+    let validate = |files: &[std::path::PathBuf], version: &str| {
+        Command::new(&python)
+            .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k", version])
+            .args(files)
+            .output()
+            .unwrap()
+    };
+    for version in ["1.30.0", "1.37.0"] {
+        let out = validate(&manifests, version);
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && !said.contains("FAIL") && !said.contains("ERROR"), "{version}: {said}");
+    }
+    // The validator bites: one misspelt field fails the file.
+    let scratch = tempfile::tempdir().unwrap();
+    let broken = scratch.path().join("wasm.yaml");
+    let text = std::fs::read_to_string(dir.join("wasm.yaml")).unwrap();
+    std::fs::write(&broken, text.replacen("readinessProbe", "readinesProbe", 1)).unwrap();
+    assert!(!validate(&[broken], "1.37.0").status.success(), "a misspelt field passed");
+
+    let read = "import sys, json, yaml\nprint(json.dumps([d for f in sys.argv[1:] for d in yaml.safe_load_all(open(f)) if d]))";
+    let out = Command::new(&python).args(["-c", read]).args(&manifests).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    let config = find("ConfigMap", "imagentx-config");
+    let secret = find("Secret", "imagentx-store");
+    let mut wasm_toml = String::new();
+    for name in ["imagentx-wasm", "imagentx-native"] {
+        let pod = find("Deployment", name)["spec"]["template"]["spec"].clone();
+        let container = &pod["containers"][0];
+        let file = container["args"].as_array().unwrap().iter().skip_while(|a| *a != "--config").nth(1).unwrap();
+        let key = file.as_str().unwrap().rsplit('/').next().unwrap();
+        let toml_text = config["data"][key].as_str().unwrap_or_else(|| panic!("{name}: no {key} in the ConfigMap"));
+        let settings: toml::Table = toml::from_str(toml_text).unwrap();
+        let grace_ms = settings["server"].get("shutdown_grace_ms").and_then(toml::Value::as_integer).unwrap_or(30_000);
+        let pause = container["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64().unwrap();
+        let period = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
+        assert!(period >= pause + grace_ms / 1000 + 5, "{name}: {period} s to stop, {pause} s + {grace_ms} ms needed");
+        let url = &container["env"][0];
+        assert_eq!(url["name"], "IMAGENTX_STORE_URL");
+        let from = &url["valueFrom"]["secretKeyRef"];
+        assert!(secret["stringData"][from["key"].as_str().unwrap()].is_string(), "{name}: the Secret lacks {from}");
+        for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+            let path = container[probe]["httpGet"]["path"].as_str().unwrap();
+            assert!(["/readyz", "/healthz"].contains(&path), "{name}: {probe} {path}");
+        }
+        if name == "imagentx-wasm" {
+            wasm_toml = toml_text.to_owned();
+            // No privilege at all on the WASM nodes.
+            let security = &container["securityContext"];
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+            assert_eq!(security["allowPrivilegeEscalation"], false);
+            assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+            assert!(security.get("privileged").is_none());
+        }
+    }
+    let hpa = find("HorizontalPodAutoscaler", "imagentx-wasm");
+    let metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"].as_str().unwrap().to_owned();
+
+    // The WASM pods' config file, run for real: its paths made this test's.
+    let Some(url) = postgres::database().await else { return };
+    let (data, shared) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let file = scratch.path().join("wasm.toml");
+    let text = wasm_toml
+        .replace("/var/lib/imagentx-sandbox", data.path().to_str().unwrap())
+        .replace("/srv/imagentx-shared", shared.path().to_str().unwrap())
+        .replace("/usr/local/lib/imagentx-sandbox/interpreters", "/nonexistent");
+    std::fs::write(&file, text).unwrap();
+    let env = [("IMAGENTX_STORE_URL", url.as_str()), ("IMAGENTX_CONFIG", file.to_str().unwrap())];
+    let made = bin().args(["user", "add", "erin", "--data-dir"]).arg(data.path()).envs(env).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let erin = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let addr = free_port();
+    let (node, logs) = start_with(data.path(), &addr, &env);
+    let _node = common::StoppedOnDrop(node);
+    log_line(&logs, "joined the nodes sharing the store");
+    let ready = within_20_s(async || http(&addr, Method::GET, "/readyz", "", "").await.status == StatusCode::OK).await;
+    assert!(ready, "never ready");
+    assert_eq!(http(&addr, Method::GET, "/healthz", "", "").await.status, StatusCode::OK);
+    let metrics = http(&addr, Method::GET, "/metrics", "", "").await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains(&format!("\n{metric} ")), "no {metric} in /metrics");
+    let put = http(&addr, Method::PUT, "/v1/files/notes.txt", &erin, "kept on the shared filesystem").await;
+    assert!(put.status.is_success(), "{}", String::from_utf8_lossy(&put.body));
+    let kept = std::fs::read_to_string(shared.path().join("users/erin/notes.txt")).unwrap();
+    assert_eq!(kept, "kept on the shared filesystem");
+    assert!(!data.path().join("users/erin").exists(), "a user's directory in the node's own data directory");
 }
