@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// Where the database, modules, artifacts and users' files live (default ./sandbox-data).
     #[arg(long, env = "IMAGENTX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where the other nodes sharing a PostgreSQL store reach this one
+    /// (`host:port`; default: --listen, or `<hostname>:<port>` on 0.0.0.0).
+    #[arg(long, env = "IMAGENTX_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 /// Where a command finds the service's state.
@@ -480,6 +484,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, UsageError> {
     }
     if let Some(dir) = args.data_dir {
         settings.data_dir = dir;
+    }
+    if let Some(address) = args.advertise {
+        settings.advertise = Some(address);
     }
     match crate::api::serve(policy, settings).await {
         Ok(()) => Ok(ExitCode::SUCCESS),

@@ -651,6 +651,10 @@ async fn the_kubernetes_manifests_pass_the_api_schemas_and_hold_for_this_build()
         assert_eq!(url["name"], "IMAGENTX_STORE_URL");
         let from = &url["valueFrom"]["secretKeyRef"];
         assert!(secret["stringData"][from["key"].as_str().unwrap()].is_string(), "{name}: the Secret lacks {from}");
+        let env = container["env"].as_array().unwrap();
+        let advertise = env.iter().find(|e| e["name"] == "IMAGENTX_ADVERTISE").unwrap_or_else(|| panic!("{name}"));
+        let port = container["ports"][0]["containerPort"].as_i64().unwrap();
+        assert_eq!(advertise["value"], format!("$(POD_IP):{port}"));
         for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
             let path = container[probe]["httpGet"]["path"].as_str().unwrap();
             assert!(["/readyz", "/healthz"].contains(&path), "{name}: {probe} {path}");
@@ -695,4 +699,73 @@ async fn the_kubernetes_manifests_pass_the_api_schemas_and_hold_for_this_build()
     let kept = std::fs::read_to_string(shared.path().join("users/erin/notes.txt")).unwrap();
     assert_eq!(kept, "kept on the shared filesystem");
     assert!(!data.path().join("users/erin").exists(), "a user's directory in the node's own data directory");
+}
+
+/// A code session lives in the memory of the node that opened it: its
+/// requests reaching another node are forwarded there, and when that node
+/// dies the session ends with a clear error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_requests_reach_its_node_from_any_node_and_end_when_that_node_dies() {
+    let Some(url) = postgres::database().await else { return };
+    let env = [("IMAGENTX_STORE_URL", url.as_str())];
+    let cli_with = |args: &[&str], dir: &Path| bin().args(args).arg("--data-dir").arg(dir).envs(env).output().unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dana = String::from_utf8(cli_with(&["user", "add", "dana"], dir_a.path()).stdout).unwrap().trim().to_owned();
+    let root = String::from_utf8(cli_with(&["user", "add", "root", "--admin"], dir_a.path()).stdout).unwrap();
+    let root = root.trim().to_owned();
+    let (a, b) = (free_port(), free_port());
+    let (node_a, logs_a) = start_with(dir_a.path(), &a, &env);
+    let mut node_a = common::StoppedOnDrop(node_a);
+    let (node_b, logs_b) = start_with(dir_b.path(), &b, &env);
+    let _node_b = common::StoppedOnDrop(node_b);
+    let joined = log_line(&logs_a, "joined the nodes sharing the store");
+    assert_eq!(joined["fields"]["address"], a.as_str(), "{joined}");
+    log_line(&logs_b, "joined the nodes sharing the store");
+    let r = http(&a, Method::POST, "/v1/tools?name=sdk", &root, common::guest_bytes("sdk-probe")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+
+    let opened = http(&a, Method::POST, "/v1/sessions", &dana, r#"{"tool":"sdk"}"#).await;
+    assert_eq!(opened.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&opened.body));
+    let id = opened.json()["id"].as_str().unwrap().to_owned();
+    let step = format!("/v1/sessions/{id}/run");
+    // Through B, which does not hold it: forwarded to A, which runs the step.
+    let stepped = http(&b, Method::POST, &step, &dana, r#"{"code":"1"}"#).await;
+    assert_eq!(stepped.status, StatusCode::OK, "{}", String::from_utf8_lossy(&stepped.body));
+    assert_eq!(stepped.json()["session"], id.as_str());
+    let shown = http(&b, Method::GET, &format!("/v1/sessions/{id}"), &dana, "").await;
+    assert_eq!(shown.status, StatusCode::OK, "{}", String::from_utf8_lossy(&shown.body));
+    assert_eq!(shown.json()["steps"], 1, "{}", shown.json());
+    // Someone else's key finds nothing there, through either node.
+    for node in [&a, &b] {
+        assert_eq!(http(node, Method::POST, &step, &root, r#"{"code":"1"}"#).await.status, StatusCode::NOT_FOUND);
+    }
+    // A request already forwarded is answered, never forwarded again.
+    let looped =
+        http_with(&b, Method::POST, &step, &dana, r#"{"code":"1"}"#, &[("x-imagentx-forwarded-by", "x")]).await;
+    assert_eq!((looped.status, looped.error_code()), (StatusCode::MISDIRECTED_REQUEST, "session_elsewhere".into()));
+
+    // A dies with the session in its memory.
+    node_a.0.kill().unwrap();
+    node_a.0.wait().unwrap();
+    let started = Instant::now();
+    let lost = http(&b, Method::POST, &step, &dana, r#"{"code":"1"}"#).await;
+    assert_eq!(lost.status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&lost.body));
+    assert_eq!(lost.error_code(), "node_unreachable");
+    assert!(lost.headers.contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    // Once A's lease is over, the session has ended, and says why.
+    let ended =
+        within_20_s(async || http(&b, Method::POST, &step, &dana, r#"{"code":"1"}"#).await.status == StatusCode::GONE)
+            .await;
+    assert!(ended, "the dead node's session never ended");
+    let gone = http(&b, Method::POST, &step, &dana, r#"{"code":"1"}"#).await;
+    assert!(
+        gone.json()["error"]["message"].as_str().unwrap().contains("the node that held it stopped"),
+        "{}",
+        gone.json()
+    );
+    let info = http(&b, Method::GET, &format!("/v1/sessions/{id}"), &dana, "").await.json();
+    assert_eq!(info["reason"], "node_lost", "{info}");
+    let verify = cli_with(&["audit", "verify"], dir_b.path());
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }

@@ -14,9 +14,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
 use super::admission::Denial;
 use super::error::ApiError;
-use crate::store::{Live, StoreError};
+use crate::store::{Home, Live, Orphan, StoreError};
 
 /// How often a node says it is alive and writes back what it holds.
 pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -162,6 +167,25 @@ impl Node {
         self.live.heartbeat(&self.id, &self.address, &held, &keep, LEASE).await
     }
 
+    /// Records that this node holds code session `id`.
+    pub(crate) async fn own_session(&self, id: &str) -> Result<(), StoreError> {
+        self.live.own_session(id, &self.id).await
+    }
+
+    /// The node holding the caller's open session `id`, when another does.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be reached.
+    pub(crate) async fn session_elsewhere(&self, id: &str, user: &str) -> Result<Option<Home>, StoreError> {
+        Ok(self.live.session_home(id, user).await?.filter(|home| home.node != self.id))
+    }
+
+    /// Open sessions of nodes no longer alive.
+    pub(crate) async fn orphaned_sessions(&self) -> Result<Vec<Orphan>, StoreError> {
+        self.live.orphaned_sessions().await
+    }
+
     /// Leaves the nodes' table, giving back any place still held.
     pub(crate) async fn leave(&self) {
         if let Err(e) = self.live.leave(&self.id, LEASE).await {
@@ -185,8 +209,84 @@ fn unreachable(e: StoreError) -> ApiError {
     error
 }
 
-/// Keeps this node's row alive and its places right, every [`HEARTBEAT`].
-pub(crate) async fn heartbeat(node: Arc<Node>) {
+/// The header a node puts on a request it forwards to another: the node
+/// that receives it answers it itself, never forwards it again.
+pub(crate) const FORWARDED_BY: &str = "x-imagentx-forwarded-by";
+
+/// How long a node waits to reach another before answering 503.
+const FORWARD_CONNECT: Duration = Duration::from_secs(5);
+
+/// Sends the request (`method` `path`, the client's `headers` and `body`) to
+/// the node at `address` that holds what it asks for, and answers what that
+/// node answers. The client's credentials go with it: that node
+/// authenticates the request again.
+///
+/// # Errors
+///
+/// 503 `node_unreachable` (with `Retry-After`) when the node does not answer.
+pub(crate) async fn forward(
+    node: &Node,
+    owner: &str,
+    address: &str,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let unreachable = |why: String| {
+        tracing::warn!(node = owner, address, error = %why, "forwarding a request to the node holding it failed");
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_unreachable",
+            format!(
+                "what this asks for is held by node {owner} at {address}, which did not answer ({why}); if that node \
+                 is gone, the session ends within {} s",
+                LEASE.as_secs() + HEARTBEAT.as_secs()
+            ),
+        );
+        error.retry_after = Some(2);
+        error
+    };
+    let stream = tokio::time::timeout(FORWARD_CONNECT, tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| unreachable("no connection within 5 s".to_owned()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder().method(method).uri(path);
+    for (name, value) in headers.iter().filter(|(name, _)| !hop_by_hop(name)) {
+        request = request.header(name, value);
+    }
+    let request = request
+        .header(header::HOST, address)
+        .header(FORWARDED_BY, node.id.as_str())
+        .body(Full::new(body))
+        .map_err(|e| ApiError::internal("forwarding a request", &e))?;
+    let answer = sender.send_request(request).await.map_err(|e| unreachable(e.to_string()))?;
+    let (parts, body) = answer.into_parts();
+    let body = body.collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+    let mut response = (parts.status, body).into_response();
+    for (name, value) in parts.headers.iter().filter(|(name, _)| !hop_by_hop(name)) {
+        response.headers_mut().insert(name, value.clone());
+    }
+    Ok(response)
+}
+
+/// Headers of one connection, not of the request: never forwarded.
+fn hop_by_hop(name: &header::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer" | "upgrade" | "host" | "content-length"
+    ) || name == FORWARDED_BY
+}
+
+/// Keeps this node's row alive and its places right, every [`HEARTBEAT`];
+/// after a heartbeat that found nodes dead, ends the sessions they held.
+pub(crate) async fn heartbeat(state: Arc<super::AppState>) {
+    let Some(node) = state.node.clone() else { return };
     let mut every = tokio::time::interval(HEARTBEAT);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -205,6 +305,9 @@ pub(crate) async fn heartbeat(node: Arc<Node>) {
                         lease_s = LEASE.as_secs(),
                         "nodes unseen for the lease taken for dead: their calls' places given back"
                     );
+                }
+                if beat.reaped_nodes > 0 {
+                    super::sessions::end_orphans(&state).await;
                 }
             }
             Err(e) => {

@@ -66,6 +66,11 @@ pub struct ServerSettings {
     /// data directory keeps what is the node's own (compiled tools, scratch
     /// space, fetched modules). Default: none, everything in the data directory.
     pub shared_dir: Option<PathBuf>,
+    /// Where the other nodes sharing the store reach this one (`host:port`),
+    /// to forward it the requests for the code sessions it holds. Default:
+    /// `listen`, or `<hostname>:<port>` when it listens on every address
+    /// (`0.0.0.0`). In Kubernetes: the pod's IP (README).
+    pub advertise: Option<String>,
     /// Instances the engine's pool holds; also the global cap on calls in flight.
     pub max_instances: u32,
     /// Largest file accepted by `PUT /v1/files/...`.
@@ -231,6 +236,18 @@ impl ServerSettings {
         self.shared_dir.as_ref().unwrap_or(&self.data_dir).join("users")
     }
 
+    /// Where the other nodes reach this one: [`ServerSettings::advertise`].
+    pub fn advertised(&self) -> String {
+        if let Some(address) = &self.advertise {
+            return address.clone();
+        }
+        if !self.listen.ip().is_unspecified() {
+            return self.listen.to_string();
+        }
+        let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+        format!("{host}:{}", self.listen.port())
+    }
+
     /// Where archived audit records go: `<shared_dir>/audit-archive`, else
     /// `<data_dir>/audit-archive`.
     pub fn archive_dir(&self) -> PathBuf {
@@ -244,6 +261,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./sandbox-data"),
             shared_dir: None,
+            advertise: None,
             max_instances: 1000,
             max_file_bytes: 64 << 20,
             shutdown_grace_ms: 30_000,
@@ -605,11 +623,11 @@ impl AppState {
         } else {
             max_sessions
         };
-        let node = store.live().map(|live| cluster::Node::new(live, settings.listen.to_string()));
+        let node = store.live().map(|live| cluster::Node::new(live, settings.advertised()));
         if let Some(node) = &node {
             // Before a call can take a place: a place of a node not in the table is given back.
             node.beat().await?;
-            tracing::info!(node = %node.id, "joined the nodes sharing the store");
+            tracing::info!(node = %node.id, address = %settings.advertised(), "joined the nodes sharing the store");
         }
         let state = Arc::new_cyclic(|me| Self {
             node,
@@ -1156,7 +1174,7 @@ pub async fn run(
     let backups = tokio::spawn(scheduled_backup(state.clone()));
     let rollups = tokio::spawn(stats::keep(state.clone()));
     let registry_sync = tokio::spawn(sync_registry(state.clone()));
-    let heartbeat = state.node.clone().map(|node| tokio::spawn(cluster::heartbeat(node)));
+    let heartbeat = state.node.is_some().then(|| tokio::spawn(cluster::heartbeat(state.clone())));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -1219,10 +1237,10 @@ pub async fn run(
         task.abort();
         let _ = task.await;
     }
+    sessions::close_all(&state).await;
     if let Some(node) = &state.node {
         node.leave().await;
     }
-    sessions::close_all(&state).await;
     state.rollup.flush(&state.store).await;
     let stopping = Arc::clone(&state);
     let _ = tokio::task::spawn_blocking(move || stopping.registry.stop_warm_pools(Duration::from_secs(5))).await;

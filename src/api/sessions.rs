@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedMutexGuard;
@@ -75,6 +75,8 @@ pub enum Reason {
     McpEnded,
     /// The tool version it runs was retired.
     Retired,
+    /// The node whose memory held it is gone (a shared store's other node).
+    NodeLost,
 }
 
 impl Reason {
@@ -87,6 +89,7 @@ impl Reason {
             Reason::Shutdown => "shutdown",
             Reason::McpEnded => "mcp_session_ended",
             Reason::Retired => "tool_retired",
+            Reason::NodeLost => "node_lost",
         }
     }
 }
@@ -104,6 +107,7 @@ fn ended_because(reason: Option<&str>) -> &'static str {
         Some("mcp_session_ended") => "the MCP session that opened it ended",
         Some("tool_retired") => "the tool version it ran was retired by an admin",
         Some("restart") => "server restarted: sessions do not survive a restart",
+        Some("node_lost") => "the node that held it stopped: its instance was in that node's memory",
         _ => "it is closed",
     }
 }
@@ -455,6 +459,12 @@ pub(crate) async fn open_live(state: &AppState, caller: &Caller, request: &OpenR
         }));
     let opened_at =
         state.store.session_opened(id.clone(), caller.user.to_string(), request.tool.clone(), event).await?;
+    if let Some(node) = &state.node
+        && let Err(e) = node.own_session(&id).await
+    {
+        // The session works here; another node asked for it answers 404.
+        tracing::warn!(error = %e, session = %id, "recording which node holds a session failed");
+    }
     let live = Arc::new(Live {
         id: id.clone(),
         user: caller.user.clone(),
@@ -484,11 +494,49 @@ fn not_sessionable(tool: &str, why: &str) -> ApiError {
     ApiError::bad_request("not_sessionable", format!("tool `{tool}` cannot hold a session: it is {why}"))
 }
 
+/// Where the caller's open session is.
+pub(crate) enum Located {
+    Here(Arc<Live>),
+    /// Held by another node sharing the store, alive at `address`.
+    There {
+        node: String,
+        address: String,
+    },
+}
+
 /// The caller's open session `id`, or the error a step or a look at it gets:
-/// 410 for one of theirs that ended (with why), 404 for anything else.
+/// 410 for one of theirs that ended (with why), 404 for anything else; 421
+/// `session_elsewhere` for one another node holds (HTTP requests are
+/// forwarded there instead: [`locate`]).
 pub(crate) async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Live>, ApiError> {
+    match locate(state, caller, id).await? {
+        Located::Here(live) => Ok(live),
+        Located::There { node, address } => Err(elsewhere(id, &node, &address)),
+    }
+}
+
+fn elsewhere(id: &str, node: &str, address: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::MISDIRECTED_REQUEST,
+        "session_elsewhere",
+        format!("session `{id}` is held by node {node} (at {address}): its steps run there"),
+    )
+}
+
+/// Where the caller's open session `id` is, or why there is none: on a shared
+/// store, another node may hold it; one held by a node that is gone is ended
+/// here (`node_lost`), and answered 410.
+pub(crate) async fn locate(state: &AppState, caller: &Caller, id: &str) -> Result<Located, ApiError> {
     if let Some(live) = state.sessions.get(id).filter(|l| l.user == caller.user) {
-        return Ok(live);
+        return Ok(Located::Here(live));
+    }
+    if let Some(node) = &state.node
+        && let Some(home) = node.session_elsewhere(id, caller.user.as_str()).await?
+    {
+        match home.address {
+            Some(address) => return Ok(Located::There { node: home.node, address }),
+            None => end_orphan(state, id, caller.user.as_str(), &home.tool).await,
+        }
     }
     match state.store.session(id, caller.user.as_str()).await? {
         Some(row) if row.closed_at.is_some() => Err(ApiError::new(
@@ -497,6 +545,52 @@ pub(crate) async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<
             format!("session ended: {}", ended_because(row.reason.as_deref())),
         )),
         _ => Err(ApiError::not_found("unknown_session", format!("no session `{id}`"))),
+    }
+}
+
+/// Forwards a request for a session another node holds, unless it was
+/// forwarded already (then that node's own view answers: never a loop).
+async fn forward(
+    state: &AppState,
+    id: &str,
+    (owner, address): (String, String),
+    method: Method,
+    path: String,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(node) = state.node.as_ref().filter(|_| !headers.contains_key(super::cluster::FORWARDED_BY)) else {
+        return Err(elsewhere(id, &owner, &address));
+    };
+    super::cluster::forward(node, &owner, &address, method, &path, headers, body).await
+}
+
+/// Ends session `id`, whose node is gone, as `node_lost` (its steps are not
+/// known here: recorded as 0).
+async fn end_orphan(state: &AppState, id: &str, user: &str, tool: &str) {
+    let reason = Reason::NodeLost.as_str();
+    tracing::info!(session = %id, user, reason, "session closed: the node that held it is gone");
+    let event = AuditEvent::new(Kind::SessionClosed, reason)
+        .actor("sandbox")
+        .user(user)
+        .tool(tool.to_owned())
+        .detail(serde_json::json!({"session": id, "reason": reason, "steps": null}));
+    if let Err(e) = state.store.session_closed(id.to_owned(), reason.to_owned(), 0, event).await {
+        tracing::error!(error = %e, session = %id, "recording a session's end failed");
+    }
+}
+
+/// Ends the open sessions of nodes that are gone (after a heartbeat found
+/// some dead).
+pub(crate) async fn end_orphans(state: &AppState) {
+    let Some(node) = &state.node else { return };
+    match node.orphaned_sessions().await {
+        Ok(orphans) => {
+            for orphan in orphans {
+                end_orphan(state, &orphan.id, &orphan.user, &orphan.tool).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "listing the sessions of nodes that are gone failed"),
     }
 }
 
@@ -511,7 +605,13 @@ pub async fn run(
     let limit = state.sandbox.policy.input_bytes.saturating_add(super::invoke::INVOKE_ENVELOPE_BYTES);
     let body = read_body(&headers, body, limit).await?;
     let step: StepRequest = parse_json(&body)?;
-    let live = find(&state, &caller, &id).await?;
+    let live = match locate(&state, &caller, &id).await? {
+        Located::Here(live) => live,
+        Located::There { node, address } => {
+            let path = format!("/v1/sessions/{id}/run");
+            return forward(&state, &id, (node, address), Method::POST, path, &headers, body).await;
+        }
+    };
     let (_, json) = run_step(&state, caller, live, step, arrived).await?;
     Ok(stored_report(json))
 }
@@ -584,10 +684,15 @@ pub async fn show(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<SessionInfo>, ApiError> {
-    match find(&state, &caller, &id).await {
-        Ok(live) => Ok(Json(live.info())),
-        Err(e) if e.status == StatusCode::GONE => ended_info(&state, &caller, &id).await.map(Json),
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    match locate(&state, &caller, &id).await {
+        Ok(Located::Here(live)) => Ok(Json(live.info()).into_response()),
+        Ok(Located::There { node, address }) => {
+            let path = format!("/v1/sessions/{id}");
+            forward(&state, &id, (node, address), Method::GET, path, &headers, Bytes::new()).await
+        }
+        Err(e) if e.status == StatusCode::GONE => Ok(Json(ended_info(&state, &caller, &id).await?).into_response()),
         Err(e) => Err(e),
     }
 }
@@ -606,14 +711,19 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<SessionInfo>, ApiError> {
-    match find(&state, &caller, &id).await {
-        Ok(live) => {
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    match locate(&state, &caller, &id).await {
+        Ok(Located::Here(live)) => {
             close(&state, &live, Reason::User).await;
-            Ok(Json(live.info()))
+            Ok(Json(live.info()).into_response())
+        }
+        Ok(Located::There { node, address }) => {
+            let path = format!("/v1/sessions/{id}");
+            forward(&state, &id, (node, address), Method::DELETE, path, &headers, Bytes::new()).await
         }
         // Closing an ended session again answers how it ended.
-        Err(e) if e.status == StatusCode::GONE => ended_info(&state, &caller, &id).await.map(Json),
+        Err(e) if e.status == StatusCode::GONE => Ok(Json(ended_info(&state, &caller, &id).await?).into_response()),
         Err(e) => Err(e),
     }
 }

@@ -223,6 +223,74 @@ impl Live {
     }
 }
 
+/// Where an open code session lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Home {
+    pub node: String,
+    /// The tool the session runs.
+    pub tool: String,
+    /// Where the node can be reached; `None` when it is no longer alive.
+    pub address: Option<String>,
+}
+
+/// An open code session whose node is no longer alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub id: String,
+    pub user: String,
+    pub tool: String,
+}
+
+// Code sessions' nodes.
+impl Live {
+    /// Records that `node` holds session `id`.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be reached.
+    pub async fn own_session(&self, id: &str, node: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("UPDATE sessions SET node = $2 WHERE id = $1").await?;
+        client.execute(&stmt, &[&id, &node]).await?;
+        Ok(())
+    }
+
+    /// The node holding session `id` of `user`, if it is open and has one.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be reached.
+    pub async fn session_home(&self, id: &str, user: &str) -> Result<Option<Home>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT s.node, s.tool, n.address FROM sessions s LEFT JOIN nodes n ON n.node = s.node
+                 WHERE s.id = $1 AND s.user_id = $2 AND s.closed_at IS NULL AND s.node IS NOT NULL",
+            )
+            .await?;
+        let row = client.query_opt(&stmt, &[&id, &user]).await?;
+        Ok(row.map(|row| Home { node: row.get(0), tool: row.get(1), address: row.get(2) }))
+    }
+
+    /// Open sessions whose node is no longer alive.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be reached.
+    pub async fn orphaned_sessions(&self) -> Result<Vec<Orphan>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, user_id, tool FROM sessions s
+                 WHERE closed_at IS NULL AND node IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node = s.node)",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[]).await?;
+        Ok(rows.iter().map(|row| Orphan { id: row.get(0), user: row.get(1), tool: row.get(2) }).collect())
+    }
+}
+
 /// Removes the nodes unseen for `lease` (and `leaving`, if given) and the
 /// places of every call not on a node alive, fixing their users' counts:
 /// (nodes removed, places removed).

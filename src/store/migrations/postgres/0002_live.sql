@@ -1,7 +1,8 @@
 -- What the nodes sharing the database hold right now (issue 19): which nodes
 -- are alive, the calls each is running, every user's calls in flight across
--- the nodes, and every user's request bucket. All of it describes the
--- present only, so the tables are UNLOGGED: no WAL, so a change commits
+-- the nodes, and every user's request bucket, and which node holds each code
+-- session. All but the last describe the present only, so their tables are
+-- UNLOGGED: no WAL, so a change commits
 -- without waiting for a flush, and a crash of the database empties them
 -- (each node writes back what it holds at its next heartbeat:
 -- `crate::store::live`).
@@ -40,3 +41,8 @@ CREATE UNLOGGED TABLE rate_buckets (
     tokens   DOUBLE PRECISION NOT NULL,
     "at"     TIMESTAMPTZ NOT NULL
 );
+
+-- The node whose memory holds an open code session: another node forwards
+-- the session's requests there, and ends it when that node is gone.
+ALTER TABLE sessions ADD COLUMN node TEXT;
+CREATE INDEX sessions_open_by_node ON sessions (node) WHERE closed_at IS NULL;
