@@ -77,7 +77,12 @@ impl From<StoreError> for ApiError {
                 }
             }
             e if e.is_unreachable() => {
-                tracing::error!(error = %e, "the database cannot be reached");
+                // Once a second at most: every request says it while the database is away.
+                static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let now = crate::store::unix_now().max(0) as u64;
+                if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                    tracing::error!(error = %e, "the database cannot be reached (said once a second at most)");
+                }
                 Self {
                     retry_after: Some(1),
                     ..Self::new(

@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 
 /// A running server.
 pub struct Server {
+    /// The address it listens on.
+    host: String,
     port: u16,
     bin: PathBuf,
     dir: PathBuf,
@@ -46,6 +48,17 @@ impl Server {
     ///
     /// No server installed, not root, or it would not start (its log says why).
     pub async fn start() -> anyhow::Result<Server> {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// [`Server::start`], listening on `host` (an address of this host's),
+    /// and taking logins from any address without a password: for tests
+    /// whose nodes reach it from network namespaces of their own.
+    ///
+    /// # Errors
+    ///
+    /// As [`Server::start`].
+    pub async fn start_on(host: &str) -> anyhow::Result<Server> {
         let Some(bin) = binaries() else { bail!("PostgreSQL is not installed (apt-get install postgresql)") };
         if !nix::unistd::Uid::effective().is_root() {
             bail!("running PostgreSQL as its own user needs root");
@@ -62,17 +75,15 @@ impl Server {
         if !made.status.success() {
             bail!("initdb: {}", String::from_utf8_lossy(&made.stderr));
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let log = std::fs::File::create(dir.join("server.log"))?;
+        if host != "127.0.0.1" {
+            use std::io::Write as _;
+            let mut hba = std::fs::OpenOptions::new().append(true).open(dir.join("data/pg_hba.conf"))?;
+            writeln!(hba, "host all all 0.0.0.0/0 trust")?;
+        }
+        let port = std::net::TcpListener::bind((host, 0))?.local_addr()?.port();
+        std::fs::File::create(dir.join("server.log"))?;
         owned(&dir.join("server.log"))?;
-        let server = as_postgres(&bin, "postgres")
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300"])
-            .args(["-c", "unix_socket_directories="])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let server = run(&bin, &dir, host, port)?;
         // When this process is gone, however it went: stop it, remove its files.
         let watchdog = Command::new("sh")
             .arg("-c")
@@ -85,22 +96,50 @@ impl Server {
             .arg(&dir)
             .stdin(Stdio::null())
             .spawn()?;
-        let server = Server { port, bin, dir, server, watchdog, databases: AtomicU32::new(0) };
+        let server = Server { host: host.to_owned(), port, bin, dir, server, watchdog, databases: AtomicU32::new(0) };
+        server.taking_logins().await?;
+        Ok(server)
+    }
+
+    /// Waits until the server takes logins (30 s at most).
+    async fn taking_logins(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match tokio_postgres::connect(&server.url("postgres"), tokio_postgres::NoTls).await {
-                Ok(_) => return Ok(server),
+            match tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await {
+                Ok(_) => return Ok(()),
                 Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(e) => {
-                    let log = std::fs::read_to_string(server.dir.join("server.log")).unwrap_or_default();
+                    let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
                     bail!("PostgreSQL did not start ({e}): {log}");
                 }
             }
         }
     }
 
+    /// Stops the server as an operator's restart does (a fast shutdown:
+    /// sessions are ended, what is committed stays), waits `down`, and starts
+    /// it again on the same port; answers once it takes logins.
+    ///
+    /// # Errors
+    ///
+    /// It would not stop or start again.
+    pub async fn restart(&mut self, down: Duration) -> anyhow::Result<()> {
+        let stopped = as_postgres(&self.bin, "pg_ctl")
+            .args(["stop", "-m", "fast", "-D"])
+            .arg(self.dir.join("data"))
+            .stdout(Stdio::null())
+            .output()?;
+        if !stopped.status.success() {
+            bail!("pg_ctl stop: {}", String::from_utf8_lossy(&stopped.stderr));
+        }
+        self.server.wait()?;
+        tokio::time::sleep(down).await;
+        self.server = run(&self.bin, &self.dir, &self.host, self.port)?;
+        self.taking_logins().await
+    }
+
     fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        format!("postgres://postgres@{}:{}/{database}", self.host, self.port)
     }
 
     /// The URL of a new, empty database.
@@ -117,6 +156,20 @@ impl Server {
         let _ = connection.await;
         Ok(self.url(&name))
     }
+}
+
+/// Starts the server of the cluster in `dir` on `host`:`port`, its log
+/// appended to `dir/server.log`.
+fn run(bin: &Path, dir: &Path, host: &str, port: u16) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new().append(true).open(dir.join("server.log"))?;
+    Ok(as_postgres(bin, "postgres")
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args(["-p", &port.to_string(), "-c", &format!("listen_addresses={host}"), "-c", "max_connections=300"])
+        .args(["-c", "unix_socket_directories="])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
 }
 
 impl Drop for Server {

@@ -74,6 +74,9 @@ pub enum StoreError {
     /// No connection to PostgreSQL could be had from the pool.
     #[error("database: no connection: {0}")]
     Pool(String),
+    /// A batch of writes failed because the database went out of reach.
+    #[error("database: out of reach ({0})")]
+    Unreachable(String),
     /// A batch of writes could not be committed for another reason.
     #[error("database: the commit failed ({0})")]
     CommitFailed(String),
@@ -95,7 +98,7 @@ impl StoreError {
     /// again shortly.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            StoreError::Pool(_) => true,
+            StoreError::Pool(_) | StoreError::Unreachable(_) => true,
             StoreError::Postgres(e) => {
                 e.is_closed()
                     || e.code().is_some_and(|code| {
@@ -126,6 +129,8 @@ impl StoreError {
             StoreError::DiskFull(message)
         } else if self.is_busy() {
             StoreError::Busy(message)
+        } else if self.is_unreachable() {
+            StoreError::Unreachable(message)
         } else {
             StoreError::CommitFailed(message)
         }

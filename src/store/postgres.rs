@@ -64,7 +64,12 @@ const POOL_SIZE: usize = 16;
 /// How long a call waits for a free connection before it fails.
 const POOL_WAIT: Duration = Duration::from_secs(30);
 /// How long opening a connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long what was sent to the database may go unacknowledged before the
+/// connection is given up (TCP_USER_TIMEOUT).
+const UNANSWERED: Duration = Duration::from_secs(5);
+/// An idle connection is probed after this long, then every 2 s, 3 times.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 /// Audit records read per round trip while the chain is verified.
 const VERIFY_BATCH: i32 = 1000;
 
@@ -119,7 +124,18 @@ impl Postgres {
     /// The URL is not valid, the database cannot be reached or migrated, or a
     /// newer build has migrated it ([`StoreError::NewerSchema`]).
     pub(super) async fn connect(url: &str) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url.parse()?;
+        let mut config: tokio_postgres::Config = url.parse()?;
+        // A database that stops answering (a link gone, a host down) fails
+        // the statements in flight within seconds rather than TCP's minutes:
+        // each request that needed it answers 503 and the node is not ready.
+        // The URL's own settings win.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(UNANSWERED);
+        }
+        config.keepalives_idle(KEEPALIVE_IDLE).keepalives_interval(Duration::from_secs(2)).keepalives_retries(3);
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)

@@ -207,6 +207,19 @@ pub async fn http_with(
     body: impl Into<Bytes>,
     headers: &[(&str, &str)],
 ) -> Answer {
+    try_http(addr, method, path, key, body, headers).await.unwrap()
+}
+
+/// `http_with`, answering why when no answer came (no connection, a
+/// connection cut mid-way): for servers that may die under the request.
+pub async fn try_http(
+    addr: &str,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: impl Into<Bytes>,
+    headers: &[(&str, &str)],
+) -> Result<Answer, String> {
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut req = Request::builder()
         .method(method)
@@ -215,10 +228,10 @@ pub async fn http_with(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(body.into())).unwrap();
-    let response = client.request(req).await.unwrap();
+    let req = req.body(Full::new(body.into())).map_err(|e| e.to_string())?;
+    let response = client.request(req).await.map_err(|e| format!("{e:?}"))?;
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Answer { status, headers, body }
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Answer { status, headers, body })
 }
