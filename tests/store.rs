@@ -467,7 +467,7 @@ async fn a_write_refused_at_once_with_others_leaves_the_others_in(db: Db) {
 /// database, as `serve` processes on different hosts would be.
 mod nodes {
     use super::*;
-    use imagentx_sandbox::store::Beat;
+    use imagentx_sandbox::store::{Beat, Held};
     use std::time::Duration;
 
     /// The lease the tests' nodes hold their rows for, unless a test shortens it.
@@ -552,7 +552,7 @@ mod nodes {
         let Some((_, nodes)) = nodes(3).await else { return };
         let lives: Vec<_> = nodes.iter().map(|n| n.live().unwrap()).collect();
         for (i, live) in lives.iter().enumerate() {
-            live.heartbeat(&format!("n{i}"), "test", &[], &[], LEASE).await.unwrap();
+            live.heartbeat(&format!("n{i}"), "test", Held::default, LEASE).await.unwrap();
         }
         // 30 calls of alice at once, spread over three nodes, with a cap of 3.
         let tries = (0..30).map(|i| {
@@ -578,8 +578,11 @@ mod nodes {
     async fn a_dead_nodes_places_come_back_after_its_lease_and_a_node_that_returns_writes_its_own_back() {
         let Some((url, nodes)) = nodes(2).await else { return };
         let (a, b) = (nodes[0].live().unwrap(), nodes[1].live().unwrap());
-        a.heartbeat("a", "10.0.0.1:8080", &[], &[], LEASE).await.unwrap();
-        b.heartbeat("b", "10.0.0.2:8080", &[], &[], LEASE).await.unwrap();
+        let (beat_a, beat_b) = (
+            a.heartbeat("a", "10.0.0.1:8080", Held::default, LEASE).await.unwrap(),
+            b.heartbeat("b", "10.0.0.2:8080", Held::default, LEASE).await.unwrap(),
+        );
+        assert!(beat_a.rejoined && beat_b.rejoined, "a node's first heartbeat makes its row");
         for call in ["a#1", "a#2"] {
             assert_eq!(a.take_place(call, "alice", "a", 2).await.unwrap(), Ok(()));
         }
@@ -587,34 +590,53 @@ mod nodes {
         let held: Vec<(String, String)> =
             ["a#1", "a#2"].iter().map(|c| ((*c).to_owned(), "alice".to_owned())).collect();
         let keep: Vec<String> = held.iter().map(|(c, _)| c.clone()).collect();
+        let holding = |n: usize| {
+            let (held, keep) = (held[..n].to_vec(), keep[..n].to_vec());
+            move || Held { held, keep }
+        };
         // Within the lease, nothing of a's is touched.
-        let beat = b.heartbeat("b", "10.0.0.2:8080", &[], &[], LEASE).await.unwrap();
-        assert_eq!(beat, Beat { nodes: 2, reaped_nodes: 0, reaped_places: 0 });
+        let beat = b.heartbeat("b", "10.0.0.2:8080", Held::default, LEASE).await.unwrap();
+        assert_eq!(beat, Beat { nodes: 2, rejoined: false, reaped_nodes: vec![], reaped_places: 0 });
         // a goes silent past a (short) lease: b gives its places back.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let beat = b.heartbeat("b", "10.0.0.2:8080", &[], &[], Duration::from_millis(200)).await.unwrap();
-        assert_eq!(beat, Beat { nodes: 1, reaped_nodes: 1, reaped_places: 2 });
+        let beat = b.heartbeat("b", "10.0.0.2:8080", Held::default, Duration::from_millis(200)).await.unwrap();
+        assert_eq!(beat, Beat { nodes: 1, rejoined: false, reaped_nodes: vec!["a".to_owned()], reaped_places: 2 });
         assert_eq!(b.nodes().await.unwrap(), vec![("b".to_owned(), "10.0.0.2:8080".to_owned())]);
         assert_eq!(b.running("alice").await.unwrap(), 0);
         assert_eq!(b.take_place("b#1", "alice", "b", 2).await.unwrap(), Ok(()));
         // a was only cut off: it comes back still running its two calls and
         // writes them back (alice is over her cap until they end).
-        let beat = a.heartbeat("a", "10.0.0.1:8080", &held, &keep, LEASE).await.unwrap();
-        assert_eq!(beat.nodes, 2);
+        let beat = a.heartbeat("a", "10.0.0.1:8080", holding(2), LEASE).await.unwrap();
+        assert_eq!((beat.nodes, beat.rejoined), (2, true));
         assert_eq!(a.running("alice").await.unwrap(), 3);
         assert_eq!(a.take_place("a#3", "alice", "a", 2).await.unwrap(), Err(3));
+        // A node's row there, what it holds is not written again.
+        assert!(!a.heartbeat("a", "10.0.0.1:8080", holding(2), LEASE).await.unwrap().rejoined);
+        assert_eq!(a.running("alice").await.unwrap(), 3);
         // A crash of the database empties the live tables: each node's next
         // heartbeat writes back what it holds.
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(connection);
         client.batch_execute("TRUNCATE nodes, places, user_load, rate_buckets").await.unwrap();
         assert_eq!(a.running("alice").await.unwrap(), 0);
-        a.heartbeat("a", "10.0.0.1:8080", &held, &keep, LEASE).await.unwrap();
+        assert!(a.heartbeat("a", "10.0.0.1:8080", holding(2), LEASE).await.unwrap().rejoined);
         assert_eq!(a.running("alice").await.unwrap(), 2);
         // A call that ended while its release could not reach the database:
         // the node no longer holds it, and its heartbeat removes its place.
-        a.heartbeat("a", "10.0.0.1:8080", &held[..1], &keep[..1], LEASE).await.unwrap();
+        a.heartbeat("a", "10.0.0.1:8080", holding(1), LEASE).await.unwrap();
         assert_eq!(a.running("alice").await.unwrap(), 1);
+        // A call admitted while the heartbeat reads what the node holds is
+        // not in what it read, and keeps its place.
+        let other = nodes[1].live().unwrap();
+        let admit_meanwhile = || {
+            let taken = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(other.take_place("a#4", "alice", "a", 5))
+            });
+            assert_eq!(taken.unwrap(), Ok(()));
+            Held { held: held[..1].to_vec(), keep: keep[..1].to_vec() }
+        };
+        a.heartbeat("a", "10.0.0.1:8080", admit_meanwhile, LEASE).await.unwrap();
+        assert_eq!(a.running("alice").await.unwrap(), 2);
         // A node that stops gives back what it still holds.
         a.leave("a", LEASE).await.unwrap();
         assert_eq!(a.running("alice").await.unwrap(), 0);

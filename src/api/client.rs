@@ -64,8 +64,14 @@ impl TrustedProxies {
     /// `None` when the chain cannot be read (a malformed entry before an
     /// untrusted one), or when there is no peer address at all.
     pub fn client(&self, parts: &Parts) -> Option<IpAddr> {
-        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>()?.0.ip();
-        let forwarded = || parts.headers.get_all(FORWARDED_FOR).iter();
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        self.client_of(peer, &parts.headers)
+    }
+
+    /// [`TrustedProxies::client`], from the peer's address and the headers.
+    pub fn client_of(&self, peer: Option<IpAddr>, headers: &axum::http::HeaderMap) -> Option<IpAddr> {
+        let peer = peer?;
+        let forwarded = || headers.get_all(FORWARDED_FOR).iter();
         if !self.trusts(peer) {
             if forwarded().next().is_some() && self.time_to_warn() {
                 tracing::warn!(

@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 
 use super::admission::Denial;
 use super::error::ApiError;
-use crate::store::{Home, Live, Orphan, StoreError};
+use crate::store::{Held, Home, Live, Orphan, StoreError};
 
 /// How often a node says it is alive and writes back what it holds.
 pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -30,6 +30,8 @@ pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
 /// places back when it returns (until then its users may run more calls than
 /// their tier's across the nodes).
 pub(crate) const LEASE: Duration = Duration::from_secs(10);
+/// How long one heartbeat may take: well within the lease.
+const BEAT_TIMEOUT: Duration = Duration::from_secs(4);
 
 pub(crate) struct Node {
     /// Unique per process start: `<host>/<random>`.
@@ -49,6 +51,12 @@ pub(crate) struct Place {
 }
 
 impl Place {
+    /// A place the store refused: nothing to give back.
+    fn forgotten(mut self) {
+        let call = std::mem::take(&mut self.call);
+        self.node.forget(&call);
+    }
+
     /// Gives the place back now (the call has ended), so that the caller's
     /// next call finds it free; dropped instead, it goes back soon after.
     pub(crate) async fn give_back(mut self) {
@@ -105,16 +113,20 @@ impl Node {
     pub(crate) async fn take_place(self: &Arc<Self>, user: &str, cap: u32) -> Result<Result<Place, Denial>, ApiError> {
         let call = format!("{}#{}", self.id, self.next.fetch_add(1, Ordering::Relaxed));
         self.calls.lock().unwrap_or_else(PoisonError::into_inner).insert(call.clone(), (user.to_owned(), false));
-        let taken = self.live.take_place(&call, user, &self.id, cap).await;
+        // Until it is known taken or refused, the place is a Place: dropped
+        // (the request cancelled mid-way), it is given back in case the
+        // statement went through.
+        let pending = Place { node: Arc::clone(self), call };
+        let taken = self.live.take_place(&pending.call, user, &self.id, cap).await;
         match taken {
             Ok(Ok(())) => {
-                if let Some(entry) = self.calls.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&call) {
+                if let Some(entry) = self.calls.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&pending.call) {
                     entry.1 = true;
                 }
-                Ok(Ok(Place { node: Arc::clone(self), call }))
+                Ok(Ok(pending))
             }
             Ok(Err(running)) => {
-                self.forget(&call);
+                pending.forgotten();
                 Ok(Err(Denial {
                     reason: "user_concurrency",
                     message: format!("{running} calls already running across the nodes, the tier's limit"),
@@ -122,7 +134,8 @@ impl Node {
                 }))
             }
             Err(e) => {
-                self.forget(&call);
+                // Whether it went through is not known: given back (dropped).
+                drop(pending);
                 Err(unreachable(e))
             }
         }
@@ -158,13 +171,14 @@ impl Node {
     ///
     /// The database cannot be reached.
     pub(crate) async fn beat(&self) -> Result<crate::store::Beat, StoreError> {
-        let (held, keep) = {
+        let held = || {
             let calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
-            let held: Vec<(String, String)> =
-                calls.iter().filter(|(_, (_, held))| *held).map(|(c, (u, _))| (c.clone(), u.clone())).collect();
-            (held, calls.keys().cloned().collect::<Vec<_>>())
+            Held {
+                held: calls.iter().filter(|(_, (_, held))| *held).map(|(c, (u, _))| (c.clone(), u.clone())).collect(),
+                keep: calls.keys().cloned().collect(),
+            }
         };
-        self.live.heartbeat(&self.id, &self.address, &held, &keep, LEASE).await
+        self.live.heartbeat(&self.id, &self.address, held, LEASE).await
     }
 
     /// Records that this node holds code session `id`.
@@ -181,9 +195,9 @@ impl Node {
         Ok(self.live.session_home(id, user).await?.filter(|home| home.node != self.id))
     }
 
-    /// Open sessions of nodes no longer alive.
-    pub(crate) async fn orphaned_sessions(&self) -> Result<Vec<Orphan>, StoreError> {
-        self.live.orphaned_sessions().await
+    /// The open sessions of `nodes`, found dead.
+    pub(crate) async fn sessions_of(&self, nodes: &[String]) -> Result<Vec<Orphan>, StoreError> {
+        self.live.sessions_of(nodes).await
     }
 
     /// Leaves the nodes' table, giving back any place still held.
@@ -224,6 +238,7 @@ const FORWARD_CONNECT: Duration = Duration::from_secs(5);
 /// # Errors
 ///
 /// 503 `node_unreachable` (with `Retry-After`) when the node does not answer.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
     node: &Node,
     owner: &str,
@@ -231,7 +246,8 @@ pub(crate) async fn forward(
     method: Method,
     path: &str,
     headers: &HeaderMap,
-    body: Bytes,
+    client: Option<std::net::IpAddr>,
+    (body, limit): (Bytes, Duration),
 ) -> Result<Response, ApiError> {
     let unreachable = |why: String| {
         tracing::warn!(node = owner, address, error = %why, "forwarding a request to the node holding it failed");
@@ -260,14 +276,28 @@ pub(crate) async fn forward(
     for (name, value) in headers.iter().filter(|(name, _)| !hop_by_hop(name)) {
         request = request.header(name, value);
     }
+    // The client as this node saw it: the owner counts it for behaviour
+    // analysis when it trusts the nodes' addresses ([server] trusted_proxies).
+    if let Some(client) = client {
+        request = request.header("x-forwarded-for", client.to_string());
+    }
     let request = request
         .header(header::HOST, address)
         .header(FORWARDED_BY, node.id.as_str())
         .body(Full::new(body))
         .map_err(|e| ApiError::internal("forwarding a request", &e))?;
-    let answer = sender.send_request(request).await.map_err(|e| unreachable(e.to_string()))?;
-    let (parts, body) = answer.into_parts();
-    let body = body.collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+    // The longest a step may run, and then some: a node that froze, or a
+    // link that went silent, does not hold the request forever.
+    let answered = tokio::time::timeout(limit, async {
+        let answer = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let (parts, body) = answer.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((parts, body))
+    })
+    .await
+    .map_err(|_| format!("no answer within {} s", limit.as_secs()))
+    .flatten();
+    let (parts, body) = answered.map_err(unreachable)?;
     let mut response = (parts.status, body).into_response();
     for (name, value) in parts.headers.iter().filter(|(name, _)| !hop_by_hop(name)) {
         response.headers_mut().insert(name, value.clone());
@@ -279,12 +309,22 @@ pub(crate) async fn forward(
 fn hop_by_hop(name: &header::HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer" | "upgrade" | "host" | "content-length"
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "x-forwarded-for"
     ) || name == FORWARDED_BY
 }
 
-/// Keeps this node's row alive and its places right, every [`HEARTBEAT`];
-/// after a heartbeat that found nodes dead, ends the sessions they held.
+/// Keeps this node's row alive and its places right, every [`HEARTBEAT`]
+/// (each heartbeat given [`BEAT_TIMEOUT`]); after a heartbeat that found
+/// nodes dead, ends the sessions they held; after one that found this
+/// node's row lost, ends here the sessions another node ended meanwhile.
 pub(crate) async fn heartbeat(state: Arc<super::AppState>) {
     let Some(node) = state.node.clone() else { return };
     let mut every = tokio::time::interval(HEARTBEAT);
@@ -292,22 +332,32 @@ pub(crate) async fn heartbeat(state: Arc<super::AppState>) {
     let mut failing = false;
     loop {
         every.tick().await;
-        match node.beat().await {
+        let beat = tokio::time::timeout(BEAT_TIMEOUT, node.beat())
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unreachable(format!("no answer within {BEAT_TIMEOUT:?}"))));
+        match beat {
             Ok(beat) => {
                 if failing {
                     tracing::info!(node = %node.id, "the database answers the heartbeat again");
                 }
                 failing = false;
-                if beat.reaped_nodes > 0 || beat.reaped_places > 0 {
+                if !beat.reaped_nodes.is_empty() || beat.reaped_places > 0 {
                     tracing::warn!(
-                        nodes = beat.reaped_nodes,
+                        nodes = ?beat.reaped_nodes,
                         places = beat.reaped_places,
                         lease_s = LEASE.as_secs(),
                         "nodes unseen for the lease taken for dead: their calls' places given back"
                     );
                 }
-                if beat.reaped_nodes > 0 {
-                    super::sessions::end_orphans(&state).await;
+                if !beat.reaped_nodes.is_empty() {
+                    let (state, dead) = (Arc::clone(&state), beat.reaped_nodes);
+                    tokio::spawn(async move { super::sessions::end_sessions_of(&state, &dead).await });
+                }
+                if beat.rejoined {
+                    tracing::warn!(node = %node.id, "this node's row in the store was lost (a crash of the database, \
+                                   or cut off past its lease): its places are written back");
+                    let state = Arc::clone(&state);
+                    tokio::spawn(async move { super::sessions::drop_ended_elsewhere(&state).await });
                 }
             }
             Err(e) => {

@@ -628,6 +628,14 @@ impl AppState {
             // Before a call can take a place: a place of a node not in the table is given back.
             node.beat().await?;
             tracing::info!(node = %node.id, address = %settings.advertised(), "joined the nodes sharing the store");
+            let loopback = settings.advertised().parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+            if loopback {
+                tracing::warn!(
+                    address = %settings.advertised(),
+                    "the address other nodes forward code sessions' requests to is a loopback one: only nodes on this \
+                     host reach it (set [server] advertise, or --advertise, to this node's address on their network)"
+                );
+            }
         }
         let state = Arc::new_cyclic(|me| Self {
             node,

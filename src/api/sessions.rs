@@ -23,12 +23,14 @@
 //! one is answered 410 `session_ended` with the reason.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -524,8 +526,9 @@ fn elsewhere(id: &str, node: &str, address: &str) -> ApiError {
 }
 
 /// Where the caller's open session `id` is, or why there is none: on a shared
-/// store, another node may hold it; one held by a node that is gone is ended
-/// here (`node_lost`), and answered 410.
+/// store, another node may hold it; one whose node has no row in the nodes'
+/// table answers 503 `node_unreachable` (the node that reaps a dead one ends
+/// its sessions: `node_lost`, then 410).
 pub(crate) async fn locate(state: &AppState, caller: &Caller, id: &str) -> Result<Located, ApiError> {
     if let Some(live) = state.sessions.get(id).filter(|l| l.user == caller.user) {
         return Ok(Located::Here(live));
@@ -535,7 +538,23 @@ pub(crate) async fn locate(state: &AppState, caller: &Caller, id: &str) -> Resul
     {
         match home.address {
             Some(address) => return Ok(Located::There { node: home.node, address }),
-            None => end_orphan(state, id, caller.user.as_str(), &home.tool).await,
+            // Not in the nodes' table: dead (the node that reaps it ends its
+            // sessions), or its row lost with the database's crash (back
+            // within a second): not for this node to say which.
+            None => {
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "node_unreachable",
+                    format!(
+                        "session `{id}` is held by node {}, which has not said it is alive: if it is gone, the \
+                         session ends within {} s",
+                        home.node,
+                        super::cluster::LEASE.as_secs() + 2 * super::cluster::HEARTBEAT.as_secs()
+                    ),
+                );
+                error.retry_after = Some(2);
+                return Err(error);
+            }
         }
     }
     match state.store.session(id, caller.user.as_str()).await? {
@@ -552,18 +571,22 @@ pub(crate) async fn locate(state: &AppState, caller: &Caller, id: &str) -> Resul
 /// forwarded already (then that node's own view answers: never a loop).
 async fn forward(
     state: &AppState,
-    id: &str,
-    (owner, address): (String, String),
-    method: Method,
-    path: String,
+    (id, owner, address): (&str, String, String),
+    (method, path): (Method, String),
     headers: &HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let Some(node) = state.node.as_ref().filter(|_| !headers.contains_key(super::cluster::FORWARDED_BY)) else {
         return Err(elsewhere(id, &owner, &address));
     };
-    super::cluster::forward(node, &owner, &address, method, &path, headers, body).await
+    let client = state.proxies.client_of(peer.map(|Extension(ConnectInfo(peer))| peer.ip()), headers);
+    let limit = state.sandbox.policy.max_wall_time + FORWARD_MARGIN;
+    super::cluster::forward(node, &owner, &address, method, &path, headers, client, (body, limit)).await
 }
+
+/// What a forwarded request may take beyond the longest step.
+const FORWARD_MARGIN: Duration = Duration::from_secs(30);
 
 /// Ends session `id`, whose node is gone, as `node_lost` (its steps are not
 /// known here: recorded as 0).
@@ -580,11 +603,11 @@ async fn end_orphan(state: &AppState, id: &str, user: &str, tool: &str) {
     }
 }
 
-/// Ends the open sessions of nodes that are gone (after a heartbeat found
-/// some dead).
-pub(crate) async fn end_orphans(state: &AppState) {
+/// Ends the open sessions of `dead` nodes (the heartbeat that found them
+/// dead calls this).
+pub(crate) async fn end_sessions_of(state: &AppState, dead: &[String]) {
     let Some(node) = &state.node else { return };
-    match node.orphaned_sessions().await {
+    match node.sessions_of(dead).await {
         Ok(orphans) => {
             for orphan in orphans {
                 end_orphan(state, &orphan.id, &orphan.user, &orphan.tool).await;
@@ -594,10 +617,24 @@ pub(crate) async fn end_orphans(state: &AppState) {
     }
 }
 
+/// Closes here the sessions the store says ended: this node's row was lost
+/// while it was cut off past its lease, and the node that took it for dead
+/// ended them (`node_lost`); their instances must not go on here.
+pub(crate) async fn drop_ended_elsewhere(state: &AppState) {
+    for live in state.sessions.all() {
+        match state.store.session(&live.id, live.user.as_str()).await {
+            Ok(Some(row)) if row.closed_at.is_some() => close(state, &live, Reason::NodeLost).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, session = %live.id, "reading a session's row failed"),
+        }
+    }
+}
+
 pub async fn run(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
     ApiPath(id): ApiPath<String>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
@@ -609,7 +646,7 @@ pub async fn run(
         Located::Here(live) => live,
         Located::There { node, address } => {
             let path = format!("/v1/sessions/{id}/run");
-            return forward(&state, &id, (node, address), Method::POST, path, &headers, body).await;
+            return forward(&state, (&id, node, address), (Method::POST, path), &headers, peer, body).await;
         }
     };
     let (_, json) = run_step(&state, caller, live, step, arrived).await?;
@@ -684,13 +721,14 @@ pub async fn show(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
     ApiPath(id): ApiPath<String>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     match locate(&state, &caller, &id).await {
         Ok(Located::Here(live)) => Ok(Json(live.info()).into_response()),
         Ok(Located::There { node, address }) => {
             let path = format!("/v1/sessions/{id}");
-            forward(&state, &id, (node, address), Method::GET, path, &headers, Bytes::new()).await
+            forward(&state, (&id, node, address), (Method::GET, path), &headers, peer, Bytes::new()).await
         }
         Err(e) if e.status == StatusCode::GONE => Ok(Json(ended_info(&state, &caller, &id).await?).into_response()),
         Err(e) => Err(e),
@@ -711,6 +749,7 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     Authed(caller): Authed,
     ApiPath(id): ApiPath<String>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     match locate(&state, &caller, &id).await {
@@ -720,7 +759,7 @@ pub async fn delete(
         }
         Ok(Located::There { node, address }) => {
             let path = format!("/v1/sessions/{id}");
-            forward(&state, &id, (node, address), Method::DELETE, path, &headers, Bytes::new()).await
+            forward(&state, (&id, node, address), (Method::DELETE, path), &headers, peer, Bytes::new()).await
         }
         // Closing an ended session again answers how it ended.
         Err(e) if e.status == StatusCode::GONE => Ok(Json(ended_info(&state, &caller, &id).await?).into_response()),

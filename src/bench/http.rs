@@ -64,9 +64,21 @@ pub(super) fn write_config(dir: &Path, extra: &str) -> anyhow::Result<std::path:
 
 /// An admin (`root`) and a user of the load tier (`bench`): their keys.
 pub(super) fn add_users(dir: &Path, config: &Path) -> anyhow::Result<(String, String)> {
+    add_users_with(dir, config, &[])
+}
+
+/// [`add_users`], with these environment variables (`IMAGENTX_STORE_URL`).
+pub(super) fn add_users_with(dir: &Path, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<(String, String)> {
     let bin = super::this_binary()?;
     let user = |args: &[&str]| -> anyhow::Result<String> {
-        let out = Command::new(&bin).args(args).arg("--data-dir").arg(dir).arg("--config").arg(config).output()?;
+        let out = Command::new(&bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(config)
+            .envs(env.iter().copied())
+            .output()?;
         anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     };
@@ -79,6 +91,16 @@ pub(super) fn add_users(dir: &Path, config: &Path) -> anyhow::Result<(String, St
 /// This binary's `serve` on `dir` with `config`, once it listens (and, with
 /// `interpreters`, has registered the built-in tools).
 pub(super) fn serve(dir: &Path, config: &Path, interpreters: Option<&Path>) -> anyhow::Result<Server> {
+    serve_with(dir, config, interpreters, &[])
+}
+
+/// [`serve`], with these environment variables (`IMAGENTX_STORE_URL`).
+pub(super) fn serve_with(
+    dir: &Path,
+    config: &Path,
+    interpreters: Option<&Path>,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Server> {
     let bin = super::this_binary()?;
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
     let child = Command::new(&bin)
@@ -87,6 +109,7 @@ pub(super) fn serve(dir: &Path, config: &Path, interpreters: Option<&Path>) -> a
         .arg("--config")
         .arg(config)
         .env(crate::interpreters::DIR_VAR, interpreters.map_or_else(|| dir.join("no-interpreters"), Path::to_owned))
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

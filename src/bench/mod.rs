@@ -26,6 +26,7 @@ mod density;
 mod http;
 mod mcp;
 mod native;
+mod nodes;
 mod ops;
 mod ops_load;
 pub mod postgres;

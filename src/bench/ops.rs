@@ -76,7 +76,8 @@ pub fn run(h: &mut Harness) -> anyhow::Result<()> {
     );
     drop(runtime);
     super::ops_load::run(h, &data)?;
-    super::stores::run(h)
+    super::stores::run(h)?;
+    super::nodes::run(h)
 }
 
 /// Users (each with a key) and executions, each execution with its audit

@@ -160,16 +160,20 @@ impl Server {
 
 /// Starts the server of the cluster in `dir` on `host`:`port`, its log
 /// appended to `dir/server.log`.
+/// With pg_stat_statements (Debian's server package has it) loaded, so that
+/// the bench can read what each statement cost.
 fn run(bin: &Path, dir: &Path, host: &str, port: u16) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new().append(true).open(dir.join("server.log"))?;
-    Ok(as_postgres(bin, "postgres")
+    let mut server = as_postgres(bin, "postgres");
+    server
         .arg("-D")
         .arg(dir.join("data"))
         .args(["-p", &port.to_string(), "-c", &format!("listen_addresses={host}"), "-c", "max_connections=300"])
-        .args(["-c", "unix_socket_directories="])
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?)
+        .args(["-c", "unix_socket_directories="]);
+    if bin.parent().is_some_and(|v| v.join("lib/pg_stat_statements.so").exists()) {
+        server.args(["-c", "shared_preload_libraries=pg_stat_statements"]);
+    }
+    Ok(server.stdout(log.try_clone()?).stderr(log).spawn()?)
 }
 
 impl Drop for Server {

@@ -114,7 +114,8 @@ async fn admissions(stores: &[Arc<Store>], calls: usize, in_flight: usize) -> an
     let lives: Vec<_> = stores.iter().filter_map(|s| s.live()).collect();
     anyhow::ensure!(lives.len() == stores.len(), "not PostgreSQL stores");
     for (i, live) in lives.iter().enumerate() {
-        live.heartbeat(&format!("bench-{i}"), "bench", &[], &[], std::time::Duration::from_secs(60)).await?;
+        let held = crate::store::Held::default;
+        live.heartbeat(&format!("bench-{i}"), "bench", held, std::time::Duration::from_secs(60)).await?;
     }
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();

@@ -22,22 +22,41 @@ use super::StoreError;
 #[derive(Clone)]
 pub struct Live {
     pool: Pool,
+    /// The heartbeat's own connection.
+    beats: Pool,
 }
 
 /// What a heartbeat found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Beat {
     /// Nodes alive, this one included.
     pub nodes: u32,
+    /// This node's row was made anew: its first heartbeat, or the first
+    /// after its row was lost (a crash of the database, or a lease that ran
+    /// out while it was cut off); its places were written back.
+    pub rejoined: bool,
     /// Nodes found dead (unseen for the lease) and removed by this heartbeat.
-    pub reaped_nodes: u32,
+    pub reaped_nodes: Vec<String>,
     /// Places of dead nodes' calls given back by this heartbeat.
     pub reaped_places: u32,
 }
 
+/// The calls a node holds places for, as its heartbeat reads them.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    /// Calls admitted, and whose: written back if the node's row was lost.
+    pub held: Vec<(String, String)>,
+    /// Every call with a place, being admitted or held: a place of the node
+    /// not among them is removed.
+    pub keep: Vec<String>,
+}
+
+/// Taken by the node that gives dead nodes' places back: one at a time.
+const REAP_LOCK: i64 = i64::from_be_bytes(*b"ixs:reap");
+
 impl Live {
-    pub(super) fn new(pool: Pool) -> Self {
-        Self { pool }
+    pub(super) fn new(pool: Pool, beats: Pool) -> Self {
+        Self { pool, beats }
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
@@ -129,13 +148,14 @@ impl Live {
     }
 
     /// Says `node` (listening at `address`) is alive, and makes the store's
-    /// places of its calls what it holds: `held` (call, user) are the calls it
-    /// was admitted for, written back if missing (after a crash of the
-    /// database emptied the tables, or a lease that ran out while the node
-    /// was cut off); a place of `node` whose call is not in `keep` (those
-    /// held, and those being admitted now) is removed (its call ended while
-    /// the database was out of reach). Then removes the nodes unseen for
-    /// `lease`, giving their calls' places back.
+    /// places of its calls what it holds, as `held` reads them (called once
+    /// the node's row is written, so that a call admitted after the read
+    /// has a place newer than the row): a place of `node` older than the
+    /// row's write whose call is not in `keep` is removed (its call ended
+    /// while the database was out of reach); when the node's row was made
+    /// anew ([`Beat::rejoined`]), the calls it holds are written back. Then
+    /// removes the nodes unseen for `lease` (one node at a time does),
+    /// giving their calls' places back.
     ///
     /// # Errors
     ///
@@ -144,26 +164,31 @@ impl Live {
         &self,
         node: &str,
         address: &str,
-        held: &[(String, String)],
-        keep: &[String],
+        held: impl FnOnce() -> Held,
         lease: Duration,
     ) -> Result<Beat, StoreError> {
-        let client = self.client().await?;
+        let client = self.beats.get().await.map_err(|e| StoreError::Pool(e.to_string()))?;
         let seen = client
             .prepare_cached(
                 "INSERT INTO nodes (node, address) VALUES ($1, $2)
-                 ON CONFLICT (node) DO UPDATE SET seen = clock_timestamp(), address = excluded.address",
+                 ON CONFLICT (node) DO UPDATE SET seen = clock_timestamp(), address = excluded.address
+                 RETURNING extract(epoch FROM clock_timestamp())::float8, xmax = 0",
             )
             .await?;
-        client.execute(&seen, &[&node, &address]).await?;
-        let (calls, users): (Vec<&str>, Vec<&str>) = held.iter().map(|(c, u)| (c.as_str(), u.as_str())).unzip();
+        let row = client.query_one(&seen, &[&node, &address]).await?;
+        let (written, rejoined): (f64, bool) = (row.get(0), row.get(1));
+        let Held { held, keep } = held();
+        let back: Vec<&(String, String)> = if rejoined { held.iter().collect() } else { Vec::new() };
+        let (calls, users): (Vec<&str>, Vec<&str>) = back.iter().map(|(c, u)| (c.as_str(), u.as_str())).unzip();
         // Each user's count moves by the places added and removed here; a
         // place another statement removes first is not counted twice (a
         // DELETE skips a row deleted since its snapshot).
         let reconcile = client
             .prepare_cached(
                 "WITH stale AS (
-                     DELETE FROM places p WHERE p.node = $1 AND NOT (p.call = ANY($4::text[])) RETURNING user_id),
+                     DELETE FROM places p
+                     WHERE p.node = $1 AND NOT (p.call = ANY($4::text[])) AND p.since < to_timestamp($5)
+                     RETURNING user_id),
                  back AS (
                      INSERT INTO places (call, user_id, node)
                      SELECT call, user_id, $1 FROM unnest($2::text[], $3::text[]) AS h(call, user_id)
@@ -180,11 +205,11 @@ impl Live {
                  ON CONFLICT (user_id) DO UPDATE SET running = l.running + excluded.running",
             )
             .await?;
-        client.execute(&reconcile, &[&node, &calls, &users, &keep]).await?;
+        client.execute(&reconcile, &[&node, &calls, &users, &keep, &written]).await?;
         let (reaped_nodes, reaped_places) = reap(&client, None, lease).await?;
         let count = client.prepare_cached("SELECT count(*) FROM nodes").await?;
         let nodes: i64 = client.query_one(&count, &[]).await?.get(0);
-        Ok(Beat { nodes: u32::try_from(nodes).unwrap_or(u32::MAX), reaped_nodes, reaped_places })
+        Ok(Beat { nodes: u32::try_from(nodes).unwrap_or(u32::MAX), rejoined, reaped_nodes, reaped_places })
     }
 
     /// Removes `node` and whatever places it still holds: a node stopping
@@ -194,8 +219,12 @@ impl Live {
     ///
     /// The database cannot be reached.
     pub async fn leave(&self, node: &str, lease: Duration) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        reap(&client, Some(node), lease).await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Waits for a reap in progress: the reap below then takes the lock again.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&REAP_LOCK]).await?;
+        reap(&tx, Some(node), lease).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -272,49 +301,51 @@ impl Live {
         Ok(row.map(|row| Home { node: row.get(0), tool: row.get(1), address: row.get(2) }))
     }
 
-    /// Open sessions whose node is no longer alive.
+    /// The open sessions of `nodes` (nodes found dead).
     ///
     /// # Errors
     ///
     /// The database cannot be reached.
-    pub async fn orphaned_sessions(&self) -> Result<Vec<Orphan>, StoreError> {
+    pub async fn sessions_of(&self, nodes: &[String]) -> Result<Vec<Orphan>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
-                "SELECT id, user_id, tool FROM sessions s
-                 WHERE closed_at IS NULL AND node IS NOT NULL
-                   AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node = s.node)",
-            )
+            .prepare_cached("SELECT id, user_id, tool FROM sessions WHERE closed_at IS NULL AND node = ANY($1::text[])")
             .await?;
-        let rows = client.query(&stmt, &[]).await?;
+        let rows = client.query(&stmt, &[&nodes]).await?;
         Ok(rows.iter().map(|row| Orphan { id: row.get(0), user: row.get(1), tool: row.get(2) }).collect())
     }
 }
 
 /// Removes the nodes unseen for `lease` (and `leaving`, if given) and the
-/// places of every call not on a node alive, fixing their users' counts:
-/// (nodes removed, places removed).
-async fn reap(client: &Object, leaving: Option<&str>, lease: Duration) -> Result<(u32, u32), StoreError> {
+/// places of every call not on a node alive, fixing their users' counts;
+/// answers the nodes removed and the places given back. One node at a time
+/// reaps ([`REAP_LOCK`]): while another does, this one does nothing.
+async fn reap(
+    client: &impl deadpool_postgres::GenericClient,
+    leaving: Option<&str>,
+    lease: Duration,
+) -> Result<(Vec<String>, u32), StoreError> {
     let stmt = client
         .prepare_cached(
-            "WITH dead AS (
+            "WITH turn AS (SELECT pg_try_advisory_xact_lock($3) AS mine),
+             cutoff AS (SELECT clock_timestamp() - make_interval(secs => $2) AS at),
+             dead AS (
                  DELETE FROM nodes
-                 WHERE node = $1 OR seen < clock_timestamp() - make_interval(secs => $2)
+                 WHERE (SELECT mine FROM turn) AND (node = $1 OR seen < (SELECT at FROM cutoff))
                  RETURNING node),
              gone AS (
-                 DELETE FROM places p WHERE NOT EXISTS (
+                 DELETE FROM places p WHERE (SELECT mine FROM turn) AND NOT EXISTS (
                      SELECT 1 FROM nodes n
-                     WHERE n.node = p.node AND n.node IS DISTINCT FROM $1
-                       AND n.seen >= clock_timestamp() - make_interval(secs => $2))
+                     WHERE n.node = p.node AND n.node IS DISTINCT FROM $1 AND n.seen >= (SELECT at FROM cutoff))
                  RETURNING user_id),
              lost AS (SELECT user_id, count(*)::int AS n FROM gone GROUP BY user_id),
              fixed AS (
                  UPDATE user_load l SET running = GREATEST(l.running - lost.n, 0)
                  FROM lost WHERE l.user_id = lost.user_id)
-             SELECT (SELECT count(*) FROM dead)::int, (SELECT count(*) FROM gone)::int",
+             SELECT coalesce((SELECT array_agg(node) FROM dead), '{}'), (SELECT count(*) FROM gone)::int",
         )
         .await?;
-    let row = client.query_one(&stmt, &[&leaving, &lease.as_secs_f64()]).await?;
-    let (nodes, places): (i32, i32) = (row.get(0), row.get(1));
-    Ok((u32::try_from(nodes).unwrap_or(0), u32::try_from(places).unwrap_or(0)))
+    let row = client.query_one(&stmt, &[&leaving, &lease.as_secs_f64(), &REAP_LOCK]).await?;
+    let (nodes, places): (Vec<String>, i32) = (row.get(0), row.get(1));
+    Ok((nodes, u32::try_from(places).unwrap_or(0)))
 }

@@ -31,7 +31,7 @@ use crate::policy::UserId;
 use crate::report::{ExecutionReport, rfc3339};
 
 pub use executions::{ExecutionPage, ExecutionRow, IdempotentHit, Prune};
-pub use live::{Beat, Home, Live, Orphan};
+pub use live::{Beat, Held, Home, Live, Orphan};
 pub use sessions::SessionRow;
 pub use tools::ToolRow;
 pub use users::{Caller, KeyCheck, NewKey, Restricted, Restriction, Suspended, UserRow, unix_now, unix_rfc3339};

@@ -83,6 +83,8 @@ const TOOL_COLUMNS: &str =
 /// nodes may share.
 pub(super) struct Postgres {
     pool: Pool,
+    /// One connection for the nodes' heartbeats ([`super::Live::heartbeat`]).
+    beats: Pool,
     /// The batching writer's queue.
     jobs: mpsc::UnboundedSender<Job>,
 }
@@ -136,16 +138,23 @@ impl Postgres {
             config.tcp_user_timeout(UNANSWERED);
         }
         config.keepalives_idle(KEEPALIVE_IDLE).keepalives_interval(Duration::from_secs(2)).keepalives_retries(3);
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let pool = |size: usize, wait: Duration| {
+            let config = config.clone();
+            let manager =
+                Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(wait))
+                .create_timeout(Some(CONNECT_TIMEOUT))
+                .build()
+                .map_err(|e| StoreError::Pool(e.to_string()))
+        };
+        // The heartbeat's own connection: a node busy enough to hold every
+        // pooled one must still say it is alive.
+        let (beats, pool) = (pool(1, CONNECT_TIMEOUT)?, pool(POOL_SIZE, POOL_WAIT)?);
         let (jobs, queue) = mpsc::unbounded_channel();
-        let db = Self { pool: pool.clone(), jobs };
+        let db = Self { pool: pool.clone(), beats, jobs };
         db.migrate().await?;
         tokio::spawn(write_loop(pool, queue));
         Ok(db)
@@ -155,11 +164,12 @@ impl Postgres {
     /// and no new one is handed out (the calls after it fail).
     pub(super) fn close(&self) {
         self.pool.close();
+        self.beats.close();
     }
 
-    /// The nodes' live state, on the same pool.
+    /// The nodes' live state, on the same pool (and the heartbeat's own).
     pub(super) fn live(&self) -> super::Live {
-        super::Live::new(self.pool.clone())
+        super::Live::new(self.pool.clone(), self.beats.clone())
     }
 
     /// Hands `write` to the batching writer and waits until it is committed.
@@ -864,8 +874,10 @@ impl Postgres {
             )
             .await?;
         let steps = i64::try_from(steps).unwrap_or(i64::MAX);
-        w.tx.execute(&stmt, &[&id, &w.now, &reason, &steps]).await?;
-        w.audit(&event).await?;
+        // Several nodes may end one session (its node found dead): one record.
+        if w.tx.execute(&stmt, &[&id, &w.now, &reason, &steps]).await? == 1 {
+            w.audit(&event).await?;
+        }
         w.commit().await
     }
 

@@ -229,9 +229,15 @@ pub async fn try_http(
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(body.into())).map_err(|e| e.to_string())?;
-    let response = client.request(req).await.map_err(|e| format!("{e:?}"))?;
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Answer { status, headers, body })
+    // A server that hangs fails the test instead of hanging it.
+    let answer = async {
+        let response = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Answer { status, headers, body })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), answer)
+        .await
+        .map_err(|_| "no answer within 60 s".to_owned())?
 }
